@@ -1,0 +1,170 @@
+"""The evidence bundle: everything a verifier needs about one quote, serialized.
+
+Format ``tpm2-evidence`` version 1 is a UTF-8 JSON object (see docs/evidence.md):
+
+    {"format": "tpm2-evidence", "version": 1,
+     "attest": b64 TPMS_ATTEST, "signature": b64 TPMT_SIGNATURE,
+     "ak_public": b64 TPMT_PUBLIC, "pcr_bank": "sha256",
+     "pcrs": {"0": hex, ...},
+     "event_log": b64 | null, "ek_public": b64 | null,
+     "ek_certificate": b64 DER | null, "platform_certificate": b64 DER | null,
+     "key_certification": {"attest": b64, "signature": b64, "key_public": b64} | null}
+
+JSON keeps it inspectable with jq and trivially parsed in any language; binary
+TPM structures stay in their TPM wire encoding so other tools can check them.
+Decoding is strict: unknown keys, wrong types, oversized input are errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from attestation.errors import EvidenceFormatError
+from attestation.tpm_types import DIGEST_SIZE
+
+EVIDENCE_FORMAT = "tpm2-evidence"
+EVIDENCE_VERSION = 1
+MAX_EVIDENCE_BYTES = 4 << 20  # event logs of real firmware are tens of KiB
+_REQUIRED = {"format", "version", "attest", "signature", "ak_public", "pcr_bank", "pcrs"}
+_OPTIONAL = {"event_log", "ek_public", "ek_certificate", "platform_certificate",
+             "key_certification"}
+
+
+@dataclass(frozen=True)
+class KeyCertification:
+    """TPM2_Certify of a TPM-resident key by the AK, and that key's TPMT_PUBLIC."""
+
+    attest: bytes
+    signature: bytes
+    key_public: bytes
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One quote and its context."""
+
+    attest: bytes
+    signature: bytes
+    ak_public: bytes
+    pcr_bank: str
+    pcrs: dict[int, bytes]
+    event_log: bytes | None = None
+    ek_public: bytes | None = None
+    ek_certificate: bytes | None = None
+    platform_certificate: bytes | None = None
+    key_certification: KeyCertification | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": EVIDENCE_FORMAT,
+            "version": EVIDENCE_VERSION,
+            "attest": _b64(self.attest),
+            "signature": _b64(self.signature),
+            "ak_public": _b64(self.ak_public),
+            "pcr_bank": self.pcr_bank,
+            "pcrs": {str(i): v.hex() for i, v in sorted(self.pcrs.items())},
+            "event_log": _b64_opt(self.event_log),
+            "ek_public": _b64_opt(self.ek_public),
+            "ek_certificate": _b64_opt(self.ek_certificate),
+            "platform_certificate": _b64_opt(self.platform_certificate),
+            "key_certification": None if self.key_certification is None else {
+                "attest": _b64(self.key_certification.attest),
+                "signature": _b64(self.key_certification.signature),
+                "key_public": _b64(self.key_certification.key_public),
+            },
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Evidence:
+        if len(data) > MAX_EVIDENCE_BYTES:
+            raise EvidenceFormatError(f"evidence of {len(data)} bytes exceeds {MAX_EVIDENCE_BYTES}")
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise EvidenceFormatError(f"evidence is not JSON: {exc}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: object) -> Evidence:
+        if not isinstance(doc, dict):
+            raise EvidenceFormatError("evidence must be a JSON object")
+        missing, unknown = _REQUIRED - doc.keys(), doc.keys() - _REQUIRED - _OPTIONAL
+        if missing or unknown:
+            raise EvidenceFormatError(
+                f"evidence keys: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        if doc["format"] != EVIDENCE_FORMAT or doc["version"] != EVIDENCE_VERSION:
+            raise EvidenceFormatError(
+                f"evidence format {doc['format']!r} version {doc['version']!r} is not "
+                f"{EVIDENCE_FORMAT!r} version {EVIDENCE_VERSION}")
+        bank = doc["pcr_bank"]
+        if not isinstance(bank, str) or bank not in DIGEST_SIZE:
+            raise EvidenceFormatError(f"pcr_bank {bank!r} is not one of {sorted(DIGEST_SIZE)}")
+        return cls(
+            attest=_unb64(doc["attest"], "attest"),
+            signature=_unb64(doc["signature"], "signature"),
+            ak_public=_unb64(doc["ak_public"], "ak_public"),
+            pcr_bank=bank,
+            pcrs=_decode_pcrs(doc["pcrs"], DIGEST_SIZE[bank]),
+            event_log=_unb64_opt(doc.get("event_log"), "event_log"),
+            ek_public=_unb64_opt(doc.get("ek_public"), "ek_public"),
+            ek_certificate=_unb64_opt(doc.get("ek_certificate"), "ek_certificate"),
+            platform_certificate=_unb64_opt(doc.get("platform_certificate"),
+                                            "platform_certificate"),
+            key_certification=_decode_certification(doc.get("key_certification")),
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _b64_opt(data: bytes | None) -> str | None:
+    return None if data is None else _b64(data)
+
+
+def _unb64(value: object, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise EvidenceFormatError(f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise EvidenceFormatError(f"{name} is not valid base64") from None
+
+
+def _unb64_opt(value: object, name: str) -> bytes | None:
+    return None if value is None else _unb64(value, name)
+
+
+def _decode_pcrs(value: object, size: int) -> dict[int, bytes]:
+    if not isinstance(value, dict) or len(value) > 32:
+        raise EvidenceFormatError("pcrs must be an object of at most 32 PCRs")
+    pcrs = {}
+    for key, digest in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < 32):
+            raise EvidenceFormatError(f"pcrs: {key!r} is not a PCR index 0..31")
+        if not isinstance(digest, str) or len(digest) != 2 * size:
+            raise EvidenceFormatError(f"pcrs.{key}: expected {2 * size} hex characters")
+        try:
+            pcrs[int(key)] = bytes.fromhex(digest)
+        except ValueError:
+            raise EvidenceFormatError(f"pcrs.{key}: not hexadecimal") from None
+    return pcrs
+
+
+def _decode_certification(value: object) -> KeyCertification | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"attest", "signature", "key_public"}:
+        raise EvidenceFormatError("key_certification needs exactly attest, signature, key_public")
+    return KeyCertification(
+        _unb64(value["attest"], "key_certification.attest"),
+        _unb64(value["signature"], "key_certification.signature"),
+        _unb64(value["key_public"], "key_certification.key_public"),
+    )

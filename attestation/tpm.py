@@ -1,0 +1,411 @@
+"""The attester side: every TPM command this project sends, through tpm2-pytss.
+
+A :class:`TpmClient` talks to one TPM over a TCTI (``swtpm:host=...,port=...``,
+``device:/dev/tpmrm0``, ``mssim:...``). swtpm has no resource manager, so every
+transient object created here is flushed before the method returns, except keys
+handed to the caller (who owns them and must call :meth:`TpmClient.flush`).
+
+Why the AK lives in the endorsement hierarchy: TPM2_Quote obfuscates
+resetCount/restartCount for keys outside the endorsement and platform
+hierarchies, which would make the verifier's reboot/rollback check meaningless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_RH, TPM2_SE, TPM2_ST
+from tpm2_pytss.types import (
+    TPM2B_DATA,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMA_OBJECT,
+    TPML_DIGEST,
+    TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION,
+    TPMT_HA,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
+    TPMU_HA,
+)
+
+from attestation.credential import CredentialChallenge
+from attestation.errors import TpmError
+from attestation.tpm_types import (
+    PcrSelection,
+    PublicArea,
+    QuoteInfo,
+    parse_attest,
+    parse_public,
+    tpm2b,
+)
+
+KeyAlgorithm = Literal["ecc", "rsa"]
+
+EK_HANDLES: dict[KeyAlgorithm, int] = {"rsa": 0x81010001, "ecc": 0x81010016}
+# TCG EK Credential Profile NV indices: low-range RSA 2048, ECC P-256, high-range ECC P-384.
+EK_CERT_INDICES: dict[KeyAlgorithm, tuple[int, ...]] = {
+    "rsa": (0x01C00002,),
+    "ecc": (0x01C00016, 0x01C0000A),
+}
+PLATFORM_CERT_INDEX = 0x01C08000
+AK_HANDLES: dict[KeyAlgorithm, int] = {"ecc": 0x81010002, "rsa": 0x81010003}
+PCRS_PER_READ = 8  # TPM2_PCR_Read returns at most 8 digests per call
+
+AK_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+)
+SIGNING_KEY_ATTRIBUTES = (
+    TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+)
+AK_TEMPLATES: dict[KeyAlgorithm, str] = {
+    "ecc": "ecc256:ecdsa-sha256:null",
+    "rsa": "rsa2048:rsassa-sha256:null",
+}
+
+
+@dataclass(frozen=True)
+class EndorsementKey:
+    """An EK's public area (TPMT_PUBLIC bytes) and its certificate from NV (DER)."""
+
+    algorithm: KeyAlgorithm
+    public: bytes
+    certificate: bytes | None
+
+
+@dataclass(frozen=True)
+class TpmKey:
+    """A key loaded in the TPM: its ESYS handle (owned by the client) and public area."""
+
+    handle: Any  # ESYS_TR
+    public: bytes  # TPMT_PUBLIC
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class QuoteResult:
+    """TPM2_Quote's output and the PCR values it covers."""
+
+    attest: bytes  # TPMS_ATTEST
+    signature: bytes  # TPMT_SIGNATURE
+    selection: PcrSelection
+    pcrs: dict[int, bytes]
+
+
+def parse_tcti(tcti: str) -> tuple[str, str]:
+    """Split ``name:conf`` (tpm2-tools' TPM2TOOLS_TCTI syntax)."""
+    name, _, conf = tcti.partition(":")
+    if not name:
+        raise TpmError(f"invalid TCTI {tcti!r}: expected NAME[:CONF], e.g. swtpm:port=2321")
+    return name, conf
+
+
+@contextmanager
+def _tpm_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except TSS2_Exception as exc:
+        raise TpmError(f"{action} failed: {exc}") from None
+
+
+def _public_bytes(public: TPM2B_PUBLIC) -> bytes:
+    return bytes(public.marshal())[2:]  # drop the TPM2B size prefix
+
+
+class TpmClient:
+    """One connection to one TPM. Not thread-safe; use one client per thread."""
+
+    def __init__(self, tcti: str) -> None:
+        name, conf = parse_tcti(tcti)
+        self.tcti = tcti
+        with _tpm_errors(f"connecting to TPM via {tcti}"):
+            self._tcti = TCTILdr(name, conf)
+            self._esapi = ESAPI(self._tcti)
+
+    def close(self) -> None:
+        self._esapi.close()
+        self._tcti.close()
+
+    def __enter__(self) -> TpmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- housekeeping ---------------------------------------------------------------
+
+    def flush(self, key: TpmKey) -> None:
+        """Unload a transient key (persistent keys are only released from ESYS)."""
+        with _tpm_errors("flushing key"):
+            if key.persistent:
+                self._esapi.tr_close(key.handle)
+            else:
+                self._esapi.flush_context(key.handle)
+
+    def transient_handles(self) -> list[int]:
+        with _tpm_errors("listing transient handles"):
+            _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
+        return [int(h) for h in data.data.handles]
+
+    def random(self, size: int) -> bytes:
+        with _tpm_errors("TPM2_GetRandom"):
+            return bytes(self._esapi.get_random(size))
+
+    # --- endorsement ----------------------------------------------------------------
+
+    def read_nv(self, index: int, max_size: int = 8192) -> bytes:
+        """Read a whole NV index (certificates are larger than one NV_Read chunk)."""
+        with _tpm_errors(f"reading NV index 0x{index:08x}"):
+            handle = self._esapi.tr_from_tpmpublic(index)
+            try:
+                nv_public, _ = self._esapi.nv_read_public(handle)
+                size = min(int(nv_public.nvPublic.dataSize), max_size)
+                data = b""
+                while len(data) < size:
+                    chunk = self._esapi.nv_read(handle, min(1024, size - len(data)), len(data),
+                                                auth_handle=handle)
+                    data += bytes(chunk)
+            finally:
+                self._esapi.tr_close(handle)
+        return data
+
+    def _nv_exists(self, index: int) -> bool:
+        with _tpm_errors("listing NV indices"):
+            _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.NV_INDEX << 24, 256)
+        return index in {int(h) for h in data.data.handles}
+
+    def endorsement_key(self, algorithm: KeyAlgorithm = "rsa") -> EndorsementKey:
+        """The EK persisted by the manufacturer (swtpm_setup) and its NV certificate."""
+        key = self._persistent(EK_HANDLES[algorithm], "EK")
+        try:
+            public = key.public
+        finally:
+            self.flush(key)
+        cert = None
+        for index in EK_CERT_INDICES[algorithm]:
+            if self._nv_exists(index):
+                cert = _strip_nv_padding(self.read_nv(index))
+                break
+        return EndorsementKey(algorithm, public, cert)
+
+    def platform_certificate(self) -> bytes | None:
+        if not self._nv_exists(PLATFORM_CERT_INDEX):
+            return None
+        return _strip_nv_padding(self.read_nv(PLATFORM_CERT_INDEX))
+
+    def _persistent(self, handle: int, what: str) -> TpmKey:
+        try:
+            esys = self._esapi.tr_from_tpmpublic(handle)
+            public, _, _ = self._esapi.read_public(esys)
+        except TSS2_Exception as exc:
+            raise TpmError(
+                f"no {what} at persistent handle 0x{handle:08x} ({exc}); "
+                "was the TPM provisioned (swtpm_setup --create-ek-cert)?"
+            ) from None
+        return TpmKey(esys, _public_bytes(public), persistent=True)
+
+    # --- attestation key -----------------------------------------------------------
+
+    def attestation_key(self, algorithm: KeyAlgorithm = "ecc") -> TpmKey:
+        """The AK at its persistent handle, created and persisted on first use."""
+        handle = AK_HANDLES[algorithm]
+        with _tpm_errors("listing persistent handles"):
+            _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.PERSISTENT << 24, 64)
+        if handle in {int(h) for h in data.data.handles}:
+            return self._persistent(handle, "AK")
+        template = TPM2B_PUBLIC.parse(AK_TEMPLATES[algorithm], objectAttributes=AK_ATTRIBUTES)
+        with _tpm_errors("creating the AK"):
+            transient, _, _, _, _ = self._esapi.create_primary(
+                TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+            )
+            try:
+                persistent = self._esapi.evict_control(ESYS_TR.OWNER, transient, handle)
+            finally:
+                self._esapi.flush_context(transient)
+            self._esapi.tr_close(persistent)
+        return self._persistent(handle, "AK")
+
+    def activate_credential(self, ak: TpmKey, algorithm: KeyAlgorithm,
+                            challenge: CredentialChallenge) -> bytes:
+        """TPM2_ActivateCredential with the EK, which needs PolicySecret(TPM_RH_ENDORSEMENT)."""
+        ek = self._persistent(EK_HANDLES[algorithm], "EK")
+        name_alg = TPM2_ALG(int.from_bytes(ek.public[2:4]))
+        try:
+            with _tpm_errors("TPM2_ActivateCredential"):
+                session = self._esapi.start_auth_session(
+                    ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                    TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), name_alg,
+                )
+                try:
+                    self._satisfy_ek_policy(session, parse_public(ek.public))
+                    secret = self._esapi.activate_credential(
+                        ak.handle, ek.handle,
+                        TPM2B_ID_OBJECT.unmarshal(tpm2b(challenge.credential_blob))[0],
+                        TPM2B_ENCRYPTED_SECRET.unmarshal(tpm2b(challenge.encrypted_secret))[0],
+                        session1=ESYS_TR.PASSWORD, session2=session,
+                    )
+                finally:
+                    self._esapi.flush_context(session)
+        finally:
+            self.flush(ek)
+        return bytes(secret)
+
+    def _satisfy_ek_policy(self, session: Any, ek: PublicArea) -> None:
+        """PolicySecret(TPM_RH_ENDORSEMENT), plus PolicyOR for high-range EK templates."""
+        self._esapi.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+        branches = ek_policy_or_branches(ek)
+        if branches is not None:
+            self._esapi.policy_or(session, TPML_DIGEST(list(branches)))
+
+    # --- PCRs and quotes -------------------------------------------------------------
+
+    def read_pcrs(self, bank: str, indices: Iterable[int]) -> dict[int, bytes]:
+        wanted = sorted(set(indices))
+        values: dict[int, bytes] = {}
+        for start in range(0, len(wanted), PCRS_PER_READ):
+            chunk = wanted[start : start + PCRS_PER_READ]
+            spec = f"{bank}:{','.join(map(str, chunk))}"
+            with _tpm_errors("TPM2_PCR_Read"):
+                _, selection, digests = self._esapi.pcr_read(TPML_PCR_SELECTION.parse(spec))
+            got = _selected(selection)
+            values.update(zip(got, (bytes(d) for d in digests), strict=True))
+        return values
+
+    def extend_pcr(self, index: int, digests: dict[str, bytes]) -> None:
+        """TPM2_PCR_Extend of one event's digests (one per bank) into ``index``."""
+        values = TPML_DIGEST_VALUES([
+            TPMT_HA(hashAlg=TPM2_ALG.parse(bank), digest=TPMU_HA(**{bank: digest}))
+            for bank, digest in digests.items()
+        ])
+        with _tpm_errors(f"TPM2_PCR_Extend of PCR {index}"):
+            self._esapi.pcr_extend(ESYS_TR.parse(f"pcr{index}"), values)
+
+    def quote(self, ak: TpmKey, selection: PcrSelection, qualifying_data: bytes,
+              attempts: int = 3) -> QuoteResult:
+        """Quote and read the PCRs; retry if a PCR changed between the two commands."""
+        if len(qualifying_data) > 64:
+            raise TpmError("qualifying data is limited to 64 bytes by the TPM")
+        spec = f"{selection.bank}:{','.join(map(str, selection.indices))}"
+        for _ in range(attempts):
+            with _tpm_errors("TPM2_Quote"):
+                attest, signature = self._esapi.quote(
+                    ak.handle, TPML_PCR_SELECTION.parse(spec), TPM2B_DATA(qualifying_data),
+                    TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                )
+            pcrs = self.read_pcrs(selection.bank, selection.indices)
+            attest_bytes = bytes(attest.marshal())[2:]
+            if _pcr_digest_matches(attest_bytes, selection, pcrs):
+                return QuoteResult(attest_bytes, bytes(signature.marshal()), selection, pcrs)
+        raise TpmError(f"PCRs kept changing during {attempts} quote attempts")
+
+    # --- TPM-resident keys -----------------------------------------------------------
+
+    def create_signing_key(self, algorithm: KeyAlgorithm = "ecc") -> TpmKey:
+        """A fresh non-restricted signing key generated in the TPM (fixedTPM).
+
+        A primary key with a random ``unique`` field: generated by the TPM, never
+        exportable, and distinct from every other key on each call.
+        """
+        template = TPM2B_PUBLIC.parse(
+            AK_TEMPLATES[algorithm].replace(":null", ""), objectAttributes=SIGNING_KEY_ATTRIBUTES
+        )
+        if algorithm == "ecc":
+            template.publicArea.unique.ecc.x = os.urandom(32)
+        else:
+            template.publicArea.unique.rsa = os.urandom(256)
+        with _tpm_errors("creating a signing key"):
+            handle, public, _, _, _ = self._esapi.create_primary(
+                TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.OWNER
+            )
+        return TpmKey(handle, _public_bytes(public), persistent=False)
+
+    def certify(self, key: TpmKey, ak: TpmKey, qualifying_data: bytes) -> tuple[bytes, bytes]:
+        """TPM2_Certify of ``key`` by ``ak``: (TPMS_ATTEST, TPMT_SIGNATURE)."""
+        with _tpm_errors("TPM2_Certify"):
+            attest, signature = self._esapi.certify(
+                key.handle, ak.handle, TPM2B_DATA(qualifying_data),
+                TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                session1=ESYS_TR.PASSWORD, session2=ESYS_TR.PASSWORD,
+            )
+        return bytes(attest.marshal())[2:], bytes(signature.marshal())
+
+    def sign_digest(self, key: TpmKey, digest: bytes) -> bytes:
+        """TPM2_Sign of a digest with a non-restricted key: a TPMT_SIGNATURE."""
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        with _tpm_errors("TPM2_Sign"):
+            signature = self._esapi.sign(key.handle, digest, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                                         ticket)
+        return bytes(signature.marshal())
+
+
+# TCG EK Credential Profile 2.3, table 17: PolicyC (PolicyAuthorizeNV branch) per hash.
+_EK_POLICY_C = {
+    "sha384": bytes.fromhex(
+        "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
+        "b4947c2d73e63005eed2dc2b3593d165"
+    ),
+}
+TPM_CC_POLICY_SECRET = 0x151
+TPM_CC_POLICY_OR = 0x171
+
+
+def ek_policy_or_branches(ek: PublicArea) -> tuple[bytes, bytes] | None:
+    """The PolicyOR branch list of a high-range EK template, or None for low-range EKs.
+
+    Derived, then checked against the EK's own authPolicy, so an unknown template
+    fails with a clear error instead of a TPM policy failure.
+    """
+    h = ek.name_hash
+    policy_a = hashlib.new(h, bytes(hashlib.new(h).digest_size)
+                           + TPM_CC_POLICY_SECRET.to_bytes(4) + TPM2_RH.ENDORSEMENT.to_bytes(4)
+                           ).digest()
+    policy_a = hashlib.new(h, policy_a).digest()  # empty policyRef
+    if ek.auth_policy == policy_a:
+        return None
+    policy_c = _EK_POLICY_C.get(h)
+    if policy_c is not None:
+        zeros = bytes(hashlib.new(h).digest_size)
+        combined = hashlib.new(h, zeros + TPM_CC_POLICY_OR.to_bytes(4) + policy_a + policy_c)
+        if combined.digest() == ek.auth_policy:
+            return (policy_a, policy_c)
+    raise TpmError(f"unsupported EK authPolicy {ek.auth_policy.hex()} ({h} EK template)")
+
+
+def _selected(selection: TPML_PCR_SELECTION) -> list[int]:
+    indices = []
+    for sel in selection:
+        bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
+        indices += [i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1]
+    return indices
+
+
+def _pcr_digest_matches(attest: bytes, selection: PcrSelection, pcrs: dict[int, bytes]) -> bool:
+    info = parse_attest(attest).attested
+    if not isinstance(info, QuoteInfo):
+        return False
+    hash_name = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}[len(info.pcr_digest)]
+    composite = b"".join(pcrs[i] for i in selection.indices)
+    return hashlib.new(hash_name, composite).digest() == info.pcr_digest
+
+
+def _strip_nv_padding(data: bytes) -> bytes:
+    """NV certificate areas may be larger than the DER; keep exactly one DER SEQUENCE."""
+    if len(data) < 4 or data[0] != 0x30:
+        return data
+    if data[1] < 0x80:
+        return data[: 2 + data[1]]
+    n = data[1] & 0x7F
+    if n > 4 or len(data) < 2 + n:
+        return data
+    return data[: 2 + n + int.from_bytes(data[2 : 2 + n])]
