@@ -218,7 +218,7 @@ class Event:
             return ""
         return _clip(text)
 
-    def label(self) -> str:
+    def summary(self) -> str:
         """``#12 EV_IPL (kernel cmdline)``: how messages name this event."""
         desc = self.description
         suffix = f" ({desc})" if desc else ""
@@ -438,7 +438,6 @@ _TEXT_TYPES = frozenset(
     {
         0x00000001,  # EV_POST_CODE (when not a blob)
         0x00000005,  # EV_ACTION
-        0x00000006,  # EV_EVENT_TAG
         0x00000008,  # EV_S_CRTM_VERSION (often UTF-16)
         0x0000000D,  # EV_IPL (grub/shim strings, kernel command lines)
         0x00000012,  # EV_OMIT_BOOT_DEVICE_EVENTS
@@ -498,9 +497,19 @@ def _describe(event_type: int, data: bytes) -> str:
         return _describe_blob(data)
     if event_type == 0x8000000A:  # EV_EFI_PLATFORM_FIRMWARE_BLOB2: u8 size + description
         return _as_text(data[1 : 1 + data[0]]) if data else ""
+    if event_type == 0x00000006:  # EV_EVENT_TAG
+        return _describe_tagged(data)
     if event_type in _TEXT_TYPES:
         return _as_text(data)
     return ""
+
+
+def _describe_tagged(data: bytes) -> str:
+    """TCG_PCClientTaggedEvent (id u32, size u32, data), e.g. the Linux EFI stub's
+    initrd and command-line events; plain text if it is not one."""
+    if len(data) >= 8 and int.from_bytes(data[4:8], "little") == len(data) - 8:
+        return _as_text(data[8:])
+    return _as_text(data)
 
 
 def _describe_no_action(data: bytes) -> str:

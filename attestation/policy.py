@@ -77,7 +77,10 @@ __all__ = [
 ]
 
 POLICY_VERSION = 1
-MAX_POLICY_BYTES = 1024 * 1024
+MAX_POLICY_BYTES = 128 * 1024
+"""A full-event policy of a real machine is 10-70 KiB. Pure-Python PyYAML parses
+hostile token soup at only ~75 KiB/s, so this bounds a load to about 2 s. (The
+libyaml CSafeLoader would be faster but segfaults on deep nesting.)"""
 MAX_EXPECTED_EVENTS = 65536
 MAX_PCR = 23
 MAX_TEXT_CHARS = 200
@@ -121,9 +124,12 @@ class ReferencePolicy:
     version: int = POLICY_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pcrs, Mapping) or not isinstance(self.events, Sequence):
+            raise PolicyError("policy: pcrs must be a mapping and events a sequence")
         _validate_policy(self)
-        # Sorted copy: stable dumps, and no aliasing of the caller's dict.
+        # Sorted copies: stable dumps, equality by value, no aliasing of the caller's data.
         object.__setattr__(self, "pcrs", dict(sorted(self.pcrs.items())))
+        object.__setattr__(self, "events", tuple(self.events))
 
     def event_pcrs(self) -> list[int]:
         """PCRs whose events the policy lists, sorted."""
@@ -278,7 +284,8 @@ def _policy_from_document(document: object) -> ReferencePolicy:
         )
     for key in document:
         if key not in _TOP_LEVEL_KEYS:
-            raise PolicyError(f"{key}: unknown key (allowed: {', '.join(_TOP_LEVEL_KEYS)})")
+            allowed = ", ".join(_TOP_LEVEL_KEYS)
+            raise PolicyError(f"{_show(key)}: unknown key (allowed: {allowed})")
     _check_version(document.get("version"))
     name = _text_field(document, "name", MAX_TEXT_CHARS, required=True)
     description = _text_field(document, "description", MAX_DESCRIPTION_CHARS)
@@ -287,6 +294,13 @@ def _policy_from_document(document: object) -> ReferencePolicy:
     pcrs = _pcrs_field(document.get("pcrs"), size)
     events = _events_field(document.get("events"), size)
     return ReferencePolicy(name, bank, pcrs, events, description)
+
+
+def _show(value: object) -> str:
+    """A key or value as it may appear in an error: short, one line."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _kind(value: object) -> str:
@@ -298,25 +312,31 @@ def _check_version(version: object) -> None:
     if version is None:
         raise PolicyError("version: missing (must be 1)")
     if isinstance(version, bool) or version != POLICY_VERSION:
-        raise PolicyError(f"version: {version!r} is not supported (must be {POLICY_VERSION})")
+        raise PolicyError(f"version: {_show(version)} is not supported (must be {POLICY_VERSION})")
 
 
 def _text_field(
-    document: Mapping[object, object], key: str, limit: int, *, required: bool = False
+    document: Mapping[object, object],
+    key: str,
+    limit: int,
+    *,
+    parent: str = "",
+    required: bool = False,
 ) -> str:
     value = document.get(key)
+    path = f"{parent}.{key}" if parent else key
     if value is None:
         if required:
-            raise PolicyError(f"{key}: missing")
+            raise PolicyError(f"{path}: missing")
         return ""
-    _check_text(value, key, limit, required=required)
+    _check_text(value, path, limit, required=required)
     assert isinstance(value, str)  # narrowed by _check_text
     return value
 
 
 def _bank_field(bank: object) -> str:
     if not isinstance(bank, str) or bank not in ALGORITHMS:
-        raise PolicyError(f"bank: {bank!r} is not one of {', '.join(ALGORITHMS)}")
+        raise PolicyError(f"bank: {_show(bank)} is not one of {', '.join(ALGORITHMS)}")
     return bank
 
 
@@ -327,16 +347,17 @@ def _pcrs_field(value: object, size: int) -> dict[int, bytes]:
         raise PolicyError(f"pcrs: expected a mapping of PCR index to hex value, got {_kind(value)}")
     pcrs: dict[int, bytes] = {}
     for key, digest in value.items():
-        pcr = _pcr_key(key, f"pcrs.{key}")
+        path = f"pcrs.{_show(key)}"
+        pcr = _pcr_key(key, path)
         if pcr in pcrs:  # e.g. both 4 and "4"
-            raise PolicyError(f"pcrs.{key}: PCR {pcr} is given twice")
-        pcrs[pcr] = _hex_digest(digest, f"pcrs.{key}", size)
+            raise PolicyError(f"{path}: PCR {pcr} is given twice")
+        pcrs[pcr] = _hex_digest(digest, path, size)
     return pcrs
 
 
 def _pcr_key(key: object, path: str) -> int:
     # Accept "4" as well as 4: quoting keys is a common hand-editing habit.
-    if isinstance(key, str) and key.isdecimal() and len(key) <= 2:
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 2:
         key = int(key)
     _check_pcr_index(key, path)
     assert isinstance(key, int)
@@ -373,7 +394,8 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
         raise PolicyError(f"{path}: expected a mapping with pcr, type, digest, got {_kind(item)}")
     for key in item:
         if key not in _EVENT_KEYS:
-            raise PolicyError(f"{path}.{key}: unknown key (allowed: {', '.join(_EVENT_KEYS)})")
+            allowed = ", ".join(_EVENT_KEYS)
+            raise PolicyError(f"{path}.{_show(key)}: unknown key (allowed: {allowed})")
     for key in ("pcr", "type", "digest"):
         if key not in item:
             raise PolicyError(f"{path}.{key}: missing")
@@ -382,7 +404,7 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
     assert isinstance(pcr, int)
     event_type = _event_type(item["type"], f"{path}.type")
     digest = _hex_digest(item["digest"], f"{path}.digest", size)
-    label = _text_field(item, "label", MAX_TEXT_CHARS)
+    label = _text_field(item, "label", MAX_TEXT_CHARS, parent=path)
     return ExpectedEvent(pcr, event_type, digest, label)
 
 
@@ -394,7 +416,7 @@ def _event_type(value: object, path: str) -> int:
         if number is not None:
             return number
     raise PolicyError(
-        f"{path}: {value!r} is not an event type (use an EV_* name such as "
+        f"{path}: {_show(value)} is not an event type (use an EV_* name such as "
         "EV_EFI_BOOT_SERVICES_APPLICATION, EV_UNKNOWN_0x0000ABCD, or a 32-bit integer)"
     )
 
@@ -403,8 +425,9 @@ def _event_type(value: object, path: str) -> int:
 
 
 def _quoted(text: str) -> str:
-    # PyYAML's own double-quoted emitter: every escape it writes, it reads back.
-    return yaml.safe_dump(text, default_style='"', allow_unicode=True, width=10**6).rstrip("\n")
+    # PyYAML's own emitter: single-quoted when it can (no escapes for a human to
+    # puzzle over), double-quoted otherwise; whatever it writes, it reads back.
+    return yaml.safe_dump(text, default_style="'", allow_unicode=True, width=10**6).rstrip("\n")
 
 
 def dump_policy(policy: ReferencePolicy) -> str:
@@ -678,6 +701,6 @@ def _compare_events(
             )
     if len(expected) != len(actual):
         missing = tuple(ev.name() for ev in expected[len(actual) :])
-        unexpected = tuple(ev.label() for ev in actual[len(expected) :])
+        unexpected = tuple(ev.summary() for ev in actual[len(expected) :])
         mismatches.append(EventCountMismatch(pcr, len(actual), len(expected), missing, unexpected))
     return mismatches

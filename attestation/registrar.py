@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attestation.credential import CredentialChallenge, make_credential
 from attestation.endorsement import ValidatedEk, validate_ek
-from attestation.errors import VerificationError
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.tpm_types import ObjectAttributes, PublicArea, parse_public
 
 AK_REQUIRED = (ObjectAttributes.RESTRICTED | ObjectAttributes.SIGN_ENCRYPT
@@ -139,3 +139,64 @@ class Registrar:
             raise VerificationError("ak_trust", f"AK {ak.name.hex()[:16]}… was never activated "
                                     "against a validated EK")
         return f"AK activated against EK certificate sha256:{record.ek.fingerprint[:16]}…"
+
+
+class AkRegistry:
+    """Which node each activated AK belongs to: node name -> AK public area.
+
+    Trusting an AK is not enough against a cuckoo (evidence relayed from another
+    genuine, registered TPM): the verifier must also know *whose* AK it is. A
+    registry answers both, and :meth:`for_node` pins the expected node.
+    Persisted as JSON by the registrar's owner (e.g. the testbed's work directory).
+    """
+
+    def __init__(self, records: dict[str, PublicArea] | None = None,
+                 expected_node: str | None = None) -> None:
+        self._records = dict(records or {})
+        self._expected = expected_node
+
+    def add(self, node: str, ak: PublicArea) -> None:
+        self._records[node] = ak
+
+    def nodes(self) -> list[str]:
+        return sorted(self._records)
+
+    def for_node(self, node: str) -> AkRegistry:
+        """The same registry, trusting only ``node``'s AK."""
+        return AkRegistry(self._records, expected_node=node)
+
+    def node_of(self, ak: PublicArea) -> str | None:
+        return next((n for n, r in self._records.items()
+                     if hmac.compare_digest(r.name, ak.name)), None)
+
+    def trust(self, ak: PublicArea) -> str:
+        node = self.node_of(ak)
+        if node is None:
+            raise VerificationError("ak_trust", "the AK is not registered: it was never "
+                                    "activated against a validated EK")
+        if self._expected is not None and node != self._expected:
+            raise VerificationError("ak_trust", f"the AK belongs to node {node!r}, not to "
+                                    f"{self._expected!r} (evidence relayed from another TPM)")
+        return f"AK registered to node {node!r} (activated against its validated EK)"
+
+    def to_json(self) -> str:
+        import base64
+        import json
+
+        return json.dumps({n: base64.b64encode(r.raw).decode()
+                           for n, r in sorted(self._records.items())}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> AkRegistry:
+        import base64
+        import binascii
+        import json
+
+        try:
+            doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            return cls({str(n): parse_public(base64.b64decode(v, validate=True))
+                        for n, v in doc.items()})
+        except (ValueError, TypeError, binascii.Error) as exc:
+            raise EvidenceFormatError(f"AK registry is not valid: {exc}") from None

@@ -42,6 +42,7 @@ from attestation.tpm_types import (
     StructureTag,
     parse_attest,
     parse_public,
+    parse_public_cached,
     parse_signature,
 )
 
@@ -130,9 +131,13 @@ def check_signature_algorithm(ak: PublicArea, sig: Signature) -> str:
     return f"{Alg(sig.sig_alg).name} with {sig.hash_name}"
 
 
+_ECDSA = {name: ec.ECDSA(algorithm) for name, algorithm in _HASHES.items()}
+
+
 def check_signature(ak: PublicArea, sig: Signature, message: bytes) -> str:
     key = ak.public_key()
-    algorithm = _HASHES[sig.hash_name]
+    name = sig.hash_name
+    algorithm = _HASHES[name]
     try:
         if isinstance(key, rsa.RSAPublicKey):
             pad: padding.AsymmetricPadding = (
@@ -141,7 +146,7 @@ def check_signature(ak: PublicArea, sig: Signature, message: bytes) -> str:
             key.verify(sig.rsa_signature, message, pad, algorithm)
         else:
             der = utils.encode_dss_signature(int.from_bytes(sig.r), int.from_bytes(sig.s))
-            key.verify(der, message, ec.ECDSA(algorithm))
+            key.verify(der, message, _ECDSA[name])
     except InvalidSignature:
         raise VerificationError("signature", "the signature does not verify with the AK") from None
     return "valid signature by the AK"
@@ -208,7 +213,7 @@ class QuoteVerifier:
         def structure() -> str:
             p.attest = parse_attest(certification.attest)
             p.signature = parse_signature(certification.signature)
-            p.ak = parse_public(ak_public)
+            p.ak = parse_public_cached(ak_public)
             key.append(parse_public(certification.key_public))
             return "TPMS_ATTEST, TPMT_SIGNATURE and both TPMT_PUBLICs decode"
 
@@ -234,7 +239,7 @@ class QuoteVerifier:
         def structure() -> str:
             p.attest = parse_attest(evidence.attest)
             p.signature = parse_signature(evidence.signature)
-            p.ak = parse_public(evidence.ak_public)
+            p.ak = parse_public_cached(evidence.ak_public)
             return "TPMS_ATTEST, TPMT_SIGNATURE and AK TPMT_PUBLIC decode"
 
         return [

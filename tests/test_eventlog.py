@@ -203,7 +203,13 @@ def test_descriptions() -> None:
     assert described["EV_SEPARATOR7"] == "separator"
     assert described["EV_EFI_BOOT_SERVICES_APPLICATION16"] == r"\vmlinuz"
     assert described["EV_IPL17"] == f"kernel_cmdline: {CMDLINE}"
-    assert events[16].label() == r"#16 EV_EFI_BOOT_SERVICES_APPLICATION (\vmlinuz)"
+    assert events[16].summary() == r"#16 EV_EFI_BOOT_SERVICES_APPLICATION (\vmlinuz)"
+
+
+def test_tagged_event_description() -> None:
+    tagged = struct.pack("<II", 0x8F3B22ED, 13) + b"Linux initrd\x00"
+    assert Event(1, 9, 0x6, {}, tagged).description == "Linux initrd"
+    assert Event(1, 9, 0x6, {}, b"plain tag").description == "plain tag"
 
 
 @pytest.mark.parametrize(
@@ -363,11 +369,13 @@ def tpm2_tools_version() -> tuple[int, ...]:
     return (int(match[1]), int(match[2]))
 
 
-def run_tpm2_eventlog(log_bytes: bytes, tmp_path: Path) -> tuple[str, dict[str, dict[int, bytes]]]:
+def run_tpm2_eventlog(
+    log_bytes: bytes, tmp_path: Path, *options: str
+) -> tuple[str, dict[str, dict[int, bytes]]]:
     path = tmp_path / "binary_bios_measurements"
     path.write_bytes(log_bytes)
     result = subprocess.run(
-        ["tpm2_eventlog", "--eventlog-version=2", str(path)],
+        ["tpm2_eventlog", *options, str(path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -424,7 +432,7 @@ def test_replay_agrees_with_tpm2_eventlog(locality: int | None, tmp_path: Path) 
 @needs_tpm2_eventlog
 def test_tpm2_eventlog_sees_the_same_events(tmp_path: Path) -> None:
     builder = sample_builder(("sha1", "sha256"), startup_locality=3)
-    stdout, _ = run_tpm2_eventlog(builder.to_bytes(), tmp_path)
+    stdout, _ = run_tpm2_eventlog(builder.to_bytes(), tmp_path, "--eventlog-version=2")
     document = yaml.safe_load(stdout)
     header, *records = document["events"]
     spec = header["SpecID"][0]
