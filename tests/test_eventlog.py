@@ -356,9 +356,14 @@ def test_divergence_reports_type_changes() -> None:
 
 # --- interop with tpm2-tools ------------------------------------------------------------------
 
-needs_tpm2_eventlog = pytest.mark.skipif(
-    shutil.which("tpm2_eventlog") is None, reason="tpm2_eventlog (tpm2-tools) not installed"
-)
+@pytest.fixture(autouse=False)
+def _require_tpm2_eventlog() -> None:
+    # Interop is part of what this suite proves: a missing tool fails loudly.
+    if shutil.which("tpm2_eventlog") is None:
+        pytest.fail("tpm2_eventlog (tpm2-tools) is not installed: run `sh .ci/bootstrap`")
+
+
+needs_tpm2_eventlog = pytest.mark.usefixtures("_require_tpm2_eventlog")
 _PCR_LINE = re.compile(r"^\s+(\d+)\s*:\s*0x([0-9a-fA-F]+)\s*$")
 
 
