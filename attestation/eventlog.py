@@ -376,36 +376,38 @@ def _digest_sizes(spec_id: SpecIdEvent) -> dict[int, int]:
 
 
 def _parse_event2(reader: _Reader, number: int, sizes: Mapping[int, int]) -> Event:
-    what = f"event #{number}"
-    at = reader.offset
-    pcr = reader.uint(4, f"{what} pcrIndex")
-    if pcr > MAX_PCR_INDEX:
-        raise _fail(at, f"{what} pcrIndex {pcr} is above {MAX_PCR_INDEX}")
-    event_type = reader.uint(4, f"{what} eventType")
-    digests = _parse_digests(reader, what, sizes)
-    size = reader.uint(4, f"{what} eventSize")
-    data = reader.take(size, f"{what} event data")
+    # Field labels are constants and the event number is added only when an error
+    # is raised: formatting them eagerly cost more than parsing the event itself.
+    try:
+        at = reader.offset
+        pcr = reader.uint(4, "pcrIndex")
+        if pcr > MAX_PCR_INDEX:
+            raise _fail(at, f"pcrIndex {pcr} is above {MAX_PCR_INDEX}")
+        event_type = reader.uint(4, "eventType")
+        digests = _parse_digests(reader, sizes)
+        size = reader.uint(4, "eventSize")
+        data = reader.take(size, "event data")
+    except EventLogError as exc:
+        raise EventLogError(f"event #{number}: {exc}") from None
     return Event(number, pcr, event_type, digests, data)
 
 
-def _parse_digests(reader: _Reader, what: str, sizes: Mapping[int, int]) -> dict[str, bytes]:
+def _parse_digests(reader: _Reader, sizes: Mapping[int, int]) -> dict[str, bytes]:
     at = reader.offset
-    count = reader.uint(4, f"{what} digest count")
+    count = reader.uint(4, "digest count")
     if count != len(sizes):
-        raise _fail(
-            at, f"{what} carries {count} digests but the Spec ID header declares {len(sizes)}"
-        )
+        raise _fail(at, f"carries {count} digests but the Spec ID header declares {len(sizes)}")
     digests: dict[str, bytes] = {}
     for _ in range(count):
         alg_at = reader.offset
-        alg_id = reader.uint(2, f"{what} digest algorithmId")
+        alg_id = reader.uint(2, "digest algorithmId")
         size = sizes.get(alg_id)
         if size is None:
-            raise _fail(alg_at, f"{what} uses algorithm 0x{alg_id:04x}, not in the Spec ID header")
+            raise _fail(alg_at, f"uses algorithm 0x{alg_id:04x}, not in the Spec ID header")
         name = _alg_name(alg_id)
         if name in digests:
-            raise _fail(alg_at, f"{what} carries two {name} digests")
-        digests[name] = reader.take(size, f"{what} {name} digest")
+            raise _fail(alg_at, f"carries two {name} digests")
+        digests[name] = reader.take(size, f"{name} digest")
     return digests
 
 

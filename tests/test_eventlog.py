@@ -497,7 +497,7 @@ def test_truncation_message_names_offset_and_field() -> None:
     with pytest.raises(EventLogError) as info:
         parse_event_log(data[:-3])
     assert "truncated log at byte offset" in str(info.value)
-    assert "event #18 event data" in str(info.value)
+    assert str(info.value).startswith("event #18: ") and "event data needs" in str(info.value)
     with pytest.raises(EventLogError, match=r"byte offset 0: Spec ID header pcrIndex"):
         parse_event_log(b"\x00")
 
@@ -530,7 +530,7 @@ SHA256_ONLY = spec_header(struct.pack("<HH", 0xB, 32), 1)
         (SHA256_ONLY + struct.pack("<IIIH", 99, 4, 1, 0xB), "pcrIndex 99"),
         (
             SHA256_ONLY + struct.pack("<IIIH", 0, 4, 1, 0xB) + bytes(32) + b"\xff\xff\xff\xff",
-            "event #1 event data needs 4294967295 bytes",
+            "event data needs 4294967295 bytes",
         ),
     ],
 )
