@@ -176,7 +176,8 @@ class AkRegistry:
                                     "activated against a validated EK")
         if self._expected is not None and node != self._expected:
             raise VerificationError("ak_trust", f"the AK belongs to node {node!r}, not to "
-                                    f"{self._expected!r} (evidence relayed from another TPM)")
+                                    f"{self._expected!r}: the evidence comes from another "
+                                    "machine's TPM")
         return f"AK registered to node {node!r} (activated against its validated EK)"
 
     def to_json(self) -> str:

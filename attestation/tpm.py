@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_RH, TPM2_SE, TPM2_ST
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HT,
+    TPM2_RH,
+    TPM2_SE,
+    TPM2_ST,
+    TPM2_SU,
+)
 from tpm2_pytss.types import (
     TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
@@ -61,13 +70,17 @@ PLATFORM_CERT_INDEX = 0x01C08000
 AK_HANDLES: dict[KeyAlgorithm, int] = {"ecc": 0x81010002, "rsa": 0x81010003}
 PCRS_PER_READ = 8  # TPM2_PCR_Read returns at most 8 digests per call
 
+# noDA: these keys have an empty authValue, so dictionary-attack protection guards
+# nothing -- and without it every unorderly TPM restart (a VM killed, swtpm
+# stopped) raises the failure counter until the TPM locks the AK out.
 AK_ATTRIBUTES = (
     TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
 )
 SIGNING_KEY_ATTRIBUTES = (
     TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA
 )
 AK_TEMPLATES: dict[KeyAlgorithm, str] = {
     "ecc": "ecc256:ecdsa-sha256:null",
@@ -157,6 +170,11 @@ class TpmClient:
         with _tpm_errors("listing transient handles"):
             _, data = self._esapi.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 64)
         return [int(h) for h in data.data.handles]
+
+    def shutdown(self) -> None:
+        """TPM2_Shutdown(CLEAR), what an OS sends before a reboot: an orderly shutdown."""
+        with _tpm_errors("TPM2_Shutdown"):
+            self._esapi.shutdown(TPM2_SU.CLEAR)
 
     def random(self, size: int) -> bytes:
         with _tpm_errors("TPM2_GetRandom"):
@@ -290,6 +308,11 @@ class TpmClient:
         ])
         with _tpm_errors(f"TPM2_PCR_Extend of PCR {index}"):
             self._esapi.pcr_extend(ESYS_TR.parse(f"pcr{index}"), values)
+
+    def reset_pcr(self, index: int) -> None:
+        """TPM2_PCR_Reset: only the debug/application PCRs (16, 23) allow it at locality 0."""
+        with _tpm_errors(f"TPM2_PCR_Reset of PCR {index}"):
+            self._esapi.pcr_reset(ESYS_TR.parse(f"pcr{index}"))
 
     def quote(self, ak: TpmKey, selection: PcrSelection, qualifying_data: bytes,
               attempts: int = 3) -> QuoteResult:

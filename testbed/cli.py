@@ -18,6 +18,7 @@ from attestation.errors import (
     VerificationError,
 )
 from testbed import tpm_commands
+from testbed.attacks.commands import register_attack_commands
 from testbed.errors import StateError
 
 EXIT_OK = 0
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     _add_json(p)
     p.set_defaults(func=tpm_commands.cmd_policy_show)
+
+    register_attack_commands(sub)
 
     p = sub.add_parser("eventlog", help="parse and replay a TCG crypto-agile event log")
     p.add_argument("path", type=Path,

@@ -1,0 +1,180 @@
+"""Plain mutual TLS over the very same OpenSSL contexts: the attack lab's baseline.
+
+Same library, same certificates and keys as the Trusted Passages side; only the
+attestation exchange is missing. A connection "succeeds" when both handshakes
+verify the peer certificate against the CA and application data flows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+from OpenSSL import SSL
+
+from attestation.errors import TestbedError
+
+PlainHandler = Callable[[bytes], bytes]
+TIMEOUT = 5.0
+
+
+class PlainTlsError(TestbedError):
+    """A plain mTLS handshake or exchange failed."""
+
+
+def _blocking(sock: socket.socket) -> socket.socket:
+    """Blocking mode with kernel timeouts: pyOpenSSL treats a Python socket timeout as
+    non-blocking I/O (WantRead), so bound the waits with SO_RCVTIMEO/SO_SNDTIMEO."""
+    sock.settimeout(None)
+    interval = struct.pack("ll", int(TIMEOUT), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
+    return sock
+
+
+def exchange(host: str, port: int, context: SSL.Context, message: bytes,
+             server_name: str | None = None) -> bytes:
+    """Connect, complete the mutual handshake, send ``message``, return the reply."""
+    sock = _blocking(socket.create_connection((host, port), timeout=TIMEOUT))
+    conn = SSL.Connection(context, sock)
+    if server_name:
+        conn.set_tlsext_host_name(server_name.encode())
+    conn.set_connect_state()
+    try:
+        conn.do_handshake()
+        conn.sendall(message)
+        return bytes(conn.recv(65536))
+    except SSL.Error as exc:
+        raise PlainTlsError(f"TLS failed: {exc}") from None
+    finally:
+        with contextlib.suppress(SSL.Error, OSError):
+            conn.shutdown()
+        sock.close()
+
+
+class PlainServer:
+    """A thread accepting plain mTLS connections; ``handler`` maps request to reply."""
+
+    def __init__(self, context: SSL.Context, handler: PlainHandler) -> None:
+        self._context = context
+        self._handler = handler
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self.received: list[bytes] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="plain-tls")
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with contextlib.suppress(SSL.Error, OSError):
+                self._serve(sock)
+            sock.close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        _blocking(sock)
+        conn = SSL.Connection(self._context, sock)
+        conn.set_accept_state()
+        conn.do_handshake()
+        request = bytes(conn.recv(65536))
+        self.received.append(request)
+        conn.sendall(self._handler(request))
+        conn.shutdown()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
+
+    def __enter__(self) -> PlainServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PlainProxy:
+    """A man in the middle holding CA-valid certificates for both ends.
+
+    It terminates the victim's TLS session with ``front`` (a server context whose
+    certificate names the real server) and opens its own to the real server with
+    ``back`` (a client context whose certificate names the real client), then
+    relays the plaintext both ways, reading everything that passes.
+    """
+
+    def __init__(self, front: SSL.Context, back: SSL.Context, upstream: tuple[str, int]) -> None:
+        self._front, self._back, self._upstream = front, back, upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self._stop = threading.Event()
+        self.seen: list[bytes] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="mitm")
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._relay, args=(sock,), daemon=True).start()
+
+    def _relay(self, sock: socket.socket) -> None:
+        victim = SSL.Connection(self._front, _blocking(sock))
+        victim.set_accept_state()
+        up_sock = _blocking(socket.create_connection(self._upstream, timeout=TIMEOUT))
+        upstream = SSL.Connection(self._back, up_sock)
+        upstream.set_connect_state()
+        try:
+            victim.do_handshake()
+            upstream.do_handshake()
+            done = threading.Event()
+            t1 = threading.Thread(target=self._copy, args=(victim, upstream, done), daemon=True)
+            t2 = threading.Thread(target=self._copy, args=(upstream, victim, done), daemon=True)
+            t1.start()
+            t2.start()
+            done.wait(TIMEOUT * 2)
+        except (SSL.Error, OSError):
+            pass
+        finally:
+            sock.close()
+            up_sock.close()
+
+    def _copy(self, src: SSL.Connection, dst: SSL.Connection, done: threading.Event) -> None:
+        try:
+            while True:
+                data = bytes(src.recv(65536))
+                if not data:
+                    break
+                self.seen.append(data)
+                dst.sendall(data)
+        except (SSL.Error, OSError):
+            pass
+        finally:
+            done.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
+
+    def __enter__(self) -> PlainProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,496 @@
+"""The sans-IO core: a TLS connection (OpenSSL via memory BIOs) plus the attestation
+exchange, exposed only as bytes in, bytes out and events (h11 style).
+
+Flow (docs/protocol.md): TLS handshake with mutual certificate verification ->
+server sends EVIDENCE -> client validates it (fail closed) and sends its EVIDENCE
+-> server validates and sends FINISHED -> client is Established. Before
+Established no application data moves in either direction; after it, the TLS
+stream carries the application's bytes unchanged.
+
+Profiles:
+
+``tp13``
+    TLS 1.3 only. Both quotes bind the RFC 8446 exporter
+    ``EXPORTER-trusted-passages-v1`` (32 bytes, empty context), which depends on
+    the whole handshake transcript: both key shares and both certificates.
+``classic``
+    The 2011 paper as written (legacy, no forward secrecy): TLS 1.2 with RSA key
+    transport. The server's quote binds ClientHello.random; the client's binds
+    SHA-256 of the EncryptedPreMasterSecret of its ClientKeyExchange, as seen
+    on the wire (:mod:`trusted_passages.records`).
+
+Every quote also binds SHA-256 of its issuer's TLS SubjectPublicKeyInfo, which
+the receiver compares with the certificate the TLS handshake verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+from enum import Enum
+from typing import Final
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+
+from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
+from trusted_passages.attester import (
+    BindableIssuer,
+    BindingContext,
+    Issuer,
+    PeerEvidence,
+    Validator,
+    spki_digest,
+)
+from trusted_passages.envelope import PROFILES, ROLES, Profile, Role
+from trusted_passages.errors import ProtocolError
+from trusted_passages.events import (
+    ApplicationData,
+    AttestationFailed,
+    ConnectionClosed,
+    Established,
+    Event,
+    HandshakeComplete,
+    PeerVerified,
+)
+from trusted_passages.frames import (
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+    error_payload,
+    parse_error_payload,
+)
+from trusted_passages.records import (
+    HandshakeScanner,
+    HandshakeType,
+    client_hello_random,
+    encrypted_premaster_secret,
+)
+
+EXPORTER_LABEL: Final = b"EXPORTER-trusted-passages-v1"
+BINDING_BYTES: Final = 32
+TLS_VERSIONS: Final[dict[str, str]] = {"tp13": "TLSv1.3", "classic": "TLSv1.2"}
+# RSA key transport only: the classic binding needs an EncryptedPreMasterSecret.
+CLASSIC_CIPHERS: Final = ("AES128-GCM-SHA256", "AES256-GCM-SHA384")
+RECV_CHUNK: Final = 16384
+_OUT_CHUNK: Final = 65536
+
+
+class State(Enum):
+    HANDSHAKING = "handshaking"
+    AWAIT_EVIDENCE = "awaiting evidence"
+    AWAIT_FINISHED = "awaiting FINISHED"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class TrustedPassagesConnection:
+    """One side of one attested channel. Not thread-safe: one caller at a time.
+
+    ``issuer`` and ``validator`` are called synchronously from
+    :meth:`receive_data` (a TPM quote takes milliseconds); adapters that must
+    not block run that call in a worker thread.
+    """
+
+    def __init__(self, role: Role, profile: Profile, ssl_context: SSL.Context,
+                 issuer: Issuer, validator: Validator, *,
+                 expected_peer: str | None = None) -> None:
+        if role not in ROLES or profile not in PROFILES:
+            raise ValueError(f"role must be one of {ROLES}, profile one of {PROFILES}")
+        self.role: Role = role
+        self.profile: Profile = profile
+        self.expected_peer = expected_peer
+        self.peer: PeerEvidence | None = None
+        self.peer_certificate: x509.Certificate | None = None
+        self._peer_role: Role = "client" if role == "server" else "server"
+        context = BindingContext(profile, role)
+        self._issuer = issuer.bound(context) if isinstance(issuer, BindableIssuer) else issuer
+        self._validator = validator
+        self._state = State.HANDSHAKING
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._own_binding = self._peer_binding = self._own_spki = self._peer_spki = b""
+        self._scanner = self._classic_scanner() if profile == "classic" else None
+        self._scan_error: str | None = None
+        self._tls = SSL.Connection(ssl_context, None)
+        # Mutual verification is not optional, whatever the context says.
+        self._tls.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        if role == "client":
+            self._tls.set_connect_state()
+            self._start_handshake()
+        else:
+            self._tls.set_accept_state()
+
+    def __repr__(self) -> str:
+        return (f"TrustedPassagesConnection(role={self.role!r}, profile={self.profile!r}, "
+                f"state={self._state.value!r})")
+
+    # --- public API -------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def established(self) -> bool:
+        return self._state is State.ESTABLISHED
+
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    @property
+    def waiting_for(self) -> str:
+        """What this side is waiting for, in words (timeouts name it)."""
+        peer = f"the {self._peer_role}'s"
+        return {
+            State.HANDSHAKING: "the TLS handshake",
+            State.AWAIT_EVIDENCE: f"{peer} evidence",
+            State.AWAIT_FINISHED: f"{peer} FINISHED",
+            State.ESTABLISHED: "application data",
+            State.CLOSED: "nothing (closed)",
+        }[self._state]
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the network (b"" for EOF); returns what happened."""
+        events: list[Event] = []
+        if self._state is State.CLOSED:
+            return events
+        if not data:
+            self._on_eof(events)
+        else:
+            self._scan(data, incoming=True)
+            self._tls.bio_write(data)
+            if self._state is State.HANDSHAKING:
+                self._advance_handshake(events)
+            if self._state not in (State.HANDSHAKING, State.CLOSED):
+                self._read_plaintext(events)
+        self._pump_out()
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Bytes for the network, in order; empty when there is nothing to send."""
+        self._pump_out()
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def send(self, app_data: bytes) -> None:
+        if self._state is not State.ESTABLISHED:
+            raise ProtocolError(f"cannot send application data: the channel is "
+                                f"{self._state.value}, not established")
+        try:
+            self._tls.sendall(app_data)
+        except SSL.Error as exc:
+            self._state = State.CLOSED
+            raise ProtocolError(f"the TLS session is broken: {_ssl_reason(exc)}") from None
+        self._pump_out()
+
+    def close(self) -> None:
+        """Send TLS close_notify and stop; data_to_send() then holds the last bytes."""
+        if self._state is not State.CLOSED:
+            self._shutdown_tls()
+            self._state = State.CLOSED
+            self._pump_out()
+
+    def timeout(self) -> list[Event]:
+        """The peer took too long: refuse the channel, telling the peer why."""
+        events: list[Event] = []
+        if self._state not in (State.ESTABLISHED, State.CLOSED):
+            self._fail("timeout", f"timeout waiting for {self.waiting_for}", events)
+        return events
+
+    # --- TLS --------------------------------------------------------------------------
+
+    def _start_handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            raise ProtocolError(f"cannot start the TLS handshake: {_ssl_reason(exc)}") from None
+        self._pump_out()
+
+    def _advance_handshake(self, events: list[Event]) -> None:
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            return
+        except SSL.Error as exc:
+            self._fail("tls", f"TLS handshake failed: {_ssl_reason(exc)}", events,
+                       by_peer=_is_alert(exc), notify=False)
+            return
+        self._on_handshake_complete(events)
+
+    def _on_handshake_complete(self, events: list[Event]) -> None:
+        self._state = State.AWAIT_EVIDENCE  # the TLS channel is up: failures can be told
+        try:
+            peer_cert = self._check_session()
+            self._own_binding, self._peer_binding = self._bindings()
+        except VerificationError as exc:
+            self._fail(exc.check, exc.reason, events)
+            return
+        own_cert = self._tls.get_certificate(as_cryptography=True)
+        assert own_cert is not None  # the handshake completed with it
+        self.peer_certificate = peer_cert
+        self._own_spki, self._peer_spki = spki_digest(own_cert), spki_digest(peer_cert)
+        events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
+                                        self._tls.get_cipher_name() or "", peer_cert))
+        if self.role == "server":
+            self._send_evidence(events)
+
+    def _check_session(self) -> x509.Certificate:
+        """Fail closed if the context negotiated something this profile does not allow."""
+        version = self._tls.get_protocol_version_name()
+        if version != TLS_VERSIONS[self.profile]:
+            raise VerificationError("tls", f"profile {self.profile} needs "
+                                    f"{TLS_VERSIONS[self.profile]}, negotiated {version}")
+        cipher = self._tls.get_cipher_name()
+        if self.profile == "classic" and cipher not in CLASSIC_CIPHERS:
+            raise VerificationError("tls", f"profile classic needs RSA key transport "
+                                    f"({', '.join(CLASSIC_CIPHERS)}), negotiated {cipher}")
+        peer = self._tls.get_peer_certificate(as_cryptography=True)
+        if peer is None:
+            raise VerificationError("tls", "the peer presented no certificate")
+        return peer
+
+    def _bindings(self) -> tuple[bytes, bytes]:
+        """(nonce our quote binds, nonce the peer's quote must bind)."""
+        if self.profile == "tp13":
+            exported = self._tls.export_keying_material(EXPORTER_LABEL, BINDING_BYTES, b"")
+            return exported, exported
+        random, epms_hash = self._classic_values()
+        return (random, epms_hash) if self.role == "server" else (epms_hash, random)
+
+    def _classic_values(self) -> tuple[bytes, bytes]:
+        try:
+            if self._scan_error is not None:
+                raise ProtocolError(self._scan_error)
+            assert self._scanner is not None
+            hello = self._scanner.messages.get(HandshakeType.CLIENT_HELLO)
+            exchange = self._scanner.messages.get(HandshakeType.CLIENT_KEY_EXCHANGE)
+            if hello is None or exchange is None:
+                raise ProtocolError("no plaintext ClientHello and ClientKeyExchange seen")
+            random = client_hello_random(hello)
+            epms = encrypted_premaster_secret(exchange)
+        except ProtocolError as exc:
+            raise VerificationError("protocol", f"classic binding: {exc}") from None
+        # The scanner read the same bytes OpenSSL did; disagreeing means a scanner bug.
+        if not hmac.compare_digest(random, self._tls.client_random() or b""):
+            raise VerificationError("protocol", "scanned ClientHello.random differs from the "
+                                    "session's")
+        return random, hashlib.sha256(epms).digest()
+
+    def _classic_scanner(self) -> HandshakeScanner:
+        # Client: its own outgoing bytes. Server: the bytes it received.
+        return HandshakeScanner(frozenset({HandshakeType.CLIENT_HELLO,
+                                           HandshakeType.CLIENT_KEY_EXCHANGE}))
+
+    def _scan(self, data: bytes, *, incoming: bool) -> None:
+        scanner = self._scanner
+        if scanner is None or scanner.done or incoming != (self.role == "server"):
+            return
+        if self._scan_error is None:
+            try:
+                scanner.feed(data)
+            except ProtocolError as exc:  # reported when the bindings are computed
+                self._scan_error = str(exc)
+
+    def _read_plaintext(self, events: list[Event]) -> None:
+        while self._state is not State.CLOSED:
+            try:
+                chunk = self._tls.recv(RECV_CHUNK)
+            except SSL.WantReadError:
+                return
+            except SSL.ZeroReturnError:
+                self._on_close_notify(events)
+                return
+            except SSL.Error as exc:
+                self._on_tls_error(exc, events)
+                return
+            self._on_plaintext(chunk, events)
+
+    def _on_tls_error(self, exc: SSL.Error, events: list[Event]) -> None:
+        if self._state is State.ESTABLISHED:
+            self._state = State.CLOSED
+            events.append(ConnectionClosed(clean=False))
+        else:
+            self._fail("tls", _ssl_reason(exc), events, by_peer=_is_alert(exc), notify=False)
+
+    def _pump_out(self) -> None:
+        while True:
+            try:
+                chunk = self._tls.bio_read(_OUT_CHUNK)
+            except SSL.WantReadError:
+                return
+            self._scan(chunk, incoming=False)
+            self._out += chunk
+
+    def _shutdown_tls(self) -> None:
+        with contextlib.suppress(SSL.Error):  # after a fatal alert there is no session left
+            self._tls.shutdown()
+
+    # --- attestation exchange -------------------------------------------------------
+
+    def _on_plaintext(self, chunk: bytes, events: list[Event]) -> None:
+        if self._state is State.ESTABLISHED:
+            events.append(ApplicationData(chunk))
+            return
+        try:
+            self._decoder.feed(chunk)
+            while self._state in (State.AWAIT_EVIDENCE, State.AWAIT_FINISHED):
+                frame = self._decoder.next_frame()
+                if frame is None:
+                    return
+                self._on_frame(frame, events)
+        except ProtocolError as exc:
+            self._fail("protocol", str(exc), events)
+            return
+        if self.established:  # (a property: mypy narrowed _state inside the loop)
+            rest = self._decoder.take_remainder()
+            if rest:  # sent by the server after its FINISHED: legitimately established
+                events.append(ApplicationData(rest))
+
+    def _on_frame(self, frame: Frame, events: list[Event]) -> None:
+        if frame.type is FrameType.ERROR:
+            check, reason = parse_error_payload(frame.payload)
+            self._fail(check, reason, events, by_peer=True)
+            return
+        expected = (FrameType.EVIDENCE if self._state is State.AWAIT_EVIDENCE
+                    else FrameType.FINISHED)
+        if frame.type is not expected:
+            raise ProtocolError(f"unexpected {frame.type.name} frame while waiting for "
+                                f"{self.waiting_for}")
+        if frame.type is FrameType.EVIDENCE:
+            self._on_peer_evidence(frame.payload, events)
+        else:
+            self._on_finished(frame.payload, events)
+
+    def _on_peer_evidence(self, payload: bytes, events: list[Event]) -> None:
+        try:
+            peer = self._verify_peer(payload)
+        except VerificationError as exc:
+            self._fail(exc.check, exc.reason, events)
+            return
+        except EvidenceFormatError as exc:
+            self._fail("evidence_format", str(exc), events)
+            return
+        except TestbedError as exc:
+            self._fail("validator", str(exc), events)
+            return
+        self.peer = peer
+        events.append(PeerVerified(peer))
+        if self.role == "client":
+            # Only now, with the server verified, does the client reveal its evidence.
+            if self._send_evidence(events):
+                self._state = State.AWAIT_FINISHED
+            return
+        if self._decoder.buffered:
+            raise ProtocolError("the client sent data after its evidence, before FINISHED")
+        self._send_frame(FrameType.FINISHED)
+        self._state = State.ESTABLISHED
+        events.append(Established(peer))
+
+    def _on_finished(self, payload: bytes, events: list[Event]) -> None:
+        if payload:
+            raise ProtocolError("FINISHED carries no payload")
+        assert self.peer is not None  # AWAIT_FINISHED is only entered after PeerVerified
+        self._state = State.ESTABLISHED
+        events.append(Established(self.peer))
+
+    def _verify_peer(self, payload: bytes) -> PeerEvidence:
+        peer = self._validator.validate(payload, self._peer_binding)
+        if peer.role != self._peer_role:
+            raise VerificationError("role", f"the evidence was issued by a {peer.role}, this "
+                                    f"peer is the {self._peer_role} (reflected evidence)")
+        if peer.profile != self.profile:
+            raise VerificationError("profile", f"the evidence is for profile {peer.profile}, "
+                                    f"this session is {self.profile}")
+        if not hmac.compare_digest(peer.user_data, self._peer_spki):
+            raise VerificationError("key_binding", "the evidence binds another TLS key than "
+                                    "the certificate the peer presented")
+        if self.expected_peer is not None:
+            self._check_expected_peer(peer)
+        return peer
+
+    def _check_expected_peer(self, peer: PeerEvidence) -> None:
+        assert self.peer_certificate is not None
+        if peer.node != self.expected_peer:
+            raise VerificationError("expected_peer", f"the attested node is {peer.node!r}, "
+                                    f"expected {self.expected_peer!r}")
+        names = certificate_names(self.peer_certificate)
+        if self.expected_peer not in names:
+            raise VerificationError("expected_peer", f"the TLS certificate names "
+                                    f"{sorted(names)}, not {self.expected_peer!r}")
+
+    def _send_evidence(self, events: list[Event]) -> bool:
+        try:
+            evidence = self._issuer.issue(self._own_spki, self._own_binding)
+            self._send_frame(FrameType.EVIDENCE, evidence)
+        except TestbedError as exc:
+            # The detail stays local; the peer only learns that we failed.
+            self._fail("issuer", f"could not produce evidence: {exc}", events,
+                       peer_reason="the peer could not produce evidence")
+            return False
+        return True
+
+    def _send_frame(self, frame_type: FrameType, payload: bytes = b"") -> None:
+        self._tls.sendall(encode_frame(frame_type, payload))
+
+    # --- endings ----------------------------------------------------------------------
+
+    def _fail(self, check: str, reason: str, events: list[Event], *, by_peer: bool = False,
+              notify: bool = True, peer_reason: str | None = None) -> None:
+        """Refuse the channel: tell the peer (unless it told us), close, report."""
+        if self._state is State.CLOSED:
+            return
+        events.append(AttestationFailed(check, reason, by_peer))
+        if notify and not by_peer and self._state is not State.HANDSHAKING:
+            with contextlib.suppress(SSL.Error):  # a broken session: closing is all that is left
+                self._send_frame(FrameType.ERROR, error_payload(check, peer_reason or reason))
+        self._shutdown_tls()
+        self._state = State.CLOSED
+        events.append(ConnectionClosed(clean=False))
+
+    def _on_eof(self, events: list[Event]) -> None:
+        if self._state is State.ESTABLISHED:
+            self._state = State.CLOSED  # no close_notify: possibly truncated
+            events.append(ConnectionClosed(clean=False))
+        else:
+            self._fail("protocol", f"connection closed while waiting for {self.waiting_for}",
+                       events, notify=False)
+
+    def _on_close_notify(self, events: list[Event]) -> None:
+        if self._state is State.ESTABLISHED:
+            self._shutdown_tls()
+            self._state = State.CLOSED
+            events.append(ConnectionClosed(clean=True))
+        else:
+            self._fail("protocol", f"the peer closed TLS while waiting for {self.waiting_for}",
+                       events, notify=False)
+
+
+def certificate_names(certificate: x509.Certificate) -> set[str]:
+    """The subject CNs and DNS SANs of a certificate."""
+    names = {str(a.value) for a in certificate.subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME)}
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return names
+    return names | set(san.value.get_values_for_type(x509.DNSName))
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    """OpenSSL's error queue as one line (pyOpenSSL gives a list of (lib, func, reason))."""
+    queue = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry]
+    return "; ".join(reasons) or f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _is_alert(exc: SSL.Error) -> bool:
+    # OpenSSL names received alerts "... alert ..." (e.g. "tlsv13 alert certificate required").
+    return "alert" in _ssl_reason(exc)
