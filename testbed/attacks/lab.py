@@ -29,7 +29,7 @@ from attestation.verifier import ClockHistory
 from testbed.localca import LocalCA
 from testbed.measured_boot import BootChain, measure_boot
 from testbed.swtpm import Swtpm, provision
-from trusted_passages import ChannelConfig, TpmIssuer, TpmValidator
+from trusted_passages import ChannelConfig, Issuer, TpmIssuer, TpmValidator
 from trusted_passages.pki import CertificateAuthority, PrivateKey, generate_key, issue_certificate
 from trusted_passages.pki import make_ca as make_tls_ca
 
@@ -157,7 +157,7 @@ class Lab:
     # --- configurations --------------------------------------------------------------
 
     def tp_config(self, name: str, *, peer: str, certificate: x509.Certificate | None = None,
-                  key: PrivateKey | None = None, issuer: TpmIssuer | None = None,
+                  key: PrivateKey | None = None, issuer: Issuer | None = None,
                   ) -> ChannelConfig:
         """``name``'s Trusted Passages config expecting ``peer`` under its policy."""
         node = self.nodes[name]

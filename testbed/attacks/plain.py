@@ -55,17 +55,14 @@ def exchange(host: str, port: int, context: SSL.Context, message: bytes,
         sock.close()
 
 
-class PlainServer:
-    """A thread accepting plain mTLS connections; ``handler`` maps request to reply."""
+class _Acceptor:
+    """A loopback listener whose thread hands each connection to ``_handle``."""
 
-    def __init__(self, context: SSL.Context, handler: PlainHandler) -> None:
-        self._context = context
-        self._handler = handler
+    def __init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self._stop = threading.Event()
-        self.received: list[bytes] = []
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="plain-tls")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=type(self).__name__)
         self._thread.start()
 
     @property
@@ -78,12 +75,35 @@ class PlainServer:
                 sock, _ = self._listener.accept()
             except (TimeoutError, OSError):
                 continue
-            with contextlib.suppress(SSL.Error, OSError):
-                self._serve(sock)
+            threading.Thread(target=self._handle_and_close, args=(sock,), daemon=True).start()
+
+    def _handle_and_close(self, sock: socket.socket) -> None:
+        try:
+            self._handle(_blocking(sock))
+        except (SSL.Error, OSError):
+            pass  # the lab's peers hang up on purpose; the outcome is judged elsewhere
+        finally:
             sock.close()
 
-    def _serve(self, sock: socket.socket) -> None:
-        _blocking(sock)
+    def _handle(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._listener.close()
+
+
+class PlainServer(_Acceptor):
+    """Accepts plain mTLS connections; ``handler`` maps one request to its reply."""
+
+    def __init__(self, context: SSL.Context, handler: PlainHandler) -> None:
+        self._context = context
+        self._handler = handler
+        self.received: list[bytes] = []
+        super().__init__()
+
+    def _handle(self, sock: socket.socket) -> None:
         conn = SSL.Connection(self._context, sock)
         conn.set_accept_state()
         conn.do_handshake()
@@ -92,11 +112,6 @@ class PlainServer:
         conn.sendall(self._handler(request))
         conn.shutdown()
 
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._listener.close()
-
     def __enter__(self) -> PlainServer:
         return self
 
@@ -104,7 +119,7 @@ class PlainServer:
         self.close()
 
 
-class PlainProxy:
+class PlainProxy(_Acceptor):
     """A man in the middle holding CA-valid certificates for both ends.
 
     It terminates the victim's TLS session with ``front`` (a server context whose
@@ -115,63 +130,31 @@ class PlainProxy:
 
     def __init__(self, front: SSL.Context, back: SSL.Context, upstream: tuple[str, int]) -> None:
         self._front, self._back, self._upstream = front, back, upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self._stop = threading.Event()
         self.seen: list[bytes] = []
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="mitm")
-        self._thread.start()
+        super().__init__()
 
-    @property
-    def port(self) -> int:
-        return int(self._listener.getsockname()[1])
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._relay, args=(sock,), daemon=True).start()
-
-    def _relay(self, sock: socket.socket) -> None:
-        victim = SSL.Connection(self._front, _blocking(sock))
+    def _handle(self, sock: socket.socket) -> None:
+        victim = SSL.Connection(self._front, sock)
         victim.set_accept_state()
-        up_sock = _blocking(socket.create_connection(self._upstream, timeout=TIMEOUT))
-        upstream = SSL.Connection(self._back, up_sock)
-        upstream.set_connect_state()
-        try:
+        with _blocking(socket.create_connection(self._upstream, timeout=TIMEOUT)) as up_sock:
+            upstream = SSL.Connection(self._back, up_sock)
+            upstream.set_connect_state()
             victim.do_handshake()
             upstream.do_handshake()
             done = threading.Event()
-            t1 = threading.Thread(target=self._copy, args=(victim, upstream, done), daemon=True)
-            t2 = threading.Thread(target=self._copy, args=(upstream, victim, done), daemon=True)
-            t1.start()
-            t2.start()
+            for src, dst in ((victim, upstream), (upstream, victim)):
+                threading.Thread(target=self._copy, args=(src, dst, done), daemon=True).start()
             done.wait(TIMEOUT * 2)
-        except (SSL.Error, OSError):
-            pass
-        finally:
-            sock.close()
-            up_sock.close()
 
     def _copy(self, src: SSL.Connection, dst: SSL.Connection, done: threading.Event) -> None:
         try:
-            while True:
-                data = bytes(src.recv(65536))
-                if not data:
-                    break
+            while data := bytes(src.recv(65536)):
                 self.seen.append(data)
                 dst.sendall(data)
         except (SSL.Error, OSError):
             pass
         finally:
             done.set()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._listener.close()
 
     def __enter__(self) -> PlainProxy:
         return self

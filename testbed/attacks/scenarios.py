@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from OpenSSL import SSL
 
 from attestation.errors import TestbedError
 from testbed.attacks.lab import AV_CURRENT, AV_STALE, GOOD_BOOT, INSECURE_BOOT, Lab
@@ -93,20 +95,45 @@ def _tp_attempt(config: ChannelConfig, port: int, message: bytes) -> Attestation
         return exc
 
 
-def _plain_ctx(config: ChannelConfig, role: str) -> Any:
-    return config.ssl_context("server" if role == "server" else "client")
+def _plain_ctx(config: ChannelConfig, role: Literal["server", "client"]) -> SSL.Context:
+    return config.ssl_context(role)
 
 
-def _caught(exc: AttestationRejected | None, server: _TpServer | None,
+def _plain_run(server: ChannelConfig, client: ChannelConfig, message: bytes,
+               reply: bytes = b"ok") -> tuple[list[bytes], bytes]:
+    """One plain mTLS exchange: what reached the server, and what the client got back."""
+    with PlainServer(_plain_ctx(server, "server"), lambda _: reply) as target:
+        answer = exchange(HOST, target.port, _plain_ctx(client, "client"), message)
+        return target.received, answer
+
+
+def _tp_run(server: ChannelConfig, client: ChannelConfig, message: bytes, *,
+            client_side: str = "client", server_side: str = "server",
+            proxy: tuple[ChannelConfig, ChannelConfig] | None = None) -> Outcome:
+    """One Trusted Passages attempt (optionally through a MITM proxy), attributed to
+    whichever side detected the failure."""
+    tp_server = _TpServer(server)
+    try:
+        if proxy is None:
+            exc = _tp_attempt(client, tp_server.port, message)
+        else:
+            front, back = proxy
+            with PlainProxy(_plain_ctx(front, "server"), _plain_ctx(back, "client"),
+                            (HOST, tp_server.port)) as relay:
+                exc = _tp_attempt(client, relay.port, message)
+    finally:
+        tp_server.close()
+    return _caught(exc, tp_server, client_side, server_side)
+
+
+def _caught(exc: AttestationRejected | None, server: _TpServer,
             client_side: str, server_side: str) -> Outcome:
-    """Attribute a refusal to whichever side noticed first."""
-    detected = [r for r in (server.refused if server else []) if not r.by_peer]
+    detected = [r for r in server.refused if not r.by_peer]
     if detected:
         return Outcome(False, detected[0].reason, detected[0].check, server_side)
-    if exc is not None and not exc.by_peer:
-        return Outcome(False, exc.reason, exc.check, client_side)
     if exc is not None:
-        return Outcome(False, exc.reason, exc.check, server_side)
+        side = server_side if exc.by_peer else client_side
+        return Outcome(False, exc.reason, exc.check, side)
     return Outcome(True, "the connection was accepted")
 
 
@@ -120,17 +147,11 @@ def toctou(lab: Lab) -> ScenarioResult:
     insecure = lab.tp_config("insecure", peer="client", certificate=cert, key=key)
     victim = lab.tp_config("client", peer="server")
     secret = _secret()
-    with PlainServer(_plain_ctx(insecure, "server"), lambda m: b"ok") as evil:
-        exchange(HOST, evil.port, _plain_ctx(victim, "client"), secret)
-        plain = Outcome(secret in evil.received, "the client sent its secret to the insecure "
-                        "VM, whose certificate is CA-valid for 'server'")
-    server = _TpServer(insecure)
-    try:
-        exc = _tp_attempt(victim, server.port, secret)
-    finally:
-        server.close()
+    received, _ = _plain_run(insecure, victim, secret)
+    plain = Outcome(secret in received, "the client sent its secret to the insecure VM, "
+                    "whose certificate is CA-valid for 'server'")
     return ScenarioResult("toctou", "TOCTOU: later connections redirected to an insecure VM",
-                          plain, _caught(exc, None, "client", "insecure VM"))
+                          plain, _tp_run(insecure, victim, secret, server_side="insecure VM"))
 
 
 def mitm(lab: Lab) -> ScenarioResult:
@@ -142,21 +163,14 @@ def mitm(lab: Lab) -> ScenarioResult:
     victim = lab.tp_config("client", peer="server")
     real = lab.tp_config("server", peer="client")
     secret = _secret()
-    with PlainServer(_plain_ctx(real, "server"), lambda m: b"ok") as target, \
+    with PlainServer(_plain_ctx(real, "server"), lambda _: b"ok") as target, \
             PlainProxy(_plain_ctx(front, "server"), _plain_ctx(back, "client"),
-                       (HOST, target.port)) as proxy:
-        exchange(HOST, proxy.port, _plain_ctx(victim, "client"), secret)
-        plain = Outcome(any(secret in s for s in proxy.seen) and secret in target.received,
+                       (HOST, target.port)) as relay:
+        exchange(HOST, relay.port, _plain_ctx(victim, "client"), secret)
+        plain = Outcome(any(secret in s for s in relay.seen) and secret in target.received,
                         "both ends accepted; the proxy read the secret in transit")
-    server = _TpServer(real)
-    try:
-        with PlainProxy(_plain_ctx(front, "server"), _plain_ctx(back, "client"),
-                        (HOST, server.port)) as proxy:
-            exc = _tp_attempt(victim, proxy.port, secret)
-    finally:
-        server.close()
     return ScenarioResult("mitm", "MITM by the provider with CA-valid certificates for both ends",
-                          plain, _caught(exc, server, "client", "server"))
+                          plain, _tp_run(real, victim, secret, proxy=(front, back)))
 
 
 def impersonation(lab: Lab) -> ScenarioResult:
@@ -164,20 +178,10 @@ def impersonation(lab: Lab) -> ScenarioResult:
     key, cert = lab.certificate_for("client")
     evil = lab.tp_config("evil", peer="server", certificate=cert, key=key)
     real = lab.tp_config("server", peer="client")
-    with PlainServer(_plain_ctx(real, "server"), lambda m: b"account data") as target:
-        reply = exchange(HOST, target.port, _plain_ctx(evil, "client"), b"GET /account")
-        plain = Outcome(reply == b"account data", "the server served the evil VM as 'client'")
+    _, reply = _plain_run(real, evil, b"GET /account", reply=b"account data")
+    plain = Outcome(reply == b"account data", "the server served the evil VM as 'client'")
     return ScenarioResult("impersonation", "Client impersonation by an evil VM", plain,
-                          _tp_against_server(real, evil))
-
-
-def _tp_against_server(real: ChannelConfig, attacker: ChannelConfig) -> Outcome:
-    server = _TpServer(real)
-    try:
-        exc = _tp_attempt(attacker, server.port, b"GET /account")
-    finally:
-        server.close()
-    return _caught(exc, server, "attacker", "server")
+                          _tp_run(real, evil, b"GET /account", client_side="attacker"))
 
 
 class _ReplayIssuer:
@@ -200,14 +204,13 @@ def replay(lab: Lab) -> ScenarioResult:
         spki_digest(client.certificate), b"\x42" * 32)
     key, cert = lab.certificate_for("client")
     attacker = lab.tp_config("evil", peer="server", certificate=cert, key=key,
-                             issuer=_ReplayIssuer(recorded))  # type: ignore[arg-type]
+                             issuer=_ReplayIssuer(recorded))
     real = lab.tp_config("server", peer="client")
-    with PlainServer(_plain_ctx(real, "server"), lambda m: b"account data") as target:
-        reply = exchange(HOST, target.port, _plain_ctx(attacker, "client"), b"GET /account")
-        plain = Outcome(reply == b"account data", "plain mTLS has no evidence to replay: the "
-                        "CA-valid certificate alone gets the attacker in")
+    _, reply = _plain_run(real, attacker, b"GET /account", reply=b"account data")
+    plain = Outcome(reply == b"account data", "plain mTLS has no evidence to replay: the "
+                    "CA-valid certificate alone gets the attacker in")
     return ScenarioResult("replay", "Replay of old evidence", plain,
-                          _tp_against_server(real, attacker))
+                          _tp_run(real, attacker, b"GET /account", client_side="attacker"))
 
 
 def cuckoo(lab: Lab) -> ScenarioResult:
@@ -217,16 +220,10 @@ def cuckoo(lab: Lab) -> ScenarioResult:
     attacker = lab.tp_config("evil", peer="client", certificate=cert, key=key, issuer=relay)
     victim = lab.tp_config("client", peer="server")
     secret = _secret()
-    with PlainServer(_plain_ctx(attacker, "server"), lambda m: b"ok") as evil:
-        exchange(HOST, evil.port, _plain_ctx(victim, "client"), secret)
-        plain = Outcome(secret in evil.received, "the client sent its secret to Alice")
-    server = _TpServer(attacker)
-    try:
-        exc = _tp_attempt(victim, server.port, secret)
-    finally:
-        server.close()
+    received, _ = _plain_run(attacker, victim, secret)
+    plain = Outcome(secret in received, "the client sent its secret to Alice")
     return ScenarioResult("cuckoo", "Evidence relayed from another genuine TPM (cuckoo)",
-                          plain, _caught(exc, None, "client", "attacker"))
+                          plain, _tp_run(attacker, victim, secret, server_side="attacker"))
 
 
 def tampered_boot(lab: Lab) -> ScenarioResult:
@@ -237,19 +234,14 @@ def tampered_boot(lab: Lab) -> ScenarioResult:
     try:
         real = lab.tp_config("server", peer="client")
         victim = lab.tp_config("client", peer="server")
-        with PlainServer(_plain_ctx(real, "server"), lambda m: b"ok") as target:
-            exchange(HOST, target.port, _plain_ctx(victim, "client"), secret)
-            plain = Outcome(secret in target.received, "the client talked to the tampered "
-                            "server: its certificate did not change")
-        tp_server = _TpServer(real)
-        try:
-            exc = _tp_attempt(victim, tp_server.port, secret)
-        finally:
-            tp_server.close()
+        received, _ = _plain_run(real, victim, secret)
+        plain = Outcome(secret in received, "the client talked to the tampered server: its "
+                        "certificate did not change")
+        tp = _tp_run(real, victim, secret)
     finally:
         server.reboot(GOOD_BOOT)
     return ScenarioResult("tampered-boot", "Tampered boot: another kernel (PCR mismatch)", plain,
-                          _caught(exc, None, "client", "server"))
+                          tp)
 
 
 def key_copy(lab: Lab) -> ScenarioResult:
@@ -259,17 +251,11 @@ def key_copy(lab: Lab) -> ScenarioResult:
                            key=server.key)
     victim = lab.tp_config("client", peer="server")
     secret = _secret()
-    with PlainServer(_plain_ctx(stolen, "server"), lambda m: b"ok") as evil:
-        exchange(HOST, evil.port, _plain_ctx(victim, "client"), secret)
-        plain = Outcome(secret in evil.received, "the copied key is the server's key: the "
-                        "client cannot tell")
-    tp_server = _TpServer(stolen)
-    try:
-        exc = _tp_attempt(victim, tp_server.port, secret)
-    finally:
-        tp_server.close()
+    received, _ = _plain_run(stolen, victim, secret)
+    plain = Outcome(secret in received, "the copied key is the server's key: the client "
+                    "cannot tell")
     return ScenarioResult("key-copy", "Server key copied to an unmeasured machine", plain,
-                          _caught(exc, None, "client", "server"))
+                          _tp_run(stolen, victim, secret, server_side="attacker"))
 
 
 def third_party(lab: Lab) -> ScenarioResult:
@@ -280,11 +266,10 @@ def third_party(lab: Lab) -> ScenarioResult:
     victim = lab.tp_config("client", peer="server")
     client.measure_runtime(AV_STALE)
     try:
-        with PlainServer(_plain_ctx(real, "server"), lambda m: b"ok") as target:
-            exchange(HOST, target.port, _plain_ctx(victim, "client"), b"transfer 100")
-            plain = Outcome(b"transfer 100" in target.received, "Bob served a customer whose "
-                            "antivirus signatures are stale: plain TLS cannot know")
-        tp = _tp_against_server(real, victim)
+        received, _ = _plain_run(real, victim, b"transfer 100")
+        plain = Outcome(b"transfer 100" in received, "Bob served a customer whose antivirus "
+                        "signatures are stale: plain TLS cannot know")
+        tp = _tp_run(real, victim, b"transfer 100")
     finally:
         client.measure_runtime(AV_CURRENT)
     return ScenarioResult("third-party", "Third party: Bob attests the customer's antivirus "
