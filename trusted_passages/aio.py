@@ -105,11 +105,10 @@ async def establish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     core: TrustedPassagesConnection, timeout: float) -> AsyncAttestedChannel:
     """Drive the handshake and exchange; each protocol step gets ``timeout`` seconds."""
     await _flush_quietly(writer, core)
+    loop = asyncio.get_running_loop()
     while True:
-        waiting = core.state
         try:
-            async with asyncio.timeout(timeout):
-                events = await _step(reader, writer, core, waiting)
+            events = await _step(reader, writer, core, loop.time() + timeout)
         except TimeoutError:
             events = core.timeout()
         await _flush_quietly(writer, core)
@@ -124,10 +123,16 @@ async def establish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def _step(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                core: TrustedPassagesConnection, waiting: object) -> list[Event]:
-    """Feed the core (answering as it goes) until its state changes; return those events."""
+                core: TrustedPassagesConnection, deadline: float) -> list[Event]:
+    """Feed the core (answering as it goes) until its state changes; return those events.
+
+    Only waiting for the peer is timed: a core call in progress is never cancelled
+    (its worker thread would go on touching the core).
+    """
+    waiting = core.state
     while True:
-        data = await _read(reader)
+        async with asyncio.timeout_at(deadline):
+            data = await _read(reader)
         # May quote or verify: keep the event loop free.
         events = await asyncio.to_thread(core.receive_data, data)
         await _flush_quietly(writer, core)
@@ -181,6 +186,9 @@ async def start_server(host: str, port: int, config: ChannelConfig, handler: Asy
                 on_failure(exc)
             await _close(writer)
             return
+        except BaseException:  # cancelled (server shutting down): do not leak the socket
+            writer.close()
+            raise
         async with channel:
             try:
                 await handler(channel)
