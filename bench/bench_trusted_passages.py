@@ -14,6 +14,7 @@ Run: .venv/bin/python bench/bench_trusted_passages.py [--n 200] [--seconds 5]
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
@@ -25,9 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from attestation.evidence import Evidence
+from attestation.tpm import TpmClient
 from testbed.attacks.lab import Lab
 from testbed.attacks.plain import PlainServer, exchange
-from trusted_passages import BindingContext, connect, serve
+from trusted_passages import BindingContext, TpmIssuer, connect, serve
 from trusted_passages.attester import binding_digest, spki_digest
 from trusted_passages.envelope import decode_envelope
 
@@ -58,12 +60,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     with Lab() as lab:
-        server_cfg = lab.tp_config("server", peer="client")
-        client_cfg = lab.tp_config("client", peer="server")
-        plain = measure_plain(server_cfg, client_cfg, args.n)
-        attested = measure_attested(server_cfg, client_cfg, args.n)
         quote, verify = measure_parts(lab, args.n)
-        rate = measure_concurrent(server_cfg, client_cfg, args.clients, args.seconds)
+        client_cfg = lab.tp_config("client", peer="server")
+        with ServerProcess(lab, args.clients) as (plain_port, tp_port):
+            plain = measure_plain(plain_port, client_cfg, args.n)
+            attested = measure_attested(tp_port, client_cfg, args.n)
+            rate = measure_concurrent(tp_port, client_cfg, args.clients, args.seconds)
     bound = p50(plain) + 2 * p50(quote) + 2 * p50(verify)
     print("tp13 handshake over loopback TCP, same OpenSSL contexts, certificates and keys")
     print(f"  plain mutual TLS 1.3        p50 {p50(plain):6.2f} ms   p99 {p99(plain):6.2f} ms")
@@ -77,28 +79,58 @@ def main() -> None:
           f"({args.seconds:.0f} s run, 2 cores, one TPM per side)")
 
 
-def measure_plain(server_cfg, client_cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
-    with PlainServer(server_cfg.ssl_context("server"), lambda m: m) as server:
-        ctx = client_cfg.ssl_context("client")
-        exchange(HOST, server.port, ctx, b"warm-up")
-        return timed(lambda: exchange(HOST, server.port, ctx, b"ping"), n)
+class ServerProcess:
+    """Bob's server in its own process, as on a real node (its own interpreter and GIL):
+    a plain mTLS server and a Trusted Passages server on the same contexts and keys."""
+
+    def __init__(self, lab: Lab, clients: int) -> None:
+        self._lab, self._clients = lab, clients
+        self._stop = multiprocessing.get_context("fork").Event()
+
+    def __enter__(self) -> tuple[int, int]:
+        node = self._lab.nodes["server"]
+        node.issuer.close()
+        node.client.close()  # swtpm serves one connection: hand the TPM to the child
+        parent, child = multiprocessing.get_context("fork").Pipe()
+        self._proc = multiprocessing.get_context("fork").Process(
+            target=self._run, args=(child,), daemon=True)
+        self._proc.start()
+        ports: tuple[int, int] = parent.recv()
+        return ports
+
+    def _run(self, pipe) -> None:  # type: ignore[no-untyped-def]
+        node = self._lab.nodes["server"]
+        client = TpmClient(node.swtpm.tcti)
+        issuer = TpmIssuer(client, "server", node.selection, event_log=node.event_log)
+        config = self._lab.tp_config("server", peer="client", issuer=issuer)
+        with PlainServer(config.ssl_context("server"), lambda m: m) as plain, \
+                serve(HOST, 0, config, _echo, max_connections=self._clients * 2) as tp:
+            pipe.send((plain.port, tp.address[1]))
+            self._stop.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._proc.join(10)
+
+
+def measure_plain(port: int, client_cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+    ctx = client_cfg.ssl_context("client")
+    exchange(HOST, port, ctx, b"warm-up")
+    return timed(lambda: exchange(HOST, port, ctx, b"ping"), n)
 
 
 def _echo(channel) -> None:  # type: ignore[no-untyped-def]
     channel.send(channel.recv())
 
 
-def measure_attested(server_cfg, client_cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
-    with serve(HOST, 0, server_cfg, _echo) as server:
-        port = server.address[1]
+def measure_attested(port: int, client_cfg, n: int) -> list[float]:  # type: ignore[no-untyped-def]
+    def once() -> None:
+        with connect(HOST, port, client_cfg) as channel:
+            channel.send(b"ping")
+            channel.recv()
 
-        def once() -> None:
-            with connect(HOST, port, client_cfg) as channel:
-                channel.send(b"ping")
-                channel.recv()
-
-        once()
-        return timed(once, n)
+    once()
+    return timed(once, n)
 
 
 def measure_parts(lab: Lab, n: int) -> tuple[list[float], list[float]]:
@@ -116,12 +148,11 @@ def measure_parts(lab: Lab, n: int) -> tuple[list[float], list[float]]:
     return quote, verify
 
 
-def measure_concurrent(server_cfg, client_cfg, clients: int,  # type: ignore[no-untyped-def]
+def measure_concurrent(port: int, client_cfg, clients: int,  # type: ignore[no-untyped-def]
                        seconds: float) -> float:
     done = [0] * clients
     stop = threading.Event()
-    with serve(HOST, 0, server_cfg, _echo, max_connections=clients * 2) as server:
-        port = server.address[1]
+    if True:
 
         def worker(i: int) -> None:
             while not stop.is_set():

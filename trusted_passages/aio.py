@@ -136,6 +136,8 @@ async def _step(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         # May quote or verify: keep the event loop free.
         events = await asyncio.to_thread(core.receive_data, data)
         await _flush_quietly(writer, core)
+        if core.evidence_wanted:  # after the flush: quote while the server quotes
+            await asyncio.to_thread(core.prepare_evidence)
         if core.state is not waiting or events:
             return events
 

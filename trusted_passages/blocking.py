@@ -131,6 +131,7 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
+            core.prepare_evidence()  # after the flush: quote while the server quotes
             _raise_failure(events)
             for index, event in enumerate(events):
                 if isinstance(event, Established):

@@ -114,6 +114,10 @@ class TrustedPassagesConnection:
         self._out = bytearray()
         self._own_binding = self._peer_binding = self._own_spki = self._peer_spki = b""
         self._scanner = self._classic_scanner() if profile == "classic" else None
+        # The client's evidence, produced early by prepare_evidence() and held back
+        # until the server's evidence has passed (fail closed).
+        self._prepared: bytes | None = None
+        self._prepare_error: TestbedError | None = None
         self._scan_error: str | None = None
         self._tls = SSL.Connection(ssl_context, None)
         # Mutual verification is not optional, whatever the context says.
@@ -141,6 +145,28 @@ class TrustedPassagesConnection:
     @property
     def closed(self) -> bool:
         return self._state is State.CLOSED
+
+    @property
+    def evidence_wanted(self) -> bool:
+        """True when :meth:`prepare_evidence` would do work (client, after the handshake)."""
+        return (self.role == "client" and self._state is State.AWAIT_EVIDENCE
+                and self._prepared is None and self._prepare_error is None)
+
+    def prepare_evidence(self) -> None:
+        """Produce this client's evidence now, to send once the server's has passed.
+
+        The client's quote binds only the session and its own key, both fixed when
+        the handshake completes. Adapters call this right after flushing the
+        client's TLS Finished, so the client's TPM quotes while the server's does
+        (a round of quote latency saved); nothing is sent before the server is
+        verified. Calling it is optional: without it the evidence is made on demand.
+        """
+        if not self.evidence_wanted:
+            return
+        try:
+            self._prepared = self._issuer.issue(self._own_spki, self._own_binding)
+        except TestbedError as exc:
+            self._prepare_error = exc  # reported when the evidence would be sent
 
     @property
     def waiting_for(self) -> str:
@@ -428,7 +454,11 @@ class TrustedPassagesConnection:
 
     def _send_evidence(self, events: list[Event]) -> bool:
         try:
-            evidence = self._issuer.issue(self._own_spki, self._own_binding)
+            if self._prepare_error is not None:
+                raise self._prepare_error
+            evidence = self._prepared
+            if evidence is None:
+                evidence = self._issuer.issue(self._own_spki, self._own_binding)
             self._send_frame(FrameType.EVIDENCE, evidence)
         except TestbedError as exc:
             # The detail stays local; the peer only learns that we failed.
