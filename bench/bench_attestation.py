@@ -33,7 +33,7 @@ from attestation.registrar import AkRegistry
 from attestation.tpm import KeyAlgorithm, TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
-from testbed.demo import GOOD_BOOT
+from testbed.attacks.lab import GOOD_BOOT
 from testbed.localca import LocalCA
 from testbed.measured_boot import measure_boot
 from testbed.swtpm import Swtpm, provision

@@ -19,6 +19,7 @@ from attestation.errors import (
 )
 from testbed import tpm_commands
 from testbed.attacks.commands import register_attack_commands
+from testbed.cluster_commands import register_cluster_commands
 from testbed.errors import StateError
 
 EXIT_OK = 0
@@ -41,6 +42,8 @@ exit codes:
 
 examples:
   testbed demo
+  testbed up && testbed attest server && testbed down
+  testbed attack --all
   testbed tpm start && testbed quote -l sha256:0-7 -q 0011 -o q/
   tpm2_checkquote -u q/ak.pem -m q/quote.msg -s q/quote.sig -f q/quote.pcrs -g sha256 -q 0011
   testbed verify-quote q/ -q 0011 --policy policy.yaml --json
@@ -140,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p)
     p.set_defaults(func=tpm_commands.cmd_policy_show)
 
+    register_cluster_commands(sub)
     register_attack_commands(sub)
 
     p = sub.add_parser("eventlog", help="parse and replay a TCG crypto-agile event log")

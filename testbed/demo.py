@@ -1,141 +1,104 @@
-"""The attestation demo: one fresh swtpm, end to end, with a readable result.
+"""The demo (the README's first command), on the default `sim` backend:
 
-1. Provision a fresh swtpm against the project-local CA; validate its EK certificate.
-2. Create an AK and activate it against the EK (MakeCredential/ActivateCredential).
-3. Simulated measured boot: firmware, kernel, initrd, command line -> PCRs + event log.
-4. Quote with a fresh nonce; create a reference policy from this known-good node.
-5. Verify a second quote against the policy: accepted.
-6. Attacks: a replayed quote, and a reboot into another kernel command line: rejected,
-   with the failing check named.
+1. bring up the shipped cluster: every node its own process with its own swtpm,
+   measured boot, EK certificate validated, AK activated by the registrar;
+2. open attested channels both ways (client -> server, server -> client) between
+   the node processes, and summarize what each side verified;
+3. run the attack lab: every scenario against plain mTLS and Trusted Passages;
+4. tear everything down (no process left, demo state removed).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from attestation.endorsement import validate_ek
-from attestation.eventlog import parse_event_log
-from attestation.evidence import Evidence
-from attestation.policy import policy_from_evidence
-from attestation.registrar import Registrar
-from attestation.report import VerificationReport
-from attestation.tpm import TpmClient, TpmKey
-from attestation.tpm_types import PcrSelection, parse_public
-from attestation.verifier import ClockHistory, QuoteVerifier
-from testbed.localca import LocalCA
-from testbed.measured_boot import BootChain, measure_boot
+from testbed.agent import AgentClient
+from testbed.attacks.commands import print_table
+from testbed.attacks.lab import Lab
+from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
+from testbed.cluster import default_spec_path, load_cluster_spec
 from testbed.progress import Progress
-from testbed.swtpm import Swtpm, provision
+from testbed.sim import ClusterPaths, down, up
 
-SELECTION = PcrSelection("sha256", (0, 1, 2, 3, 4, 5, 6, 7, 9))
-GOOD_BOOT = BootChain(firmware=b"OVMF firmware volume (demo)", kernel=b"vmlinuz-6.1.0-demo",
-                      initrd=b"initrd.img-6.1.0-demo", cmdline="console=ttyS0 quiet ro")
-TAMPERED_BOOT = BootChain(firmware=GOOD_BOOT.firmware, kernel=GOOD_BOOT.kernel,
-                          initrd=GOOD_BOOT.initrd, cmdline="console=ttyS0 quiet ro init=/bin/sh")
-
-
-def _quote(client: TpmClient, ak: TpmKey, nonce: bytes, log: bytes) -> Evidence:
-    q = client.quote(ak, SELECTION, nonce)
-    return Evidence(attest=q.attest, signature=q.signature, ak_public=ak.public,
-                    pcr_bank="sha256", pcrs=q.pcrs, event_log=log)
-
-
-def _line(label: str, report: VerificationReport) -> dict[str, Any]:
-    failure = report.failure
-    return {"step": label, "accepted": report.ok,
-            "failed_check": failure.name if failure else None,
-            "detail": failure.detail if failure else "all checks passed"}
-
-
-def _boot_and_quote(tpm: Swtpm, registrar: Registrar, chain: BootChain,
-                    nonce: bytes) -> Evidence:
-    with TpmClient(tpm.tcti) as client:
-        log = measure_boot(client, chain)
-        ak = client.attestation_key("ecc")
-        try:
-            return _quote(client, ak, nonce, log)
-        finally:
-            client.flush(ak)
+CHANNELS = (("client", "server"), ("server", "client"))
 
 
 def run_demo(workdir: Path, json_output: bool = False) -> int:
     started = time.monotonic()
-    progress = Progress(total=6, quiet=json_output)
-    run_dir = workdir / "demo"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    results: list[dict[str, Any]] = []
-    with progress.step("provisioning a fresh swtpm against the project-local CA"):
-        ca = LocalCA.ensure(workdir / "ca")
-        provision(run_dir / "tpm", ca)
-    with Swtpm(run_dir / "tpm") as tpm:
-        with progress.step("validating the EK certificate and activating the AK"):
-            registrar = Registrar(ca.ca_bundle())
-            with TpmClient(tpm.tcti) as client:
-                ek = client.endorsement_key("rsa")
-                assert ek.certificate is not None
-                chain = validate_ek(ek.certificate, parse_public(ek.public), ca.ca_bundle())
-                ak = client.attestation_key("ecc")
-                challenge = registrar.challenge(ek.certificate, ek.public, ak.public)
-                secret = client.activate_credential(ak, "rsa", challenge)
-                registrar.complete(parse_public(ak.public).name, secret)
-                client.flush(ak)
-        with progress.step("measured boot (simulated OVMF) and a known-good quote"):
-            first_nonce = os.urandom(32)
-            golden = _boot_and_quote(tpm, registrar, GOOD_BOOT, first_nonce)
-            assert golden.event_log is not None
-            policy = policy_from_evidence(golden.pcrs, parse_event_log(golden.event_log),
-                                          name="demo-known-good")
-        history = ClockHistory()
-        verifier = QuoteVerifier(ak_trust=registrar, policy=policy, clock_history=history)
-        with progress.step("verifying a fresh quote against the reference policy"):
-            with TpmClient(tpm.tcti) as client:
-                ak = client.attestation_key("ecc")
-                nonce = os.urandom(32)
-                fresh = _quote(client, ak, nonce, golden.event_log)
-                client.flush(ak)
-            good = verifier.verify(fresh, nonce)
-            results.append(_line("fresh quote from the known-good boot", good))
-        with progress.step("attack: replaying the old quote for a new nonce"):
-            replay = verifier.verify(fresh, os.urandom(32))
-            results.append(_line("replayed quote", replay))
-        with progress.step("attack: reboot with init=/bin/sh on the kernel command line"):
-            tpm.stop()
-            tpm.start()
-            nonce = os.urandom(32)
-            tampered = verifier.verify(_boot_and_quote(tpm, registrar, TAMPERED_BOOT, nonce),
-                                       nonce)
-            results.append(_line("tampered boot (other command line)", tampered))
-    shutil.rmtree(run_dir / "tpm", ignore_errors=True)  # the demo TPM is throwaway
-    expected = [True, False, False]
-    ok = [r["accepted"] for r in results] == expected
-    summary = {"ok": ok, "ek_chain": list(chain.chain_subjects), "policy": policy.name,
-               "pcrs": list(SELECTION.indices), "results": results,
-               "seconds": round(time.monotonic() - started, 2)}
+    root = workdir / "demo"  # its own work dir: the user's clusters are never touched
+    shutil.rmtree(root, ignore_errors=True)
+    spec = load_cluster_spec(default_spec_path())
+    progress = Progress(total=2 + len(CHANNELS) + 1, quiet=json_output)
+    summary: dict[str, Any] = {"cluster": spec.name, "nodes": [n.name for n in spec.nodes]}
+    try:
+        with progress.step(f"bringing up cluster {spec.name!r} ({len(spec.nodes)} node "
+                           "processes, each with its own swtpm)"):
+            result = up(root, spec)
+        summary["up_ok"] = result.ok
+        paths = ClusterPaths(root, spec.name)
+        summary["channels"] = [_channel(paths, a, b, progress) for a, b in CHANNELS]
+        with progress.step(f"attack lab: {len(SCENARIOS)} scenarios, plain mTLS vs "
+                           "Trusted Passages"):
+            results, baseline = _attack_lab()
+        summary["attacks"] = [r.to_dict() for r in results]
+    finally:
+        with progress.step("tearing down (no process may be left)"):
+            torn = down(root, spec.name, purge=True)
+        shutil.rmtree(root, ignore_errors=True)
+    summary["teardown_clean"] = not torn.leftovers
+    summary["seconds"] = round(time.monotonic() - started, 1)
+    summary["ok"] = bool(summary["up_ok"] and all(c["established"] for c in summary["channels"])
+                         and all(r.as_expected for r in results) and summary["teardown_clean"])
     if json_output:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary, good)
-    return 0 if ok else 1
+        _print(summary, results, baseline)
+    return 0 if summary["ok"] else 1
 
 
-def _print_summary(summary: dict[str, Any], good: VerificationReport) -> None:
-    print()
-    print("EK certificate chain: " + " <- ".join(summary["ek_chain"]))
-    print(f"Reference policy {summary['policy']!r} over sha256 PCRs {summary['pcrs']}")
-    print("Checks on the fresh quote:")
-    for check in good.checks:
-        print(f"  [{'ok  ' if check.passed else 'FAIL'}] {check.name:<19} {check.detail}")
-    print()
-    print(f"{'scenario':<38} {'verdict':<9} caught by")
-    for r in summary["results"]:
-        verdict = "ACCEPTED" if r["accepted"] else "REJECTED"
-        print(f"{r['step']:<38} {verdict:<9} {r['failed_check'] or '-'}")
-        if not r["accepted"]:
-            print(f"{'':<48} {r['detail'][:150]}")
-    outcome = "as expected" if summary["ok"] else "NOT as expected"
-    print(f"\ndemo finished in {summary['seconds']} s: {outcome}")
+def _channel(paths: ClusterPaths, source: str, peer: str, progress: Progress) -> dict[str, Any]:
+    agent = AgentClient(paths.root / "nodes" / source / "run" / "agent.sock", node=source)
+    with progress.step(f"attested channel {source} -> {peer}"):
+        try:
+            answer = agent.role("connect", {"peer": peer, "message": f"hello from {source}"})
+        except Exception as exc:  # reported in the summary, the demo goes on
+            return {"from": source, "to": peer, "established": False, "error": str(exc)}
+    return {"from": source, "to": peer, "established": True, **answer}
+
+
+def _attack_lab() -> tuple[list[ScenarioResult], str]:
+    with Lab() as lab:
+        ok, detail = genuine(lab)
+        return run(lab, list(SCENARIOS)), ("ESTABLISHED: " if ok else "FAILED: ") + detail
+
+
+def _print(summary: dict[str, Any], results: list[ScenarioResult], baseline: str) -> None:
+    print(f"\nCluster {summary['cluster']!r}: nodes {', '.join(summary['nodes'])}; EK "
+          "certificates validated against the project-local CA, AKs activated by credential "
+          "activation.")
+    print("\nAttested channels (each side quoted its TPM for this TLS session and verified "
+          "the other):")
+    for c in summary["channels"]:
+        if not c["established"]:
+            print(f"  {c['from']} -> {c['to']}: FAILED: {c['error']}")
+            continue
+        e = c["evidence"]
+        pcrs = ",".join(map(str, e["pcrs"]))
+        print(f"  {c['from']} -> {c['to']}: ESTABLISHED")
+        print(f"    who:     {e['node']!r} (AK registered to it: {e['node_verified']})")
+        print(f"    PCRs:    {e['pcr_bank']} {pcrs}, event log of {e['event_log_events']} events "
+              "replayed")
+        print(f"    policy:  {e['policy']} (predicted from the node's boot chain)")
+        print(f"    binding: {e['binding']}")
+        print(f"    checks:  {len(e['checks'])} passed ({', '.join(e['checks'])})")
+        print(f"    reply:   {c['reply']}")
+    print("\nAttack lab: each attack against plain mutual TLS (CA-valid certificates) and "
+          "Trusted Passages")
+    print_table(results, baseline)
+    verdict = "everything as expected" if summary["ok"] else "NOT as expected"
+    teardown = "no process left" if summary["teardown_clean"] else "PROCESSES LEFT BEHIND"
+    print(f"demo finished in {summary['seconds']} s ({teardown}): {verdict}")

@@ -1,0 +1,519 @@
+"""Cluster specs: which nodes a testbed cluster has, what they boot, what they must satisfy.
+
+A spec is a small YAML file (``docs/testbed.md`` has the full description)::
+
+    version: 1
+    name: trusted-passages-lab
+    backend: sim                 # sim (default) | qemu (not implemented yet)
+    nodes:
+      - name: server
+        role: server             # verifier | server | client | cryptovm | generic
+        network: lab0            # informational for sim (everything is loopback)
+        boot:
+          firmware: {content: "OVMF demo"}    # or {file: path} or {sha256: hex}
+          kernel: {content: "vmlinuz-6.1.0"}
+          initrd: {content: "initrd-6.1.0"}
+          cmdline: "console=ttyS0 ro quiet"
+        policy: predicted        # predicted | path to a reference policy YAML
+        tampered: null           # or e.g. {cmdline: "... init=/bin/sh"} (attack lab)
+
+Loading is strict, because a spec decides what a verifier will accept: unknown
+keys, duplicate keys, YAML aliases, wrong types and out-of-range values are
+:class:`ClusterSpecError`\\ s naming the offending field (``nodes[1].boot.kernel``).
+Relative ``file:`` and ``policy:`` paths are resolved against the spec's directory
+at load time, so a loaded spec no longer depends on the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import reprlib
+import stat
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from attestation.errors import EvidenceFormatError
+
+__all__ = [
+    "ARTIFACT_NAMES",
+    "BACKENDS",
+    "DEFAULT_SPEC_RESOURCE",
+    "MAX_NODES",
+    "MAX_SPEC_BYTES",
+    "NAME_PATTERN",
+    "ROLE_NAMES",
+    "SPEC_VERSION",
+    "Artifact",
+    "BootOverride",
+    "BootSpec",
+    "ClusterSpec",
+    "ClusterSpecError",
+    "NodeSpec",
+    "default_spec_path",
+    "dump_cluster_spec",
+    "load_cluster_spec",
+    "parse_cluster_spec",
+    "parse_tamper",
+]
+
+SPEC_VERSION = 1
+MAX_SPEC_BYTES = 64 * 1024  # a spec is a few KiB; this bounds YAML parsing cost
+MAX_NODES = 32
+MAX_TEXT_CHARS = 4096  # command lines and stand-in artifact contents
+MAX_FILE_BYTES = 1 << 30  # a kernel or firmware image, hashed in chunks
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+"""Cluster, node and network names: they become directory names and socket paths."""
+ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
+BACKENDS = ("sim", "qemu")
+ARTIFACT_NAMES = ("firmware", "kernel", "initrd")
+DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # measure_boot.BootChain's default
+DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
+
+_TOP_KEYS = ("version", "name", "description", "backend", "nodes")
+_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered")
+_BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
+_ARTIFACT_KEYS = ("content", "file", "sha256")
+_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_HASH_CHUNK = 1 << 20
+
+
+class ClusterSpecError(EvidenceFormatError):
+    """A cluster spec is malformed or unusable; the message starts with the field path.
+
+    A subclass of :class:`EvidenceFormatError` so the CLI reports it as malformed
+    input (exit 3), like a malformed policy or evidence file.
+    """
+
+
+# --- data model -------------------------------------------------------------------------
+
+ArtifactKind = Literal["content", "file", "sha256"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One boot artifact: stand-in ``content`` text, a ``file`` to hash, or a ``sha256``.
+
+    ``where`` is the field path, for error messages about a file that cannot be read.
+    """
+
+    kind: ArtifactKind
+    value: str  # the text, the absolute path, or the lowercase hex digest
+    where: str = field(default="", compare=False)
+
+    def measure(self) -> tuple[bytes, int | None]:
+        """(SHA-256 digest, size in bytes); size is None when only the digest is known."""
+        if self.kind == "content":
+            data = self.value.encode()
+            return hashlib.sha256(data).digest(), len(data)
+        if self.kind == "sha256":
+            return bytes.fromhex(self.value), None
+        return _hash_file(Path(self.value), self.where)
+
+    def to_dict(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What a node boots: three artifacts and a kernel command line."""
+
+    firmware: Artifact
+    kernel: Artifact
+    initrd: Artifact
+    cmdline: str
+    firmware_version: str = DEFAULT_FIRMWARE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in ARTIFACT_NAMES}
+        out["cmdline"] = self.cmdline
+        if self.firmware_version != DEFAULT_FIRMWARE_VERSION:
+            out["firmware_version"] = self.firmware_version
+        return out
+
+
+@dataclass(frozen=True)
+class BootOverride:
+    """The ``tampered:`` block: the boot fields a tampered node gets instead."""
+
+    firmware: Artifact | None = None
+    kernel: Artifact | None = None
+    initrd: Artifact | None = None
+    cmdline: str | None = None
+    firmware_version: str | None = None
+
+    def fields(self) -> tuple[str, ...]:
+        """Names of the overridden fields, in spec order."""
+        return tuple(name for name in _BOOT_KEYS if getattr(self, name) is not None)
+
+    def apply(self, boot: BootSpec) -> BootSpec:
+        return replace(boot, **{name: getattr(self, name) for name in self.fields()})
+
+    def merged(self, other: BootOverride) -> BootOverride:
+        """This override with ``other``'s fields taking precedence."""
+        return replace(self, **{name: getattr(other, name) for name in other.fields()})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.fields():
+            value = getattr(self, name)
+            out[name] = value.to_dict() if isinstance(value, Artifact) else value
+        return out
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    role: str
+    boot: BootSpec
+    network: str = "lab0"
+    policy: Path | None = None  # None: predicted from the boot chain
+    tampered: BootOverride | None = None
+
+    @property
+    def effective_boot(self) -> BootSpec:
+        """What the node really boots: its boot chain with the tampered fields applied."""
+        return self.tampered.apply(self.boot) if self.tampered else self.boot
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "network": self.network,
+            "boot": self.boot.to_dict(),
+            "policy": "predicted" if self.policy is None else str(self.policy),
+            "tampered": self.tampered.to_dict() if self.tampered else None,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    backend: str = "sim"
+    description: str = ""
+    version: int = SPEC_VERSION
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ClusterSpecError(f"nodes: no node named {name!r} in cluster {self.name!r} "
+                               f"(nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def with_tamper(self, node: str, override: BootOverride) -> ClusterSpec:
+        """The same cluster with ``override`` merged into ``node``'s ``tampered`` block."""
+        target = self.node(node)
+        merged = target.tampered.merged(override) if target.tampered else override
+        nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
+        return replace(self, nodes=nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["backend"] = self.backend
+        out["nodes"] = [n.to_dict() for n in self.nodes]
+        return out
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader without merge keys and with duplicate keys refused.
+
+    Anchors and aliases are fine (``boot: &lab {...}`` then ``boot: *lab``):
+    PyYAML builds aliases as shared references, so they cost nothing. Merge
+    keys (``<<: [*a, *a, ...]``) copy entries instead, and nested merges grow
+    exponentially; they would also turn an override into a duplicate key. A
+    duplicate key would silently drop the first value of a hand-edited field.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(
+                    None, None, "merge keys (<<) are not allowed in a cluster spec; "
+                    "use an anchor for a whole block instead", key_node.start_mark)
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError as exc:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "unhashable mapping key", key_node.start_mark) from exc
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def default_spec_path() -> Path:
+    """The shipped example (verifier, server, client), the default of ``testbed up``."""
+    resource = resources.files("testbed").joinpath(DEFAULT_SPEC_RESOURCE)
+    path = Path(str(resource))
+    if not path.is_file():
+        raise ClusterSpecError(f"the default cluster spec {DEFAULT_SPEC_RESOURCE} is missing "
+                               "from the installed testbed package")
+    return path
+
+
+def load_cluster_spec(path: Path) -> ClusterSpec:
+    """Read, parse and validate the spec at ``path``."""
+    path = Path(path).absolute()
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SPEC_BYTES + 1)  # bounded even for /dev/zero
+    except OSError as exc:
+        raise ClusterSpecError(f"cannot read cluster spec {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise ClusterSpecError(f"cluster spec {path} is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClusterSpecError(f"cluster spec {path}: not UTF-8 (byte {exc.start})") from None
+    return parse_cluster_spec(text, base_dir=path.parent)
+
+
+def parse_cluster_spec(text: str, base_dir: Path) -> ClusterSpec:
+    """Parse spec text; relative paths in it are resolved against ``base_dir``."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise ClusterSpecError(f"spec: larger than {MAX_SPEC_BYTES} characters")
+    document = _parse_yaml(text)
+    return _cluster(document, Path(base_dir).absolute())
+
+
+def _parse_yaml(text: str) -> object:
+    try:
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ClusterSpecError(f"spec: not valid YAML: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise ClusterSpecError("spec: YAML nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # SafeLoader's constructors
+        raise ClusterSpecError(f"spec: invalid YAML value: {_one_line(str(exc))}") from None
+
+
+def _cluster(document: object, base: Path) -> ClusterSpec:
+    doc = _mapping(document, "spec", _TOP_KEYS)
+    version = doc.get("version")
+    if isinstance(version, bool) or version != SPEC_VERSION:
+        raise ClusterSpecError(f"version: {_show(version)} is not supported (must be "
+                               f"{SPEC_VERSION})")
+    name = _name(doc.get("name"), "name")
+    backend = doc.get("backend", "sim")
+    if backend not in BACKENDS:
+        raise ClusterSpecError(f"backend: {_show(backend)} is not one of {', '.join(BACKENDS)}")
+    description = _text(doc.get("description", ""), "description", 500)
+    nodes = _nodes(doc.get("nodes"), base)
+    return ClusterSpec(name, nodes, str(backend), description)
+
+
+def _nodes(value: object, base: Path) -> tuple[NodeSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ClusterSpecError(f"nodes: expected a non-empty list of nodes, got {_kind(value)}")
+    if len(value) > MAX_NODES:
+        raise ClusterSpecError(f"nodes: more than {MAX_NODES} nodes")
+    nodes = tuple(_node(item, f"nodes[{i}]", base) for i, item in enumerate(value))
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            raise ClusterSpecError(f"nodes[{i}].name: {node.name!r} is used by two nodes")
+        seen.add(node.name)
+    return nodes
+
+
+def _node(value: object, path: str, base: Path) -> NodeSpec:
+    doc = _mapping(value, path, _NODE_KEYS)
+    name = _name(doc.get("name"), f"{path}.name")
+    role = doc.get("role", "generic")
+    if role not in ROLE_NAMES:
+        raise ClusterSpecError(f"{path}.role: {_show(role)} is not one of {', '.join(ROLE_NAMES)}")
+    network = _name(doc.get("network", "lab0"), f"{path}.network")
+    if "boot" not in doc:
+        raise ClusterSpecError(f"{path}.boot: missing")
+    boot = _boot(doc["boot"], f"{path}.boot", base)
+    policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
+    tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
+    return NodeSpec(name, str(role), boot, network, policy, tampered)
+
+
+def _boot(value: object, path: str, base: Path) -> BootSpec:
+    doc = _mapping(value, path, _BOOT_KEYS)
+    missing = [k for k in (*ARTIFACT_NAMES, "cmdline") if k not in doc]
+    if missing:
+        raise ClusterSpecError(f"{path}.{missing[0]}: missing")
+    firmware, kernel, initrd = (_artifact(doc[k], f"{path}.{k}", base) for k in ARTIFACT_NAMES)
+    cmdline = _text(doc["cmdline"], f"{path}.cmdline", MAX_TEXT_CHARS)
+    version = _text(doc.get("firmware_version", DEFAULT_FIRMWARE_VERSION),
+                    f"{path}.firmware_version", 128)
+    return BootSpec(firmware, kernel, initrd, cmdline, version)
+
+
+def _override(value: object, path: str, base: Path) -> BootOverride | None:
+    if value is None:
+        return None
+    doc = _mapping(value, path, _BOOT_KEYS)
+    if not doc:
+        raise ClusterSpecError(f"{path}: empty; use null (or leave it out) for an honest node")
+    fields: dict[str, Any] = {}
+    for key in ARTIFACT_NAMES:
+        if key in doc:
+            fields[key] = _artifact(doc[key], f"{path}.{key}", base)
+    if "cmdline" in doc:
+        fields["cmdline"] = _text(doc["cmdline"], f"{path}.cmdline", MAX_TEXT_CHARS)
+    if "firmware_version" in doc:
+        fields["firmware_version"] = _text(doc["firmware_version"],
+                                           f"{path}.firmware_version", 128)
+    return BootOverride(**fields)
+
+
+def _artifact(value: object, path: str, base: Path) -> Artifact:
+    if isinstance(value, str):
+        raise ClusterSpecError(f"{path}: expected one of {{content: TEXT}}, {{file: PATH}} or "
+                               "{sha256: HEX}, got a bare string")
+    doc = _mapping(value, path, _ARTIFACT_KEYS)
+    if len(doc) != 1:
+        raise ClusterSpecError(f"{path}: give exactly one of content, file, sha256")
+    kind, raw = next(iter(doc.items()))
+    if kind == "content":
+        return Artifact("content", _text(raw, f"{path}.content", MAX_TEXT_CHARS,
+                                         single_line=False), path)
+    if kind == "sha256":
+        if not isinstance(raw, str) or not _HEX.fullmatch(raw):
+            raise ClusterSpecError(f"{path}.sha256: expected 64 hex characters (quoted)")
+        return Artifact("sha256", raw.lower(), path)
+    return Artifact("file", str(_path(raw, f"{path}.file", base)), path)
+
+
+def _policy(value: object, path: str, base: Path) -> Path | None:
+    if value == "predicted":
+        return None
+    return _path(value, path, base)
+
+
+def _path(value: object, path: str, base: Path) -> Path:
+    text = _text(value, path, 4096)
+    if not text or "\x00" in text:
+        raise ClusterSpecError(f"{path}: expected a file path")
+    return Path(os.path.normpath(base / Path(text).expanduser()))
+
+
+# --- field helpers -----------------------------------------------------------------------
+
+
+def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> dict[str, object]:
+    if value is None and path == "spec":
+        raise ClusterSpecError("spec: the document is empty")
+    if not isinstance(value, dict):
+        raise ClusterSpecError(f"{path}: expected a mapping, got {_kind(value)}")
+    for key in value:
+        if key not in allowed:
+            raise ClusterSpecError(f"{path}.{_show(key)}: unknown key (allowed: "
+                                   f"{', '.join(allowed)})")
+    return value
+
+
+def _name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a valid name (1-32 characters: "
+                               "lowercase letters, digits, - and _, starting with a letter or "
+                               "digit)")
+    return value
+
+
+def _text(value: object, path: str, limit: int, *, single_line: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ClusterSpecError(f"{path}: expected a string, got {_kind(value)}")
+    if len(value) > limit:
+        raise ClusterSpecError(f"{path}: longer than {limit} characters")
+    printable = value.isprintable() if single_line else value.replace("\n", "").isprintable()
+    if not printable:
+        raise ClusterSpecError(f"{path}: must be printable text"
+                               + (" on a single line" if single_line else ""))
+    return value
+
+
+def _kind(value: object) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+             type(None): "nothing"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 3, 3, 50, 50
+
+
+def _show(value: object) -> str:
+    # Bounded: a value may be a deeply shared structure built from YAML aliases.
+    return _REPR.repr(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:300]
+
+
+def _hash_file(path: Path, where: str) -> tuple[bytes, int]:
+    """SHA-256 and size of a regular file, read in chunks (kernels are megabytes)."""
+    try:
+        with path.open("rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ClusterSpecError(f"{where}.file: {path} is not a regular file")
+            if info.st_size > MAX_FILE_BYTES:
+                raise ClusterSpecError(f"{where}.file: {path} is larger than {MAX_FILE_BYTES} "
+                                       "bytes")
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise ClusterSpecError(f"{where}.file: cannot read {path}: {exc.strerror or exc}") from None
+    return digest.digest(), size
+
+
+# --- dumping and the --tamper syntax ----------------------------------------------------------
+
+
+def dump_cluster_spec(spec: ClusterSpec) -> str:
+    """YAML that :func:`parse_cluster_spec` reads back to an equal spec (paths absolute)."""
+    header = "# Cluster spec as brought up by `testbed up` (format: docs/testbed.md).\n"
+    return header + yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True,
+                                   width=1000)
+
+
+def parse_tamper(text: str, base_dir: Path | None = None) -> tuple[str, BootOverride]:
+    """``NODE=FIELD:VALUE`` (the ``testbed up --tamper`` syntax) -> (node, override).
+
+    FIELD is ``cmdline`` or ``firmware_version`` (VALUE is the text), or an
+    artifact (``firmware``, ``kernel``, ``initrd``) whose VALUE is
+    ``content=TEXT``, ``file=PATH``, ``sha256=HEX``, or plain TEXT meaning content.
+    """
+    node, sep, rest = text.partition("=")
+    name, colon, value = rest.partition(":")
+    if not sep or not colon:
+        raise ClusterSpecError(f"--tamper {text!r}: expected NODE=FIELD:VALUE, e.g. "
+                               "client=cmdline:'console=ttyS0 init=/bin/sh'")
+    where = f"--tamper {node}"
+    _name(node, where)
+    if name == "cmdline":
+        return node, BootOverride(cmdline=_text(value, f"{where}.cmdline", MAX_TEXT_CHARS))
+    if name == "firmware_version":
+        return node, BootOverride(firmware_version=_text(value, f"{where}.{name}", 128))
+    if name not in ARTIFACT_NAMES:
+        raise ClusterSpecError(f"{where}: field {name!r} is not one of "
+                               f"{', '.join((*ARTIFACT_NAMES, 'cmdline', 'firmware_version'))}")
+    kind, eq, rest_value = value.partition("=")
+    document: Mapping[str, object] = (
+        {kind: rest_value} if eq and kind in _ARTIFACT_KEYS else {"content": value})
+    artifact = _artifact(dict(document), f"{where}.{name}", base_dir or Path.cwd())
+    overrides: dict[str, Any] = {name: artifact}
+    return node, BootOverride(**overrides)

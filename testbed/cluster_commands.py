@@ -1,0 +1,250 @@
+"""CLI handlers for the cluster commands: ``testbed up | status | attest | down``.
+
+Wiring: ``testbed.cli.build_parser`` calls :func:`register_cluster_commands` with
+its subparsers object. Until then (and for development), the same commands run
+as ``python -m testbed.cluster_commands [--workdir DIR] COMMAND ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attestation.errors import (
+    EndorsementError,
+    EvidenceFormatError,
+    PolicyError,
+    TestbedError,
+    VerificationError,
+)
+from testbed import sim
+from testbed.cluster import default_spec_path, load_cluster_spec, parse_tamper
+from testbed.errors import StateError
+from testbed.output import emit, print_report
+from testbed.progress import Progress
+from testbed.workdir import resolve_workdir
+
+__all__ = ["cmd_attest", "cmd_down", "cmd_status", "cmd_up", "main", "register_cluster_commands"]
+
+EXIT_OK, EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT = 0, 1, 3, 4
+
+
+# ==== register_cluster_commands: the one entry point testbed/cli.py calls =====================
+
+
+def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``up``, ``status``, ``attest`` and ``down`` to the ``testbed`` subparsers.
+
+    The handlers read ``args.workdir`` (the top-level ``--workdir`` option).
+    """
+    p = sub.add_parser("up", help="bring a cluster of sim nodes up (idempotent)",
+                       description="Start every node of a cluster spec (each a process with its "
+                                   "own swtpm and measured boot) and register their AKs.")
+    p.add_argument("spec", nargs="?", type=Path,
+                   help="cluster spec YAML (default: the shipped 3-node example)")
+    p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
+                   help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
+                        "or server=kernel:content=evil (repeatable)")
+    _add_json(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="nodes of a cluster: state, pids, last attestation")
+    _add_cluster(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("attest", help="quote a node with a fresh nonce and verify it",
+                       description="Exit 0 if the node's evidence is accepted, 1 if rejected.")
+    p.add_argument("node", help="node name")
+    _add_cluster(p)
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="reference policy (default: the node's policy from `up`)")
+    _add_json(p)
+    p.set_defaults(func=cmd_attest)
+
+    p = sub.add_parser("down", help="stop every node and swtpm of a cluster; verify none is left")
+    _add_cluster(p)
+    p.add_argument("--purge", action="store_true",
+                   help="also remove TPM state, registry, policies and clock history")
+    _add_json(p)
+    p.set_defaults(func=cmd_down)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", metavar="NAME",
+                        help="cluster name (default: the only cluster in the work directory)")
+
+
+# --- up ---------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    spec = load_cluster_spec(args.spec or default_spec_path())
+    for text in args.tamper:
+        node, override = parse_tamper(text)
+        spec = spec.with_tamper(node, override)
+    result = sim.up(workdir, spec, progress=Progress(quiet=args.json))
+    emit(args, result.to_dict(), lambda: _print_up(result))
+    if not result.ok and args.json:
+        _print_failures(result)  # stderr: the JSON on stdout already has the details
+    return EXIT_OK if result.ok else EXIT_ENVIRONMENT
+
+
+def _print_up(result: sim.UpResult) -> None:
+    print(f"cluster {result.cluster} ({result.directory})")
+    print(f"  {'NODE':<12} {'ROLE':<9} {'ACTION':<8} {'PID':>7} {'SWTPM':>7}  "
+          f"{'REGISTERED':<10} TCTI")
+    for n in result.nodes:
+        tampered = f"  TAMPERED: {', '.join(n.tampered)}" if n.tampered else ""
+        print(f"  {n.name:<12} {n.role:<9} {n.action:<8} {n.pid or '-'!s:>7} "
+              f"{n.swtpm_pid or '-'!s:>7}  {'yes' if n.registered else 'no':<10} "
+              f"{n.tcti or '-'}{tampered}")
+        if n.note:
+            print(f"  {'':<12} note: {n.note}")
+    _print_failures(result)
+
+
+def _print_failures(result: sim.UpResult) -> None:
+    for n in result.nodes:
+        if n.action == "failed":
+            print(f"testbed up: node {n.name} failed: {n.error}", file=sys.stderr)
+            if n.log_tail:
+                log = result.directory / "nodes" / n.name / "run" / "node.log"
+                print(f"  last lines of {log}:", file=sys.stderr)
+                for line in n.log_tail.splitlines():
+                    print(f"    {line}", file=sys.stderr)
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = sim.select_cluster(workdir, args.cluster)
+    if cluster is None:
+        emit(args, {"cluster": None, "nodes": []}, lambda: print("no cluster (`testbed up`)"))
+        return EXIT_OK
+    nodes = sim.status(workdir, cluster)
+    data = {"cluster": cluster, "nodes": [n.to_dict() for n in nodes]}
+    emit(args, data, lambda: _print_status(cluster, nodes))
+    return EXIT_OK
+
+
+def _print_status(cluster: str, nodes: list[sim.NodeStatus]) -> None:
+    print(f"cluster {cluster}")
+    print(f"  {'NODE':<12} {'ROLE':<9} {'STATE':<12} {'PID':>7} {'SWTPM':>7}  "
+          f"{'TCTI':<32} {'SERVICE':<9} LAST ATTESTATION")
+    for n in nodes:
+        print(f"  {n.name:<12} {n.role:<9} {n.state:<12} {n.pid or '-'!s:>7} "
+              f"{n.swtpm_pid or '-'!s:>7}  {n.tcti or '-':<32} {n.service or '-':<9} "
+              f"{_last(n.last_attestation)}")
+        if n.tampered:
+            print(f"  {'':<12} TAMPERED boot ({', '.join(n.tampered)} replaced in the spec's "
+                  "boot chain)")
+    if nodes:
+        print(f"  agents: {Path(nodes[0].agent).parent.parent.parent}/<node>/run/agent.sock")
+
+
+def _last(last: dict[str, Any] | None) -> str:
+    if not last:
+        return "-"
+    verdict = "accepted" if last.get("ok") else f"REJECTED ({last.get('failed_check')})"
+    return f"{verdict} at {last.get('time')}"
+
+
+# --- attest ---------------------------------------------------------------------------------------
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = sim.select_cluster(workdir, args.cluster)
+    if cluster is None:
+        raise StateError("no cluster in the work directory; bring one up with `testbed up`")
+    result = sim.attest(workdir, cluster, args.node, policy_path=args.policy)
+    title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
+    emit(args, result.to_dict(), lambda: print_report(result.report, title))
+    return EXIT_OK if result.report.ok else EXIT_REJECTED
+
+
+# --- down -----------------------------------------------------------------------------------------
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = sim.select_cluster(workdir, args.cluster)
+    if cluster is None:
+        emit(args, {"ok": True, "cluster": None, "nodes": []},
+             lambda: print("no cluster to stop"))
+        return EXIT_OK
+    result = sim.down(workdir, cluster, purge=args.purge)
+    emit(args, result.to_dict(), lambda: _print_down(result))
+    return EXIT_OK if not result.leftovers else EXIT_ENVIRONMENT
+
+
+def _print_down(result: sim.DownResult) -> None:
+    for n in result.nodes:
+        how = f"stopped ({n.stopped_by})" if n.stopped_by else "was not running"
+        extra = ", its swtpm stopped from its pid file" if n.swtpm_stopped else ""
+        print(f"{n.name}: {how}{extra}")
+    if result.leftovers:
+        pids = ", ".join(f"{p.kind} {p.pid} ({p.node})" for p in result.leftovers)
+        print(f"testbed down: still running after SIGKILL: {pids}", file=sys.stderr)
+        return
+    print(f"cluster {result.cluster}: no node or swtpm process left (checked /proc)")
+    if result.purged:
+        print("removed all cluster state (TPM state, registry, policies, clock history)")
+    else:
+        print("kept TPM state, registry, policies and clock history for the next `up` "
+              "(--purge removes them)")
+
+
+# --- standalone entry point (until wired into testbed.cli) -------------------------------------
+
+
+def _exit_code(exc: TestbedError) -> int:
+    # Same mapping as testbed.cli.
+    if isinstance(exc, VerificationError | EndorsementError):
+        return EXIT_REJECTED
+    if isinstance(exc, EvidenceFormatError | PolicyError):
+        return EXIT_BAD_INPUT
+    return EXIT_ENVIRONMENT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="testbed")
+    parser.add_argument("--workdir", metavar="DIR",
+                        help="state directory (default: $TESTBED_HOME or ./.testbed)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register_cluster_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("testbed: interrupted", file=sys.stderr)
+        return 130
+    except TestbedError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
+        print(f"testbed {args.command}: error: {exc}", file=sys.stderr)
+        return _exit_code(exc)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

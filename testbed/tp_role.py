@@ -1,0 +1,224 @@
+"""The Trusted Passages service of `server` and `client` nodes in a cluster.
+
+Each such node, inside its own process:
+
+- generates its TLS key in memory (it is never written anywhere: the RA-TLS model
+  of docs/protocol.md) and has the cluster's TLS CA certify it;
+- listens for attested channels on loopback and records its port in ``run/tp.json``;
+- quotes through the node's TPM (under the node's TPM lock) for every channel;
+- validates peers against the cluster's AK registry (written by ``testbed up``) and
+  the peer's policy, predicted from the peer's *untampered* boot chain;
+- on request (agent op ``role``, action ``connect``), opens an attested channel to
+  another node and reports what it verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestation.errors import VerificationError
+from attestation.eventlog import parse_event_log
+from testbed.errors import StateError
+from testbed.roles import NodeContext
+from testbed.sim import SIM_PCRS, ClusterPaths, load_registry, node_policy
+from trusted_passages import (
+    AttestedChannel,
+    BindingContext,
+    ChannelConfig,
+    Issuer,
+    PeerEvidence,
+    Server,
+    TpmValidator,
+    connect,
+    serve,
+)
+from trusted_passages.attester import binding_digest
+from trusted_passages.envelope import Envelope, decode_envelope
+from trusted_passages.pki import CertificateAuthority, generate_key, issue_certificate, make_ca
+
+HOST = "127.0.0.1"
+PROFILE: Final = "tp13"
+MAX_MESSAGE = 4096
+
+
+# --- the cluster's TLS CA (the provider's CA of the paper) --------------------------------
+
+
+def cluster_tls_ca(paths: ClusterPaths) -> CertificateAuthority:
+    """The cluster's TLS CA, created once (under a lock) in the cluster directory.
+
+    Its key is a secret of the lab operator: 0600 in a 0700 directory. Nodes only
+    use it to certify their own fresh keys at start.
+    """
+    directory = paths.root / "tls-ca"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
+        if not cert_path.exists():
+            ca = make_ca(f"{paths.name} cluster TLS CA")
+            _write_private(key_path, ca.private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            cert_path.write_bytes(ca.certificate.public_bytes(serialization.Encoding.PEM))
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StateError(f"{key_path} is not an EC private key")
+    return CertificateAuthority(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+# --- issuing and validating through the node ------------------------------------------------
+
+
+class NodeIssuer:
+    """Quotes through the node's TPM (its lock, its AK) for one connection's binding."""
+
+    def __init__(self, ctx: NodeContext, context: BindingContext | None = None) -> None:
+        self._ctx = ctx
+        self._context = context
+
+    def bound(self, context: BindingContext) -> Issuer:
+        return NodeIssuer(self._ctx, context)
+
+    def issue(self, user_data: bytes, nonce: bytes) -> bytes:
+        if self._context is None:
+            raise StateError("NodeIssuer used without a binding context")
+        qualifying = binding_digest(self._context.profile, self._context.role, nonce, user_data)
+        evidence = self._ctx.quote(qualifying, SIM_PCRS)
+        return Envelope(self._ctx.name, self._context.role, self._context.profile, user_data,
+                        evidence.to_dict()).to_json()
+
+
+class ClusterValidator:
+    """Validates any registered node of the cluster against *that* node's policy.
+
+    The envelope's node claim only selects which registry entry and policy apply;
+    ``AkRegistry.for_node`` then insists the AK really is that node's. The registry
+    is re-read per validation because ``testbed up`` registers nodes after they start.
+    """
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self._paths = paths
+
+    def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
+        claimed = decode_envelope(evidence).node
+        spec = {n.name: n for n in self._paths.load_spec().nodes}
+        if claimed not in spec:
+            raise VerificationError("ak_trust", f"{claimed!r} is not a node of this cluster")
+        registry = load_registry(self._paths).for_node(claimed)
+        return TpmValidator(registry, node_policy(spec[claimed])).validate(evidence, nonce)
+
+
+# --- the service --------------------------------------------------------------------------
+
+
+@dataclass
+class TrustedPassagesService:
+    """A node's attested-channel listener plus the ``connect`` action."""
+
+    ctx: NodeContext
+    config: ChannelConfig
+    server: Server
+    connections: int = 0
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+    def describe(self) -> str:
+        return f"Trusted Passages {PROFILE} on {HOST}:{self.port} ({self.connections} channels)"
+
+    def stop(self) -> None:
+        self.server.close(timeout=2)
+        with contextlib.suppress(FileNotFoundError):
+            (self.ctx.run_dir / "tp.json").unlink()
+
+    def call(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        if action == "connect":
+            return self._connect(args)
+        if action == "info":
+            return {"node": self.ctx.name, "port": self.port, "profile": PROFILE}
+        raise StateError(f"unknown action {action!r}: the Trusted Passages service knows "
+                         "connect, info")
+
+    def _connect(self, args: dict[str, Any]) -> dict[str, Any]:
+        peer = args.get("peer")
+        message = args.get("message", f"hello from {self.ctx.name}")
+        if not isinstance(peer, str) or not isinstance(message, str) or \
+                len(message) > MAX_MESSAGE:
+            raise StateError("connect needs args {peer: NODE, message: short text}")
+        port = peer_port(self.ctx.cluster_paths, peer)
+        with connect(HOST, port, self.config.with_expected_peer(peer)) as channel:
+            channel.send(message.encode())
+            reply = channel.recv().decode(errors="replace")
+            return {"peer": peer, "sent": message, "reply": reply,
+                    "evidence": summarize(channel.peer)}
+
+    def _handle(self, channel: AttestedChannel) -> None:
+        self.connections += 1
+        request = channel.recv().decode(errors="replace")[:MAX_MESSAGE]
+        channel.send(f"{self.ctx.name} heard {request!r} from attested node "
+                     f"{channel.peer.node!r}".encode())
+
+
+def summarize(peer: PeerEvidence) -> dict[str, Any]:
+    """Who, which PCRs, which policy, which binding: the evidence summary of a channel."""
+    evidence = peer.evidence
+    return {"node": peer.node, "node_verified": peer.node_verified, "profile": peer.profile,
+            "binding": "TLS 1.3 exporter 'EXPORTER-trusted-passages-v1' + SHA-256 of the "
+                       "peer's certificate key",
+            "policy": peer.policy_name,
+            "pcr_bank": evidence.pcr_bank if evidence else None,
+            "pcrs": sorted(evidence.pcrs) if evidence else [],
+            "event_log_events": _count_events(evidence.event_log) if evidence else 0,
+            "checks": [c.name for c in peer.report.checks if c.passed]}
+
+
+def _count_events(log: bytes | None) -> int:
+    return len(parse_event_log(log).events) if log else 0
+
+
+def peer_port(paths: ClusterPaths, peer: str) -> int:
+    path = paths.root / "nodes" / peer / "run" / "tp.json"
+    try:
+        port = json.loads(path.read_text())["port"]
+    except (OSError, ValueError, KeyError):
+        raise StateError(f"node {peer!r} runs no Trusted Passages service "
+                         "(is it a server or client node, and up?)") from None
+    if not isinstance(port, int):
+        raise StateError(f"{path}: port is not a number")
+    return port
+
+
+def start_trusted_passages(ctx: NodeContext) -> TrustedPassagesService:
+    key = generate_key(PROFILE)
+    ca = cluster_tls_ca(ctx.cluster_paths)
+    config = ChannelConfig(certificate=issue_certificate(ca, ctx.name, key), private_key=key,
+                           ca_certificates=[ca.certificate], issuer=NodeIssuer(ctx),
+                           validator=ClusterValidator(ctx.cluster_paths), profile=PROFILE,
+                           timeout=10.0)
+    holder: dict[str, TrustedPassagesService] = {}
+    server = serve(HOST, 0, config, lambda ch: holder["service"]._handle(ch))
+    service = TrustedPassagesService(ctx, config, server)
+    holder["service"] = service
+    tmp = ctx.run_dir / ".tp.json.tmp"
+    tmp.write_text(json.dumps({"port": service.port, "profile": PROFILE}))
+    tmp.replace(ctx.run_dir / "tp.json")
+    return service
+
