@@ -21,13 +21,13 @@ from testbed import tpm_commands
 from testbed.attacks.commands import register_attack_commands
 from testbed.cluster_commands import register_cluster_commands
 from testbed.errors import StateError
-
-EXIT_OK = 0
-EXIT_REJECTED = 1  # verification ran and the evidence was rejected
-EXIT_USAGE = 2  # argparse's own code for bad arguments
-EXIT_BAD_INPUT = 3  # malformed evidence, policy or files
-EXIT_ENVIRONMENT = 4  # TPM/swtpm unreachable, missing tools, bad work directory
-EXIT_INTERRUPTED = 130
+from testbed.exitcodes import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REJECTED,
+)
 
 EPILOG = """\
 TPM selection (commands that talk to a TPM):

@@ -8,30 +8,20 @@ as ``python -m testbed.cluster_commands [--workdir DIR] COMMAND ...``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attestation.errors import (
-    EndorsementError,
-    EvidenceFormatError,
-    PolicyError,
-    TestbedError,
-    VerificationError,
-)
 from testbed import sim
 from testbed.cluster import default_spec_path, load_cluster_spec, parse_tamper
 from testbed.errors import StateError
+from testbed.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
 from testbed.output import emit, print_report
 from testbed.progress import Progress
 from testbed.workdir import resolve_workdir
 
-__all__ = ["cmd_attest", "cmd_down", "cmd_status", "cmd_up", "main", "register_cluster_commands"]
+__all__ = ["cmd_attest", "cmd_down", "cmd_status", "cmd_up", "register_cluster_commands"]
 
-EXIT_OK, EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_ENVIRONMENT = 0, 1, 3, 4
 
 
 # ==== register_cluster_commands: the one entry point testbed/cli.py calls =====================
@@ -206,45 +196,3 @@ def _print_down(result: sim.DownResult) -> None:
     else:
         print("kept TPM state, registry, policies and clock history for the next `up` "
               "(--purge removes them)")
-
-
-# --- standalone entry point (until wired into testbed.cli) -------------------------------------
-
-
-def _exit_code(exc: TestbedError) -> int:
-    # Same mapping as testbed.cli.
-    if isinstance(exc, VerificationError | EndorsementError):
-        return EXIT_REJECTED
-    if isinstance(exc, EvidenceFormatError | PolicyError):
-        return EXIT_BAD_INPUT
-    return EXIT_ENVIRONMENT
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="testbed")
-    parser.add_argument("--workdir", metavar="DIR",
-                        help="state directory (default: $TESTBED_HOME or ./.testbed)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    register_cluster_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        print("testbed: interrupted", file=sys.stderr)
-        return 130
-    except TestbedError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
-        print(f"testbed {args.command}: error: {exc}", file=sys.stderr)
-        return _exit_code(exc)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

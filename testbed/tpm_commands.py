@@ -16,12 +16,11 @@ from attestation.tools_format import read_pcrs
 from attestation.tpm import TpmClient
 from attestation.tpm_types import DIGEST_SIZE, PcrSelection, parse_attest, parse_public
 from attestation.verifier import QuoteVerifier
+from testbed.exitcodes import EXIT_OK, EXIT_REJECTED
 from testbed.managed import ManagedTpms
 from testbed.output import emit, print_report
 from testbed.quote_files import QuoteFiles, evidence_from_files, read_bounded, write_quote_files
 from testbed.workdir import resolve_workdir
-
-EXIT_OK, EXIT_REJECTED = 0, 1
 
 
 def parse_pcr_list(spec: str) -> PcrSelection:

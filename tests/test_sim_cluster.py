@@ -33,7 +33,7 @@ import yaml
 
 from attestation.eventlog import parse_event_log
 from attestation.policy import policy_from_evidence
-from testbed import cluster_commands
+from testbed import cli
 from testbed.agent import (
     MAX_CONNECTIONS,
     MAX_FRAME,
@@ -67,7 +67,7 @@ def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
     """Run a cluster command in-process (the handlers testbed.cli dispatches to)."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        rc = cluster_commands.main(["--workdir", str(workdir), *argv])
+        rc = cli.main(["--workdir", str(workdir), *argv])
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -360,7 +360,7 @@ def two_node_spec(directory: Path, name: str) -> Path:
 def test_cli_killed_mid_up_then_down_cleans_up(workdir: Path, tmp_path: Path) -> None:
     spec = two_node_spec(tmp_path, "crash")
     paths = ClusterPaths(workdir, "crash")
-    cli = subprocess.Popen([sys.executable, "-m", "testbed.cluster_commands", "--workdir",
+    cli = subprocess.Popen([sys.executable, "-m", "testbed.cli", "--workdir",
                             str(workdir), "up", str(spec)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_files = [paths.node(n).pid_file for n in ("good", "bad")]

@@ -1,0 +1,10 @@
+"""The `testbed` command's exit codes (documented in `testbed --help`)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_REJECTED = 1  # verification ran and the evidence was rejected
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_BAD_INPUT = 3  # malformed evidence, policy, spec or files
+EXIT_ENVIRONMENT = 4  # TPM/swtpm unreachable, node down, missing tools, bad work directory
+EXIT_INTERRUPTED = 130
