@@ -28,6 +28,7 @@ from testbed.exitcodes import (
     EXIT_OK,
     EXIT_REJECTED,
 )
+from testbed.qemu.commands import register_image_commands, register_qemu_commands
 
 EPILOG = """\
 TPM selection (commands that talk to a TPM):
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cluster_commands(sub)
     register_attack_commands(sub)
+    register_image_commands(sub)
+    register_qemu_commands(sub)
 
     p = sub.add_parser("eventlog", help="parse and replay a TCG crypto-agile event log")
     p.add_argument("path", type=Path,

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -63,16 +62,7 @@ from testbed.cluster import (
 )
 from testbed.errors import StateError
 from testbed.localca import LocalCA
-from testbed.measured_boot import (
-    EV_EFI_BOOT_SERVICES_APPLICATION,
-    EV_EFI_PLATFORM_FIRMWARE_BLOB,
-    EV_EVENT_TAG,
-    EV_S_CRTM_VERSION,
-    EV_SEPARATOR,
-    LINUX_CMDLINE_TAG,
-    LINUX_INITRD_TAG,
-    BootChain,
-)
+from testbed.measured_boot import BootChain, BootStep, ovmf_boot_steps
 from testbed.progress import Progress
 from testbed.swtpm import Swtpm
 
@@ -161,57 +151,13 @@ class BootArtifacts:
                 "cmdline": self.cmdline, "firmware_version": self.firmware_version}
 
 
-@dataclass(frozen=True)
-class BootStep:
-    """One event of the simulated boot: where it goes, what is logged, what is extended."""
-
-    pcr: int
-    event_type: int
-    data: bytes
-    digest: bytes  # sha256
-    label: str  # names the event in policies and mismatch messages
-
-
 def boot_steps(boot: BootArtifacts) -> list[BootStep]:
-    """The events of an OVMF direct kernel boot, exactly as :func:`measure_boot` logs them.
-
-    Same order, types, event data and digests as ``testbed.measured_boot``, so a
-    sim node and a real OVMF VM go through the same verifier and policy code
-    (tests/test_sim_spec.py holds the two byte-for-byte equal).
-    """
-    version = boot.firmware_version.encode("utf-16-le") + b"\x00\x00"
-    cmdline = boot.cmdline.encode() + b"\x00"
-    separator = b"\x00\x00\x00\x00"
-    return [
-        BootStep(0, EV_S_CRTM_VERSION, version, _sha256(version), "firmware version (S-CRTM)"),
-        BootStep(0, EV_EFI_PLATFORM_FIRMWARE_BLOB, _blob(boot.firmware.size),
-                 boot.firmware.digest, "firmware volume"),
-        *[BootStep(pcr, EV_SEPARATOR, separator, _sha256(separator), "separator")
-          for pcr in range(8)],
-        BootStep(4, EV_EFI_BOOT_SERVICES_APPLICATION, _image_load_event(boot.kernel.size),
-                 boot.kernel.digest, "kernel"),
-        BootStep(9, EV_EVENT_TAG, _tagged(LINUX_INITRD_TAG, b"Linux initrd\x00"),
-                 boot.initrd.digest, "initrd"),
-        BootStep(9, EV_EVENT_TAG, _tagged(LINUX_CMDLINE_TAG, cmdline), _sha256(cmdline),
-                 "kernel command line"),
-    ]
-
-
-def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def _tagged(tag: int, payload: bytes) -> bytes:
-    return struct.pack("<II", tag, len(payload)) + payload
-
-
-def _blob(size: int | None) -> bytes:
-    # UEFI_PLATFORM_FIRMWARE_BLOB; only the digest is extended, so an unknown size is 0.
-    return struct.pack("<QQ", 0xFFC00000, size or 0)
-
-
-def _image_load_event(size: int | None) -> bytes:
-    return struct.pack("<QQQQ", 0, size or 0, 0, 0)
+    """The events of an OVMF direct kernel boot (testbed.measured_boot's one definition)."""
+    return ovmf_boot_steps(
+        firmware_version=boot.firmware_version, firmware_digest=boot.firmware.digest,
+        firmware_size=boot.firmware.size or 0, kernel_digest=boot.kernel.digest,
+        kernel_size=boot.kernel.size or 0, initrd_digest=boot.initrd.digest,
+        cmdline=boot.cmdline)
 
 
 def _log_for(steps: list[BootStep]) -> EventLogBuilder:

@@ -170,7 +170,7 @@ def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) 
     result = json.loads(out)
     assert result["failed_check"] == "policy"
     detail = next(c["detail"] for c in result["checks"] if c["check"] == "policy")
-    assert "PCR 9: event 2 (kernel command line" in detail
+    assert "PCR 9: event 1 (kernel command line" in detail
     assert all(c["passed"] for c in result["checks"] if c["check"] != "policy")
     rc, out, _ = run_cli(lab.workdir, "attest", "client")
     assert rc == 1 and "REJECTED (check 'policy' failed)" in out

@@ -1,0 +1,305 @@
+"""The QEMU backend: boot guest images as libvirt VMs and attest them from the host.
+
+Typical use::
+
+    with QemuBackend(workdir) as backend:
+        image = build_image(workdir)
+        policy = backend.predicted_policy(image)        # boots a reference VM once
+        node = backend.boot("vm0", image)
+        backend.wait(node)
+        report, evidence = backend.attest(node, policy)
+        assert report.ok
+
+Everything the backend starts (domains, their swtpm and QEMU processes, and the
+libvirt daemons if it had to start them) is stopped by :meth:`QemuBackend.close`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from attestation.credential import CredentialChallenge
+from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.eventlog import parse_event_log
+from attestation.evidence import Evidence
+from attestation.policy import ReferencePolicy
+from attestation.registrar import Registrar
+from attestation.report import VerificationReport
+from attestation.tpm_types import parse_public
+from attestation.verifier import QuoteVerifier
+from testbed.errors import StateError
+from testbed.localca import LocalCA
+from testbed.qemu import guest_agent
+from testbed.qemu.accel import AccelChoice, detect_accel
+from testbed.qemu.domain import DEVICE_SET, DOMAIN_PREFIX, Firmware, Vm, VmSpec, connect, free_port
+from testbed.qemu.image import ImageArtifacts
+from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons
+from testbed.qemu.predict import (
+    QUOTED_PCRS,
+    FirmwareConfig,
+    FirmwareReference,
+    PredictionError,
+    predict_events,
+    predict_policy,
+)
+
+__all__ = ["AgentError", "GuestAgentClient", "QemuBackend", "QemuNode", "VmBootError"]
+
+BOOT_TIMEOUT_S = 240.0
+PORT_ATTEMPTS = 3
+POLL_INTERVAL_S = 0.5
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+class AgentError(TestbedError):
+    """The guest agent answered with an error."""
+
+
+class VmBootError(StateError):
+    """A VM stopped or never answered; the message carries its console's tail."""
+
+
+class GuestAgentClient:
+    """Talks to one guest agent through its hostfwd port on 127.0.0.1."""
+
+    def __init__(self, port: int, *, timeout: float = 60.0, node: str = "") -> None:
+        self.port = port
+        self.timeout = timeout
+        self.node = node
+
+    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as sock:
+            guest_agent.send_frame(sock, request)
+            body = guest_agent.recv_frame(sock)
+        if body is None:
+            raise ConnectionError("the guest agent closed the connection")
+        response = json.loads(body)
+        if not isinstance(response, dict):
+            raise EvidenceFormatError("guest agent response is not a JSON object")
+        if "error" in response:
+            raise AgentError(f"node {self.node!r}: {response['error']}")
+        return response
+
+    def status(self) -> dict[str, Any]:
+        return self.call({"op": "status"})
+
+    def identity(self) -> tuple[bytes, bytes, bytes]:
+        """(EK certificate DER, EK TPMT_PUBLIC, AK TPMT_PUBLIC)."""
+        r = self.call({"op": "identity"})
+        return _unb64(r, "ek_certificate"), _unb64(r, "ek_public"), _unb64(r, "ak_public")
+
+    def activate(self, challenge: CredentialChallenge) -> bytes:
+        r = self.call({"op": "activate",
+                       "credential_blob": base64.b64encode(challenge.credential_blob).decode(),
+                       "encrypted_secret": base64.b64encode(challenge.encrypted_secret).decode()})
+        return _unb64(r, "secret")
+
+    def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Evidence:
+        return Evidence.from_dict(self.call({"op": "quote", "nonce": nonce.hex(),
+                                             "pcrs": list(pcrs)}))
+
+    def shutdown(self) -> None:
+        self.call({"op": "shutdown"})
+
+
+def _unb64(response: dict[str, Any], key: str) -> bytes:
+    value = response.get(key)
+    if not isinstance(value, str):
+        raise EvidenceFormatError(f"guest agent response: {key} is missing")
+    return base64.b64decode(value, validate=True)
+
+
+@dataclass
+class QemuNode:
+    """One booted VM and how to reach its agent."""
+
+    name: str
+    vm: Vm
+    image: ImageArtifacts
+    cmdline: str
+    started: float  # time.monotonic() before the domain was defined
+    ready: float | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def agent(self) -> GuestAgentClient:
+        return GuestAgentClient(self.vm.spec.agent_port, node=self.name)
+
+    @property
+    def boot_seconds(self) -> float | None:
+        return None if self.ready is None else self.ready - self.started
+
+
+class QemuBackend:
+    """VMs on ``qemu:///system`` with the project's CA, a registrar and predicted policies."""
+
+    def __init__(self, workdir: Path, *, accel: AccelChoice | None = None,
+                 firmware: Firmware = "ovmf", memory_mib: int = 512,
+                 reference_dir: Path | None = None) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.reference_dir = Path(reference_dir or self.workdir / "firmware").absolute()
+        self.accel = accel or detect_accel()
+        self.firmware: Firmware = firmware
+        self.memory_mib = memory_mib
+        self.ca = LocalCA.ensure(self.workdir / "ca")
+        self.registrar = Registrar(self.ca.ca_bundle())
+        self.nodes: dict[str, QemuNode] = {}
+        self._lock = threading.Lock()
+        self.daemons: Daemons = ensure_daemons(self.workdir / "run" / "libvirt")
+        try:
+            self.conn = connect()
+        except BaseException:
+            self.daemons.stop()
+            raise
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> QemuBackend:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy every VM this backend booted, then stop daemons it started."""
+        for name in list(self.nodes):
+            self.stop(name)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.daemons.stop()
+
+    def stop(self, name: str) -> None:
+        node = self.nodes.pop(name, None)
+        if node is not None:
+            node.vm.destroy()
+
+    def boot(self, name: str, image: ImageArtifacts, *, cmdline: str | None = None) -> QemuNode:
+        """Define and start a VM (returns at once; :meth:`wait` for its agent)."""
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"node name {name!r} must match {_NAME.pattern}")
+        started = time.monotonic()
+        with self._lock:
+            if name in self.nodes:
+                raise StateError(f"node {name!r} is already running")
+            for attempt in range(PORT_ATTEMPTS):
+                spec = VmSpec(
+                    name=f"{DOMAIN_PREFIX}{name}", kernel=image.kernel, initrd=image.initrd,
+                    cmdline=image.cmdline if cmdline is None else cmdline,
+                    run_dir=self.workdir / "qemu" / name, agent_port=self._port(),
+                    guest_port=image.agent_port, accel=self.accel, firmware=self.firmware,
+                    memory_mib=self.memory_mib)  # fmt: skip
+                try:
+                    vm = Vm.start(self.conn, spec, self.ca,
+                                  owned=(self.workdir, image.directory.parent.parent))
+                    break
+                except LibvirtError as exc:  # lost the race for the hostfwd port: retry
+                    if "forwarding" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                        raise
+            node = QemuNode(name, vm, image, spec.cmdline, started)
+            self.nodes[name] = node
+        return node
+
+    def _port(self) -> int:
+        used = {node.vm.spec.agent_port for node in self.nodes.values()}
+        while (port := free_port()) in used:
+            continue
+        return port
+
+    def wait(self, node: QemuNode, timeout: float = BOOT_TIMEOUT_S) -> dict[str, Any]:
+        """Until the guest agent answers ``status``; VmBootError if the VM stops first."""
+        deadline = time.monotonic() + timeout
+        client = GuestAgentClient(node.vm.spec.agent_port, timeout=5.0, node=node.name)
+        while time.monotonic() < deadline:
+            if not node.vm.active:
+                raise VmBootError(f"VM {node.name} stopped before its agent answered; "
+                                  f"console:\n{node.vm.console()}")
+            with contextlib.suppress(OSError, ValueError, struct.error):
+                node.status = client.status()
+                node.ready = time.monotonic()
+                return node.status
+            time.sleep(POLL_INTERVAL_S)
+        raise VmBootError(f"VM {node.name}'s agent did not answer within {timeout:.0f} s; "
+                          f"console:\n{node.vm.console()}")
+
+    # --- attestation -------------------------------------------------------------------
+
+    def activate(self, node: QemuNode) -> bytes:
+        """Registrar-style AK activation against the VM's EK; returns the AK TPMT_PUBLIC."""
+        ek_cert, ek_public, ak_public = node.agent.identity()
+        challenge = self.registrar.challenge(ek_cert, ek_public, ak_public)
+        secret = node.agent.activate(challenge)
+        self.registrar.complete(parse_public(ak_public).name, secret)
+        return ak_public
+
+    def attest(self, node: QemuNode, policy: ReferencePolicy | None
+               ) -> tuple[VerificationReport, Evidence]:
+        """Activate the AK, quote PCRs 0-9 with a fresh nonce, verify against ``policy``."""
+        self.activate(node)
+        nonce = os.urandom(32)
+        evidence = node.agent.quote(nonce, QUOTED_PCRS)
+        verifier = QuoteVerifier(ak_trust=self.registrar, policy=policy)
+        return verifier.verify(evidence, nonce), evidence
+
+    # --- prediction --------------------------------------------------------------------
+
+    def firmware_config(self) -> FirmwareConfig:
+        if self.firmware != "ovmf":
+            raise PredictionError("SeaBIOS does not measure a directly booted kernel, initrd or "
+                                  "command line: only OVMF boots can be predicted")
+        probe = VmSpec(name="probe", kernel=Path(), initrd=Path(), cmdline="",
+                       run_dir=Path(), agent_port=0, guest_port=0, accel=self.accel)
+        return FirmwareConfig.for_files(probe.ovmf_code, probe.ovmf_vars, machine=probe.machine,
+                                        devices=DEVICE_SET, memory_mib=self.memory_mib,
+                                        vcpus=probe.vcpus)
+
+    def firmware_reference(self, image: ImageArtifacts) -> FirmwareReference:
+        """The stored firmware reference for this OVMF/VM config, captured now if missing."""
+        config = self.firmware_config()
+        reference = FirmwareReference.load(self.reference_dir, config)
+        if reference is None:
+            reference = self.capture_reference(image, config)
+            reference.save(self.reference_dir)
+        return reference
+
+    def capture_reference(self, image: ImageArtifacts, config: FirmwareConfig
+                          ) -> FirmwareReference:
+        """Boot ``image`` once and keep the firmware's own events (checked quote + log)."""
+        node = self.boot(f"fwref-{config.key()[:8]}", image)
+        try:
+            self.wait(node)
+            report, evidence = self.attest(node, None)
+            if not report.ok or evidence.event_log is None:
+                raise PredictionError(f"reference boot failed verification: {report}")
+            predicted = self.predict(image, node.cmdline)
+            return FirmwareReference.from_log(parse_event_log(evidence.event_log), config,
+                                              predicted)
+        finally:
+            self.stop(node.name)
+
+    def predict(self, image: ImageArtifacts, cmdline: str | None = None) -> list[Any]:
+        return predict_events(image.kernel, image.initrd,
+                              image.cmdline if cmdline is None else cmdline,
+                              self.memory_mib << 20)
+
+    def predicted_policy(self, image: ImageArtifacts, cmdline: str | None = None
+                         ) -> ReferencePolicy:
+        """What a VM booting ``image`` (with ``cmdline``) on this backend must show."""
+        reference = self.firmware_reference(image)
+        predicted = self.predict(image, cmdline)
+        return predict_policy(reference, predicted, name=f"qemu-{image.digest[:12]}",
+                              description=f"predicted from image {image.digest[:16]} on "
+                                          f"firmware reference {reference.config.key()[:16]}")
