@@ -1,0 +1,304 @@
+"""The storage key, sealed to this CryptoVM's TPM and PCR state.
+
+The storage key (32 random bytes, generated in the CryptoVM process) is the data of
+a TPM KEYEDHASH *sealed data object*, created with TPM2_Create under an SRK-like
+primary (ECC P-256 storage key in the owner hierarchy, derived afresh from the
+owner seed on every use and flushed right after). The object has no usable auth
+value (``userWithAuth`` clear): TPM2_Unseal needs a policy session whose digest
+equals its ``authPolicy``, which is PolicyPCR over the configured PCR selection::
+
+    authPolicy = SHA256(0^32 || TPM_CC_PolicyPCR || TPML_PCR_SELECTION
+                        || SHA256(PCR[i0] || PCR[i1] || ...))
+
+computed here in Python from the PCR values read at sealing time and proven right
+by unsealing once before the blob is accepted. Both the sealing (TPM2_Create) and
+the unsealing (TPM2_Unseal) carry the secret encrypted (AES-128-CFB parameter
+encryption of a session salted with the primary), so it never crosses the TCTI
+in clear.
+
+Only the public/private pair (TPM2B_PUBLIC, TPM2B_PRIVATE) and the selection are
+stored; the PCR values sealed to are stored too, but only to *explain* a failure
+(which PCRs differ): the TPM enforces the policy, not this file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_SESSION
+from tpm2_pytss.types import (
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPMA_OBJECT,
+    TPML_PCR_SELECTION,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_PUBLIC,
+    TPMT_SYM_DEF,
+)
+
+from attestation.errors import TpmError
+from attestation.tpm import parse_tcti
+from attestation.tpm_types import PcrSelection
+from cryptovm.errors import SealedStorageError
+
+TPM_CC_POLICY_PCR = 0x17F
+SEALED_FORMAT = "cryptovm-sealed-storage-key"
+SEALED_VERSION = 1
+STORAGE_KEY_SIZE = 32
+PCRS_PER_READ = 8
+
+PRIMARY_ATTRIBUTES = (
+    TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
+)
+# No USERWITHAUTH: the user role needs the PCR policy. ADMINWITHPOLICY: so does admin.
+SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.ADMINWITHPOLICY
+
+
+def parse_pcr_selection(spec: str) -> PcrSelection:
+    """``sha256:0-9`` or ``sha256:0,2,4-7`` -> PcrSelection."""
+    bank, sep, ranges = spec.partition(":")
+    if not sep or bank not in ("sha1", "sha256", "sha384", "sha512"):
+        raise ValueError(f"PCR selection {spec!r}: expected BANK:LIST, e.g. sha256:0-9")
+    indices: set[int] = set()
+    for part in ranges.split(","):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ValueError(f"PCR selection {spec!r}: {part!r} is not N or N-M") from None
+        if not 0 <= first <= last <= 23:
+            raise ValueError(f"PCR selection {spec!r}: PCRs must be within 0..23")
+        indices.update(range(first, last + 1))
+    return PcrSelection(bank, tuple(sorted(indices)))
+
+
+def format_pcr_selection(selection: PcrSelection) -> str:
+    return f"{selection.bank}:{','.join(map(str, selection.indices))}"
+
+
+def tpml_pcr_selection(selection: PcrSelection) -> bytes:
+    """TPML_PCR_SELECTION wire bytes: exactly what the TPM hashes into PolicyPCR."""
+    return (1).to_bytes(4, "big") + selection.marshal()
+
+
+def pcr_policy_digest(selection: PcrSelection, pcrs: dict[int, bytes]) -> bytes:
+    """The PolicyPCR policy digest (SHA-256 session) for these PCR values."""
+    composite = hashlib.sha256(b"".join(pcrs[i] for i in selection.indices)).digest()
+    return hashlib.sha256(bytes(32) + TPM_CC_POLICY_PCR.to_bytes(4, "big")
+                          + tpml_pcr_selection(selection) + composite).digest()
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    """What the state directory keeps of the sealed storage key."""
+
+    public: bytes  # TPM2B_PUBLIC
+    private: bytes  # TPM2B_PRIVATE
+    selection: PcrSelection
+    policy_digest: bytes
+    sealed_pcrs: dict[int, bytes]  # informational: explains an unseal failure
+
+    def to_json(self) -> bytes:
+        b64 = base64.b64encode
+        return json.dumps({
+            "format": SEALED_FORMAT, "version": SEALED_VERSION,
+            "public": b64(self.public).decode(), "private": b64(self.private).decode(),
+            "pcr_selection": format_pcr_selection(self.selection),
+            "policy_digest": self.policy_digest.hex(),
+            "sealed_pcrs": {str(i): v.hex() for i, v in sorted(self.sealed_pcrs.items())},
+        }, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SealedBlob:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != SEALED_FORMAT or doc.get("version") != SEALED_VERSION:
+                raise ValueError("not a sealed storage key of a known version")
+            return cls(
+                public=base64.b64decode(doc["public"], validate=True),
+                private=base64.b64decode(doc["private"], validate=True),
+                selection=parse_pcr_selection(doc["pcr_selection"]),
+                policy_digest=bytes.fromhex(doc["policy_digest"]),
+                sealed_pcrs={int(i): bytes.fromhex(v) for i, v in doc["sealed_pcrs"].items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealedStorageError(f"the sealed storage key file is damaged: {exc}") from None
+
+
+def _storage_primary_template() -> TPM2B_PUBLIC:
+    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=PRIMARY_ATTRIBUTES)
+
+
+def _sealed_template(policy: bytes) -> TPM2B_PUBLIC:
+    area = TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
+                       objectAttributes=SEALED_ATTRIBUTES, authPolicy=policy)
+    area.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+    return TPM2B_PUBLIC(publicArea=area)
+
+
+_AES128_CFB = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
+_AES128_CFB.keyBits.aes = 128
+_AES128_CFB.mode.aes = TPM2_ALG.CFB
+
+
+class TpmSealer:
+    """Seals and unseals the storage key on the TPM at ``tcti``.
+
+    Opens one TPM connection per call (swtpm serves one connection at a time, and
+    other tools must be able to reach the TPM in between) and flushes every
+    transient object and session it creates, even on errors.
+    """
+
+    def __init__(self, tcti: str, selection: PcrSelection) -> None:
+        self.tcti = tcti
+        self.selection = selection
+
+    def seal(self, secret: bytes) -> SealedBlob:
+        """Seal ``secret`` to the current PCR values; verified by unsealing once."""
+        with self._session() as esapi:
+            pcrs = _read_pcrs(esapi, self.selection)
+            policy = pcr_policy_digest(self.selection, pcrs)
+            with _primary(esapi) as primary, _salted(esapi, primary, TPM2_SE.HMAC,
+                                                     TPMA_SESSION.DECRYPT) as enc:
+                private, public, _, _, _ = _tpm("TPM2_Create of the sealed storage key",
+                                                esapi.create, primary,
+                                                TPM2B_SENSITIVE_CREATE(
+                                                    sensitive=TPMS_SENSITIVE_CREATE(data=secret)),
+                                                _sealed_template(policy),
+                                                session1=ESYS_TR.PASSWORD, session2=enc)
+        blob = SealedBlob(bytes(public.marshal()), bytes(private.marshal()), self.selection,
+                          policy, pcrs)
+        if self.unseal(blob) != secret:
+            raise TpmError("the sealed storage key did not unseal to the same bytes")
+        return blob
+
+    def unseal(self, blob: SealedBlob) -> bytes:
+        """Unseal; :class:`SealedStorageError` names the differing PCRs on policy failure."""
+        selection = TPML_PCR_SELECTION.unmarshal(tpml_pcr_selection(blob.selection))[0]
+        with (self._session() as esapi, _primary(esapi) as primary,
+              _loaded(esapi, primary, blob) as sealed,
+              _salted(esapi, primary, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT) as session):
+            _tpm("TPM2_PolicyPCR", esapi.policy_pcr, session, b"", selection)
+            try:
+                return bytes(esapi.unseal(sealed, session1=session))
+            except TSS2_Exception as exc:
+                if exc.error in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED):
+                    raise self._pcrs_differ(esapi, blob) from None
+                raise TpmError(f"TPM2_Unseal failed: {exc}") from None
+
+    def read_pcrs(self) -> dict[int, bytes]:
+        with self._session() as esapi:
+            return _read_pcrs(esapi, self.selection)
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        name, conf = parse_tcti(self.tcti)
+        try:
+            tcti = TCTILdr(name, conf)
+            esapi = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise TpmError(f"connecting to TPM via {self.tcti} failed: {exc}") from None
+        try:
+            yield esapi
+        finally:
+            esapi.close()
+            tcti.close()
+
+    @staticmethod
+    def _pcrs_differ(esapi: Any, blob: SealedBlob) -> SealedStorageError:
+        now = _read_pcrs(esapi, blob.selection)
+        differ = [i for i in blob.selection.indices if now.get(i) != blob.sealed_pcrs.get(i)]
+        detail = ", ".join(f"PCR {i} sealed to {blob.sealed_pcrs.get(i, b'').hex()[:16]}… "
+                           f"is now {now[i].hex()[:16]}…" for i in differ[:4])
+        listed = differ or "none visible, the policy still failed"
+        return SealedStorageError(
+            f"the storage key is sealed to other PCR values: this CryptoVM booted into a "
+            f"different state ({format_pcr_selection(blob.selection)}; PCRs differ: "
+            f"{listed}{'; ' + detail if detail else ''})")
+
+
+def _tpm(action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except TSS2_Exception as exc:
+        raise TpmError(f"{action} failed: {exc}") from None
+
+
+def _read_pcrs(esapi: Any, selection: PcrSelection) -> dict[int, bytes]:
+    values: dict[int, bytes] = {}
+    for start in range(0, len(selection.indices), PCRS_PER_READ):
+        chunk = PcrSelection(selection.bank, selection.indices[start:start + PCRS_PER_READ])
+        tpml = TPML_PCR_SELECTION.unmarshal(tpml_pcr_selection(chunk))[0]
+        _, _, digests = _tpm("TPM2_PCR_Read", esapi.pcr_read, tpml)
+        got = [bytes(d) for d in digests]
+        if len(got) != len(chunk.indices):
+            raise TpmError(f"TPM2_PCR_Read returned {len(got)} of {len(chunk.indices)} PCRs "
+                           f"({selection.bank} bank not allocated?)")
+        values.update(zip(chunk.indices, got, strict=True))
+    return values
+
+
+@contextmanager
+def _primary(esapi: Any) -> Iterator[Any]:
+    handle, _, _, _, _ = _tpm("creating the storage primary", esapi.create_primary,
+                              TPM2B_SENSITIVE_CREATE(), _storage_primary_template(),
+                              ESYS_TR.OWNER)
+    try:
+        yield handle
+    finally:
+        _flush(esapi, handle)
+
+
+@contextmanager
+def _loaded(esapi: Any, primary: Any, blob: SealedBlob) -> Iterator[Any]:
+    try:
+        public = TPM2B_PUBLIC.unmarshal(blob.public)[0]
+        private = TPM2B_PRIVATE.unmarshal(blob.private)[0]
+        handle = esapi.load(primary, private, public)
+    except TSS2_Exception as exc:
+        raise SealedStorageError(
+            f"the sealed storage key does not load on this TPM ({exc}): it was sealed by "
+            "another TPM (other owner seed) or the blob is damaged") from None
+    try:
+        yield handle
+    finally:
+        _flush(esapi, handle)
+
+
+@contextmanager
+def _salted(esapi: Any, primary: Any, kind: TPM2_SE, direction: TPMA_SESSION) -> Iterator[Any]:
+    """A session salted with the primary, encrypting the secret-carrying parameter."""
+    session = _tpm("TPM2_StartAuthSession", esapi.start_auth_session, primary, ESYS_TR.NONE,
+                   kind, _AES128_CFB, TPM2_ALG.SHA256)
+    try:
+        esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | direction)
+        yield session
+    finally:
+        _flush(esapi, session)
+
+
+def _flush(esapi: Any, handle: Any) -> None:
+    with contextlib.suppress(TSS2_Exception):  # already gone: nothing left to free
+        esapi.flush_context(handle)
+
+
+__all__ = [
+    "STORAGE_KEY_SIZE",
+    "TPM_CC_POLICY_PCR",
+    "SealedBlob",
+    "TpmSealer",
+    "format_pcr_selection",
+    "parse_pcr_selection",
+    "pcr_policy_digest",
+]

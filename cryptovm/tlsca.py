@@ -1,0 +1,153 @@
+"""The CryptoVM's own CA: server certificates and per-account client certificates.
+
+The CA key is part of the encrypted configuration; the server's TLS key is generated
+at every start and exists only in memory (loaded into OpenSSL through a memfd, since
+Python's ``ssl`` cannot load a key from bytes). Client certificates name the account
+(CN); the server maps a client certificate to an account by its SHA-256 fingerprint,
+which the account record holds, so removing the fingerprint revokes it at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+SERVER_NAME = "cryptovm"
+CA_VALIDITY = datetime.timedelta(days=3650)
+SERVER_VALIDITY = datetime.timedelta(days=30)
+CLIENT_VALIDITY = datetime.timedelta(days=365)
+_SKEW = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    certificate: x509.Certificate
+    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    @property
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def key_der(self) -> bytes:
+        return self.private_key.private_bytes(serialization.Encoding.DER,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption())
+
+    @classmethod
+    def load(cls, cert_pem: bytes, key_der: bytes) -> CertificateAuthority:
+        key = serialization.load_der_private_key(key_der, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the CA key is not an ECC key")
+        return cls(x509.load_pem_x509_certificate(cert_pem), key)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(label: str) -> CertificateAuthority:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(f"CryptoVM CA {label}"))
+        .issuer_name(_name(f"CryptoVM CA {label}")).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert, key)
+
+
+def _issue(ca: CertificateAuthority, cn: str, key: ec.EllipticCurvePrivateKey,
+           validity: datetime.timedelta, server: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.certificate.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca.private_key.public_key()), critical=False)
+    )
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName(SERVER_NAME), x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(ca.private_key, hashes.SHA256())
+
+
+def issue_client(ca: CertificateAuthority, account: str
+                 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return _issue(ca, account, key, CLIENT_VALIDITY, server=False), key
+
+
+def fingerprint(cert_der: bytes) -> str:
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@contextmanager
+def _memfd(data: bytes) -> Iterator[str]:
+    """A path to ``data`` that exists only in memory (Linux memfd)."""
+    fd = os.memfd_create("cryptovm-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def load_chain(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    with _memfd(cert_pem + key_pem) as path:
+        context.load_cert_chain(path)
+
+
+def server_context(ca: CertificateAuthority) -> ssl.SSLContext:
+    """TLS 1.3 server: a fresh in-memory key; client certificates optional (PSK auth
+    otherwise), verified against the CryptoVM CA when presented."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(ca, SERVER_NAME, key, SERVER_VALIDITY, server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    load_chain(context, cert.public_bytes(serialization.Encoding.PEM), pem_key(key))
+    context.load_verify_locations(cadata=ca.pem.decode())
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.options |= ssl.OP_NO_TICKET  # no session resumption: every connection authenticates
+    context.num_tickets = 0
+    return context
+
+
+def client_context(ca_pem: bytes, cert_pem: bytes | None = None,
+                   key_pem: bytes | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(cadata=ca_pem.decode())
+    if cert_pem is not None and key_pem is not None:
+        load_chain(context, cert_pem, key_pem)
+    return context
