@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from trusted_passages import pki
+
 SERVER_NAME = "cryptovm"
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=30)
@@ -57,23 +59,8 @@ def _name(cn: str) -> x509.Name:
 
 
 def make_ca(label: str) -> CertificateAuthority:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(f"CryptoVM CA {label}"))
-        .issuer_name(_name(f"CryptoVM CA {label}")).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW).not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return CertificateAuthority(cert, key)
+    ca = pki.make_ca(f"CryptoVM CA {label}", validity=CA_VALIDITY)
+    return CertificateAuthority(ca.certificate, ca.private_key)
 
 
 def _issue(ca: CertificateAuthority, cn: str, key: ec.EllipticCurvePrivateKey,
