@@ -29,6 +29,7 @@ from testbed.exitcodes import (
     EXIT_REJECTED,
 )
 from testbed.qemu.commands import register_image_commands, register_qemu_commands
+from testbed.vsm_commands import register_vsm_commands
 
 EPILOG = """\
 TPM selection (commands that talk to a TPM):
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_attack_commands(sub)
     register_image_commands(sub)
     register_qemu_commands(sub)
+    register_vsm_commands(sub)
 
     p = sub.add_parser("eventlog", help="parse and replay a TCG crypto-agile event log")
     p.add_argument("path", type=Path,
