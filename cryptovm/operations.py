@@ -117,7 +117,14 @@ def rsa_decrypt(kv: KeyVersion, ciphertext: bytes, pad: str | None = None) -> by
             raise CryptoOperationFailed("RSA-OAEP decryption failed") from None
     if len(ciphertext) != key.key_size // 8:
         raise CryptoOperationFailed(f"ciphertext must be {key.key_size // 8} bytes")
-    plaintext = key.decrypt(ciphertext, padding.PKCS1v15())  # implicit rejection: no error
+    try:
+        plaintext = key.decrypt(ciphertext, padding.PKCS1v15())  # implicit rejection
+    except ValueError:
+        # Only a ciphertext not below the modulus gets here: a public property of the
+        # input, so answering it differently reveals nothing about the key.
+        if pad == "pkcs1v15-tls":
+            return os.urandom(TLS_PREMASTER_SIZE)
+        raise CryptoOperationFailed("RSA ciphertext is out of range for this key") from None
     if pad == "pkcs1v15-tls" and len(plaintext) != TLS_PREMASTER_SIZE:
         return os.urandom(TLS_PREMASTER_SIZE)
     return plaintext

@@ -521,3 +521,12 @@ def test_expired_nonce_is_refused(lab: Lab, gated: Any) -> None:
         lab.vm.nonces._ttl = ttl
     with pytest.raises(ReleaseDenied, match="expired"):
         _release(lab, gated, nonce=nonce)
+
+
+def test_out_of_range_rsa_ciphertexts_are_project_errors_or_random(lab: Lab) -> None:
+    """All-0xff is above every modulus: OpenSSL refuses it before any padding check."""
+    kid = lab.root.generate("rsa-2048", ["decrypt"])["key_id"]
+    too_big = b"\xff" * 256
+    assert len(lab.root.decrypt(kid, too_big, padding="pkcs1v15-tls")["plaintext"]) == 48
+    with pytest.raises(CryptoOperationFailed):
+        lab.root.decrypt(kid, too_big, padding="pkcs1v15")
