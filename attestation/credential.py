@@ -14,7 +14,10 @@ import os
 import struct
 from dataclasses import dataclass
 
-from cryptography.hazmat.decrepit.ciphers.modes import CFB
+try:
+    from cryptography.hazmat.decrepit.ciphers.modes import CFB
+except ImportError:  # cryptography < 43: Debian 12's python3-cryptography in guests
+    from cryptography.hazmat.primitives.ciphers.modes import CFB
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms

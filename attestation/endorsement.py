@@ -17,7 +17,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from attestation.errors import EndorsementError
@@ -95,6 +94,10 @@ def validate_ek(
     if not ca_bundle:
         raise EndorsementError("no CA certificates configured: cannot validate any EK")
     cert = parse_certificate(certificate_der)
+    try:  # imported here: Debian 12 guests (cryptography 38) use the rest of the package
+        from cryptography.x509 import verification
+    except ImportError:
+        raise EndorsementError("EK certificate validation needs cryptography >= 45") from None
     # Self-signed certificates are the anchors; the rest are only path links, so
     # a chain always ends at a root the operator configured.
     roots = [c for c in ca_bundle if c.subject == c.issuer] or list(ca_bundle)

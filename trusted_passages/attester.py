@@ -20,7 +20,7 @@ import hmac
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,7 +30,6 @@ from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.registrar import AkTrust
 from attestation.report import CheckResult, VerificationReport
-from attestation.tpm import KeyAlgorithm, QuoteResult, TpmClient, TpmKey
 from attestation.tpm_types import PcrSelection, PublicArea, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from trusted_passages.envelope import (
@@ -42,6 +41,9 @@ from trusted_passages.envelope import (
     decode_envelope,
 )
 from trusted_passages.errors import ProtocolError
+
+if TYPE_CHECKING:  # tpm2-pytss is not in Debian 12 guests, which use the rest of the package
+    from attestation.tpm import KeyAlgorithm, QuoteResult, TpmClient, TpmKey
 
 __all__ = [
     "BindableIssuer",

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL, crypto
 
 from trusted_passages.attester import Issuer, Validator
 from trusted_passages.envelope import PROFILES, Profile, Role
+from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
 from trusted_passages.protocol import CLASSIC_CIPHERS, TrustedPassagesConnection
 
@@ -55,7 +57,7 @@ class ChannelConfig:
             raise ValueError("timeout must be positive")
         if self.profile == "classic" and not isinstance(self.private_key, rsa.RSAPrivateKey):
             raise ValueError("the classic profile needs an RSA key (RSA key transport)")
-        if self.certificate.public_key() != self.private_key.public_key():
+        if _spki(self.certificate.public_key()) != _spki(self.private_key.public_key()):
             raise ValueError("the certificate is not for this private key")
 
     def with_expected_peer(self, node: str | None) -> ChannelConfig:
@@ -83,15 +85,21 @@ class ChannelConfig:
             context.set_cipher_list(":".join(CLASSIC_CIPHERS).encode())
         context.set_options(_OPTIONS)
         context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        context.use_certificate(self.certificate)
-        context.use_privatekey(self.private_key)
+        use_certificate(context, self.certificate)
+        use_private_key(context, self.private_key)
         context.check_privatekey()
         store = context.get_cert_store()
         assert store is not None  # every SSL_CTX has one
         for ca in self.ca_certificates:
             store.add_cert(crypto.X509.from_cryptography(ca))
             if role == "server":
-                context.add_client_ca(ca)
+                add_client_ca(context, ca)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         context.set_verify_depth(_VERIFY_DEPTH)
         return context
+
+
+def _spki(key: object) -> bytes:
+    """DER SubjectPublicKeyInfo: compared as bytes, as cryptography < 41 keys lack ``==``."""
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined,no-any-return]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)

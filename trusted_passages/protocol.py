@@ -63,6 +63,7 @@ from trusted_passages.frames import (
     error_payload,
     parse_error_payload,
 )
+from trusted_passages.openssl_compat import own_certificate, peer_certificate
 from trusted_passages.records import (
     HandshakeScanner,
     HandshakeType,
@@ -259,7 +260,7 @@ class TrustedPassagesConnection:
         except VerificationError as exc:
             self._fail(exc.check, exc.reason, events)
             return
-        own_cert = self._tls.get_certificate(as_cryptography=True)
+        own_cert = own_certificate(self._tls)
         assert own_cert is not None  # the handshake completed with it
         self.peer_certificate = peer_cert
         self._own_spki, self._peer_spki = spki_digest(own_cert), spki_digest(peer_cert)
@@ -278,7 +279,7 @@ class TrustedPassagesConnection:
         if self.profile == "classic" and cipher not in CLASSIC_CIPHERS:
             raise VerificationError("tls", f"profile classic needs RSA key transport "
                                     f"({', '.join(CLASSIC_CIPHERS)}), negotiated {cipher}")
-        peer = self._tls.get_peer_certificate(as_cryptography=True)
+        peer = peer_certificate(self._tls)
         if peer is None:
             raise VerificationError("tls", "the peer presented no certificate")
         return peer
