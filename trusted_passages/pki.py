@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from trusted_passages.envelope import Profile
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 DEFAULT_VALIDITY = datetime.timedelta(days=7)
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 
@@ -59,12 +60,18 @@ def make_ca(name: str, *, validity: datetime.timedelta = DEFAULT_VALIDITY
 def issue_certificate(ca: CertificateAuthority, common_name: str, key: PrivateKey, *,
                       validity: datetime.timedelta = DEFAULT_VALIDITY) -> x509.Certificate:
     """A node certificate for ``key``: CN and DNS SAN ``common_name``, server+client auth."""
+    return certify_public_key(ca, common_name, key.public_key(), validity=validity)
+
+
+def certify_public_key(ca: CertificateAuthority, common_name: str, key: PublicKey, *,
+                       validity: datetime.timedelta = DEFAULT_VALIDITY) -> x509.Certificate:
+    """:func:`issue_certificate` for a key whose private half is elsewhere (a guest's)."""
     now = datetime.datetime.now(datetime.UTC)
-    rsa_key = isinstance(key, rsa.RSAPrivateKey)
+    rsa_key = isinstance(key, rsa.RSAPublicKey)
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.certificate.subject).public_key(key.public_key())
+        .issuer_name(ca.certificate.subject).public_key(key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW).not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

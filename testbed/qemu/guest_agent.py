@@ -28,7 +28,14 @@ length, then one UTF-8 JSON object; one response frame per request::
     {"op": "status"}    -> {"node", "role", "state", "uptime", "tcti", "kernel_cmdline"}
     {"op": "shutdown"}  -> {"stopping": true}; the guest then powers off
 
-Errors are ``{"error": "..."}``; the agent keeps serving.
+Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection
+(at most :data:`MAX_CONNECTIONS`); the TPM is serialised by its lock.
+
+Role extensions: when ``guest_tp`` (Trusted Passages inside the guest, which needs
+Debian's python3-openssl and the project's ``trusted_passages``) sits beside this
+file, its ``install(agent)`` adds request ops and *stream* ops. A stream op answers
+its request frame and then owns the raw connection: the host relays it to another
+guest, so TLS runs end to end between guests through the host's untrusted network.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ MAX_RESPONSE = 8192
 MAX_FRAME = 4 << 20
 MAX_NONCE = 64
 IDLE_TIMEOUT_S = 60.0
+MAX_CONNECTIONS = 16
 DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 BANK_ALGS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
 
@@ -380,6 +388,9 @@ class Agent:
             "identity": self.identity, "activate": self.activate, "quote": self.quote,
             "status": self.status, "shutdown": self.shutdown,
         }
+        # op -> handler(request, connection): answers the request and keeps the connection
+        self.stream_handlers: dict[str, Callable[[dict[str, Any], socket.socket], None]] = {}
+        self.extensions: list[str] = []
 
     def identity(self, _request: dict[str, Any]) -> dict[str, Any]:
         with self.tpm.lock:
@@ -432,7 +443,8 @@ class Agent:
         return {"node": self.node, "role": self.role, "state": "running",
                 "uptime": _read_text("/proc/uptime").split(" ")[0],
                 "tcti": self.tpm.transport.name,
-                "kernel_cmdline": _read_text("/proc/cmdline").strip()}
+                "kernel_cmdline": _read_text("/proc/cmdline").strip(),
+                "extensions": list(self.extensions)}
 
     def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
         self.stopping.set()
@@ -445,7 +457,8 @@ class Agent:
                 raise ValueError("request must be a JSON object")
             op = request.get("op")
             if not isinstance(op, str) or op not in self.handlers:
-                raise ValueError(f"unknown op {str(op)[:40]!r}; known: {', '.join(self.handlers)}")
+                known = ", ".join([*self.handlers, *self.stream_handlers])
+                raise ValueError(f"unknown op {str(op)[:40]!r}; known: {known}")
             return self.handlers[op](request)
         except (ValueError, OSError, TpmCommandError) as exc:
             return {"error": str(exc)}
@@ -537,19 +550,67 @@ def serve_connection(agent: Agent, conn: socket.socket) -> None:
                 return
             if body is None:
                 return
+            stream = _stream_handler(agent, body)
+            if stream is not None:
+                handler, request = stream
+                handler(request, conn)  # it owns the connection now
+                return
             send_frame(conn, agent.handle(body))
             if agent.stopping.is_set():
                 return
 
 
+def _stream_handler(agent: Agent, body: bytes
+                    ) -> tuple[Callable[[dict[str, Any], socket.socket], None],
+                               dict[str, Any]] | None:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None  # agent.handle() answers the error
+    if not isinstance(request, dict):
+        return None
+    handler = agent.stream_handlers.get(str(request.get("op")))
+    return None if handler is None else (handler, request)
+
+
+def _serve_and_release(agent: Agent, conn: socket.socket, slots: threading.BoundedSemaphore
+                       ) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            serve_connection(agent, conn)
+    except Exception as exc:  # a bug in one connection must not take the agent down
+        print(f"guest agent: connection failed: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        slots.release()
+
+
 def serve(agent: Agent, host: str, port: int) -> None:
-    """Serve until a shutdown request; one connection at a time (one TPM)."""
+    """Serve until a shutdown request: a thread per connection, the TPM under its lock."""
     server = socket.create_server((host, port), reuse_port=False)
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    server.settimeout(1.0)  # to notice a shutdown request served by another thread
     with server:
         while not agent.stopping.is_set():
-            conn, _ = server.accept()
-            with contextlib.suppress(OSError):
-                serve_connection(agent, conn)
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            if not slots.acquire(blocking=False):
+                conn.close()  # too many: the host retries
+                continue
+            threading.Thread(target=_serve_and_release, args=(agent, conn, slots),
+                             daemon=True).start()
+
+
+def install_extensions(agent: Agent) -> None:
+    """Load the role extensions shipped beside this file (absent in minimal images)."""
+    try:
+        import guest_tp  # type: ignore[import-not-found]
+    except ImportError as exc:
+        print(f"guest agent: no Trusted Passages extension ({exc})", flush=True)
+        return
+    guest_tp.install(agent, send_frame)
+    agent.extensions.append("trusted-passages")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -563,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, _, port = args.listen.rpartition(":")
     tpm = Tpm(open_transport(args.tpm))
     agent = Agent(tpm, args.event_log, args.node, args.role)
+    install_extensions(agent)
     print(f"guest agent: serving on {host}:{port} with {tpm.transport.name}", flush=True)
     serve(agent, host, int(port))
     tpm.transport.close()

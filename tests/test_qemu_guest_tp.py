@@ -1,0 +1,166 @@
+"""Trusted Passages between two guest agents, relayed by the host (no VM needed).
+
+Each guest agent runs as it does in the VM image: ``guest_agent.py`` with
+``guest_tp.py`` beside it, under Debian 12's own /usr/bin/python3 with Debian's
+python3-openssl 23 and python3-cryptography 38 (what the image installs), not the
+project's virtualenv. Its TPM is a real swtpm measured with an OVMF-shaped boot;
+the host registers the AKs, certifies the guests' TLS keys and splices their
+streams (testbed/qemu/tp_relay.py). The same code runs in the VMs in
+tests/test_qemu_cluster.py's demo test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attestation.policy import dump_policy
+from attestation.registrar import AkRegistry, Registrar
+from attestation.tpm import TpmClient
+from attestation.tpm_types import parse_public
+from testbed.measured_boot import BootChain
+from testbed.qemu.backend import AgentError, GuestAgentClient
+from testbed.qemu.domain import free_port
+from testbed.qemu.tp_relay import RelayError, configure_guest, relay_channel
+from testbed.sim import SIM_PCRS, BootArtifacts, measure_boot_artifacts, predicted_policy
+from trusted_passages.pki import make_ca
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_PYTHON = "/usr/bin/python3"  # Debian's: the guest image's package versions
+GOOD = BootChain(b"OVMF", b"vmlinuz", b"initrd", "console=ttyS0 panic=-1 quiet")
+TAMPERED = BootChain(b"OVMF", b"vmlinuz", b"initrd", "console=ttyS0 panic=-1 quiet init=/bin/sh")
+
+
+def _debian_versions() -> str:
+    probe = subprocess.run(
+        [GUEST_PYTHON, "-c", "import OpenSSL, cryptography; "
+                             "print(OpenSSL.__version__, cryptography.__version__)"],
+        capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.fail("Debian's python3-openssl and python3-cryptography are needed (the guest "
+                    f"image's versions): run .ci/bootstrap\n{probe.stderr}")
+    return probe.stdout.strip()
+
+
+@dataclass
+class GuestProcess:
+    node: str
+    agent: GuestAgentClient
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def _start_guest(node: str, swtpm: Any, boot: BootChain, tmp: Path) -> GuestProcess:
+    with TpmClient(swtpm.tcti) as client:
+        event_log = measure_boot_artifacts(client, BootArtifacts.from_chain(boot))
+    log_file = tmp / f"{node}.eventlog"
+    log_file.write_bytes(event_log)
+    port = free_port()
+    out = tmp / f"{node}.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("VIRTUAL_ENV", None)
+    process = subprocess.Popen(
+        [GUEST_PYTHON, "-u", str(REPO / "testbed/qemu/guest_agent.py"),
+         "--listen", f"127.0.0.1:{port}", "--tpm", f"tcp:127.0.0.1:{swtpm.port}",
+         "--event-log", str(log_file), "--node", node],
+        stdout=out.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return GuestProcess(node, GuestAgentClient(port, node=node, timeout=30),
+                                    process, out)
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"guest agent {node} did not start:\n{out.read_text()}")
+
+
+def _register(guest: GuestProcess, registrar: Registrar, registry: AkRegistry) -> None:
+    ek_cert, ek_public, ak_public = guest.agent.identity()
+    challenge = registrar.challenge(ek_cert, ek_public, ak_public)
+    record = registrar.complete(parse_public(ak_public).name, guest.agent.activate(challenge))
+    registry.add(guest.node, record.ak)
+
+
+@pytest.fixture
+def guests(swtpm_factory: Any, swtpm_ca: Any, tmp_path: Path, request: Any
+           ) -> Iterator[dict[str, GuestProcess]]:
+    versions = _debian_versions()
+    boots = getattr(request, "param", {"server": GOOD, "client": GOOD})
+    started = {name: _start_guest(name, swtpm_factory(unique=True), boot, tmp_path)
+               for name, boot in boots.items()}
+    try:
+        registry, registrar = AkRegistry(), Registrar(swtpm_ca.ca_bundle())
+        for guest in started.values():
+            _register(guest, registrar, registry)
+        status = started["client"].agent.status()
+        assert "trusted-passages" in status["extensions"], (versions, status)
+        ca = make_ca("guest test cluster TLS CA")
+        # Every node's policy is predicted from its *good* boot: tampering must show.
+        policies = {name: dump_policy(predicted_policy(name, BootArtifacts.from_chain(GOOD)))
+                    for name in boots}
+        for name, guest in started.items():
+            configure_guest(guest.agent, name, ca, registry_json=registry.to_json(),
+                            policies=policies, pcrs=list(SIM_PCRS.indices))
+        yield started
+    finally:
+        for guest in started.values():
+            guest.process.kill()
+            guest.process.wait(10)
+
+
+def test_attested_channel_between_guests(guests: dict[str, GuestProcess]) -> None:
+    outcome = relay_channel(guests["client"].agent, guests["server"].agent,
+                            client_node="client", server_node="server", message="ping")
+    assert outcome.established, outcome.to_dict()
+    client, server = outcome.client_view, outcome.server_view
+    assert client["reply"] == "server heard 'ping' from attested node 'client'"
+    assert client["evidence"]["node"] == "server" and client["evidence"]["node_verified"]
+    assert server["evidence"]["node"] == "client" and server["received"] == "ping"
+    for view in (client, server):
+        assert view["evidence"]["event_log_events"] > 5
+        assert {"signature", "qualifying_data", "pcr_digest", "event_log", "policy"} <= set(view["evidence"]["checks"])
+    assert outcome.bytes_relayed > 2000  # certificates, quotes and event logs went through
+
+
+@pytest.mark.parametrize("guests", [{"server": TAMPERED, "client": GOOD}], indirect=True)
+def test_tampered_guest_is_refused_by_its_peer(guests: dict[str, GuestProcess]) -> None:
+    outcome = relay_channel(guests["client"].agent, guests["server"].agent,
+                            client_node="client", server_node="server", message="secret")
+    assert not outcome.established
+    error = outcome.client_view["error"]
+    assert "policy" in error and "PCR 9" in error, error
+    assert "received" not in outcome.server_view  # the message never reached the server
+
+
+def test_unconfigured_or_bad_requests_are_refused(guests: dict[str, GuestProcess]) -> None:
+    agent = guests["client"].agent
+    with pytest.raises(AgentError, match="no finished channel"):
+        agent.call({"op": "tp_result", "session": "00"})
+    with pytest.raises(AgentError, match="certificate: not a base64 DER"):
+        agent.call({"op": "tp_configure", "certificate": "", "ca_certificates": []})
+    with pytest.raises(AgentError, match="unknown op"):
+        agent.call({"op": "tp_nope"})
+    with pytest.raises(RelayError, match="tp_connect refused"):
+        relay_channel(agent, guests["server"].agent, client_node="client",
+                      server_node="x" * 5000, message="m")
+    # the agent still serves both kinds of requests
+    assert agent.status()["node"] == "client"
+    outcome = relay_channel(agent, guests["server"].agent, client_node="client",
+                            server_node="server", message="still here")
+    assert outcome.established, outcome.to_dict()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
