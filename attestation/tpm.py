@@ -151,6 +151,12 @@ class TpmClient:
         self._esapi.close()
         self._tcti.close()
 
+    @property
+    def esapi(self) -> Any:
+        """The underlying ``tpm2_pytss.ESAPI`` (read-only), for commands this class does
+        not wrap (e.g. the CryptoVM's sealing). Whoever uses it flushes what it creates."""
+        return self._esapi
+
     def __enter__(self) -> TpmClient:
         return self
 

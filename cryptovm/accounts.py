@@ -16,6 +16,7 @@ Privileges::
     key:<id>:use    = sign verify decrypt encrypt derive public attest
     key:<id>:*      every op on the key;  <id> may be * (every key)
     audit:read
+    tls:enroll     a TLS certificate for the attested node's own name (attested sessions)
 
 The account that creates a key owns it and holds every key privilege on it.
 Root holds every privilege; only root manages accounts and release policies.
@@ -43,7 +44,7 @@ USE_OPS = frozenset({"sign", "verify", "decrypt", "encrypt", "derive", "public",
 _NAME = NAME_RE.pattern
 PRIVILEGE_RE = re.compile(
     rf"records:(read|write)|record:{_NAME}:(read|write)|keys:(generate|import|list)"
-    rf"|key:(\*|{_NAME}):(\*|use|{'|'.join(sorted(KEY_OPS))})|audit:read")
+    rf"|key:(\*|{_NAME}):(\*|use|{'|'.join(sorted(KEY_OPS))})|audit:read|tls:enroll")
 _CLIENT_LABEL = b"CVM1 psk-auth client\x00"
 _SERVER_LABEL = b"CVM1 psk-auth server\x00"
 _DUMMY_PSK = os.urandom(PSK_SIZE)  # unknown accounts cost the same HMAC as known ones

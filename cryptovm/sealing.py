@@ -27,12 +27,12 @@ import base64
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_SESSION
 from tpm2_pytss.types import (
     TPM2B_PRIVATE,
@@ -46,7 +46,7 @@ from tpm2_pytss.types import (
 )
 
 from attestation.errors import TpmError
-from attestation.tpm import parse_tcti
+from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
 from cryptovm.errors import SealedStorageError
 
@@ -63,6 +63,18 @@ PRIMARY_ATTRIBUTES = (
 )
 # No USERWITHAUTH: the user role needs the PCR policy. ADMINWITHPOLICY: so does admin.
 SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.ADMINWITHPOLICY
+
+TpmAccess = Callable[[], AbstractContextManager[TpmClient]]
+"""How the CryptoVM reaches its TPM: a callable returning a context manager that yields a
+:class:`~attestation.tpm.TpmClient` for the duration of one use. Default
+(:func:`connect_tpm`): a short-lived connection of its own. A testbed node, which holds its
+swtpm's only connection, passes one that lends that connection under the node's TPM lock.
+Every transient object or session created through it is flushed before the context exits."""
+
+
+def connect_tpm(tcti: str) -> TpmAccess:
+    """The default TPM access: one short-lived connection per use."""
+    return lambda: TpmClient(tcti)
 
 
 def parse_pcr_selection(spec: str) -> PcrSelection:
@@ -155,14 +167,17 @@ _AES128_CFB.mode.aes = TPM2_ALG.CFB
 class TpmSealer:
     """Seals and unseals the storage key on the TPM at ``tcti``.
 
-    Opens one TPM connection per call (swtpm serves one connection at a time, and
-    other tools must be able to reach the TPM in between) and flushes every
-    transient object and session it creates, even on errors.
+    By default opens one TPM connection per call (swtpm serves one connection at a
+    time, and other tools must be able to reach the TPM in between); ``tpm_access``
+    replaces that (see :data:`TpmAccess`). Flushes every transient object and session
+    it creates, even on errors, before the access context exits.
     """
 
-    def __init__(self, tcti: str, selection: PcrSelection) -> None:
+    def __init__(self, tcti: str, selection: PcrSelection, *,
+                 tpm_access: TpmAccess | None = None) -> None:
         self.tcti = tcti
         self.selection = selection
+        self._access = tpm_access or connect_tpm(tcti)
 
     def seal(self, secret: bytes) -> SealedBlob:
         """Seal ``secret`` to the current PCR values; verified by unsealing once."""
@@ -203,17 +218,8 @@ class TpmSealer:
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
-        name, conf = parse_tcti(self.tcti)
-        try:
-            tcti = TCTILdr(name, conf)
-            esapi = ESAPI(tcti)
-        except TSS2_Exception as exc:
-            raise TpmError(f"connecting to TPM via {self.tcti} failed: {exc}") from None
-        try:
-            yield esapi
-        finally:
-            esapi.close()
-            tcti.close()
+        with self._access() as client:
+            yield client.esapi
 
     @staticmethod
     def _pcrs_differ(esapi: Any, blob: SealedBlob) -> SealedStorageError:
@@ -297,7 +303,9 @@ __all__ = [
     "STORAGE_KEY_SIZE",
     "TPM_CC_POLICY_PCR",
     "SealedBlob",
+    "TpmAccess",
     "TpmSealer",
+    "connect_tpm",
     "format_pcr_selection",
     "parse_pcr_selection",
     "pcr_policy_digest",

@@ -68,14 +68,32 @@ from cryptovm.release import (
 )
 from cryptovm.sealing import (
     STORAGE_KEY_SIZE,
+    TpmAccess,
     TpmSealer,
+    connect_tpm,
     format_pcr_selection,
     parse_pcr_selection,
 )
 from cryptovm.state import MAX_RECORD, StateDir
+from cryptovm.tlsissuer import (
+    DEFAULT_VALIDITY_S,
+    TLS_CA_KEY,
+    IssuingCa,
+    ca_certificate,
+    certificate_info,
+    load_csr,
+    node_certificate,
+)
 
 R = TypeVar("R")
 DEFAULT_PCRS = "sha256:0-9"
+NODE_ACCOUNT_PREFIX = "node."
+TLS_ISSUER = "tls-issuer"
+SERVICE_ACCOUNT = "-"
+RESERVED_ACCOUNTS = (NODE_ACCOUNT_PREFIX, TLS_ISSUER)
+NODE_PRIVILEGES = ("tls:enroll", f"key:{TLS_CA_KEY}:public", f"key:{TLS_CA_KEY}:attest")
+"""What an attested node may do from the start: enroll for a TLS certificate for its own
+name, read the TLS CA's public key, and have that key attested."""
 MAX_RANDOM = 65536
 RecipientPolicy = Callable[[bytes, Evidence | None], object]
 """Decides whether a key may be exported to a recipient: called with the recipient's
@@ -109,9 +127,11 @@ class CryptoVm:
     def __init__(self, state: StateDir, tcti: str, cipher: StateCipher,
                  selection: PcrSelection, *, event_log: bytes | None = None,
                  recipient_policy: RecipientPolicy = deny_all_recipients,
-                 audit_sync_each: bool = True, nonce_ttl: float = 60.0) -> None:
+                 audit_sync_each: bool = True, nonce_ttl: float = 60.0,
+                 tpm_access: TpmAccess | None = None) -> None:
         self.state = state
         self.tcti = tcti
+        self._tpm_access = tpm_access or connect_tpm(tcti)
         self.selection = selection
         self.event_log = event_log
         self.recipient_policy = recipient_policy
@@ -125,6 +145,7 @@ class CryptoVm:
                                                   bytes.fromhex(config["ca"]["key"]))
         self.release_policies = {d["name"]: ReleasePolicy.from_doc(d)
                                  for d in config["release_policies"]}
+        self.tls_ca = IssuingCa.from_doc(config.get("tls_ca"))
         self.keys = KeyStore(state.keys, cipher)
         self.keys.load()
         self.audit = AuditLog(state.audit, cipher.audit_key, sync_each=audit_sync_each)
@@ -139,7 +160,10 @@ class CryptoVm:
     @classmethod
     def initialize(cls, state_dir: Path, tcti: str, *, pcrs: str = DEFAULT_PCRS,
                    **options: Any) -> tuple[CryptoVm, bytes]:
-        """Create a new CryptoVM; returns it and the root account's PSK (shown once)."""
+        """Create a new CryptoVM; returns it and the root account's PSK (shown once).
+
+        ``options`` go to the constructor; ``tpm_access`` (see :data:`TpmAccess`) is also
+        what sealing uses."""
         state = StateDir(state_dir)
         state.lock()
         try:
@@ -148,12 +172,13 @@ class CryptoVm:
             state.prepare()
             selection = parse_pcr_selection(pcrs)
             storage_key = os.urandom(STORAGE_KEY_SIZE)
-            state.write_sealed(TpmSealer(tcti, selection).seal(storage_key))
+            sealer = TpmSealer(tcti, selection, tpm_access=options.get("tpm_access"))
+            state.write_sealed(sealer.seal(storage_key))
             cipher = StateCipher(storage_key)
             book, root_psk = AccountBook.with_root()
             ca = tlsca.make_ca(os.urandom(4).hex())
             atomic_write(state.ca_pem, ca.pem)
-            state.write_config(cipher, _config_doc(book, ca, {}))
+            state.write_config(cipher, _config_doc(book, ca, {}, None))
             state.write_manifest(format_pcr_selection(selection))  # last: marks init complete
             vm = cls(state, tcti, cipher, selection, **options)
         except BaseException:
@@ -172,7 +197,8 @@ class CryptoVm:
             state.read_manifest()
             state.prepare()
             blob = state.read_sealed()
-            cipher = StateCipher(TpmSealer(tcti, blob.selection).unseal(blob))
+            sealer = TpmSealer(tcti, blob.selection, tpm_access=options.get("tpm_access"))
+            cipher = StateCipher(sealer.unseal(blob))
             vm = cls(state, tcti, cipher, blob.selection, **options)
         except BaseException:
             state.unlock()
@@ -250,27 +276,65 @@ class CryptoVm:
                           detail=f"{type(exc).__name__}: {exc}", target=target)
 
     def save_config(self, book: AccountBook | None = None,
-                    policies: dict[str, ReleasePolicy] | None = None) -> None:
-        """Persist (durably) and then publish new accounts and/or release policies."""
+                    policies: dict[str, ReleasePolicy] | None = None,
+                    tls_ca: IssuingCa | None = None) -> None:
+        """Persist (durably) and then publish new accounts, release policies, TLS CA."""
         with self._config_lock:
             book = book if book is not None else self.accounts
             policies = policies if policies is not None else self.release_policies
-            self.state.write_config(self._cipher, _config_doc(book, self.ca, policies))
-            self.accounts, self.release_policies = book, policies
+            tls_ca = tls_ca if tls_ca is not None else self.tls_ca
+            self.state.write_config(self._cipher, _config_doc(book, self.ca, policies, tls_ca))
+            self.accounts, self.release_policies, self.tls_ca = book, policies, tls_ca
+
+    # --- attested testbed nodes -----------------------------------------------------------
+
+    def attested_session(self, node: str, via: str = "trusted-passages") -> VsmSession:
+        """The session of a testbed node whose attestation the caller has verified.
+
+        The node acts as the guest account ``node.<name>``, created here on its first
+        attested contact with :data:`NODE_PRIVILEGES` (root may grant, revoke or disable
+        it like any account); its PSK is random and never shown, so the account is
+        reachable only through attestation.
+        """
+        name = node_account(node)
+        with self._config_lock:
+            if name not in self.accounts.names():
+                book = self.accounts.copy()
+                book.create(name, NODE_PRIVILEGES)
+                self.save_config(book=book)
+                self.audit.append("cryptovm", "account_create", "ok", target=name,
+                                  detail=f"attested testbed node {node}: "
+                                         f"{' '.join(NODE_PRIVILEGES)}")
+        account = self.accounts.get(name)
+        session = self._logged_in(name, True, account, f"attested:{via}")
+        return VsmSession(self, session.account, attested_node=node)
+
+    def audit_attestation_failure(self, node: str | None, check: str, reason: str) -> None:
+        """Record a refused attested channel (the peer never got a session)."""
+        account = SERVICE_ACCOUNT
+        if node:
+            try:
+                account = node_account(node)
+            except BadRequest:  # the claim is the peer's, and not even a valid name
+                reason = f"claimed node {node[:64]!r}: {reason}"
+        self._audit_failure(account, "auth", AccessDenied(check, reason),
+                            target="attested:trusted-passages")
 
     @contextmanager
     def tpm(self) -> Iterator[TpmClient]:
-        """One TPM connection at a time (swtpm serves one client)."""
-        with self._tpm_lock, TpmClient(self.tcti) as client:
+        """One TPM use at a time (swtpm serves one client), through the TPM access.
+
+        The AK is persistent: there is nothing to flush after using it, and its ESYS
+        handle is left open on purpose - ESYS hands out one object per TPM handle, so
+        closing it would also close the handle a shared connection's owner holds (a
+        testbed node's own AK). A short-lived connection frees it when it closes."""
+        with self._tpm_lock, self._tpm_access() as client:
             yield client
 
     def quote(self, qualifying_data: bytes) -> Evidence:
         with self.tpm() as client:
             ak = client.attestation_key("ecc")
-            try:
-                q = client.quote(ak, self.selection, qualifying_data)
-            finally:
-                client.flush(ak)
+            q = client.quote(ak, self.selection, qualifying_data)
         return Evidence(attest=q.attest, signature=q.signature, ak_public=ak.public,
                         pcr_bank=self.selection.bank, pcrs=q.pcrs, event_log=self.event_log)
 
@@ -279,7 +343,6 @@ class CryptoVm:
         if self._identity is None:
             with self.tpm() as client:
                 ak = client.attestation_key("ecc")
-                client.flush(ak)
                 ek = client.endorsement_key("rsa")
             self._identity = {"ak_public": ak.public, "ek_public": ek.public,
                               "ek_certificate": ek.certificate, "ek_algorithm": "rsa",
@@ -299,11 +362,17 @@ class CryptoVm:
         return self._cipher
 
 
+def node_account(node: str) -> str:
+    """The VSM account of an attested testbed node."""
+    return f"{NODE_ACCOUNT_PREFIX}{check_name(node, 'node name')}"
+
+
 def _config_doc(book: AccountBook, ca: tlsca.CertificateAuthority,
-                policies: dict[str, ReleasePolicy]) -> dict[str, Any]:
+                policies: dict[str, ReleasePolicy], tls_ca: IssuingCa | None) -> dict[str, Any]:
     return {"accounts": book.to_doc(),
             "ca": {"cert": ca.pem.decode(), "key": ca.key_der().hex()},
-            "release_policies": [p.to_doc() for _, p in sorted(policies.items())]}
+            "release_policies": [p.to_doc() for _, p in sorted(policies.items())],
+            "tls_ca": tls_ca.to_doc() if tls_ca is not None else None}
 
 
 def _need_usage(kv: KeyVersion, usage: str) -> None:
@@ -324,9 +393,12 @@ def _as_evidence(evidence: Evidence | bytes | None) -> Evidence | None:
 class VsmSession:
     """The operations of one authenticated account."""
 
-    def __init__(self, vm: CryptoVm, account: str) -> None:
+    def __init__(self, vm: CryptoVm, account: str, *, attested_node: str | None = None
+                 ) -> None:
         self._vm = vm
         self.account = account
+        # Set only by CryptoVm.attested_session: the node name an attestation proved.
+        self.attested_node = attested_node
 
     def __repr__(self) -> str:
         return f"VsmSession(account={self.account!r})"
@@ -607,11 +679,8 @@ class VsmSession:
             self._current()
             with self._vm.tpm() as client:
                 ak = client.attestation_key("ecc")
-                try:
-                    secret = client.activate_credential(
-                        ak, "rsa", CredentialChallenge(credential_blob, encrypted_secret))
-                finally:
-                    client.flush(ak)
+                secret = client.activate_credential(
+                    ak, "rsa", CredentialChallenge(credential_blob, encrypted_secret))
             return {"secret": secret}
         return self._op("activate_credential", action)
 
@@ -696,8 +765,13 @@ class VsmSession:
 
     def account_create(self, name: str, privileges: Sequence[str] = ()) -> dict[str, Any]:
         """Create a guest account; the answer carries its PSK (the only time it is shown)."""
-        return self._accounts_change("account_create", name, lambda b: {
-            "name": name, "psk": b.create(name, privileges)})
+        def change(book: AccountBook) -> dict[str, Any]:
+            if isinstance(name, str) and name.startswith(RESERVED_ACCOUNTS):
+                raise BadRequest(f"account names starting with {' or '.join(RESERVED_ACCOUNTS)}"
+                                 " are reserved for the CryptoVM's attested nodes and TLS "
+                                 "issuer; choose another name")
+            return {"name": name, "psk": book.create(name, privileges)}
+        return self._accounts_change("account_create", name, change)
 
     def account_delete(self, name: str) -> dict[str, Any]:
         def change(book: AccountBook) -> dict[str, Any]:
@@ -744,6 +818,77 @@ class VsmSession:
     def account_revoke_certificates(self, name: str) -> dict[str, Any]:
         return self._accounts_change("account_revoke_certificates", name,
                                      lambda b: b.remove_certificates(name).describe())
+
+    # --- the TLS-issuing CA (keyless TLS for testbed nodes) ---------------------------------
+
+    def tls_ca_setup(self, key_id: str = TLS_CA_KEY,
+                     common_name: str | None = None) -> dict[str, Any]:
+        """Root: create the TLS CA - a non-exportable sign-only key generated here, the
+        ``tls-issuer`` account allowed to sign with it, and the self-signed certificate
+        (signed through that account's ``sign``, so the key's bytes never leave)."""
+        def action() -> dict[str, Any]:
+            self._require_root("set up the TLS CA")
+            if self._vm.tls_ca is not None:
+                raise AlreadyExists(f"the TLS CA exists (key {self._vm.tls_ca.key_id!r})")
+            if not self._vm.keys.exists(key_id):
+                self.generate("ec-p256", ["sign"], exportable=False, key_id=key_id)
+            self._ensure_issuer(key_id)
+            public = serialization.load_der_public_key(self._vm.keys.get(key_id).public)
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise BadRequest(f"key {key_id!r} is not an ECC key")
+            cn = common_name or f"CryptoVM TLS CA {os.urandom(4).hex()}"
+            cert = ca_certificate(public, cn, self._issuer_signer(key_id))
+            ca = IssuingCa(key_id, cert)
+            self._vm.save_config(tls_ca=ca)
+            return {"key_id": key_id, "certificate": ca.pem} | certificate_info(cert)
+        return self._op("tls_ca_setup", action, key=key_id)
+
+    def _ensure_issuer(self, key_id: str) -> None:
+        with self._vm._config_lock:
+            book = self._vm.accounts.copy()
+            if TLS_ISSUER in book.names():
+                book.set_privileges(TLS_ISSUER, [f"key:{key_id}:sign"])
+            else:  # its PSK is never shown: nobody logs in as the issuer
+                book.create(TLS_ISSUER, [f"key:{key_id}:sign"])
+            self._vm.save_config(book=book)
+        self._vm.audit.append(self.account, "account_create", "ok", target=TLS_ISSUER,
+                              detail=f"TLS issuer principal: key:{key_id}:sign")
+
+    def _issuer_signer(self, key_id: str) -> Callable[[bytes], bytes]:
+        issuer = VsmSession(self._vm, TLS_ISSUER)
+        return lambda data: bytes(issuer.sign(key_id, data, algorithm="ecdsa-sha256")[
+            "signature"])
+
+    def tls_ca_certificate(self) -> dict[str, Any]:
+        """The TLS CA's certificate and key id (public)."""
+        def action() -> dict[str, Any]:
+            self._current()
+            ca = self._tls_ca()
+            return {"key_id": ca.key_id, "certificate": ca.pem} | certificate_info(
+                ca.certificate)
+        return self._op("tls_ca_certificate", action)
+
+    def _tls_ca(self) -> IssuingCa:
+        if self._vm.tls_ca is None:
+            raise NotFound("this CryptoVM has no TLS CA (root: tls_ca_setup)")
+        return self._vm.tls_ca
+
+    def tls_enroll(self, csr: bytes, validity: int = DEFAULT_VALIDITY_S) -> dict[str, Any]:
+        """A short-lived TLS certificate for the key in ``csr``, named after the node
+        this session's attestation proved - only on an attested session."""
+        def action() -> dict[str, Any]:
+            self._require("tls:enroll")
+            node = self.attested_node
+            if node is None:
+                raise AccessDenied("attestation", "TLS certificates are issued only to a "
+                                   "testbed node over an attested (Trusted Passages) channel, "
+                                   "not to a PSK or certificate session")
+            ca = self._tls_ca()
+            cert = node_certificate(ca, load_csr(csr), node, int(validity),
+                                    self._issuer_signer(ca.key_id))
+            return {"certificate": cert.public_bytes(serialization.Encoding.PEM),
+                    "ca_certificate": ca.pem, "ca_key_id": ca.key_id} | certificate_info(cert)
+        return self._op("tls_enroll", action, target=self.attested_node or self.account)
 
     # --- release policies (root) ----------------------------------------------------------
 

@@ -121,6 +121,9 @@ OPS: dict[str, dict[str, _A]] = {
                            "ak_registry": ("s", True)},
     "release_policy_list": {},
     "audit_verify": {},
+    "tls_ca_setup": {"key_id": ("s", False), "common_name": ("s", False)},
+    "tls_ca_certificate": {},
+    "tls_enroll": {"csr": ("b", True), "validity": ("i", False)},
 }
 _TYPE_NAMES = {"b": "bytes", "s": "a string", "i": "an integer", "f": "a boolean",
                "l": "a list of strings"}

@@ -1,0 +1,231 @@
+"""The VSM's TLS-issuing CA: certificates signed by a key that never leaves the key store.
+
+Keyless TLS for testbed nodes (docs/cryptovm.md): a node generates its TLS key itself and
+the VSM certifies it - CN = the node name its attestation proved, short validity,
+serverAuth + clientAuth. The CA key is an ordinary VSM key (``ec-p256``, usage
+``sign``, not exportable), so key attestation and the audit log apply to it like to any
+key. Its bytes are never handed to this module: certificates are assembled around a
+signature made by the VSM's own ``sign`` operation.
+
+``cryptography`` has no external-signer hook in its CertificateBuilder, so a certificate
+is first built and signed with a throwaway key (whose signature is discarded), and its
+TBSCertificate - which names ecdsa-with-SHA256, the CA key's algorithm - is signed by
+the VSM and wrapped into ``Certificate ::= SEQUENCE {tbs, algorithm, BIT STRING}``. The
+result is checked against the CA certificate before it is returned.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from cryptovm.errors import BadRequest, CryptoOperationFailed, StorageError
+
+Signer = Callable[[bytes], bytes]
+"""Signs data with the CA key inside the VSM: a DER ECDSA-SHA256 signature."""
+
+TLS_CA_KEY = "tls-ca"
+DEFAULT_VALIDITY_S = 3600
+MIN_VALIDITY_S = 60
+MAX_VALIDITY_S = 86400
+CA_VALIDITY = datetime.timedelta(days=3650)
+MAX_CSR = 16384
+_SKEW = datetime.timedelta(minutes=5)
+# AlgorithmIdentifier { ecdsa-with-SHA256 } (RFC 5758: no parameters), DER.
+_ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
+
+
+@dataclass(frozen=True)
+class IssuingCa:
+    """The CA key's id in the key store and its (self-signed) certificate."""
+
+    key_id: str
+    certificate: x509.Certificate
+
+    @property
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def to_doc(self) -> dict[str, str]:
+        return {"key_id": self.key_id, "cert": self.pem.decode()}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> IssuingCa | None:
+        if doc is None:
+            return None
+        try:
+            return cls(str(doc["key_id"]), x509.load_pem_x509_certificate(doc["cert"].encode()))
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise StorageError(f"the TLS CA entry of the configuration is damaged: {exc}"
+                               ) from None
+
+
+# --- DER assembly --------------------------------------------------------------------------
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    return bytes([tag]) + _der_length(len(content)) + content
+
+
+@functools.cache
+def _placeholder_key() -> ec.EllipticCurvePrivateKey:
+    """Signs drafts whose signature is thrown away; never signs anything that is kept."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def sign_with(builder: x509.CertificateBuilder, sign: Signer) -> x509.Certificate:
+    """Finish ``builder`` with a signature made by ``sign`` (the VSM)."""
+    tbs = builder.sign(_placeholder_key(), hashes.SHA256()).tbs_certificate_bytes
+    der = _tlv(0x30, tbs + _ECDSA_SHA256 + _tlv(0x03, b"\x00" + sign(tbs)))
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CryptoOperationFailed(f"the assembled certificate does not parse: {exc}") from None
+
+
+def _check_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CryptoOperationFailed("the VSM's signature does not verify under the CA "
+                                    f"certificate ({type(exc).__name__}): is the CA key the "
+                                    "certificate's key?") from None
+
+
+# --- the CA certificate and node certificates ----------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def ca_certificate(public_key: ec.EllipticCurvePublicKey, common_name: str,
+                   sign: Signer) -> x509.Certificate:
+    """The self-signed CA certificate of the VSM key ``public_key``."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(_name(common_name))
+        .issuer_name(_name(common_name)).public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+    certificate = sign_with(builder, sign)
+    _check_issued_by(certificate, certificate)
+    return certificate
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request (DER or PEM) whose signature proves possession of its key."""
+    if not 0 < len(data) <= MAX_CSR:
+        raise BadRequest(f"a certificate request is 1..{MAX_CSR} bytes")
+    try:
+        csr = (x509.load_pem_x509_csr(data) if data.lstrip().startswith(b"-----BEGIN")
+               else x509.load_der_x509_csr(data))
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"the certificate request does not parse: {exc}") from None
+    if not valid:
+        raise BadRequest("the certificate request's signature is invalid: it must be signed "
+                         "by the key it asks a certificate for")
+    key = csr.public_key()
+    if not ((isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1")
+            or (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048)):
+        raise BadRequest("a TLS key must be ECC P-256 (profile tp13) or RSA >= 2048 (classic)")
+    return csr
+
+
+def node_certificate(ca: IssuingCa, csr: x509.CertificateSigningRequest, node: str,
+                     validity_s: int, sign: Signer) -> x509.Certificate:
+    """A TLS certificate for the key in ``csr``; CN/SAN ``node`` (not the request's)."""
+    if not MIN_VALIDITY_S <= validity_s <= MAX_VALIDITY_S:
+        raise BadRequest(f"validity must be {MIN_VALIDITY_S}..{MAX_VALIDITY_S} s")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise BadRequest("a TLS key must be ECC P-256 or RSA")
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder().subject_name(_name(node))
+        .issuer_name(ca.certificate.subject).public_key(key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW).not_valid_after(now + datetime.timedelta(
+            seconds=validity_s))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=isinstance(key, rsa.RSAPublicKey),
+                                     data_encipherment=False, key_agreement=False,
+                                     key_cert_sign=False, crl_sign=False, encipher_only=False,
+                                     decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            _ca_public_key(ca)), critical=False)
+    )
+    certificate = sign_with(builder, sign)
+    _check_issued_by(certificate, ca.certificate)
+    return certificate
+
+
+def _ca_public_key(ca: IssuingCa) -> ec.EllipticCurvePublicKey:
+    key = ca.certificate.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise StorageError("the TLS CA certificate does not hold an ECC key")
+    return key
+
+
+def spki_der(certificate: x509.Certificate) -> bytes:
+    return certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
+    """What a log or a report may show of a certificate (public data only)."""
+    def cn(name: x509.Name) -> str:
+        values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(values[0].value) if values else name.rfc4514_string()
+
+    return {"subject": cn(certificate.subject), "issuer": cn(certificate.issuer),
+            "serial": format(certificate.serial_number, "x"),
+            "not_before": certificate.not_valid_before_utc.isoformat(),
+            "not_after": certificate.not_valid_after_utc.isoformat(),
+            "validity_s": int((certificate.not_valid_after_utc
+                               - certificate.not_valid_before_utc).total_seconds()),
+            "spki_sha256": hashlib.sha256(spki_der(certificate)).hexdigest(),
+            "sha256": certificate.fingerprint(hashes.SHA256()).hex()}
+
+
+__all__ = [
+    "DEFAULT_VALIDITY_S",
+    "TLS_CA_KEY",
+    "IssuingCa",
+    "Signer",
+    "ca_certificate",
+    "certificate_info",
+    "load_csr",
+    "node_certificate",
+    "sign_with",
+    "spki_der",
+]
