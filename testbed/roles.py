@@ -7,11 +7,10 @@ service needs in :class:`NodeContext`; :meth:`RoleHandle.stop` is called when
 the node shuts down, and :meth:`RoleHandle.describe` is what ``status`` shows
 as the node's service.
 
-``generic`` and ``verifier`` run no service. ``server``, ``client`` and
-``cryptovm`` call :func:`start_server`, :func:`start_client` and
-:func:`start_cryptovm`, placeholders that run no service yet (``status``
-reports ``"none yet"``) until Trusted Passages and the CryptoVM are plugged in,
-either by filling in those functions or with :func:`register_role`.
+``generic`` and ``verifier`` run no service. ``server`` and ``client`` run
+the Trusted Passages service (:mod:`testbed.tp_role`), ``cryptovm`` the
+CryptoVM (:mod:`testbed.cryptovm_role`); :func:`register_role` replaces a
+starter.
 """
 
 from __future__ import annotations
@@ -150,8 +149,10 @@ def start_client(node: NodeContext) -> RoleHandle:
 
 
 def start_cryptovm(node: NodeContext) -> RoleHandle:
-    """CryptoVM key release service. Not plugged in yet."""
-    return NoService("none yet")
+    """The CryptoVM: sealed key store, CVM1 wire server, attested listener for nodes."""
+    from testbed.cryptovm_role import start_cryptovm_service
+
+    return start_cryptovm_service(node)
 
 
 ROLES: dict[str, RoleStarter] = {

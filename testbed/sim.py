@@ -613,12 +613,13 @@ class NodeUpResult:
     error: str | None = None
     log_tail: str | None = None
     note: str | None = None
+    enrollment: dict[str, Any] | None = None  # keyless TLS, when the cluster has a CryptoVM
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "action": self.action, "pid": self.pid,
                 "swtpm_pid": self.swtpm_pid, "tcti": self.tcti, "registered": self.registered,
                 "tampered": list(self.tampered), "error": self.error, "log_tail": self.log_tail,
-                "note": self.note}
+                "note": self.note, "enrollment": self.enrollment}
 
 
 @dataclass
@@ -642,7 +643,8 @@ def up(workdir: Path, spec: ClusterSpec, *, progress: Progress | None = None) ->
         raise StateError(f"backend {spec.backend!r} is not implemented yet; use backend: sim")
     paths = ClusterPaths(workdir, spec.name)
     progress = progress or Progress(quiet=True)
-    progress.total = len(spec.nodes) + 1
+    enrolling = any(node.role == "cryptovm" for node in spec.nodes)
+    progress.total = len(spec.nodes) + 1 + enrolling
     _private_dir(paths.root)
     # Before any process starts: every artifact must be readable, every policy valid.
     boots = {node.name: BootArtifacts.from_spec(node.effective_boot) for node in spec.nodes}
@@ -657,7 +659,25 @@ def up(workdir: Path, spec: ClusterSpec, *, progress: Progress | None = None) ->
                    for node in spec.nodes]
         with progress.step("registering nodes (EK certificate check, credential activation)"):
             _register_all(paths, ca, results)
+        if enrolling:  # after registration: the CryptoVM checks nodes against the registry
+            with progress.step("keyless TLS: server and client nodes enroll with the CryptoVM"):
+                _enroll_all(paths, results)
     return UpResult(spec.name, paths.root, results)
+
+
+def _enroll_all(paths: ClusterPaths, results: list[NodeUpResult]) -> None:
+    """Each running server/client node gets its TLS certificate from the CryptoVM (agent
+    op ``role``, action ``enroll``, see testbed/tp_role.py). A refusal (a tampered node)
+    is reported per node; it does not fail `up`, which attests nothing either."""
+    for result in results:
+        if result.role not in ("server", "client") or result.action == "failed":
+            continue
+        try:
+            answer = AgentClient(paths.node(result.name).socket, node=result.name).role("enroll")
+            result.enrollment = {"ok": True, "certificate": answer.get("certificate"),
+                                 "ca": answer.get("ca")}
+        except TestbedError as exc:
+            result.enrollment = {"ok": False, "error": str(exc)}
 
 
 def _write_spec_and_policies(paths: ClusterPaths, spec: ClusterSpec,

@@ -9,7 +9,13 @@ Each such node, inside its own process:
 - validates peers against the cluster's AK registry (written by ``testbed up``) and
   the peer's policy, predicted from the peer's *untampered* boot chain;
 - on request (agent op ``role``, action ``connect``), opens an attested channel to
-  another node and reports what it verified.
+  another node and reports what it verified;
+- on request (action ``enroll``, sent by ``testbed up`` once every node is registered,
+  when the cluster has a ``cryptovm`` node): keyless TLS. It generates a fresh TLS key,
+  has the CryptoVM certify it over an attested channel (bootstrapped with the cluster-CA
+  certificate), checks the CryptoVM's key attestation of its CA key, and from then on
+  serves and connects with the VSM-issued certificate, trusting only the VSM's CA. The
+  cluster CA stays for the enrollment bootstrap only (testbed/cryptovm_role.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import contextlib
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestation.errors import VerificationError
 from attestation.eventlog import parse_event_log
+from cryptovm.tlsissuer import DEFAULT_VALIDITY_S, certificate_info
 from testbed.errors import StateError
 from testbed.roles import NodeContext
 from testbed.sim import SIM_PCRS, ClusterPaths, load_registry, node_policy
@@ -130,32 +138,75 @@ class ClusterValidator:
 
 @dataclass
 class TrustedPassagesService:
-    """A node's attested-channel listener plus the ``connect`` action."""
+    """A node's attested-channel listener plus the ``connect`` and ``enroll`` actions.
+
+    ``config`` is what service channels use; ``bootstrap`` the cluster-CA identity the
+    node started with (after enrollment: for enrolling again, nothing else). ``tls``
+    describes the service channels' certificate and trust anchor.
+    """
 
     ctx: NodeContext
     config: ChannelConfig
     server: Server
+    bootstrap: ChannelConfig
+    tls: dict[str, Any]
     connections: int = 0
+    _switch: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def port(self) -> int:
         return self.server.address[1]
 
     def describe(self) -> str:
-        return f"Trusted Passages {PROFILE} on {HOST}:{self.port} ({self.connections} channels)"
+        return (f"Trusted Passages {PROFILE} on {HOST}:{self.port} ({self.connections} "
+                f"channels; certificate from the {self.tls['trust']})")
 
     def stop(self) -> None:
-        self.server.close(timeout=2)
+        with self._switch:
+            self.server.close(timeout=2)
         with contextlib.suppress(FileNotFoundError):
             (self.ctx.run_dir / "tp.json").unlink()
 
     def call(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         if action == "connect":
             return self._connect(args)
+        if action == "enroll":
+            return self._enroll(args)
         if action == "info":
-            return {"node": self.ctx.name, "port": self.port, "profile": PROFILE}
+            return {"node": self.ctx.name, "port": self.port, "profile": PROFILE,
+                    "tls": self.tls}
         raise StateError(f"unknown action {action!r}: the Trusted Passages service knows "
-                         "connect, info")
+                         "connect, enroll, info")
+
+    def _enroll(self, args: dict[str, Any]) -> dict[str, Any]:
+        # Imported here: cryptovm_role builds on this module's issuer and validator.
+        from testbed.cryptovm_role import enroll
+
+        validity = args.get("validity", DEFAULT_VALIDITY_S)
+        if not isinstance(validity, int) or isinstance(validity, bool):
+            raise StateError("enroll takes args {validity: seconds} (optional)")
+        enrolled = enroll(self.ctx, self.bootstrap, validity)
+        config = ChannelConfig(certificate=enrolled.certificate,
+                               private_key=enrolled.private_key,
+                               ca_certificates=[enrolled.ca_certificate],
+                               issuer=NodeIssuer(self.ctx),
+                               validator=ClusterValidator(self.ctx.cluster_paths),
+                               profile=PROFILE, timeout=10.0)
+        tls = {"trust": f"VSM CA {enrolled.ca['issuer']!r}", "keyless": True,
+               "certificate": enrolled.info, "ca": enrolled.ca}
+        self._listen(config, tls)
+        return {"node": self.ctx.name, "enrolled": True, "cryptovm": enrolled.cryptovm,
+                "port": self.port, **tls}
+
+    def _listen(self, config: ChannelConfig, tls: dict[str, Any]) -> None:
+        """Serve with ``config`` from now on: a new listener, published in tp.json, then
+        the old one closed (peers read the port per connection, so none is refused)."""
+        with self._switch:
+            old = self.server
+            self.server = serve(HOST, 0, config, self._handle)
+            self.config, self.tls = config, tls
+            _publish_port(self.ctx, self.port)
+        old.close(timeout=2)
 
     def _connect(self, args: dict[str, Any]) -> dict[str, Any]:
         peer = args.get("peer")
@@ -164,11 +215,17 @@ class TrustedPassagesService:
                 len(message) > MAX_MESSAGE:
             raise StateError("connect needs args {peer: NODE, message: short text}")
         port = peer_port(self.ctx.cluster_paths, peer)
-        with connect(HOST, port, self.config.with_expected_peer(peer)) as channel:
+        config, tls = self.config, self.tls
+        with connect(HOST, port, config.with_expected_peer(peer)) as channel:
             channel.send(message.encode())
             reply = channel.recv().decode(errors="replace")
-            return {"peer": peer, "sent": message, "reply": reply,
-                    "evidence": summarize(channel.peer)}
+            evidence = summarize(channel.peer)
+        # OpenSSL verified the peer's chain against this config's only trust anchor.
+        evidence["tls"] = {"own_certificate": tls["certificate"], "trust": tls["trust"],
+                           "peer_certificate_issuer": tls["certificate"]["issuer"],
+                           "peer_tls_key_sha256": channel.peer.user_data.hex(),
+                           "keyless": tls["keyless"], "ca": tls.get("ca")}
+        return {"peer": peer, "sent": message, "reply": reply, "evidence": evidence}
 
     def _handle(self, channel: AttestedChannel) -> None:
         self.connections += 1
@@ -206,19 +263,26 @@ def peer_port(paths: ClusterPaths, peer: str) -> int:
     return port
 
 
+def _publish_port(ctx: NodeContext, port: int) -> None:
+    tmp = ctx.run_dir / ".tp.json.tmp"
+    tmp.write_text(json.dumps({"port": port, "profile": PROFILE}))
+    tmp.replace(ctx.run_dir / "tp.json")
+
+
 def start_trusted_passages(ctx: NodeContext) -> TrustedPassagesService:
     key = generate_key(PROFILE)
     ca = cluster_tls_ca(ctx.cluster_paths)
-    config = ChannelConfig(certificate=issue_certificate(ca, ctx.name, key), private_key=key,
+    certificate = issue_certificate(ca, ctx.name, key)
+    config = ChannelConfig(certificate=certificate, private_key=key,
                            ca_certificates=[ca.certificate], issuer=NodeIssuer(ctx),
                            validator=ClusterValidator(ctx.cluster_paths), profile=PROFILE,
                            timeout=10.0)
     holder: dict[str, TrustedPassagesService] = {}
     server = serve(HOST, 0, config, lambda ch: holder["service"]._handle(ch))
-    service = TrustedPassagesService(ctx, config, server)
+    tls = {"trust": "cluster CA", "keyless": False, "certificate": certificate_info(certificate),
+           "ca": None}
+    service = TrustedPassagesService(ctx, config, server, config, tls)
     holder["service"] = service
-    tmp = ctx.run_dir / ".tp.json.tmp"
-    tmp.write_text(json.dumps({"port": service.port, "profile": PROFILE}))
-    tmp.replace(ctx.run_dir / "tp.json")
+    _publish_port(ctx, service.port)
     return service
 
