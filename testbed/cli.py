@@ -73,8 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="state directory (default: $TESTBED_HOME or ./.testbed)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="run the end-to-end attestation demo on a fresh swtpm")
+    p = sub.add_parser("demo", help="run the end-to-end demo: cluster up, attested channels, "
+                                    "attack lab, down (sim by default, or real VMs)")
     _add_json(p)
+    p.add_argument("--backend", choices=("sim", "qemu"), default="sim",
+                   help="sim: node processes with swtpm (~15 s); qemu: three VMs under "
+                        "libvirt with OVMF measured boot, TLS inside the guests (~1-2 min "
+                        "under TCG)")
+    p.add_argument("--keep", action="store_true",
+                   help="qemu: leave the demo's VMs running (`testbed --workdir DIR/demo-qemu "
+                        "status`, then down)")
     p.set_defaults(func=tpm_commands.cmd_demo)
 
     tpm = sub.add_parser("tpm", help="manage named swtpm instances (start, stop, list)")

@@ -230,9 +230,14 @@ def cmd_eventlog(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    if getattr(args, "backend", "sim") == "qemu":
+        from testbed.qemu.demo import run_qemu_demo
+
+        return run_qemu_demo(workdir, json_output=args.json, keep=args.keep)
     from testbed.demo import run_demo
 
-    return run_demo(resolve_workdir(args.workdir), json_output=args.json)
+    return run_demo(workdir, json_output=args.json)
 
 
 __all__ = ["TpmError", "cmd_demo"]
