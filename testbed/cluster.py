@@ -4,7 +4,7 @@ A spec is a small YAML file (``docs/testbed.md`` has the full description)::
 
     version: 1
     name: trusted-passages-lab
-    backend: sim                 # sim (default) | qemu (not implemented yet)
+    backend: sim                 # sim (default) | qemu (real VMs, see below)
     nodes:
       - name: server
         role: server             # verifier | server | client | cryptovm | generic
@@ -16,6 +16,12 @@ A spec is a small YAML file (``docs/testbed.md`` has the full description)::
           cmdline: "console=ttyS0 ro quiet"
         policy: predicted        # predicted | path to a reference policy YAML
         tampered: null           # or e.g. {cmdline: "... init=/bin/sh"} (attack lab)
+
+With ``backend: qemu`` (``docs/qemu.md``) every node boots the guest image built
+from the top-level ``image:`` recipe (``default``: ``images/guest.yaml``) under
+OVMF, so a node's ``boot:`` block is optional and holds only ``cmdline`` (default:
+the recipe's), and ``tampered:`` may only replace ``cmdline``. The firmware,
+kernel and initrd of such a node are :class:`Artifact` objects of kind ``image``.
 
 Loading is strict, because a spec decides what a verifier will accept: unknown
 keys, duplicate keys, YAML aliases, wrong types and out-of-range values are
@@ -56,6 +62,7 @@ __all__ = [
     "ClusterSpec",
     "ClusterSpecError",
     "NodeSpec",
+    "default_recipe_path",
     "default_spec_path",
     "dump_cluster_spec",
     "load_cluster_spec",
@@ -75,8 +82,9 @@ BACKENDS = ("sim", "qemu")
 ARTIFACT_NAMES = ("firmware", "kernel", "initrd")
 DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # measure_boot.BootChain's default
 DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
+DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
 
-_TOP_KEYS = ("version", "name", "description", "backend", "nodes")
+_TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
 _NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered")
 _BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
 _ARTIFACT_KEYS = ("content", "file", "sha256")
@@ -94,14 +102,17 @@ class ClusterSpecError(EvidenceFormatError):
 
 # --- data model -------------------------------------------------------------------------
 
-ArtifactKind = Literal["content", "file", "sha256"]
+ArtifactKind = Literal["content", "file", "sha256", "image"]
 
 
 @dataclass(frozen=True)
 class Artifact:
     """One boot artifact: stand-in ``content`` text, a ``file`` to hash, or a ``sha256``.
 
-    ``where`` is the field path, for error messages about a file that cannot be read.
+    Kind ``image`` (qemu nodes only; ``value`` is ``firmware``, ``kernel`` or
+    ``initrd``) is the guest image's own file: only the qemu backend, which
+    builds the image, knows its digest. ``where`` is the field path, for error
+    messages about a file that cannot be read.
     """
 
     kind: ArtifactKind
@@ -115,6 +126,9 @@ class Artifact:
             return hashlib.sha256(data).digest(), len(data)
         if self.kind == "sha256":
             return bytes.fromhex(self.value), None
+        if self.kind == "image":
+            raise ClusterSpecError(f"{self.where}: the guest image's {self.value} is measured "
+                                   "by the qemu backend only (backend: qemu)")
         return _hash_file(Path(self.value), self.where)
 
     def to_dict(self) -> dict[str, str]:
@@ -132,7 +146,8 @@ class BootSpec:
     firmware_version: str = DEFAULT_FIRMWARE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in ARTIFACT_NAMES}
+        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in ARTIFACT_NAMES
+                               if getattr(self, name).kind != "image"}  # implied by backend
         out["cmdline"] = self.cmdline
         if self.firmware_version != DEFAULT_FIRMWARE_VERSION:
             out["firmware_version"] = self.firmware_version
@@ -198,6 +213,7 @@ class ClusterSpec:
     backend: str = "sim"
     description: str = ""
     version: int = SPEC_VERSION
+    image: Path | None = None  # qemu: the guest image recipe (None for sim)
 
     def node(self, name: str) -> NodeSpec:
         for node in self.nodes:
@@ -209,6 +225,9 @@ class ClusterSpec:
     def with_tamper(self, node: str, override: BootOverride) -> ClusterSpec:
         """The same cluster with ``override`` merged into ``node``'s ``tampered`` block."""
         target = self.node(node)
+        if self.backend == "qemu" and override.fields() != ("cmdline",):
+            raise ClusterSpecError(f"--tamper {node}: the qemu backend boots the guest image; "
+                                   "only its cmdline can be tampered")
         merged = target.tampered.merged(override) if target.tampered else override
         nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
         return replace(self, nodes=nodes)
@@ -218,6 +237,8 @@ class ClusterSpec:
         if self.description:
             out["description"] = self.description
         out["backend"] = self.backend
+        if self.image is not None:
+            out["image"] = str(self.image)
         out["nodes"] = [n.to_dict() for n in self.nodes]
         return out
 
@@ -255,18 +276,28 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def default_spec_path() -> Path:
-    """The shipped example (verifier, server, client), the default of ``testbed up``."""
-    resource = resources.files("testbed").joinpath(DEFAULT_SPEC_RESOURCE)
-    path = Path(str(resource))
+def default_spec_path(backend: str = "sim") -> Path:
+    """The shipped example of ``testbed up`` for ``backend``.
+
+    sim: verifier, server, client; qemu: cryptovm, server, client as real VMs.
+    """
+    name = DEFAULT_SPEC_RESOURCES[backend]
+    path = Path(str(resources.files("testbed").joinpath(name)))
     if not path.is_file():
-        raise ClusterSpecError(f"the default cluster spec {DEFAULT_SPEC_RESOURCE} is missing "
+        raise ClusterSpecError(f"the default cluster spec {name} is missing "
                                "from the installed testbed package")
     return path
 
 
-def load_cluster_spec(path: Path) -> ClusterSpec:
-    """Read, parse and validate the spec at ``path``."""
+def default_recipe_path() -> Path:
+    """The guest image recipe ``image: default`` means (``images/guest.yaml``)."""
+    from testbed.qemu.recipe import DEFAULT_RECIPE
+
+    return DEFAULT_RECIPE
+
+
+def load_cluster_spec(path: Path, backend: str | None = None) -> ClusterSpec:
+    """Read, parse and validate the spec at ``path``; ``backend`` overrides the spec's."""
     path = Path(path).absolute()
     try:
         with path.open("rb") as handle:
@@ -279,15 +310,18 @@ def load_cluster_spec(path: Path) -> ClusterSpec:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ClusterSpecError(f"cluster spec {path}: not UTF-8 (byte {exc.start})") from None
-    return parse_cluster_spec(text, base_dir=path.parent)
+    return parse_cluster_spec(text, base_dir=path.parent, backend=backend)
 
 
-def parse_cluster_spec(text: str, base_dir: Path) -> ClusterSpec:
-    """Parse spec text; relative paths in it are resolved against ``base_dir``."""
+def parse_cluster_spec(text: str, base_dir: Path, backend: str | None = None) -> ClusterSpec:
+    """Parse spec text; relative paths in it are resolved against ``base_dir``.
+
+    ``backend`` (``testbed up --backend``) replaces the spec's ``backend:``.
+    """
     if len(text) > MAX_SPEC_BYTES:
         raise ClusterSpecError(f"spec: larger than {MAX_SPEC_BYTES} characters")
     document = _parse_yaml(text)
-    return _cluster(document, Path(base_dir).absolute())
+    return _cluster(document, Path(base_dir).absolute(), backend)
 
 
 def _parse_yaml(text: str) -> object:
@@ -301,27 +335,47 @@ def _parse_yaml(text: str) -> object:
         raise ClusterSpecError(f"spec: invalid YAML value: {_one_line(str(exc))}") from None
 
 
-def _cluster(document: object, base: Path) -> ClusterSpec:
+def _cluster(document: object, base: Path, backend_override: str | None = None) -> ClusterSpec:
     doc = _mapping(document, "spec", _TOP_KEYS)
     version = doc.get("version")
     if isinstance(version, bool) or version != SPEC_VERSION:
         raise ClusterSpecError(f"version: {_show(version)} is not supported (must be "
                                f"{SPEC_VERSION})")
     name = _name(doc.get("name"), "name")
-    backend = doc.get("backend", "sim")
+    backend = backend_override or doc.get("backend", "sim")
     if backend not in BACKENDS:
         raise ClusterSpecError(f"backend: {_show(backend)} is not one of {', '.join(BACKENDS)}")
     description = _text(doc.get("description", ""), "description", 500)
-    nodes = _nodes(doc.get("nodes"), base)
-    return ClusterSpec(name, nodes, str(backend), description)
+    image = _image(doc, base) if backend == "qemu" else None
+    if image is None and "image" in doc:
+        raise ClusterSpecError("image: only a qemu cluster boots a guest image (backend: qemu)")
+    image_cmdline = _recipe_cmdline(image) if image is not None else None
+    nodes = _nodes(doc.get("nodes"), base, image_cmdline)
+    return ClusterSpec(name, nodes, str(backend), description, image=image)
 
 
-def _nodes(value: object, base: Path) -> tuple[NodeSpec, ...]:
+def _image(doc: dict[str, object], base: Path) -> Path:
+    value = doc.get("image", "default")
+    return default_recipe_path() if value == "default" else _path(value, "image", base)
+
+
+def _recipe_cmdline(recipe: Path) -> str:
+    """The recipe's command line: what a qemu node boots unless its spec says otherwise."""
+    from testbed.qemu.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe).cmdline
+    except RecipeError as exc:
+        raise ClusterSpecError(f"image: {exc}") from None
+
+
+def _nodes(value: object, base: Path, image_cmdline: str | None) -> tuple[NodeSpec, ...]:
     if not isinstance(value, list) or not value:
         raise ClusterSpecError(f"nodes: expected a non-empty list of nodes, got {_kind(value)}")
     if len(value) > MAX_NODES:
         raise ClusterSpecError(f"nodes: more than {MAX_NODES} nodes")
-    nodes = tuple(_node(item, f"nodes[{i}]", base) for i, item in enumerate(value))
+    nodes = tuple(_node(item, f"nodes[{i}]", base, image_cmdline)
+                  for i, item in enumerate(value))
     seen: set[str] = set()
     for i, node in enumerate(nodes):
         if node.name in seen:
@@ -330,19 +384,46 @@ def _nodes(value: object, base: Path) -> tuple[NodeSpec, ...]:
     return nodes
 
 
-def _node(value: object, path: str, base: Path) -> NodeSpec:
+def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> NodeSpec:
+    """A node; ``image_cmdline`` is set for qemu nodes (the guest image's command line)."""
     doc = _mapping(value, path, _NODE_KEYS)
     name = _name(doc.get("name"), f"{path}.name")
     role = doc.get("role", "generic")
     if role not in ROLE_NAMES:
         raise ClusterSpecError(f"{path}.role: {_show(role)} is not one of {', '.join(ROLE_NAMES)}")
     network = _name(doc.get("network", "lab0"), f"{path}.network")
-    if "boot" not in doc:
+    if image_cmdline is not None:
+        boot = _image_boot(doc.get("boot"), f"{path}.boot", image_cmdline)
+        _image_only(doc.get("tampered"), f"{path}.tampered")
+    elif "boot" not in doc:
         raise ClusterSpecError(f"{path}.boot: missing")
-    boot = _boot(doc["boot"], f"{path}.boot", base)
+    else:
+        boot = _boot(doc["boot"], f"{path}.boot", base)
     policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
     tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
     return NodeSpec(name, str(role), boot, network, policy, tampered)
+
+
+def _image_only(value: object, path: str) -> None:
+    """A qemu node's boot/tampered block may only name a command line."""
+    if isinstance(value, dict):
+        for key in value:
+            if key in _BOOT_KEYS and key != "cmdline":
+                raise ClusterSpecError(
+                    f"{path}.{key}: a qemu node boots the guest image's own firmware, kernel "
+                    "and initrd; only cmdline may be given (change the image with the "
+                    "spec's `image:` recipe, or use backend: sim)")
+
+
+def _image_boot(value: object, path: str, image_cmdline: str) -> BootSpec:
+    """A qemu node's boot: the guest image, with the spec's command line if it has one."""
+    if value is not None:
+        _image_only(value, path)
+        _mapping(value, path, ("cmdline",))
+    doc = value if isinstance(value, dict) else {}
+    cmdline = _text(doc.get("cmdline", image_cmdline), f"{path}.cmdline", MAX_TEXT_CHARS)
+    firmware, kernel, initrd = (Artifact("image", k, f"{path}.{k}") for k in ARTIFACT_NAMES)
+    return BootSpec(firmware, kernel, initrd, cmdline)
 
 
 def _boot(value: object, path: str, base: Path) -> BootSpec:

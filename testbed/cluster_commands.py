@@ -1,5 +1,9 @@
 """CLI handlers for the cluster commands: ``testbed up | status | attest | down``.
 
+Each command works on sim clusters (:mod:`testbed.sim`) and on qemu clusters of
+real VMs (:mod:`testbed.qemu.cluster`); which one a cluster is comes from its
+spec (``backend:``), or ``testbed up --backend``.
+
 Wiring: ``testbed.cli.build_parser`` calls :func:`register_cluster_commands` with
 its subparsers object. Until then (and for development), the same commands run
 as ``python -m testbed.cluster_commands [--workdir DIR] COMMAND ...``.
@@ -10,18 +14,26 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from testbed import sim
-from testbed.cluster import default_spec_path, load_cluster_spec, parse_tamper
+from testbed.cluster import (
+    BACKENDS,
+    ClusterSpec,
+    default_spec_path,
+    load_cluster_spec,
+    parse_tamper,
+)
 from testbed.errors import StateError
 from testbed.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
 from testbed.output import emit, print_report
 from testbed.progress import Progress
 from testbed.workdir import resolve_workdir
 
-__all__ = ["cmd_attest", "cmd_down", "cmd_status", "cmd_up", "register_cluster_commands"]
+if TYPE_CHECKING:
+    from testbed.qemu import cluster as qemu_cluster
 
+__all__ = ["cmd_attest", "cmd_down", "cmd_status", "cmd_up", "register_cluster_commands"]
 
 
 # ==== register_cluster_commands: the one entry point testbed/cli.py calls =====================
@@ -32,11 +44,16 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
 
     The handlers read ``args.workdir`` (the top-level ``--workdir`` option).
     """
-    p = sub.add_parser("up", help="bring a cluster of sim nodes up (idempotent)",
-                       description="Start every node of a cluster spec (each a process with its "
-                                   "own swtpm and measured boot) and register their AKs.")
+    p = sub.add_parser("up", help="bring a cluster of sim nodes or VMs up (idempotent)",
+                       description="Start every node of a cluster spec (sim: each a process with "
+                                   "its own swtpm and measured boot; qemu: a VM with OVMF and a "
+                                   "vTPM, booted in parallel, then attested) and register their "
+                                   "AKs.")
     p.add_argument("spec", nargs="?", type=Path,
-                   help="cluster spec YAML (default: the shipped 3-node example)")
+                   help="cluster spec YAML (default: the shipped 3-node example of the backend)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="run the spec on this backend instead of its `backend:` (qemu: real "
+                        "VMs that keep running until `testbed down`)")
     p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
                    help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
                         "or server=kernel:content=evil (repeatable)")
@@ -79,15 +96,68 @@ def _add_cluster(parser: argparse.ArgumentParser) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     workdir = resolve_workdir(args.workdir)
-    spec = load_cluster_spec(args.spec or default_spec_path())
+    backend = getattr(args, "backend", None)
+    spec = load_cluster_spec(args.spec or default_spec_path(backend or "sim"), backend=backend)
     for text in args.tamper:
         node, override = parse_tamper(text)
         spec = spec.with_tamper(node, override)
+    if spec.backend == "qemu":
+        return _qemu_up(args, workdir, spec)
     result = sim.up(workdir, spec, progress=Progress(quiet=args.json))
     emit(args, result.to_dict(), lambda: _print_up(result))
     if not result.ok and args.json:
         _print_failures(result)  # stderr: the JSON on stdout already has the details
     return EXIT_OK if result.ok else EXIT_ENVIRONMENT
+
+
+def _qemu_up(args: argparse.Namespace, workdir: Path, spec: ClusterSpec) -> int:
+    from testbed.qemu import cluster as qemu_cluster
+
+    result = qemu_cluster.up(workdir, spec, progress=Progress(quiet=args.json))
+    emit(args, result.to_dict(), lambda: _print_qemu_up(result))
+    if args.json:
+        _print_qemu_failures(result)  # stderr: the JSON on stdout already has the details
+    if not result.ok:
+        return EXIT_ENVIRONMENT
+    return EXIT_REJECTED if result.rejected else EXIT_OK
+
+
+def _print_qemu_up(result: qemu_cluster.QemuUpResult) -> None:
+    print(f"cluster {result.cluster} ({result.directory}): qemu, {result.accel} "
+          f"({result.accel_reason}), image {result.image[:16]}")
+    print(f"  {'NODE':<12} {'ROLE':<9} {'ACTION':<8} {'DOMAIN':<28} {'PORT':>5} {'BOOT':>6}  "
+          "ATTESTATION")
+    for n in result.nodes:
+        boot = f"{n.boot_seconds:.1f}s" if n.boot_seconds is not None else "-"
+        verdict = {True: "accepted", False: f"REJECTED ({n.failed_check})", None: "-"}[n.attested]
+        tampered = f"  TAMPERED: {', '.join(n.tampered)}" if n.tampered else ""
+        print(f"  {n.name:<12} {n.role:<9} {n.action:<8} {n.domain:<28} {n.agent_port or '-'!s:>5} "
+              f"{boot:>6}  {verdict}{tampered}")
+        if n.detail and not n.attested:
+            print(f"  {'':<12} {n.detail[:300]}")
+        if n.note:
+            print(f"  {'':<12} note: {n.note}")
+    print(f"  {sum(bool(n.attested) for n in result.nodes)}/{len(result.nodes)} attested, "
+          f"{result.vm_seconds:.1f} s from the first define ({result.seconds:.1f} s in all); "
+          "the VMs keep running (`testbed status`, `testbed down`)")
+    _print_qemu_failures(result)
+
+
+def _print_qemu_failures(result: qemu_cluster.QemuUpResult) -> None:
+    for n in result.nodes:
+        if n.action == "failed":
+            print(f"testbed up: node {n.name} failed: {n.error}", file=sys.stderr)
+            for line in (n.console_tail or "").splitlines():
+                print(f"    console: {line}", file=sys.stderr)
+    for name in result.rejected:
+        print(f"testbed up: node {name} booted its spec's honest command line but failed "
+              "attestation; see `testbed attest " + name + "`", file=sys.stderr)
+
+
+def _backend(workdir: Path, cluster: str) -> str:
+    from testbed.qemu.cluster import cluster_backend
+
+    return cluster_backend(sim.ClusterPaths(workdir, cluster))
 
 
 def _print_up(result: sim.UpResult) -> None:
@@ -124,6 +194,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if cluster is None:
         emit(args, {"cluster": None, "nodes": []}, lambda: print("no cluster (`testbed up`)"))
         return EXIT_OK
+    if _backend(workdir, cluster) == "qemu":
+        from testbed.qemu.cluster import status as qemu_status
+
+        vms = qemu_status(workdir, cluster)
+        emit(args, {"cluster": cluster, "backend": "qemu", "nodes": [n.to_dict() for n in vms]},
+             lambda: _print_qemu_status(cluster, vms))
+        return EXIT_OK
     nodes = sim.status(workdir, cluster)
     data = {"cluster": cluster, "nodes": [n.to_dict() for n in nodes]}
     emit(args, data, lambda: _print_status(cluster, nodes))
@@ -145,6 +222,23 @@ def _print_status(cluster: str, nodes: list[sim.NodeStatus]) -> None:
         print(f"  agents: {Path(nodes[0].agent).parent.parent.parent}/<node>/run/agent.sock")
 
 
+def _print_qemu_status(cluster: str, vms: list[qemu_cluster.VmStatus]) -> None:
+    print(f"cluster {cluster} (qemu)")
+    print(f"  {'NODE':<12} {'ROLE':<9} {'STATE':<9} {'ACCEL':<5} {'QEMU':>7} {'SWTPM':>7} "
+          f"{'PORT':>5} {'BOOT':>6}  {'AGENT':<13} LAST ATTESTATION")
+    for n in vms:
+        boot = f"{n.boot_seconds:.1f}s" if n.boot_seconds is not None else "-"
+        print(f"  {n.name:<12} {n.role:<9} {n.state:<9} {n.accel or '-':<5} "
+              f"{n.qemu_pid or '-'!s:>7} {n.swtpm_pid or '-'!s:>7} {n.agent_port or '-'!s:>5} "
+              f"{boot:>6}  {n.agent or '-':<13} {_last(n.last_attestation)}")
+        if n.tampered:
+            print(f"  {'':<12} TAMPERED boot: cmdline {n.cmdline!r}")
+    if any(n.booted_at for n in vms):
+        print("  domains (virsh -c qemu:///system list --all): "
+              + ", ".join(n.domain for n in vms if n.booted_at))
+        print("  TPM: swtpm run by libvirt, EK certificates from the work dir's CA")
+
+
 def _last(last: dict[str, Any] | None) -> str:
     if not last:
         return "-"
@@ -160,7 +254,12 @@ def cmd_attest(args: argparse.Namespace) -> int:
     cluster = sim.select_cluster(workdir, args.cluster)
     if cluster is None:
         raise StateError("no cluster in the work directory; bring one up with `testbed up`")
-    result = sim.attest(workdir, cluster, args.node, policy_path=args.policy)
+    if _backend(workdir, cluster) == "qemu":
+        from testbed.qemu.cluster import attest as qemu_attest
+
+        result = qemu_attest(workdir, cluster, args.node, policy_path=args.policy)
+    else:
+        result = sim.attest(workdir, cluster, args.node, policy_path=args.policy)
     title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
     emit(args, result.to_dict(), lambda: print_report(result.report, title))
     return EXIT_OK if result.report.ok else EXIT_REJECTED
@@ -176,9 +275,28 @@ def cmd_down(args: argparse.Namespace) -> int:
         emit(args, {"ok": True, "cluster": None, "nodes": []},
              lambda: print("no cluster to stop"))
         return EXIT_OK
+    if _backend(workdir, cluster) == "qemu":
+        from testbed.qemu.cluster import down as qemu_down
+
+        vms = qemu_down(workdir, cluster, purge=args.purge)
+        emit(args, vms.to_dict(), lambda: _print_qemu_down(vms))
+        return EXIT_OK if not vms.leftovers else EXIT_ENVIRONMENT
     result = sim.down(workdir, cluster, purge=args.purge)
     emit(args, result.to_dict(), lambda: _print_down(result))
     return EXIT_OK if not result.leftovers else EXIT_ENVIRONMENT
+
+
+def _print_qemu_down(result: qemu_cluster.QemuDownResult) -> None:
+    print(f"removed {len(result.nodes)} domain(s) with their vTPM and NVRAM: "
+          f"{', '.join(result.nodes) or '-'}")
+    if result.leftovers:
+        pids = ", ".join(f"{p.kind} {p.pid} ({p.node})" for p in result.leftovers)
+        print(f"testbed down: still running after SIGKILL: {pids}", file=sys.stderr)
+        return
+    print(f"cluster {result.cluster}: no QEMU or swtpm process left (checked /proc)")
+    print(result.daemons)
+    print("removed all cluster state" if result.purged else
+          "kept registry, policies and attestation history (--purge removes them)")
 
 
 def _print_down(result: sim.DownResult) -> None:

@@ -6,11 +6,18 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from testbed.attacks.lab import Lab
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
 from testbed.errors import StateError
 from testbed.progress import Progress
+from testbed.workdir import resolve_workdir
+
+if TYPE_CHECKING:
+    from testbed.qemu.attack import QemuAttack
+
+QEMU_SCENARIOS = ("tampered-boot",)
 
 
 def register_attack_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,8 +30,9 @@ def register_attack_commands(sub: argparse._SubParsersAction) -> None:  # type: 
                    help=f"scenario(s): {', '.join(SCENARIOS)}")
     p.add_argument("--all", action="store_true", help="run every scenario")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    p.add_argument("--backend", choices=["sim"], default="sim",
-                   help="where the lab's machines run (default: %(default)s)")
+    p.add_argument("--backend", choices=["sim", "qemu"], default="sim",
+                   help="where the lab's machines run (default: %(default)s; qemu: real VMs, "
+                        f"scenario {', '.join(QEMU_SCENARIOS)})")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_attack)
 
@@ -40,6 +48,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise StateError(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)} "
                          "or pass --all" if unknown else
                          "name a scenario or pass --all (see `testbed attack --list`)")
+    if args.backend == "qemu":
+        return _qemu_attack(args, names)
     results, baseline, seconds = run_lab(names, quiet=args.json)
     ok = all(r.as_expected for r in results)
     if args.json:
@@ -50,6 +60,45 @@ def cmd_attack(args: argparse.Namespace) -> int:
         print(f"\n{len(results)} scenario(s) in {seconds:.1f} s: "
               f"{'every attack caught by Trusted Passages' if ok else 'UNEXPECTED OUTCOMES'}")
     return 0 if ok else 1
+
+
+def _qemu_attack(args: argparse.Namespace, names: Sequence[str]) -> int:
+    """Real VMs: only the scenarios that need no Trusted Passages inside the guests."""
+    from testbed.qemu.attack import tampered_boot
+
+    other = [n for n in names if n not in QEMU_SCENARIOS]
+    if other:
+        raise StateError(f"with --backend qemu only {', '.join(QEMU_SCENARIOS)} runs (the "
+                         f"others need Trusted Passages inside the guests): drop "
+                         f"{', '.join(other)}, or use --backend sim")
+    started = time.monotonic()
+    attack = tampered_boot(resolve_workdir(getattr(args, "workdir", None)),
+                           progress=Progress(quiet=args.json))
+    seconds = round(time.monotonic() - started, 1)
+    baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
+        (attack.baseline.failure.detail if attack.baseline.failure else
+         "an honest VM of the same image satisfies the predicted policy")
+    if args.json:
+        print(json.dumps({"ok": attack.ok, "backend": "qemu", "seconds": seconds,
+                          "genuine_channel": baseline, "qemu": attack.details,
+                          "results": [attack.result.to_dict()]}, indent=2))
+    else:
+        _print_qemu(attack, baseline, seconds)
+    return 0 if attack.ok else 1
+
+
+def _print_qemu(attack: QemuAttack, baseline: str, seconds: float) -> None:
+    r, d = attack.result, attack.details
+    print(f"\naccelerator: {d['accel']} ({d['accel_reason']})")
+    print(f"honest VM ({d['honest_cmdline']!r}): {baseline}")
+    print(f"tampered VM ({d['tampered_cmdline']!r}):")
+    print(f"  without attestation: {r.plain.detail}")
+    verdict = "ACCEPTED (!)" if r.trusted_passages.attack_succeeded else \
+        f"REJECTED by check '{r.trusted_passages.caught_by}'"
+    print(f"  attestation: {verdict}")
+    print(f"    {r.trusted_passages.detail}")
+    print(f"\n1 scenario in {seconds:.1f} s: "
+          f"{'the tampered boot was caught' if attack.ok else 'UNEXPECTED OUTCOME'}")
 
 
 def run_lab(names: Sequence[str], quiet: bool = False

@@ -11,7 +11,9 @@ Typical use::
         assert report.ok
 
 Everything the backend starts (domains, their swtpm and QEMU processes, and the
-libvirt daemons if it had to start them) is stopped by :meth:`QemuBackend.close`.
+libvirt daemons if it had to start them) is stopped by :meth:`QemuBackend.close`,
+except after :meth:`QemuBackend.release`, which hands VMs and daemons over to a
+longer-lived owner (the qemu clusters of :mod:`testbed.qemu.cluster`).
 """
 
 from __future__ import annotations
@@ -182,13 +184,30 @@ class QemuBackend:
             self.conn.close()
         self.daemons.stop()
 
+    def release(self) -> None:
+        """Leave every VM and daemon running, forgotten by this backend; close libvirt.
+
+        For VMs that outlive this process (``testbed up --backend qemu``): their
+        owner stops them later by domain name, and the daemons by their pid files
+        in ``<workdir>/run/libvirt``.
+        """
+        self.nodes.clear()
+        self.daemons.started.clear()
+        self.close()
+
     def stop(self, name: str) -> None:
         node = self.nodes.pop(name, None)
         if node is not None:
             node.vm.destroy()
 
-    def boot(self, name: str, image: ImageArtifacts, *, cmdline: str | None = None) -> QemuNode:
-        """Define and start a VM (returns at once; :meth:`wait` for its agent)."""
+    def boot(self, name: str, image: ImageArtifacts, *, cmdline: str | None = None,
+             domain: str | None = None, run_dir: Path | None = None) -> QemuNode:
+        """Define and start a VM (returns at once; :meth:`wait` for its agent).
+
+        ``domain`` (default ``testbed-<name>``) and ``run_dir`` (default
+        ``<workdir>/qemu/<name>``, console log and NVRAM) let clusters keep
+        their VMs apart from other testbed runs.
+        """
         if not _NAME.fullmatch(name):
             raise ValueError(f"node name {name!r} must match {_NAME.pattern}")
         started = time.monotonic()
@@ -197,9 +216,9 @@ class QemuBackend:
                 raise StateError(f"node {name!r} is already running")
             for attempt in range(PORT_ATTEMPTS):
                 spec = VmSpec(
-                    name=f"{DOMAIN_PREFIX}{name}", kernel=image.kernel, initrd=image.initrd,
-                    cmdline=image.cmdline if cmdline is None else cmdline,
-                    run_dir=self.workdir / "qemu" / name, agent_port=self._port(),
+                    name=domain or f"{DOMAIN_PREFIX}{name}", kernel=image.kernel,
+                    initrd=image.initrd, cmdline=image.cmdline if cmdline is None else cmdline,
+                    run_dir=run_dir or self.workdir / "qemu" / name, agent_port=self._port(),
                     guest_port=image.agent_port, accel=self.accel, firmware=self.firmware,
                     memory_mib=self.memory_mib)  # fmt: skip
                 try:

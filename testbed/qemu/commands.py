@@ -72,11 +72,19 @@ def register_qemu_commands(sub: Any) -> None:
 
 
 def _image(args: argparse.Namespace, *, force: bool = False) -> Any:
-    from testbed.qemu.image import build_image
+    from testbed.qemu.image import build_image, image_cache
     from testbed.qemu.recipe import DEFAULT_RECIPE, load_recipe
 
     recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
-    return build_image(resolve_workdir(args.workdir), recipe, force=force)
+    return build_image(image_cache(resolve_workdir(args.workdir)), recipe, force=force)
+
+
+def _backend(args: argparse.Namespace) -> Any:
+    from testbed.qemu.backend import QemuBackend
+    from testbed.qemu.image import image_cache
+
+    workdir = resolve_workdir(args.workdir)
+    return QemuBackend(workdir, reference_dir=image_cache(workdir) / "firmware")
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -99,10 +107,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_qemu_policy(args: argparse.Namespace) -> int:
-    from testbed.qemu.backend import QemuBackend
-
     image = _image(args)
-    with QemuBackend(resolve_workdir(args.workdir)) as backend:
+    with _backend(args) as backend:
         policy = backend.predicted_policy(image)
     args.output.write_text(dump_policy(policy))
     print(f"wrote {args.output} ({len(policy.events)} expected events, PCRs 0-9)")
@@ -110,12 +116,10 @@ def cmd_qemu_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_qemu_attest(args: argparse.Namespace) -> int:
-    from testbed.qemu.backend import QemuBackend
-
     if not 1 <= args.nodes <= 8:
         raise SystemExit("testbed qemu attest: --nodes must be 1..8")
     image = _image(args)
-    with QemuBackend(resolve_workdir(args.workdir)) as backend:
+    with _backend(args) as backend:
         policy = backend.predicted_policy(image)
         started = time.monotonic()
         nodes = [backend.boot(f"vm{i}", image, cmdline=image.cmdline + args.append)

@@ -50,6 +50,7 @@ __all__ = [
     "build_image",
     "cached_image",
     "host_debian_sources",
+    "image_cache",
     "image_digest",
     "register_image_commands",
 ]
@@ -59,6 +60,13 @@ MMDEBSTRAP_TIMEOUT_S = 1800
 _SOURCES_FILES = ("etc/apt/sources.list", "etc/apt/sources.list.d/*.list",
                   "etc/apt/sources.list.d/*.sources")
 _DEFAULT_MIRRORS = ("http://deb.debian.org/debian", "http://deb.debian.org/debian-security")
+
+
+def image_cache(workdir: Path) -> Path:
+    """Where guest images and firmware references live: ``$TESTBED_IMAGE_CACHE``, else
+    the work directory. One cache serves every work directory (an image takes 30-90 s
+    to build, a firmware reference a VM boot)."""
+    return Path(os.environ.get("TESTBED_IMAGE_CACHE") or workdir).absolute()
 
 
 class ImageBuildError(StateError):
