@@ -78,11 +78,15 @@ class Lab:
         return self.results[node.name]
 
 
-def _vm_pids() -> dict[str, int]:
-    """QEMU and swtpm processes of testbed domains, from libvirt's pid files."""
+def _vm_pids(names: tuple[str, ...] = ("good", "tampered")) -> dict[str, int]:
+    """QEMU and swtpm processes of this module's domains, from libvirt's pid files.
+
+    Only ours: other runs (a qemu cluster, another test) may have VMs up meanwhile.
+    """
     pids = {}
     for pid_file in Path("/run/libvirt/qemu").rglob(f"*{DOMAIN_PREFIX}*.pid"):
-        pids[pid_file.name] = int(pid_file.read_text().split()[0])
+        if any(f"{DOMAIN_PREFIX}{name}" in pid_file.name for name in names):
+            pids[pid_file.name] = int(pid_file.read_text().split()[0])
     return pids
 
 
