@@ -2,10 +2,14 @@
 
 1. bring up the shipped cluster: every node its own process with its own swtpm,
    measured boot, EK certificate validated, AK activated by the registrar;
-2. open attested channels both ways (client -> server, server -> client) between
-   the node processes, and summarize what each side verified;
-3. run the attack lab: every scenario against plain mTLS and Trusted Passages;
-4. tear everything down (no process left, demo state removed).
+2. keyless TLS: the server and client got their TLS certificates from the cluster's
+   CryptoVM (a CA key generated inside the VSM, never leaving it) after the CryptoVM
+   verified their attestation; their service channels trust only that CA;
+3. open attested channels both ways (client -> server, server -> client) between
+   the node processes, and summarize what each side verified and which certificates
+   each end used;
+4. run the attack lab: every scenario against plain mTLS and Trusted Passages;
+5. tear everything down (no process left, demo state removed).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from testbed.attacks.lab import Lab
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
 from testbed.cluster import default_spec_path, load_cluster_spec
 from testbed.progress import Progress
-from testbed.sim import ClusterPaths, down, up
+from testbed.sim import ClusterPaths, UpResult, down, up
 
 CHANNELS = (("client", "server"), ("server", "client"))
 
@@ -41,6 +45,8 @@ def run_demo(workdir: Path, json_output: bool = False) -> int:
         summary["up_ok"] = result.ok
         paths = ClusterPaths(root, spec.name)
         summary["channels"] = [_channel(paths, a, b, progress) for a, b in CHANNELS]
+        if any(n.role == "cryptovm" for n in spec.nodes):
+            summary["keyless_tls"] = _keyless(result, summary["channels"])
         with progress.step(f"attack lab: {len(SCENARIOS)} scenarios, plain mTLS vs "
                            "Trusted Passages"):
             results, baseline = _attack_lab()
@@ -52,7 +58,8 @@ def run_demo(workdir: Path, json_output: bool = False) -> int:
     summary["teardown_clean"] = not torn.leftovers
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["ok"] = bool(summary["up_ok"] and all(c["established"] for c in summary["channels"])
-                         and all(r.as_expected for r in results) and summary["teardown_clean"])
+                         and all(r.as_expected for r in results) and summary["teardown_clean"]
+                         and summary.get("keyless_tls", {"ok": True})["ok"])
     if json_output:
         print(json.dumps(summary, indent=2))
     else:
@@ -68,6 +75,33 @@ def _channel(paths: ClusterPaths, source: str, peer: str, progress: Progress) ->
         except Exception as exc:  # reported in the summary, the demo goes on
             return {"from": source, "to": peer, "established": False, "error": str(exc)}
     return {"from": source, "to": peer, "established": True, **answer}
+
+
+def _keyless(result: UpResult, channels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which certificate each end used, and that each is the VSM-issued one.
+
+    A channel's evidence names the key the peer's quote bound (SHA-256 of the SPKI of
+    the certificate TLS verified): it must be the key of the certificate the peer got
+    at enrollment, and the trust anchor the VSM's CA only.
+    """
+    nodes = {n.name: n.enrollment for n in result.nodes if n.enrollment is not None}
+    certificates = {name: e.get("certificate") for name, e in nodes.items() if e.get("ok")}
+    ca = next((e["ca"] for e in nodes.values() if e.get("ok") and e.get("ca")), None)
+    ends = []
+    for c in channels:
+        tls = c.get("evidence", {}).get("tls", {})
+        peer = certificates.get(c["to"]) or {}
+        ends.append({"from": c["from"], "to": c["to"],
+                     "client_certificate": (tls.get("own_certificate") or {}).get("serial"),
+                     "server_certificate": peer.get("serial"),
+                     "issuer": tls.get("peer_certificate_issuer"),
+                     "server_key_is_enrolled_key":
+                         bool(peer) and tls.get("peer_tls_key_sha256") == peer.get("spki_sha256"),
+                     "keyless": bool(tls.get("keyless"))})
+    ok = (bool(nodes) and len(certificates) == len(nodes) and ca is not None
+          and ca.get("key_attestation") == "verified" and ca.get("non_exportable") is True
+          and all(e["keyless"] and e["server_key_is_enrolled_key"] for e in ends))
+    return {"ok": ok, "ca": ca, "enrollment": nodes, "channels": ends}
 
 
 def _attack_lab() -> tuple[list[ScenarioResult], str]:
@@ -95,10 +129,39 @@ def _print(summary: dict[str, Any], results: list[ScenarioResult], baseline: str
         print(f"    policy:  {e['policy']} (predicted from the node's boot chain)")
         print(f"    binding: {e['binding']}")
         print(f"    checks:  {len(e['checks'])} passed ({', '.join(e['checks'])})")
+        if "tls" in e:
+            print(f"    TLS:     {c['from']} presented certificate "
+                  f"{e['tls']['own_certificate']['serial'][:12]}…; trusted: {e['tls']['trust']}")
         print(f"    reply:   {c['reply']}")
+    if "keyless_tls" in summary:
+        _print_keyless(summary["keyless_tls"])
     print("\nAttack lab: each attack against plain mutual TLS (CA-valid certificates) and "
           "Trusted Passages")
     print_table(results, baseline)
     verdict = "everything as expected" if summary["ok"] else "NOT as expected"
     teardown = "no process left" if summary["teardown_clean"] else "PROCESSES LEFT BEHIND"
     print(f"demo finished in {summary['seconds']} s ({teardown}): {verdict}")
+
+
+def _print_keyless(keyless: dict[str, Any]) -> None:
+    ca = keyless["ca"] or {}
+    print("\nKeyless TLS: each node's TLS key was generated in the node; the CryptoVM certified "
+          "it only after verifying the node's attestation.")
+    if ca:
+        print(f"  CA:      {ca['issuer']!r}: VSM key {ca['key_id']!r} ({ca['algorithm']}, "
+              f"{'/'.join(ca['usage'])}), origin {ca['origin']}, non-exportable - its bytes "
+              f"never left the VSM (key attestation by node {ca['attested_by']!r}: "
+              f"{ca['key_attestation']}, {len(ca['checks'])} checks)")
+    for name, enrollment in keyless["enrollment"].items():
+        if not enrollment.get("ok"):
+            print(f"  {name}: NOT enrolled: {enrollment.get('error')}")
+            continue
+        cert = enrollment["certificate"]
+        print(f"  {name}: certificate {cert['serial'][:12]}… CN {cert['subject']!r}, issued by "
+              f"{cert['issuer']!r}, valid until {cert['not_after']}")
+    for end in keyless["channels"]:
+        same = "yes" if end["server_key_is_enrolled_key"] else "NO"
+        print(f"  {end['from']} -> {end['to']}: {end['from']} used "
+              f"{(end['client_certificate'] or '-')[:12]}…, {end['to']} used "
+              f"{(end['server_certificate'] or '-')[:12]}… (attested TLS key is the enrolled "
+              f"one: {same})")

@@ -124,18 +124,19 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 def test_up_brings_every_node_up_with_its_own_tpm(lab: Lab) -> None:
     nodes = lab.node_status()
-    assert list(nodes) == ["verifier", "server", "client"]
+    assert list(nodes) == ["verifier", "server", "client", "cryptovm"]
     assert all(n["state"] == "running" for n in nodes.values())
     pids = [n["pid"] for n in nodes.values()] + [n["swtpm_pid"] for n in nodes.values()]
-    assert len(set(pids)) == 6 and all(alive(p) for p in pids)
+    assert len(set(pids)) == 8 and all(alive(p) for p in pids)
     found = {(p.kind, p.node): p.pid for p in cluster_processes(lab.paths)}
     assert found == {**{("node", k): v["pid"] for k, v in nodes.items()},
                      **{("swtpm", k): v["swtpm_pid"] for k, v in nodes.items()}}
     assert nodes["client"]["tampered"] == ["cmdline"] and nodes["server"]["tampered"] == []
     assert nodes["server"]["service"].startswith("Trusted Passages tp13 on 127.0.0.1:")
     assert nodes["verifier"]["service"] == "none"
+    assert nodes["cryptovm"]["service"].startswith("CryptoVM: CVM1 on 127.0.0.1:")
     registry = json.loads(lab.paths.registry.read_text())
-    assert sorted(registry) == ["client", "server", "verifier"]
+    assert sorted(registry) == ["client", "cryptovm", "server", "verifier"]
     assert mode(lab.paths.registry) == 0o600 and mode(lab.paths.root) == 0o700
     assert mode(lab.paths.node("server").socket) == 0o600
     info = json.loads(lab.paths.node("client").info.read_text())
@@ -281,7 +282,7 @@ def test_up_twice_leaves_running_nodes_alone(lab: Lab) -> None:
     rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
     assert rc == 0, err
     result = json.loads(out)
-    assert [n["action"] for n in result["nodes"]] == ["kept"] * 3
+    assert [n["action"] for n in result["nodes"]] == ["kept"] * 4
     assert all(n["registered"] for n in result["nodes"])
     assert {k: v["pid"] for k, v in lab.node_status().items()} == {
         k: v["pid"] for k, v in before.items()}
@@ -301,7 +302,7 @@ def test_node_stops_when_its_swtpm_dies_and_up_restarts_it(lab: Lab) -> None:
     assert lab.node_status()["verifier"]["state"] == "failed"
     rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
     assert rc == 0, err
-    assert [n["action"] for n in json.loads(out)["nodes"]] == ["started", "kept", "kept"]
+    assert [n["action"] for n in json.loads(out)["nodes"]] == ["started", "kept", "kept", "kept"]
     new = lab.node_status()["verifier"]
     assert new["state"] == "running" and new["pid"] != old["pid"]
     rc, out, _ = run_cli(lab.workdir, "attest", "verifier")
@@ -324,10 +325,10 @@ def test_down_leaves_no_process_and_keeps_only_tpm_state(lab: Lab) -> None:
     result = json.loads(out)
     assert result["ok"] and result["leftover_pids"] == []
     assert {n["name"]: n["stopped_by"] for n in result["nodes"]} == {
-        "client": None, "server": "agent", "verifier": "agent"}
+        "client": None, "server": "agent", "verifier": "agent", "cryptovm": "agent"}
     assert [p for p in lab.seen_pids if alive(p)] == []
     assert cluster_processes(lab.paths) == []
-    for node in ("verifier", "server", "client"):
+    for node in ("verifier", "server", "client", "cryptovm"):
         assert not lab.paths.node(node).run.exists()
         assert (lab.paths.node(node).state / "tpm2-00.permall").is_file()
     assert {n["state"] for n in lab.node_status().values()} == {"down"}

@@ -74,11 +74,12 @@ class RecordingClient:
 # --- the shipped example and round trips ------------------------------------------------------
 
 
-def test_default_spec_is_the_three_node_lab() -> None:
+def test_default_spec_is_the_four_node_lab() -> None:
     spec = load_cluster_spec(default_spec_path())
     assert spec.backend == "sim"
     assert [(n.name, n.role) for n in spec.nodes] == [
-        ("verifier", "verifier"), ("server", "server"), ("client", "client")]
+        ("verifier", "verifier"), ("server", "server"), ("client", "client"),
+        ("cryptovm", "cryptovm")]
     assert all(n.tampered is None and n.policy is None for n in spec.nodes)
 
 
