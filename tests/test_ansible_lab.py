@@ -455,7 +455,9 @@ def test_teardown_removes_the_clusters_domains_on_every_libvirt_host(
     remote = (f"qemu+ssh://root@127.0.0.1:{hosts[0].port}/system"
               f"?keyfile={user_key}&command={wrapper}")
     tag = f"tb{os.getpid()}"
-    domains = {f"testbed-{tag}-srv": remote, f"testbed-{tag}-cli": local, f"{tag}-other": local}
+    # A cluster domain (testbed-<cluster>.<node>.<work dir tag>) and a single VM's name.
+    srv = f"testbed-trusted-passages-lab.{tag}-srv.0123abcd"
+    domains = {srv: remote, f"testbed-{tag}-cli": local, f"{tag}-other": local}
     inventory = tmp_path / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"all": {"children": {
         "testbed_lab": {"hosts": {"localhost": {
@@ -473,14 +475,14 @@ def test_teardown_removes_the_clusters_domains_on_every_libvirt_host(
             xml = tmp_path / f"{name}.xml"
             xml.write_text(DOMAIN_XML.format(name=name))
             _virsh(local, "define", str(xml))
-        _virsh(remote, "start", f"testbed-{tag}-srv")  # through the sshd: a running VM
-        assert "running" in _virsh(local, "domstate", f"testbed-{tag}-srv")
+        _virsh(remote, "start", srv)  # through the sshd: a running VM
+        assert "running" in _virsh(local, "domstate", srv)
 
         first = run_playbook("teardown.yml", inventory, {}, tmp_path)
         assert first.returncode == 0, first.explain()
         assert first.recap["localhost"]["changed"] > 0
         listed = _virsh(local, "list", "--all", "--name").split()
-        assert f"testbed-{tag}-srv" not in listed and f"testbed-{tag}-cli" not in listed
+        assert srv not in listed and f"testbed-{tag}-cli" not in listed
         assert f"{tag}-other" in listed  # not this cluster's: untouched
 
         second = run_playbook("teardown.yml", inventory, {}, tmp_path)
