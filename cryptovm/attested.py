@@ -56,6 +56,15 @@ def serve_stream(vm: CryptoVm, session: VsmSession, recv: Recv, send: Send) -> i
     return answered
 
 
+def refuse_stream(recv: Recv, send: Send, error: AccessDenied) -> None:
+    """No session (e.g. the node's account is disabled): answer the first requests with
+    ``error``, then stop. Answering before closing lets the peer read why."""
+    bodies, _ = FrameDecoder(MAX_BODY).feed(recv())
+    frames = [encode_error(peek_id(body), error.code, error.reason, error.check)
+              for body in bodies] or [encode_error(None, error.code, error.reason, error.check)]
+    send(b"".join(frames))
+
+
 def _answer(vm: CryptoVm, session: VsmSession, body: bytes) -> bytes:
     try:
         request = decode_request(body)
@@ -123,4 +132,4 @@ class StreamClient:
         return self._bodies.pop(0)
 
 
-__all__ = ["Recv", "Send", "StreamClient", "serve_stream"]
+__all__ = ["Recv", "Send", "StreamClient", "refuse_stream", "serve_stream"]

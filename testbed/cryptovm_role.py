@@ -42,8 +42,8 @@ from cryptography.x509.oid import NameOID
 from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.tpm import TpmClient
 from attestation.verifier import QuoteVerifier
-from cryptovm.attested import StreamClient, serve_stream
-from cryptovm.errors import SealedStorageError
+from cryptovm.attested import StreamClient, refuse_stream, serve_stream
+from cryptovm.errors import AuthenticationFailed, SealedStorageError
 from cryptovm.fileio import atomic_write
 from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from cryptovm.sealing import format_pcr_selection
@@ -244,7 +244,11 @@ class CryptoVmService:
             return
         with self._lock:
             self.channels += 1
-        session = self.vm.attested_session(peer.node)
+        try:
+            session = self.vm.attested_session(peer.node)
+        except AuthenticationFailed as exc:  # e.g. root disabled node.<name>; audited
+            refuse_stream(lambda: _recv(channel), channel.send, exc)
+            return
         serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
 
     def refused_channel(self, exc: AttestationRejected) -> None:

@@ -215,7 +215,8 @@ class TrustedPassagesService:
                 len(message) > MAX_MESSAGE:
             raise StateError("connect needs args {peer: NODE, message: short text}")
         port = peer_port(self.ctx.cluster_paths, peer)
-        config, tls = self.config, self.tls
+        with self._switch:  # a consistent pair while an enrollment switches them
+            config, tls = self.config, self.tls
         with connect(HOST, port, config.with_expected_peer(peer)) as channel:
             channel.send(message.encode())
             reply = channel.recv().decode(errors="replace")

@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -39,7 +40,13 @@ from testbed import cli
 from testbed.agent import AgentClient, AgentError
 from testbed.cluster import default_spec_path
 from testbed.cryptovm_role import psk_path, state_dir
-from testbed.sim import BootArtifacts, ClusterPaths, cluster_processes, measure_boot_artifacts
+from testbed.sim import (
+    BootArtifacts,
+    ClusterPaths,
+    cluster_processes,
+    measure_boot_artifacts,
+    process_argv,
+)
 from testbed.swtpm import Swtpm
 
 CLUSTER = "cvm-lab"
@@ -234,13 +241,29 @@ def test_enrollment_by_an_unregistered_node_is_denied_and_audited(lab: Lab) -> N
     assert lab.agent("client").role("enroll")["enrolled"]  # registered again: issued again
 
 
+def test_root_can_stop_a_nodes_enrollment(lab: Lab) -> None:
+    with lab.root() as root:
+        root.call("account_enable", name="node.client", enabled=False)
+        try:
+            with pytest.raises(AgentError, match="is disabled"):
+                lab.agent("client").role("enroll")
+        finally:
+            root.call("account_enable", name="node.client", enabled=True)
+    last = lab.audit()[-2]  # then root's account_enable
+    assert (last["account"], last["op"], last["outcome"]) == ("node.client", "auth", "denied")
+
+
 def test_a_restart_keeps_every_key_and_the_ca(lab: Lab) -> None:
     with lab.root() as root:
         root.call("generate", algorithm="ec-p256", usage=["sign"], key_id="tenant")
         signature = root.sign("tenant", b"before the restart")
         publics = {k: root.public_key(k) for k in ("tenant", "tls-ca")}
     before = lab.info()
+    pid = json.loads(lab.paths.node("cryptovm").info.read_text())["pid"]
     lab.agent("cryptovm").shutdown()
+    deadline = time.monotonic() + 10  # gone, or `up` would find it still "running"
+    while process_argv(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
     rc, out, err = run_cli(lab.workdir, "up", str(lab.spec), "--json")
     assert rc == 0, out + err
     actions = {n["name"]: n["action"] for n in json.loads(out)["nodes"]}
