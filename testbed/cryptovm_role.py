@@ -247,6 +247,7 @@ class CryptoVmService:
         try:
             session = self.vm.attested_session(peer.node)
         except AuthenticationFailed as exc:  # e.g. root disabled node.<name>; audited
+            self.vm.audit.sync()
             refuse_stream(lambda: _recv(channel), channel.send, exc)
             return
         serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
