@@ -29,6 +29,10 @@ from testbed.progress import Progress
 from testbed.sim import ClusterPaths, UpResult, down, up
 
 CHANNELS = (("client", "server"), ("server", "client"))
+# Certificate details that differ on every run although the result does not: kept out of
+# the JSON report (so a report changes only when a result does), printed in the text one.
+VOLATILE = frozenset({"serial", "not_before", "not_after", "spki_sha256", "sha256",
+                      "peer_tls_key_sha256"})
 
 
 def run_demo(workdir: Path, json_output: bool = False) -> int:
@@ -61,7 +65,7 @@ def run_demo(workdir: Path, json_output: bool = False) -> int:
                          and all(r.as_expected for r in results) and summary["teardown_clean"]
                          and summary.get("keyless_tls", {"ok": True})["ok"])
     if json_output:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(_stable(summary), indent=2))
     else:
         _print(summary, results, baseline)
     return 0 if summary["ok"] else 1
@@ -92,8 +96,8 @@ def _keyless(result: UpResult, channels: list[dict[str, Any]]) -> dict[str, Any]
         tls = c.get("evidence", {}).get("tls", {})
         peer = certificates.get(c["to"]) or {}
         ends.append({"from": c["from"], "to": c["to"],
-                     "client_certificate": (tls.get("own_certificate") or {}).get("serial"),
-                     "server_certificate": peer.get("serial"),
+                     "client_certificate": _cert_id(tls.get("own_certificate")),
+                     "server_certificate": _cert_id(peer),
                      "issuer": tls.get("peer_certificate_issuer"),
                      "server_key_is_enrolled_key":
                          bool(peer) and tls.get("peer_tls_key_sha256") == peer.get("spki_sha256"),
@@ -102,6 +106,20 @@ def _keyless(result: UpResult, channels: list[dict[str, Any]]) -> dict[str, Any]
           and ca.get("key_attestation") == "verified" and ca.get("non_exportable") is True
           and all(e["keyless"] and e["server_key_is_enrolled_key"] for e in ends))
     return {"ok": ok, "ca": ca, "enrollment": nodes, "channels": ends}
+
+
+def _cert_id(certificate: dict[str, Any] | None) -> dict[str, Any]:
+    keys = ("subject", "issuer", "serial")
+    return {k: certificate.get(k) for k in keys} if certificate else dict.fromkeys(keys)
+
+
+def _stable(value: Any) -> Any:
+    """The report without :data:`VOLATILE` keys, at any depth."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
 
 
 def _attack_lab() -> tuple[list[ScenarioResult], str]:
@@ -162,6 +180,6 @@ def _print_keyless(keyless: dict[str, Any]) -> None:
     for end in keyless["channels"]:
         same = "yes" if end["server_key_is_enrolled_key"] else "NO"
         print(f"  {end['from']} -> {end['to']}: {end['from']} used "
-              f"{(end['client_certificate'] or '-')[:12]}…, {end['to']} used "
-              f"{(end['server_certificate'] or '-')[:12]}… (attested TLS key is the enrolled "
-              f"one: {same})")
+              f"{(end['client_certificate']['serial'] or '-')[:12]}…, {end['to']} used "
+              f"{(end['server_certificate']['serial'] or '-')[:12]}… (attested TLS key is the "
+              f"enrolled one: {same})")
