@@ -130,7 +130,8 @@ def test_attested_channel_between_guests(guests: dict[str, GuestProcess]) -> Non
     assert server["evidence"]["node"] == "client" and server["received"] == "ping"
     for view in (client, server):
         assert view["evidence"]["event_log_events"] > 5
-        assert {"signature", "qualifying_data", "pcr_digest", "event_log", "policy"} <= set(view["evidence"]["checks"])
+        checks = set(view["evidence"]["checks"])
+        assert {"signature", "qualifying_data", "pcr_digest", "event_log", "policy"} <= checks
     assert outcome.bytes_relayed > 2000  # certificates, quotes and event logs went through
 
 
