@@ -201,12 +201,14 @@ class QemuBackend:
             node.vm.destroy()
 
     def boot(self, name: str, image: ImageArtifacts, *, cmdline: str | None = None,
-             domain: str | None = None, run_dir: Path | None = None) -> QemuNode:
+             domain: str | None = None, run_dir: Path | None = None,
+             guest_ports: Sequence[int] = ()) -> QemuNode:
         """Define and start a VM (returns at once; :meth:`wait` for its agent).
 
         ``domain`` (default ``testbed-<name>``) and ``run_dir`` (default
         ``<workdir>/qemu/<name>``, console log and NVRAM) let clusters keep
-        their VMs apart from other testbed runs.
+        their VMs apart from other testbed runs. Each of ``guest_ports`` gets a
+        forward from a free port on 127.0.0.1 (``node.vm.spec.forwards``).
         """
         if not _NAME.fullmatch(name):
             raise ValueError(f"node name {name!r} must match {_NAME.pattern}")
@@ -220,7 +222,8 @@ class QemuBackend:
                     initrd=image.initrd, cmdline=image.cmdline if cmdline is None else cmdline,
                     run_dir=run_dir or self.workdir / "qemu" / name, agent_port=self._port(),
                     guest_port=image.agent_port, accel=self.accel, firmware=self.firmware,
-                    memory_mib=self.memory_mib)  # fmt: skip
+                    memory_mib=self.memory_mib,
+                    forwards=tuple((self._port(), port) for port in guest_ports))  # fmt: skip
                 try:
                     vm = Vm.start(self.conn, spec, self.ca,
                                   owned=(self.workdir, image.directory.parent.parent))
@@ -233,7 +236,8 @@ class QemuBackend:
         return node
 
     def _port(self) -> int:
-        used = {node.vm.spec.agent_port for node in self.nodes.values()}
+        used = {port for node in self.nodes.values()
+                for port in (node.vm.spec.agent_port, *(h for h, _ in node.vm.spec.forwards))}
         while (port := free_port()) in used:
             continue
         return port

@@ -59,6 +59,7 @@ from testbed.qemu.recipe import load_recipe
 from testbed.sim import ClusterPaths, process_argv, read_json, read_pid, write_atomic
 
 __all__ = [
+    "ROLE_GUEST_PORTS",
     "VM_FIELDS",
     "QemuDownResult",
     "QemuNodeUp",
@@ -78,8 +79,11 @@ __all__ = [
 
 VM_FIELDS = ("domain", "uuid", "agent_port", "accel", "accel_reason", "firmware", "image",
              "image_dir", "cmdline", "tampered", "memory_mib", "run_dir", "console_log",
-             "booted_at", "boot_seconds")
-"""The keys of ``nodes/NODE/vm.json`` (``boot_seconds`` is null until the agent answered)."""
+             "booted_at", "boot_seconds", "service_ports")
+"""The keys of ``nodes/NODE/vm.json`` (``boot_seconds`` is null until the agent answered;
+``service_ports``: the host port on 127.0.0.1 of each of the role's guest services)."""
+ROLE_GUEST_PORTS: dict[str, dict[str, int]] = {"cryptovm": {"cvm1": 9302}}
+"""Per role, the guest services forwarded to the host (name -> guest port)."""
 DAEMONS = ("libvirtd", "virtlogd")
 LIBVIRT_DOMAIN_XML = Path("/etc/libvirt/qemu")  # where libvirtd keeps defined domains
 STOP_TIMEOUT_S = 10.0
@@ -434,11 +438,15 @@ def _boot(run: _Up, node: NodeSpec, result: QemuNodeUp) -> QemuNode:
     paths, cmdline = run.paths, node.effective_boot.cmdline
     sim._private_dir(paths.node(node.name).root)
     vm_info_path(paths, node.name).unlink(missing_ok=True)
+    service_ports = ROLE_GUEST_PORTS.get(node.role, {})
     booted = run.backend.boot(node.name, run.image, cmdline=cmdline, domain=result.domain,
-                              run_dir=vm_run_dir(paths, node.name))
+                              run_dir=vm_run_dir(paths, node.name),
+                              guest_ports=list(service_ports.values()))
     spec = booted.vm.spec
     result.agent_port = spec.agent_port
     _write_vm_info(paths, node.name, {
+        "service_ports": {name: host for name, (host, _) in zip(service_ports, spec.forwards,
+                                                                 strict=True)},
         "domain": spec.name, "uuid": spec.uuid, "agent_port": spec.agent_port,
         "accel": spec.accel.accel, "accel_reason": spec.accel.reason, "firmware": spec.firmware,
         "image": run.image.digest, "image_dir": str(run.image.directory), "cmdline": cmdline,

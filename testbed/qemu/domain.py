@@ -90,6 +90,8 @@ class VmSpec:
     uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     ovmf_code: Path = OVMF_CODE
     ovmf_vars: Path = OVMF_VARS
+    # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
+    forwards: tuple[tuple[int, int], ...] = ()
 
     @property
     def console_log(self) -> Path:
@@ -135,8 +137,9 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:
-    netdev = (f"user,id=agentnet,restrict=on,ipv6=off,"
-              f"hostfwd=tcp:127.0.0.1:{spec.agent_port}-{GUEST_IP}:{spec.guest_port}")
+    openings = ((spec.agent_port, spec.guest_port), *spec.forwards)
+    netdev = "user,id=agentnet,restrict=on,ipv6=off," + ",".join(
+        f"hostfwd=tcp:127.0.0.1:{host}-{GUEST_IP}:{guest}" for host, guest in openings)
     nic = "virtio-net-pci,netdev=agentnet,romfile=,bus=pcie.0,addr=0x3" \
         if spec.machine.startswith(("q35", "pc-q35")) else \
         "virtio-net-pci,netdev=agentnet,romfile=,bus=pci.0,addr=0x3"

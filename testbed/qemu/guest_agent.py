@@ -45,6 +45,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -602,15 +603,19 @@ def serve(agent: Agent, host: str, port: int) -> None:
                              daemon=True).start()
 
 
+EXTENSIONS = (("guest_tp", "trusted-passages"), ("guest_cryptovm", "cryptovm"))
+
+
 def install_extensions(agent: Agent) -> None:
     """Load the role extensions shipped beside this file (absent in minimal images)."""
-    try:
-        import guest_tp  # type: ignore[import-not-found]
-    except ImportError as exc:
-        print(f"guest agent: no Trusted Passages extension ({exc})", flush=True)
-        return
-    guest_tp.install(agent, send_frame)
-    agent.extensions.append("trusted-passages")
+    for module_name, label in EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            print(f"guest agent: no {label} extension ({exc})", flush=True)
+            continue
+        module.install(agent, send_frame)
+        agent.extensions.append(label)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
