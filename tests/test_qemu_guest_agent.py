@@ -19,10 +19,11 @@ import pytest
 
 from attestation.evidence import Evidence
 from attestation.registrar import Registrar
+from attestation.tpm_raw import AK_HANDLE, SocketTransport, Tpm
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
 from testbed.qemu import guest_agent
-from testbed.qemu.guest_agent import Agent, SocketTransport, Tpm, recv_frame, send_frame
+from testbed.qemu.guest_agent import Agent, recv_frame, send_frame
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def test_identity_activate_quote_verify(agent: Agent, swtpm_ca: Any) -> None:
 def test_ak_is_persistent_and_stable(agent: Agent) -> None:
     first = _call(agent, {"op": "identity"})["ak_public"]
     assert _call(agent, {"op": "identity"})["ak_public"] == first
-    assert agent.tpm.exists(guest_agent.AK_HANDLE)
+    assert agent.tpm.exists(AK_HANDLE)
 
 
 def test_wrong_credential_is_an_error_not_a_crash(agent: Agent) -> None:
