@@ -171,7 +171,20 @@ def _print_up(result: sim.UpResult) -> None:
               f"{n.tcti or '-'}{tampered}")
         if n.note:
             print(f"  {'':<12} note: {n.note}")
+        if n.enrollment is not None:
+            print(f"  {'':<12} TLS: {_enrollment(n.enrollment)}")
     _print_failures(result)
+
+
+def _enrollment(enrollment: dict[str, Any]) -> str:
+    """One line on a node's keyless-TLS enrollment with the cluster's CryptoVM."""
+    if not enrollment.get("ok"):
+        return f"NOT enrolled with the CryptoVM: {enrollment.get('error')}"
+    certificate = enrollment.get("certificate") or {}
+    issuer = certificate.get("issuer") or (enrollment.get("ca") or {}).get("issuer") or "?"
+    expires = certificate.get("not_after") or "?"
+    return (f"certificate from the CryptoVM (issuer {issuer}, until {expires}); "
+            "the CA key never left the VSM")
 
 
 def _print_failures(result: sim.UpResult) -> None:
