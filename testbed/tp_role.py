@@ -34,7 +34,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestation.errors import VerificationError
-from attestation.eventlog import parse_event_log
 from cryptovm.tlsissuer import DEFAULT_VALIDITY_S, certificate_info
 from testbed.errors import StateError
 from testbed.roles import NodeContext
@@ -53,6 +52,7 @@ from trusted_passages import (
 from trusted_passages.attester import binding_digest
 from trusted_passages.envelope import Envelope, decode_envelope
 from trusted_passages.pki import CertificateAuthority, generate_key, issue_certificate, make_ca
+from trusted_passages.summary import summarize
 
 HOST = "127.0.0.1"
 PROFILE: Final = "tp13"
@@ -233,23 +233,6 @@ class TrustedPassagesService:
         request = channel.recv().decode(errors="replace")[:MAX_MESSAGE]
         channel.send(f"{self.ctx.name} heard {request!r} from attested node "
                      f"{channel.peer.node!r}".encode())
-
-
-def summarize(peer: PeerEvidence) -> dict[str, Any]:
-    """Who, which PCRs, which policy, which binding: the evidence summary of a channel."""
-    evidence = peer.evidence
-    return {"node": peer.node, "node_verified": peer.node_verified, "profile": peer.profile,
-            "binding": "TLS 1.3 exporter 'EXPORTER-trusted-passages-v1' + SHA-256 of the "
-                       "peer's certificate key",
-            "policy": peer.policy_name,
-            "pcr_bank": evidence.pcr_bank if evidence else None,
-            "pcrs": sorted(evidence.pcrs) if evidence else [],
-            "event_log_events": _count_events(evidence.event_log) if evidence else 0,
-            "checks": [c.name for c in peer.report.checks if c.passed]}
-
-
-def _count_events(log: bytes | None) -> int:
-    return len(parse_event_log(log).events) if log else 0
 
 
 def peer_port(paths: ClusterPaths, peer: str) -> int:
