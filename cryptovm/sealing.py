@@ -30,25 +30,18 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-from tpm2_pytss import TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_SE, TPMA_SESSION
-from tpm2_pytss.types import (
-    TPM2B_PRIVATE,
-    TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPMA_OBJECT,
-    TPML_PCR_SELECTION,
-    TPMS_SENSITIVE_CREATE,
-    TPMT_PUBLIC,
-    TPMT_SYM_DEF,
-)
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attestation.errors import TpmError
-from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
 from cryptovm.errors import SealedStorageError
+
+# tpm2-pytss is imported where TpmSealer uses it, not here: in a Debian 12 guest there
+# is none, and the CryptoVM runs there on raw TPM commands (cryptovm/rawtpm.py).
+if TYPE_CHECKING:
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_SYM_DEF
+
+    from attestation.tpm import TpmClient
 
 TPM_CC_POLICY_PCR = 0x17F
 SEALED_FORMAT = "cryptovm-sealed-storage-key"
@@ -56,25 +49,65 @@ SEALED_VERSION = 1
 STORAGE_KEY_SIZE = 32
 PCRS_PER_READ = 8
 
-PRIMARY_ATTRIBUTES = (
-    TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.NODA
-)
-# No USERWITHAUTH: the user role needs the PCR policy. ADMINWITHPOLICY: so does admin.
-SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.ADMINWITHPOLICY
+# TPMA_OBJECT bits (TPM 2.0 Part 2), as numbers so that the raw backend shares them.
+# restricted | decrypt | fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | noDA
+PRIMARY_ATTRIBUTES = 0x00030472
+# fixedTPM | fixedParent | adminWithPolicy. No userWithAuth: the user role needs the PCR
+# policy. adminWithPolicy: so does admin.
+SEALED_ATTRIBUTES = 0x00000092
 
-TpmAccess = Callable[[], AbstractContextManager[TpmClient]]
+TpmAccess = Callable[[], "AbstractContextManager[TpmClient]"]
 """How the CryptoVM reaches its TPM: a callable returning a context manager that yields a
 :class:`~attestation.tpm.TpmClient` for the duration of one use. Default
 (:func:`connect_tpm`): a short-lived connection of its own. A testbed node, which holds its
 swtpm's only connection, passes one that lends that connection under the node's TPM lock.
-Every transient object or session created through it is flushed before the context exits."""
+Every transient object or session created through it is flushed before the context exits.
+The raw backend (:class:`cryptovm.rawtpm.RawTpm`) yields a client with the same subset of
+methods the CryptoVM uses (``attestation_key``, ``quote``, ``endorsement_key``, ``flush``,
+``activate_credential``)."""
+
+
+class Sealer(Protocol):
+    """Seals the storage key to the TPM and PCR state: :class:`TpmSealer` (tpm2-pytss) or
+    :class:`cryptovm.rawtpm.RawSealer` (raw commands), with the same :class:`SealedBlob`."""
+
+    selection: PcrSelection
+
+    def seal(self, secret: bytes) -> SealedBlob: ...
+
+    def unseal(self, blob: SealedBlob) -> bytes: ...
+
+    def read_pcrs(self) -> dict[int, bytes]: ...
+
+
+SealerFactory = Callable[[PcrSelection], Sealer]
+"""Makes the sealer for a PCR selection (CryptoVm's ``sealer_factory`` option)."""
 
 
 def connect_tpm(tcti: str) -> TpmAccess:
     """The default TPM access: one short-lived connection per use."""
+    from attestation.tpm import TpmClient
+
     return lambda: TpmClient(tcti)
+
+
+def not_loadable(exc: Exception) -> SealedStorageError:
+    """The error of a TPM2_Load refused: the blob is another TPM's, or damaged."""
+    return SealedStorageError(
+        f"the sealed storage key does not load on this TPM ({exc}): it was sealed by "
+        "another TPM (other owner seed) or the blob is damaged")
+
+
+def pcrs_differ(blob: SealedBlob, now: dict[int, bytes]) -> SealedStorageError:
+    """The error of an unseal refused by the PCR policy, naming the PCRs that differ."""
+    differ = [i for i in blob.selection.indices if now.get(i) != blob.sealed_pcrs.get(i)]
+    detail = ", ".join(f"PCR {i} sealed to {blob.sealed_pcrs.get(i, b'').hex()[:16]}… "
+                       f"is now {now[i].hex()[:16]}…" for i in differ[:4])
+    listed = differ or "none visible, the policy still failed"
+    return SealedStorageError(
+        f"the storage key is sealed to other PCR values: this CryptoVM booted into a "
+        f"different state ({format_pcr_selection(blob.selection)}; PCRs differ: "
+        f"{listed}{'; ' + detail if detail else ''})")
 
 
 def parse_pcr_selection(spec: str) -> PcrSelection:
@@ -149,23 +182,34 @@ class SealedBlob:
 
 
 def _storage_primary_template() -> TPM2B_PUBLIC:
-    return TPM2B_PUBLIC.parse("ecc256:aes128cfb", objectAttributes=PRIMARY_ATTRIBUTES)
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPMA_OBJECT
+
+    return TPM2B_PUBLIC.parse("ecc256:aes128cfb",
+                              objectAttributes=TPMA_OBJECT(PRIMARY_ATTRIBUTES))
 
 
 def _sealed_template(policy: bytes) -> TPM2B_PUBLIC:
+    from tpm2_pytss.constants import TPM2_ALG
+    from tpm2_pytss.types import TPM2B_PUBLIC, TPMA_OBJECT, TPMT_PUBLIC
+
     area = TPMT_PUBLIC(type=TPM2_ALG.KEYEDHASH, nameAlg=TPM2_ALG.SHA256,
-                       objectAttributes=SEALED_ATTRIBUTES, authPolicy=policy)
+                       objectAttributes=TPMA_OBJECT(SEALED_ATTRIBUTES), authPolicy=policy)
     area.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
     return TPM2B_PUBLIC(publicArea=area)
 
 
-_AES128_CFB = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
-_AES128_CFB.keyBits.aes = 128
-_AES128_CFB.mode.aes = TPM2_ALG.CFB
+def _aes128_cfb() -> TPMT_SYM_DEF:
+    from tpm2_pytss.constants import TPM2_ALG
+    from tpm2_pytss.types import TPMT_SYM_DEF
+
+    sym = TPMT_SYM_DEF(algorithm=TPM2_ALG.AES)
+    sym.keyBits.aes = 128
+    sym.mode.aes = TPM2_ALG.CFB
+    return sym
 
 
 class TpmSealer:
-    """Seals and unseals the storage key on the TPM at ``tcti``.
+    """Seals and unseals the storage key on the TPM at ``tcti``, through tpm2-pytss.
 
     By default opens one TPM connection per call (swtpm serves one connection at a
     time, and other tools must be able to reach the TPM in between); ``tpm_access``
@@ -181,6 +225,9 @@ class TpmSealer:
 
     def seal(self, secret: bytes) -> SealedBlob:
         """Seal ``secret`` to the current PCR values; verified by unsealing once."""
+        from tpm2_pytss.constants import ESYS_TR, TPM2_SE, TPMA_SESSION
+        from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE, TPMS_SENSITIVE_CREATE
+
         with self._session() as esapi:
             pcrs = _read_pcrs(esapi, self.selection)
             policy = pcr_policy_digest(self.selection, pcrs)
@@ -200,6 +247,10 @@ class TpmSealer:
 
     def unseal(self, blob: SealedBlob) -> bytes:
         """Unseal; :class:`SealedStorageError` names the differing PCRs on policy failure."""
+        from tpm2_pytss import TSS2_Exception
+        from tpm2_pytss.constants import TPM2_RC, TPM2_SE, TPMA_SESSION
+        from tpm2_pytss.types import TPML_PCR_SELECTION
+
         selection = TPML_PCR_SELECTION.unmarshal(tpml_pcr_selection(blob.selection))[0]
         with (self._session() as esapi, _primary(esapi) as primary,
               _loaded(esapi, primary, blob) as sealed,
@@ -209,7 +260,7 @@ class TpmSealer:
                 return bytes(esapi.unseal(sealed, session1=session))
             except TSS2_Exception as exc:
                 if exc.error in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED):
-                    raise self._pcrs_differ(esapi, blob) from None
+                    raise pcrs_differ(blob, _read_pcrs(esapi, blob.selection)) from None
                 raise TpmError(f"TPM2_Unseal failed: {exc}") from None
 
     def read_pcrs(self) -> dict[int, bytes]:
@@ -221,20 +272,10 @@ class TpmSealer:
         with self._access() as client:
             yield client.esapi
 
-    @staticmethod
-    def _pcrs_differ(esapi: Any, blob: SealedBlob) -> SealedStorageError:
-        now = _read_pcrs(esapi, blob.selection)
-        differ = [i for i in blob.selection.indices if now.get(i) != blob.sealed_pcrs.get(i)]
-        detail = ", ".join(f"PCR {i} sealed to {blob.sealed_pcrs.get(i, b'').hex()[:16]}… "
-                           f"is now {now[i].hex()[:16]}…" for i in differ[:4])
-        listed = differ or "none visible, the policy still failed"
-        return SealedStorageError(
-            f"the storage key is sealed to other PCR values: this CryptoVM booted into a "
-            f"different state ({format_pcr_selection(blob.selection)}; PCRs differ: "
-            f"{listed}{'; ' + detail if detail else ''})")
-
 
 def _tpm(action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    from tpm2_pytss import TSS2_Exception
+
     try:
         return fn(*args, **kwargs)
     except TSS2_Exception as exc:
@@ -242,6 +283,8 @@ def _tpm(action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _read_pcrs(esapi: Any, selection: PcrSelection) -> dict[int, bytes]:
+    from tpm2_pytss.types import TPML_PCR_SELECTION
+
     values: dict[int, bytes] = {}
     for start in range(0, len(selection.indices), PCRS_PER_READ):
         chunk = PcrSelection(selection.bank, selection.indices[start:start + PCRS_PER_READ])
@@ -257,6 +300,9 @@ def _read_pcrs(esapi: Any, selection: PcrSelection) -> dict[int, bytes]:
 
 @contextmanager
 def _primary(esapi: Any) -> Iterator[Any]:
+    from tpm2_pytss.constants import ESYS_TR
+    from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+
     handle, _, _, _, _ = _tpm("creating the storage primary", esapi.create_primary,
                               TPM2B_SENSITIVE_CREATE(), _storage_primary_template(),
                               ESYS_TR.OWNER)
@@ -268,14 +314,15 @@ def _primary(esapi: Any) -> Iterator[Any]:
 
 @contextmanager
 def _loaded(esapi: Any, primary: Any, blob: SealedBlob) -> Iterator[Any]:
+    from tpm2_pytss import TSS2_Exception
+    from tpm2_pytss.types import TPM2B_PRIVATE, TPM2B_PUBLIC
+
     try:
         public = TPM2B_PUBLIC.unmarshal(blob.public)[0]
         private = TPM2B_PRIVATE.unmarshal(blob.private)[0]
         handle = esapi.load(primary, private, public)
     except TSS2_Exception as exc:
-        raise SealedStorageError(
-            f"the sealed storage key does not load on this TPM ({exc}): it was sealed by "
-            "another TPM (other owner seed) or the blob is damaged") from None
+        raise not_loadable(exc) from None
     try:
         yield handle
     finally:
@@ -283,10 +330,12 @@ def _loaded(esapi: Any, primary: Any, blob: SealedBlob) -> Iterator[Any]:
 
 
 @contextmanager
-def _salted(esapi: Any, primary: Any, kind: TPM2_SE, direction: TPMA_SESSION) -> Iterator[Any]:
+def _salted(esapi: Any, primary: Any, kind: Any, direction: Any) -> Iterator[Any]:
     """A session salted with the primary, encrypting the secret-carrying parameter."""
+    from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_SESSION
+
     session = _tpm("TPM2_StartAuthSession", esapi.start_auth_session, primary, ESYS_TR.NONE,
-                   kind, _AES128_CFB, TPM2_ALG.SHA256)
+                   kind, _aes128_cfb(), TPM2_ALG.SHA256)
     try:
         esapi.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | direction)
         yield session
@@ -295,6 +344,8 @@ def _salted(esapi: Any, primary: Any, kind: TPM2_SE, direction: TPMA_SESSION) ->
 
 
 def _flush(esapi: Any, handle: Any) -> None:
+    from tpm2_pytss import TSS2_Exception
+
     with contextlib.suppress(TSS2_Exception):  # already gone: nothing left to free
         esapi.flush_context(handle)
 
@@ -303,10 +354,15 @@ __all__ = [
     "STORAGE_KEY_SIZE",
     "TPM_CC_POLICY_PCR",
     "SealedBlob",
+    "Sealer",
+    "SealerFactory",
     "TpmAccess",
     "TpmSealer",
     "connect_tpm",
     "format_pcr_selection",
+    "not_loadable",
     "parse_pcr_selection",
     "pcr_policy_digest",
+    "pcrs_differ",
+    "tpml_pcr_selection",
 ]

@@ -381,7 +381,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cryptovm.server",
                                 description="Serve a CryptoVM state directory over TLS.")
     p.add_argument("--state", required=True, type=Path)
-    p.add_argument("--tcti", required=True)
+    tpm = p.add_mutually_exclusive_group(required=True)
+    tpm.add_argument("--tcti", help="the TPM through tpm2-pytss, e.g. swtpm:port=2321")
+    tpm.add_argument("--raw-tpm", metavar="DEVICE", help="the TPM through raw commands, "
+                     "without tpm2-pytss (a Debian 12 guest): /dev/tpmrm0 or tcp:HOST:PORT")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", type=Path, help="write the listening port here when ready")
@@ -420,7 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     event_log = args.event_log.read_bytes() if args.event_log else None
-    vm = CryptoVm.open(args.state, args.tcti, event_log=event_log, audit_sync_each=False)
+    if args.raw_tpm:
+        from cryptovm.rawtpm import RawTpm  # stdlib only: no tpm2-pytss needed
+
+        raw = RawTpm.open(args.raw_tpm)
+        vm = CryptoVm.open(args.state, raw.name, event_log=event_log, audit_sync_each=False,
+                           **raw.options())
+    else:
+        vm = CryptoVm.open(args.state, args.tcti, event_log=event_log, audit_sync_each=False)
     try:
         asyncio.run(serve(vm, args.host, args.port, port_file=args.port_file,
                           idle_timeout=args.idle_timeout, workers=args.workers,

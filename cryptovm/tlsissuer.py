@@ -102,7 +102,16 @@ def sign_with(builder: x509.CertificateBuilder, sign: Signer) -> x509.Certificat
 
 def _check_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
-        certificate.verify_directly_issued_by(issuer)
+        if hasattr(certificate, "verify_directly_issued_by"):
+            certificate.verify_directly_issued_by(issuer)
+        else:  # cryptography < 40 (Debian 12's 38 in a guest): the ECDSA check by hand
+            key, algorithm = issuer.public_key(), certificate.signature_hash_algorithm
+            if certificate.issuer != issuer.subject:
+                raise ValueError("issuer name mismatch")
+            if not isinstance(key, ec.EllipticCurvePublicKey) or algorithm is None:
+                raise TypeError("not an ECDSA issuer")
+            key.verify(certificate.signature, certificate.tbs_certificate_bytes,
+                       ec.ECDSA(algorithm))
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise CryptoOperationFailed("the VSM's signature does not verify under the CA "
                                     f"certificate ({type(exc).__name__}): is the CA key the "
@@ -201,18 +210,25 @@ def spki_der(certificate: x509.Certificate) -> bytes:
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _validity(certificate: x509.Certificate) -> tuple[datetime.datetime, datetime.datetime]:
+    """(not before, not after), timezone-aware; cryptography < 42 has only naive UTC."""
+    if hasattr(certificate, "not_valid_after_utc"):
+        return certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return (certificate.not_valid_before.replace(tzinfo=datetime.UTC),
+            certificate.not_valid_after.replace(tzinfo=datetime.UTC))
+
+
 def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
     """What a log or a report may show of a certificate (public data only)."""
     def cn(name: x509.Name) -> str:
         values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(values[0].value) if values else name.rfc4514_string()
 
+    not_before, not_after = _validity(certificate)
     return {"subject": cn(certificate.subject), "issuer": cn(certificate.issuer),
             "serial": format(certificate.serial_number, "x"),
-            "not_before": certificate.not_valid_before_utc.isoformat(),
-            "not_after": certificate.not_valid_after_utc.isoformat(),
-            "validity_s": int((certificate.not_valid_after_utc
-                               - certificate.not_valid_before_utc).total_seconds()),
+            "not_before": not_before.isoformat(), "not_after": not_after.isoformat(),
+            "validity_s": int((not_after - not_before).total_seconds()),
             "spki_sha256": hashlib.sha256(spki_der(certificate)).hexdigest(),
             "sha256": certificate.fingerprint(hashes.SHA256()).hex()}
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from attestation.credential import CredentialChallenge
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
-from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
 from attestation.verifier import ClockHistory
 from cryptovm import operations as ops
@@ -68,6 +67,8 @@ from cryptovm.release import (
 )
 from cryptovm.sealing import (
     STORAGE_KEY_SIZE,
+    Sealer,
+    SealerFactory,
     TpmAccess,
     TpmSealer,
     connect_tpm,
@@ -84,6 +85,9 @@ from cryptovm.tlsissuer import (
     load_csr,
     node_certificate,
 )
+
+if TYPE_CHECKING:  # tpm2-pytss: absent in a Debian 12 guest (see cryptovm/rawtpm.py)
+    from attestation.tpm import TpmClient
 
 R = TypeVar("R")
 DEFAULT_PCRS = "sha256:0-9"
@@ -121,6 +125,13 @@ def key_info(kv: KeyVersion) -> dict[str, Any]:
     return info
 
 
+def _sealer(tcti: str, selection: PcrSelection, options: dict[str, Any]) -> Sealer:
+    factory: SealerFactory | None = options.get("sealer_factory")
+    if factory is not None:
+        return factory(selection)
+    return TpmSealer(tcti, selection, tpm_access=options.get("tpm_access"))
+
+
 class CryptoVm:
     """One CryptoVM: an unsealed state directory. Use :meth:`initialize` or :meth:`open`."""
 
@@ -128,10 +139,12 @@ class CryptoVm:
                  selection: PcrSelection, *, event_log: bytes | None = None,
                  recipient_policy: RecipientPolicy = deny_all_recipients,
                  audit_sync_each: bool = True, nonce_ttl: float = 60.0,
-                 tpm_access: TpmAccess | None = None) -> None:
+                 tpm_access: TpmAccess | None = None,
+                 sealer_factory: SealerFactory | None = None) -> None:
         self.state = state
         self.tcti = tcti
         self._tpm_access = tpm_access or connect_tpm(tcti)
+        self.sealer_factory = sealer_factory
         self.selection = selection
         self.event_log = event_log
         self.recipient_policy = recipient_policy
@@ -163,7 +176,9 @@ class CryptoVm:
         """Create a new CryptoVM; returns it and the root account's PSK (shown once).
 
         ``options`` go to the constructor; ``tpm_access`` (see :data:`TpmAccess`) is also
-        what sealing uses."""
+        what sealing uses, unless ``sealer_factory`` (see :data:`SealerFactory`) makes the
+        sealer. Without tpm2-pytss (a Debian 12 guest), pass both from the raw backend:
+        ``**RawTpm.open("/dev/tpmrm0").options()`` (cryptovm/rawtpm.py)."""
         state = StateDir(state_dir)
         state.lock()
         try:
@@ -172,7 +187,7 @@ class CryptoVm:
             state.prepare()
             selection = parse_pcr_selection(pcrs)
             storage_key = os.urandom(STORAGE_KEY_SIZE)
-            sealer = TpmSealer(tcti, selection, tpm_access=options.get("tpm_access"))
+            sealer = _sealer(tcti, selection, options)
             state.write_sealed(sealer.seal(storage_key))
             cipher = StateCipher(storage_key)
             book, root_psk = AccountBook.with_root()
@@ -197,7 +212,7 @@ class CryptoVm:
             state.read_manifest()
             state.prepare()
             blob = state.read_sealed()
-            sealer = TpmSealer(tcti, blob.selection, tpm_access=options.get("tpm_access"))
+            sealer = _sealer(tcti, blob.selection, options)
             cipher = StateCipher(sealer.unseal(blob))
             vm = cls(state, tcti, cipher, blob.selection, **options)
         except BaseException:
