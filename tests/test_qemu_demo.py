@@ -4,8 +4,9 @@ Three VMs boot in parallel under libvirt with OVMF measured boot and a vTPM each
 every one is attested against the policy predicted from the guest image; then the
 server and client guests open attested TLS channels to each other *inside the
 VMs* (TLS keys generated in the guests, quotes from their vTPMs, real OVMF event
-logs replayed by the peer guest), the host only relaying records; then everything
-is torn down. About 1.5-2.5 minutes here (the image and firmware reference are
+logs replayed by the peer guest), the host only relaying records; the CryptoVM
+VM runs the CryptoVM service, whose key attestation the host verifies; then
+everything is torn down. About 1.5-2.5 minutes here (the image and firmware reference are
 cached machine-wide, see tests/test_qemu_vm.py).
 """
 
@@ -55,6 +56,10 @@ def test_demo_on_real_vms() -> None:
         assert verified["policy"] == f"{channel['to']}-predicted"
         assert channel["server_view"]["evidence"]["node"] == channel["from"]
         assert channel["client_view"]["reply"].startswith(f"{channel['to']} heard")
+    cryptovm = report["cryptovm"]  # the service inside the VM, its key attested by the vTPM
+    assert cryptovm["ok"] and cryptovm["key_attestation"] == "verified", cryptovm
+    assert {"ak_trust", "policy", "qualifying_data", "origin", "exportable"} <= \
+        set(cryptovm["checks"])
     listed = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                             capture_output=True, text=True, check=False).stdout
     assert not [d for d in listed.split() if d.startswith(DOMAIN_PREFIX) and "qemu-lab" in d]

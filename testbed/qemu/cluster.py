@@ -56,6 +56,7 @@ from testbed.qemu.image import ImageArtifacts, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
 from testbed.qemu.predict import QUOTED_PCRS
 from testbed.qemu.recipe import load_recipe
+from testbed.qemu.vm_roles import start_role_service
 from testbed.sim import ClusterPaths, process_argv, read_json, read_pid, write_atomic
 
 __all__ = [
@@ -294,6 +295,7 @@ class QemuNodeUp:
     error: str | None = None
     console_tail: str | None = None
     note: str | None = None
+    service: str | None = None  # the role's service in the VM, when it has one
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "tampered": list(self.tampered)}
@@ -479,6 +481,13 @@ def _bring_up(run: _Up, result: QemuNodeUp, booted: QemuNode | None) -> QemuNode
     result.attested = report.ok
     if report.failure is not None:
         result.failed_check, result.detail = report.failure.name, report.failure.detail
+        return result  # no service on a VM that failed its attestation
+    try:
+        info = read_vm_info(run.paths, result.name) or {}
+        result.service = start_role_service(run.paths, result.name, result.role, agent,
+                                            info.get("service_ports") or {})
+    except (TestbedError, OSError) as exc:
+        result.action, result.error = "failed", f"{result.role} service: {exc}"
     return result
 
 

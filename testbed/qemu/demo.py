@@ -9,29 +9,40 @@
    attestation exchange run inside the guests (Debian's python3-openssl), each
    quoting its own vTPM and validating the other against the other's predicted
    policy and the real OVMF event log; the host only relays the records;
-4. tear down: no domain, QEMU, swtpm or daemon of the demo left.
+4. the CryptoVM VM: its service runs inside the VM, its store sealed to the VM's vTPM;
+   the demo generates a key in it, signs, and verifies the key attestation (a quote by
+   the VM's AK over the key) on the host against the VM's predicted policy;
+5. tear down: no domain, QEMU, swtpm or daemon of the demo left.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestation.policy import load_policy
+from attestation.verifier import QuoteVerifier
+from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from testbed.cluster import default_spec_path, load_cluster_spec
 from testbed.progress import Progress
 from testbed.qemu import cluster as qemu_cluster
 from testbed.qemu.predict import QUOTED_PCRS
 from testbed.qemu.tp_relay import ChannelOutcome, configure_guest, relay_channel
+from testbed.qemu.vm_roles import cryptovm_endpoint
 from testbed.sim import ClusterPaths, load_registry
 from testbed.tp_role import cluster_tls_ca
 
 __all__ = ["TP_ROLES", "configure_cluster_guests", "run_qemu_demo"]
 
 EXAMPLE = "qemu-cluster.yaml"
-TP_ROLES = ("server", "client", "cryptovm")  # every VM of the example speaks Trusted Passages
+TP_ROLES = ("server", "client")
 CHANNELS = (("client", "server"), ("server", "client"))
 
 
@@ -68,7 +79,7 @@ def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = Fals
     spec = load_cluster_spec(default_spec_path().parent / EXAMPLE)
     paths = ClusterPaths(root, spec.name)
     _searchable_by_qemu(workdir, root)
-    progress = Progress(total=3 + len(CHANNELS), quiet=json_output)
+    progress = Progress(total=4 + len(CHANNELS), quiet=json_output)
     summary: dict[str, Any] = {"backend": "qemu", "cluster": spec.name,
                                "nodes": [n.name for n in spec.nodes]}
     try:
@@ -86,6 +97,11 @@ def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = Fals
         for client, server in CHANNELS:
             with progress.step(f"attested channel {client} -> {server} (inside the VMs)"):
                 summary["channels"].append(_channel(paths, client, server))
+        cryptovms = [n.name for n in spec.nodes if n.role == "cryptovm"]
+        for node in cryptovms:
+            with progress.step(f"CryptoVM in VM {node}: a key generated inside, used, and "
+                               "attested by the VM's vTPM"):
+                summary["cryptovm"] = _cryptovm(paths, node)
     finally:
         if not keep:
             with progress.step("tearing down (no domain, QEMU or swtpm may be left)"):
@@ -96,12 +112,45 @@ def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = Fals
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["ok"] = bool(summary.get("up_ok") and summary.get("channels")
                          and all(c["established"] for c in summary["channels"])
+                         and summary.get("cryptovm", {}).get("ok")
                          and summary.get("teardown_clean", keep))
     if json_output:
         print(json.dumps(summary, indent=2))
     else:
         _print(summary)
     return 0 if summary["ok"] else 1
+
+
+def _cryptovm(paths: ClusterPaths, node: str) -> dict[str, Any]:
+    """Use the CryptoVM in the VM as its root, then check its key attestation on the host.
+
+    The attestation is a quote by the VM's registered AK over the key's public key and
+    attributes; the host verifies it against the VM's predicted policy: the key was
+    generated inside *this* attested VM and cannot be exported.
+    """
+    message = b"signed inside the CryptoVM VM"
+    nonce = os.urandom(32)
+    try:
+        with cryptovm_endpoint(paths, node).client() as vsm:
+            key_id = vsm.generate("ec-p256", ["sign"])["key_id"]
+            signature = vsm.sign(key_id, message)
+            public = vsm.public_key(key_id)
+            document = vsm.call("attest", key_id=key_id, nonce=nonce)["attestation"]
+        key = serialization.load_der_public_key(public)
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        verifier = QuoteVerifier(ak_trust=load_registry(paths).for_node(node),
+                                 policy=load_policy(paths.policy(node).read_text()))
+        report = verify_key_attestation(KeyAttestation.from_dict(document), nonce, verifier,
+                                        expected_key_id=key_id)
+    except Exception as exc:  # reported in the summary, the demo goes on to tear down
+        return {"node": node, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    failure = report.failure
+    return {"node": node, "ok": report.ok, "key_algorithm": "ec-p256",
+            "signature_verified_on_host": True,
+            "key_attestation": "verified" if report.ok else
+            f"FAILED {failure.name if failure else '?'}: {failure.detail if failure else ''}",
+            "checks": [c.name for c in report.checks if c.passed]}
 
 
 def _searchable_by_qemu(*directories: Path) -> None:
@@ -147,6 +196,17 @@ def _print(summary: dict[str, Any]) -> None:
               f"{e['event_log_events']} events, policy {e['policy']}, "
               f"{len(e['checks'])} checks passed")
         print(f"    reply: {c['client_view']['reply']}")
+    if "cryptovm" in summary:
+        c = summary["cryptovm"]
+        if c["ok"]:
+            print(f"\nCryptoVM in VM {c['node']!r}: a non-exportable {c['key_algorithm']} key "
+                  "generated inside the VM (store sealed to its vTPM PCRs 0-9); a signature "
+                  f"verified on the host; key attestation {c['key_attestation']} "
+                  f"({len(c['checks'])} checks: the VM's registered AK, its predicted policy, "
+                  "origin generated, non-exportable)")
+        else:
+            print(f"\nCryptoVM in VM {c['node']!r}: FAILED: "
+                  f"{c.get('error') or c.get('key_attestation')}")
     if "teardown_clean" in summary:
         print(f"\nTeardown: {'clean' if summary['teardown_clean'] else 'LEFTOVERS'}")
     print(f"\nDemo {'OK' if summary['ok'] else 'FAILED'} in {summary['seconds']} s")
