@@ -16,8 +16,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import (
@@ -49,6 +48,11 @@ from tpm2_pytss.types import (
 
 from attestation.credential import CredentialChallenge
 from attestation.errors import TpmError
+from attestation.tpm_raw import strip_nv_padding
+
+# The result types (X as X: re-exported) live in tpm_types, shared with cryptovm/rawtpm.py.
+from attestation.tpm_types import EndorsementKey as EndorsementKey
+from attestation.tpm_types import KeyAlgorithm as KeyAlgorithm
 from attestation.tpm_types import (
     PcrSelection,
     PublicArea,
@@ -57,8 +61,8 @@ from attestation.tpm_types import (
     parse_public,
     tpm2b,
 )
-
-KeyAlgorithm = Literal["ecc", "rsa"]
+from attestation.tpm_types import QuoteResult as QuoteResult
+from attestation.tpm_types import TpmKey as TpmKey
 
 EK_HANDLES: dict[KeyAlgorithm, int] = {"rsa": 0x81010001, "ecc": 0x81010016}
 # TCG EK Credential Profile NV indices: low-range RSA 2048, ECC P-256, high-range ECC P-384.
@@ -86,34 +90,6 @@ AK_TEMPLATES: dict[KeyAlgorithm, str] = {
     "ecc": "ecc256:ecdsa-sha256:null",
     "rsa": "rsa2048:rsassa-sha256:null",
 }
-
-
-@dataclass(frozen=True)
-class EndorsementKey:
-    """An EK's public area (TPMT_PUBLIC bytes) and its certificate from NV (DER)."""
-
-    algorithm: KeyAlgorithm
-    public: bytes
-    certificate: bytes | None
-
-
-@dataclass(frozen=True)
-class TpmKey:
-    """A key loaded in the TPM: its ESYS handle (owned by the client) and public area."""
-
-    handle: Any  # ESYS_TR
-    public: bytes  # TPMT_PUBLIC
-    persistent: bool
-
-
-@dataclass(frozen=True)
-class QuoteResult:
-    """TPM2_Quote's output and the PCR values it covers."""
-
-    attest: bytes  # TPMS_ATTEST
-    signature: bytes  # TPMT_SIGNATURE
-    selection: PcrSelection
-    pcrs: dict[int, bytes]
 
 
 def parse_tcti(tcti: str) -> tuple[str, str]:
@@ -220,14 +196,14 @@ class TpmClient:
         cert = None
         for index in EK_CERT_INDICES[algorithm]:
             if self._nv_exists(index):
-                cert = _strip_nv_padding(self.read_nv(index))
+                cert = strip_nv_padding(self.read_nv(index))
                 break
         return EndorsementKey(algorithm, public, cert)
 
     def platform_certificate(self) -> bytes | None:
         if not self._nv_exists(PLATFORM_CERT_INDEX):
             return None
-        return _strip_nv_padding(self.read_nv(PLATFORM_CERT_INDEX))
+        return strip_nv_padding(self.read_nv(PLATFORM_CERT_INDEX))
 
     def _persistent(self, handle: int, what: str) -> TpmKey:
         try:
@@ -437,15 +413,3 @@ def _pcr_digest_matches(attest: bytes, selection: PcrSelection, pcrs: dict[int, 
     hash_name = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}[len(info.pcr_digest)]
     composite = b"".join(pcrs[i] for i in selection.indices)
     return hashlib.new(hash_name, composite).digest() == info.pcr_digest
-
-
-def _strip_nv_padding(data: bytes) -> bytes:
-    """NV certificate areas may be larger than the DER; keep exactly one DER SEQUENCE."""
-    if len(data) < 4 or data[0] != 0x30:
-        return data
-    if data[1] < 0x80:
-        return data[: 2 + data[1]]
-    n = data[1] & 0x7F
-    if n > 4 or len(data) < 2 + n:
-        return data
-    return data[: 2 + n + int.from_bytes(data[2 : 2 + n])]

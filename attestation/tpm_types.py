@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from functools import cached_property, lru_cache
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -481,3 +482,36 @@ def marshal_public_key(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
     point = key.public_numbers()
     return (head + struct.pack(">HHH", Alg.NULL, curve, Alg.NULL)
             + tpm2b(point.x.to_bytes(size)) + tpm2b(point.y.to_bytes(size)))
+
+
+# --- what a TPM client returns (tpm2-pytss: attestation/tpm.py; raw: cryptovm/rawtpm.py) --
+
+KeyAlgorithm = Literal["ecc", "rsa"]
+
+
+@dataclass(frozen=True)
+class EndorsementKey:
+    """An EK's public area (TPMT_PUBLIC bytes) and its certificate from NV (DER)."""
+
+    algorithm: KeyAlgorithm
+    public: bytes
+    certificate: bytes | None
+
+
+@dataclass(frozen=True)
+class TpmKey:
+    """A key loaded in the TPM: its ESYS handle (owned by the client) and public area."""
+
+    handle: Any  # ESYS_TR
+    public: bytes  # TPMT_PUBLIC
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class QuoteResult:
+    """TPM2_Quote's output and the PCR values it covers."""
+
+    attest: bytes  # TPMS_ATTEST
+    signature: bytes  # TPMT_SIGNATURE
+    selection: PcrSelection
+    pcrs: dict[int, bytes]

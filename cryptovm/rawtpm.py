@@ -38,7 +38,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from attestation.errors import TpmError
@@ -63,7 +62,7 @@ from attestation.tpm_raw import (
     u16,
     u32,
 )
-from attestation.tpm_types import PcrSelection
+from attestation.tpm_types import EndorsementKey, PcrSelection, QuoteResult, TpmKey
 from cryptovm.sealing import (
     PRIMARY_ATTRIBUTES,
     SEALED_ATTRIBUTES,
@@ -144,34 +143,6 @@ def _read_pcrs(tpm: Tpm, selection: PcrSelection) -> dict[int, bytes]:
 # --- the TpmClient subset ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RawKey:
-    """A persistent key (:class:`attestation.tpm.TpmKey`'s fields): handle is the TPM's."""
-
-    handle: int
-    public: bytes  # TPMT_PUBLIC
-    persistent: bool
-
-
-@dataclass(frozen=True)
-class RawEndorsementKey:
-    """:class:`attestation.tpm.EndorsementKey`'s fields."""
-
-    algorithm: str
-    public: bytes
-    certificate: bytes | None
-
-
-@dataclass(frozen=True)
-class RawQuote:
-    """:class:`attestation.tpm.QuoteResult`'s fields."""
-
-    attest: bytes  # TPMS_ATTEST
-    signature: bytes  # TPMT_SIGNATURE
-    selection: PcrSelection
-    pcrs: dict[int, bytes]
-
-
 class RawTpmClient:
     """What the CryptoVM asks of a :class:`~attestation.tpm.TpmClient`, in raw commands.
 
@@ -181,13 +152,13 @@ class RawTpmClient:
     def __init__(self, tpm: Tpm) -> None:
         self.tpm = tpm
 
-    def attestation_key(self, algorithm: str = "ecc") -> RawKey:
+    def attestation_key(self, algorithm: str = "ecc") -> TpmKey:
         if algorithm != "ecc":
             raise TpmError(f"the raw TPM backend has only the ECC AK, not {algorithm!r}")
         with _errors("the AK"):
-            return RawKey(AK_HANDLE, self.tpm.ensure_ak(), persistent=True)
+            return TpmKey(AK_HANDLE, self.tpm.ensure_ak(), persistent=True)
 
-    def endorsement_key(self, algorithm: str = "rsa") -> RawEndorsementKey:
+    def endorsement_key(self, algorithm: str = "rsa") -> EndorsementKey:
         if algorithm != "rsa":
             raise TpmError(f"the raw TPM backend has only the RSA EK, not {algorithm!r}")
         with _errors(f"no EK at persistent handle 0x{EK_HANDLE:08x} (was the TPM "
@@ -197,9 +168,9 @@ class RawTpmClient:
             certificate: bytes | None = strip_nv_padding(self.tpm.nv_read(EK_CERT_INDEX))
         except TpmCommandError:  # no certificate index: the registrar will refuse
             certificate = None
-        return RawEndorsementKey("rsa", public, certificate)
+        return EndorsementKey("rsa", public, certificate)
 
-    def flush(self, key: RawKey) -> None:
+    def flush(self, key: TpmKey) -> None:
         """Transient keys only; the AK and EK are persistent (nothing to flush)."""
         if not key.persistent:
             _flush(self.tpm, key.handle)
@@ -207,8 +178,8 @@ class RawTpmClient:
     def read_pcrs(self, bank: str, indices: list[int] | tuple[int, ...]) -> dict[int, bytes]:
         return _read_pcrs(self.tpm, PcrSelection(bank, tuple(sorted(set(indices)))))
 
-    def quote(self, ak: RawKey, selection: PcrSelection, qualifying_data: bytes,
-              attempts: int = 3) -> RawQuote:
+    def quote(self, ak: TpmKey, selection: PcrSelection, qualifying_data: bytes,
+              attempts: int = 3) -> QuoteResult:
         """Quote with the AK and the PCR values its pcrDigest covers (re-quoted if a PCR
         changed in between)."""
         if ak.handle != AK_HANDLE:
@@ -222,10 +193,10 @@ class RawTpmClient:
             pcrs = _read_pcrs(self.tpm, selection)
             composite = b"".join(pcrs[i] for i in selection.indices)
             if hashlib.sha256(composite).digest() == quoted_pcr_digest(attest):
-                return RawQuote(attest, signature, selection, pcrs)
+                return QuoteResult(attest, signature, selection, pcrs)
         raise TpmError(f"PCRs kept changing during {attempts} quote attempts")
 
-    def activate_credential(self, ak: RawKey, algorithm: str,
+    def activate_credential(self, ak: TpmKey, algorithm: str,
                             challenge: CredentialChallenge) -> bytes:
         """ActivateCredential(AK, RSA EK) with PolicySecret(TPM_RH_ENDORSEMENT)."""
         if ak.handle != AK_HANDLE or algorithm != "rsa":
@@ -379,9 +350,6 @@ class RawTpm:
 
 
 __all__ = [
-    "RawEndorsementKey",
-    "RawKey",
-    "RawQuote",
     "RawSealer",
     "RawTpm",
     "RawTpmClient",
