@@ -22,6 +22,11 @@ class EvidenceFormatError(TestbedError):
     truncated, oversized or otherwise not what the format allows."""
 
 
+class FileInputError(EvidenceFormatError):
+    """A file the project was given cannot be read: missing, unreadable, not a regular
+    file (FIFO, device, directory) or larger than the format allows."""
+
+
 class EventLogError(EvidenceFormatError):
     """A TCG event log could not be parsed."""
 

@@ -17,12 +17,11 @@ Decoding is strict: unknown keys, wrong types, oversized input are errors.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError
 from attestation.tpm_types import DIGEST_SIZE
 
@@ -62,9 +61,9 @@ class Evidence:
         return {
             "format": EVIDENCE_FORMAT,
             "version": EVIDENCE_VERSION,
-            "attest": _b64(self.attest),
-            "signature": _b64(self.signature),
-            "ak_public": _b64(self.ak_public),
+            "attest": b64encode(self.attest),
+            "signature": b64encode(self.signature),
+            "ak_public": b64encode(self.ak_public),
             "pcr_bank": self.pcr_bank,
             "pcrs": {str(i): v.hex() for i, v in sorted(self.pcrs.items())},
             "event_log": _b64_opt(self.event_log),
@@ -72,9 +71,9 @@ class Evidence:
             "ek_certificate": _b64_opt(self.ek_certificate),
             "platform_certificate": _b64_opt(self.platform_certificate),
             "key_certification": None if self.key_certification is None else {
-                "attest": _b64(self.key_certification.attest),
-                "signature": _b64(self.key_certification.signature),
-                "key_public": _b64(self.key_certification.key_public),
+                "attest": b64encode(self.key_certification.attest),
+                "signature": b64encode(self.key_certification.signature),
+                "key_public": b64encode(self.key_certification.key_public),
             },
         }
 
@@ -107,9 +106,9 @@ class Evidence:
         if not isinstance(bank, str) or bank not in DIGEST_SIZE:
             raise EvidenceFormatError(f"pcr_bank {bank!r} is not one of {sorted(DIGEST_SIZE)}")
         return cls(
-            attest=_unb64(doc["attest"], "attest"),
-            signature=_unb64(doc["signature"], "signature"),
-            ak_public=_unb64(doc["ak_public"], "ak_public"),
+            attest=b64decode(doc["attest"], "attest"),
+            signature=b64decode(doc["signature"], "signature"),
+            ak_public=b64decode(doc["ak_public"], "ak_public"),
             pcr_bank=bank,
             pcrs=_decode_pcrs(doc["pcrs"], DIGEST_SIZE[bank]),
             event_log=_unb64_opt(doc.get("event_log"), "event_log"),
@@ -121,25 +120,12 @@ class Evidence:
         )
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def _b64_opt(data: bytes | None) -> str | None:
-    return None if data is None else _b64(data)
-
-
-def _unb64(value: object, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise EvidenceFormatError(f"{name} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise EvidenceFormatError(f"{name} is not valid base64") from None
+    return None if data is None else b64encode(data)
 
 
 def _unb64_opt(value: object, name: str) -> bytes | None:
-    return None if value is None else _unb64(value, name)
+    return None if value is None else b64decode(value, name)
 
 
 def _decode_pcrs(value: object, size: int) -> dict[int, bytes]:
@@ -164,7 +150,7 @@ def _decode_certification(value: object) -> KeyCertification | None:
     if not isinstance(value, dict) or set(value) != {"attest", "signature", "key_public"}:
         raise EvidenceFormatError("key_certification needs exactly attest, signature, key_public")
     return KeyCertification(
-        _unb64(value["attest"], "key_certification.attest"),
-        _unb64(value["signature"], "key_certification.signature"),
-        _unb64(value["key_public"], "key_certification.key_public"),
+        b64decode(value["attest"], "key_certification.attest"),
+        b64decode(value["signature"], "key_certification.signature"),
+        b64decode(value["key_public"], "key_certification.key_public"),
     )

@@ -38,14 +38,14 @@ Evaluation fails closed:
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import yaml
 
-from attestation.errors import EventLogError, PolicyError
+from attestation.errors import EventLogError, FileInputError, PolicyError
 from attestation.eventlog import (
     ALGORITHMS,
     Event,
@@ -57,6 +57,8 @@ from attestation.eventlog import (
     replay,
     short_hex,
 )
+from attestation.files import read_bounded
+from attestation.strict_yaml import load_yaml
 
 __all__ = [
     "MAX_POLICY_BYTES",
@@ -190,33 +192,6 @@ def _check_text(value: object, path: str, limit: int, *, required: bool = False)
 # --- loading --------------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys.
-
-    Plain safe_load keeps the last of two ``4:`` entries silently; in a
-    hand-edited security policy that hides mistakes, so it is an error here.
-    Only the key check is added: construction is SafeLoader's.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        self.flatten_mapping(node)
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError as exc:  # unhashable key, e.g. a list
-                raise yaml.constructor.ConstructorError(
-                    None, None, "unhashable mapping key", key_node.start_mark
-                ) from exc
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep)
-
-
 def load_policy(source: str | bytes | os.PathLike[str]) -> ReferencePolicy:
     """Load and validate a policy.
 
@@ -225,7 +200,7 @@ def load_policy(source: str | bytes | os.PathLike[str]) -> ReferencePolicy:
     Raises :class:`PolicyError` naming the offending field.
     """
     text = _read_source(source)
-    return _policy_from_document(_parse_yaml(text))
+    return _policy_from_document(load_yaml(text, "policy", PolicyError))
 
 
 def _read_source(source: str | bytes | os.PathLike[str]) -> str:
@@ -249,29 +224,9 @@ def _read_source(source: str | bytes | os.PathLike[str]) -> str:
 
 def _read_file(path: Path) -> bytes:
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_POLICY_BYTES + 1)  # bounded even for /dev/zero
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
-    return data
-
-
-def _parse_yaml(text: str) -> object:
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"policy: not valid YAML: {_one_line(str(exc))}") from exc
-    except RecursionError as exc:
-        raise PolicyError("policy: YAML nested too deeply") from exc
-    except (ValueError, TypeError, OverflowError) as exc:
-        # SafeLoader's own constructors raise these, e.g. for 2024-02-30.
-        raise PolicyError(f"policy: invalid YAML value: {_one_line(str(exc))}") from exc
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:300]
+        return read_bounded(path, MAX_POLICY_BYTES, what="policy file")
+    except FileInputError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def _policy_from_document(document: object) -> ReferencePolicy:

@@ -10,11 +10,17 @@
 
 :class:`PinnedAk` is the other trust source: a caller who already trusts a key
 (e.g. ``testbed verify-quote --ak ak.pem``).
+
+:func:`register` is the whole exchange with one attester (anything that can show its
+identity and activate a credential: a node's agent, or a TPM client in-process), written
+once for every caller.
 """
 
 from __future__ import annotations
 
+import binascii
 import hmac
+import json
 import os
 import threading
 from collections.abc import Sequence
@@ -26,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attestation.credential import CredentialChallenge, make_credential
+from attestation.encoding import b64decode, b64encode
 from attestation.endorsement import ValidatedEk, validate_ek
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.tpm_types import ObjectAttributes, PublicArea, parse_public
@@ -181,23 +188,53 @@ class AkRegistry:
         return f"AK registered to node {node!r} (activated against its validated EK)"
 
     def to_json(self) -> str:
-        import base64
-        import json
-
-        return json.dumps({n: base64.b64encode(r.raw).decode()
-                           for n, r in sorted(self._records.items())}, indent=1)
+        return json.dumps({n: b64encode(r.raw) for n, r in sorted(self._records.items())},
+                          indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> AkRegistry:
-        import base64
-        import binascii
-        import json
-
+    def from_json(cls, text: str | bytes) -> AkRegistry:
         try:
             doc = json.loads(text)
             if not isinstance(doc, dict):
                 raise ValueError("not an object")
-            return cls({str(n): parse_public(base64.b64decode(v, validate=True))
+            return cls({str(n): parse_public(b64decode(v, f"AK of {n}"))
                         for n, v in doc.items()})
-        except (ValueError, TypeError, binascii.Error) as exc:
+        except (ValueError, TypeError, binascii.Error, EvidenceFormatError) as exc:
             raise EvidenceFormatError(f"AK registry is not valid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class AttesterIdentity:
+    """What an attester shows the registrar: its EK certificate and the two public areas."""
+
+    ek_certificate: bytes
+    ek_public: bytes
+    ak_public: bytes
+
+
+class Attester(Protocol):
+    """The attester's side of registration: a node agent, or a TPM client in-process."""
+
+    def identity(self) -> AttesterIdentity: ...
+
+    def activate(self, challenge: CredentialChallenge) -> bytes: ...
+
+
+def register(attester: Attester, node: str, registrar: Registrar,
+             registry: AkRegistry) -> bool:
+    """Activate ``attester``'s AK against its validated EK and record it for ``node``.
+
+    Returns False when the registry already holds this very AK for ``node`` (AKs are
+    persistent: a node that comes back keeps its registration). Otherwise the EK
+    certificate is validated, MakeCredential is run for the AK's Name, and only the TPM
+    holding that EK can return the secret, proving the AK lives beside it.
+    """
+    identity = attester.identity()
+    ak = parse_public(identity.ak_public)
+    if registry.node_of(ak) == node:
+        return False
+    challenge = registrar.challenge(identity.ek_certificate, identity.ek_public,
+                                    identity.ak_public)
+    record = registrar.complete(ak.name, attester.activate(challenge))
+    registry.add(node, record.ak)
+    return True

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from attestation.errors import VerificationError
+from attestation.files import FILE_MODE, fsync_dir
 from cryptovm.encoding import canonical_json
 from cryptovm.errors import StorageError
-from cryptovm.fileio import FILE_MODE, fsync_dir
 
 GENESIS = "0" * 64
 MAX_FIELD = 200

@@ -3,7 +3,7 @@
 Storage format (``docs/cryptovm.md`` has the full argument):
 
 * ``keys/<key id>/v00000001.key`` - one file per key version, written once with
-  :func:`~cryptovm.fileio.atomic_write` (temp file, fsync, rename, fsync dir) and
+  :func:`~attestation.files.atomic_write` (temp file, fsync, rename, fsync dir) and
   never modified. A version exists entirely or not at all after any crash.
 * each file is a JSON envelope ``{format, version, kind, id, meta, nonce,
   ciphertext}``: AES-256-GCM of the key material (PKCS#8 DER or the raw AES key)
@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,15 +33,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cryptovm.encoding import b64d, b64e, canonical_json, check_name
-from cryptovm.errors import BadRequest, NotFound, StorageError
-from cryptovm.fileio import (
+from attestation.errors import FileInputError
+from attestation.files import (
     atomic_write,
     fsync_dir,
     private_dir,
-    read_limited,
+    read_bounded,
     remove_stale_temps,
 )
+from cryptovm.encoding import b64d, b64e, canonical_json, check_name
+from cryptovm.errors import BadRequest, NotFound, StorageError
 
 Algorithm = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "ed25519", "aes-256"]
 Usage = Literal["sign", "decrypt", "derive", "encrypt", "unwrap"]
@@ -63,6 +64,19 @@ _CURVES: dict[str, ec.EllipticCurve] = {"ec-p256": ec.SECP256R1(), "ec-p384": ec
 RECORD_FORMAT = "cryptovm-record"
 RECORD_VERSION = 1
 MAX_STATE_FILE = 1 << 20
+
+
+@overload
+def read_state_file(path: Path, *, missing_ok: Literal[False] = ...) -> bytes: ...
+@overload
+def read_state_file(path: Path, *, missing_ok: Literal[True]) -> bytes | None: ...
+def read_state_file(path: Path, *, missing_ok: bool = False) -> bytes | None:
+    """A CryptoVM state file, bounded; an unreadable one is a :class:`StorageError`."""
+    try:
+        return read_bounded(path, MAX_STATE_FILE, what="CryptoVM state file",
+                            missing_ok=missing_ok)
+    except FileInputError as exc:
+        raise StorageError(str(exc)) from None
 SYMMETRIC_COMMITMENT = b"cryptovm-symmetric-key-commitment/v1\x00"
 
 
@@ -290,7 +304,7 @@ class KeyStore:
             version = int(path.stem[1:])
         except ValueError:
             raise StorageError(f"{path}: not a key version file name") from None
-        meta, material = self._cipher.open(read_limited(path, MAX_STATE_FILE), "key",
+        meta, material = self._cipher.open(read_state_file(path), "key",
                                            {"key_id": key_id, "version": version}, str(path))
         try:
             attributes = KeyAttributes.from_dict(meta)

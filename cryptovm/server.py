@@ -37,11 +37,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from attestation.files import atomic_write
 from cryptovm import tlsca
 from cryptovm.accounts import psk_server_proof
 from cryptovm.audit import AuditLog
 from cryptovm.errors import AccessDenied, AuthenticationFailed, BadRequest, ProtocolError
-from cryptovm.fileio import atomic_write
 from cryptovm.tlsloop import TlsListener, TlsStream
 from cryptovm.vsm import CryptoVm, VsmSession
 from cryptovm.wire import (

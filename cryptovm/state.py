@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cryptovm.encoding import check_name
-from cryptovm.errors import NotFound, SealedStorageError, StorageError
-from cryptovm.fileio import (
+from attestation.files import (
     FILE_MODE,
     atomic_write,
     private_dir,
-    read_limited,
     remove_durably,
     remove_stale_temps,
 )
-from cryptovm.keystore import MAX_STATE_FILE, StateCipher
+from cryptovm.encoding import check_name
+from cryptovm.errors import NotFound, SealedStorageError, StorageError
+from cryptovm.keystore import StateCipher, read_state_file
 from cryptovm.sealing import SealedBlob
 
 STATE_FORMAT = "cryptovm-state"
@@ -111,11 +110,12 @@ class StateDir:
         atomic_write(self.manifest, json.dumps(doc, indent=1).encode())
 
     def read_manifest(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(read_limited(self.manifest, MAX_STATE_FILE))
-        except FileNotFoundError:
+        raw = read_state_file(self.manifest, missing_ok=True)
+        if raw is None:
             raise StorageError(f"{self.path} is not an initialized CryptoVM state directory "
-                               "(no cryptovm.json)") from None
+                               "(no cryptovm.json)")
+        try:
+            doc = json.loads(raw)
         except ValueError as exc:
             raise StorageError(f"{self.manifest}: {exc}") from None
         if doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
@@ -126,11 +126,11 @@ class StateDir:
         atomic_write(self.sealed, blob.to_json())
 
     def read_sealed(self) -> SealedBlob:
-        try:
-            return SealedBlob.from_json(read_limited(self.sealed, MAX_STATE_FILE))
-        except FileNotFoundError:
+        raw = read_state_file(self.sealed, missing_ok=True)
+        if raw is None:
             raise SealedStorageError(f"{self.sealed} is missing: the storage key is gone and "
-                                     "with it every key of this CryptoVM") from None
+                                     "with it every key of this CryptoVM")
+        return SealedBlob.from_json(raw)
 
     # --- encrypted configuration ----------------------------------------------------------
 
@@ -139,7 +139,7 @@ class StateDir:
         atomic_write(self.config, blob)
 
     def read_config(self, cipher: StateCipher) -> dict[str, Any]:
-        _, plaintext = cipher.open(read_limited(self.config, MAX_STATE_FILE), "config",
+        _, plaintext = cipher.open(read_state_file(self.config), "config",
                                    {"name": "config"}, str(self.config))
         doc = json.loads(plaintext)
         if not isinstance(doc, dict):
@@ -156,10 +156,9 @@ class StateDir:
 
     def read_record(self, cipher: StateCipher, name: str) -> bytes:
         path = self._record(name)
-        try:
-            blob = read_limited(path, MAX_STATE_FILE)
-        except FileNotFoundError:
-            raise NotFound(f"no record {name!r}") from None
+        blob = read_state_file(path, missing_ok=True)
+        if blob is None:
+            raise NotFound(f"no record {name!r}")
         return cipher.open(blob, "record", {"name": name}, str(path))[1]
 
     def delete_record(self, name: str) -> None:

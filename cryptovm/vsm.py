@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from attestation.credential import CredentialChallenge
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
+from attestation.files import atomic_write
 from attestation.tpm_types import PcrSelection
 from attestation.verifier import ClockHistory
 from cryptovm import operations as ops
@@ -46,7 +47,6 @@ from cryptovm.errors import (
     NotFound,
     ReleaseDenied,
 )
-from cryptovm.fileio import atomic_write
 from cryptovm.keyattest import MAX_NONCE, KeyAttestation, key_attestation_data
 from cryptovm.keystore import (
     KeyAttributes,

@@ -1,0 +1,157 @@
+"""The project's file primitives: one bounded reader, one crash-safe writer.
+
+Every file the project reads (policies, cluster specs, quote parts, event logs, state
+files, artifacts named by a spec) goes through :func:`read_bounded`: it reads at most
+``limit`` bytes whatever ``stat`` claims (devices and procfs report size 0), and it
+refuses what is not a regular file, so a FIFO given as a policy fails at once instead
+of blocking forever and ``/dev/zero`` fails instead of filling memory.
+
+:func:`atomic_write` replaces a file durably: temp file, fsync, rename, fsync of the
+directory. After it returns the new content survives a crash; before, a restart sees
+the old content (or no file), never a mix. Files are 0600, directories 0700.
+
+Standard library only: the guest image runs this with Debian's python3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Literal, overload
+
+from attestation.errors import FileInputError
+
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "atomic_write",
+    "fsync_dir",
+    "private_dir",
+    "read_bounded",
+    "remove_durably",
+    "remove_stale_temps",
+]
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+TEMP_SUFFIX = ".tmp"
+_CHUNK = 1 << 16
+
+
+@overload
+def read_bounded(path: Path, limit: int, *, what: str = ...,
+                 missing_ok: Literal[False] = ...) -> bytes: ...
+@overload
+def read_bounded(path: Path, limit: int, *, what: str = ...,
+                 missing_ok: Literal[True]) -> bytes | None: ...
+def read_bounded(path: Path, limit: int, *, what: str = "file",
+                 missing_ok: bool = False) -> bytes | None:
+    """The whole of regular file ``path``, at most ``limit`` bytes.
+
+    Raises :class:`FileInputError` naming ``what`` and the path when the file cannot
+    be opened, is not a regular file (FIFO, device, directory, socket) or is larger
+    than ``limit``. With ``missing_ok``, a file that does not exist gives None.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer must not block (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise FileInputError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise FileInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FileInputError(f"{what} {path} is not a regular file "
+                                 f"({_file_kind(mode)}); give a file")
+        return _read_at_most(fd, limit, what, path)
+    finally:
+        os.close(fd)
+
+
+def _read_at_most(fd: int, limit: int, what: str, path: Path) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = os.read(fd, min(_CHUNK, limit + 1 - size))
+        except OSError as exc:
+            raise FileInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise FileInputError(f"{what} {path} is larger than {limit} bytes")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def private_dir(path: Path) -> Path:
+    """mkdir -p with 0700; tighten an existing directory to 0700."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (``mode``, default 0600).
+
+    The temporary file's name is unique per call, so concurrent writers (threads or
+    processes) never write into each other's temporary file; the last rename wins.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_durably(path: Path) -> None:
+    """Unlink ``path`` (if present) and make the removal durable."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files left by a crash in the middle of :func:`atomic_write`."""
+    removed = 0
+    for temp in directory.glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+            removed += 1
+    return removed
