@@ -107,7 +107,7 @@ def quote_request(nonce: bytes, pcrs: tuple[int, ...] | list[int]) -> dict[str, 
 
 
 def parse_quote_request(request: Mapping[str, Any]) -> tuple[bytes, list[int]]:
-    """(nonce, sorted distinct PCR indices), or EvidenceFormatError naming the field."""
+    """(nonce, sorted PCR indices), or EvidenceFormatError naming the field."""
     value = request.get("nonce")
     if not isinstance(value, str) or len(value) > 2 * MAX_NONCE_BYTES:
         raise EvidenceFormatError(f"nonce: expected at most {MAX_NONCE_BYTES} bytes as hex")
@@ -115,13 +115,17 @@ def parse_quote_request(request: Mapping[str, Any]) -> tuple[bytes, list[int]]:
         nonce = bytes.fromhex(value)
     except ValueError:
         raise EvidenceFormatError("nonce: not hexadecimal") from None
+    if not nonce:
+        raise EvidenceFormatError("nonce: empty (a quote needs fresh qualifying data)")
     pcrs = request.get("pcrs")
     if not isinstance(pcrs, list) or not pcrs or len(pcrs) > MAX_PCR + 1 or not all(
             isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_PCR
             for p in pcrs):
         raise EvidenceFormatError(f"pcrs: expected a non-empty list of PCR indices "
                                   f"0..{MAX_PCR}")
-    return nonce, sorted(set(pcrs))
+    if len(set(pcrs)) != len(pcrs):
+        raise EvidenceFormatError("pcrs: PCR indices must not repeat")
+    return nonce, sorted(pcrs)
 
 
 def activate_request(credential_blob: bytes, encrypted_secret: bytes) -> dict[str, Any]:

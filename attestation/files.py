@@ -16,8 +16,10 @@ Standard library only: the guest image runs this with Debian's python3.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, overload
 
@@ -28,6 +30,7 @@ __all__ = [
     "FILE_MODE",
     "atomic_write",
     "fsync_dir",
+    "hash_file",
     "private_dir",
     "read_bounded",
     "remove_durably",
@@ -54,6 +57,32 @@ def read_bounded(path: Path, limit: int, *, what: str = "file",
     be opened, is not a regular file (FIFO, device, directory, socket) or is larger
     than ``limit``. With ``missing_ok``, a file that does not exist gives None.
     """
+    fd = _open_regular(path, what, missing_ok=missing_ok)
+    if fd is None:
+        return None
+    try:
+        chunks = list(_chunks(fd, limit, what, path))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def hash_file(path: Path, limit: int, *, what: str = "file") -> tuple[bytes, int]:
+    """(SHA-256, size) of regular file ``path``, read in chunks (kernels are megabytes)."""
+    fd = _open_regular(path, what, missing_ok=False)
+    assert fd is not None
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in _chunks(fd, limit, what, path):
+            digest.update(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.digest(), size
+
+
+def _open_regular(path: Path, what: str, *, missing_ok: bool) -> int | None:
     try:
         # O_NONBLOCK: opening a FIFO with no writer must not block (it is refused below).
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -63,18 +92,16 @@ def read_bounded(path: Path, limit: int, *, what: str = "file",
         raise FileInputError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise FileInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise FileInputError(f"{what} {path} is not a regular file "
-                                 f"({_file_kind(mode)}); give a file")
-        return _read_at_most(fd, limit, what, path)
-    finally:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
+        raise FileInputError(f"{what} {path} is not a regular file ({_file_kind(mode)}); "
+                             "give a file")
+    return fd
 
 
-def _read_at_most(fd: int, limit: int, what: str, path: Path) -> bytes:
-    chunks: list[bytes] = []
+def _chunks(fd: int, limit: int, what: str, path: Path) -> Iterator[bytes]:
+    """The file's bytes in chunks; more than ``limit`` of them is a FileInputError."""
     size = 0
     while True:
         try:
@@ -82,11 +109,11 @@ def _read_at_most(fd: int, limit: int, what: str, path: Path) -> bytes:
         except OSError as exc:
             raise FileInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
         if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+            return
         size += len(chunk)
         if size > limit:
             raise FileInputError(f"{what} {path} is larger than {limit} bytes")
+        yield chunk
 
 
 def _file_kind(mode: int) -> str:

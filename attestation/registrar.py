@@ -221,20 +221,19 @@ class Attester(Protocol):
 
 
 def register(attester: Attester, node: str, registrar: Registrar,
-             registry: AkRegistry) -> bool:
-    """Activate ``attester``'s AK against its validated EK and record it for ``node``.
+             registry: AkRegistry) -> PublicArea | None:
+    """Activate ``attester``'s AK against its validated EK, for ``node``.
 
-    Returns False when the registry already holds this very AK for ``node`` (AKs are
-    persistent: a node that comes back keeps its registration). Otherwise the EK
-    certificate is validated, MakeCredential is run for the AK's Name, and only the TPM
-    holding that EK can return the secret, proving the AK lives beside it.
+    Returns the activated AK, for the caller to add to its registry; None when
+    ``registry`` already holds this very AK for ``node`` (AKs are persistent: a node
+    that comes back keeps its registration). Otherwise the EK certificate is validated,
+    MakeCredential is run for the AK's Name, and only the TPM holding that EK can
+    return the secret, proving the AK lives beside it.
     """
     identity = attester.identity()
     ak = parse_public(identity.ak_public)
     if registry.node_of(ak) == node:
-        return False
+        return None
     challenge = registrar.challenge(identity.ek_certificate, identity.ek_public,
                                     identity.ak_public)
-    record = registrar.complete(ak.name, attester.activate(challenge))
-    registry.add(node, record.ak)
-    return True
+    return registrar.complete(ak.name, attester.activate(challenge)).ak

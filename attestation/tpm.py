@@ -48,6 +48,7 @@ from tpm2_pytss.types import (
 
 from attestation.credential import CredentialChallenge
 from attestation.errors import TpmError
+from attestation.registrar import AttesterIdentity
 from attestation.tpm_raw import strip_nv_padding
 
 # The result types (X as X: re-exported) live in tpm_types, shared with cryptovm/rawtpm.py.
@@ -374,6 +375,33 @@ _EK_POLICY_C = {
 }
 TPM_CC_POLICY_SECRET = 0x151
 TPM_CC_POLICY_OR = 0x171
+
+
+class LocalAttester:
+    """A TPM reached in-process, as the attester side of registration
+    (:class:`~attestation.registrar.Attester`): its EK certificate, its persistent AK."""
+
+    def __init__(self, client: TpmClient, *, ek_algorithm: KeyAlgorithm = "rsa",
+                 ak_algorithm: KeyAlgorithm = "ecc") -> None:
+        self._client = client
+        self._ek_algorithm: KeyAlgorithm = ek_algorithm
+        self._ak_algorithm: KeyAlgorithm = ak_algorithm
+
+    def identity(self) -> AttesterIdentity:
+        ek = self._client.endorsement_key(self._ek_algorithm)
+        if ek.certificate is None:
+            raise TpmError(f"the TPM has no {self._ek_algorithm.upper()} EK certificate; "
+                           "was it provisioned (swtpm_setup --create-ek-cert)?")
+        ak = self._client.attestation_key(self._ak_algorithm)
+        self._client.flush(ak)
+        return AttesterIdentity(ek.certificate, ek.public, ak.public)
+
+    def activate(self, challenge: CredentialChallenge) -> bytes:
+        ak = self._client.attestation_key(self._ak_algorithm)
+        try:
+            return self._client.activate_credential(ak, self._ek_algorithm, challenge)
+        finally:
+            self._client.flush(ak)
 
 
 def ek_policy_or_branches(ek: PublicArea) -> tuple[bytes, bytes] | None:

@@ -39,11 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attestation.tpm import TpmClient
 from cryptovm.client import CryptoVmClient
 from cryptovm.vsm import CryptoVm
-from testbed.localca import LocalCA
-from testbed.measured_boot import BootChain, measure_boot
-from testbed.swtpm import Swtpm, provision
+from testbed.tpm.localca import LocalCA
+from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.boot import measure_boot
+from testbed.tpm.swtpm import Swtpm, provision
 
-BOOT = BootChain(firmware=b"OVMF (bench)", kernel=b"vmlinuz-bench", initrd=b"initrd-bench",
+BOOT = BootSpec.from_content(firmware="OVMF (bench)", kernel="vmlinuz-bench", initrd="initrd-bench",
                  cmdline="console=ttyS0 role=cryptovm")
 KEY_ID = "bench-p256"
 MESSAGE = os.urandom(32)

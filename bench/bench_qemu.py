@@ -30,9 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.qemu.backend import QemuBackend, QemuNode
-from testbed.qemu.image import build_image
-from testbed.qemu.recipe import REPO_ROOT
+from testbed.qemu.vms import QemuBackend, QemuNode
+from testbed.qemu.image.build import build_image
+from testbed.spec.recipe import REPO_ROOT
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or REPO_ROOT / ".testbed").absolute()
 GOAL_S = 60.0
@@ -75,7 +75,7 @@ def parallel(backend: QemuBackend, image: Any, count: int) -> dict[str, Any]:
 def _cli(workdir: Path, *args: str) -> tuple[float, Any]:
     env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(workdir), *args,
+    res = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir), *args,
                           "--json"], capture_output=True, text=True, env=env, check=False,
                          cwd=REPO_ROOT)
     seconds = time.monotonic() - started

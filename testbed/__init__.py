@@ -1,7 +1,10 @@
-"""Testbed plumbing: a project-local swtpm CA, swtpm process lifecycle and the
-pytest plugin that hands running software TPMs to tests.
+"""The testbed: clusters of attested nodes on software TPMs (``sim``) or real VMs
+(``qemu``), the attack lab, the demo and the ``testbed`` command.
 
-Nothing here talks to a real TPM or to system-wide swtpm state
-(``/var/lib/swtpm-localca``): every file lives in a directory the caller
-chooses, so parallel checkouts and CI jobs never share keys or serial numbers.
+Its rooms, from the ground up (each imports only rooms below it; ``docs/architecture.md``
+draws them): ``core`` (errors, paths, files, processes, progress), ``spec`` (cluster
+specs and image recipes), ``tpm`` (swtpm, the local EK CA, measured boot), ``cluster``
+(the backend interface, results, the agent client, lifecycle), ``roles``, the backends
+``sim`` and ``qemu`` (independent of each other), ``attacks``, ``demo``, and ``cli``
+on top. Below all of them: ``cryptovm``, ``trusted_passages`` and ``attestation``.
 """

@@ -1,5 +1,5 @@
 """Shared fixtures. The swtpm fixtures come from the project's pytest plugin
-(testbed.pytest_plugin, registered as a pytest11 entry point)."""
+(testbed.tpm.pytest_plugin, registered as a pytest11 entry point)."""
 
 from __future__ import annotations
 

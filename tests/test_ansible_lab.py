@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from testbed.cluster import load_cluster_spec
+from testbed.spec.cluster_spec import load_cluster_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"

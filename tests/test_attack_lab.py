@@ -60,7 +60,7 @@ def test_third_party_names_the_runtime_claim(lab: Lab) -> None:
 
 
 def test_cli_attack_json_and_exit_code() -> None:
-    r = subprocess.run([sys.executable, "-m", "testbed.cli", "attack", "mitm", "replay",
+    r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "attack", "mitm", "replay",
                         "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -69,6 +69,6 @@ def test_cli_attack_json_and_exit_code() -> None:
 
 
 def test_cli_attack_unknown_scenario_says_what_to_do() -> None:
-    r = subprocess.run([sys.executable, "-m", "testbed.cli", "attack", "nope"],
+    r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "attack", "nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 4 and "--all" in r.stderr

@@ -44,7 +44,7 @@ def test_ek_certificate_chains_to_the_project_ca_and_matches_the_ek(
 
 
 def test_ek_certificate_from_an_untrusted_ca_is_rejected(client: TpmClient, tmp_path) -> None:
-    from testbed.localca import LocalCA
+    from testbed.tpm.localca import LocalCA
 
     other_ca = LocalCA.ensure(tmp_path / "other-ca")
     ek = client.endorsement_key("rsa")

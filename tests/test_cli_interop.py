@@ -17,7 +17,7 @@ from attestation.tpm import TpmClient
 
 def run_testbed(*args: str, workdir: Path | None = None, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "testbed.cli"]
+    cmd = [sys.executable, "-m", "testbed.cli.main"]
     if workdir is not None:
         cmd += ["--workdir", str(workdir)]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=60,

@@ -249,7 +249,7 @@ def context_digest(extra: list[str]) -> str:
 
 def _base_image(podman: Podman, scratch: Path) -> tuple[str, float]:
     """The Debian 12 base: debootstrap from the host's mirror, imported (cached)."""
-    from testbed.qemu.image import host_debian_sources
+    from testbed.qemu.image.build import host_debian_sources
 
     sources = host_debian_sources(SUITE)
     mirror = next(line.split()[1] for line in sources if line.split()[2] == SUITE)

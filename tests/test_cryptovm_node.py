@@ -37,17 +37,17 @@ from cryptovm.client import CryptoVmClient
 from cryptovm.errors import AccessDenied, AuthenticationFailed, KeyUsageError
 from cryptovm.vsm import CryptoVm
 from testbed import cli
-from testbed.agent import AgentClient, AgentError
-from testbed.cluster import default_spec_path
-from testbed.cryptovm_role import psk_path, state_dir
-from testbed.sim import (
+from testbed.cluster.agent import AgentClient, AgentError
+from testbed.spec.cluster_spec import default_spec_path
+from testbed.roles.cryptovm import psk_path, state_dir
+from testbed.sim.backend import (
     BootArtifacts,
     ClusterPaths,
     cluster_processes,
     measure_boot_artifacts,
     process_argv,
 )
-from testbed.swtpm import Swtpm
+from testbed.tpm.swtpm import Swtpm
 
 CLUSTER = "cvm-lab"
 TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"

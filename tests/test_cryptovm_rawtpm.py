@@ -41,8 +41,8 @@ from cryptovm.sealing import (
     parse_pcr_selection,
 )
 from cryptovm.state import StateDir
-from testbed.localca import LocalCA
-from testbed.swtpm import Swtpm
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import Swtpm
 from tests.test_qemu_guest_tp import GUEST_PYTHON, _debian_versions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from cryptovm.server import CryptoVmServer
 from cryptovm.vsm import CryptoVm
 from cryptovm.wire import MAGIC, FrameDecoder, Response, decode_response, encode_request
-from testbed.swtpm import Swtpm
+from testbed.tpm.swtpm import Swtpm
 from tests.test_cryptovm_support import ServerProcess, boot, scan, server_thread, start_tpm
 
 IDLE_TIMEOUT = 1.0

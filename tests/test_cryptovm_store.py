@@ -24,8 +24,8 @@ from cryptovm.sealing import (
     pcr_policy_digest,
 )
 from cryptovm.vsm import CryptoVm
-from testbed.pytest_plugin import SwtpmFactory
-from testbed.swtpm import Swtpm
+from testbed.tpm.pytest_plugin import SwtpmFactory
+from testbed.tpm.swtpm import Swtpm
 from tests.test_cryptovm_support import OTHER_BOOT, boot, scan, secret_forms, start_tpm
 
 ALGORITHMS = [("ec-p256", ["sign"]), ("ec-p384", ["sign", "derive"]), ("ed25519", ["sign"]),

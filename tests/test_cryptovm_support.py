@@ -30,14 +30,15 @@ from attestation.tpm import TpmClient, TpmKey
 from attestation.tpm_types import PcrSelection
 from cryptovm.server import CryptoVmServer
 from cryptovm.vsm import CryptoVm
-from testbed.measured_boot import BootChain, measure_boot
-from testbed.swtpm import Swtpm, clone_state
+from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.boot import measure_boot
+from testbed.tpm.swtpm import Swtpm, clone_state
 
-GOOD_BOOT = BootChain(firmware=b"OVMF volume (cryptovm test)", kernel=b"vmlinuz-cryptovm",
-                      initrd=b"initrd-cryptovm", cmdline="console=ttyS0 role=cryptovm")
+GOOD_BOOT = BootSpec.from_content(firmware="OVMF volume (cryptovm test)", kernel="vmlinuz-cryptovm",
+                      initrd="initrd-cryptovm", cmdline="console=ttyS0 role=cryptovm")
 OTHER_BOOT = replace(GOOD_BOOT, cmdline="console=ttyS0 role=cryptovm init=/bin/sh")
-REQUESTER_BOOT = BootChain(firmware=b"OVMF volume (web node)", kernel=b"vmlinuz-web",
-                           initrd=b"initrd-web", cmdline="console=ttyS0 role=web")
+REQUESTER_BOOT = BootSpec.from_content(firmware="OVMF volume (web node)", kernel="vmlinuz-web",
+                           initrd="initrd-web", cmdline="console=ttyS0 role=web")
 REQUESTER_SELECTION = PcrSelection("sha256", (0, 1, 2, 3, 4, 5, 6, 7, 9))
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -47,7 +48,7 @@ def start_tpm(template: Path, directory: Path) -> Swtpm:
     return Swtpm(directory).start()
 
 
-def boot(tpm: Swtpm, chain: BootChain = GOOD_BOOT) -> bytes:
+def boot(tpm: Swtpm, chain: BootSpec = GOOD_BOOT) -> bytes:
     """Measured boot into the TPM; returns the event log."""
     with TpmClient(tpm.tcti) as client:
         return measure_boot(client, chain)

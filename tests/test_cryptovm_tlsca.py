@@ -30,7 +30,7 @@ from cryptovm.errors import (
 from cryptovm.tlsissuer import certificate_info
 from cryptovm.vsm import NODE_PRIVILEGES, CryptoVm, VsmSession
 from cryptovm.wire import FrameDecoder, decode_response, encode_request
-from testbed.swtpm import Swtpm
+from testbed.tpm.swtpm import Swtpm
 
 PCRS = "sha256:0-7,9"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,9 @@ from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from cryptovm.release import recipient_binding
 from cryptovm.vsm import CryptoVm, VsmSession, export_context, import_context
 from cryptovm.wrapping import open_envelope, spki_der, unwrap, wrap
-from testbed.localca import LocalCA
-from testbed.measured_boot import BootChain
-from testbed.swtpm import Swtpm, provision
+from testbed.tpm.localca import LocalCA
+from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.swtpm import Swtpm, provision
 from tests.attestation_helpers import activate
 from tests.test_cryptovm_support import (
     GOOD_BOOT,
@@ -56,8 +56,7 @@ from tests.test_cryptovm_support import (
 )
 
 OAEP = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
-TAMPERED_BOOT = BootChain(REQUESTER_BOOT.firmware, REQUESTER_BOOT.kernel, REQUESTER_BOOT.initrd,
-                          "console=ttyS0 role=web init=/bin/sh")
+TAMPERED_BOOT = replace(REQUESTER_BOOT, cmdline="console=ttyS0 role=web init=/bin/sh")
 
 
 @dataclass
@@ -71,7 +70,7 @@ class Lab:
     cvm_verifier: QuoteVerifier
 
 
-def _requester(tpm: Swtpm, chain: BootChain, registrar: Registrar) -> Requester:
+def _requester(tpm: Swtpm, chain: BootSpec, registrar: Registrar) -> Requester:
     log = boot(tpm, chain)
     client = TpmClient(tpm.tcti)
     ak = client.attestation_key("ecc")

@@ -25,7 +25,7 @@ def _our_processes(marker: str) -> list[str]:
 
 def test_demo_establishes_channels_both_ways_runs_the_lab_and_cleans_up(tmp_path: Path) -> None:
     workdir = tmp_path / "wd"
-    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(workdir), "demo",
+    r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir), "demo",
                         "--json"], capture_output=True, text=True, timeout=180,
                        env={**os.environ})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -101,7 +101,7 @@ def test_load_from_path_and_bytes(tmp_path: Path) -> None:
     path.write_text(dump_policy(policy), encoding="utf-8")
     assert load_policy(path) == policy
     assert load_policy(path.read_bytes()) == policy
-    with pytest.raises(PolicyError, match="policy file .*missing.yaml does not exist"):
+    with pytest.raises(PolicyError, match=r"policy file .*missing\.yaml does not exist"):
         load_policy(tmp_path / "missing.yaml")
     with pytest.raises(PolicyError, match=r"pass a pathlib\.Path"):
         load_policy(str(path))

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from testbed.qemu.authenticode import PeFormatError, authenticode_digest, pe_layout
+from testbed.qemu.predict.authenticode import PeFormatError, authenticode_digest, pe_layout
 
 FILE_ALIGN = 0x200
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from testbed.cluster import (
+from testbed.spec.cluster_spec import (
     ClusterSpecError,
     default_spec_path,
     dump_cluster_spec,
@@ -32,11 +32,11 @@ from testbed.cluster import (
     parse_cluster_spec,
     parse_tamper,
 )
-from testbed.errors import StateError
+from testbed.core.errors import StateError
 from testbed.qemu import cluster as qc
 from testbed.qemu.domain import SWTPM_STORAGE
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
-from testbed.sim import ClusterPaths
+from testbed.sim.backend import ClusterPaths
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 REPO = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def test_backend_override_in_both_directions() -> None:
 def test_cli_bad_spec_is_exit_3_without_traceback(tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(_qemu_spec("    boot: {kernel: {content: x}}\n"))
-    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(tmp_path / "w"),
+    r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(tmp_path / "w"),
                         "up", str(spec)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "nodes[0].boot.kernel" in r.stderr
@@ -169,7 +169,7 @@ def test_cluster_domains_and_removal_on_the_test_driver(tmp_path: Path) -> None:
 
 def _cli(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(workdir),
+    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
                            *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=REPO)
 
@@ -284,7 +284,7 @@ def test_attack_tampered_boot_with_real_vms(workdir: Path) -> None:
 
 
 def test_attack_qemu_refuses_other_scenarios(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(tmp_path),
+    r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(tmp_path),
                         "attack", "mitm", "--backend", "qemu"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 4 and "only tampered-boot" in r.stderr and "Traceback" not in r.stderr

@@ -34,13 +34,13 @@ def test_demo_on_real_vms() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="qemu-demo-", dir=CACHE))
     env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
     try:
-        r = subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(workdir),
+        r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
                             "demo", "--backend", "qemu", "--json"],
                            capture_output=True, text=True, timeout=900, env=env, check=False)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         report = json.loads(r.stdout)
     finally:
-        subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir",
+        subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir",
                         str(workdir / "demo-qemu"), "down", "--cluster", "qemu-lab", "--purge"],
                        capture_output=True, timeout=300, env=env, check=False)
         subprocess.run(["rm", "-rf", str(workdir)], check=False)

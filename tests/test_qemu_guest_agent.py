@@ -23,7 +23,7 @@ from attestation.tpm_raw import AK_HANDLE, SocketTransport, Tpm
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
 from testbed.qemu import guest_agent
-from testbed.qemu.guest_agent import Agent, recv_frame, send_frame
+from testbed.qemu.guest.agent import Agent, recv_frame, send_frame
 
 
 @pytest.fixture

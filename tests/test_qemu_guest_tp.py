@@ -27,17 +27,17 @@ from attestation.policy import dump_policy
 from attestation.registrar import AkRegistry, Registrar
 from attestation.tpm import TpmClient
 from attestation.tpm_types import parse_public
-from testbed.measured_boot import BootChain
-from testbed.qemu.backend import AgentError, GuestAgentClient
+from testbed.spec.cluster_spec import BootSpec
+from testbed.qemu.vms import AgentError, GuestAgentClient
 from testbed.qemu.domain import free_port
-from testbed.qemu.tp_relay import RelayError, configure_guest, relay_channel
-from testbed.sim import SIM_PCRS, BootArtifacts, measure_boot_artifacts, predicted_policy
+from testbed.qemu.relay import RelayError, configure_guest, relay_channel
+from testbed.sim.backend import SIM_PCRS, BootArtifacts, measure_boot_artifacts, predicted_policy
 from trusted_passages.pki import make_ca
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_PYTHON = "/usr/bin/python3"  # Debian's: the guest image's package versions
-GOOD = BootChain(b"OVMF", b"vmlinuz", b"initrd", "console=ttyS0 panic=-1 quiet")
-TAMPERED = BootChain(b"OVMF", b"vmlinuz", b"initrd", "console=ttyS0 panic=-1 quiet init=/bin/sh")
+GOOD = BootSpec.from_content("OVMF", "vmlinuz", "initrd", "console=ttyS0 panic=-1 quiet")
+TAMPERED = BootSpec.from_content("OVMF", "vmlinuz", "initrd", "console=ttyS0 panic=-1 quiet init=/bin/sh")
 
 
 def _debian_versions() -> str:
@@ -59,7 +59,7 @@ class GuestProcess:
     log: Path
 
 
-def _start_guest(node: str, swtpm: Any, boot: BootChain, tmp: Path) -> GuestProcess:
+def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProcess:
     with TpmClient(swtpm.tcti) as client:
         event_log = measure_boot_artifacts(client, BootArtifacts.from_chain(boot))
     log_file = tmp / f"{node}.eventlog"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.qemu.image import _module_order, host_debian_sources, image_digest
-from testbed.qemu.initramfs import write_newc
-from testbed.qemu.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_recipe
+from testbed.qemu.image.build import _module_order, host_debian_sources, image_digest
+from testbed.qemu.image.initramfs import write_newc
+from testbed.spec.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_recipe
 
 
 def read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -145,8 +145,8 @@ def test_mirror_comes_from_the_hosts_debian_sources_only(tmp_path: Path) -> None
 def test_cli_hooks_register_their_commands() -> None:
     import argparse
 
-    from testbed.qemu.commands import register_qemu_commands
-    from testbed.qemu.image import register_image_commands
+    from testbed.cli.qemu import register_qemu_commands
+    from testbed.qemu.image.build import register_image_commands
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir")

@@ -15,8 +15,8 @@ import pytest
 
 from attestation.eventlog import EventLog, EventLogBuilder, replay
 from attestation.policy import EventMismatch, dump_policy, evaluate_policy, load_policy
-from testbed.qemu.authenticode import authenticode_digest
-from testbed.qemu.predict import (
+from testbed.qemu.predict.authenticode import authenticode_digest
+from testbed.qemu.predict.events import (
     ACPI_DATA_SIZE,
     EV_EFI_BOOT_SERVICES_APPLICATION,
     EV_EVENT_TAG,

@@ -28,11 +28,11 @@ from attestation.eventlog import parse_event_log
 from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.report import VerificationReport
-from testbed.qemu.backend import QemuBackend, QemuNode
+from testbed.qemu.vms import QemuBackend, QemuNode
 from testbed.qemu.domain import DOMAIN_PREFIX, OVMF_CODE, OVMF_VARS, SWTPM_STORAGE
-from testbed.qemu.image import ImageArtifacts, build_image
+from testbed.qemu.image.build import ImageArtifacts, build_image
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
-from testbed.qemu.predict import EV_EFI_BOOT_SERVICES_APPLICATION
+from testbed.qemu.predict.events import EV_EFI_BOOT_SERVICES_APPLICATION
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +181,7 @@ def test_cli_image_build_reuses_the_cache(lab: Lab, capsys: pytest.CaptureFixtur
     import argparse
     import json
 
-    from testbed.qemu.commands import cmd_image_build
+    from testbed.cli.qemu import cmd_image_build
 
     args = argparse.Namespace(workdir=str(CACHE), recipe=None, force=False, json=True)
     assert cmd_image_build(args) == 0

@@ -23,7 +23,7 @@ from attestation.credential import CredentialChallenge
 from attestation.errors import TpmError
 from attestation.evidence import Evidence
 from attestation.tpm_types import PcrSelection
-from testbed.agent import (
+from testbed.cluster.agent import (
     MAX_FRAME,
     AgentClient,
     AgentError,

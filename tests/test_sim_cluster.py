@@ -34,7 +34,7 @@ import yaml
 from attestation.eventlog import parse_event_log
 from attestation.policy import policy_from_evidence
 from testbed import cli
-from testbed.agent import (
+from testbed.cluster.agent import (
     MAX_CONNECTIONS,
     MAX_FRAME,
     AgentClient,
@@ -43,8 +43,8 @@ from testbed.agent import (
     connect_unix,
     recv_frame,
 )
-from testbed.cluster import default_spec_path, load_cluster_spec
-from testbed.sim import (
+from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
+from testbed.sim.backend import (
     SIM_PCRS,
     BootArtifacts,
     ClusterPaths,
@@ -64,7 +64,7 @@ CHECKS = ["structure", "ak_attributes", "ak_trust", "signature_algorithm", "sign
 
 
 def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    """Run a cluster command in-process (the handlers testbed.cli dispatches to)."""
+    """Run a cluster command in-process (the handlers testbed.cli.main dispatches to)."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         rc = cli.main(["--workdir", str(workdir), *argv])
@@ -361,7 +361,7 @@ def two_node_spec(directory: Path, name: str) -> Path:
 def test_cli_killed_mid_up_then_down_cleans_up(workdir: Path, tmp_path: Path) -> None:
     spec = two_node_spec(tmp_path, "crash")
     paths = ClusterPaths(workdir, "crash")
-    cli = subprocess.Popen([sys.executable, "-m", "testbed.cli", "--workdir",
+    cli = subprocess.Popen([sys.executable, "-m", "testbed.cli.main", "--workdir",
                             str(workdir), "up", str(spec)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_files = [paths.node(n).pid_file for n in ("good", "bad")]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from attestation.eventlog import parse_event_log
 from attestation.policy import EventMismatch, evaluate_policy, policy_from_evidence
 from attestation.tpm import TpmClient
-from testbed.cluster import (
+from testbed.spec.cluster_spec import (
     MAX_NODES,
     MAX_SPEC_BYTES,
     ROLE_NAMES,
@@ -35,8 +35,9 @@ from testbed.cluster import (
     parse_cluster_spec,
     parse_tamper,
 )
-from testbed.measured_boot import BootChain, measure_boot
-from testbed.sim import (
+from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.boot import measure_boot
+from testbed.sim.backend import (
     SIM_PCRS,
     BootArtifacts,
     MeasuredArtifact,
@@ -45,9 +46,9 @@ from testbed.sim import (
     predict_boot,
     predicted_policy,
 )
-from testbed.swtpm import Swtpm
+from testbed.tpm.swtpm import Swtpm
 
-CHAIN = BootChain(firmware=b"OVMF test volume", kernel=b"vmlinuz-test", initrd=b"initrd-test",
+CHAIN = BootSpec.from_content(firmware="OVMF test volume", kernel="vmlinuz-test", initrd="initrd-test",
                   cmdline="console=ttyS0 ro quiet")
 
 
@@ -309,7 +310,7 @@ def test_tamper_merges_with_the_spec_and_names_unknown_nodes() -> None:
 
 
 def test_digest_boot_is_byte_identical_to_measure_boot() -> None:
-    """Same events, data and extends as testbed.measured_boot: one verifier code path."""
+    """Same events, data and extends as testbed.tpm.boot: one verifier code path."""
     reference, ours = RecordingClient(), RecordingClient()
     expected_log = measure_boot(reference, CHAIN)  # type: ignore[arg-type]
     log = measure_boot_artifacts(ours, BootArtifacts.from_chain(CHAIN))  # type: ignore[arg-type]
@@ -340,7 +341,7 @@ def test_predicted_policy_covers_the_quoted_pcrs_with_labelled_events() -> None:
 
 def test_tampered_boot_fails_the_predicted_policy_at_the_diverging_event() -> None:
     honest = BootArtifacts.from_chain(CHAIN)
-    tampered = BootArtifacts.from_chain(BootChain(CHAIN.firmware, CHAIN.kernel, CHAIN.initrd,
+    tampered = BootArtifacts.from_chain(BootSpec.from_content(CHAIN.firmware, CHAIN.kernel, CHAIN.initrd,
                                                   CHAIN.cmdline + " init=/bin/sh"))
     log_bytes, pcrs = predict_boot(tampered)
     mismatches = evaluate_policy(predicted_policy("client", honest), pcrs,

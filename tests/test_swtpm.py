@@ -1,4 +1,4 @@
-"""Real-swtpm tests for testbed.localca, testbed.swtpm and the pytest plugin.
+"""Real-swtpm tests for testbed.tpm.localca, testbed.tpm.swtpm and the pytest plugin.
 
 Everything here runs actual swtpm / swtpm_setup processes; no mocks. The
 fixtures (swtpm_ca, swtpm_template, swtpm, swtpm_factory) come from the
@@ -25,11 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss import ESAPI, TCTILdr
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
 
-import testbed.swtpm as swtpm_module
-from testbed.errors import StateError, SwtpmError
-from testbed.localca import LocalCA
-from testbed.pytest_plugin import SwtpmFactory, _require_binaries
-from testbed.swtpm import (
+import testbed.tpm.swtpm as swtpm_module
+from testbed.core.errors import StateError, SwtpmError
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.pytest_plugin import SwtpmFactory, _require_binaries
+from testbed.tpm.swtpm import (
     ECC_EK_CERT_NV_INDEX,
     ECC_EK_HANDLE,
     PLATFORM_CERT_NV_INDEX,
@@ -261,7 +261,7 @@ def test_start_on_missing_state_dir_is_a_state_error(tmp_path: Path) -> None:
 CHILD = """
 import os, sys, time
 from pathlib import Path
-from testbed.swtpm import Swtpm
+from testbed.tpm.swtpm import Swtpm
 tpm = Swtpm(Path(sys.argv[1])).start()
 print(tpm.pid, flush=True)
 if sys.argv[2] == "return":

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ from attestation.registrar import AkRegistry, Registrar
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory
-from testbed.localca import LocalCA
-from testbed.measured_boot import BootChain, measure_boot
-from testbed.pytest_plugin import SwtpmFactory
+from testbed.tpm.localca import LocalCA
+from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.boot import measure_boot
+from testbed.tpm.pytest_plugin import SwtpmFactory
 from tests.attestation_helpers import activate
 from tests.test_tp_protocol import RawTls
 from trusted_passages import (
@@ -58,10 +59,9 @@ BOOT_PCRS = (0, 1, 2, 3, 4, 5, 6, 7, 9)
 RUNTIME_PCR = 15  # reserved by this deployment for runtime measurements (antivirus state)
 SERVER_SELECTION = PcrSelection("sha256", BOOT_PCRS)
 CLIENT_SELECTION = PcrSelection("sha256", (*BOOT_PCRS, RUNTIME_PCR))
-GOOD_BOOT = BootChain(firmware=b"OVMF firmware volume (tp)", kernel=b"vmlinuz-6.1.0-tp",
-                      initrd=b"initrd.img-6.1.0-tp", cmdline="console=ttyS0 quiet ro")
-TAMPERED_BOOT = BootChain(firmware=GOOD_BOOT.firmware, kernel=GOOD_BOOT.kernel,
-                          initrd=GOOD_BOOT.initrd, cmdline="console=ttyS0 quiet ro init=/bin/sh")
+GOOD_BOOT = BootSpec.from_content(firmware="OVMF firmware volume (tp)", kernel="vmlinuz-6.1.0-tp",
+                      initrd="initrd.img-6.1.0-tp", cmdline="console=ttyS0 quiet ro")
+TAMPERED_BOOT = replace(GOOD_BOOT, cmdline="console=ttyS0 quiet ro init=/bin/sh")
 EV_EVENT_TAG = 0x6
 AV_CURRENT = b"antivirus signatures 2025-06-01: up to date"
 AV_NEWER = b"antivirus signatures 2025-06-02: up to date"
@@ -124,7 +124,7 @@ def with_runtime_event(boot_log: bytes, data: bytes) -> tuple[bytes, dict[str, b
 
 
 def _node(name: str, tpm_tcti: str, registrar: Registrar, registry: AkRegistry,
-          chain: BootChain, runtime: bytes | None = None) -> Node:
+          chain: BootSpec, runtime: bytes | None = None) -> Node:
     client = TpmClient(tpm_tcti)
     log = measure_boot(client, chain)
     if runtime is not None:

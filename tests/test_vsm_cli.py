@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def vsm(tcti: str, workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "testbed.cli", "--workdir", str(workdir),
+    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
                            "vsm", "-T", tcti, "--json", *args],
                           capture_output=True, text=True, timeout=60, env={**os.environ})
 

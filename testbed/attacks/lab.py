@@ -15,28 +15,30 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
 
 from attestation.eventlog import EventLogBuilder, parse_event_log
 from attestation.policy import ReferencePolicy, policy_from_evidence
-from attestation.registrar import AkRegistry, Registrar
-from attestation.tpm import TpmClient
-from attestation.tpm_types import PcrSelection, parse_public
+from attestation.registrar import AkRegistry, Registrar, register
+from attestation.tpm import LocalAttester, TpmClient
+from attestation.tpm_types import PcrSelection
 from attestation.verifier import ClockHistory
-from testbed.localca import LocalCA
-from testbed.measured_boot import BootChain, measure_boot
-from testbed.swtpm import Swtpm, provision
+from testbed.spec.cluster_spec import Artifact, BootSpec
+from testbed.tpm.boot import measure_boot
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import Swtpm, provision
 from trusted_passages import ChannelConfig, Issuer, TpmIssuer, TpmValidator
 from trusted_passages.pki import CertificateAuthority, PrivateKey, generate_key, issue_certificate
 from trusted_passages.pki import make_ca as make_tls_ca
 
-GOOD_BOOT = BootChain(firmware=b"OVMF firmware volume (lab)", kernel=b"vmlinuz-6.1.0-hypersafe",
-                      initrd=b"initrd.img-6.1.0-hypersafe", cmdline="console=ttyS0 ro quiet")
-INSECURE_BOOT = BootChain(firmware=GOOD_BOOT.firmware, kernel=b"vmlinuz-6.1.0-stock-no-hypersafe",
-                          initrd=GOOD_BOOT.initrd, cmdline=GOOD_BOOT.cmdline)
+GOOD_BOOT = BootSpec.from_content(firmware="OVMF firmware volume (lab)",
+                                  kernel="vmlinuz-6.1.0-hypersafe",
+                                  initrd="initrd.img-6.1.0-hypersafe",
+                                  cmdline="console=ttyS0 ro quiet")
+INSECURE_BOOT = replace(GOOD_BOOT, kernel=Artifact("content", "vmlinuz-6.1.0-stock-no-hypersafe"))
 RUNTIME_PCR = 23  # resettable application PCR: the customer's runtime claims
 AV_CURRENT = b"antivirus signatures: 2026.11.21 (up to date)"
 AV_STALE = b"antivirus signatures: 2025.03.02 (stale)"
@@ -61,7 +63,7 @@ class LabNode:
     def event_log(self) -> bytes:
         return self.log.to_bytes()
 
-    def reboot(self, chain: BootChain) -> None:
+    def reboot(self, chain: BootSpec) -> None:
         """Restart the TPM (PCRs reset) and measure ``chain``: same TPM, same AK, new state."""
         self.issuer.close()
         self.client.shutdown()
@@ -122,7 +124,7 @@ class Lab:
     def _provision(self, name: str) -> None:
         provision(self.root / name, self.ek_ca)
 
-    def _boot(self, name: str, chain: BootChain, selection: PcrSelection,
+    def _boot(self, name: str, chain: BootSpec, selection: PcrSelection,
               claim: bytes | None) -> None:
         swtpm = Swtpm(self.root / name).start()
         client = TpmClient(swtpm.tcti)
@@ -138,14 +140,9 @@ class Lab:
         self.nodes[name] = node
 
     def _register(self, node: LabNode) -> None:
-        ek = node.client.endorsement_key("rsa")
-        ak = node.client.attestation_key("ecc")
-        assert ek.certificate is not None
-        challenge = self.registrar.challenge(ek.certificate, ek.public, ak.public)
-        secret = node.client.activate_credential(ak, "rsa", challenge)
-        self.registrar.complete(parse_public(ak.public).name, secret)
-        self.registry.add(node.name, parse_public(ak.public))
-        node.client.flush(ak)
+        ak = register(LocalAttester(node.client), node.name, self.registrar, self.registry)
+        if ak is not None:
+            self.registry.add(node.name, ak)
 
     def _policy_from(self, name: str) -> ReferencePolicy:
         """The reference policy, created from the known-good node itself."""

@@ -25,8 +25,8 @@ from trusted_passages import (
     Issuer,
     connect,
     serve,
+    spki_digest,
 )
-from trusted_passages.attester import spki_digest
 
 HOST = "127.0.0.1"
 

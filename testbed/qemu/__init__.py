@@ -1,9 +1,15 @@
-"""The QEMU/libvirt backend: real VMs with OVMF measured boot and a vTPM.
+"""The ``qemu`` backend: real VMs with OVMF measured boot and a vTPM, under libvirt.
 
-* :mod:`testbed.qemu.image` builds the guest image (Debian rootfs in the initramfs).
-* :mod:`testbed.qemu.predict` predicts the event log OVMF will produce for an image.
-* :mod:`testbed.qemu.libvirtd` starts/stops libvirtd and virtlogd when needed.
-* :mod:`testbed.qemu.domain` defines and runs VMs through libvirt-python.
-* :mod:`testbed.qemu.guest_agent` runs *inside* the guest (Debian's python3, stdlib only).
-* :mod:`testbed.qemu.backend` ties it together: boot, attest, verify.
+* ``backend``: the cluster backend (``testbed up --backend qemu``), VMs that outlive
+  the command.
+* ``vms``: the VM driver: boot, wait, predict, attest one-off VMs.
+* ``domain``, ``libvirtd``, ``accel``: domain XML and lifecycle, the daemons, KVM or TCG.
+* ``image``: the guest image (a Debian root file system in the initramfs).
+* ``predict``: the event log OVMF will produce for an image, and the policy from it.
+* ``guest``: what runs *inside* the guest (Debian's python3: the agent and its role
+  extensions); it imports nothing of ``testbed``.
+* ``relay``: Trusted Passages between guests, the host carrying their records.
+
+May import ``testbed.core``, ``spec``, ``tpm``, ``cluster`` and ``roles``; never
+``testbed.sim``.
 """

@@ -1,328 +1,571 @@
-"""The QEMU backend: boot guest images as libvirt VMs and attest them from the host.
+"""The ``qemu`` backend: each node of a cluster is a libvirt VM booting the guest image.
 
-Typical use::
+A node is the domain ``testbed-<cluster>.<node>.<tag>`` (:func:`domain_name`: unique per
+work directory, cluster and node) under OVMF with its own vTPM; its policy is predicted
+from the guest image and the node's *honest* command line (:mod:`testbed.qemu.predict`).
+The VMs and the libvirt daemons *outlive the command*: ``up`` boots them (in parallel)
+and hands them over (:meth:`VmDriver.release`); ``down`` removes them.
 
-    with QemuBackend(workdir) as backend:
-        image = build_image(workdir)
-        policy = backend.predicted_policy(image)        # boots a reference VM once
-        node = backend.boot("vm0", image)
-        backend.wait(node)
-        report, evidence = backend.attest(node, policy)
-        assert report.ok
+State, in the work directory's layout (:mod:`testbed.core.paths`)::
 
-Everything the backend starts (domains, their swtpm and QEMU processes, and the
-libvirt daemons if it had to start them) is stopped by :meth:`QemuBackend.close`,
-except after :meth:`QemuBackend.release`, which hands VMs and daemons over to a
-longer-lived owner (the qemu clusters of :mod:`testbed.qemu.cluster`).
+    clusters/NAME/nodes/NODE/vm.json     the running VM (:class:`VmRecord`)
+    vms/NAME/NODE/                       console.log, OVMF_VARS.fd
+    run/libvirt/{libvirtd,virtlogd}.pid  daemons this work dir started
+    /var/lib/libvirt/swtpm/<uuid>/       the vTPM (manufactured by the project)
+
+The VM run directories are outside the 0700 cluster directory because QEMU runs as
+``libvirt-qemu`` and must reach its NVRAM file.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import hashlib
 import json
-import os
 import re
-import socket
-import struct
-import threading
+import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-from attestation.credential import CredentialChallenge
-from attestation.errors import EvidenceFormatError, TestbedError
-from attestation.eventlog import parse_event_log
-from attestation.evidence import Evidence
+from attestation.errors import TestbedError
+from attestation.files import atomic_write, private_dir
 from attestation.policy import ReferencePolicy
-from attestation.registrar import Registrar
-from attestation.report import VerificationReport
-from attestation.tpm_types import parse_public
-from attestation.verifier import QuoteVerifier
-from testbed.errors import StateError
-from testbed.localca import LocalCA
-from testbed.qemu import guest_agent
-from testbed.qemu.accel import AccelChoice, detect_accel
-from testbed.qemu.domain import DEVICE_SET, DOMAIN_PREFIX, Firmware, Vm, VmSpec, connect, free_port
-from testbed.qemu.image import ImageArtifacts
-from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons
-from testbed.qemu.predict import (
-    QUOTED_PCRS,
-    FirmwareConfig,
-    FirmwareReference,
-    PredictionError,
-    predict_events,
-    predict_policy,
+from attestation.tpm_types import PcrSelection
+from testbed.cluster.agent import AgentClient, TcpTransport
+from testbed.cluster.results import (
+    DaemonsOutcome,
+    DownResult,
+    NodeDown,
+    NodeStatus,
+    NodeUp,
+    OwnedProcess,
 )
+from testbed.cluster.state import load_spec, read_attestations, spec_policy
+from testbed.core.clock import utc_now
+from testbed.core.errors import StateError
+from testbed.core.files import locked, read_json, tail
+from testbed.core.paths import ClusterPaths
+from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
+from testbed.core.progress import Progress
+from testbed.qemu.accel import AccelChoice
+from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
+from testbed.qemu.image.build import GuestImage, build_image, image_cache
+from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
+from testbed.qemu.predict.events import QUOTED_PCRS
+from testbed.qemu.vms import QemuNode, VmDriver
+from testbed.roles.registry import role
+from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
+from testbed.spec.recipe import load_recipe
 
-__all__ = ["AgentError", "GuestAgentClient", "QemuBackend", "QemuNode", "VmBootError"]
+__all__ = ["QemuBackend", "QemuFacts", "VmFacts", "VmRecord", "VmStatusFacts", "domain_name"]
 
-BOOT_TIMEOUT_S = 240.0
-PORT_ATTEMPTS = 3
-POLL_INTERVAL_S = 0.5
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-
-
-class AgentError(TestbedError):
-    """The guest agent answered with an error."""
-
-
-class VmBootError(StateError):
-    """A VM stopped or never answered; the message carries its console's tail."""
-
-
-class GuestAgentClient:
-    """Talks to one guest agent through its hostfwd port on 127.0.0.1."""
-
-    def __init__(self, port: int, *, timeout: float = 60.0, node: str = "") -> None:
-        self.port = port
-        self.timeout = timeout
-        self.node = node
-
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout) as sock:
-            guest_agent.send_frame(sock, request)
-            body = guest_agent.recv_frame(sock)
-        if body is None:
-            raise ConnectionError("the guest agent closed the connection")
-        response = json.loads(body)
-        if not isinstance(response, dict):
-            raise EvidenceFormatError("guest agent response is not a JSON object")
-        if "error" in response:
-            raise AgentError(f"node {self.node!r}: {response['error']}")
-        return response
-
-    def status(self) -> dict[str, Any]:
-        return self.call({"op": "status"})
-
-    def identity(self) -> tuple[bytes, bytes, bytes]:
-        """(EK certificate DER, EK TPMT_PUBLIC, AK TPMT_PUBLIC)."""
-        r = self.call({"op": "identity"})
-        return _unb64(r, "ek_certificate"), _unb64(r, "ek_public"), _unb64(r, "ak_public")
-
-    def activate(self, challenge: CredentialChallenge) -> bytes:
-        r = self.call({"op": "activate",
-                       "credential_blob": base64.b64encode(challenge.credential_blob).decode(),
-                       "encrypted_secret": base64.b64encode(challenge.encrypted_secret).decode()})
-        return _unb64(r, "secret")
-
-    def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Evidence:
-        return Evidence.from_dict(self.call({"op": "quote", "nonce": nonce.hex(),
-                                             "pcrs": list(pcrs)}))
-
-    def shutdown(self) -> None:
-        self.call({"op": "shutdown"})
+DAEMONS = ("libvirtd", "virtlogd")
+LIBVIRT_DOMAIN_XML = Path("/etc/libvirt/qemu")  # where libvirtd keeps defined domains
+STOP_TIMEOUT_S = 10.0
+_STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+           5: "shut off", 6: "crashed", 7: "suspended"}
+_NODE = r"([a-z0-9][a-z0-9_-]{0,31})"
+_NO_ACCEL = AccelChoice("tcg", "teardown")  # a VmSpec field that teardown does not use
 
 
-def _unb64(response: dict[str, Any], key: str) -> bytes:
-    value = response.get(key)
-    if not isinstance(value, str):
-        raise EvidenceFormatError(f"guest agent response: {key} is missing")
-    return base64.b64decode(value, validate=True)
+# --- names and vm.json ------------------------------------------------------------------------
 
 
-@dataclass
-class QemuNode:
-    """One booted VM and how to reach its agent."""
+def domain_name(paths: ClusterPaths, node: str) -> str:
+    """``testbed-<cluster>.<node>.<tag>``, ``tag`` a hash of the work directory.
 
-    name: str
-    vm: Vm
-    image: ImageArtifacts
+    libvirt's domain names are machine-wide: the tag keeps two work directories with a
+    cluster of the same name apart, and the dots (never part of a name) keep cluster
+    ``a`` node ``b-c`` apart from cluster ``a-b`` node ``c``.
+    """
+    return f"{DOMAIN_PREFIX}{paths.name}.{node}.{_workdir_tag(paths)}"
+
+
+def _workdir_tag(paths: ClusterPaths) -> str:
+    return hashlib.sha256(str(paths.workdir).encode()).hexdigest()[:8]
+
+
+def _domain_pattern(paths: ClusterPaths) -> str:
+    """A regular expression for this cluster's domain names; group 1 is the node."""
+    return f"{re.escape(DOMAIN_PREFIX + paths.name)}\\.{_NODE}\\.{_workdir_tag(paths)}"
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """A node's running VM, as ``nodes/NODE/vm.json`` keeps it."""
+
+    domain: str
+    uuid: str
+    agent_port: int
+    accel: str
+    accel_reason: str
+    firmware: str
+    image: str  # the guest image's digest
+    image_dir: str
     cmdline: str
-    started: float  # time.monotonic() before the domain was defined
-    ready: float | None = None
-    status: dict[str, Any] = field(default_factory=dict)
+    tampered: tuple[str, ...]
+    memory_mib: int
+    run_dir: str
+    console_log: str
+    booted_at: str
+    boot_seconds: float | None = None  # None until the agent answered
+    service_ports: dict[str, int] = field(default_factory=dict)  # role service -> host port
 
-    @property
-    def agent(self) -> GuestAgentClient:
-        return GuestAgentClient(self.vm.spec.agent_port, node=self.name)
+    def save(self, paths: ClusterPaths, node: str) -> None:
+        doc = {**asdict(self), "tampered": list(self.tampered)}
+        atomic_write(paths.node(node).vm, (json.dumps(doc, indent=1) + "\n").encode())
 
-    @property
-    def boot_seconds(self) -> float | None:
-        return None if self.ready is None else self.ready - self.started
+    @classmethod
+    def load(cls, paths: ClusterPaths, node: str) -> Self | None:
+        """The node's record, None if it has no VM."""
+        path = paths.node(node).vm
+        doc = read_json(path)
+        if doc is None:
+            return None
+        try:
+            record = cls(**{**doc, "tampered": tuple(doc.get("tampered") or ())})
+        except TypeError:
+            record = None
+        if record is None or not isinstance(record.agent_port, int) \
+                or not isinstance(record.domain, str) or not isinstance(record.uuid, str):
+            raise StateError(f"{path} is damaged; `testbed down` removes it")
+        return record
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    """A VM in the result of ``up``."""
+
+    domain: str
+    agent_port: int | None = None
+    boot_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_items(self) -> list[tuple[str, str]]:
+        boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
+        return [("domain", self.domain), ("port", str(self.agent_port or "-")), ("boot", boot)]
+
+
+@dataclass(frozen=True)
+class VmStatusFacts:
+    """A VM in the result of ``status``."""
+
+    domain: str
+    accel: str | None = None
+    firmware: str | None = None
+    tpm: str | None = None
+    qemu_pid: int | None = None
+    swtpm_pid: int | None = None
+    agent_port: int | None = None
+    booted_at: str | None = None
+    boot_seconds: float | None = None
+    cmdline: str | None = None
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_items(self) -> list[tuple[str, str]]:
+        boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
+        return [("domain", self.domain), ("accel", self.accel or "-"),
+                ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                ("port", str(self.agent_port or "-")), ("boot", boot)]
+
+
+@dataclass(frozen=True)
+class QemuFacts:
+    """The whole ``up``: accelerator, guest image, VM time."""
+
+    accel: str
+    accel_reason: str
+    image: str
+    seconds_define_to_all_attested: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds_define_to_all_attested":
+                round(self.seconds_define_to_all_attested, 1)}
+
+    def summary_items(self) -> list[tuple[str, str]]:
+        return [("accel", f"{self.accel} ({self.accel_reason})"), ("image", self.image[:16]),
+                ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
+
+
+# --- processes (/proc) ------------------------------------------------------------------------
+
+
+def _classify(argv: list[str], paths: ClusterPaths) -> tuple[str, str] | None:
+    """(kind, node) if ``argv`` is the QEMU or libvirt-run swtpm of one of our domains."""
+    domain = _domain_pattern(paths)
+    program = Path(argv[0]).name
+    if program.startswith("qemu-system"):
+        for arg in argv:  # -name guest=<domain>,debug-threads=on
+            if match := re.fullmatch(f"guest={domain}(,.*)?", arg):
+                return "qemu", match.group(1)
+    if program == "swtpm":
+        for arg in argv:  # --log file=/var/log/swtpm/libvirt/qemu/<domain>-swtpm.log
+            # (not the control socket: libvirt truncates the domain name in that path)
+            if match := re.fullmatch(f"file=.*/{domain}-swtpm\\.log(,.*)?", arg):
+                return "swtpm", match.group(1)
+    return None
+
+
+def vm_processes(paths: ClusterPaths) -> list[OwnedProcess]:
+    """Every live QEMU and swtpm process of this cluster's VMs, found by scanning /proc."""
+    found = [OwnedProcess(pid, kind, node)
+             for pid, (kind, node) in scan_processes(lambda argv: _classify(argv, paths))]
+    return sorted(found, key=lambda p: (p.node, p.kind, p.pid))
+
+
+def _is_ours(proc: OwnedProcess, paths: ClusterPaths) -> bool:
+    argv = process_argv(proc.pid)
+    return argv is not None and _classify(argv, paths) == (proc.kind, proc.node)
+
+
+# --- libvirt ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _libvirt(paths: ClusterPaths) -> Iterator[Any]:
+    """A connection; daemons are started if needed and left running (``down`` stops them)."""
+    ensure_daemons(paths.libvirt_run)
+    conn = connect()
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _lookup(conn: Any, name: str) -> Any | None:
+    libvirt = load_libvirt()
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return None
+
+
+def _domain_state(domain: Any | None) -> str:
+    if domain is None:
+        return "missing"
+    libvirt = load_libvirt()
+    try:
+        return _STATES.get(int(domain.state()[0]), "unknown")
+    except libvirt.libvirtError:
+        return "missing"
+
+
+def _remove_domain(conn: Any, domain: Any) -> None:
+    """Destroy and undefine with NVRAM and vTPM state (libvirt stops swtpm with QEMU)."""
+    spec = VmSpec(name=domain.name(), kernel=Path(), initrd=Path(), cmdline="",
+                  run_dir=Path("/nonexistent"), agent_port=0, guest_port=0,
+                  accel=_NO_ACCEL, uuid=domain.UUIDString())
+    Vm(conn, spec, domain).destroy()
+
+
+def _cluster_domains(conn: Any, paths: ClusterPaths) -> dict[str, Any]:
+    """node -> libvirt domain, for every domain (running or not) of this cluster."""
+    pattern = re.compile(_domain_pattern(paths))
+    return {match.group(1): d for d in conn.listAllDomains(0)
+            if (match := pattern.fullmatch(d.name()))}
+
+
+# --- the backend ------------------------------------------------------------------------------
 
 
 class QemuBackend:
-    """VMs on ``qemu:///system`` with the project's CA, a registrar and predicted policies."""
+    """VMs under libvirt on this machine (see the module docstring)."""
 
-    def __init__(self, workdir: Path, *, accel: AccelChoice | None = None,
-                 firmware: Firmware = "ovmf", memory_mib: int = 512,
-                 reference_dir: Path | None = None) -> None:
-        self.workdir = Path(workdir).absolute()
-        self.reference_dir = Path(reference_dir or self.workdir / "firmware").absolute()
-        self.accel = accel or detect_accel()
-        self.firmware: Firmware = firmware
-        self.memory_mib = memory_mib
-        self.ca = LocalCA.ensure(self.workdir / "ca")
-        self.registrar = Registrar(self.ca.ca_bundle())
-        self.nodes: dict[str, QemuNode] = {}
-        self._lock = threading.Lock()
-        self.daemons: Daemons = ensure_daemons(self.workdir / "run" / "libvirt")
+    name = "qemu"
+    pcrs = PcrSelection("sha256", QUOTED_PCRS)
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self.paths = paths
+        self._driver: VmDriver | None = None
+        self._image: GuestImage | None = None
+        self._booted: dict[str, QemuNode] = {}
+        self._launched = 0.0
+
+    @staticmethod
+    def has_traces(paths: ClusterPaths) -> bool:
+        """Whether the cluster's spec says qemu or any of its VMs left a trace (a crashed
+        ``up`` may have booted VMs before it wrote anything else)."""
+        with contextlib.suppress(TestbedError):
+            if paths.spec.is_file() and load_spec(paths).backend == "qemu":
+                return True
+        return bool(_vm_nodes(paths) or vm_processes(paths))
+
+    # --- up -------------------------------------------------------------------------------
+
+    def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
+        if spec.backend != "qemu":
+            raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
+        progress.expect(4 + len(spec.nodes))
+        private_dir(self.paths.root)
+        cache = image_cache(self.paths.workdir)
+        with progress.step("guest image (built once, then cached)"):
+            self._image = build_image(cache, load_recipe(spec.image) if spec.image else None)
+        with progress.step("libvirt (started if needed, left running)"):
+            self._driver = VmDriver(self.paths.workdir, reference_dir=cache / "firmware")
+        with progress.step("predicted policies (firmware reference captured once)"):
+            return {n.name: self._policy(n) for n in spec.nodes}
+
+    def _policy(self, node: NodeSpec) -> ReferencePolicy:
+        """The spec's file, else predicted from the image and the node's *honest* cmdline."""
+        assert self._driver is not None and self._image is not None
+        policy = spec_policy(node)
+        if policy is not None:
+            return policy
+        predicted = self._driver.predicted_policy(self._image, node.boot.cmdline)
+        return replace(predicted, name=f"{node.name}-predicted")
+
+    def launch(self, spec: ClusterSpec, progress: Progress) -> list[NodeUp]:
+        assert self._driver is not None
+        names = ", ".join(n.name for n in spec.nodes)
+        self._launched = time.monotonic()
+        with progress.step(f"defining and starting VMs ({names}; "
+                           f"{self._driver.accel.accel})"):
+            return [self._boot_or_keep(node) for node in spec.nodes]
+
+    def _boot_or_keep(self, spec: NodeSpec) -> NodeUp:
+        """Keep a running VM of this cluster, else (re)define and start one."""
+        assert self._driver is not None and self._image is not None
+        tampered = spec.tampered.fields() if spec.tampered else ()
+        node = NodeUp(spec.name, spec.role, VmFacts(domain_name(self.paths, spec.name)),
+                      tampered=tampered)
+        domain = _lookup(self._driver.conn, domain_name(self.paths, spec.name))
+        record = VmRecord.load(self.paths, spec.name)
+        if domain is not None and domain.isActive() and record is not None \
+                and record.uuid == domain.UUIDString():
+            node.action, node.tampered = "kept", record.tampered
+            node.facts = VmFacts(record.domain, record.agent_port, record.boot_seconds)
+            changed = [what for what, now, then in (
+                ("command line", spec.effective_boot.cmdline, record.cmdline),
+                ("guest image", self._image.digest, record.image)) if now != then]
+            if changed:  # its policy is the spec's now: attestation will say whether it matters
+                node.note = (f"runs another {' and '.join(changed)} than the spec now gives; "
+                             "`testbed down` then `testbed up --backend qemu` to apply the spec")
+            return node
+        if domain is not None:  # stopped, crashed, or not the VM our vm.json describes
+            _remove_domain(self._driver.conn, domain)
         try:
-            self.conn = connect()
-        except BaseException:
-            self.daemons.stop()
-            raise
-
-    # --- lifecycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> QemuBackend:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Destroy every VM this backend booted, then stop daemons it started."""
-        for name in list(self.nodes):
-            self.stop(name)
-        with contextlib.suppress(Exception):
-            self.conn.close()
-        self.daemons.stop()
-
-    def release(self) -> None:
-        """Leave every VM and daemon running, forgotten by this backend; close libvirt.
-
-        For VMs that outlive this process (``testbed up --backend qemu``): their
-        owner stops them later by domain name, and the daemons by their pid files
-        in ``<workdir>/run/libvirt``.
-        """
-        self.nodes.clear()
-        self.daemons.started.clear()
-        self.close()
-
-    def stop(self, name: str) -> None:
-        node = self.nodes.pop(name, None)
-        if node is not None:
-            node.vm.destroy()
-
-    def boot(self, name: str, image: ImageArtifacts, *, cmdline: str | None = None,
-             domain: str | None = None, run_dir: Path | None = None,
-             guest_ports: Sequence[int] = ()) -> QemuNode:
-        """Define and start a VM (returns at once; :meth:`wait` for its agent).
-
-        ``domain`` (default ``testbed-<name>``) and ``run_dir`` (default
-        ``<workdir>/qemu/<name>``, console log and NVRAM) let clusters keep
-        their VMs apart from other testbed runs. Each of ``guest_ports`` gets a
-        forward from a free port on 127.0.0.1 (``node.vm.spec.forwards``).
-        """
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"node name {name!r} must match {_NAME.pattern}")
-        started = time.monotonic()
-        with self._lock:
-            if name in self.nodes:
-                raise StateError(f"node {name!r} is already running")
-            for attempt in range(PORT_ATTEMPTS):
-                spec = VmSpec(
-                    name=domain or f"{DOMAIN_PREFIX}{name}", kernel=image.kernel,
-                    initrd=image.initrd, cmdline=image.cmdline if cmdline is None else cmdline,
-                    run_dir=run_dir or self.workdir / "qemu" / name, agent_port=self._port(),
-                    guest_port=image.agent_port, accel=self.accel, firmware=self.firmware,
-                    memory_mib=self.memory_mib,
-                    forwards=tuple((self._port(), port) for port in guest_ports))  # fmt: skip
-                try:
-                    vm = Vm.start(self.conn, spec, self.ca,
-                                  owned=(self.workdir, image.directory.parent.parent))
-                    break
-                except LibvirtError as exc:  # lost the race for the hostfwd port: retry
-                    if "forwarding" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
-                        raise
-            node = QemuNode(name, vm, image, spec.cmdline, started)
-            self.nodes[name] = node
+            self._boot(spec, node)
+        except TestbedError as exc:
+            node.fail(f"could not start the VM: {exc}")
         return node
 
-    def _port(self) -> int:
-        used = {port for node in self.nodes.values()
-                for port in (node.vm.spec.agent_port, *(h for h, _ in node.vm.spec.forwards))}
-        while (port := free_port()) in used:
-            continue
-        return port
+    def _boot(self, spec: NodeSpec, node: NodeUp) -> None:
+        assert self._driver is not None and self._image is not None
+        cmdline = spec.effective_boot.cmdline
+        private_dir(self.paths.node(spec.name).root)
+        self.paths.node(spec.name).vm.unlink(missing_ok=True)
+        guest_ports = role(spec.role).guest_ports
+        booted = self._driver.boot(spec.name, self._image, cmdline=cmdline,
+                                   domain=domain_name(self.paths, spec.name),
+                                   run_dir=self.paths.vm_root / spec.name,
+                                   guest_ports=list(guest_ports.values()))
+        vm = booted.vm.spec
+        VmRecord(
+            domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
+            accel_reason=vm.accel.reason, firmware=vm.firmware, image=self._image.digest,
+            image_dir=str(self._image.directory), cmdline=cmdline, tampered=node.tampered,
+            memory_mib=vm.memory_mib, run_dir=str(vm.run_dir),
+            console_log=str(vm.console_log), booted_at=utc_now(),
+            service_ports={name: host for name, (host, _) in zip(guest_ports, vm.forwards,
+                                                                 strict=True)},
+        ).save(self.paths, spec.name)
+        node.facts = VmFacts(vm.name, vm.agent_port)
+        self._booted[spec.name] = booted
 
-    def wait(self, node: QemuNode, timeout: float = BOOT_TIMEOUT_S) -> dict[str, Any]:
-        """Until the guest agent answers ``status``; VmBootError if the VM stops first."""
-        deadline = time.monotonic() + timeout
-        client = GuestAgentClient(node.vm.spec.agent_port, timeout=5.0, node=node.name)
-        while time.monotonic() < deadline:
-            if not node.vm.active:
-                raise VmBootError(f"VM {node.name} stopped before its agent answered; "
-                                  f"console:\n{node.vm.console()}")
-            with contextlib.suppress(OSError, ValueError, struct.error):
-                node.status = client.status()
-                node.ready = time.monotonic()
-                return node.status
-            time.sleep(POLL_INTERVAL_S)
-        raise VmBootError(f"VM {node.name}'s agent did not answer within {timeout:.0f} s; "
-                          f"console:\n{node.vm.console()}")
+    def wait_ready(self, node: NodeUp) -> None:
+        """New VMs: until the guest agent answers (a kept VM's agent answered before)."""
+        booted = self._booted.get(node.name)
+        if booted is None or self._driver is None:
+            return
+        self._driver.wait(booted)
+        seconds = round(booted.boot_seconds or 0.0, 1)
+        record = VmRecord.load(self.paths, node.name)
+        if record is not None:
+            replace(record, boot_seconds=seconds).save(self.paths, node.name)
+        node.facts = VmFacts(booted.vm.spec.name, booted.vm.spec.agent_port, seconds)
 
-    # --- attestation -------------------------------------------------------------------
+    def agent(self, node: str, *, timeout: float = 60.0) -> AgentClient:
+        """The guest agent of ``node``'s running VM (its port from vm.json)."""
+        record = VmRecord.load(self.paths, node)
+        if record is None:
+            raise StateError(f"node {node} of cluster {self.paths.name} has no running VM (no "
+                             f"{self.paths.node(node).vm}); bring it up with "
+                             "`testbed up --backend qemu`")
+        return AgentClient(TcpTransport(record.agent_port), node=node, timeout=timeout)
 
-    def activate(self, node: QemuNode) -> bytes:
-        """Registrar-style AK activation against the VM's EK; returns the AK TPMT_PUBLIC."""
-        ek_cert, ek_public, ak_public = node.agent.identity()
-        challenge = self.registrar.challenge(ek_cert, ek_public, ak_public)
-        secret = node.agent.activate(challenge)
-        self.registrar.complete(parse_public(ak_public).name, secret)
-        return ak_public
+    def start_service(self, node: NodeUp) -> None:
+        start = role(node.role).vm_service
+        record = VmRecord.load(self.paths, node.name)
+        if start is not None and record is not None:
+            node.service = start(self.paths, node.name, self.agent(node.name),
+                                 record.service_ports)
 
-    def attest(self, node: QemuNode, policy: ReferencePolicy | None
-               ) -> tuple[VerificationReport, Evidence]:
-        """Activate the AK, quote PCRs 0-9 with a fresh nonce, verify against ``policy``."""
-        self.activate(node)
-        nonce = os.urandom(32)
-        evidence = node.agent.quote(nonce, QUOTED_PCRS)
-        verifier = QuoteVerifier(ak_trust=self.registrar, policy=policy)
-        return verifier.verify(evidence, nonce), evidence
+    def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Nothing needs the whole cluster: Trusted Passages between guests is provisioned
+        per channel (:mod:`testbed.qemu.relay`)."""
 
-    # --- prediction --------------------------------------------------------------------
+    def facts(self) -> QemuFacts:
+        assert self._driver is not None and self._image is not None
+        return QemuFacts(self._driver.accel.accel, self._driver.accel.reason,
+                         self._image.digest, time.monotonic() - self._launched)
 
-    def firmware_config(self) -> FirmwareConfig:
-        if self.firmware != "ovmf":
-            raise PredictionError("SeaBIOS does not measure a directly booted kernel, initrd or "
-                                  "command line: only OVMF boots can be predicted")
-        probe = VmSpec(name="probe", kernel=Path(), initrd=Path(), cmdline="",
-                       run_dir=Path(), agent_port=0, guest_port=0, accel=self.accel)
-        return FirmwareConfig.for_files(probe.ovmf_code, probe.ovmf_vars, machine=probe.machine,
-                                        devices=DEVICE_SET, memory_mib=self.memory_mib,
-                                        vcpus=probe.vcpus)
+    def log_tail(self, node: str) -> str | None:
+        booted = self._booted.get(node)
+        if booted is not None:
+            return booted.vm.console(15)
+        record = VmRecord.load(self.paths, node)
+        return tail(Path(record.console_log)) if record is not None else None
 
-    def firmware_reference(self, image: ImageArtifacts) -> FirmwareReference:
-        """The stored firmware reference for this OVMF/VM config, captured now if missing."""
-        config = self.firmware_config()
-        reference = FirmwareReference.load(self.reference_dir, config)
-        if reference is None:
-            reference = self.capture_reference(image, config)
-            reference.save(self.reference_dir)
-        return reference
+    def close(self) -> None:
+        """The VMs and daemons stay up; only this command's libvirt connection closes."""
+        if self._driver is not None:
+            self._driver.release()
+            self._driver = None
 
-    def capture_reference(self, image: ImageArtifacts, config: FirmwareConfig
-                          ) -> FirmwareReference:
-        """Boot ``image`` once and keep the firmware's own events (checked quote + log)."""
-        node = self.boot(f"fwref-{config.key()[:8]}", image)
-        try:
-            self.wait(node)
-            report, evidence = self.attest(node, None)
-            if not report.ok or evidence.event_log is None:
-                raise PredictionError(f"reference boot failed verification: {report}")
-            predicted = self.predict(image, node.cmdline)
-            return FirmwareReference.from_log(parse_event_log(evidence.event_log), config,
-                                              predicted)
-        finally:
-            self.stop(node.name)
+    # --- status ---------------------------------------------------------------------------
 
-    def predict(self, image: ImageArtifacts, cmdline: str | None = None) -> list[Any]:
-        return predict_events(image.kernel, image.initrd,
-                              image.cmdline if cmdline is None else cmdline,
-                              self.memory_mib << 20)
+    def status(self) -> list[NodeStatus]:
+        """Each node's VM: libvirt state, accelerator, vTPM, agent, boot time, last attestation."""
+        paths = self.paths
+        spec = load_spec(paths) if paths.spec.is_file() else None
+        roles = {n.name: n.role for n in spec.nodes} if spec else {}
+        names = [*roles, *(n for n in paths.node_names() if n not in roles)]
+        last = read_attestations(paths)
+        procs = vm_processes(paths)
+        if not _vm_nodes(paths) and not procs:  # nothing to ask libvirt about
+            return [self._status(n, roles.get(n, "?"), None, procs, last.get(n)) for n in names]
+        with _libvirt(paths) as conn:
+            domains = _cluster_domains(conn, paths)
+            return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
+                    for n in names]
 
-    def predicted_policy(self, image: ImageArtifacts, cmdline: str | None = None
-                         ) -> ReferencePolicy:
-        """What a VM booting ``image`` (with ``cmdline``) on this backend must show."""
-        reference = self.firmware_reference(image)
-        predicted = self.predict(image, cmdline)
-        return predict_policy(reference, predicted, name=f"qemu-{image.digest[:12]}",
-                              description=f"predicted from image {image.digest[:16]} on "
-                                          f"firmware reference {reference.config.key()[:16]}")
+    def _status(self, name: str, role_name: str, domain: Any | None,
+                procs: list[OwnedProcess], last: Any) -> NodeStatus:
+        record = VmRecord.load(self.paths, name)
+        state = _domain_state(domain) if record or domain is not None else "down"
+        pids = {p.kind: p.pid for p in procs if p.node == name}
+        agent = None
+        if state == "running" and record is not None:
+            agent = "answering" if self.agent(name, timeout=3.0).answers() else "not answering"
+        facts = VmStatusFacts(domain_name(self.paths, name))
+        if record is not None:
+            facts = VmStatusFacts(
+                record.domain, record.accel, record.firmware,
+                "swtpm (run by libvirt), EK certificate from the work dir's CA",
+                pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
+                record.boot_seconds, record.cmdline, record.image)
+        return NodeStatus(name=name, role=role_name, state=state, agent=agent,
+                          service=None, tampered=record.tampered if record else (),
+                          last_attestation=last, facts=facts)
+
+    # --- down -----------------------------------------------------------------------------
+
+    def down(self, *, purge: bool) -> DownResult:
+        """Destroy and undefine every VM of the cluster (vTPM and NVRAM included), verify
+        in /proc that no QEMU or swtpm of it is left, then stop the daemons this work dir
+        started if no domain remains. Registry, policies and attestation history stay
+        unless ``purge``."""
+        paths = self.paths
+        lock = locked(paths.lock) if paths.root.is_dir() else contextlib.nullcontext()
+        with lock:
+            removed, daemons = self._teardown_libvirt()
+            for proc in vm_processes(paths):  # e.g. a QEMU libvirt lost track of
+                _stop(proc, paths)
+            leftovers = _wait_processes_gone(paths)
+            if not leftovers:
+                _remove_state(paths, purge)
+        nodes = [NodeDown(node, "libvirt") for node in removed]
+        return DownResult(self.name, paths.name, nodes, purge and not leftovers, leftovers,
+                          daemons)
+
+    def _teardown_libvirt(self) -> tuple[list[str], DaemonsOutcome]:
+        """Remove the cluster's domains; libvirt is only started if anything may need it."""
+        paths = self.paths
+        if not (_vm_nodes(paths) or vm_processes(paths) or _defined_domains(paths)
+                or _our_daemons(paths)):
+            return [], DaemonsOutcome(ours=False)
+        with _libvirt(paths) as conn:
+            removed = _remove_domains(conn, paths)
+            # Running domains only: a stale definition someone left must not pin the daemons.
+            remaining = tuple(sorted(d.name() for d in conn.listAllDomains(0) if d.isActive()))
+        ours = _our_daemons(paths)
+        if not ours:
+            return removed, DaemonsOutcome(ours=False)
+        if remaining:
+            return removed, DaemonsOutcome(kept_for=remaining)
+        Daemons(paths.libvirt_run, dict(ours)).stop()  # once the connection is closed
+        return removed, DaemonsOutcome(stopped=tuple(sorted(ours)))
+
+
+def _vm_nodes(paths: ClusterPaths) -> list[str]:
+    return [n for n in paths.node_names() if paths.node(n).vm.is_file()]
+
+
+def _defined_domains(paths: ClusterPaths) -> list[Path]:
+    """libvirt's saved definitions of this cluster's domains (seen without a daemon)."""
+    pattern = re.compile(_domain_pattern(paths) + r"\.xml")
+    return [p for p in LIBVIRT_DOMAIN_XML.glob(f"{DOMAIN_PREFIX}*.xml")
+            if pattern.fullmatch(p.name)]
+
+
+def _remove_domains(conn: Any, paths: ClusterPaths) -> list[str]:
+    domains = _cluster_domains(conn, paths)
+    for domain in domains.values():
+        _remove_domain(conn, domain)
+    for node in _vm_nodes(paths):  # vTPM state of a VM whose domain is already gone
+        with contextlib.suppress(StateError):
+            record = VmRecord.load(paths, node)
+            if record is not None and re.fullmatch(r"[0-9a-f-]{36}", record.uuid):
+                shutil.rmtree(SWTPM_STORAGE / record.uuid, ignore_errors=True)
+    return sorted(domains)
+
+
+def _stop(proc: OwnedProcess, paths: ClusterPaths) -> None:
+    """SIGTERM, then SIGKILL, only while the pid is still verifiably one of ours."""
+    with contextlib.suppress(StateError):  # a survivor is reported as a leftover
+        terminate(proc.pid, lambda: _is_ours(proc, paths), STOP_TIMEOUT_S / 2)
+
+
+def _wait_processes_gone(paths: ClusterPaths) -> list[OwnedProcess]:
+    """libvirt reaps QEMU and swtpm asynchronously: give them a moment."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while (left := vm_processes(paths)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def _remove_state(paths: ClusterPaths, purge: bool) -> None:
+    shutil.rmtree(paths.vm_root, ignore_errors=True)
+    if purge:
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return
+    for node in paths.node_names():
+        paths.node(node).vm.unlink(missing_ok=True)
+
+
+def _our_daemons(paths: ClusterPaths) -> dict[str, int]:
+    """libvirtd/virtlogd started by this work directory's commands, still running."""
+    ours: dict[str, int] = {}
+    for name in DAEMONS:
+        pid = None
+        with contextlib.suppress(StateError):
+            pid = read_pid(paths.libvirt_run / f"{name}.pid")
+        if pid is not None and _is_daemon(pid, name, paths.libvirt_run):
+            ours[name] = pid
+    return ours
+
+
+def _is_daemon(pid: int, name: str, run_dir: Path) -> bool:
+    """Whether ``pid`` is ``name`` started by us: its argv names our pid file."""
+    argv = process_argv(pid)
+    return argv is not None and Path(argv[0]).name == name \
+        and str(run_dir / f"{name}.pid") in argv

@@ -7,7 +7,7 @@ A testbed VM is a libvirt domain (``qemu:///system``) with:
 * QEMU direct kernel boot of the guest image (kernel, initrd, command line);
 * ``<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>``: libvirt
   runs swtpm. The TPM is *manufactured by the project* first
-  (:func:`testbed.swtpm.provision` with the project's :class:`~testbed.localca.LocalCA`)
+  (:func:`testbed.tpm.swtpm.provision` with the project's :class:`~testbed.tpm.localca.LocalCA`)
   in the state directory libvirt uses for this UUID,
   ``/var/lib/libvirt/swtpm/<uuid>/tpm2``; libvirt only runs ``swtpm_setup`` for a
   missing state, so it never touches /var/lib/swtpm-localca or /etc;
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from testbed.localca import LocalCA
 from testbed.qemu.accel import AccelChoice
 from testbed.qemu.libvirtd import LIBVIRT_URI, LibvirtError, load_libvirt
-from testbed.swtpm import provision
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import provision
 
 __all__ = [
     "DEVICE_SET",

@@ -18,14 +18,15 @@ import contextlib
 import importlib
 import os
 import shutil
-import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import StateError
+from testbed.core.errors import StateError
+from testbed.core.processes import terminate
 
 __all__ = ["LIBVIRT_URI", "Daemons", "LibvirtError", "ensure_daemons", "libvirt_answers",
            "load_libvirt"]
@@ -96,14 +97,8 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_pid(pid: int, name: str) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.1)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(StateError):  # survived SIGKILL: `down` reports what is left
+        terminate(pid, lambda: _alive(pid), STOP_TIMEOUT_S)
 
 
 def _wait_for(predicate: object, what: str, timeout: float) -> None:
@@ -154,8 +149,6 @@ def ensure_daemons(run_dir: Path) -> Daemons:
 
 
 def _socket_answers(path: Path) -> bool:
-    import socket
-
     if not path.exists():
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

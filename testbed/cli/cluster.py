@@ -1,0 +1,264 @@
+"""``testbed up | status | attest | down``: clusters on any backend.
+
+Parsing and rendering only: which backend a cluster runs on comes from its spec
+(``backend:``, or ``up --backend``) and the lifecycle and backends decide the rest
+(:mod:`testbed.cluster.lifecycle`, :mod:`testbed.backends`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from testbed.backends import backend_for, open_backend
+from testbed.cli.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
+from testbed.cli.render import emit, print_report
+from testbed.cluster import lifecycle
+from testbed.cluster.backend import ClusterBackend
+from testbed.cluster.results import (
+    AttestationRecord,
+    DownResult,
+    EnrollmentOutcome,
+    NodeFacts,
+    NodeStatus,
+    UpResult,
+)
+from testbed.core.errors import StateError
+from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.progress import Progress
+from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
+
+__all__ = ["register_cluster_commands"]
+
+
+def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``up``, ``status``, ``attest`` and ``down`` to the ``testbed`` subparsers."""
+    p = sub.add_parser("up", help="bring a cluster of sim nodes or VMs up, register and "
+                                  "attest every node (idempotent)",
+                       description="Start every node of a cluster spec (sim: each a process with "
+                                   "its own swtpm and measured boot; qemu: a VM with OVMF and a "
+                                   "vTPM), in parallel, register their AKs and attest each "
+                                   "against its policy. Exit 0: all attested; 1: a node was "
+                                   "rejected (the failed check is named); 4: a node did not "
+                                   "come up.")
+    p.add_argument("spec", nargs="?", type=Path,
+                   help="cluster spec YAML (default: the shipped example of the backend)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="run the spec on this backend instead of its `backend:` (qemu: real "
+                        "VMs that keep running until `testbed down`)")
+    p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
+                   help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
+                        "or server=kernel:content=evil (repeatable)")
+    _add_json(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")
+    _add_cluster(p)
+    _add_json(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("attest", help="quote a node with a fresh nonce and verify it",
+                       description="Exit 0 if the node's evidence is accepted, 1 if rejected.")
+    p.add_argument("node", help="node name")
+    _add_cluster(p)
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="reference policy (default: the node's policy from `up`)")
+    _add_json(p)
+    p.set_defaults(func=cmd_attest)
+
+    p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
+    _add_cluster(p)
+    p.add_argument("--purge", action="store_true",
+                   help="also remove TPM state, registry, policies and clock history")
+    _add_json(p)
+    p.set_defaults(func=cmd_down)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _add_cluster(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster", metavar="NAME",
+                        help="cluster name (default: the only cluster in the work directory)")
+
+
+@contextmanager
+def _closing(backend: ClusterBackend) -> Iterator[ClusterBackend]:
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    override = args.backend
+    spec = load_cluster_spec(args.spec or default_spec_path(override or "sim"), backend=override)
+    for text in args.tamper:
+        node, change = parse_tamper(text)
+        spec = spec.with_tamper(node, change)
+    with _closing(backend_for(spec.backend, ClusterPaths(workdir, spec.name))) as backend:
+        result = lifecycle.up(backend, spec, Progress(quiet=args.json))
+    emit(args, result.to_dict(), lambda: _print_up(result))
+    _print_problems(result)  # stderr, with --json too: stdout has the details
+    if not result.ok:
+        return EXIT_ENVIRONMENT
+    return EXIT_REJECTED if result.rejected else EXIT_OK
+
+
+def _print_up(result: UpResult) -> None:
+    print(f"cluster {result.cluster} ({result.directory}): {result.backend}"
+          + "".join(f", {label} {value}" for label, value in result.facts.summary_items()))
+    print(f"  {'NODE':<12} {'ROLE':<9} {'ACTION':<8} {'ATTESTATION':<26} DETAILS")
+    for n in result.nodes:
+        tampered = f"  TAMPERED: {', '.join(n.tampered)}" if n.tampered else ""
+        print(f"  {n.name:<12} {n.role:<9} {n.action:<8} {_verdict(n.attestation):<26} "
+              f"{_items(n.facts)}{tampered}")
+        if n.attestation is not None and not n.attestation.ok and n.attestation.detail:
+            print(f"  {'':<12} {n.attestation.detail[:300]}")
+        if n.service:
+            print(f"  {'':<12} service: {n.service}")
+        if n.enrollment is not None:
+            print(f"  {'':<12} TLS: {_enrollment(n.enrollment)}")
+        if n.note:
+            print(f"  {'':<12} note: {n.note}")
+    attested = sum(bool(n.attested) for n in result.nodes)
+    print(f"  {attested}/{len(result.nodes)} attested in {result.seconds:.1f} s; the nodes "
+          "keep running (`testbed status`, `testbed down`)")
+
+
+def _print_problems(result: UpResult) -> None:
+    for n in result.nodes:
+        if n.action == "failed":
+            print(f"testbed up: node {n.name} failed: {n.error}", file=sys.stderr)
+            for line in (n.log_tail or "").splitlines():
+                print(f"    {line}", file=sys.stderr)
+    for name in result.rejected:
+        print(f"testbed up: node {name} was rejected by its attestation; see "
+              f"`testbed attest {name}`", file=sys.stderr)
+
+
+def _enrollment(enrollment: EnrollmentOutcome) -> str:
+    """One line on a node's keyless-TLS enrollment with the cluster's CryptoVM."""
+    if not enrollment.ok:
+        return f"NOT enrolled with the CryptoVM: {enrollment.error}"
+    certificate = enrollment.certificate or {}
+    issuer = certificate.get("issuer") or (enrollment.ca or {}).get("issuer") or "?"
+    expires = certificate.get("not_after") or "?"
+    return (f"certificate from the CryptoVM (issuer {issuer}, until {expires}); "
+            "the CA key never left the VSM")
+
+
+def _verdict(record: AttestationRecord | None) -> str:
+    if record is None:
+        return "-"
+    return "accepted" if record.ok else f"REJECTED ({record.failed_check})"
+
+
+def _items(facts: NodeFacts) -> str:
+    return ", ".join(f"{label} {value}" for label, value in facts.summary_items())
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = select_cluster(workdir, args.cluster)
+    if cluster is None:
+        emit(args, {"cluster": None, "nodes": []}, lambda: print("no cluster (`testbed up`)"))
+        return EXIT_OK
+    with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
+        nodes = backend.status()
+    emit(args, {"cluster": cluster, "backend": backend.name,
+                "nodes": [n.to_dict() for n in nodes]},
+         lambda: _print_status(cluster, backend.name, nodes))
+    return EXIT_OK
+
+
+def _print_status(cluster: str, backend: str, nodes: list[NodeStatus]) -> None:
+    print(f"cluster {cluster} ({backend})")
+    print(f"  {'NODE':<12} {'ROLE':<9} {'STATE':<12} {'AGENT':<13} {'LAST ATTESTATION':<44} "
+          "DETAILS")
+    for n in nodes:
+        print(f"  {n.name:<12} {n.role:<9} {n.state:<12} {n.agent or '-':<13} "
+              f"{_last(n.last_attestation):<44} {_items(n.facts)}")
+        if n.service:
+            print(f"  {'':<12} service: {n.service}")
+        if n.tampered:
+            print(f"  {'':<12} TAMPERED boot ({', '.join(n.tampered)} replaced in the spec's "
+                  "boot chain)")
+
+
+def _last(last: AttestationRecord | None) -> str:
+    if last is None:
+        return "-"
+    return f"{_verdict(last)} at {last.time}"
+
+
+# --- attest ---------------------------------------------------------------------------------
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = select_cluster(workdir, args.cluster)
+    if cluster is None:
+        raise StateError("no cluster in the work directory; bring one up with `testbed up`")
+    with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
+        result = lifecycle.attest(backend, args.node, args.policy)
+    title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
+    emit(args, result.to_dict(), lambda: print_report(result.report, title))
+    return EXIT_OK if result.report.ok else EXIT_REJECTED
+
+
+# --- down -----------------------------------------------------------------------------------
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir)
+    cluster = select_cluster(workdir, args.cluster)
+    if cluster is None:
+        emit(args, {"ok": True, "cluster": None, "nodes": []},
+             lambda: print("no cluster to stop"))
+        return EXIT_OK
+    with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
+        result = backend.down(purge=args.purge)
+    emit(args, result.to_dict(), lambda: _print_down(result))
+    return EXIT_OK if result.ok else EXIT_ENVIRONMENT
+
+
+def _print_down(result: DownResult) -> None:
+    for n in result.nodes:
+        how = f"stopped ({n.stopped_by})" if n.stopped_by else "was not running"
+        extra = ", its swtpm stopped from its pid file" if n.swtpm_stopped else ""
+        print(f"{n.name}: {how}{extra}")
+    if result.leftovers:
+        pids = ", ".join(f"{p.kind} {p.pid} ({p.node})" for p in result.leftovers)
+        print(f"testbed down: still running after SIGKILL: {pids}", file=sys.stderr)
+        return
+    print(f"cluster {result.cluster}: no node, QEMU or swtpm process left (checked /proc)")
+    if result.daemons is not None:
+        print(_daemons(result))
+    if result.purged:
+        print("removed all cluster state (TPM state, registry, policies, clock history)")
+    else:
+        print("kept TPM state, registry, policies and clock history for the next `up` "
+              "(--purge removes them)")
+
+
+def _daemons(result: DownResult) -> str:
+    daemons = result.daemons
+    assert daemons is not None
+    if daemons.stopped:
+        return f"stopped {', '.join(daemons.stopped)} (started by this work directory)"
+    if daemons.kept_for:
+        return ("libvirtd/virtlogd kept running: other domains remain "
+                f"({', '.join(daemons.kept_for)})")
+    return "libvirtd/virtlogd were not started by this work directory: left alone"

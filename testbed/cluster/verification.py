@@ -1,0 +1,97 @@
+"""Attesting a node, written once for every backend: a fresh nonce, a quote over the
+node's agent, every check of the verifier against the cluster's AK registry, the node's
+policy and the cluster's clock history, and the result recorded.
+
+The clock history is the last accepted TPMS_ATTEST per AK, persisted and used under the
+cluster's attest lock, so replays and clock rollbacks are caught across commands (and
+concurrent ones).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError
+from attestation.evidence import Evidence
+from attestation.policy import ReferencePolicy
+from attestation.report import VerificationReport
+from attestation.tpm_types import parse_attest, parse_public
+from attestation.verifier import ClockHistory, QuoteVerifier
+from testbed.cluster.agent import AgentClient
+from testbed.cluster.results import AttestResult
+from testbed.cluster.state import load_registry, record_attestation
+from testbed.core.clock import utc_now
+from testbed.core.errors import StateError
+from testbed.core.files import locked, read_json, write_json
+from testbed.core.paths import ClusterPaths
+
+__all__ = ["ClockHistoryStore", "attest_node", "verify_evidence"]
+
+_HISTORY_FORMAT = "testbed-clock-history"
+
+
+class ClockHistoryStore:
+    """A :class:`ClockHistory` persisted as the last accepted TPMS_ATTEST per AK.
+
+    Only public ClockHistory methods are used: loading re-records each stored quote,
+    which restores exactly the state the verifier had after accepting it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.history = ClockHistory()
+        self._attests: dict[str, str] = {}
+        doc = read_json(self.path)
+        if doc is None:
+            return
+        if not isinstance(doc, dict) or doc.get("format") != _HISTORY_FORMAT \
+                or not isinstance(doc.get("aks"), dict):
+            raise StateError(f"{path} is not a clock history file")
+        for name_hex, attest_b64 in doc["aks"].items():
+            self._restore(str(name_hex), attest_b64)
+
+    def _restore(self, name_hex: str, attest_b64: object) -> None:
+        try:
+            raw = b64decode(attest_b64, "attest")
+            self.history.record(bytes.fromhex(name_hex), parse_attest(raw).clock_info, raw)
+        except (ValueError, EvidenceFormatError) as exc:
+            raise StateError(f"{self.path}: entry {name_hex[:16]} is corrupt: {exc}") from None
+        self._attests[name_hex] = b64encode(raw)
+
+    def remember(self, evidence: Evidence) -> None:
+        self._attests[parse_public(evidence.ak_public).name.hex()] = b64encode(evidence.attest)
+
+    def save(self) -> None:
+        write_json(self.path, {"format": _HISTORY_FORMAT, "version": 1, "aks": self._attests})
+
+
+def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
+                    policy: ReferencePolicy) -> VerificationReport:
+    """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
+    registry = load_registry(paths)
+    if node not in registry.nodes():
+        raise StateError(f"node {node} is not registered in cluster {paths.name}: its AK was "
+                         "never activated (run `testbed up`)")
+    with locked(paths.attest_lock):
+        store = ClockHistoryStore(paths.clock_history)
+        verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
+                                 clock_history=store.history)
+        report = verifier.verify(evidence, nonce)
+        if report.ok:
+            store.remember(evidence)
+            store.save()
+    return report
+
+
+def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: ReferencePolicy,
+                pcrs: Sequence[int]) -> AttestResult:
+    """Quote ``node`` with a fresh nonce over its agent, verify it, record the outcome."""
+    nonce = os.urandom(32)
+    evidence = agent.quote(nonce, pcrs)
+    report = verify_evidence(paths, node, evidence, nonce, policy)
+    result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report)
+    record_attestation(paths, node, result.record())
+    return result

@@ -1,0 +1,176 @@
+"""The work directory and where each piece of cluster state lives in it.
+
+All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else
+``./.testbed``. Layout (``docs/testbed.md``)::
+
+    WORKDIR/ca/                          the project-local EK CA (shared)
+    WORKDIR/tpms/NAME/                   managed swtpm instances (testbed tpm)
+    WORKDIR/clusters/NAME/               0700
+        cluster.yaml                     the spec as brought up (tampering included)
+        registry.json                    AkRegistry: node -> activated AK (0600)
+        clock-history.json               last accepted quote per AK (0600)
+        attestations.json                last attestation result per node
+        policies/NODE.yaml               each node's reference policy
+        tls-ca/                          the cluster's TLS CA (key 0600)
+        nodes/NODE/state/                sim: swtpm state; both: role state (kept by `down`)
+        nodes/NODE/run/                  sim: node.pid node.json node.log agent.sock
+                                         swtpm.pid swtpm.log; roles' port files
+        nodes/NODE/vm.json               qemu: the running VM
+    WORKDIR/vms/NAME/NODE/               qemu: console.log, OVMF_VARS.fd (reachable by QEMU)
+    WORKDIR/run/libvirt/                 qemu: libvirtd/virtlogd this work dir started
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.core.errors import StateError
+
+__all__ = ["NAME_PATTERN", "ClusterPaths", "NodePaths", "resolve_workdir", "select_cluster"]
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+"""Cluster, node and network names: they become directory names and socket paths."""
+
+
+def resolve_workdir(explicit: str | os.PathLike[str] | None) -> Path:
+    """The work directory (created 0700 if missing)."""
+    root = Path(explicit or os.environ.get("TESTBED_HOME") or ".testbed").absolute()
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create work directory {root}: {exc.strerror}; "
+                         "pass --workdir DIR or set TESTBED_HOME") from None
+    return root
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    """One node's files (``clusters/NAME/nodes/NODE/``)."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "node.pid"
+
+    @property
+    def info(self) -> Path:
+        return self.run / "node.json"
+
+    @property
+    def log(self) -> Path:
+        return self.run / "node.log"
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "agent.sock"
+
+    @property
+    def swtpm_pid(self) -> Path:
+        return self.run / "swtpm.pid"
+
+    @property
+    def vm(self) -> Path:
+        return self.root / "vm.json"
+
+
+@dataclass(frozen=True)
+class ClusterPaths:
+    """One cluster's files under a work directory."""
+
+    workdir: Path
+    name: str
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.name):
+            raise StateError(f"invalid cluster name {self.name!r}")
+        object.__setattr__(self, "workdir", Path(self.workdir).absolute())
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "clusters" / self.name
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "cluster.yaml"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry.json"
+
+    @property
+    def clock_history(self) -> Path:
+        return self.root / "clock-history.json"
+
+    @property
+    def attestations(self) -> Path:
+        return self.root / "attestations.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lifecycle.lock"
+
+    @property
+    def attest_lock(self) -> Path:
+        return self.root / ".attest.lock"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.workdir / "ca"
+
+    @property
+    def tls_ca_dir(self) -> Path:
+        return self.root / "tls-ca"
+
+    @property
+    def vm_root(self) -> Path:
+        """Where this cluster's VMs keep console logs and NVRAM (outside the 0700 tree)."""
+        return self.workdir / "vms" / self.name
+
+    @property
+    def libvirt_run(self) -> Path:
+        return self.workdir / "run" / "libvirt"
+
+    def policy(self, node: str) -> Path:
+        return self.root / "policies" / f"{node}.yaml"
+
+    def node(self, name: str) -> NodePaths:
+        if not NAME_PATTERN.fullmatch(name):
+            raise StateError(f"invalid node name {name!r}")
+        return NodePaths(self.root / "nodes" / name)
+
+    def node_names(self) -> list[str]:
+        nodes = self.root / "nodes"
+        if not nodes.is_dir():
+            return []
+        return sorted(d.name for d in nodes.iterdir() if d.is_dir()
+                      and NAME_PATTERN.fullmatch(d.name))
+
+
+def select_cluster(workdir: Path, explicit: str | None) -> str | None:
+    """The cluster a command means: ``explicit``, else the only one; None if there is none."""
+    if explicit:
+        if not NAME_PATTERN.fullmatch(explicit):
+            raise StateError(f"invalid cluster name {explicit!r}")
+        return explicit
+    root = workdir / "clusters"
+    names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if len(names) > 1:
+        raise StateError(f"several clusters under {root} ({', '.join(names)}); "
+                         "choose one with --cluster NAME")
+    return names[0] if names else None

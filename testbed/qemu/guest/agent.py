@@ -1,0 +1,277 @@
+#!/usr/bin/python3
+"""The guest agent: answers attestation requests from inside a QEMU guest.
+
+Runs as the last step of the guest's ``/init`` with Debian's own python3, the
+standard library and the project's stdlib-only :mod:`attestation.tpm_raw` (tpm2-pytss
+is not packaged usably in Debian 12, and the agent must not depend on the host's
+virtualenv). It talks to the TPM with raw
+TPM 2.0 commands on ``/dev/tpmrm0`` (the kernel's resource manager) or, for
+host-side tests, on an swtpm TCP data port.
+
+Why raw commands and not tpm2-tools: credential activation needs a policy
+session (PolicySecret(TPM_RH_ENDORSEMENT)) that lives across three commands.
+tpm2-tools runs one process per command, and the kernel's resource manager
+flushes a connection's sessions when its file is closed, so
+``tpm2_startauthsession``/``tpm2_policysecret``/``tpm2_activatecredential``
+cannot share a session through ``/dev/tpmrm0``. Eleven commands with password
+sessions and one unsalted policy session need no cryptography at all, so a
+single process with one open ``/dev/tpmrm0`` is simpler and needs no extra
+packages in the image.
+
+Protocol: the agent wire format of every node agent (attestation/agent_wire.py), over
+TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per request::
+
+    {"op": "identity"}  -> {"node", "role", "ek_algorithm", "ek_certificate": b64 DER,
+                            "ek_public": b64 TPMT_PUBLIC, "ak_public": b64 TPMT_PUBLIC}
+    {"op": "activate", "credential_blob": b64, "encrypted_secret": b64} -> {"secret": b64}
+    {"op": "quote", "nonce": hex, "pcrs": [0, ...]}
+                        -> an Evidence dict (attestation/evidence.py) with the event log
+    {"op": "status"}    -> {"node", "role", "state", "uptime", "tcti", "kernel_cmdline"}
+    {"op": "shutdown"}  -> {"stopping": true}; the guest then powers off
+
+Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection
+(at most :data:`MAX_CONNECTIONS`); the TPM is serialised by its lock.
+
+Role extensions: when ``guest_tp`` (Trusted Passages inside the guest, which needs
+Debian's python3-openssl and the project's ``trusted_passages``) sits beside this
+file, its ``install(agent)`` adds request ops and *stream* ops. A stream op answers
+its request frame and then owns the raw connection: the host relays it to another
+guest, so TLS runs end to end between guests through the host's untrusted network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import socket
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attestation.agent_wire import (  # the wire format every node agent speaks
+    FrameError,
+    parse_activate_request,
+    parse_quote_request,
+    recv_frame,
+    send_frame,
+)
+from attestation.encoding import b64encode
+from attestation.errors import TestbedError
+from attestation.tpm_raw import (  # the raw TPM commands, shared with cryptovm/rawtpm.py
+    EK_CERT_INDEX,
+    EK_HANDLE,
+    Tpm,
+    TpmCommandError,
+    open_transport,
+    quoted_pcr_digest,
+    strip_nv_padding,
+)
+
+MAX_EVENT_LOG = 2 << 20  # half a frame: the quote's other fields fit beside it
+IDLE_TIMEOUT_S = 60.0
+MAX_CONNECTIONS = 16
+
+
+def b64(data: bytes | None) -> str | None:
+    return None if data is None else b64encode(data)
+
+
+class Agent:
+    """Request handlers over one TPM connection."""
+
+    def __init__(self, tpm: Tpm, event_log: str | None, node: str, role: str) -> None:
+        self.tpm = tpm
+        self.event_log_path = event_log
+        self.node = node
+        self.role = role
+        self.stopping = threading.Event()
+        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "identity": self.identity, "activate": self.activate, "quote": self.quote,
+            "status": self.status, "shutdown": self.shutdown,
+        }
+        # op -> handler(request, connection): answers the request and keeps the connection
+        self.stream_handlers: dict[str, Callable[[dict[str, Any], socket.socket], None]] = {}
+        self.extensions: list[str] = []
+
+    def identity(self, _request: dict[str, Any]) -> dict[str, Any]:
+        with self.tpm.lock:
+            ak = self.tpm.ensure_ak()
+            ek = self.tpm.read_public(EK_HANDLE)
+            cert = strip_nv_padding(self.tpm.nv_read(EK_CERT_INDEX))
+        return {"node": self.node, "role": self.role, "ek_algorithm": "rsa",
+                "ek_certificate": b64(cert), "ek_public": b64(ek), "ak_public": b64(ak)}
+
+    def activate(self, request: dict[str, Any]) -> dict[str, Any]:
+        blob, secret = parse_activate_request(request)
+        with self.tpm.lock:
+            self.tpm.ensure_ak()
+            released = self.tpm.activate_credential(blob, secret)
+        return {"secret": b64(released)}
+
+    def quote(self, request: dict[str, Any]) -> dict[str, Any]:
+        nonce, pcrs = parse_quote_request(request)
+        bank = "sha256"
+        with self.tpm.lock:
+            ak = self.tpm.ensure_ak()
+            for _ in range(3):  # retry if a PCR changed between quote and read
+                attest, signature = self.tpm.quote(nonce, bank, pcrs)
+                values = self.tpm.pcr_read(bank, pcrs)
+                composite = b"".join(values[i] for i in sorted(values))
+                if hashlib.sha256(composite).digest() == quoted_pcr_digest(attest):
+                    break
+            else:
+                raise ValueError("PCRs kept changing during 3 quote attempts")
+            ek = self.tpm.read_public(EK_HANDLE)
+            cert = strip_nv_padding(self.tpm.nv_read(EK_CERT_INDEX))
+        return {
+            "format": "tpm2-evidence", "version": 1, "attest": b64(attest),
+            "signature": b64(signature), "ak_public": b64(ak), "pcr_bank": bank,
+            "pcrs": {str(i): v.hex() for i, v in sorted(values.items())},
+            "event_log": b64(self._event_log()), "ek_public": b64(ek),
+            "ek_certificate": b64(cert), "platform_certificate": None,
+            "key_certification": None,
+        }
+
+    def _event_log(self) -> bytes | None:
+        if self.event_log_path is None:
+            return None
+        with open(self.event_log_path, "rb") as f:
+            return f.read(MAX_EVENT_LOG)
+
+    def status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        return {"node": self.node, "role": self.role, "state": "running",
+                "uptime": _read_text("/proc/uptime").split(" ")[0],
+                "tcti": self.tpm.transport.name,
+                "kernel_cmdline": _read_text("/proc/cmdline").strip(),
+                "extensions": list(self.extensions)}
+
+    def shutdown(self, _request: dict[str, Any]) -> dict[str, Any]:
+        self.stopping.set()
+        return {"stopping": True}
+
+    def handle(self, body: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+            op = request.get("op")
+            if not isinstance(op, str) or op not in self.handlers:
+                known = ", ".join([*self.handlers, *self.stream_handlers])
+                raise ValueError(f"unknown op {str(op)[:40]!r}; known: {known}")
+            return self.handlers[op](request)
+        except (ValueError, OSError, TpmCommandError, TestbedError) as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # a bug must not take the guest (PID 1's child) down
+            print(f"guest agent: internal error: {exc!r}", file=sys.stderr, flush=True)
+            return {"error": f"internal error: {type(exc).__name__}"}
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read(4096)
+    except OSError:
+        return ""
+
+
+def serve_connection(agent: Agent, conn: socket.socket) -> None:
+    with conn:
+        conn.settimeout(IDLE_TIMEOUT_S)
+        while True:
+            try:
+                body = recv_frame(conn)
+            except (FrameError, OSError):
+                return
+            if body is None:
+                return
+            stream = _stream_handler(agent, body)
+            if stream is not None:
+                handler, request = stream
+                handler(request, conn)  # it owns the connection now
+                return
+            send_frame(conn, agent.handle(body))
+            if agent.stopping.is_set():
+                return
+
+
+def _stream_handler(agent: Agent, body: bytes
+                    ) -> tuple[Callable[[dict[str, Any], socket.socket], None],
+                               dict[str, Any]] | None:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None  # agent.handle() answers the error
+    if not isinstance(request, dict):
+        return None
+    handler = agent.stream_handlers.get(str(request.get("op")))
+    return None if handler is None else (handler, request)
+
+
+def _serve_and_release(agent: Agent, conn: socket.socket, slots: threading.BoundedSemaphore
+                       ) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            serve_connection(agent, conn)
+    except Exception as exc:  # a bug in one connection must not take the agent down
+        print(f"guest agent: connection failed: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        slots.release()
+
+
+def serve(agent: Agent, host: str, port: int) -> None:
+    """Serve until a shutdown request: a thread per connection, the TPM under its lock."""
+    server = socket.create_server((host, port), reuse_port=False)
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    server.settimeout(1.0)  # to notice a shutdown request served by another thread
+    with server:
+        while not agent.stopping.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            if not slots.acquire(blocking=False):
+                conn.close()  # too many: the host retries
+                continue
+            threading.Thread(target=_serve_and_release, args=(agent, conn, slots),
+                             daemon=True).start()
+
+
+EXTENSIONS = (("guest_tp", "trusted-passages"), ("guest_cryptovm", "cryptovm"))
+
+
+def install_extensions(agent: Agent) -> None:
+    """Load the role extensions shipped beside this file (absent in minimal images)."""
+    for module_name, label in EXTENSIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            print(f"guest agent: no {label} extension ({exc})", flush=True)
+            continue
+        module.install(agent, send_frame)
+        agent.extensions.append(label)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="testbed guest attestation agent")
+    parser.add_argument("--listen", default="0.0.0.0:9301", help="HOST:PORT")
+    parser.add_argument("--tpm", default="/dev/tpmrm0", help="/dev/tpmrm0 or tcp:HOST:PORT")
+    parser.add_argument("--event-log", default=None)
+    parser.add_argument("--node", default=socket.gethostname())
+    parser.add_argument("--role", default="generic")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    tpm = Tpm(open_transport(args.tpm))
+    agent = Agent(tpm, args.event_log, args.node, args.role)
+    install_extensions(agent)
+    print(f"guest agent: serving on {host}:{port} with {tpm.transport.name}", flush=True)
+    serve(agent, host, int(port))
+    tpm.transport.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

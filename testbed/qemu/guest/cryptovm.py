@@ -1,0 +1,130 @@
+"""The CryptoVM inside a guest: the guest agent's ``cryptovm`` role extension.
+
+Runs in the guest with Debian 12's python3 and the project's ``cryptovm`` (and what
+it imports) copied into the image; no tpm2-pytss (Debian has none usable): the
+CryptoVM's TPM commands go raw to ``/dev/tpmrm0`` (:mod:`cryptovm.rawtpm`), each
+use on its own resource-manager connection, so they never see the agent's objects.
+
+The store lives in the guest's RAM (the root file system is the initramfs; the image
+has no disk): it is sealed to this VM's vTPM PCRs like any CryptoVM store, and it is
+gone when the VM stops. The CVM1 server listens on the guest's NIC; its only opening
+is the host's loopback forward of :data:`CVM1_PORT` (testbed/roles/cryptovm.py).
+
+Ops added to the agent::
+
+    {"op": "cvm_start", "pcrs": "sha256:0-9"}
+        -> {"started": bool, "root_psk": hex (first start only), "ca_pem", "port",
+            "pcr_selection", "keys"}
+    {"op": "cvm_status"} -> {"running", "keys", "port", "pcr_selection"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from attestation.tpm_raw import Tpm
+from cryptovm.rawtpm import RawTpm
+from cryptovm.server import CryptoVmServer
+from cryptovm.vsm import CryptoVm
+
+__all__ = ["CVM1_PORT", "GuestCryptoVm", "install"]
+
+CVM1_PORT = 9302
+GUEST_IP = "10.0.2.15"  # the one NIC (images/init); the host forwards to it
+STATE_DIR = Path("/run/cryptovm/state")
+IDLE_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 30.0
+
+
+class ServerThread:
+    """:class:`CryptoVmServer` on its own event loop thread."""
+
+    def __init__(self, vm: CryptoVm, host: str, port: int) -> None:
+        self.server = CryptoVmServer(vm, host=host, port=port, idle_timeout=IDLE_TIMEOUT_S)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cryptovm-wire", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S) or self._error is not None:
+            raise ValueError(f"the CryptoVM wire server did not start: {self._error}")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.server.start())
+        except Exception as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+
+class GuestCryptoVm:
+    """At most one CryptoVM per guest, started on the host's request."""
+
+    def __init__(self, event_log: Callable[[], bytes | None], tpm: Tpm, *,
+                 state_dir: Path = STATE_DIR, host: str = GUEST_IP,
+                 port: int = CVM1_PORT) -> None:
+        # The agent's /dev/tpmrm0 connection and its lock, shared (RawTpm flushes what
+        # it creates, so the agent never sees the CryptoVM's transient objects).
+        self._event_log, self._state_dir, self._raw = event_log, state_dir, RawTpm(tpm)
+        self._host, self._port = host, port
+        self._vm: CryptoVm | None = None
+        self._server: ServerThread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, request: dict[str, Any]) -> dict[str, Any]:
+        pcrs = request.get("pcrs", "sha256:0-9")
+        if not isinstance(pcrs, str) or len(pcrs) > 64:
+            raise ValueError("pcrs: a PCR selection such as sha256:0-9")
+        with self._lock:
+            if self._vm is not None:
+                return {**self._describe(self._vm), "started": False}
+            root_psk = self._open_or_create(pcrs)
+            assert self._vm is not None
+            server = ServerThread(self._vm, self._host, self._port)
+            server.start()
+            self._server = server
+            answer = {**self._describe(self._vm), "started": True}
+        if root_psk is not None:
+            answer["root_psk"] = root_psk.hex()
+        return answer
+
+    def status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._vm is None:
+                return {"running": False}
+            return self._describe(self._vm)
+
+    def _open_or_create(self, pcrs: str) -> bytes | None:
+        options: dict[str, Any] = {**self._raw.options(), "event_log": self._event_log()}
+        if (self._state_dir / "cryptovm.json").exists():  # the manifest, written last
+            self._vm = CryptoVm.open(self._state_dir, self._raw.name, **options)
+            return None
+        self._state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._vm, root_psk = CryptoVm.initialize(self._state_dir, self._raw.name, pcrs=pcrs,
+                                                 **options)
+        return root_psk
+
+    def _describe(self, vm: CryptoVm) -> dict[str, Any]:
+        return {"running": True, "port": self._port, "ca_pem": vm.ca.pem.decode(),
+                "pcr_selection": vm.state.read_manifest()["pcr_selection"],
+                "keys": len(vm.keys.ids()), "state": "RAM (the guest has no disk)"}
+
+
+SendFrame = Callable[..., None]
+
+
+def install(agent: Any, send_frame: SendFrame) -> GuestCryptoVm:
+    """Add the CryptoVM ops to the guest agent: its TPM, its event log (securityfs)."""
+    service = GuestCryptoVm(agent._event_log, agent.tpm)
+    agent.handlers.update({"cvm_start": service.start, "cvm_status": service.status})
+    return service

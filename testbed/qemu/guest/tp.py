@@ -1,0 +1,289 @@
+"""Trusted Passages inside a guest: the guest agent's role extension.
+
+Runs in the guest with Debian 12's python3 (python3-openssl 23, python3-cryptography
+38), the project's ``attestation`` and ``trusted_passages`` packages copied into the
+image beside ``guest_agent.py``, and nothing of ``testbed`` (so no import from it).
+
+The TLS key is generated here and never leaves the guest. The host only ever sees
+its public key (to have it certified by the cluster's TLS CA) and the TLS records it
+relays between two guests. Quotes come from this guest's own vTPM through the
+agent's TPM connection; peers are validated here, against the AK registry and the
+reference policies the host delivered (``tp_configure``): the lab operator's trust
+anchors, as in the sim backend, where nodes read them from the cluster directory.
+
+Ops added to the agent::
+
+    {"op": "tp_init", "node": NAME}          -> {"public_key": b64 SPKI DER}
+    {"op": "tp_configure", "certificate": b64 DER, "ca_certificates": [b64 DER],
+     "registry": AkRegistry JSON text, "policies": {node: policy YAML},
+     "pcrs": [int], "profile": "tp13"}       -> {"configured": true}
+    {"op": "tp_result", "session": hex}      -> what that channel verified (or its error)
+
+Stream ops: answered with ``{"session": hex}``, then the connection carries the TLS
+records of one channel (the host splices it to the other guest's)::
+
+    {"op": "tp_accept"}                      server side: answers one request
+    {"op": "tp_connect", "peer": NAME, "message": TEXT}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
+from attestation.policy import ReferencePolicy, load_policy
+from attestation.registrar import AkRegistry
+from trusted_passages.attester import (
+    BindingContext,
+    Issuer,
+    PeerEvidence,
+    TpmValidator,
+    binding_digest,
+)
+from trusted_passages.blocking import establish
+from trusted_passages.config import ChannelConfig
+from trusted_passages.envelope import Envelope, check_node_name, decode_envelope
+from trusted_passages.summary import summarize
+
+__all__ = ["GuestIssuer", "GuestTrustedPassages", "PeersValidator", "install"]
+
+TIMEOUT_S = 30.0  # TCG guests are slow: a quote plus a validation take a few seconds
+MAX_MESSAGE = 4096
+MAX_RESULTS = 64  # finished channels whose summary the host may still fetch
+MAX_CAS = 8
+PROFILE: Final = "tp13"
+
+
+SendFrame = Callable[[socket.socket, dict[str, Any]], None]
+
+
+class GuestAgent(Protocol):
+    """What this module uses of guest_agent.Agent."""
+
+    stream_handlers: dict[str, Any]
+    handlers: dict[str, Any]
+
+    def quote(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class GuestIssuer:
+    """Quotes through the guest agent's vTPM for one connection's binding."""
+
+    def __init__(self, agent: GuestAgent, node: str, pcrs: list[int],
+                 context: BindingContext | None = None) -> None:
+        self._agent, self._node, self._pcrs, self._context = agent, node, pcrs, context
+
+    def bound(self, context: BindingContext) -> Issuer:
+        return GuestIssuer(self._agent, self._node, self._pcrs, context)
+
+    def issue(self, user_data: bytes, nonce: bytes) -> bytes:
+        if self._context is None:
+            raise TestbedError("GuestIssuer used without a binding context")
+        qualifying = binding_digest(self._context.profile, self._context.role, nonce, user_data)
+        evidence = self._agent.quote({"nonce": qualifying.hex(), "pcrs": self._pcrs})
+        return Envelope(self._node, self._context.role, self._context.profile, user_data,
+                        evidence).to_json()
+
+
+class PeersValidator:
+    """Validates a peer against *its* registry entry and policy (the claim only selects)."""
+
+    def __init__(self, registry: AkRegistry, policies: dict[str, ReferencePolicy]) -> None:
+        self._registry, self._policies = registry, policies
+
+    def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
+        claimed = decode_envelope(evidence).node
+        policy = self._policies.get(claimed)
+        if policy is None:
+            raise VerificationError("ak_trust", f"{claimed!r} is not a node this guest knows")
+        return TpmValidator(self._registry.for_node(claimed), policy).validate(evidence, nonce)
+
+
+@dataclass
+class _Configured:
+    config: ChannelConfig
+    node: str
+
+
+class GuestTrustedPassages:
+    """The guest's TLS key, channel configuration and finished channels."""
+
+    def __init__(self, agent: GuestAgent, send_frame: SendFrame) -> None:
+        self._agent = agent
+        self._send_frame = send_frame
+        self._key: ec.EllipticCurvePrivateKey | None = None
+        self._node: str | None = None
+        self._configured: _Configured | None = None
+        self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- request ops -----------------------------------------------------------------------
+
+    def init(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = request.get("node")
+        if not isinstance(node, str):
+            raise ValueError("tp_init needs node: NAME")
+        check_node_name(node)
+        with self._lock:
+            if self._key is None or self._node != node:
+                self._key = ec.generate_private_key(ec.SECP256R1())
+                self._node, self._configured = node, None
+            spki = self._key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return {"public_key": b64encode(spki)}
+
+    def configure(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._key is None or self._node is None:
+                raise ValueError("tp_configure before tp_init: there is no key to certify")
+            key, node = self._key, self._node
+        certificate = _certificate(request.get("certificate"), "certificate")
+        cas = request.get("ca_certificates")
+        if not isinstance(cas, list) or not 0 < len(cas) <= MAX_CAS:
+            raise ValueError(f"ca_certificates: 1 to {MAX_CAS} base64 DER certificates")
+        authorities = [_certificate(c, "ca_certificates") for c in cas]
+        validator = PeersValidator(_registry(request), _policies(request))
+        pcrs = request.get("pcrs")
+        if not isinstance(pcrs, list) or not all(isinstance(p, int) and 0 <= p < 24
+                                                 for p in pcrs) or not pcrs:
+            raise ValueError("pcrs: a list of PCR indices")
+        if request.get("profile", PROFILE) != PROFILE:
+            raise ValueError(f"only the {PROFILE} profile runs in guests")
+        config = ChannelConfig(certificate=certificate, private_key=key,
+                               ca_certificates=authorities,
+                               issuer=GuestIssuer(self._agent, node, sorted(pcrs)),
+                               validator=validator, profile=PROFILE, timeout=TIMEOUT_S)
+        with self._lock:
+            self._configured = _Configured(config, node)
+        return {"configured": True, "node": node}
+
+    def result(self, request: dict[str, Any]) -> dict[str, Any]:
+        session = request.get("session")
+        with self._lock:
+            found = self._results.get(session) if isinstance(session, str) else None
+        if found is None:
+            raise ValueError(f"no finished channel {str(session)[:40]!r}")
+        return found
+
+    # --- stream ops ------------------------------------------------------------------------
+
+    def accept(self, request: dict[str, Any], conn: socket.socket) -> None:
+        configured = self._ready(conn)
+        if configured is None:
+            return
+        session = self._open_session(conn)
+
+        def run() -> dict[str, Any]:
+            channel = establish(conn, configured.config.connection("server"), TIMEOUT_S)
+            text = channel.recv().decode(errors="replace")[:MAX_MESSAGE]
+            channel.send(f"{configured.node} heard {text!r} from attested node "
+                         f"{channel.peer.node!r}".encode())
+            summary = {"role": "server", "received": text, "evidence": summarize(channel.peer)}
+            channel.close()
+            return summary
+        self._finish(session, run)
+
+    def connect(self, request: dict[str, Any], conn: socket.socket) -> None:
+        peer, message = request.get("peer"), request.get("message", "hello")
+        if not isinstance(peer, str) or not isinstance(message, str) or \
+                len(message) > MAX_MESSAGE or not _valid_node_name(peer):
+            self._answer_error(conn, "tp_connect needs peer: NODE and a short message")
+            return
+        configured = self._ready(conn)
+        if configured is None:
+            return
+        session = self._open_session(conn)
+
+        def run() -> dict[str, Any]:
+            config = configured.config.with_expected_peer(peer)
+            channel = establish(conn, config.connection("client"), TIMEOUT_S)
+            channel.send(message.encode())
+            reply = channel.recv().decode(errors="replace")
+            summary = {"role": "client", "peer": peer, "sent": message, "reply": reply,
+                       "evidence": summarize(channel.peer)}
+            channel.close()
+            return summary
+        self._finish(session, run)
+
+    def _ready(self, conn: socket.socket) -> _Configured | None:
+        with self._lock:
+            configured = self._configured
+        if configured is None:
+            self._answer_error(conn, "Trusted Passages is not configured: tp_init, "
+                               "then tp_configure")
+        return configured
+
+    def _answer_error(self, conn: socket.socket, message: str) -> None:
+        with contextlib.suppress(OSError):
+            self._send_frame(conn, {"error": message})
+
+    def _open_session(self, conn: socket.socket) -> str:
+        session = os.urandom(8).hex()
+        self._send_frame(conn, {"session": session})
+        return session
+
+    def _finish(self, session: str, run: Callable[[], dict[str, Any]]) -> None:
+        try:
+            summary = run()
+        except Exception as exc:  # the channel's outcome, whatever failed: the host asks
+            summary = {"error": f"{type(exc).__name__}: {exc}"}
+        with self._lock:
+            self._results[session] = summary
+            while len(self._results) > MAX_RESULTS:
+                self._results.popitem(last=False)
+
+
+def _valid_node_name(name: str) -> bool:
+    try:
+        check_node_name(name)
+    except TestbedError:
+        return False
+    return True
+
+
+def _registry(request: dict[str, Any]) -> AkRegistry:
+    text = request.get("registry")
+    if not isinstance(text, str):
+        raise ValueError("registry: the cluster's AK registry as JSON text")
+    return AkRegistry.from_json(text)
+
+
+def _policies(request: dict[str, Any]) -> dict[str, ReferencePolicy]:
+    docs = request.get("policies")
+    if not isinstance(docs, dict) or not docs:
+        raise ValueError("policies: {node: reference policy YAML}")
+    policies = {}
+    for node, text in docs.items():
+        check_node_name(node)
+        if not isinstance(text, str):
+            raise ValueError(f"policies[{node}] is not YAML text")
+        policies[node] = load_policy(text)
+    return policies
+
+
+def _certificate(value: object, name: str) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(b64decode(value, name))
+    except (ValueError, EvidenceFormatError):
+        raise ValueError(f"{name}: not a base64 DER X.509 certificate") from None
+
+
+def install(agent: GuestAgent, send_frame: SendFrame) -> GuestTrustedPassages:
+    """Add the Trusted Passages ops to ``agent``; ``send_frame`` is the agent's framing."""
+    service = GuestTrustedPassages(agent, send_frame)
+    agent.handlers.update({"tp_init": service.init, "tp_configure": service.configure,
+                           "tp_result": service.result})
+    agent.stream_handlers.update({"tp_accept": service.accept, "tp_connect": service.connect})
+    return service

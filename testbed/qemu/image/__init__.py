@@ -1,0 +1,1 @@
+"""Guest images: built from Debian packages with mmdebstrap, packed as one initramfs."""

@@ -1,0 +1,418 @@
+"""The ``cryptovm`` role: a CryptoVM (virtual security module) on a node of the cluster.
+
+**Node side** (inside a sim node process). On the node's first start the CryptoVM is
+created in ``nodes/NODE/state/cryptovm/`` (beside the swtpm state, so ``testbed down``
+keeps it and ``--purge`` removes it), its storage key sealed to the node's
+measured-boot PCRs; the root account's PSK is written once, 0600, to
+``nodes/NODE/state/cryptovm-root.psk``, and a TLS-issuing CA is created inside the VSM
+(a non-exportable sign-only key). Later starts unseal the store through the node's TPM,
+which only works in the measured state it was sealed in: a node booted tampered fails
+to start, naming the PCRs that differ. All TPM use goes through the node's only
+connection, under its TPM lock. Two listeners on 127.0.0.1:
+
+* the CVM1 wire protocol (:mod:`cryptovm.server`: TLS 1.3, PSK or client-certificate
+  accounts), what an operator or a tenant uses with the root PSK;
+* a Trusted Passages listener for testbed nodes: the peer is authenticated by its
+  attestation (the cluster's AK registry and its policy), acts as the VSM account
+  ``node.<name>`` and speaks CVM1 frames over the channel (:mod:`cryptovm.attested`).
+  Every request is privilege-checked and audited; a refused channel is audited as a
+  denied ``auth`` naming the failed check.
+
+**VM side** (a qemu VM, after it was attested): the CryptoVM runs *inside* the guest
+(:mod:`testbed.qemu.guest.cryptovm`), sealed to the VM's own vTPM PCRs 0-9. The host asks
+the guest agent to start it, keeps the root PSK it returns on first start (the same file
+as a sim node's) and publishes the CVM1 endpoint, the VM's forwarded port.
+
+Either way the node's ``run/cryptovm.json`` (:class:`PublishedCryptoVm`) says where its
+CVM1 endpoint is; :func:`cryptovm_endpoint` reaches it as root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from attestation.errors import EvidenceFormatError
+from attestation.files import atomic_write, private_dir
+from cryptovm.attested import refuse_stream, serve_stream
+from cryptovm.client import CryptoVmClient
+from cryptovm.errors import AuthenticationFailed, SealedStorageError
+from cryptovm.sealing import format_pcr_selection
+from cryptovm.server import CryptoVmServer
+from cryptovm.vsm import CryptoVm
+from testbed.cluster.agent import AgentClient
+from testbed.core.errors import StateError
+from testbed.core.files import read_json
+from testbed.core.paths import ClusterPaths
+from testbed.roles.base import NodeContext, RoleRequest, decode_request
+from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
+from testbed.tpm.boot import SIM_PCRS
+from trusted_passages import (
+    AttestationRejected,
+    AttestedChannel,
+    ChannelConfig,
+    PeerEvidence,
+    Server,
+    serve,
+)
+from trusted_passages import ProtocolError as ChannelError
+from trusted_passages.envelope import decode_envelope
+from trusted_passages.pki import generate_key, issue_certificate
+
+__all__ = [
+    "GUEST_PORTS",
+    "VM_PCRS",
+    "CryptoVmEndpoint",
+    "CryptoVmService",
+    "InfoRequest",
+    "PublishedCryptoVm",
+    "cryptovm_endpoint",
+    "open_store",
+    "psk_path",
+    "published_service",
+    "start_node_service",
+    "start_vm_service",
+    "state_dir",
+]
+
+STATE_NAME = "cryptovm"
+PSK_NAME = "cryptovm-root.psk"
+INFO_NAME = "cryptovm.json"
+IDLE_TIMEOUT_S = 30.0
+VM_PCRS = "sha256:0-9"  # what OVMF measured: firmware, kernel, initrd, command line
+GUEST_PORTS = {"cvm1": 9302}
+"""The guest services a VM of this role forwards to the host (name -> guest port)."""
+
+
+def state_dir(node_state: Path) -> Path:
+    return node_state / STATE_NAME
+
+
+def psk_path(node_state: Path) -> Path:
+    return node_state / PSK_NAME
+
+
+# --- where a node's CryptoVM is reached ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishedCryptoVm:
+    """A running CryptoVM's endpoints, as its node publishes them in ``run/cryptovm.json``."""
+
+    node: str
+    host: str
+    wire_port: int  # CVM1 (a qemu VM's: its forwarded port)
+    ca_pem: str  # the CVM1 server's CA certificate
+    pcr_selection: str  # what the store is sealed to
+    in_vm: bool
+    tp_port: int | None = None  # the attested listener for nodes (sim nodes)
+
+    def save(self, paths: ClusterPaths) -> None:
+        run = private_dir(paths.node(self.node).run)
+        atomic_write(run / INFO_NAME, (json.dumps(asdict(self), indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, paths: ClusterPaths, node: str) -> Self:
+        path = paths.node(node).run / INFO_NAME
+        doc = None
+        with contextlib.suppress(StateError):
+            doc = read_json(path)
+        if not isinstance(doc, dict):
+            raise StateError(f"node {node!r} runs no CryptoVM service (is it a cryptovm node, "
+                             "and up? `testbed status`)")
+        try:
+            published = cls(**doc)
+        except TypeError:
+            raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the "
+                             "node") from None
+        if not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str):
+            raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the node")
+        return published
+
+
+def published_service(paths: ClusterPaths, node: str) -> PublishedCryptoVm:
+    return PublishedCryptoVm.load(paths, node)
+
+
+@dataclass(frozen=True)
+class CryptoVmEndpoint:
+    """How the host reaches a node's CryptoVM as root: CVM1 on loopback, the root PSK."""
+
+    node: str
+    host: str
+    port: int
+    ca_pem: bytes
+    psk: bytes = field(repr=False)
+
+    def client(self, **options: Any) -> CryptoVmClient:
+        return CryptoVmClient(self.host, self.port, ca_pem=self.ca_pem, account="root",
+                              psk=self.psk, **options)
+
+
+def cryptovm_endpoint(paths: ClusterPaths, node: str) -> CryptoVmEndpoint:
+    """The CVM1 endpoint and root PSK of a running cryptovm node (sim or qemu)."""
+    published = published_service(paths, node)
+    try:
+        psk = bytes.fromhex(psk_path(paths.node(node).state).read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise StateError(f"node {node}: its root PSK is unreadable ({exc}); was the CryptoVM "
+                         "created by this work directory?") from None
+    return CryptoVmEndpoint(node, published.host, published.wire_port,
+                            published.ca_pem.encode(), psk)
+
+
+# --- node side: the store and its listeners -------------------------------------------------
+
+
+def open_store(ctx: NodeContext) -> CryptoVm:
+    """Create the CryptoVM on the first start, unseal it on later ones."""
+    options: dict[str, Any] = {"tpm_access": ctx.tpm_session, "event_log": ctx.event_log,
+                               "audit_sync_each": False}
+    path = state_dir(ctx.state_dir)
+    if not (path / "cryptovm.json").exists():  # the manifest, written last by initialize
+        vm, root_psk = CryptoVm.initialize(path, ctx.tcti, pcrs=format_pcr_selection(SIM_PCRS),
+                                           **options)
+        # The only copy an operator gets; the PSK never goes to a log.
+        atomic_write(psk_path(ctx.state_dir), (root_psk.hex() + "\n").encode())
+    else:
+        try:
+            vm = CryptoVm.open(path, ctx.tcti, **options)
+        except SealedStorageError as exc:
+            raise SealedStorageError(
+                f"node {ctx.name} cannot open its CryptoVM store: {exc}. It unseals only in "
+                "the measured state it was created in: boot the node's original chain "
+                "(`testbed down`, then `testbed up` without --tamper), or start over with "
+                "`testbed down --purge`") from None
+    try:
+        if vm.tls_ca is None:  # first start (or a start interrupted before this step)
+            vm.local_root().tls_ca_setup(common_name=f"{ctx.cluster.name} CryptoVM TLS CA")
+        vm.audit.sync()
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+class WireThread:
+    """:class:`CryptoVmServer` on 127.0.0.1, ephemeral port, in a thread of its own."""
+
+    def __init__(self, vm: CryptoVm) -> None:
+        self.server = CryptoVmServer(vm, host=HOST, port=0, idle_timeout=IDLE_TIMEOUT_S)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cryptovm-wire", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise StateError(f"the CryptoVM wire server did not start: {self._error}")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.server.start())
+        except Exception as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.run_until_complete(self.server.close())
+            self._loop.close()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+class AuditingValidator:
+    """The cluster validator, remembering (per connection thread) which node the
+    evidence claimed, so that a refused channel is audited under that node's name."""
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self._inner = ClusterValidator(paths)
+        self._claims = threading.local()
+
+    def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
+        self._claims.node = None
+        with contextlib.suppress(EvidenceFormatError):
+            self._claims.node = decode_envelope(evidence).node
+        return self._inner.validate(evidence, nonce)
+
+    def claimed(self) -> str | None:
+        node = getattr(self._claims, "node", None)
+        return node if isinstance(node, str) else None
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    action: ClassVar[str] = "info"
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> Self:
+        if args:
+            raise StateError("info takes no args")
+        return cls()
+
+    def to_args(self) -> dict[str, Any]:
+        return {}
+
+
+REQUESTS: tuple[type[RoleRequest], ...] = (InfoRequest,)
+
+
+@dataclass
+class CryptoVmService:
+    """The running role: the store, the wire server, the attested listener."""
+
+    ctx: NodeContext
+    vm: CryptoVm
+    wire: WireThread
+    validator: AuditingValidator
+    tp: Server | None = None
+    channels: int = 0
+    refused: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tp_port(self) -> int:
+        return self.tp.address[1] if self.tp is not None else 0
+
+    def describe(self) -> str:
+        ca = self.vm.tls_ca
+        return (f"CryptoVM: CVM1 on {HOST}:{self.wire.port} (root PSK in "
+                f"{psk_path(self.ctx.state_dir)}), Trusted Passages {PROFILE} on "
+                f"{HOST}:{self.tp_port} for attested nodes ({self.channels} channels, "
+                f"{self.refused} refused); {len(self.vm.keys.ids())} keys, TLS CA key "
+                f"{ca.key_id if ca else '-'!r} (non-exportable, sign-only)")
+
+    def published(self) -> PublishedCryptoVm:
+        return PublishedCryptoVm(self.ctx.name, HOST, self.wire.port,
+                                 self.vm.state.ca_pem.read_text(),
+                                 format_pcr_selection(SIM_PCRS), in_vm=False,
+                                 tp_port=self.tp_port)
+
+    def info(self) -> dict[str, Any]:
+        ca = self.vm.tls_ca
+        return {**asdict(self.published()), "profile": PROFILE,
+                "state_dir": str(self.vm.state.path),
+                "root_psk_file": str(psk_path(self.ctx.state_dir)),
+                "ca_certificate_file": str(self.vm.state.ca_pem),
+                "tls_ca_key_id": ca.key_id if ca else None,
+                "tls_ca_certificate": ca.pem.decode() if ca else None,
+                "keys": len(self.vm.keys.ids())}
+
+    def call(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        decode_request(REQUESTS, action, args, "CryptoVM service")
+        return self.info()
+
+    def stop(self) -> None:
+        if self.tp is not None:
+            self.tp.close(timeout=2)
+        self.wire.stop()
+        self.vm.close()
+        with contextlib.suppress(FileNotFoundError):
+            (self.ctx.run_dir / INFO_NAME).unlink()
+
+    # --- attested channels ------------------------------------------------------------
+
+    def handle(self, channel: AttestedChannel) -> None:
+        peer = channel.peer
+        if not peer.node_verified:  # ClusterValidator pins the AK; this is a second lock
+            self._refuse(peer.node, "ak_trust", "the node's AK is not in the registry")
+            return
+        with self._lock:
+            self.channels += 1
+        try:
+            session = self.vm.attested_session(peer.node)
+        except AuthenticationFailed as exc:  # e.g. root disabled node.<name>; audited
+            self.vm.audit.sync()
+            refuse_stream(lambda: _recv(channel), channel.send, exc)
+            return
+        serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
+
+    def refused_channel(self, exc: AttestationRejected) -> None:
+        side = " (refused by the node)" if exc.by_peer else ""
+        self._refuse(self.validator.claimed(), exc.check, exc.reason + side)
+
+    def _refuse(self, node: str | None, check: str, reason: str) -> None:
+        with self._lock:
+            self.refused += 1
+        self.vm.audit_attestation_failure(node, check, reason)
+        self.vm.audit.sync()
+
+
+def _recv(channel: AttestedChannel) -> bytes:
+    """The channel's next bytes; b"" at its end or after the idle timeout."""
+    try:
+        return channel.recv(timeout=IDLE_TIMEOUT_S)
+    except ChannelError:
+        return b""
+
+
+def _tp_config(ctx: NodeContext, vm: CryptoVm, validator: AuditingValidator) -> ChannelConfig:
+    """Bootstrap identity (cluster CA), trusting the cluster CA (nodes enrolling) and the
+    VSM's TLS CA (nodes already holding a VSM certificate)."""
+    key = generate_key(PROFILE)
+    ca = cluster_tls_ca(ctx.cluster_paths)
+    trusted = [ca.certificate] + ([vm.tls_ca.certificate] if vm.tls_ca else [])
+    return ChannelConfig(certificate=issue_certificate(ca, ctx.name, key), private_key=key,
+                         ca_certificates=trusted, issuer=NodeIssuer(ctx), validator=validator,
+                         profile=PROFILE, timeout=10.0)
+
+
+def start_node_service(ctx: NodeContext) -> CryptoVmService:
+    vm = open_store(ctx)
+    service: CryptoVmService | None = None
+    try:
+        wire = WireThread(vm)
+        validator = AuditingValidator(ctx.cluster_paths)
+        service = CryptoVmService(ctx, vm, wire, validator)
+        wire.start()
+        service.tp = serve(HOST, 0, _tp_config(ctx, vm, validator), service.handle,
+                           on_failure=service.refused_channel)
+        service.published().save(ctx.cluster_paths)
+    except BaseException:
+        if service is not None:
+            service.stop()
+        else:
+            vm.close()
+        raise
+    return service
+
+
+# --- VM side: the CryptoVM inside a qemu guest -----------------------------------------------
+
+
+def start_vm_service(paths: ClusterPaths, node: str, agent: AgentClient,
+                     service_ports: Mapping[str, int]) -> str:
+    """Start the CryptoVM in ``node``'s VM; returns what ``status`` shows."""
+    port = service_ports.get("cvm1")
+    if port is None:
+        raise StateError(f"node {node}: its VM has no CryptoVM port forward; "
+                         "`testbed down` then `testbed up --backend qemu` to recreate it")
+    answer = agent.call({"op": "cvm_start", "pcrs": VM_PCRS})
+    psk, ca_pem = answer.get("root_psk"), answer.get("ca_pem")
+    if not isinstance(ca_pem, str):
+        raise StateError(f"node {node}: the guest's CryptoVM gave no CA certificate")
+    node_paths = paths.node(node)
+    if isinstance(psk, str):  # first start of this VM's CryptoVM: shown once, kept 0600
+        private_dir(node_paths.state)
+        atomic_write(psk_path(node_paths.state), (psk + "\n").encode())
+    PublishedCryptoVm(node, "127.0.0.1", port, ca_pem,
+                      str(answer.get("pcr_selection") or VM_PCRS), in_vm=True).save(paths)
+    return f"CryptoVM in the VM (CVM1 on 127.0.0.1:{port}, sealed to {VM_PCRS})"

@@ -1,0 +1,219 @@
+"""A sim node's agent: the requests of :mod:`attestation.agent_wire` on a unix socket.
+
+The socket is ``nodes/NODE/run/agent.sock``, mode 0600 in a 0700 directory: only the
+node's owner reaches it. Besides the requests every agent serves, it answers ``role``
+(``{"op": "role", "action": str, "args": {...}}``), handed to the node's role service.
+
+Anything else (oversized or truncated frames, invalid JSON, unknown ops or keys, bad
+values, a failing TPM command) gets ``{"error": "..."}`` and the agent keeps serving.
+An oversized frame also closes that connection, since its body is not read and the
+stream cannot be resynchronised. One thread per connection, at most
+:data:`MAX_CONNECTIONS` at a time, each with an idle deadline; the TPM behind it is
+serialised by the node (swtpm has no resource manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from attestation.agent_wire import (
+    FrameError,
+    decode_message,
+    parse_activate_request,
+    parse_quote_request,
+    recv_frame,
+    send_frame,
+)
+from attestation.credential import CredentialChallenge
+from attestation.encoding import b64encode
+from attestation.errors import TestbedError
+from attestation.evidence import Evidence
+from attestation.tpm_types import PcrSelection
+from testbed.cluster.agent import sockaddr
+
+__all__ = ["IDLE_TIMEOUT_S", "MAX_CONNECTIONS", "AgentBackend", "AgentServer"]
+
+MAX_CONNECTIONS = 16
+LISTEN_BACKLOG = 128  # connections waiting for accept(); beyond it clients get EAGAIN
+IDLE_TIMEOUT_S = 30.0  # a silent client does not pin a thread forever
+_OPS: Mapping[str, frozenset[str]] = {
+    "identity": frozenset(),
+    "activate": frozenset({"credential_blob", "encrypted_secret"}),
+    "quote": frozenset({"nonce", "pcrs"}),
+    "status": frozenset(),
+    "shutdown": frozenset(),
+    "role": frozenset({"action", "args"}),
+}
+
+log = logging.getLogger("testbed.agent")
+
+
+class _BadRequest(Exception):
+    """A request the agent refuses; the message goes back to the client."""
+
+
+class AgentBackend(Protocol):
+    """What the agent serves; the node process implements it (TPM access serialised)."""
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def activate(self, challenge: CredentialChallenge) -> bytes: ...
+
+    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def shutdown(self) -> None: ...
+
+    def role_call(self, action: str, args: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class AgentServer:
+    """Serves :class:`AgentBackend` on a unix socket (mode 0600) until :meth:`close`."""
+
+    def __init__(self, backend: AgentBackend, socket_path: Path, *, bank: str = "sha256") -> None:
+        self._backend = backend
+        self.socket_path = Path(socket_path)
+        self._bank = bank
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "identity": lambda _: self._backend.identity(),
+            "activate": self._activate,
+            "quote": self._quote,
+            "status": lambda _: self._backend.status(),
+            "shutdown": self._shutdown,
+            "role": self._role,
+        }
+
+    def start(self) -> None:
+        self._sock = self._bind()
+        self._thread = threading.Thread(target=self._accept_loop, name="agent-accept",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket; open connections end with the process."""
+        self._closed.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept() up
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    def _bind(self) -> socket.socket:
+        if self.socket_path.is_socket():
+            self.socket_path.unlink()  # left by a node that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the socket is 0600 from the start, not after a chmod
+        try:
+            with sockaddr(self.socket_path) as address:
+                sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        sock.listen(LISTEN_BACKLOG)
+        return sock
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed.is_set():
+                    return
+                continue
+            if not self._slots.acquire(blocking=False):
+                self._refuse(conn, f"too many connections (limit {MAX_CONNECTIONS})")
+                continue
+            threading.Thread(target=self._connection, args=(conn,), name="agent-conn",
+                             daemon=True).start()
+
+    @staticmethod
+    def _refuse(conn: socket.socket, reason: str) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.settimeout(1.0)
+            send_frame(conn, {"error": reason})
+
+    def _connection(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(IDLE_TIMEOUT_S)
+                self._serve_connection(conn)
+        except OSError as exc:  # client vanished or idled out: only this connection ends
+            log.debug("agent connection ended: %s", exc)
+        finally:
+            self._slots.release()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        while not self._closed.is_set():
+            try:
+                body = recv_frame(conn)
+            except FrameError as exc:
+                # Oversized or truncated: the stream is out of sync, so answer and hang up.
+                with contextlib.suppress(OSError):
+                    send_frame(conn, {"error": str(exc)})
+                return
+            if body is None:
+                return
+            response = self.handle(body)
+            try:
+                send_frame(conn, response)
+            except FrameError as exc:  # a response too large to frame: say so instead
+                send_frame(conn, {"error": str(exc)})
+
+    def handle(self, body: bytes) -> dict[str, Any]:
+        """One request body -> its response (errors included, never raised)."""
+        request: dict[str, Any] = {}
+        try:
+            request = decode_message(body)
+            op = request.get("op")
+            if not isinstance(op, str) or op not in self._handlers:
+                raise _BadRequest(f"unknown op {str(op)[:40]!r}; known: {', '.join(_OPS)}")
+            unknown = set(request) - {"op"} - _OPS[op]
+            if unknown:
+                raise _BadRequest(f"{op}: unknown keys {sorted(str(k)[:40] for k in unknown)}")
+            return self._handlers[op](request)
+        except _BadRequest as exc:
+            return {"error": str(exc)}
+        except TestbedError as exc:
+            op = request.get("op")
+            return {"error": f"{op}: {exc}" if isinstance(op, str) else str(exc)}
+        except Exception as exc:  # a bug must not take the agent down with it
+            log.exception("agent request failed")
+            return {"error": f"internal error: {type(exc).__name__}"}
+
+    def _activate(self, request: dict[str, Any]) -> dict[str, Any]:
+        blob, secret = parse_activate_request(request)
+        challenge = CredentialChallenge(credential_blob=blob, encrypted_secret=secret)
+        return {"secret": b64encode(self._backend.activate(challenge))}
+
+    def _quote(self, request: dict[str, Any]) -> dict[str, Any]:
+        nonce, pcrs = parse_quote_request(request)
+        return self._backend.quote(nonce, PcrSelection(self._bank, tuple(pcrs))).to_dict()
+
+    def _shutdown(self, _: dict[str, Any]) -> dict[str, Any]:
+        self._backend.shutdown()
+        return {"stopping": True}
+
+    def _role(self, request: dict[str, Any]) -> dict[str, Any]:
+        action, args = request.get("action"), request.get("args", {})
+        if not isinstance(action, str) or not isinstance(args, dict):
+            raise _BadRequest("role: action must be a string and args an object")
+        return self._backend.role_call(action, args)

@@ -1,0 +1,255 @@
+"""The ``sim`` backend: a cluster of node processes, each with its own swtpm.
+
+Each node is ``python -m testbed.sim.node`` (:mod:`testbed.sim.node`), started detached
+and reached over its agent socket. Its boot is simulated (:mod:`testbed.tpm.boot`): the
+policy it must satisfy is predicted from its spec's honest boot chain, without any TPM.
+Its role service runs inside the node process from the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from attestation.errors import TestbedError
+from attestation.policy import ReferencePolicy
+from attestation.tpm_types import PcrSelection
+from testbed.cluster.agent import AgentClient, AgentUnavailable, UnixTransport
+from testbed.cluster.results import (
+    DownResult,
+    NodeDown,
+    NodeStatus,
+    NodeUp,
+    NoFacts,
+    OwnedProcess,
+)
+from testbed.cluster.state import load_spec, read_attestations, spec_policy
+from testbed.core.errors import StateError
+from testbed.core.files import locked, tail
+from testbed.core.paths import ClusterPaths
+from testbed.core.progress import Progress
+from testbed.roles.registry import role
+from testbed.sim.processes import (
+    READY_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    cluster_processes,
+    ensure_exited,
+    inspect_node,
+    launch_node,
+    node_pid,
+    prepare_run_dir,
+    read_node_info,
+    stop_process,
+    wait_node_gone,
+    wait_ready,
+)
+from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
+from testbed.tpm.boot import SIM_PCRS, boot_summary, predicted_policy
+from testbed.tpm.swtpm import Swtpm
+
+__all__ = ["SimBackend", "SimNodeFacts", "SimStatusFacts", "node_policy"]
+
+
+@dataclass(frozen=True)
+class SimNodeFacts:
+    pid: int | None = None
+    swtpm_pid: int | None = None
+    tcti: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti}
+
+    def summary_items(self) -> list[tuple[str, str]]:
+        return [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                ("tcti", self.tcti or "-")]
+
+
+@dataclass(frozen=True)
+class SimStatusFacts(SimNodeFacts):
+    agent_socket: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "agent_socket": self.agent_socket}
+
+
+def node_policy(node: NodeSpec) -> ReferencePolicy:
+    """A node's reference policy: its file, or predicted from its *untampered* boot chain."""
+    return spec_policy(node) or predicted_policy(node.name, node.boot)
+
+
+class SimBackend:
+    """Node processes on this machine (see the module docstring)."""
+
+    name = "sim"
+    pcrs: PcrSelection = SIM_PCRS
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self.paths = paths
+        self._deadline = 0.0
+        self._boots: dict[str, dict[str, str]] = {}
+        self._has_cryptovm = False
+
+    # --- up -------------------------------------------------------------------------------
+
+    def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
+        if spec.backend != "sim":
+            raise StateError(f"cluster {spec.name} has backend {spec.backend}, not sim")
+        # Before any process starts: every artifact must be readable, every policy valid.
+        self._boots = {n.name: boot_summary(n.effective_boot) for n in spec.nodes}
+        self._has_cryptovm = any(n.role == "cryptovm" for n in spec.nodes)
+        progress.expect(len(spec.nodes) + self._has_cryptovm)
+        return {node.name: node_policy(node) for node in spec.nodes}
+
+    def launch(self, spec: ClusterSpec, progress: Progress) -> list[NodeUp]:
+        """Launch every node that is not up yet, all at once: they come up in parallel."""
+        self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        nodes = [self._launch(node) for node in spec.nodes]
+        self._deadline = time.monotonic() + READY_TIMEOUT_S
+        return nodes
+
+    def _launch(self, spec: NodeSpec) -> NodeUp:
+        tampered = spec.tampered.fields() if spec.tampered else ()
+        node = NodeUp(spec.name, spec.role, SimNodeFacts(), tampered=tampered)
+        current = inspect_node(self.paths, spec.name)
+        if current.state in ("running", "starting") and current.pid is not None:
+            node.action, node.facts = "kept", SimNodeFacts(pid=current.pid)
+            return node
+        if current.pid is not None:  # failed or stopping, still exiting: let it finish
+            ensure_exited(self.paths, spec.name, current.pid)
+        self.paths.node(spec.name).root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            prepare_run_dir(self.paths, spec.name)
+            node.facts = SimNodeFacts(pid=launch_node(self.paths, spec.name))
+        except TestbedError as exc:
+            node.fail(f"could not start the node: {exc}")
+        return node
+
+    def wait_ready(self, node: NodeUp) -> None:
+        assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
+        info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
+        node.facts = SimNodeFacts(node.facts.pid, info.get("swtpm_pid"), info.get("tcti"))
+        if node.action == "kept":
+            # A running node keeps what it booted; say so when the spec now differs.
+            node.tampered = tuple(info.get("tampered") or ())
+            if info.get("boot") != self._boots.get(node.name):
+                node.note = ("runs another boot chain than the spec now gives; "
+                             "`testbed down` then `testbed up` to apply the spec")
+
+    def agent(self, node: str, *, timeout: float = 30.0) -> AgentClient:
+        return AgentClient(UnixTransport(self.paths.node(node).socket), node=node,
+                           timeout=timeout)
+
+    def start_service(self, node: NodeUp) -> None:
+        """A sim node runs its role service from the start; ``status`` shows it."""
+        with contextlib.suppress(TestbedError):
+            node.service = str(self.agent(node.name, timeout=5.0).status().get("service"))
+
+    def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Keyless TLS: with a cryptovm node in the cluster, each running server and
+        client node gets its TLS certificate from it (after registration: the CryptoVM
+        checks nodes against the registry). A refusal (a tampered node) is reported per
+        node; it is the CryptoVM's own attestation-gated release at work."""
+        if not self._has_cryptovm:
+            return
+        with progress.step("keyless TLS: server and client nodes enroll with the CryptoVM"):
+            for node in nodes:
+                enroll = role(node.role).enroll
+                if enroll is not None and node.action != "failed":
+                    node.enrollment = enroll(self.agent(node.name))
+
+    def facts(self) -> NoFacts:
+        return NoFacts()
+
+    def log_tail(self, node: str) -> str | None:
+        return tail(self.paths.node(node).log)
+
+    def close(self) -> None:
+        """Nothing to release: the nodes outlive the command by design."""
+
+    # --- status ---------------------------------------------------------------------------
+
+    def status(self) -> list[NodeStatus]:
+        spec = load_spec(self.paths) if self.paths.spec.is_file() else None
+        specs = {n.name: n for n in spec.nodes} if spec else {}
+        # Spec order first, then nodes left over from an earlier spec of this cluster.
+        names = [*specs, *(n for n in self.paths.node_names() if n not in specs)]
+        last = read_attestations(self.paths)
+        return [self._status(name, specs.get(name), last.get(name)) for name in names]
+
+    def _status(self, name: str, spec: NodeSpec | None, last: Any) -> NodeStatus:
+        state = inspect_node(self.paths, name)
+        label: str = state.state
+        service, agent = None, None
+        if state.state == "running":
+            try:
+                service = str(self.agent(name, timeout=2.0).status().get("service"))
+                agent = "answering"
+            except TestbedError:
+                label, agent = "unresponsive", "not answering"
+        live = state.info if state.pid else {}  # what the running node reports about itself
+        spec_tampered = spec.tampered.fields() if spec and spec.tampered else ()
+        facts = SimStatusFacts(state.pid, live.get("swtpm_pid"), live.get("tcti"),
+                               str(self.paths.node(name).socket))
+        return NodeStatus(
+            name=name, role=str(live.get("role") or (spec.role if spec else "?")), state=label,
+            agent=agent, service=service, tampered=tuple(live.get("tampered", spec_tampered)),
+            last_attestation=last, facts=facts)
+
+    # --- down -----------------------------------------------------------------------------
+
+    def down(self, *, purge: bool) -> DownResult:
+        """Stop every node and swtpm of the cluster and verify none is left.
+
+        TPM state (node identities), the registry, policies and the clock history stay
+        for the next ``up`` unless ``purge``, which removes the cluster directory.
+        """
+        paths = self.paths
+        # Even with the cluster directory deleted, its processes are still found in /proc.
+        lock = locked(paths.lock) if paths.root.is_dir() else contextlib.nullcontext()
+        with lock:
+            names = sorted(set(paths.node_names()) | {p.node for p in cluster_processes(paths)})
+            nodes = [self._stop_node(name) for name in names]
+            for proc in cluster_processes(paths):  # anything not found through its pid file
+                with contextlib.suppress(StateError):
+                    stop_process(paths, proc.pid, proc.kind, proc.node)  # type: ignore[arg-type]
+            leftovers = cluster_processes(paths)
+            if not leftovers:
+                self._remove_state(names, purge)
+        return DownResult(self.name, paths.name, nodes, purge and not leftovers, leftovers)
+
+    def _stop_node(self, name: str) -> NodeDown:
+        pid = node_pid(self.paths, name)
+        stopped_by = self._stop_node_process(name, pid) if pid is not None else None
+        swtpm_stopped = False
+        with contextlib.suppress(StateError):  # unreadable pid file: the /proc scan finds it
+            swtpm_stopped = Swtpm.stop_pidfile(self.paths.node(name).swtpm_pid)
+        return NodeDown(name, stopped_by, swtpm_stopped)
+
+    def _stop_node_process(self, name: str, pid: int) -> str | None:
+        """Ask the agent to shut down (the node stops its swtpm itself), then signal."""
+        with contextlib.suppress(TestbedError, AgentUnavailable):
+            self.agent(name, timeout=2.0).shutdown()
+            if wait_node_gone(self.paths, name, pid, STOP_TIMEOUT_S):
+                return "agent"
+        try:
+            return stop_process(self.paths, pid, "node", name)
+        except StateError:
+            return None  # survived SIGKILL: down() reports it as a leftover
+
+    def _remove_state(self, names: list[str], purge: bool) -> None:
+        if purge:
+            shutil.rmtree(self.paths.root, ignore_errors=True)
+            return
+        for name in names:
+            shutil.rmtree(self.paths.node(name).run, ignore_errors=True)
+
+    # --- traces ---------------------------------------------------------------------------
+
+    def processes(self) -> list[OwnedProcess]:
+        return cluster_processes(self.paths)
+
+    def node_info(self, node: str) -> dict[str, Any]:
+        return read_node_info(self.paths, node)

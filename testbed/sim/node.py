@@ -1,0 +1,279 @@
+"""One sim node: ``python -m testbed.sim.node --workdir W --cluster NAME --node NAME``.
+
+Started detached by ``testbed up``. In order: record its pid, provision its
+swtpm on first start (against the work dir's LocalCA), start that swtpm
+detached (pid file in the node's run dir), run the measured boot of its
+(possibly tampered) boot chain, load or create its persistent AK, start its
+role, serve the agent API on ``run/agent.sock``, and write ``run/node.json``
+with state ``ready``.
+
+It stops, stopping its swtpm, on SIGTERM/SIGINT, on an agent ``shutdown``
+request, or when its swtpm dies (then with exit status 1 and state ``failed``).
+A failure while starting is logged (stderr goes to ``run/node.log``) and
+recorded in node.json as ``failed`` with the error, which `up` reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from attestation.credential import CredentialChallenge
+from attestation.encoding import b64encode
+from attestation.errors import TestbedError
+from attestation.evidence import Evidence
+from attestation.files import atomic_write
+from attestation.tpm import TpmClient
+from attestation.tpm_types import PcrSelection
+from testbed.cluster.state import load_spec
+from testbed.core.errors import StateError
+from testbed.core.files import write_json
+from testbed.core.paths import ClusterPaths
+from testbed.roles.base import NodeContext, RoleService
+from testbed.roles.registry import start_node_service
+from testbed.sim.agent_server import AgentServer
+from testbed.tpm.boot import boot_summary, measure_boot
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import STATE_FILE, Swtpm, provision
+
+log = logging.getLogger("testbed.sim.node")
+_WATCH_INTERVAL_S = 0.2
+
+
+class _Terminated(Exception):
+    """A stop signal arrived while the node was still starting."""
+
+
+class Node:
+    """The node process: its swtpm, its TPM connection, its role and its agent."""
+
+    def __init__(self, paths: ClusterPaths, name: str) -> None:
+        self.cluster_paths = paths
+        self.paths = paths.node(name)
+        self.name = name
+        self.stopping = threading.Event()
+        self.starting = True  # a stop signal aborts the start-up only while this holds
+        self.stop_reason = ""
+        self.failed = False
+        self.started = time.monotonic()
+        self.quotes = 0
+        self.ctx: NodeContext | None = None
+        self._swtpm: Swtpm | None = None
+        self._client: TpmClient | None = None
+        self._role: RoleService | None = None
+        self._agent: AgentServer | None = None
+        self._info: dict[str, Any] = {"node": name, "cluster": paths.name, "pid": os.getpid(),
+                                      "agent_socket": str(self.paths.socket)}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self._start()
+            self.starting = False
+            self._write_info("ready")
+            log.info("ready: agent on %s", self.paths.socket)
+            self._watch()
+        except _Terminated:
+            self.stop_reason = "signal while starting"
+        except TestbedError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: still record it and stop the swtpm
+            log.exception("node crashed")
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._close()
+        if not self.failed:
+            self._write_info("stopped")
+        log.info("stopped (%s)", self.stop_reason or "done")
+        return 1 if self.failed else 0
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stopping.is_set():
+            self.stop_reason = reason
+            self.stopping.set()
+
+    def _fail(self, error: str) -> None:
+        self.starting = False
+        self.stop_reason = self.stop_reason or "failed"
+        log.error("%s", error)
+        self.failed = True
+        self._write_info("failed", error=error)
+
+    def _start(self) -> None:
+        spec = load_spec(self.cluster_paths)
+        node_spec = spec.node(self.name)
+        boot = node_spec.effective_boot
+        ca = LocalCA.ensure(self.cluster_paths.ca_dir)
+        self._ensure_tpm_state(ca)
+        client = self._start_tpm()
+        event_log = measure_boot(client, boot)
+        ek = client.endorsement_key("rsa")
+        if ek.certificate is None:
+            raise StateError("the TPM has no RSA EK certificate; was it provisioned?")
+        ak = client.attestation_key("ecc")
+        self.ctx = NodeContext(
+            name=self.name, role=node_spec.role, spec=node_spec, cluster=spec, boot=boot,
+            tpm=client, tpm_lock=threading.Lock(), ak=ak, ak_algorithm="ecc", ek=ek,
+            event_log=event_log, paths=self.paths, cluster_paths=self.cluster_paths, ca=ca,
+            tcti=client.tcti, stopping=self.stopping)
+        self._info.update(role=node_spec.role, boot=boot_summary(boot), tampered=list(
+            node_spec.tampered.fields() if node_spec.tampered else ()))
+        self._role = start_node_service(self.ctx)
+        self._agent = AgentServer(self, self.paths.socket)
+        self._agent.start()
+
+    def _start_tpm(self) -> TpmClient:
+        # Assigned before start(): a signal arriving mid-start still gets it stopped.
+        self._swtpm = Swtpm(self.paths.state, run_dir=self.paths.run, detached=True)
+        self._swtpm.start()
+        log.info("swtpm pid %d, %s", self._swtpm.pid, self._swtpm.tcti)
+        self._info.update(swtpm_pid=self._swtpm.pid, tcti=self._swtpm.tcti)
+        self._client = TpmClient(self._swtpm.tcti)
+        return self._client
+
+    def _ensure_tpm_state(self, ca: LocalCA) -> None:
+        """Provision on first start, into a staging directory renamed when complete.
+
+        A node killed while swtpm_setup runs must not leave a half-made TPM
+        (no EK certificate, say) that every later start would trip over.
+        """
+        state = self.paths.state
+        if (state / STATE_FILE).exists():
+            return
+        if state.exists() and not state.is_dir():
+            raise StateError(f"{state} is not a directory")
+        staging = state.with_name("state.provisioning")
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("provisioning a new TPM for %s", self.name)
+        provision(staging, ca)
+        if state.exists():
+            shutil.rmtree(state)  # empty or half-written by an interrupted start
+        os.rename(staging, state)
+
+    def _watch(self) -> None:
+        """Until asked to stop: also stop (as failed) if the swtpm dies under us."""
+        assert self._swtpm is not None
+        while not self.stopping.wait(_WATCH_INTERVAL_S):
+            if not self._swtpm.running:
+                self.request_stop("swtpm died")
+                self._fail(f"swtpm exited unexpectedly:\n{self._swtpm.log_tail(5)}")
+
+    def _close(self) -> None:
+        """Tear down in reverse order; each step runs even if an earlier one failed."""
+        self.starting = False
+        self.stopping.set()
+        steps = [
+            ("agent", self._agent.close if self._agent else None),
+            ("role", self._role.stop if self._role else None),
+            ("TPM connection", self._close_client),
+            ("swtpm", self._swtpm.stop if self._swtpm else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                log.exception("stopping the %s failed", what)
+
+    def _close_client(self) -> None:
+        if self._client is None:
+            return
+        if self.ctx is not None:
+            with self.ctx.tpm_lock:  # let an in-flight request finish first
+                self._client.close()
+        else:
+            self._client.close()
+
+    def _write_info(self, state: str, **extra: Any) -> None:
+        self._info.update(state=state, updated=time.time(), **extra)
+        try:
+            write_json(self.paths.info, self._info)
+        except OSError as exc:  # e.g. `down --purge` removed the directory already
+            log.warning("cannot write node.json: %s", exc)
+
+    # -- the agent backend ---------------------------------------------------------
+
+    def _context(self) -> NodeContext:
+        if self.ctx is None:
+            raise StateError("node is not ready")
+        return self.ctx
+
+    def identity(self) -> dict[str, Any]:
+        ctx = self._context()
+        assert ctx.ek.certificate is not None  # checked in _start
+        return {"node": self.name, "role": ctx.role, "ek_algorithm": ctx.ek.algorithm,
+                "ek_certificate": b64encode(ctx.ek.certificate),
+                "ek_public": b64encode(ctx.ek.public), "ak_public": b64encode(ctx.ak.public)}
+
+    def activate(self, challenge: CredentialChallenge) -> bytes:
+        return self._context().activate_credential(challenge)
+
+    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence:
+        evidence = self._context().quote(nonce, selection)
+        self.quotes += 1
+        return evidence
+
+    def status(self) -> dict[str, Any]:
+        return {**self._info, "state": "stopping" if self.stopping.is_set() else "ready",
+                "service": self._role.describe() if self._role else None,
+                "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes}
+
+    def shutdown(self) -> None:
+        self.request_stop("agent shutdown request")
+
+    def role_call(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        if self._role is None:
+            raise StateError(f"node {self.name} is not ready")
+        return self._role.call(action, args)
+
+
+def _install_signal_handlers(node: Node) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        node.request_stop(signal.Signals(signum).name)
+        if node.starting:
+            raise _Terminated  # abort the start-up where it is; run() cleans up
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m testbed.sim.node",
+                                     description="one sim node (started by `testbed up`)")
+    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--cluster", required=True)
+    parser.add_argument("--node", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s node %(name)s[%(process)d] %(levelname)s %(message)s")
+    try:
+        paths = ClusterPaths(args.workdir, args.cluster)
+        node = Node(paths, args.node)
+        # First thing: so `down` finds this process even if the launching CLI died.
+        node.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(node.paths.pid_file, f"{os.getpid()}\n".encode())
+    except (TestbedError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    _install_signal_handlers(node)
+    return node.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

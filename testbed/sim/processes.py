@@ -1,0 +1,195 @@
+"""The sim backend's processes: node processes and their swtpms, found again by pid
+file or by their command line in /proc, started detached and stopped by PID.
+
+A node is ``python -m testbed.sim.node --workdir W --cluster C --node N``; its swtpm is
+recognised by its ``--pid file=<cluster>/nodes/<node>/run/swtpm.pid`` argument. Both are
+found even when a crashed ``up`` never wrote their pid files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from attestation.files import atomic_write
+from testbed.cluster.backend import NodeFailed
+from testbed.cluster.results import OwnedProcess
+from testbed.core.errors import StateError
+from testbed.core.files import read_json, tail
+from testbed.core.paths import NAME_PATTERN, ClusterPaths
+from testbed.core.processes import (
+    StopSignal,
+    launch_detached,
+    process_argv,
+    read_pid,
+    reap,
+    scan_processes,
+    terminate,
+    wait_gone,
+)
+from testbed.tpm.swtpm import Swtpm
+
+__all__ = [
+    "NODE_MODULE",
+    "NodeProcessState",
+    "cluster_processes",
+    "ensure_exited",
+    "inspect_node",
+    "launch_node",
+    "prepare_run_dir",
+    "stop_process",
+    "wait_ready",
+]
+
+NODE_MODULE = "testbed.sim.node"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 5.0
+_POLL_S = 0.02
+Kind = Literal["node", "swtpm"]
+
+
+def node_command(paths: ClusterPaths, node: str) -> list[str]:
+    return [sys.executable, "-m", NODE_MODULE, "--workdir", str(paths.workdir),
+            "--cluster", paths.name, "--node", node]
+
+
+def _classify(argv: list[str], paths: ClusterPaths) -> tuple[Kind, str] | None:
+    """(kind, node) if ``argv`` is one of this cluster's node or swtpm processes."""
+    if argv[1:3] == ["-m", NODE_MODULE] and len(argv) == 9:
+        opts = dict(zip(argv[3::2], argv[4::2], strict=True))
+        if (opts.get("--workdir") == str(paths.workdir) and opts.get("--cluster") == paths.name
+                and NAME_PATTERN.fullmatch(opts.get("--node", ""))):
+            return "node", opts["--node"]
+    if Path(argv[0]).name == "swtpm":
+        prefix = f"file={paths.root}/nodes/"
+        for arg in argv:
+            if arg.startswith(prefix) and arg.endswith("/run/swtpm.pid"):
+                node = arg[len(prefix):-len("/run/swtpm.pid")]
+                if NAME_PATTERN.fullmatch(node):
+                    return "swtpm", node
+    return None
+
+
+def cluster_processes(paths: ClusterPaths) -> list[OwnedProcess]:
+    """Every live node and swtpm process of this cluster, found by scanning /proc."""
+    found = [OwnedProcess(pid, kind, node)
+             for pid, (kind, node) in scan_processes(lambda argv: _classify(argv, paths))]
+    return sorted(found, key=lambda p: (p.node, p.kind, p.pid))
+
+
+def _is_ours(pid: int, paths: ClusterPaths, kind: Kind, node: str) -> bool:
+    argv = process_argv(pid)
+    return argv is not None and _classify(argv, paths) == (kind, node)
+
+
+def stop_process(paths: ClusterPaths, pid: int, kind: Kind, node: str) -> StopSignal | None:
+    """SIGTERM, then SIGKILL; only while ``pid`` is still verifiably this node's ``kind``."""
+    return terminate(pid, lambda: _is_ours(pid, paths, kind, node), STOP_TIMEOUT_S)
+
+
+def wait_node_gone(paths: ClusterPaths, node: str, pid: int, timeout: float) -> bool:
+    return wait_gone(pid, lambda: _is_ours(pid, paths, "node", node), timeout)
+
+
+def ensure_exited(paths: ClusterPaths, node: str, pid: int) -> None:
+    """Give a node that is on its way out time to stop its swtpm, then signal it."""
+    if not wait_node_gone(paths, node, pid, STOP_TIMEOUT_S):
+        stop_process(paths, pid, "node", node)
+
+
+# --- a node's state ------------------------------------------------------------------------
+
+NodeState = Literal["running", "starting", "stopping", "failed", "stopped", "down"]
+
+
+@dataclass(frozen=True)
+class NodeProcessState:
+    name: str
+    state: NodeState
+    pid: int | None
+    info: dict[str, Any] = field(default_factory=dict)  # node.json, as the node wrote it
+
+
+def node_pid(paths: ClusterPaths, node: str) -> int | None:
+    """The node's live pid: from its pid file, else from a /proc scan."""
+    pid = None
+    with contextlib.suppress(StateError):  # a damaged pid file: the scan finds the node
+        pid = read_pid(paths.node(node).pid_file)
+    if pid is not None and _is_ours(pid, paths, "node", node):
+        return pid
+    return next((p.pid for p in cluster_processes(paths)
+                 if p.kind == "node" and p.node == node), None)
+
+
+def read_node_info(paths: ClusterPaths, node: str) -> dict[str, Any]:
+    info = read_json(paths.node(node).info)
+    return info if isinstance(info, dict) else {}
+
+
+def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
+    info = read_node_info(paths, node)
+    pid = node_pid(paths, node)
+    recorded = info.get("state")
+    if pid is not None:
+        if info.get("pid") != pid:
+            return NodeProcessState(node, "starting", pid, info)
+        live: dict[object, NodeState] = {"ready": "running", "failed": "failed",
+                                         "stopped": "stopping"}
+        return NodeProcessState(node, live.get(recorded, "starting"), pid, info)
+    if recorded == "failed":
+        return NodeProcessState(node, "failed", None, info)
+    return NodeProcessState(node, "stopped" if info else "down", None, info)
+
+
+# --- starting ----------------------------------------------------------------------------
+
+
+def launch_node(paths: ClusterPaths, node: str) -> int:
+    """Start a node detached (it survives the CLI, which never reaps it); return its pid.
+
+    The pid file is written before anyone waits on readiness (the node writes it too,
+    first thing), so a later `down` finds the node even if this CLI dies now.
+    """
+    node_paths = paths.node(node)
+    # cwd: `python -m` puts it first on sys.path; the private run dir holds no code.
+    pid = launch_detached(node_command(paths, node), node_paths.log, cwd=node_paths.run)
+    atomic_write(node_paths.pid_file, f"{pid}\n".encode())
+    return pid
+
+
+def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
+    """Before a (re)start: stop a leftover swtpm and drop the previous run's files."""
+    node_paths = paths.node(node)
+    with contextlib.suppress(StateError):  # a corrupt pid file: the swtpm is found by scan
+        Swtpm.stop_pidfile(node_paths.swtpm_pid)
+    for proc in cluster_processes(paths):
+        if proc.node == node and proc.kind == "swtpm":
+            stop_process(paths, proc.pid, "swtpm", node)
+    if node_paths.run.exists():
+        shutil.rmtree(node_paths.run)
+    node_paths.run.mkdir(mode=0o700, parents=True)
+
+
+def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> dict[str, Any]:
+    """node.json once the node says ``ready``; :class:`NodeFailed` with its log's tail."""
+    log = paths.node(node).log
+    while True:
+        info = read_node_info(paths, node)
+        if info.get("pid") == pid:
+            if info.get("state") == "ready":
+                return info
+            if info.get("state") == "failed":
+                ensure_exited(paths, node, pid)  # it is stopping its swtpm and exiting
+                raise NodeFailed(str(info.get("error") or "node failed"), tail(log))
+        if not _is_ours(pid, paths, "node", node):
+            reap(pid)
+            raise NodeFailed("the node process exited before becoming ready", tail(log))
+        if time.monotonic() > deadline:
+            stop_process(paths, pid, "node", node)
+            raise NodeFailed(f"not ready after {READY_TIMEOUT_S:.0f} s; stopped it", tail(log))
+        time.sleep(_POLL_S)

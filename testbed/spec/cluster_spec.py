@@ -1,0 +1,542 @@
+"""Cluster specs: which nodes a testbed cluster has, what they boot, what they must satisfy.
+
+A spec is a small YAML file (``docs/testbed.md`` has the full description)::
+
+    version: 1
+    name: trusted-passages-lab
+    backend: sim                 # sim (default) | qemu (real VMs, see below)
+    nodes:
+      - name: server
+        role: server             # verifier | server | client | cryptovm | generic
+        network: lab0            # informational for sim (everything is loopback)
+        boot:
+          firmware: {content: "OVMF demo"}    # or {file: path} or {sha256: hex}
+          kernel: {content: "vmlinuz-6.1.0"}
+          initrd: {content: "initrd-6.1.0"}
+          cmdline: "console=ttyS0 ro quiet"
+        policy: predicted        # predicted | path to a reference policy YAML
+        tampered: null           # or e.g. {cmdline: "... init=/bin/sh"} (attack lab)
+
+With ``backend: qemu`` (``docs/qemu.md``) every node boots the guest image built
+from the top-level ``image:`` recipe (``default``: ``images/guest.yaml``) under
+OVMF, so a node's ``boot:`` block is optional and holds only ``cmdline`` (default:
+the recipe's), and ``tampered:`` may only replace ``cmdline``. The firmware,
+kernel and initrd of such a node are :class:`Artifact` objects of kind ``image``.
+
+Loading is strict, because a spec decides what a verifier will accept: unknown
+keys, duplicate keys, YAML aliases, wrong types and out-of-range values are
+:class:`ClusterSpecError`\\ s naming the offending field (``nodes[1].boot.kernel``).
+Relative ``file:`` and ``policy:`` paths are resolved against the spec's directory
+at load time, so a loaded spec no longer depends on the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import reprlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from attestation.errors import EvidenceFormatError, FileInputError
+from attestation.files import hash_file, read_bounded
+from attestation.strict_yaml import load_yaml
+from testbed.core.paths import NAME_PATTERN
+from testbed.spec.recipe import DEFAULT_RECIPE, RecipeError, load_recipe
+
+__all__ = [
+    "ARTIFACT_NAMES",
+    "BACKENDS",
+    "DEFAULT_SPEC_RESOURCE",
+    "MAX_NODES",
+    "MAX_SPEC_BYTES",
+    "NAME_PATTERN",
+    "ROLE_NAMES",
+    "SPEC_VERSION",
+    "Artifact",
+    "BootOverride",
+    "BootSpec",
+    "ClusterSpec",
+    "ClusterSpecError",
+    "NodeSpec",
+    "default_spec_path",
+    "dump_cluster_spec",
+    "load_cluster_spec",
+    "parse_cluster_spec",
+    "parse_tamper",
+]
+
+SPEC_VERSION = 1
+MAX_SPEC_BYTES = 64 * 1024  # a spec is a few KiB; this bounds YAML parsing cost
+MAX_NODES = 32
+MAX_TEXT_CHARS = 4096  # command lines and stand-in artifact contents
+MAX_FILE_BYTES = 1 << 30  # a kernel or firmware image, hashed in chunks
+ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
+BACKENDS = ("sim", "qemu")
+ARTIFACT_NAMES = ("firmware", "kernel", "initrd")
+DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # measure_boot.BootChain's default
+DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
+DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
+
+_TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
+_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered")
+_BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
+_ARTIFACT_KEYS = ("content", "file", "sha256")
+_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class ClusterSpecError(EvidenceFormatError):
+    """A cluster spec is malformed or unusable; the message starts with the field path.
+
+    A subclass of :class:`EvidenceFormatError` so the CLI reports it as malformed
+    input (exit 3), like a malformed policy or evidence file.
+    """
+
+
+# --- data model -------------------------------------------------------------------------
+
+ArtifactKind = Literal["content", "file", "sha256", "image"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One boot artifact: stand-in ``content`` text, a ``file`` to hash, or a ``sha256``.
+
+    Kind ``image`` (qemu nodes only; ``value`` is ``firmware``, ``kernel`` or
+    ``initrd``) is the guest image's own file: only the qemu backend, which
+    builds the image, knows its digest. ``where`` is the field path, for error
+    messages about a file that cannot be read.
+    """
+
+    kind: ArtifactKind
+    value: str  # the text, the absolute path, or the lowercase hex digest
+    where: str = field(default="", compare=False)
+
+    def measure(self) -> tuple[bytes, int | None]:
+        """(SHA-256 digest, size in bytes); size is None when only the digest is known."""
+        if self.kind == "content":
+            data = self.value.encode()
+            return hashlib.sha256(data).digest(), len(data)
+        if self.kind == "sha256":
+            return bytes.fromhex(self.value), None
+        if self.kind == "image":
+            raise ClusterSpecError(f"{self.where}: the guest image's {self.value} is measured "
+                                   "by the qemu backend only (backend: qemu)")
+        return _hash_file(Path(self.value), self.where)
+
+    def to_dict(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """What a node boots, the one type for it: three artifacts and a kernel command line.
+
+    A sim node's artifacts are stand-ins (content, file or digest) that its simulated
+    firmware measures (:mod:`testbed.tpm.boot`); a qemu node's are the guest image's own
+    files (kind ``image``), which its real OVMF measures.
+    """
+
+    firmware: Artifact
+    kernel: Artifact
+    initrd: Artifact
+    cmdline: str
+    firmware_version: str = DEFAULT_FIRMWARE_VERSION
+
+    @classmethod
+    def from_content(cls, firmware: str, kernel: str, initrd: str, cmdline: str,
+                     firmware_version: str = DEFAULT_FIRMWARE_VERSION) -> BootSpec:
+        """A boot of stand-in artifacts given by their content (the attack lab, tests)."""
+        return cls(Artifact("content", firmware), Artifact("content", kernel),
+                   Artifact("content", initrd), cmdline, firmware_version)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name).to_dict() for name in ARTIFACT_NAMES
+                               if getattr(self, name).kind != "image"}  # implied by backend
+        out["cmdline"] = self.cmdline
+        if self.firmware_version != DEFAULT_FIRMWARE_VERSION:
+            out["firmware_version"] = self.firmware_version
+        return out
+
+
+@dataclass(frozen=True)
+class BootOverride:
+    """The ``tampered:`` block: the boot fields a tampered node gets instead."""
+
+    firmware: Artifact | None = None
+    kernel: Artifact | None = None
+    initrd: Artifact | None = None
+    cmdline: str | None = None
+    firmware_version: str | None = None
+
+    def fields(self) -> tuple[str, ...]:
+        """Names of the overridden fields, in spec order."""
+        return tuple(name for name in _BOOT_KEYS if getattr(self, name) is not None)
+
+    def apply(self, boot: BootSpec) -> BootSpec:
+        return replace(boot, **{name: getattr(self, name) for name in self.fields()})
+
+    def merged(self, other: BootOverride) -> BootOverride:
+        """This override with ``other``'s fields taking precedence."""
+        return replace(self, **{name: getattr(other, name) for name in other.fields()})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.fields():
+            value = getattr(self, name)
+            out[name] = value.to_dict() if isinstance(value, Artifact) else value
+        return out
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    role: str
+    boot: BootSpec
+    network: str = "lab0"
+    policy: Path | None = None  # None: predicted from the boot chain
+    tampered: BootOverride | None = None
+
+    @property
+    def effective_boot(self) -> BootSpec:
+        """What the node really boots: its boot chain with the tampered fields applied."""
+        return self.tampered.apply(self.boot) if self.tampered else self.boot
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "network": self.network,
+            "boot": self.boot.to_dict(),
+            "policy": "predicted" if self.policy is None else str(self.policy),
+            "tampered": self.tampered.to_dict() if self.tampered else None,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    backend: str = "sim"
+    description: str = ""
+    version: int = SPEC_VERSION
+    image: Path | None = None  # qemu: the guest image recipe (None for sim)
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ClusterSpecError(f"nodes: no node named {name!r} in cluster {self.name!r} "
+                               f"(nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def with_tamper(self, node: str, override: BootOverride) -> ClusterSpec:
+        """The same cluster with ``override`` merged into ``node``'s ``tampered`` block."""
+        target = self.node(node)
+        if self.backend == "qemu" and override.fields() != ("cmdline",):
+            raise ClusterSpecError(f"--tamper {node}: the qemu backend boots the guest image; "
+                                   "only its cmdline can be tampered")
+        merged = target.tampered.merged(override) if target.tampered else override
+        nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
+        return replace(self, nodes=nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["backend"] = self.backend
+        if self.image is not None:
+            out["image"] = str(self.image)
+        out["nodes"] = [n.to_dict() for n in self.nodes]
+        return out
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def default_spec_path(backend: str = "sim") -> Path:
+    """The shipped example of ``testbed up`` for ``backend``.
+
+    sim: verifier, server, client; qemu: cryptovm, server, client as real VMs.
+    """
+    name = DEFAULT_SPEC_RESOURCES[backend]
+    path = Path(str(resources.files("testbed").joinpath(name)))
+    if not path.is_file():
+        raise ClusterSpecError(f"the default cluster spec {name} is missing "
+                               "from the installed testbed package")
+    return path
+
+
+def load_cluster_spec(path: Path, backend: str | None = None) -> ClusterSpec:
+    """Read, parse and validate the spec at ``path``; ``backend`` overrides the spec's."""
+    path = Path(path).absolute()
+    try:
+        data = read_bounded(path, MAX_SPEC_BYTES, what="cluster spec")
+    except FileInputError as exc:
+        raise ClusterSpecError(str(exc)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClusterSpecError(f"cluster spec {path}: not UTF-8 (byte {exc.start})") from None
+    return parse_cluster_spec(text, base_dir=path.parent, backend=backend)
+
+
+def parse_cluster_spec(text: str, base_dir: Path, backend: str | None = None) -> ClusterSpec:
+    """Parse spec text; relative paths in it are resolved against ``base_dir``.
+
+    ``backend`` (``testbed up --backend``) replaces the spec's ``backend:``.
+    """
+    if len(text) > MAX_SPEC_BYTES:
+        raise ClusterSpecError(f"spec: larger than {MAX_SPEC_BYTES} characters")
+    document = load_yaml(text, "spec", ClusterSpecError)
+    return _cluster(document, Path(base_dir).absolute(), backend)
+
+
+def _cluster(document: object, base: Path, backend_override: str | None = None) -> ClusterSpec:
+    doc = _mapping(document, "spec", _TOP_KEYS)
+    version = doc.get("version")
+    if type(version) is not int or version != SPEC_VERSION:  # not 1.0, not true, not "1"
+        raise ClusterSpecError(f"version: {_show(version)} ({_kind(version)}) is not supported "
+                               f"(must be the integer {SPEC_VERSION})")
+    name = _name(doc.get("name"), "name")
+    backend = backend_override or doc.get("backend", "sim")
+    if backend not in BACKENDS:
+        raise ClusterSpecError(f"backend: {_show(backend)} is not one of {', '.join(BACKENDS)}")
+    description = _text(doc.get("description", ""), "description", 500)
+    image = _image(doc, base) if backend == "qemu" else None
+    if image is None and "image" in doc:
+        raise ClusterSpecError("image: only a qemu cluster boots a guest image (backend: qemu)")
+    image_cmdline = _recipe_cmdline(image) if image is not None else None
+    nodes = _nodes(doc.get("nodes"), base, image_cmdline)
+    return ClusterSpec(name, nodes, str(backend), description, image=image)
+
+
+def _image(doc: dict[str, object], base: Path) -> Path:
+    value = doc.get("image", "default")
+    return DEFAULT_RECIPE if value == "default" else _path(value, "image", base)
+
+
+def _recipe_cmdline(recipe: Path) -> str:
+    """The recipe's command line: what a qemu node boots unless its spec says otherwise."""
+    try:
+        return load_recipe(recipe).cmdline
+    except RecipeError as exc:
+        raise ClusterSpecError(f"image: {exc}") from None
+
+
+def _nodes(value: object, base: Path, image_cmdline: str | None) -> tuple[NodeSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ClusterSpecError(f"nodes: expected a non-empty list of nodes, got {_kind(value)}")
+    if len(value) > MAX_NODES:
+        raise ClusterSpecError(f"nodes: more than {MAX_NODES} nodes")
+    nodes = tuple(_node(item, f"nodes[{i}]", base, image_cmdline)
+                  for i, item in enumerate(value))
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.name in seen:
+            raise ClusterSpecError(f"nodes[{i}].name: {node.name!r} is used by two nodes")
+        seen.add(node.name)
+    return nodes
+
+
+def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> NodeSpec:
+    """A node; ``image_cmdline`` is set for qemu nodes (the guest image's command line)."""
+    doc = _mapping(value, path, _NODE_KEYS)
+    name = _name(doc.get("name"), f"{path}.name")
+    role = doc.get("role", "generic")
+    if role not in ROLE_NAMES:
+        raise ClusterSpecError(f"{path}.role: {_show(role)} is not one of {', '.join(ROLE_NAMES)}")
+    network = _name(doc.get("network", "lab0"), f"{path}.network")
+    if image_cmdline is not None:
+        boot = _image_boot(doc.get("boot"), f"{path}.boot", image_cmdline)
+        _image_only(doc.get("tampered"), f"{path}.tampered")
+    elif "boot" not in doc:
+        raise ClusterSpecError(f"{path}.boot: missing")
+    else:
+        boot = _boot(doc["boot"], f"{path}.boot", base)
+    policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
+    tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
+    return NodeSpec(name, str(role), boot, network, policy, tampered)
+
+
+def _image_only(value: object, path: str) -> None:
+    """A qemu node's boot/tampered block may only name a command line."""
+    if isinstance(value, dict):
+        for key in value:
+            if key in _BOOT_KEYS and key != "cmdline":
+                raise ClusterSpecError(
+                    f"{path}.{key}: a qemu node boots the guest image's own firmware, kernel "
+                    "and initrd; only cmdline may be given (change the image with the "
+                    "spec's `image:` recipe, or use backend: sim)")
+
+
+def _image_boot(value: object, path: str, image_cmdline: str) -> BootSpec:
+    """A qemu node's boot: the guest image, with the spec's command line if it has one."""
+    if value is not None:
+        _image_only(value, path)
+        _mapping(value, path, ("cmdline",))
+    doc = value if isinstance(value, dict) else {}
+    cmdline = _text(doc.get("cmdline", image_cmdline), f"{path}.cmdline", MAX_TEXT_CHARS)
+    firmware, kernel, initrd = (Artifact("image", k, f"{path}.{k}") for k in ARTIFACT_NAMES)
+    return BootSpec(firmware, kernel, initrd, cmdline)
+
+
+def _boot(value: object, path: str, base: Path) -> BootSpec:
+    doc = _mapping(value, path, _BOOT_KEYS)
+    missing = [k for k in (*ARTIFACT_NAMES, "cmdline") if k not in doc]
+    if missing:
+        raise ClusterSpecError(f"{path}.{missing[0]}: missing")
+    firmware, kernel, initrd = (_artifact(doc[k], f"{path}.{k}", base) for k in ARTIFACT_NAMES)
+    cmdline = _text(doc["cmdline"], f"{path}.cmdline", MAX_TEXT_CHARS)
+    version = _text(doc.get("firmware_version", DEFAULT_FIRMWARE_VERSION),
+                    f"{path}.firmware_version", 128)
+    return BootSpec(firmware, kernel, initrd, cmdline, version)
+
+
+def _override(value: object, path: str, base: Path) -> BootOverride | None:
+    if value is None:
+        return None
+    doc = _mapping(value, path, _BOOT_KEYS)
+    if not doc:
+        raise ClusterSpecError(f"{path}: empty; use null (or leave it out) for an honest node")
+    fields: dict[str, Any] = {}
+    for key in ARTIFACT_NAMES:
+        if key in doc:
+            fields[key] = _artifact(doc[key], f"{path}.{key}", base)
+    if "cmdline" in doc:
+        fields["cmdline"] = _text(doc["cmdline"], f"{path}.cmdline", MAX_TEXT_CHARS)
+    if "firmware_version" in doc:
+        fields["firmware_version"] = _text(doc["firmware_version"],
+                                           f"{path}.firmware_version", 128)
+    return BootOverride(**fields)
+
+
+def _artifact(value: object, path: str, base: Path) -> Artifact:
+    if isinstance(value, str):
+        raise ClusterSpecError(f"{path}: expected one of {{content: TEXT}}, {{file: PATH}} or "
+                               "{sha256: HEX}, got a bare string")
+    doc = _mapping(value, path, _ARTIFACT_KEYS)
+    if len(doc) != 1:
+        raise ClusterSpecError(f"{path}: give exactly one of content, file, sha256")
+    kind, raw = next(iter(doc.items()))
+    if kind == "content":
+        return Artifact("content", _text(raw, f"{path}.content", MAX_TEXT_CHARS,
+                                         single_line=False), path)
+    if kind == "sha256":
+        if not isinstance(raw, str) or not _HEX.fullmatch(raw):
+            raise ClusterSpecError(f"{path}.sha256: expected 64 hex characters (quoted)")
+        return Artifact("sha256", raw.lower(), path)
+    return Artifact("file", str(_path(raw, f"{path}.file", base)), path)
+
+
+def _policy(value: object, path: str, base: Path) -> Path | None:
+    if value == "predicted":
+        return None
+    return _path(value, path, base)
+
+
+def _path(value: object, path: str, base: Path) -> Path:
+    text = _text(value, path, 4096)
+    if not text or "\x00" in text:
+        raise ClusterSpecError(f"{path}: expected a file path")
+    return Path(os.path.normpath(base / Path(text).expanduser()))
+
+
+# --- field helpers -----------------------------------------------------------------------
+
+
+def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> dict[str, object]:
+    if value is None and path == "spec":
+        raise ClusterSpecError("spec: the document is empty")
+    if not isinstance(value, dict):
+        raise ClusterSpecError(f"{path}: expected a mapping, got {_kind(value)}")
+    for key in value:
+        if key not in allowed:
+            raise ClusterSpecError(f"{path}.{_show(key)}: unknown key (allowed: "
+                                   f"{', '.join(allowed)})")
+    return value
+
+
+def _name(value: object, path: str) -> str:
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a valid name (1-32 characters: "
+                               "lowercase letters, digits, - and _, starting with a letter or "
+                               "digit)")
+    return value
+
+
+def _text(value: object, path: str, limit: int, *, single_line: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ClusterSpecError(f"{path}: expected a string, got {_kind(value)}")
+    if len(value) > limit:
+        raise ClusterSpecError(f"{path}: longer than {limit} characters")
+    printable = value.isprintable() if single_line else value.replace("\n", "").isprintable()
+    if not printable:
+        raise ClusterSpecError(f"{path}: must be printable text"
+                               + (" on a single line" if single_line else ""))
+    return value
+
+
+def _kind(value: object) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+             type(None): "nothing"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 3, 3, 50, 50
+
+
+def _show(value: object) -> str:
+    # Bounded: a value may be a deeply shared structure built from YAML aliases.
+    return _REPR.repr(value)
+
+
+def _hash_file(path: Path, where: str) -> tuple[bytes, int]:
+    """SHA-256 and size of a regular file (a FIFO or a device is refused, not read)."""
+    try:
+        return hash_file(path, MAX_FILE_BYTES, what=f"{where}.file:")
+    except FileInputError as exc:
+        raise ClusterSpecError(str(exc)) from None
+
+
+# --- dumping and the --tamper syntax ----------------------------------------------------------
+
+
+def dump_cluster_spec(spec: ClusterSpec) -> str:
+    """YAML that :func:`parse_cluster_spec` reads back to an equal spec (paths absolute)."""
+    header = "# Cluster spec as brought up by `testbed up` (format: docs/testbed.md).\n"
+    return header + yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True,
+                                   width=1000)
+
+
+def parse_tamper(text: str, base_dir: Path | None = None) -> tuple[str, BootOverride]:
+    """``NODE=FIELD:VALUE`` (the ``testbed up --tamper`` syntax) -> (node, override).
+
+    FIELD is ``cmdline`` or ``firmware_version`` (VALUE is the text), or an
+    artifact (``firmware``, ``kernel``, ``initrd``) whose VALUE is
+    ``content=TEXT``, ``file=PATH``, ``sha256=HEX``, or plain TEXT meaning content.
+    """
+    node, sep, rest = text.partition("=")
+    name, colon, value = rest.partition(":")
+    if not sep or not colon:
+        raise ClusterSpecError(f"--tamper {text!r}: expected NODE=FIELD:VALUE, e.g. "
+                               "client=cmdline:'console=ttyS0 init=/bin/sh'")
+    where = f"--tamper {node}"
+    _name(node, where)
+    if name == "cmdline":
+        return node, BootOverride(cmdline=_text(value, f"{where}.cmdline", MAX_TEXT_CHARS))
+    if name == "firmware_version":
+        return node, BootOverride(firmware_version=_text(value, f"{where}.{name}", 128))
+    if name not in ARTIFACT_NAMES:
+        raise ClusterSpecError(f"{where}: field {name!r} is not one of "
+                               f"{', '.join((*ARTIFACT_NAMES, 'cmdline', 'firmware_version'))}")
+    kind, eq, rest_value = value.partition("=")
+    document: Mapping[str, object] = (
+        {kind: rest_value} if eq and kind in _ARTIFACT_KEYS else {"content": value})
+    artifact = _artifact(dict(document), f"{where}.{name}", base_dir or Path.cwd())
+    overrides: dict[str, Any] = {name: artifact}
+    return node, BootOverride(**overrides)

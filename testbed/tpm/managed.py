@@ -1,0 +1,99 @@
+"""Managed swtpm instances: named TPMs under the work directory that outlive one
+CLI invocation (``testbed tpm start NAME``), reachable as ``--tpm NAME``.
+
+Layout: ``WORKDIR/ca`` (the project-local EK CA) and ``WORKDIR/tpms/NAME/`` with
+``state/`` (swtpm state, 0700) and ``instance.json`` (port and pid file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from testbed.core.errors import StateError, SwtpmError
+from testbed.core.files import read_json, write_json
+from testbed.core.processes import process_argv, read_pid
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import Swtpm, provision
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ManagedTpm:
+    name: str
+    tcti: str
+    pid: int | None
+    state_dir: Path
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+class ManagedTpms:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.root = workdir / "tpms"
+
+    def ca(self) -> LocalCA:
+        return LocalCA.ensure(self.workdir / "ca")
+
+    def _dir(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise StateError(f"invalid TPM name {name!r}: use lowercase letters, digits, - and _")
+        return self.root / name
+
+    def start(self, name: str) -> ManagedTpm:
+        """Provision (first time) and start the named TPM; a no-op if it runs."""
+        current = self.get(name)
+        if current is not None and current.running:
+            return current
+        directory = self._dir(name)
+        state = directory / "state"
+        if not (state / "tpm2-00.permall").exists():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            provision(state, self.ca())
+        swtpm = Swtpm(state, run_dir=directory, detached=True).start()
+        write_json(directory / "instance.json", {"port": swtpm.port, "tcti": swtpm.tcti})
+        return ManagedTpm(name, swtpm.tcti, swtpm.pid, state)
+
+    def stop(self, name: str) -> bool:
+        directory = self._dir(name)
+        stopped = Swtpm.stop_pidfile(directory / "swtpm.pid")
+        (directory / "instance.json").unlink(missing_ok=True)
+        return stopped
+
+    def get(self, name: str) -> ManagedTpm | None:
+        directory = self._dir(name)
+        if not directory.is_dir():
+            return None
+        pid = _live_pid(directory / "swtpm.pid")
+        info = None
+        with contextlib.suppress(StateError):  # damaged: shown as stopped, `tpm start` redoes it
+            info = read_json(directory / "instance.json")
+        tcti = info.get("tcti") if isinstance(info, dict) else None
+        if not isinstance(tcti, str):
+            tcti, pid = "", None
+        return ManagedTpm(name, tcti, pid, directory / "state")
+
+    def list(self) -> list[ManagedTpm]:
+        if not self.root.is_dir():
+            return []
+        return [t for d in sorted(self.root.iterdir()) if (t := self.get(d.name)) is not None]
+
+    def tcti(self, name: str) -> str:
+        tpm = self.get(name)
+        if tpm is None or not tpm.running:
+            raise SwtpmError(f"TPM {name!r} is not running: start it with "
+                             f"`testbed tpm start {name}`")
+        return tpm.tcti
+
+
+def _live_pid(pid_file: Path) -> int | None:
+    pid = None
+    with contextlib.suppress(StateError):  # a damaged pid file: the TPM counts as stopped
+        pid = read_pid(pid_file)
+    return pid if pid is not None and process_argv(pid) is not None else None
