@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from trusted_passages.attester import PeerEvidence
 from trusted_passages.blocking import rejected
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
@@ -24,6 +23,7 @@ from trusted_passages.events import (
     Established,
     Event,
 )
+from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.protocol import TrustedPassagesConnection
 
 log = logging.getLogger(__name__)

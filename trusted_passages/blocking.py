@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from trusted_passages.attester import PeerEvidence
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
 from trusted_passages.events import (
@@ -26,6 +25,7 @@ from trusted_passages.events import (
     Established,
     Event,
 )
+from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.protocol import TrustedPassagesConnection
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from trusted_passages.attester import PeerEvidence
+from trusted_passages.interfaces import PeerEvidence
 
 
 class Event:
