@@ -64,6 +64,7 @@ _CURVES: dict[str, ec.EllipticCurve] = {"ec-p256": ec.SECP256R1(), "ec-p384": ec
 RECORD_FORMAT = "cryptovm-record"
 RECORD_VERSION = 1
 MAX_STATE_FILE = 1 << 20
+_STATE_FILE_KIND = "CryptoVM state file"
 
 
 @overload
@@ -73,8 +74,10 @@ def read_state_file(path: Path, *, missing_ok: Literal[True]) -> bytes | None: .
 def read_state_file(path: Path, *, missing_ok: bool = False) -> bytes | None:
     """A CryptoVM state file, bounded; an unreadable one is a :class:`StorageError`."""
     try:
-        return read_bounded(path, MAX_STATE_FILE, what="CryptoVM state file",
-                            missing_ok=missing_ok)
+        # read_bounded's overloads want a literal missing_ok: one call for each.
+        if missing_ok:
+            return read_bounded(path, MAX_STATE_FILE, what=_STATE_FILE_KIND, missing_ok=True)
+        return read_bounded(path, MAX_STATE_FILE, what=_STATE_FILE_KIND)
     except FileInputError as exc:
         raise StorageError(str(exc)) from None
 SYMMETRIC_COMMITMENT = b"cryptovm-symmetric-key-commitment/v1\x00"
