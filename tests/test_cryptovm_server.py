@@ -36,7 +36,14 @@ from cryptovm.errors import (
 from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from cryptovm.server import CryptoVmServer, ServerThread
 from cryptovm.vsm import CryptoVm
-from cryptovm.wire import MAGIC, FrameDecoder, Response, decode_response, encode_request
+from cryptovm.wire import (
+    MAGIC,
+    FrameDecoder,
+    Response,
+    decode_response,
+    encode_request,
+    frame,
+)
 from testbed.swtpm import Swtpm
 from tests.test_cryptovm_support import ServerProcess, boot, scan, start_tpm
 
@@ -269,6 +276,8 @@ class Healthy:
     (MAGIC + (9).to_bytes(4, "big") + b"not json!", "malformed_request", False),
     (encode_request(9, "format_disk", None, {}), "unknown_op", False),
     (encode_request(9, "sign", None, {"key_id": 5}), "bad_request", False),
+    (frame(b'{"v":1,"id":9,"op":"sign","args":{"key_id":"k","data":{"$b":"!!"}}}'),
+     "malformed_request", False),
 ])
 def test_malformed_frames_get_an_error_frame_and_others_are_still_served(
         served: Served, payload: bytes, code: str, closes: bool) -> None:
