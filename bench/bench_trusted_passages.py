@@ -30,8 +30,8 @@ from attestation.tpm import TpmClient
 from testbed.attacks.lab import Lab
 from testbed.attacks.plain import PlainServer, exchange
 from trusted_passages import BindingContext, TpmIssuer, connect, serve
-from trusted_passages.attester import binding_digest, spki_digest
 from trusted_passages.envelope import decode_envelope
+from trusted_passages.interfaces import binding_digest, spki_digest
 
 HOST = "127.0.0.1"
 

@@ -10,12 +10,12 @@ protocol (:class:`~cryptovm.client.CryptoVmClient`) instead.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from attestation.encoding import b64encode
 from cryptovm.audit import verify_audit_log
 from cryptovm.keyattest import KeyAttestation
 from cryptovm.vsm import DEFAULT_PCRS, CryptoVm, VsmSession
@@ -28,7 +28,7 @@ def jsonable(value: Any, key: str = "") -> Any:
             return value.hex()
         if value.startswith(b"-----BEGIN"):
             return value.decode("ascii")
-        return base64.b64encode(value).decode("ascii")
+        return b64encode(value)
     if isinstance(value, dict):
         return {k: jsonable(v, k) for k, v in value.items()}
     if isinstance(value, list | tuple):

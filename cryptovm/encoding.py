@@ -1,9 +1,10 @@
-"""Small shared encodings: canonical JSON, identifiers, base64."""
+"""Small shared encodings: canonical JSON and identifiers.
+
+Base64 is the project's one codec, :mod:`attestation.encoding`.
+"""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from typing import Any
@@ -31,15 +32,3 @@ def check_name(value: object, what: str) -> str:
                          "[A-Za-z0-9_.-] starting with a letter or digit")
     return value
 
-
-def b64e(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def b64d(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{what} is not valid base64") from None

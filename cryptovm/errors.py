@@ -84,6 +84,13 @@ class CryptoOperationFailed(CryptoVmError):
     code = "crypto"
 
 
+class ServerError(CryptoVmError):
+    """The CVM1 server could not start (address in use, a bad address), or did not start
+    or stop within its deadline, or could not close cleanly (audit log not synced)."""
+
+    code = "server"
+
+
 class ProtocolError(EvidenceFormatError):
     """A wire frame is malformed, truncated, oversized, or names an unknown operation."""
 

@@ -17,12 +17,12 @@ wrapping a key to it (:meth:`~cryptovm.vsm.VsmSession.import_wrapped`).
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
 from attestation.report import VerificationReport, run_checks
@@ -47,7 +47,7 @@ class KeyAttestation:
     def to_dict(self) -> dict[str, Any]:
         return {"format": "cryptovm-key-attestation", "version": 1,
                 "evidence": self.evidence.to_dict(), "attributes": self.attributes,
-                "public": base64.b64encode(self.public).decode()}
+                "public": b64encode(self.public)}
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode()
@@ -58,10 +58,7 @@ class KeyAttestation:
             raise EvidenceFormatError("not a cryptovm-key-attestation document")
         if not isinstance(doc.get("attributes"), dict):
             raise EvidenceFormatError("key attestation attributes must be an object")
-        try:
-            public = base64.b64decode(doc["public"], validate=True)
-        except (KeyError, ValueError, TypeError):
-            raise EvidenceFormatError("key attestation public key is not base64") from None
+        public = b64decode(doc.get("public"), "key attestation public key")
         return cls(Evidence.from_dict(doc.get("evidence")), doc["attributes"], public)
 
     @classmethod

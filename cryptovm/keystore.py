@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from attestation.errors import FileInputError
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.files import (
     atomic_write,
     fsync_dir,
@@ -41,7 +42,7 @@ from attestation.files import (
     read_bounded,
     remove_stale_temps,
 )
-from cryptovm.encoding import b64d, b64e, canonical_json, check_name
+from cryptovm.encoding import canonical_json, check_name
 from cryptovm.errors import BadRequest, NotFound, StorageError
 
 Algorithm = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "ed25519", "aes-256"]
@@ -64,6 +65,7 @@ _CURVES: dict[str, ec.EllipticCurve] = {"ec-p256": ec.SECP256R1(), "ec-p384": ec
 RECORD_FORMAT = "cryptovm-record"
 RECORD_VERSION = 1
 MAX_STATE_FILE = 1 << 20
+_STATE_FILE_KIND = "CryptoVM state file"
 
 
 @overload
@@ -73,8 +75,10 @@ def read_state_file(path: Path, *, missing_ok: Literal[True]) -> bytes | None: .
 def read_state_file(path: Path, *, missing_ok: bool = False) -> bytes | None:
     """A CryptoVM state file, bounded; an unreadable one is a :class:`StorageError`."""
     try:
-        return read_bounded(path, MAX_STATE_FILE, what="CryptoVM state file",
-                            missing_ok=missing_ok)
+        # read_bounded's overloads want a literal missing_ok: one call for each.
+        if missing_ok:
+            return read_bounded(path, MAX_STATE_FILE, what=_STATE_FILE_KIND, missing_ok=True)
+        return read_bounded(path, MAX_STATE_FILE, what=_STATE_FILE_KIND)
     except FileInputError as exc:
         raise StorageError(str(exc)) from None
 SYMMETRIC_COMMITMENT = b"cryptovm-symmetric-key-commitment/v1\x00"
@@ -103,7 +107,8 @@ class StateCipher:
                   "id": dict(ident), "meta": dict(meta)}
         nonce = os.urandom(12)
         ciphertext = self._aead.encrypt(nonce, plaintext, canonical_json(header))
-        return canonical_json({**header, "nonce": b64e(nonce), "ciphertext": b64e(ciphertext)})
+        return canonical_json({**header, "nonce": b64encode(nonce),
+                               "ciphertext": b64encode(ciphertext)})
 
     def open(self, data: bytes, kind: str, ident: Mapping[str, Any], where: str
              ) -> tuple[dict[str, Any], bytes]:
@@ -111,8 +116,9 @@ class StateCipher:
         try:
             doc = json.loads(data)
             header = {k: doc[k] for k in ("format", "version", "kind", "id", "meta")}
-            nonce, ciphertext = b64d(doc["nonce"], "nonce"), b64d(doc["ciphertext"], "ciphertext")
-        except (ValueError, KeyError, TypeError) as exc:
+            nonce = b64decode(doc["nonce"], "nonce")
+            ciphertext = b64decode(doc["ciphertext"], "ciphertext")
+        except (ValueError, KeyError, TypeError, EvidenceFormatError) as exc:
             raise StorageError(f"{where}: not a CryptoVM state record ({exc})") from None
         if (header["format"], header["version"], header["kind"]) != (RECORD_FORMAT,
                                                                      RECORD_VERSION, kind):

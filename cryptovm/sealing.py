@@ -23,7 +23,6 @@ stored; the PCR values sealed to are stored too, but only to *explain* a failure
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -32,7 +31,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from attestation.errors import TpmError
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, TpmError
 from attestation.tpm_types import PcrSelection
 from cryptovm.errors import SealedStorageError
 
@@ -155,10 +155,9 @@ class SealedBlob:
     sealed_pcrs: dict[int, bytes]  # informational: explains an unseal failure
 
     def to_json(self) -> bytes:
-        b64 = base64.b64encode
         return json.dumps({
             "format": SEALED_FORMAT, "version": SEALED_VERSION,
-            "public": b64(self.public).decode(), "private": b64(self.private).decode(),
+            "public": b64encode(self.public), "private": b64encode(self.private),
             "pcr_selection": format_pcr_selection(self.selection),
             "policy_digest": self.policy_digest.hex(),
             "sealed_pcrs": {str(i): v.hex() for i, v in sorted(self.sealed_pcrs.items())},
@@ -171,13 +170,13 @@ class SealedBlob:
             if doc.get("format") != SEALED_FORMAT or doc.get("version") != SEALED_VERSION:
                 raise ValueError("not a sealed storage key of a known version")
             return cls(
-                public=base64.b64decode(doc["public"], validate=True),
-                private=base64.b64decode(doc["private"], validate=True),
+                public=b64decode(doc["public"], "public"),
+                private=b64decode(doc["private"], "private"),
                 selection=parse_pcr_selection(doc["pcr_selection"]),
                 policy_digest=bytes.fromhex(doc["policy_digest"]),
                 sealed_pcrs={int(i): bytes.fromhex(v) for i, v in doc["sealed_pcrs"].items()},
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, EvidenceFormatError) as exc:
             raise SealedStorageError(f"the sealed storage key file is damaged: {exc}") from None
 
 

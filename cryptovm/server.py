@@ -41,7 +41,13 @@ from attestation.files import atomic_write
 from cryptovm import tlsca
 from cryptovm.accounts import psk_server_proof
 from cryptovm.audit import AuditLog
-from cryptovm.errors import AccessDenied, AuthenticationFailed, BadRequest, ProtocolError
+from cryptovm.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    BadRequest,
+    ProtocolError,
+    ServerError,
+)
 from cryptovm.tlsloop import TlsListener, TlsStream
 from cryptovm.vsm import CryptoVm, VsmSession
 from cryptovm.wire import (
@@ -372,6 +378,101 @@ class _Connection:
             self.server.commit.when_durable(deliver)
         else:
             self.server.commit.when_written(deliver)
+
+
+# --- for synchronous callers: the server on an event loop and a thread of its own -----------
+
+START_TIMEOUT_S = 30.0  # generous: a guest without KVM makes the TLS key in seconds
+STOP_TIMEOUT_S = 10.0
+
+
+class ServerThread:
+    """A :class:`CryptoVmServer` on an event loop of its own, in a thread of its own.
+
+    For synchronous programs (a testbed node, the guest agent): :meth:`start` returns
+    once the server listens (:attr:`port`) or raises :class:`ServerError`; :meth:`stop`
+    closes the server - connections, thread pool, audit sync - and ends the thread.
+    The CryptoVm stays the caller's to close. Standard library only (Debian 12 guests).
+    """
+
+    def __init__(self, vm: CryptoVm, host: str = "127.0.0.1", port: int = 0,
+                 idle_timeout: float = 60.0, *,
+                 start_timeout: float = START_TIMEOUT_S) -> None:
+        self.server = CryptoVmServer(vm, host=host, port=port, idle_timeout=idle_timeout)
+        self.start_timeout = start_timeout
+        self._address = f"{host}:{port}"
+        # A loop made here, not in the calling thread's asyncio state; created by start().
+        self._runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = asyncio.Event()  # bound to the server's loop on first use
+        self._settled = threading.Event()  # listening, or done failing to
+        self._start_error: Exception | None = None
+        self._close_error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="cryptovm-server", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"ServerThread({self._address}, running={self._thread.is_alive()})"
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self._loop = self._runner.get_loop()
+        self._thread.start()
+        if not self._settled.wait(self.start_timeout):
+            self._request_stop()  # should it start after all, it stops at once
+            raise ServerError(f"the CryptoVM server did not start on {self._address} "
+                              f"within {self.start_timeout:g} s")
+        if self._start_error is not None:
+            self._thread.join()  # settled: it has closed what it had opened
+            raise ServerError(f"the CryptoVM server could not start on {self._address}: "
+                              f"{self._start_error}") from self._start_error
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Close the server and end its thread; does nothing if it is not running."""
+        if not self._thread.is_alive():
+            return
+        self._request_stop()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise ServerError(f"the CryptoVM server on {self._address} did not stop within "
+                              f"{timeout:g} s")
+        if self._close_error is not None:
+            raise ServerError(f"the CryptoVM server did not close cleanly: "
+                              f"{self._close_error}") from self._close_error
+
+    def __enter__(self) -> ServerThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _request_stop(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to stop
+                self._loop.call_soon_threadsafe(self._stopping.set)
+
+    def _run(self) -> None:
+        try:
+            with self._runner:  # closing it cancels what is left and closes the loop
+                self._runner.run(self._serve())
+        except Exception as exc:  # from CryptoVmServer.close(): reported by stop()
+            self._close_error = exc
+        finally:
+            self._settled.set()
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.start()
+        except Exception as exc:  # reported by start()
+            self._start_error = exc
+        else:
+            self._settled.set()
+            await self._stopping.wait()
+        finally:
+            await self.server.close()  # after a failed start too: its audit thread, pool
 
 
 # --- command line (used by tests and the benchmark; the testbed CLI wraps admin.py) ---------

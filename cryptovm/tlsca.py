@@ -5,6 +5,8 @@ at every start and exists only in memory (loaded into OpenSSL through a memfd, s
 Python's ``ssl`` cannot load a key from bytes). Client certificates name the account
 (CN); the server maps a client certificate to an account by its SHA-256 fingerprint,
 which the account record holds, so removing the fingerprint revokes it at once.
+Certificates are built by :mod:`trusted_passages.pki`; what is this module's own is
+which names and usages they carry, and the Python ``ssl`` contexts of CVM1.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import os
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trusted_passages import pki
 
@@ -29,13 +30,12 @@ SERVER_NAME = "cryptovm"
 CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=30)
 CLIENT_VALIDITY = datetime.timedelta(days=365)
-_SKEW = datetime.timedelta(minutes=5)
+SERVER_ALT_NAMES = (x509.DNSName(SERVER_NAME), x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
 
 
-@dataclass(frozen=True)
-class CertificateAuthority:
-    certificate: x509.Certificate
-    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+class CertificateAuthority(pki.CertificateAuthority):
+    """The CryptoVM's CA: the shared one, plus how the encrypted configuration stores it."""
 
     @property
     def pem(self) -> bytes:
@@ -54,40 +54,26 @@ class CertificateAuthority:
         return cls(x509.load_pem_x509_certificate(cert_pem), key)
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def make_ca(label: str) -> CertificateAuthority:
     ca = pki.make_ca(f"CryptoVM CA {label}", validity=CA_VALIDITY)
     return CertificateAuthority(ca.certificate, ca.private_key)
 
 
-def _issue(ca: CertificateAuthority, cn: str, key: ec.EllipticCurvePrivateKey,
-           validity: datetime.timedelta, server: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca.certificate.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW).not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                              else ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca.private_key.public_key()), critical=False)
-    )
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName(SERVER_NAME), x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(ca.private_key, hashes.SHA256())
+def issue_server(ca: CertificateAuthority, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The server's certificate: the names a client may dial it by, server auth only."""
+    return pki.certify_public_key(ca, SERVER_NAME, key.public_key(), validity=SERVER_VALIDITY,
+                                  usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+                                  alt_names=SERVER_ALT_NAMES)
 
 
 def issue_client(ca: CertificateAuthority, account: str
                  ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh key and its certificate for ``account`` (CN): client auth only, no SAN."""
     key = ec.generate_private_key(ec.SECP256R1())
-    return _issue(ca, account, key, CLIENT_VALIDITY, server=False), key
+    certificate = pki.certify_public_key(ca, account, key.public_key(),
+                                         validity=CLIENT_VALIDITY,
+                                         usages=[ExtendedKeyUsageOID.CLIENT_AUTH], alt_names=())
+    return certificate, key
 
 
 def fingerprint(cert_der: bytes) -> str:
@@ -119,7 +105,7 @@ def server_context(ca: CertificateAuthority) -> ssl.SSLContext:
     """TLS 1.3 server: a fresh in-memory key; client certificates optional (PSK auth
     otherwise), verified against the CryptoVM CA when presented."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _issue(ca, SERVER_NAME, key, SERVER_VALIDITY, server=True)
+    cert = issue_server(ca, key)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     load_chain(context, cert.public_bytes(serialization.Encoding.PEM), pem_key(key))

@@ -11,7 +11,9 @@ signature made by the VSM's own ``sign`` operation.
 is first built and signed with a throwaway key (whose signature is discarded), and its
 TBSCertificate - which names ecdsa-with-SHA256, the CA key's algorithm - is signed by
 the VSM and wrapped into ``Certificate ::= SEQUENCE {tbs, algorithm, BIT STRING}``. The
-result is checked against the CA certificate before it is returned.
+result is checked against the CA certificate before it is returned. What the certificates
+contain (names, usages, validity) is :mod:`trusted_passages.pki`'s, like every
+certificate of the project; only the signing is this module's.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from cryptovm.errors import BadRequest, CryptoOperationFailed, StorageError
+from trusted_passages import pki
 
 Signer = Callable[[bytes], bytes]
 """Signs data with the CA key inside the VSM: a DER ECDSA-SHA256 signature."""
@@ -40,7 +43,6 @@ MIN_VALIDITY_S = 60
 MAX_VALIDITY_S = 86400
 CA_VALIDITY = datetime.timedelta(days=3650)
 MAX_CSR = 16384
-_SKEW = datetime.timedelta(minutes=5)
 # AlgorithmIdentifier { ecdsa-with-SHA256 } (RFC 5758: no parameters), DER.
 _ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
 
@@ -121,26 +123,10 @@ def _check_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) ->
 # --- the CA certificate and node certificates ----------------------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def ca_certificate(public_key: ec.EllipticCurvePublicKey, common_name: str,
                    sign: Signer) -> x509.Certificate:
     """The self-signed CA certificate of the VSM key ``public_key``."""
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder().subject_name(_name(common_name))
-        .issuer_name(_name(common_name)).public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW).not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
+    builder = pki.ca_certificate_builder(common_name, public_key, validity=CA_VALIDITY)
     certificate = sign_with(builder, sign)
     _check_issued_by(certificate, certificate)
     return certificate
@@ -174,35 +160,18 @@ def node_certificate(ca: IssuingCa, csr: x509.CertificateSigningRequest, node: s
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise BadRequest("a TLS key must be ECC P-256 or RSA")
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder().subject_name(_name(node))
-        .issuer_name(ca.certificate.subject).public_key(key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW).not_valid_after(now + datetime.timedelta(
-            seconds=validity_s))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=isinstance(key, rsa.RSAPublicKey),
-                                     data_encipherment=False, key_agreement=False,
-                                     key_cert_sign=False, crl_sign=False, encipher_only=False,
-                                     decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            _ca_public_key(ca)), critical=False)
-    )
+    _check_ecc_ca(ca)
+    builder = pki.tls_certificate_builder(ca.certificate, node, key,
+                                          validity=datetime.timedelta(seconds=validity_s))
     certificate = sign_with(builder, sign)
     _check_issued_by(certificate, ca.certificate)
     return certificate
 
 
-def _ca_public_key(ca: IssuingCa) -> ec.EllipticCurvePublicKey:
-    key = ca.certificate.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey):
+def _check_ecc_ca(ca: IssuingCa) -> None:
+    # sign_with names ecdsa-with-SHA256: the CA key must be an ECC key.
+    if not isinstance(ca.certificate.public_key(), ec.EllipticCurvePublicKey):
         raise StorageError("the TLS CA certificate does not hold an ECC key")
-    return key
 
 
 def spki_der(certificate: x509.Certificate) -> bytes:

@@ -40,13 +40,12 @@ connection stays usable. A frame left incomplete for the idle timeout gets
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from attestation.errors import TestbedError, TpmError, VerificationError
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, TestbedError, TpmError, VerificationError
 from cryptovm.errors import (
     AccessDenied,
     AlreadyExists,
@@ -212,19 +211,13 @@ def _bad_magic() -> ProtocolError:
 
 def _default(value: object) -> object:
     if isinstance(value, bytes | bytearray | memoryview):
-        return {"$b": base64.b64encode(value).decode("ascii")}
+        return {"$b": b64encode(bytes(value))}
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def _hook(obj: dict[str, Any]) -> Any:
     if len(obj) == 1 and "$b" in obj:
-        value = obj["$b"]
-        if not isinstance(value, str):
-            raise ValueError("$b must hold a base64 string")
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise ValueError("$b is not valid base64") from None
+        return b64decode(obj["$b"], "$b")  # EvidenceFormatError: decode_body names it
     return obj
 
 
@@ -242,6 +235,8 @@ def decode_body(body: bytes) -> dict[str, Any]:
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"frame body is not valid JSON: {str(exc)[:120]}",
                             code="malformed_request") from None
+    except EvidenceFormatError as exc:  # a {"$b": ...} that is not base64
+        raise ProtocolError(f"frame body: {exc}", code="malformed_request") from None
     if not isinstance(doc, dict):
         raise ProtocolError("frame body must be a JSON object", code="malformed_request")
     if doc.get("v") != PROTOCOL_VERSION:

@@ -281,3 +281,39 @@ def test_every_cryptovm_module_imports_without_tpm2_pytss() -> None:
                          env=_guest_env(), check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+# Runs under Debian's python3: ServerThread, the guest agent's way of serving CVM1.
+SERVER_THREAD_SCRIPT = r'''
+import json, sys, threading
+from pathlib import Path
+
+from cryptovm.client import CryptoVmClient
+from cryptovm.rawtpm import RawTpm
+from cryptovm.server import ServerThread
+from cryptovm.vsm import CryptoVm
+
+with RawTpm.open(sys.argv[1]) as raw:
+    vm, psk = CryptoVm.initialize(Path(sys.argv[2]), raw.name, pcrs="sha256:0-9",
+                                  **raw.options())
+    with vm:
+        before = set(threading.enumerate())
+        with ServerThread(vm, "127.0.0.1", 0, idle_timeout=5.0) as server:
+            with CryptoVmClient("127.0.0.1", server.port, ca_pem=vm.ca.pem, account="root",
+                                psk=psk) as client:
+                name = client.call("whoami")["name"]
+        left = [t.name for t in set(threading.enumerate()) - before]
+print(json.dumps({"whoami": name, "threads_left": left}))
+'''
+
+
+def test_server_thread_runs_under_debian_python(swtpm: Swtpm, tmp_path: Path) -> None:
+    _debian_versions()
+    script = tmp_path / "server_thread.py"
+    script.write_text(SERVER_THREAD_SCRIPT)
+    run = subprocess.run([GUEST_PYTHON, str(script), f"tcp:127.0.0.1:{swtpm.port}",
+                          str(tmp_path / "state")],
+                         capture_output=True, text=True, env=_guest_env(), timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"whoami": "root", "threads_left": []}

@@ -5,6 +5,7 @@ other clients keep being served, and kill -9 in the middle of a burst of key cre
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
@@ -25,13 +26,26 @@ from attestation.verifier import QuoteVerifier
 from cryptovm import tlsca
 from cryptovm.audit import read_entries
 from cryptovm.client import CryptoVmClient
-from cryptovm.errors import AccessDenied, AuthenticationFailed, KeyUsageError, NotFound
+from cryptovm.errors import (
+    AccessDenied,
+    AuthenticationFailed,
+    KeyUsageError,
+    NotFound,
+    ServerError,
+)
 from cryptovm.keyattest import KeyAttestation, verify_key_attestation
-from cryptovm.server import CryptoVmServer
+from cryptovm.server import CryptoVmServer, ServerThread
 from cryptovm.vsm import CryptoVm
-from cryptovm.wire import MAGIC, FrameDecoder, Response, decode_response, encode_request
+from cryptovm.wire import (
+    MAGIC,
+    FrameDecoder,
+    Response,
+    decode_response,
+    encode_request,
+    frame,
+)
 from testbed.tpm.swtpm import Swtpm
-from tests.test_cryptovm_support import ServerProcess, boot, scan, server_thread, start_tpm
+from tests.test_cryptovm_support import ServerProcess, boot, scan, start_tpm
 
 IDLE_TIMEOUT = 1.0
 
@@ -67,8 +81,8 @@ def served(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 "alice": root.account_create("alice", ["keys:generate", "key:*:use"])["psk"],
                 "bob": root.account_create("bob", [])["psk"]}
         key = root.generate("ec-p256", ["sign"], key_id="shared")["key_id"]
-        with server_thread(vm, idle_timeout=IDLE_TIMEOUT) as server:
-            yield Served(vm, server, vm.ca.pem, psks, key)
+        with ServerThread(vm, idle_timeout=IDLE_TIMEOUT) as thread:
+            yield Served(vm, thread.server, vm.ca.pem, psks, key)
         vm.close()
     finally:
         tpm.stop()
@@ -262,6 +276,8 @@ class Healthy:
     (MAGIC + (9).to_bytes(4, "big") + b"not json!", "malformed_request", False),
     (encode_request(9, "format_disk", None, {}), "unknown_op", False),
     (encode_request(9, "sign", None, {"key_id": 5}), "bad_request", False),
+    (frame(b'{"v":1,"id":9,"op":"sign","args":{"key_id":"k","data":{"$b":"!!"}}}'),
+     "malformed_request", False),
 ])
 def test_malformed_frames_get_an_error_frame_and_others_are_still_served(
         served: Served, payload: bytes, code: str, closes: bool) -> None:
@@ -308,6 +324,67 @@ def test_plaintext_garbage_instead_of_tls_does_not_hurt_the_server(served: Serve
             pass
     with served.client() as c:
         c.call("ping")
+
+
+# --- ServerThread: the server for synchronous callers -----------------------------------------
+
+
+@pytest.fixture
+def fresh_vm(swtpm: Swtpm, tmp_path: Path) -> Iterator[tuple[CryptoVm, bytes]]:
+    vm, root_psk = CryptoVm.initialize(tmp_path / "state", swtpm.tcti, audit_sync_each=False)
+    with vm:
+        yield vm, root_psk
+
+
+def test_server_thread_serves_and_stops_without_leaving_a_thread(
+        fresh_vm: tuple[CryptoVm, bytes]) -> None:
+    vm, root_psk = fresh_vm
+    before = set(threading.enumerate())
+    server = ServerThread(vm, "127.0.0.1", 0, idle_timeout=5.0)
+    server.start()
+    try:
+        with CryptoVmClient("127.0.0.1", server.port, ca_pem=vm.ca.pem, account="root",
+                            psk=root_psk) as client:
+            assert client.call("whoami")["name"] == "root"
+            assert len(client.random(16)) == 16
+    finally:
+        server.stop()
+    server.stop()  # a second stop is harmless
+    assert set(threading.enumerate()) == before
+    with pytest.raises(OSError):  # nothing listens any more
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+    assert any(e["op"] == "whoami" for e in read_entries(vm.audit.path))
+
+
+def test_server_thread_that_cannot_start_says_why_and_leaves_no_thread(
+        fresh_vm: tuple[CryptoVm, bytes]) -> None:
+    vm, _ = fresh_vm
+    before = set(threading.enumerate())
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerError, match=f"could not start on 127.0.0.1:{port}: "):
+            ServerThread(vm, "127.0.0.1", port).start()
+    assert set(threading.enumerate()) == before
+
+
+def test_server_thread_that_misses_its_start_deadline_stops_once_started(
+        fresh_vm: tuple[CryptoVm, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, _ = fresh_vm
+    before = set(threading.enumerate())
+    slow = ServerThread(vm, start_timeout=0.2)
+    started = slow.server.start
+
+    async def late_start() -> None:
+        await asyncio.sleep(0.5)
+        await started()
+
+    monkeypatch.setattr(slow.server, "start", late_start)
+    with pytest.raises(ServerError, match=r"did not start on 127.0.0.1:0 within 0.2 s"):
+        slow.start()
+    deadline = time.monotonic() + 10
+    while set(threading.enumerate()) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert set(threading.enumerate()) == before
 
 
 # --- crash safety -----------------------------------------------------------------------------

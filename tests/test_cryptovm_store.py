@@ -17,6 +17,7 @@ from tpm2_pytss.types import TPM2B_PUBLIC
 from attestation.tpm import TpmClient
 from cryptovm import admin
 from cryptovm.errors import AccessDenied, SealedStorageError, StorageError
+from cryptovm.keystore import StateCipher
 from cryptovm.sealing import (
     SealedBlob,
     TpmSealer,
@@ -58,6 +59,21 @@ def test_policy_digest_computed_in_python_is_the_sealed_objects_auth_policy(
     assert SealedBlob.from_json(blob.to_json()) == blob
     with TpmClient(measured.tcti) as client:
         assert client.transient_handles() == []  # everything flushed
+
+
+def test_bad_base64_in_state_files_is_a_named_storage_error() -> None:
+    cipher = StateCipher(os.urandom(32))
+    record = json.loads(cipher.seal("key", {"id": "k"}, {}, b"secret"))
+    assert cipher.open(json.dumps(record).encode(), "key", {"id": "k"}, "k.json")[1] == b"secret"
+    for name, value in (("nonce", "!!"), ("ciphertext", 5)):
+        bad = json.dumps({**record, name: value}).encode()
+        with pytest.raises(StorageError, match=rf"k.json: not a CryptoVM state record \({name} "):
+            cipher.open(bad, "key", {"id": "k"}, "k.json")
+    blob = SealedBlob(b"pub", b"priv", parse_pcr_selection("sha256:0"), b"d" * 32, {})
+    assert SealedBlob.from_json(blob.to_json()) == blob
+    damaged = json.dumps({**json.loads(blob.to_json()), "private": "not base64!"}).encode()
+    with pytest.raises(SealedStorageError, match="damaged: private is not valid base64"):
+        SealedBlob.from_json(damaged)
 
 
 def test_state_survives_a_restart(vm: tuple[CryptoVm, bytes], measured: Swtpm,

@@ -2,25 +2,21 @@
 
 Real swtpm instances (template copies from the testbed pytest plugin's session
 template), a simulated measured boot to give each CryptoVM a measured state, servers
-in a thread or in a child process, and a scanner for key material on disk.
+in a child process (in a thread: cryptovm.server.ServerThread), and a scanner for key
+material on disk.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -28,8 +24,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from attestation.evidence import Evidence
 from attestation.tpm import TpmClient, TpmKey
 from attestation.tpm_types import PcrSelection
-from cryptovm.server import CryptoVmServer
-from cryptovm.vsm import CryptoVm
 from testbed.spec.cluster_spec import BootSpec
 from testbed.tpm.boot import measure_boot
 from testbed.tpm.swtpm import Swtpm, clone_state
@@ -75,31 +69,6 @@ class Requester:
 
 
 # --- servers ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def server_thread(vm: CryptoVm, **options: Any) -> Iterator[CryptoVmServer]:
-    """A CryptoVmServer on its own event loop in a background thread."""
-    loop = asyncio.new_event_loop()
-    server = CryptoVmServer(vm, **options)
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10), "server did not start"
-    try:
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def _die_with_parent() -> None:

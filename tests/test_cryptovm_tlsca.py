@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
+from cryptovm import tlsca
 from cryptovm.attested import StreamClient, serve_stream
 from cryptovm.audit import read_entries
 from cryptovm.errors import (
@@ -95,6 +96,27 @@ def test_an_injected_connection_is_used_and_left_clean(vm: CryptoVm, swtpm: Swtp
 
 
 # --- the TLS CA ----------------------------------------------------------------------------
+
+
+def test_the_cvm1_certificates_name_and_allow_what_they_are_for() -> None:
+    """The CryptoVM's own CA (tlsca, built on trusted_passages.pki): server auth for the
+    names a client dials, client auth for an account, nothing more."""
+    ca = tlsca.make_ca("t")
+    server = tlsca.issue_server(ca, ec.generate_private_key(ec.SECP256R1()))
+    client, _ = tlsca.issue_client(ca, "alice")
+    for cert in (server, client):
+        cert.verify_directly_issued_by(ca.certificate)
+        assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert list(server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH]
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["cryptovm", "localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert client.subject.rfc4514_string() == "CN=alice"
+    with pytest.raises(x509.ExtensionNotFound):
+        client.extensions.get_extension_for_class(x509.SubjectAlternativeName)
 
 
 def test_the_ca_key_is_a_non_exportable_sign_only_vsm_key(vm: CryptoVm) -> None:

@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 
-from attestation.errors import VerificationError
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.eventlog import parse_event_log
 from attestation.evidence import Evidence
 from attestation.policy import dump_policy, policy_from_evidence
@@ -355,6 +355,15 @@ def test_key_attestation_verifies_and_commits_to_the_attributes(lab: Lab) -> Non
     doc = lab.root.attest(exportable, nonce)["attestation"]
     report = verify_key_attestation(KeyAttestation.from_dict(doc), nonce, lab.cvm_verifier)
     assert report.failure is not None and report.failure.name == "exportable"
+
+
+@pytest.mark.parametrize("public, message", [(None, "must be a base64 string"),
+                                             ("%%", "is not valid base64")])
+def test_a_key_attestation_with_a_bad_public_key_is_a_format_error(public: object,
+                                                                   message: str) -> None:
+    doc = {"format": "cryptovm-key-attestation", "attributes": {}, "public": public}
+    with pytest.raises(EvidenceFormatError, match=f"key attestation public key {message}"):
+        KeyAttestation.from_dict(doc)
 
 
 def test_export_only_wrapped_and_only_to_an_accepted_recipient(lab: Lab) -> None:

@@ -123,6 +123,15 @@ def test_malformed_requests_are_named(body: bytes, code: str) -> None:
     assert info.value.code == code and not info.value.fatal
 
 
+@pytest.mark.parametrize("value, message", [(b'"!!"', "$b is not valid base64"),
+                                            (b"5", "$b must be a base64 string")])
+def test_bad_base64_is_a_named_malformed_request(value: bytes, message: str) -> None:
+    body = b'{"v":1,"id":1,"op":"sign","args":{"key_id":"k","data":{"$b":' + value + b"}}}"
+    with pytest.raises(ProtocolError) as info:
+        decode_request(body)
+    assert info.value.code == "malformed_request" and message in str(info.value)
+
+
 def test_every_op_has_a_schema_of_known_types() -> None:
     for op, spec in OPS.items():
         assert op.isidentifier()

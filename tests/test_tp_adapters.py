@@ -20,12 +20,15 @@ from trusted_passages import (
     FakeIssuer,
     FakeValidator,
     ProtocolError,
+    TrustedPassagesConnection,
     connect,
     open_channel,
     serve,
     start_server,
 )
 from trusted_passages.aio import AsyncAttestedChannel
+from trusted_passages.aio import establish as aio_establish
+from trusted_passages.blocking import establish
 from trusted_passages.frames import HEADER, parse_error_payload
 from trusted_passages.pki import generate_key, issue_certificate, make_ca
 
@@ -243,3 +246,53 @@ def test_validator_failures_never_leak_as_other_exceptions(pki: Pki) -> None:
             pytest.raises(AttestationRejected) as caught:
         connect(*server.address, config(pki, "client"))
     assert caught.value.check == "validator" and caught.value.by_peer
+
+
+# --- a server that answers and hangs up in one flight ---------------------------------------
+
+
+def answer_and_hang_up(sock: socket.socket, core: TrustedPassagesConnection) -> None:
+    """The server side by hand: once established, FINISHED, b"bye" and close_notify go
+    out in one write, so the client reads them, and sees them, together."""
+    sock.sendall(core.data_to_send())
+    while not core.established:
+        core.receive_data(sock.recv(65536))
+        if not core.established:
+            sock.sendall(core.data_to_send())
+    core.send(b"bye")
+    core.close()
+    sock.sendall(core.data_to_send())
+
+
+@pytest.fixture
+def hang_up_server(pki: Pki) -> Iterator[socket.socket]:
+    """The client's end of a socket pair whose server end answers and hangs up."""
+    near, far = socket.socketpair()
+    server = threading.Thread(target=answer_and_hang_up,
+                              args=(far, config(pki, "server").connection("server")))
+    server.start()
+    yield near
+    server.join(5)
+    near.close()
+    far.close()
+
+
+def test_blocking_data_and_close_that_come_with_finished_are_both_seen(
+        pki: Pki, hang_up_server: socket.socket) -> None:
+    channel = establish(hang_up_server, config(pki, "client").connection("client"), 5.0)
+    assert channel.recv(timeout=SHORT) == b"bye"
+    assert channel.recv(timeout=SHORT) == b""  # the close_notify read with them
+
+
+def test_asyncio_data_and_close_that_come_with_finished_are_both_seen(
+        pki: Pki, hang_up_server: socket.socket) -> None:
+    async def scenario() -> list[bytes]:
+        reader, writer = await asyncio.open_connection(sock=hang_up_server)
+        channel = await aio_establish(reader, writer,
+                                      config(pki, "client").connection("client"), 5.0)
+        try:
+            return [await channel.recv(timeout=SHORT), await channel.recv(timeout=SHORT)]
+        finally:
+            writer.transport.abort()  # the fixture closes the socket
+
+    assert asyncio.run(scenario()) == [b"bye", b""]

@@ -4,12 +4,14 @@ tests/test_tp_tpm.py repeats the important ones with real swtpm quotes and socke
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
+import trusted_passages
 from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.registrar import PinnedAk
 from trusted_passages import (
@@ -31,7 +34,6 @@ from trusted_passages import (
     TrustedPassagesConnection,
     binding_digest,
 )
-from trusted_passages.attester import PeerEvidence, spki_digest
 from trusted_passages.envelope import MAX_ENVELOPE_BYTES, decode_envelope
 from trusted_passages.events import (
     ApplicationData,
@@ -52,6 +54,7 @@ from trusted_passages.frames import (
     error_payload,
     parse_error_payload,
 )
+from trusted_passages.interfaces import PeerEvidence, spki_digest
 from trusted_passages.pki import CertificateAuthority, generate_key, issue_certificate, make_ca
 from trusted_passages.protocol import EXPORTER_LABEL, State
 from trusted_passages.records import (
@@ -797,3 +800,51 @@ def test_peer_verified_precedes_established_for_both(pki: Pki) -> None:
         established = next(e for e in events if isinstance(e, Established))
         assert verified.peer == established.peer
 
+
+
+# --- the package's import rule (trusted_passages/__init__.py) ----------------------------
+
+REPO = Path(trusted_passages.__file__).resolve().parents[1]
+VERIFIER_SIDE = {"attestation.verifier", "attestation.registrar", "attestation.policy",
+                 "trusted_passages.tpm"}
+
+
+def _source(module: str) -> Path | None:
+    base = REPO.joinpath(*module.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()),
+                None)
+
+
+def _imports(module: str) -> set[str]:
+    """The project modules ``module`` names in import statements, TYPE_CHECKING ones too
+    (as import-linter counts them: ``from package import submodule`` names the submodule)."""
+    path = _source(module)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())) if path else ():
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            submodules = {f"{node.module}.{a.name}" for a in node.names}
+            found |= {m for m in submodules if _source(m)} or {node.module}
+    return {m for m in found if m.split(".")[0] in {"attestation", "trusted_passages"}}
+
+
+def _reachable(module: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for name in _imports(todo.pop()) - seen:
+            seen.add(name)
+            todo.append(name)
+    return seen
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in (REPO / "trusted_passages").glob("*.py")
+                                          if p.stem not in {"__init__", "tpm"}))
+def test_only_the_tpm_module_reaches_the_verifier_side(module: str) -> None:
+    assert _reachable(f"trusted_passages.{module}") & VERIFIER_SIDE == set()
+
+
+def test_the_import_rule_check_sees_the_tpm_module() -> None:
+    assert _reachable("trusted_passages.tpm") >= VERIFIER_SIDE - {"trusted_passages.tpm"}
+    assert "trusted_passages.tpm" in _reachable("trusted_passages")

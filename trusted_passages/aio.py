@@ -11,38 +11,29 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
 
-from trusted_passages.attester import PeerEvidence
-from trusted_passages.blocking import rejected
+from trusted_passages.blocking import READ_SIZE, raise_failure
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
-from trusted_passages.events import (
-    ApplicationData,
-    AttestationFailed,
-    ConnectionClosed,
-    Established,
-    Event,
-)
+from trusted_passages.events import Event, Inbox, established
+from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.protocol import TrustedPassagesConnection
 
 log = logging.getLogger(__name__)
-READ_SIZE: Final = 65536
 
 
 class AsyncAttestedChannel:
     """An established, mutually attested channel on asyncio streams."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 core: TrustedPassagesConnection, peer: PeerEvidence, pending: list[bytes],
+                 core: TrustedPassagesConnection, peer: PeerEvidence, inbox: Inbox,
                  timeout: float) -> None:
         self._reader = reader
         self._writer = writer
         self._core = core
         self._peer = peer
-        self._pending = pending
+        self._inbox = inbox
         self._timeout = timeout
-        self._eof = False
 
     def __repr__(self) -> str:
         return f"AsyncAttestedChannel(peer={self._peer.node!r}, closed={self._core.closed})"
@@ -59,20 +50,13 @@ class AsyncAttestedChannel:
         """The next application bytes; b"" once the peer closed."""
         try:
             async with asyncio.timeout(self._timeout if timeout is None else timeout):
-                while not self._pending and not self._eof:
+                while self._inbox.waiting:
                     data = await _read(self._reader)
-                    self._absorb(self._core.receive_data(data))
+                    self._inbox.absorb(self._core.receive_data(data))
                     await _flush(self._writer, self._core)
         except TimeoutError:
             raise ProtocolError("timeout waiting for application data") from None
-        return self._pending.pop(0) if self._pending else b""
-
-    def _absorb(self, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, ApplicationData):
-                self._pending.append(event.data)
-            elif isinstance(event, ConnectionClosed):
-                self._eof = True
+        return self._inbox.take()
 
     async def close(self) -> None:
         self._core.close()
@@ -112,12 +96,10 @@ async def establish(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         except TimeoutError:
             events = core.timeout()
         await _flush_quietly(writer, core)
-        for index, event in enumerate(events):
-            if isinstance(event, AttestationFailed):
-                raise rejected(event)
-            if isinstance(event, Established):
-                pending = [e.data for e in events[index:] if isinstance(e, ApplicationData)]
-                return AsyncAttestedChannel(reader, writer, core, event.peer, pending, timeout)
+        raise_failure(events)
+        arrived = established(events)
+        if arrived is not None:
+            return AsyncAttestedChannel(reader, writer, core, *arrived, timeout)
         if core.closed:
             raise ProtocolError("the connection closed during the exchange")
 

@@ -16,16 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from trusted_passages.attester import PeerEvidence
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
-from trusted_passages.events import (
-    ApplicationData,
-    AttestationFailed,
-    ConnectionClosed,
-    Established,
-    Event,
-)
+from trusted_passages.events import AttestationFailed, Event, Inbox, established
+from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.protocol import TrustedPassagesConnection
 
 log = logging.getLogger(__name__)
@@ -41,13 +35,12 @@ class AttestedChannel:
     """An established, mutually attested channel. One reader and one writer at most."""
 
     def __init__(self, sock: socket.socket, core: TrustedPassagesConnection,
-                 peer: PeerEvidence, pending: list[bytes], timeout: float) -> None:
+                 peer: PeerEvidence, inbox: Inbox, timeout: float) -> None:
         self._sock = sock
         self._core = core
         self._peer = peer
-        self._pending = pending
+        self._inbox = inbox
         self._timeout = timeout
-        self._eof = False
         self._lock = threading.Lock()  # the core is not thread-safe
 
     def __repr__(self) -> str:
@@ -66,19 +59,12 @@ class AttestedChannel:
         """The next application bytes; b"" once the peer closed. Raises ProtocolError
         after ``timeout`` (default: the config's) without data."""
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
-        while not self._pending and not self._eof:
+        while self._inbox.waiting:
             data = _recv_until(self._sock, deadline, "application data")
             with self._lock:
-                self._absorb(self._core.receive_data(data))
+                self._inbox.absorb(self._core.receive_data(data))
                 _flush(self._sock, self._core)
-        return self._pending.pop(0) if self._pending else b""
-
-    def _absorb(self, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, ApplicationData):
-                self._pending.append(event.data)
-            elif isinstance(event, ConnectionClosed):
-                self._eof = True
+        return self._inbox.take()
 
     def close(self) -> None:
         with self._lock:
@@ -127,21 +113,21 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
             except ProtocolError:
                 events = core.timeout()
                 _flush_quietly(sock, core)
-                _raise_failure(events)
+                raise_failure(events)
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
             core.prepare_evidence()  # after the flush: quote while the server quotes
-            _raise_failure(events)
-            for index, event in enumerate(events):
-                if isinstance(event, Established):
-                    pending = [e.data for e in events[index:] if isinstance(e, ApplicationData)]
-                    return AttestedChannel(sock, core, event.peer, pending, timeout)
+            raise_failure(events)
+            arrived = established(events)
+            if arrived is not None:
+                return AttestedChannel(sock, core, *arrived, timeout)
             if core.closed:
                 raise ProtocolError("the connection closed during the exchange")
 
 
-def _raise_failure(events: list[Event]) -> None:
+def raise_failure(events: list[Event]) -> None:
+    """Raise AttestationRejected if the core refused the channel in ``events``."""
     for event in events:
         if isinstance(event, AttestationFailed):
             raise rejected(event)

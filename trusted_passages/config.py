@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL, crypto
 
-from trusted_passages.attester import Issuer, Validator
 from trusted_passages.envelope import PROFILES, Profile, Role
+from trusted_passages.interfaces import Issuer, Validator
 from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
 from trusted_passages.protocol import CLASSIC_CIPHERS, TrustedPassagesConnection

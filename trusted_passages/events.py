@@ -1,12 +1,14 @@
-"""Events the sans-IO core returns from ``receive_data`` (h11 style)."""
+"""Events the sans-IO core returns from ``receive_data`` (h11 style), and the one
+reading of them both adapters share once a channel is established (:class:`Inbox`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from trusted_passages.attester import PeerEvidence
+from trusted_passages.interfaces import PeerEvidence
 
 
 class Event:
@@ -58,3 +60,44 @@ class ConnectionClosed(Event):
     """No more data either way. ``clean``: closed by TLS close_notify after Established."""
 
     clean: bool = False
+
+
+# --- for the adapters --------------------------------------------------------------------
+
+
+@dataclass
+class Inbox:
+    """Application data an established channel has received and not yet handed out.
+
+    Fed every event list the core returns from Established on, the events that came
+    with Established included: a peer may send data and close in the same flight.
+    """
+
+    chunks: list[bytes] = field(default_factory=list)
+    ended: bool = False  # the connection closed: nothing more will arrive
+
+    def absorb(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if isinstance(event, ApplicationData):
+                self.chunks.append(event.data)
+            elif isinstance(event, ConnectionClosed):
+                self.ended = True
+
+    @property
+    def waiting(self) -> bool:
+        """Nothing to hand out yet: no data, and the connection is still open."""
+        return not self.chunks and not self.ended
+
+    def take(self) -> bytes:
+        """The next chunk received; b"" once the connection has closed."""
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def established(events: list[Event]) -> tuple[PeerEvidence, Inbox] | None:
+    """The verified peer and what arrived with it, if ``events`` hold Established."""
+    for index, event in enumerate(events):
+        if isinstance(event, Established):
+            inbox = Inbox()
+            inbox.absorb(events[index + 1:])
+            return event.peer, inbox
+    return None

@@ -36,14 +36,6 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
-from trusted_passages.attester import (
-    BindableIssuer,
-    BindingContext,
-    Issuer,
-    PeerEvidence,
-    Validator,
-    spki_digest,
-)
 from trusted_passages.envelope import PROFILES, ROLES, Profile, Role
 from trusted_passages.errors import ProtocolError
 from trusted_passages.events import (
@@ -62,6 +54,14 @@ from trusted_passages.frames import (
     encode_frame,
     error_payload,
     parse_error_payload,
+)
+from trusted_passages.interfaces import (
+    BindableIssuer,
+    BindingContext,
+    Issuer,
+    PeerEvidence,
+    Validator,
+    spki_digest,
 )
 from trusted_passages.openssl_compat import own_certificate, peer_certificate
 from trusted_passages.records import (

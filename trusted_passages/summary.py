@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from attestation.eventlog import parse_event_log
-from trusted_passages.attester import PeerEvidence
+from trusted_passages.interfaces import PeerEvidence
 
 __all__ = ["BINDING_DESCRIPTION", "summarize"]
 
