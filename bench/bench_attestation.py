@@ -34,8 +34,8 @@ from attestation.tpm import KeyAlgorithm, TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.attacks.lab import GOOD_BOOT
-from testbed.tpm.localca import LocalCA
 from testbed.tpm.boot import measure_boot
+from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm, provision
 
 SELECTION = PcrSelection("sha256", (0, 1, 2, 3, 4, 5, 6, 7, 9))

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attestation.tpm import TpmClient
 from cryptovm.client import CryptoVmClient
 from cryptovm.vsm import CryptoVm
-from testbed.tpm.localca import LocalCA
 from testbed.spec.cluster_spec import BootSpec
 from testbed.tpm.boot import measure_boot
+from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm, provision
 
 BOOT = BootSpec.from_content(firmware="OVMF (bench)", kernel="vmlinuz-bench", initrd="initrd-bench",

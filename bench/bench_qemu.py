@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from testbed.qemu.vms import QemuBackend, QemuNode
 from testbed.qemu.image.build import build_image
+from testbed.qemu.vms import QemuBackend, QemuNode
 from testbed.spec.recipe import REPO_ROOT
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or REPO_ROOT / ".testbed").absolute()

@@ -38,7 +38,6 @@ from cryptovm.errors import AccessDenied, AuthenticationFailed, KeyUsageError
 from cryptovm.vsm import CryptoVm
 from testbed import cli
 from testbed.cluster.agent import AgentClient, AgentError
-from testbed.spec.cluster_spec import default_spec_path
 from testbed.roles.cryptovm import psk_path, state_dir
 from testbed.sim.backend import (
     BootArtifacts,
@@ -47,6 +46,7 @@ from testbed.sim.backend import (
     measure_boot_artifacts,
     process_argv,
 )
+from testbed.spec.cluster_spec import default_spec_path
 from testbed.tpm.swtpm import Swtpm
 
 CLUSTER = "cvm-lab"

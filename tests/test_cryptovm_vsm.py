@@ -43,8 +43,8 @@ from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from cryptovm.release import recipient_binding
 from cryptovm.vsm import CryptoVm, VsmSession, export_context, import_context
 from cryptovm.wrapping import open_envelope, spki_der, unwrap, wrap
-from testbed.tpm.localca import LocalCA
 from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm, provision
 from tests.attestation_helpers import activate
 from tests.test_cryptovm_support import (

@@ -24,6 +24,11 @@ from typing import Any
 
 import pytest
 
+from testbed.core.errors import StateError
+from testbed.qemu import cluster as qc
+from testbed.qemu.domain import SWTPM_STORAGE
+from testbed.qemu.libvirtd import LibvirtError, load_libvirt
+from testbed.sim.backend import ClusterPaths
 from testbed.spec.cluster_spec import (
     ClusterSpecError,
     default_spec_path,
@@ -32,11 +37,6 @@ from testbed.spec.cluster_spec import (
     parse_cluster_spec,
     parse_tamper,
 )
-from testbed.core.errors import StateError
-from testbed.qemu import cluster as qc
-from testbed.qemu.domain import SWTPM_STORAGE
-from testbed.qemu.libvirtd import LibvirtError, load_libvirt
-from testbed.sim.backend import ClusterPaths
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 REPO = Path(__file__).resolve().parent.parent

@@ -27,11 +27,11 @@ from attestation.policy import dump_policy
 from attestation.registrar import AkRegistry, Registrar
 from attestation.tpm import TpmClient
 from attestation.tpm_types import parse_public
-from testbed.spec.cluster_spec import BootSpec
-from testbed.qemu.vms import AgentError, GuestAgentClient
 from testbed.qemu.domain import free_port
 from testbed.qemu.relay import RelayError, configure_guest, relay_channel
+from testbed.qemu.vms import AgentError, GuestAgentClient
 from testbed.sim.backend import SIM_PCRS, BootArtifacts, measure_boot_artifacts, predicted_policy
+from testbed.spec.cluster_spec import BootSpec
 from trusted_passages.pki import make_ca
 
 REPO = Path(__file__).resolve().parents[1]

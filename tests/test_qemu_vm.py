@@ -28,11 +28,11 @@ from attestation.eventlog import parse_event_log
 from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.report import VerificationReport
-from testbed.qemu.vms import QemuBackend, QemuNode
 from testbed.qemu.domain import DOMAIN_PREFIX, OVMF_CODE, OVMF_VARS, SWTPM_STORAGE
 from testbed.qemu.image.build import ImageArtifacts, build_image
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 from testbed.qemu.predict.events import EV_EFI_BOOT_SERVICES_APPLICATION
+from testbed.qemu.vms import QemuBackend, QemuNode
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,6 @@ from testbed.cluster.agent import (
     connect_unix,
     recv_frame,
 )
-from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
 from testbed.sim.backend import (
     SIM_PCRS,
     BootArtifacts,
@@ -54,6 +53,7 @@ from testbed.sim.backend import (
     process_argv,
     verify_evidence,
 )
+from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
 
 CLUSTER = "trusted-passages-lab"
 TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"

@@ -21,22 +21,6 @@ from hypothesis import strategies as st
 from attestation.eventlog import parse_event_log
 from attestation.policy import EventMismatch, evaluate_policy, policy_from_evidence
 from attestation.tpm import TpmClient
-from testbed.spec.cluster_spec import (
-    MAX_NODES,
-    MAX_SPEC_BYTES,
-    ROLE_NAMES,
-    Artifact,
-    BootOverride,
-    ClusterSpec,
-    ClusterSpecError,
-    default_spec_path,
-    dump_cluster_spec,
-    load_cluster_spec,
-    parse_cluster_spec,
-    parse_tamper,
-)
-from testbed.spec.cluster_spec import BootSpec
-from testbed.tpm.boot import measure_boot
 from testbed.sim.backend import (
     SIM_PCRS,
     BootArtifacts,
@@ -46,6 +30,22 @@ from testbed.sim.backend import (
     predict_boot,
     predicted_policy,
 )
+from testbed.spec.cluster_spec import (
+    MAX_NODES,
+    MAX_SPEC_BYTES,
+    ROLE_NAMES,
+    Artifact,
+    BootOverride,
+    BootSpec,
+    ClusterSpec,
+    ClusterSpecError,
+    default_spec_path,
+    dump_cluster_spec,
+    load_cluster_spec,
+    parse_cluster_spec,
+    parse_tamper,
+)
+from testbed.tpm.boot import measure_boot
 from testbed.tpm.swtpm import Swtpm
 
 CHAIN = BootSpec.from_content(firmware="OVMF test volume", kernel="vmlinuz-test", initrd="initrd-test",

@@ -32,9 +32,9 @@ from attestation.registrar import AkRegistry, Registrar
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory
-from testbed.tpm.localca import LocalCA
 from testbed.spec.cluster_spec import BootSpec
 from testbed.tpm.boot import measure_boot
+from testbed.tpm.localca import LocalCA
 from testbed.tpm.pytest_plugin import SwtpmFactory
 from tests.attestation_helpers import activate
 from tests.test_tp_protocol import RawTls

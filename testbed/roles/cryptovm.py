@@ -29,7 +29,6 @@ CVM1 endpoint is; :func:`cryptovm_endpoint` reaches it as root.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import threading
@@ -44,7 +43,7 @@ from cryptovm.attested import refuse_stream, serve_stream
 from cryptovm.client import CryptoVmClient
 from cryptovm.errors import AuthenticationFailed, SealedStorageError
 from cryptovm.sealing import format_pcr_selection
-from cryptovm.server import CryptoVmServer
+from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm
 from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
@@ -199,46 +198,6 @@ def open_store(ctx: NodeContext) -> CryptoVm:
     return vm
 
 
-class WireThread:
-    """:class:`CryptoVmServer` on 127.0.0.1, ephemeral port, in a thread of its own."""
-
-    def __init__(self, vm: CryptoVm) -> None:
-        self.server = CryptoVmServer(vm, host=HOST, port=0, idle_timeout=IDLE_TIMEOUT_S)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cryptovm-wire", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(10) or self._error is not None:
-            raise StateError(f"the CryptoVM wire server did not start: {self._error}")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self.server.start())
-        except Exception as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.run_until_complete(self.server.close())
-            self._loop.close()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-
-
 class AuditingValidator:
     """The cluster validator, remembering (per connection thread) which node the
     evidence claimed, so that a refused channel is audited under that node's name."""
@@ -281,7 +240,7 @@ class CryptoVmService:
 
     ctx: NodeContext
     vm: CryptoVm
-    wire: WireThread
+    wire: ServerThread
     validator: AuditingValidator
     tp: Server | None = None
     channels: int = 0
@@ -379,7 +338,7 @@ def start_node_service(ctx: NodeContext) -> CryptoVmService:
     vm = open_store(ctx)
     service: CryptoVmService | None = None
     try:
-        wire = WireThread(vm)
+        wire = ServerThread(vm, HOST, 0, IDLE_TIMEOUT_S)
         validator = AuditingValidator(ctx.cluster_paths)
         service = CryptoVmService(ctx, vm, wire, validator)
         wire.start()

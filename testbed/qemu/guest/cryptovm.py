@@ -20,7 +20,6 @@ Ops added to the agent::
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 from attestation.tpm_raw import Tpm
 from cryptovm.rawtpm import RawTpm
-from cryptovm.server import CryptoVmServer
+from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm
 
 __all__ = ["CVM1_PORT", "GuestCryptoVm", "install"]
@@ -38,33 +37,6 @@ GUEST_IP = "10.0.2.15"  # the one NIC (images/init); the host forwards to it
 STATE_DIR = Path("/run/cryptovm/state")
 IDLE_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 30.0
-
-
-class ServerThread:
-    """:class:`CryptoVmServer` on its own event loop thread."""
-
-    def __init__(self, vm: CryptoVm, host: str, port: int) -> None:
-        self.server = CryptoVmServer(vm, host=host, port=port, idle_timeout=IDLE_TIMEOUT_S)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="cryptovm-wire", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(START_TIMEOUT_S) or self._error is not None:
-            raise ValueError(f"the CryptoVM wire server did not start: {self._error}")
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self.server.start())
-        except Exception as exc:  # reported by start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
 
 
 class GuestCryptoVm:
@@ -90,8 +62,9 @@ class GuestCryptoVm:
                 return {**self._describe(self._vm), "started": False}
             root_psk = self._open_or_create(pcrs)
             assert self._vm is not None
-            server = ServerThread(self._vm, self._host, self._port)
-            server.start()
+            server = ServerThread(self._vm, self._host, self._port, IDLE_TIMEOUT_S,
+                                  start_timeout=START_TIMEOUT_S)
+            server.start()  # a ServerError is answered in words by the agent
             self._server = server
             answer = {**self._describe(self._vm), "started": True}
         if root_psk is not None:

@@ -45,17 +45,12 @@ from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.policy import ReferencePolicy, load_policy
 from attestation.registrar import AkRegistry
-from trusted_passages.attester import (
-    BindingContext,
-    Issuer,
-    PeerEvidence,
-    TpmValidator,
-    binding_digest,
-)
 from trusted_passages.blocking import establish
 from trusted_passages.config import ChannelConfig
 from trusted_passages.envelope import Envelope, check_node_name, decode_envelope
+from trusted_passages.interfaces import BindingContext, Issuer, PeerEvidence, binding_digest
 from trusted_passages.summary import summarize
+from trusted_passages.tpm import TpmValidator
 
 __all__ = ["GuestIssuer", "GuestTrustedPassages", "PeersValidator", "install"]
 
