@@ -127,7 +127,7 @@ def test_verify_quote_malformed_message_exits_3(tools_quote: Path) -> None:
 def test_verify_quote_missing_files_exit_3_with_a_hint(tmp_path: Path) -> None:
     r = run_testbed("verify-quote", str(tmp_path), "-q", "00")
     assert r.returncode == 3
-    assert "cannot read" in r.stderr and "Traceback" not in r.stderr
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_policy_create_then_enforce(swtpm, tmp_path: Path) -> None:

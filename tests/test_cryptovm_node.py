@@ -36,17 +36,15 @@ from cryptovm.audit import read_entries, verify_audit_log
 from cryptovm.client import CryptoVmClient
 from cryptovm.errors import AccessDenied, AuthenticationFailed, KeyUsageError
 from cryptovm.vsm import CryptoVm
-from testbed import cli
-from testbed.cluster.agent import AgentClient, AgentError
+from testbed.cli import main as cli
+from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
+from testbed.cluster.state import load_spec
+from testbed.core.paths import ClusterPaths
+from testbed.core.processes import process_argv
 from testbed.roles.cryptovm import psk_path, state_dir
-from testbed.sim.backend import (
-    BootArtifacts,
-    ClusterPaths,
-    cluster_processes,
-    measure_boot_artifacts,
-    process_argv,
-)
+from testbed.sim.processes import cluster_processes
 from testbed.spec.cluster_spec import default_spec_path
+from testbed.tpm.boot import measure_boot
 from testbed.tpm.swtpm import Swtpm
 
 CLUSTER = "cvm-lab"
@@ -69,7 +67,7 @@ class Lab:
     up: dict[str, Any]
 
     def agent(self, node: str) -> AgentClient:
-        return AgentClient(self.paths.node(node).socket, node=node)
+        return AgentClient(UnixTransport(self.paths.node(node).socket), node=node)
 
     def info(self) -> dict[str, Any]:
         return self.agent("cryptovm").role("info")
@@ -105,7 +103,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     rc, out, err = run_cli(workdir, "up", str(spec), "--json")
     paths = ClusterPaths(workdir, CLUSTER)
     try:
-        assert rc == 0, f"up failed: {out}\n{err}"
+        assert rc == 1, f"up failed: {out}\n{err}"  # 1: the rogue node is rejected
+        assert json.loads(out)["rejected"] == ["rogue"], out
         yield Lab(workdir, spec, paths, json.loads(out))
     finally:
         run_cli(workdir, "down", "--cluster", CLUSTER)
@@ -132,7 +131,8 @@ def test_cryptovm_node_comes_up_and_honest_nodes_enroll(lab: Lab) -> None:
         assert enrollment["certificate"]["subject"] == node
         assert enrollment["certificate"]["issuer"] == issuer
         assert enrollment["ca"]["non_exportable"] and enrollment["ca"]["key_id"] == "tls-ca"
-    # The tampered node runs (up does not attest) but got no certificate: policy, PCR 9.
+    # The tampered node runs (rejected by its attestation) and the CryptoVM, which checks
+    # for itself, gave it no certificate: policy, PCR 9.
     rogue = nodes["rogue"]["enrollment"]
     assert not rogue["ok"] and "policy" in rogue["error"] and "PCR 9" in rogue["error"]
     rc, out, _ = run_cli(lab.workdir, "status", "--json", "--cluster", CLUSTER)
@@ -265,7 +265,7 @@ def test_a_restart_keeps_every_key_and_the_ca(lab: Lab) -> None:
     while process_argv(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
     rc, out, err = run_cli(lab.workdir, "up", str(lab.spec), "--json")
-    assert rc == 0, out + err
+    assert rc == 1, out + err  # the rogue is still rejected; everything else is up
     actions = {n["name"]: n["action"] for n in json.loads(out)["nodes"]}
     assert actions["cryptovm"] == "started" and actions["server"] == "kept"
     after = lab.info()
@@ -299,11 +299,11 @@ def test_down_then_no_ca_private_key_bytes_anywhere_under_the_work_dir(lab: Lab)
 def _ca_private_key(lab: Lab) -> ec.EllipticCurvePrivateKey:
     """Unseal the stopped node's store the only way there is: its TPM, re-booted the same."""
     node = lab.paths.node("cryptovm")
-    spec = lab.paths.load_spec().node("cryptovm")
+    spec = load_spec(lab.paths).node("cryptovm")
     tpm = Swtpm(node.state, run_dir=lab.workdir / "offline-swtpm").start()
     try:
         with TpmClient(tpm.tcti) as client:
-            measure_boot_artifacts(client, BootArtifacts.from_spec(spec.effective_boot))
+            measure_boot(client, spec.effective_boot)
         with CryptoVm.open(lab.cvm_state, tpm.tcti) as vm:
             key = vm.keys.get("tls-ca").private_key()
     finally:

@@ -24,11 +24,13 @@ from typing import Any
 
 import pytest
 
+from testbed.backends import open_backend
 from testbed.core.errors import StateError
-from testbed.qemu import cluster as qc
+from testbed.core.paths import ClusterPaths
+from testbed.qemu import backend as qc
+from testbed.qemu.backend import QemuBackend, VmRecord
 from testbed.qemu.domain import SWTPM_STORAGE
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
-from testbed.sim.backend import ClusterPaths
 from testbed.spec.cluster_spec import (
     ClusterSpecError,
     default_spec_path,
@@ -93,7 +95,7 @@ def test_backend_override_in_both_directions() -> None:
         load_cluster_spec(default_spec_path("sim"), backend="qemu")
     with pytest.raises(ClusterSpecError, match=r"^image: only a qemu cluster"):
         load_cluster_spec(default_spec_path("qemu"), backend="sim")
-    with pytest.raises(ClusterSpecError, match=r"^image: cannot read recipe"):
+    with pytest.raises(ClusterSpecError, match=r"^image: image recipe .* does not exist"):
         parse_cluster_spec("version: 1\nname: x\nbackend: qemu\nimage: nope.yaml\n"
                            "nodes: [{name: a}]\n", Path("/"))
 
@@ -133,13 +135,19 @@ def test_processes_are_classified_by_domain_name(tmp_path: Path) -> None:
 def test_node_agent_without_a_vm_says_what_to_do(tmp_path: Path) -> None:
     paths = ClusterPaths(tmp_path, "lab")
     with pytest.raises(StateError, match=r"testbed up --backend qemu"):
-        qc.qemu_node_agent(paths, "server")
-    qc.vm_info_path(paths, "server").parent.mkdir(parents=True)
-    qc._write_vm_info(paths, "server", {"agent_port": 40001})
-    agent = qc.qemu_node_agent(paths, "server")
-    assert agent.port == 40001 and agent.node == "server"
-    assert qc.cluster_backend(paths) == "qemu"  # a vm.json is a qemu trace
-    assert qc.cluster_backend(ClusterPaths(tmp_path, "other")) == "sim"
+        QemuBackend(paths).agent("server")
+    paths.node("server").root.mkdir(parents=True)
+    VmRecord(domain="d", uuid="u", agent_port=40001, accel="tcg", accel_reason="test",
+             firmware="ovmf", image="i", image_dir="/", cmdline="", tampered=(),
+             memory_mib=512, run_dir="/", console_log="/dev/null",
+             booted_at="2026-12-05T00:00:00+00:00").save(paths, "server")
+    agent = QemuBackend(paths).agent("server")
+    assert agent.transport.describe() == "127.0.0.1:40001" and agent.node == "server"
+    assert open_backend(paths).name == "qemu"  # a vm.json is a qemu trace
+    assert open_backend(ClusterPaths(tmp_path, "other")).name == "sim"
+    paths.node("server").vm.write_text('{"agent_port": "not a port"}')
+    with pytest.raises(StateError, match=r"vm.json is damaged"):
+        QemuBackend(paths).agent("server")
 
 
 def test_cluster_domains_and_removal_on_the_test_driver(tmp_path: Path) -> None:
@@ -232,10 +240,10 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
         assert row["state"] == "running" and row["agent"] == "answering", row
         assert row["accel"] in ("kvm", "tcg") and row["qemu_pid"] and row["swtpm_pid"]
         assert row["boot_seconds"] > 0 and row["last_attestation"]["ok"]
-        info = qc.read_vm_info(paths, name)
-        assert info is not None and set(qc.VM_FIELDS) <= set(info)
-        assert info["agent_port"] == row["agent_port"] and info["domain"] == row["domain"]
-    assert qc.qemu_node_agent(paths, "server").status()["kernel_cmdline"].startswith(
+        record = VmRecord.load(paths, name)
+        assert record is not None
+        assert record.agent_port == row["agent_port"] and record.domain == row["domain"]
+    assert QemuBackend(paths).agent("server").status()["kernel_cmdline"].startswith(
         "console=ttyS0 panic=-1 quiet")
 
     again = _cli(workdir, "up", "--backend", "qemu", "--json")  # idempotent: VMs kept
@@ -247,19 +255,21 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     assert history["client"]["ok"] and history["client"]["policy"] == "client-predicted"
 
     # As after an `up` that crashed before writing it: down finds the domain by name.
-    uuids = [qc.read_vm_info(paths, n)["uuid"] for n in NODES]  # type: ignore[index]
+    uuids = [record.uuid for n in NODES if (record := VmRecord.load(paths, n))]
     pids = [rows[n][k] for n in NODES for k in ("qemu_pid", "swtpm_pid")]
-    qc.vm_info_path(paths, "client").unlink()
+    paths.node("client").vm.unlink()
     r = _cli(workdir, "down", "--json")
     down = _json(r)
-    assert r.returncode == 0 and down["ok"] and sorted(down["removed_domains"]) == sorted(NODES)
+    assert r.returncode == 0 and down["ok"], r.stderr[-3000:]
+    assert sorted(n["name"] for n in down["nodes"] if n["stopped_by"] == "libvirt") == sorted(
+        NODES)
     assert qc._defined_domains(paths) == []  # libvirt's saved definitions, daemon or not
     assert not set(domains) & set(_virsh_domains() if _libvirt_up() else [])
     assert not [p for p in pids if _alive(p)] and qc.vm_processes(paths) == []
     assert not [u for u in uuids if (SWTPM_STORAGE / u).exists()]
     assert not (workdir / "vms" / paths.name).exists()
     again_down = _json(_cli(workdir, "down", "--json"))
-    assert again_down["ok"] and again_down["removed_domains"] == []
+    assert again_down["ok"] and again_down["nodes"] == []
 
 
 def _libvirt_up() -> bool:

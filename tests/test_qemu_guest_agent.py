@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
+from attestation.agent_wire import recv_frame, send_frame
 from attestation.evidence import Evidence
 from attestation.registrar import Registrar
 from attestation.tpm_raw import AK_HANDLE, SocketTransport, Tpm
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
-from testbed.qemu import guest_agent
-from testbed.qemu.guest.agent import Agent, recv_frame, send_frame
+from testbed.qemu.guest import agent as guest_agent
+from testbed.qemu.guest.agent import Agent
 
 
 @pytest.fixture

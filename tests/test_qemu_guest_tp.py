@@ -1,7 +1,7 @@
 """Trusted Passages between two guest agents, relayed by the host (no VM needed).
 
 Each guest agent runs as it does in the VM image: ``guest_agent.py`` with
-``guest_tp.py`` beside it, under Debian 12's own /usr/bin/python3 with Debian's
+``tp_extension.py`` beside it, under Debian 12's own /usr/bin/python3 with Debian's
 python3-openssl 23 and python3-cryptography 38 (what the image installs), not the
 project's virtualenv. Its TPM is a real swtpm measured with an OVMF-shaped boot;
 the host registers the AKs, certifies the guests' TLS keys and splices their
@@ -17,27 +17,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from attestation.policy import dump_policy
-from attestation.registrar import AkRegistry, Registrar
+from attestation.registrar import AkRegistry, Registrar, register
 from attestation.tpm import TpmClient
-from attestation.tpm_types import parse_public
+from testbed.cluster.agent import AgentClient, AgentError, TcpTransport
 from testbed.qemu.domain import free_port
 from testbed.qemu.relay import RelayError, configure_guest, relay_channel
-from testbed.qemu.vms import AgentError, GuestAgentClient
-from testbed.sim.backend import SIM_PCRS, BootArtifacts, measure_boot_artifacts, predicted_policy
 from testbed.spec.cluster_spec import BootSpec
+from testbed.tpm.boot import SIM_PCRS, measure_boot, predicted_policy
 from trusted_passages.pki import make_ca
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_PYTHON = "/usr/bin/python3"  # Debian's: the guest image's package versions
 GOOD = BootSpec.from_content("OVMF", "vmlinuz", "initrd", "console=ttyS0 panic=-1 quiet")
-TAMPERED = BootSpec.from_content("OVMF", "vmlinuz", "initrd", "console=ttyS0 panic=-1 quiet init=/bin/sh")
+TAMPERED = replace(GOOD, cmdline="console=ttyS0 panic=-1 quiet init=/bin/sh")
 
 
 def _debian_versions() -> str:
@@ -54,14 +53,14 @@ def _debian_versions() -> str:
 @dataclass
 class GuestProcess:
     node: str
-    agent: GuestAgentClient
+    agent: AgentClient
     process: subprocess.Popen[bytes]
     log: Path
 
 
 def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProcess:
     with TpmClient(swtpm.tcti) as client:
-        event_log = measure_boot_artifacts(client, BootArtifacts.from_chain(boot))
+        event_log = measure_boot(client, boot)
     log_file = tmp / f"{node}.eventlog"
     log_file.write_bytes(event_log)
     port = free_port()
@@ -69,7 +68,7 @@ def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProce
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VIRTUAL_ENV", None)
     process = subprocess.Popen(
-        [GUEST_PYTHON, "-u", str(REPO / "testbed/qemu/guest_agent.py"),
+        [GUEST_PYTHON, "-u", str(REPO / "testbed/qemu/guest/agent.py"),
          "--listen", f"127.0.0.1:{port}", "--tpm", f"tcp:127.0.0.1:{swtpm.port}",
          "--event-log", str(log_file), "--node", node],
         stdout=out.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp)
@@ -77,7 +76,7 @@ def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProce
     while time.monotonic() < deadline:
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return GuestProcess(node, GuestAgentClient(port, node=node, timeout=30),
+                return GuestProcess(node, AgentClient(TcpTransport(port), node=node, timeout=30),
                                     process, out)
         if process.poll() is not None:
             break
@@ -87,10 +86,9 @@ def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProce
 
 
 def _register(guest: GuestProcess, registrar: Registrar, registry: AkRegistry) -> None:
-    ek_cert, ek_public, ak_public = guest.agent.identity()
-    challenge = registrar.challenge(ek_cert, ek_public, ak_public)
-    record = registrar.complete(parse_public(ak_public).name, guest.agent.activate(challenge))
-    registry.add(guest.node, record.ak)
+    ak = register(guest.agent, guest.node, registrar, registry)
+    assert ak is not None
+    registry.add(guest.node, ak)
 
 
 @pytest.fixture
@@ -108,7 +106,7 @@ def guests(swtpm_factory: Any, swtpm_ca: Any, tmp_path: Path, request: Any
         assert "trusted-passages" in status["extensions"], (versions, status)
         ca = make_ca("guest test cluster TLS CA")
         # Every node's policy is predicted from its *good* boot: tampering must show.
-        policies = {name: dump_policy(predicted_policy(name, BootArtifacts.from_chain(GOOD)))
+        policies = {name: dump_policy(predicted_policy(name, GOOD))
                     for name in boots}
         for name, guest in started.items():
             configure_guest(guest.agent, name, ca, registry_json=registry.to_json(),

@@ -5,6 +5,7 @@ The full build (mmdebstrap, ~40-90 s) runs in the VM tests; these need no networ
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testbed.cli.qemu import register_image_commands, register_qemu_commands
 from testbed.qemu.image.build import _module_order, host_debian_sources, image_digest
 from testbed.qemu.image.initramfs import write_newc
 from testbed.spec.recipe import DEFAULT_RECIPE, RecipeError, load_recipe, parse_recipe
@@ -64,7 +66,7 @@ def test_default_recipe_is_valid() -> None:
     assert recipe.variant == "minbase" and recipe.kernel_package == "linux-image-amd64"
     assert "python3" in recipe.packages and "virtio_net" in recipe.modules
     assert recipe.init_script.read_text().startswith("#!/bin/sh")
-    assert ("testbed/qemu/guest_agent.py", "opt/testbed/guest_agent.py") in recipe.project
+    assert ("testbed/qemu/guest/agent.py", "opt/testbed/guest_agent.py") in recipe.project
 
 
 def _doc() -> dict[str, object]:
@@ -143,11 +145,6 @@ def test_mirror_comes_from_the_hosts_debian_sources_only(tmp_path: Path) -> None
 
 
 def test_cli_hooks_register_their_commands() -> None:
-    import argparse
-
-    from testbed.cli.qemu import register_qemu_commands
-    from testbed.qemu.image.build import register_image_commands
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -29,10 +29,10 @@ from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.report import VerificationReport
 from testbed.qemu.domain import DOMAIN_PREFIX, OVMF_CODE, OVMF_VARS, SWTPM_STORAGE
-from testbed.qemu.image.build import ImageArtifacts, build_image
+from testbed.qemu.image.build import GuestImage, build_image
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 from testbed.qemu.predict.events import EV_EFI_BOOT_SERVICES_APPLICATION
-from testbed.qemu.vms import QemuBackend, QemuNode
+from testbed.qemu.vms import QemuNode, VmDriver
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,8 @@ def _require_prerequisites() -> None:
 
 @dataclass
 class Lab:
-    backend: QemuBackend
-    image: ImageArtifacts
+    driver: VmDriver
+    image: GuestImage
     policy: ReferencePolicy
     good: QemuNode
     tampered: QemuNode
@@ -74,7 +74,7 @@ class Lab:
 
     def attest(self, node: QemuNode) -> tuple[VerificationReport, Evidence]:
         if node.name not in self.results:
-            self.results[node.name] = self.backend.attest(node, self.policy)
+            self.results[node.name] = self.driver.attest(node, self.policy)
         return self.results[node.name]
 
 
@@ -99,7 +99,7 @@ def _alive(pid: int) -> bool:
         Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
 
 
-def _assert_nothing_left(backend: QemuBackend, qemu: dict[str, int], daemons: dict[str, int],
+def _assert_nothing_left(driver: VmDriver, qemu: dict[str, int], daemons: dict[str, int],
                          uuids: list[str]) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_alive(p) for p in [*qemu.values(),
@@ -108,7 +108,7 @@ def _assert_nothing_left(backend: QemuBackend, qemu: dict[str, int], daemons: di
     assert not [n for n, p in qemu.items() if _alive(p)], "QEMU or swtpm processes left behind"
     assert not [n for n, p in daemons.items() if _alive(p)], "libvirt daemons left behind"
     assert not [u for u in uuids if (SWTPM_STORAGE / u).exists()], "vTPM state left behind"
-    assert not backend.nodes
+    assert not driver.nodes
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +122,24 @@ def lab() -> Iterator[Lab]:
     # Not pytest's tmp_path: its 0700 parents are not searchable by QEMU's user.
     (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests"))
-    backend = QemuBackend(workdir, reference_dir=CACHE / "firmware")
-    print(f"accelerator: {backend.accel.accel} ({backend.accel.reason})")
-    daemons, qemu, uuids = dict(backend.daemons.started), {}, []
+    driver = VmDriver(workdir, reference_dir=CACHE / "firmware")
+    print(f"accelerator: {driver.accel.accel} ({driver.accel.reason})")
+    daemons, qemu, uuids = dict(driver.daemons.started), {}, []
     try:
-        policy = backend.predicted_policy(image)
-        good = backend.boot("good", image)
-        tampered = backend.boot("tampered", image, cmdline=image.cmdline + TAMPER)
+        policy = driver.predicted_policy(image)
+        good = driver.boot("good", image)
+        tampered = driver.boot("tampered", image, cmdline=image.cmdline + TAMPER)
         uuids = [good.vm.spec.uuid, tampered.vm.spec.uuid]
         qemu = _vm_pids()
         assert any("swtpm" in name for name in qemu), qemu
         for node in (good, tampered):
-            backend.wait(node)
+            driver.wait(node)
             print(f"{node.name}: define -> agent answers in {node.boot_seconds:.1f} s")
-        yield Lab(backend, image, policy, good, tampered, {})
+        yield Lab(driver, image, policy, good, tampered, {})
     finally:
-        backend.close()
+        driver.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        _assert_nothing_left(backend, qemu, daemons, uuids)
+        _assert_nothing_left(driver, qemu, daemons, uuids)
 
 
 def test_guest_quote_satisfies_the_predicted_policy(lab: Lab) -> None:
@@ -156,7 +156,7 @@ def test_kernel_event_is_the_predicted_authenticode_digest(lab: Lab) -> None:
     log = parse_event_log(evidence.event_log)
     kernel_events = [e for e in log.events_for(4)
                      if e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION]
-    predicted = {p.role: p for p in lab.backend.predict(lab.image)}
+    predicted = {p.role: p for p in lab.driver.predict(lab.image)}
     assert [e.digests["sha256"] for e in kernel_events] == [predicted["kernel"].digest]
     assert [e.digests["sha256"] for e in log.events_for(9)] == [
         predicted["cmdline"].digest, predicted["initrd"].digest]

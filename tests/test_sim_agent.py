@@ -19,19 +19,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attestation.agent_wire import MAX_FRAME, recv_frame
 from attestation.credential import CredentialChallenge
 from attestation.errors import TpmError
 from attestation.evidence import Evidence
 from attestation.tpm_types import PcrSelection
 from testbed.cluster.agent import (
-    MAX_FRAME,
     AgentClient,
     AgentError,
-    AgentServer,
     AgentUnavailable,
-    recv_frame,
+    UnixTransport,
     sockaddr,
 )
+from testbed.sim.agent_server import AgentServer
+
+
+def unix_client(path: Path, node: str = "n1") -> AgentClient:
+    return AgentClient(UnixTransport(path), node=node)
 
 
 class FakeBackend:
@@ -84,9 +88,9 @@ def test_client_round_trips_over_a_long_socket_path(server: AgentServer,
                                                     backend: FakeBackend) -> None:
     assert len(str(server.socket_path)) > 107
     assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o600
-    client = AgentClient(server.socket_path, node="n1")
+    client = unix_client(server.socket_path)
     identity = client.identity()
-    assert (identity.node, identity.ek_certificate, identity.ak_public) == ("n1", b"cert", b"ak")
+    assert (identity.ek_certificate, identity.ak_public) == (b"cert", b"ak")
     assert client.activate(CredentialChallenge(b"abc", b"xyz")) == b"cba"
     evidence = client.quote(b"\x01" * 32, [9, 0, 4])
     assert evidence.pcr_bank == "sha256" and sorted(evidence.pcrs) == [0, 4, 9]
@@ -97,11 +101,11 @@ def test_client_round_trips_over_a_long_socket_path(server: AgentServer,
 
 
 def test_errors_become_exceptions_on_the_client(server: AgentServer, tmp_path: Path) -> None:
-    client = AgentClient(server.socket_path, node="n1")
-    with pytest.raises(AgentError, match="node 'n1': TPM2_ActivateCredential failed"):
+    client = unix_client(server.socket_path)
+    with pytest.raises(AgentError, match="node 'n1': activate: TPM2_ActivateCredential failed"):
         client.activate(CredentialChallenge(b"fail", b"x"))
     with pytest.raises(AgentUnavailable, match="no agent at"):
-        AgentClient(tmp_path / "absent.sock").status()
+        unix_client(tmp_path / "absent.sock").status()
 
 
 def test_close_removes_the_socket(backend: FakeBackend, tmp_path: Path) -> None:
@@ -114,7 +118,7 @@ def test_close_removes_the_socket(backend: FakeBackend, tmp_path: Path) -> None:
     sock.bind(str(tmp_path / "a.sock"))
     sock.close()
     stale.start()
-    assert AgentClient(tmp_path / "a.sock").status()["node"] == "n1"
+    assert unix_client(tmp_path / "a.sock").status()["node"] == "n1"
     stale.close()
 
 
@@ -125,7 +129,7 @@ def test_oversized_frames_are_refused_before_reading(server: AgentServer) -> Non
         sock.sendall(struct.pack(">I", 0xFFFFFFFF))
         body = recv_frame(sock)
         assert body is not None and "exceeds" in json.loads(body)["error"]
-    assert AgentClient(server.socket_path).status()["node"] == "n1"
+    assert unix_client(server.socket_path).status()["node"] == "n1"
 
 
 # --- request handling never raises, whatever the bytes ---------------------------------------
@@ -168,7 +172,7 @@ def test_fuzz_structured_requests(request: dict[str, Any]) -> None:
         assert "error" in response
 
 
-def test_max_frame_is_one_mebibyte() -> None:
-    assert MAX_FRAME == 1 << 20
+def test_max_frame_is_four_mebibytes() -> None:
+    assert MAX_FRAME == 4 << 20  # a quote with a real OVMF log is tens of KiB
     big = AgentServer(FakeBackend(), Path("/x")).handle(os.urandom(10))
     assert "not JSON" in big["error"]

@@ -31,29 +31,28 @@ from typing import Any
 import pytest
 import yaml
 
+from attestation.agent_wire import MAX_FRAME, recv_frame
 from attestation.eventlog import parse_event_log
+from attestation.evidence import Evidence
 from attestation.policy import policy_from_evidence
-from testbed import cli
+from attestation.report import VerificationReport
+from testbed.cli import main as cli
 from testbed.cluster.agent import (
-    MAX_CONNECTIONS,
-    MAX_FRAME,
     AgentClient,
     AgentError,
     AgentUnavailable,
+    UnixTransport,
     connect_unix,
-    recv_frame,
 )
-from testbed.sim.backend import (
-    SIM_PCRS,
-    BootArtifacts,
-    ClusterPaths,
-    cluster_processes,
-    down,
-    predicted_policy,
-    process_argv,
-    verify_evidence,
-)
+from testbed.cluster.state import load_node_policy
+from testbed.cluster.verification import verify_evidence
+from testbed.core.paths import ClusterPaths
+from testbed.core.processes import process_argv
+from testbed.sim.agent_server import MAX_CONNECTIONS
+from testbed.sim.backend import SimBackend
+from testbed.sim.processes import cluster_processes
 from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
+from testbed.tpm.boot import SIM_PCRS, predicted_policy
 
 CLUSTER = "trusted-passages-lab"
 TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"
@@ -103,7 +102,11 @@ class Lab:
         return nodes
 
     def agent(self, node: str) -> AgentClient:
-        return AgentClient(self.paths.node(node).socket, node=node)
+        return AgentClient(UnixTransport(self.paths.node(node).socket), node=node)
+
+    def verify(self, node: str, evidence: Evidence, nonce: bytes) -> VerificationReport:
+        return verify_evidence(self.paths, node, evidence, nonce,
+                               load_node_policy(self.paths, node))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     rc, out, err = run_cli(workdir, "up", "--json", "--tamper", TAMPER)
     lab = Lab(workdir, ClusterPaths(workdir, CLUSTER))
     try:
-        assert rc == 0, f"up failed: {out}\n{err}"
+        # Every node up and registered (not 4); the tampered client rejected by its
+        # attestation, so `up` exits 1 and names the check, as on the qemu backend.
+        assert rc == 1, f"up failed: {out}\n{err}"
+        result = json.loads(out)
+        assert result["ok"] and result["rejected"] == ["client"], out
+        client = next(n for n in result["nodes"] if n["name"] == "client")
+        assert client["attested"] is False and client["failed_check"] == "policy"
+        assert "node client was rejected by its attestation" in err
         yield lab
     finally:
         run_cli(workdir, "down")  # safety net; test_down checks the real thing
@@ -183,7 +193,7 @@ def test_predicted_policy_equals_what_a_real_node_quotes(lab: Lab) -> None:
     assert evidence.event_log is not None
     observed = policy_from_evidence(evidence.pcrs, parse_event_log(evidence.event_log), name="x")
     boot = load_cluster_spec(default_spec_path()).node("server").boot
-    predicted = predicted_policy("server", BootArtifacts.from_spec(boot))
+    predicted = predicted_policy("server", boot)
     assert observed.pcrs == predicted.pcrs
     assert [(e.pcr, e.event_type, e.digest) for e in observed.events] == [
         (e.pcr, e.event_type, e.digest) for e in predicted.events]
@@ -193,14 +203,14 @@ def test_replay_is_caught_across_invocations(lab: Lab) -> None:
     """Each verify_evidence call loads and saves the history, as separate CLI runs do."""
     nonce = os.urandom(32)
     evidence = lab.agent("server").quote(nonce, SIM_PCRS.indices)
-    first = verify_evidence(lab.workdir, CLUSTER, "server", evidence, nonce)
+    first = lab.verify("server", evidence, nonce)
     assert first.ok, first.to_dict()
-    replayed = verify_evidence(lab.workdir, CLUSTER, "server", evidence, nonce)
+    replayed = lab.verify("server", evidence, nonce)
     assert replayed.failure is not None and replayed.failure.name == "clock"
     assert "replay" in replayed.failure.detail
     assert mode(lab.paths.clock_history) == 0o600
     # Evidence from one node is refused for another (cuckoo), whatever the nonce.
-    relayed = verify_evidence(lab.workdir, CLUSTER, "verifier", evidence, nonce)
+    relayed = lab.verify("verifier", evidence, nonce)
     assert relayed.failure is not None and relayed.failure.name == "ak_trust"
     rc, out, _ = run_cli(lab.workdir, "attest", "server")  # fresh quotes still pass
     assert rc == 0 and "clock advanced" in out
@@ -234,7 +244,7 @@ HOSTILE = [
     (b'{"op": "quote", "nonce": "00", "pcrs": [99]}', "0..23"),
     (b'{"op": "quote", "nonce": "00", "pcrs": [true]}', "0..23"),
     (b'{"op": "quote", "nonce": "' + b"00" * 65 + b'", "pcrs": [0]}', "at most 64"),
-    (b'{"op": "quote", "nonce": "00"}', "pcrs must be"),
+    (b'{"op": "quote", "nonce": "00"}', "pcrs: expected"),
     (b'{"op": "activate", "credential_blob": "!!", "encrypted_secret": ""}', "base64"),
     (json.dumps({"op": "activate", "credential_blob": base64.b64encode(os.urandom(64)).decode(),
                  "encrypted_secret": base64.b64encode(os.urandom(256)).decode()}).encode(),
@@ -271,7 +281,7 @@ def test_agent_survives_hostile_frames(lab: Lab) -> None:
 
 def _status_error(path: Path) -> str:
     try:
-        AgentClient(path).status()
+        AgentClient(UnixTransport(path), node="server").status()
     except (AgentError, AgentUnavailable) as exc:
         return str(exc)
     return ""
@@ -280,7 +290,7 @@ def _status_error(path: Path) -> str:
 def test_up_twice_leaves_running_nodes_alone(lab: Lab) -> None:
     before = lab.node_status()
     rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
-    assert rc == 0, err
+    assert rc == 1, err  # the tampered client is still rejected
     result = json.loads(out)
     assert [n["action"] for n in result["nodes"]] == ["kept"] * 4
     assert all(n["registered"] for n in result["nodes"])
@@ -289,7 +299,7 @@ def test_up_twice_leaves_running_nodes_alone(lab: Lab) -> None:
     # Without --tamper the client keeps what it booted, and `up` says so.
     rc, out, _ = run_cli(lab.workdir, "up", "--json")
     client = json.loads(out)["nodes"][2]
-    assert rc == 0 and client["action"] == "kept" and "another boot chain" in client["note"]
+    assert rc == 1 and client["action"] == "kept" and "another boot chain" in client["note"]
     assert lab.node_status()["client"]["tampered"] == ["cmdline"]
 
 
@@ -301,7 +311,7 @@ def test_node_stops_when_its_swtpm_dies_and_up_restarts_it(lab: Lab) -> None:
     assert info["state"] == "failed" and "swtpm exited" in info["error"]
     assert lab.node_status()["verifier"]["state"] == "failed"
     rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
-    assert rc == 0, err
+    assert rc == 1, err
     assert [n["action"] for n in json.loads(out)["nodes"]] == ["started", "kept", "kept", "kept"]
     new = lab.node_status()["verifier"]
     assert new["state"] == "running" and new["pid"] != old["pid"]
@@ -345,7 +355,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "w"
     yield path
     for cluster in sorted((path / "clusters").glob("*")):
-        assert not down(path, cluster.name).leftovers
+        assert SimBackend(ClusterPaths(path, cluster.name)).down(purge=False).ok
 
 
 def two_node_spec(directory: Path, name: str) -> Path:
@@ -391,7 +401,7 @@ def test_failed_node_is_reported_with_its_log(workdir: Path, tmp_path: Path) -> 
     nodes = {n["name"]: n for n in json.loads(run_cli(workdir, "status", "--json")[1])["nodes"]}
     assert nodes["good"]["state"] == "running" and nodes["bad"]["state"] == "failed"
     rc, _, err = run_cli(workdir, "attest", "ghost")
-    assert rc == 4 and "has no node 'ghost'" in err
+    assert rc == 3 and "no node named 'ghost'" in err
     running = [p.pid for p in cluster_processes(paths)]
     assert len(running) == 2  # the good node and its swtpm
     shutil.rmtree(paths.root)  # pid files gone too: down still finds them in /proc

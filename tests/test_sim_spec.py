@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,7 @@ from hypothesis import strategies as st
 from attestation.eventlog import parse_event_log
 from attestation.policy import EventMismatch, evaluate_policy, policy_from_evidence
 from attestation.tpm import TpmClient
-from testbed.sim.backend import (
-    SIM_PCRS,
-    BootArtifacts,
-    MeasuredArtifact,
-    measure_boot_artifacts,
-    node_policy,
-    predict_boot,
-    predicted_policy,
-)
+from testbed.sim.backend import node_policy
 from testbed.spec.cluster_spec import (
     MAX_NODES,
     MAX_SPEC_BYTES,
@@ -45,11 +39,11 @@ from testbed.spec.cluster_spec import (
     parse_cluster_spec,
     parse_tamper,
 )
-from testbed.tpm.boot import measure_boot
+from testbed.tpm.boot import SIM_PCRS, measure_boot, predict_boot, predicted_policy
 from testbed.tpm.swtpm import Swtpm
 
-CHAIN = BootSpec.from_content(firmware="OVMF test volume", kernel="vmlinuz-test", initrd="initrd-test",
-                  cmdline="console=ttyS0 ro quiet")
+CHAIN = BootSpec.from_content(firmware="OVMF test volume", kernel="vmlinuz-test",
+                              initrd="initrd-test", cmdline="console=ttyS0 ro quiet")
 
 
 def example_document() -> dict[str, Any]:
@@ -106,10 +100,15 @@ def test_relative_paths_resolve_against_the_spec_directory(tmp_path: Path) -> No
 
 def test_unreadable_artifact_files_name_the_field(tmp_path: Path) -> None:
     missing = Artifact("file", str(tmp_path / "nope"), "nodes[1].boot.kernel")
-    with pytest.raises(ClusterSpecError, match=r"^nodes\[1\]\.boot\.kernel\.file: cannot read"):
+    with pytest.raises(ClusterSpecError,
+                       match=r"^nodes\[1\]\.boot\.kernel\.file: .* does not exist"):
         missing.measure()
     with pytest.raises(ClusterSpecError, match="not a regular file"):
         Artifact("file", "/dev/zero", "nodes[0].boot.initrd").measure()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes: reading it would block forever
+    with pytest.raises(ClusterSpecError, match=r"is not a regular file \(a FIFO\)"):
+        Artifact("file", str(fifo), "nodes[0].boot.initrd").measure()
 
 
 # --- strict loading: every error names its field -------------------------------------------------
@@ -126,8 +125,10 @@ def _set(doc: dict[str, Any], path: tuple[Any, ...], value: object) -> dict[str,
 
 BAD_FIELDS = [
     (("colour",), "blue", r"^spec\.'colour': unknown key"),
-    (("version",), 2, r"^version: 2 is not supported"),
-    (("version",), True, r"^version: True is not supported"),
+    (("version",), 2, r"^version: 2 \(an integer\) is not supported"),
+    (("version",), True, r"^version: True \(a boolean\) is not supported"),
+    (("version",), 1.0, r"^version: 1.0 \(a float\) is not supported .*integer 1"),
+    (("version",), "1", r"^version: '1' \(a string\) is not supported"),
     (("name",), "Has Spaces", r"^name: 'Has Spaces' is not a valid name"),
     (("backend",), "vmware", r"^backend: 'vmware' is not one of"),
     (("nodes",), [], r"^nodes: expected a non-empty list"),
@@ -309,21 +310,25 @@ def test_tamper_merges_with_the_spec_and_names_unknown_nodes() -> None:
 # --- digest-based measured boot and the predicted policy ---
 
 
-def test_digest_boot_is_byte_identical_to_measure_boot() -> None:
-    """Same events, data and extends as testbed.tpm.boot: one verifier code path."""
-    reference, ours = RecordingClient(), RecordingClient()
-    expected_log = measure_boot(reference, CHAIN)  # type: ignore[arg-type]
-    log = measure_boot_artifacts(ours, BootArtifacts.from_chain(CHAIN))  # type: ignore[arg-type]
-    assert log == expected_log
-    assert ours.extends == reference.extends
-    assert predict_boot(BootArtifacts.from_chain(CHAIN))[0] == expected_log
+def _by_digest(boot: BootSpec) -> BootSpec:
+    """The same boot with every artifact given by its SHA-256 alone."""
+    def digest(artifact: Artifact) -> Artifact:
+        return Artifact("sha256", artifact.measure()[0].hex())
+    return BootSpec(digest(boot.firmware), digest(boot.kernel), digest(boot.initrd),
+                    boot.cmdline, boot.firmware_version)
+
+
+def test_the_prediction_is_the_log_the_measured_boot_writes() -> None:
+    """Prediction and measurement are one code path: same events, data and extends."""
+    client = RecordingClient()
+    log = measure_boot(client, CHAIN)  # type: ignore[arg-type]
+    assert predict_boot(CHAIN)[0] == log
+    assert [pcr for pcr, _ in client.extends] == [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 4, 9, 9]
 
 
 def test_digest_only_artifacts_measure_like_their_bytes() -> None:
-    by_bytes = BootArtifacts.from_chain(CHAIN)
-    by_digest = BootArtifacts(MeasuredArtifact(by_bytes.firmware.digest),
-                              MeasuredArtifact(by_bytes.kernel.digest),
-                              MeasuredArtifact(by_bytes.initrd.digest), CHAIN.cmdline)
+    by_bytes = CHAIN
+    by_digest = _by_digest(CHAIN)
     # Sizes only appear in event data; the PCRs and the policy's digests are the same.
     assert predict_boot(by_digest)[1] == predict_boot(by_bytes)[1]
     a, b = predicted_policy("n", by_digest), predicted_policy("n", by_bytes)
@@ -340,9 +345,8 @@ def test_predicted_policy_covers_the_quoted_pcrs_with_labelled_events() -> None:
 
 
 def test_tampered_boot_fails_the_predicted_policy_at_the_diverging_event() -> None:
-    honest = BootArtifacts.from_chain(CHAIN)
-    tampered = BootArtifacts.from_chain(BootSpec.from_content(CHAIN.firmware, CHAIN.kernel, CHAIN.initrd,
-                                                  CHAIN.cmdline + " init=/bin/sh"))
+    honest = CHAIN
+    tampered = replace(CHAIN, cmdline=CHAIN.cmdline + " init=/bin/sh")
     log_bytes, pcrs = predict_boot(tampered)
     mismatches = evaluate_policy(predicted_policy("client", honest), pcrs,
                                  parse_event_log(log_bytes))
@@ -352,10 +356,10 @@ def test_tampered_boot_fails_the_predicted_policy_at_the_diverging_event() -> No
 
 
 def test_prediction_equals_a_real_tpm(swtpm: Swtpm) -> None:
-    boot = BootArtifacts(MeasuredArtifact(hashlib.sha256(b"fw").digest()),
-                         MeasuredArtifact.of(b"kernel"), MeasuredArtifact.of(b"initrd"), "ro")
+    boot = BootSpec(Artifact("sha256", hashlib.sha256(b"fw").hexdigest()),
+                    Artifact("content", "kernel"), Artifact("content", "initrd"), "ro")
     with TpmClient(swtpm.tcti) as client:
-        log = measure_boot_artifacts(client, boot)
+        log = measure_boot(client, boot)
         real = client.read_pcrs("sha256", SIM_PCRS.indices)
     log_bytes, predicted = predict_boot(boot)
     assert predicted == real and log_bytes == log

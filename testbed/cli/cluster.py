@@ -138,8 +138,10 @@ def _print_problems(result: UpResult) -> None:
     for n in result.nodes:
         if n.action == "failed":
             print(f"testbed up: node {n.name} failed: {n.error}", file=sys.stderr)
-            for line in (n.log_tail or "").splitlines():
-                print(f"    {line}", file=sys.stderr)
+            if n.log_tail:
+                print(f"  last lines of {n.log_file}:", file=sys.stderr)
+                for line in n.log_tail.splitlines():
+                    print(f"    {line}", file=sys.stderr)
     for name in result.rejected:
         print(f"testbed up: node {name} was rejected by its attestation; see "
               f"`testbed attest {name}`", file=sys.stderr)

@@ -9,6 +9,7 @@ the backend's own, returning the shared result types.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from attestation.policy import ReferencePolicy
@@ -24,11 +25,12 @@ __all__ = ["ClusterBackend", "NodeFailed"]
 
 
 class NodeFailed(StateError):
-    """A node did not come up; ``log_tail`` is the end of its log or console."""
+    """A node did not come up: ``reason`` says why in a line; ``detail`` (e.g. the tail of
+    a VM's console) completes the message for callers that have nothing else to show."""
 
-    def __init__(self, message: str, log_tail: str | None = None) -> None:
-        super().__init__(message)
-        self.log_tail = log_tail
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}; {detail}" if detail else reason)
+        self.reason = reason
 
 
 class ClusterBackend(Protocol):
@@ -64,7 +66,9 @@ class ClusterBackend(Protocol):
 
     def facts(self) -> BackendFacts: ...
 
-    def log_tail(self, node: str) -> str | None: ...
+    def log_file(self, node: str) -> Path | None:
+        """Where the node's own output goes (a sim node's log, a VM's serial console)."""
+        ...
 
     def status(self) -> list[NodeStatus]: ...
 

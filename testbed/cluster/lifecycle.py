@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attestation.errors import TestbedError
+from attestation.files import private_dir
 from attestation.policy import ReferencePolicy
 from attestation.registrar import Registrar, register
 from testbed.cluster.agent import AgentClient
@@ -51,6 +52,7 @@ def up(backend: ClusterBackend, spec: ClusterSpec, progress: Progress) -> UpResu
     """Bring ``spec`` up on ``backend`` (idempotent: nodes that are up are kept)."""
     started = time.monotonic()
     paths = backend.paths
+    private_dir(paths.root)
     policies = backend.prepare(spec, progress)
     with locked(paths.lock):
         write_spec_and_policies(paths, spec, policies)
@@ -83,7 +85,7 @@ def _bring_up(run: _Run, node: NodeUp) -> None:
     try:
         backend.wait_ready(node)
     except NodeFailed as exc:
-        node.fail(str(exc), exc.log_tail)
+        node.fail(exc.reason, backend.log_file(node.name))
         return
     agent = backend.agent(node.name)
     try:
@@ -93,7 +95,7 @@ def _bring_up(run: _Run, node: NodeUp) -> None:
                              backend.pcrs.indices)
     except TestbedError as exc:
         step = "attestation" if node.registered else "registration"
-        node.fail(f"{step} failed: {exc}", backend.log_tail(node.name))
+        node.fail(f"{step} failed: {exc}", backend.log_file(node.name))
         return
     node.attestation = result.record()
     if not result.report.ok:
@@ -101,7 +103,7 @@ def _bring_up(run: _Run, node: NodeUp) -> None:
     try:
         backend.start_service(node)
     except TestbedError as exc:
-        node.fail(f"{node.role} service: {exc}", backend.log_tail(node.name))
+        node.fail(f"{node.role} service: {exc}", backend.log_file(node.name))
 
 
 def _register(run: _Run, node: str, agent: AgentClient) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 from attestation.report import VerificationReport
 from testbed.core.errors import StateError
+from testbed.core.files import tail
 
 __all__ = [
     "AttestResult",
@@ -137,6 +138,7 @@ class NodeUp:
     service: str | None = None
     enrollment: EnrollmentOutcome | None = None
     error: str | None = None
+    log_file: str | None = None  # the node's own log or console, when it failed
     log_tail: str | None = None
     note: str | None = None
 
@@ -145,9 +147,10 @@ class NodeUp:
         """True accepted, False rejected, None not attested (failed before)."""
         return None if self.attestation is None else self.attestation.ok
 
-    def fail(self, error: str, log_tail: str | None = None) -> None:
+    def fail(self, error: str, log_file: Path | None = None) -> None:
         self.action, self.error = "failed", error
-        self.log_tail = log_tail or self.log_tail
+        if log_file is not None:
+            self.log_file, self.log_tail = str(log_file), tail(log_file)
 
     def to_dict(self) -> dict[str, Any]:
         record = self.attestation
@@ -158,7 +161,8 @@ class NodeUp:
                 "detail": record.detail if record else None,
                 "tampered": list(self.tampered), "service": self.service,
                 "enrollment": self.enrollment.to_dict() if self.enrollment else None,
-                "error": self.error, "log_tail": self.log_tail, "note": self.note,
+                "error": self.error, "log_file": self.log_file, "log_tail": self.log_tail,
+                "note": self.note,
                 **self.facts.to_dict()}
 
 

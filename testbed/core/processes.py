@@ -36,15 +36,19 @@ T = TypeVar("T")
 
 
 def process_argv(pid: int) -> list[str] | None:
-    """argv of a live process; None if it is gone or a zombie (exited, not yet reaped)."""
+    """argv of a live process; None if it is gone or a zombie (exited, not yet reaped).
+
+    A live process may show an empty argv (a kernel thread, or one caught in the middle
+    of an exec): it is ``[]``, not None, so that it is never taken for gone.
+    """
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
-    if state in ("Z", "X") or not raw:
+    if state in ("Z", "X"):
         return None
-    return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")]
+    return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
 
 
 def read_pid(path: Path) -> int | None:

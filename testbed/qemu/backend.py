@@ -46,7 +46,7 @@ from testbed.cluster.results import (
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
-from testbed.core.files import locked, read_json, tail
+from testbed.core.files import locked, read_json
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
 from testbed.core.progress import Progress
@@ -200,6 +200,8 @@ class QemuFacts:
 
 def _classify(argv: list[str], paths: ClusterPaths) -> tuple[str, str] | None:
     """(kind, node) if ``argv`` is the QEMU or libvirt-run swtpm of one of our domains."""
+    if not argv:
+        return None
     domain = _domain_pattern(paths)
     program = Path(argv[0]).name
     if program.startswith("qemu-system"):
@@ -305,7 +307,6 @@ class QemuBackend:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
         progress.expect(4 + len(spec.nodes))
-        private_dir(self.paths.root)
         cache = image_cache(self.paths.workdir)
         with progress.step("guest image (built once, then cached)"):
             self._image = build_image(cache, load_recipe(spec.image) if spec.image else None)
@@ -418,12 +419,11 @@ class QemuBackend:
         return QemuFacts(self._driver.accel.accel, self._driver.accel.reason,
                          self._image.digest, time.monotonic() - self._launched)
 
-    def log_tail(self, node: str) -> str | None:
-        booted = self._booted.get(node)
-        if booted is not None:
-            return booted.vm.console(15)
-        record = VmRecord.load(self.paths, node)
-        return tail(Path(record.console_log)) if record is not None else None
+    def log_file(self, node: str) -> Path | None:
+        with contextlib.suppress(StateError):
+            record = VmRecord.load(self.paths, node)
+            return Path(record.console_log) if record is not None else None
+        return None
 
     def close(self) -> None:
         """The VMs and daemons stay up; only this command's libvirt connection closes."""
@@ -567,5 +567,5 @@ def _our_daemons(paths: ClusterPaths) -> dict[str, int]:
 def _is_daemon(pid: int, name: str, run_dir: Path) -> bool:
     """Whether ``pid`` is ``name`` started by us: its argv names our pid file."""
     argv = process_argv(pid)
-    return argv is not None and Path(argv[0]).name == name \
+    return bool(argv) and Path(argv[0]).name == name \
         and str(run_dir / f"{name}.pid") in argv

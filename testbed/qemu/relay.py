@@ -4,7 +4,7 @@ The guests' networks are isolated (restrict=on: no route to each other or out), 
 the host is their network: for one channel it opens a ``tp_connect`` stream to the
 client guest and a ``tp_accept`` stream to the server guest and splices the two.
 TLS and the attestation exchange run end to end between the guests
-(testbed/qemu/guest_tp.py); the host sees only records, like any router on the
+(testbed/qemu/guest/tp_extension.py); the host sees only records, like any router on the
 path, and can neither read nor forge them (the attack lab's ``mitm`` scenario shows
 what happens when it tries).
 

@@ -63,7 +63,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 class VmBootError(NodeFailed):
-    """A VM stopped or never answered; ``log_tail`` is its console's tail."""
+    """A VM stopped or never answered; the detail is its console's tail."""
 
 
 @dataclass
@@ -191,14 +191,14 @@ class VmDriver:
         while time.monotonic() < deadline:
             if not node.vm.active:
                 raise VmBootError(f"VM {node.name} stopped before its agent answered",
-                                  node.vm.console())
+                                  f"console:\n{node.vm.console()}")
             with contextlib.suppress(TestbedError):
                 node.status = client.status()
                 node.ready = time.monotonic()
                 return node.status
             time.sleep(POLL_INTERVAL_S)
         raise VmBootError(f"VM {node.name}'s agent did not answer within {timeout:.0f} s",
-                          node.vm.console())
+                          f"console:\n{node.vm.console()}")
 
     # --- attestation -------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ connection, under its TPM lock. Two listeners on 127.0.0.1:
   denied ``auth`` naming the failed check.
 
 **VM side** (a qemu VM, after it was attested): the CryptoVM runs *inside* the guest
-(:mod:`testbed.qemu.guest.cryptovm`), sealed to the VM's own vTPM PCRs 0-9. The host asks
+(:mod:`testbed.qemu.guest.cryptovm_extension`), sealed to the VM's own vTPM PCRs 0-9. The host asks
 the guest agent to start it, keeps the root PSK it returns on first start (the same file
 as a sim node's) and publishes the CVM1 endpoint, the VM's forwarded port.
 

@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from attestation.errors import TestbedError
@@ -28,7 +29,7 @@ from testbed.cluster.results import (
 )
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
-from testbed.core.files import locked, tail
+from testbed.core.files import locked
 from testbed.core.paths import ClusterPaths
 from testbed.core.progress import Progress
 from testbed.roles.registry import role
@@ -105,7 +106,6 @@ class SimBackend:
 
     def launch(self, spec: ClusterSpec, progress: Progress) -> list[NodeUp]:
         """Launch every node that is not up yet, all at once: they come up in parallel."""
-        self.paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         nodes = [self._launch(node) for node in spec.nodes]
         self._deadline = time.monotonic() + READY_TIMEOUT_S
         return nodes
@@ -163,8 +163,8 @@ class SimBackend:
     def facts(self) -> NoFacts:
         return NoFacts()
 
-    def log_tail(self, node: str) -> str | None:
-        return tail(self.paths.node(node).log)
+    def log_file(self, node: str) -> Path:
+        return self.paths.node(node).log
 
     def close(self) -> None:
         """Nothing to release: the nodes outlive the command by design."""

@@ -20,7 +20,7 @@ from attestation.files import atomic_write
 from testbed.cluster.backend import NodeFailed
 from testbed.cluster.results import OwnedProcess
 from testbed.core.errors import StateError
-from testbed.core.files import read_json, tail
+from testbed.core.files import read_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import (
     StopSignal,
@@ -60,6 +60,8 @@ def node_command(paths: ClusterPaths, node: str) -> list[str]:
 
 def _classify(argv: list[str], paths: ClusterPaths) -> tuple[Kind, str] | None:
     """(kind, node) if ``argv`` is one of this cluster's node or swtpm processes."""
+    if not argv:
+        return None
     if argv[1:3] == ["-m", NODE_MODULE] and len(argv) == 9:
         opts = dict(zip(argv[3::2], argv[4::2], strict=True))
         if (opts.get("--workdir") == str(paths.workdir) and opts.get("--cluster") == paths.name
@@ -177,7 +179,6 @@ def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
 
 def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> dict[str, Any]:
     """node.json once the node says ``ready``; :class:`NodeFailed` with its log's tail."""
-    log = paths.node(node).log
     while True:
         info = read_node_info(paths, node)
         if info.get("pid") == pid:
@@ -185,11 +186,11 @@ def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> dic
                 return info
             if info.get("state") == "failed":
                 ensure_exited(paths, node, pid)  # it is stopping its swtpm and exiting
-                raise NodeFailed(str(info.get("error") or "node failed"), tail(log))
+                raise NodeFailed(str(info.get("error") or "node failed"))
         if not _is_ours(pid, paths, "node", node):
             reap(pid)
-            raise NodeFailed("the node process exited before becoming ready", tail(log))
+            raise NodeFailed("the node process exited before becoming ready")
         if time.monotonic() > deadline:
             stop_process(paths, pid, "node", node)
-            raise NodeFailed(f"not ready after {READY_TIMEOUT_S:.0f} s; stopped it", tail(log))
+            raise NodeFailed(f"not ready after {READY_TIMEOUT_S:.0f} s; stopped it")
         time.sleep(_POLL_S)

@@ -482,7 +482,7 @@ def _text(value: object, path: str, limit: int, *, single_line: bool = True) -> 
 
 def _kind(value: object) -> str:
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-             type(None): "nothing"}
+             int: "an integer", float: "a float", type(None): "nothing"}
     return names.get(type(value), f"a {type(value).__name__}")
 
 

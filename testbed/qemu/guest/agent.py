@@ -32,7 +32,7 @@ TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per
 Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection
 (at most :data:`MAX_CONNECTIONS`); the TPM is serialised by its lock.
 
-Role extensions: when ``guest_tp`` (Trusted Passages inside the guest, which needs
+Role extensions: when ``tp_extension`` (Trusted Passages inside the guest, which needs
 Debian's python3-openssl and the project's ``trusted_passages``) sits beside this
 file, its ``install(agent)`` adds request ops and *stream* ops. A stream op answers
 its request frame and then owns the raw connection: the host relays it to another
@@ -240,7 +240,7 @@ def serve(agent: Agent, host: str, port: int) -> None:
                              daemon=True).start()
 
 
-EXTENSIONS = (("guest_tp", "trusted-passages"), ("guest_cryptovm", "cryptovm"))
+EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"))
 
 
 def install_extensions(agent: Agent) -> None:
