@@ -371,7 +371,7 @@ def test_site_playbook_over_ssh_two_lab_hosts(
         # lab-a: installed from the controller's tree by the project's own bootstrap
         install = roots["lab-a"] / "opt" / "testbed"
         assert (install / ".ci" / "bootstrap").is_file()
-        assert (install / "testbed" / "cli.py").is_file()
+        assert (install / "testbed" / "cli" / "main.py").is_file()
         assert (install / ".venv" / "bin" / "testbed").is_file()
         shipped = {p.relative_to(install).parts[0] for p in install.iterdir()}
         assert not shipped & {".git", ".testbed", ".pytest_cache", ".mypy_cache"}, shipped
