@@ -8,4 +8,6 @@ Public API (``docs/cryptovm.md`` has the whole story):
 * :func:`cryptovm.keyattest.verify_key_attestation`, :mod:`cryptovm.release`,
   :mod:`cryptovm.wrapping` - what tenants and requesters run on their side
 * :mod:`cryptovm.admin` - CLI-facing management functions
+
+May import ``trusted_passages`` and ``attestation``; never ``testbed``.
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from attestation.encoding import b64encode
+from cryptovm import server
 from cryptovm.audit import verify_audit_log
 from cryptovm.keyattest import KeyAttestation
 from cryptovm.vsm import DEFAULT_PCRS, CryptoVm, VsmSession
@@ -166,8 +167,6 @@ def release_policy_set(state_dir: Path, tcti: str, name: str, reference_policy_y
 def serve(state_dir: Path, tcti: str, host: str = "127.0.0.1", port: int = 0,
           port_file: Path | None = None, audit_sync: str = "state") -> int:
     """Run the server in the foreground until SIGTERM/SIGINT (returns the exit code)."""
-    from cryptovm import server
-
     argv = ["--state", str(state_dir), "--tcti", tcti, "--host", host, "--port", str(port),
             "--audit-sync", audit_sync]
     if port_file is not None:

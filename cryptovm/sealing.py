@@ -86,6 +86,7 @@ SealerFactory = Callable[[PcrSelection], Sealer]
 
 def connect_tpm(tcti: str) -> TpmAccess:
     """The default TPM access: one short-lived connection per use."""
+    # lazy: attestation.tpm needs tpm2-pytss, which Debian 12 guests do not have
     from attestation.tpm import TpmClient
 
     return lambda: TpmClient(tcti)

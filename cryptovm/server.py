@@ -48,6 +48,7 @@ from cryptovm.errors import (
     ProtocolError,
     ServerError,
 )
+from cryptovm.rawtpm import RawTpm
 from cryptovm.tlsloop import TlsListener, TlsStream
 from cryptovm.vsm import CryptoVm, VsmSession
 from cryptovm.wire import (
@@ -525,8 +526,6 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     event_log = args.event_log.read_bytes() if args.event_log else None
     if args.raw_tpm:
-        from cryptovm.rawtpm import RawTpm  # stdlib only: no tpm2-pytss needed
-
         raw = RawTpm.open(args.raw_tpm)
         vm = CryptoVm.open(args.state, raw.name, event_log=event_log, audit_sync_each=False,
                            **raw.options())
