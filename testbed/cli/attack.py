@@ -8,6 +8,7 @@ import json
 from testbed.attacks.report import print_table
 from testbed.attacks.runs import SCENARIOS_BY_BACKEND, AttackRun, run_attacks
 from testbed.attacks.scenarios import SCENARIOS
+from testbed.cli.render import add_json_option
 from testbed.core.errors import StateError
 from testbed.core.paths import resolve_workdir
 from testbed.core.progress import Progress
@@ -28,7 +29,7 @@ def register_attack_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--backend", choices=tuple(SCENARIOS_BY_BACKEND), default="sim",
                    help="where the lab's machines run (default: %(default)s; qemu: real VMs, "
                         f"scenario {', '.join(SCENARIOS_BY_BACKEND['qemu'])})")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_json_option(p)
     p.set_defaults(func=cmd_attack)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from testbed.backends import backend_for, open_backend
 from testbed.cli.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import emit, print_report
+from testbed.cli.render import add_json_option, emit, print_report
 from testbed.cluster import lifecycle
 from testbed.cluster.backend import ClusterBackend
 from testbed.cluster.results import (
@@ -52,12 +52,12 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
                    help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
                         "or server=kernel:content=evil (repeatable)")
-    _add_json(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")
     _add_cluster(p)
-    _add_json(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("attest", help="quote a node with a fresh nonce and verify it",
@@ -66,19 +66,15 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     _add_cluster(p)
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="reference policy (default: the node's policy from `up`)")
-    _add_json(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
     _add_cluster(p)
     p.add_argument("--purge", action="store_true",
                    help="also remove TPM state, registry, policies and clock history")
-    _add_json(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_down)
-
-
-def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def _add_cluster(parser: argparse.ArgumentParser) -> None:

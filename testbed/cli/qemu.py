@@ -13,7 +13,7 @@ from attestation.files import atomic_write
 from attestation.policy import dump_policy
 from attestation.report import VerificationReport
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import emit, print_report
+from testbed.cli.render import add_json_option, emit, print_report
 from testbed.core.paths import resolve_workdir
 from testbed.qemu.domain import connect, remove_leftovers
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
@@ -23,10 +23,6 @@ from testbed.spec.recipe import DEFAULT_RECIPE, load_recipe
 
 __all__ = ["cmd_image_build", "cmd_qemu_attest", "cmd_qemu_cleanup", "cmd_qemu_policy",
            "register_image_commands", "register_qemu_commands"]
-
-
-def _json_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
 def _recipe_flag(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +37,7 @@ def register_image_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p = isub.add_parser("build", help="build the guest image (cached by a hash of its inputs)")
     _recipe_flag(p)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    _json_flag(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_image_build)
 
 
@@ -60,7 +56,7 @@ def register_qemu_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--append", default="", metavar="TEXT",
                    help="append TEXT to the booted command line (not to the policy's): "
                         "an attack demo, e.g. --append ' init=/bin/sh'")
-    _json_flag(p)
+    add_json_option(p)
     p.set_defaults(func=cmd_qemu_attest)
     p = qsub.add_parser("cleanup", help="destroy testbed-* domains left by a killed run "
                                         "(only when no other testbed run is active)")

@@ -27,6 +27,7 @@ from testbed.tpm.boot import BANK, SIM_PCRS
 from testbed.tpm.localca import LocalCA
 
 __all__ = [
+    "InfoRequest",
     "NoService",
     "NodeContext",
     "RoleRequest",
@@ -104,6 +105,22 @@ class RoleRequest(Protocol):
     def from_args(cls, args: Mapping[str, Any]) -> Self: ...
 
     def to_args(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    """What a role service says about itself (ports, keys, certificates)."""
+
+    action: ClassVar[str] = "info"
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> Self:
+        if args:
+            raise StateError("info takes no args")
+        return cls()
+
+    def to_args(self) -> dict[str, Any]:
+        return {}
 
 
 def decode_request(types: tuple[type[RoleRequest], ...], action: str,

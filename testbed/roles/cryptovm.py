@@ -35,7 +35,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 from attestation.errors import EvidenceFormatError
 from attestation.files import atomic_write, private_dir
@@ -49,7 +49,7 @@ from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
-from testbed.roles.base import NodeContext, RoleRequest, decode_request
+from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
 from testbed.tpm.boot import SIM_PCRS
 from trusted_passages import (
@@ -69,7 +69,6 @@ __all__ = [
     "VM_PCRS",
     "CryptoVmEndpoint",
     "CryptoVmService",
-    "InfoRequest",
     "PublishedCryptoVm",
     "cryptovm_endpoint",
     "open_store",
@@ -215,20 +214,6 @@ class AuditingValidator:
     def claimed(self) -> str | None:
         node = getattr(self._claims, "node", None)
         return node if isinstance(node, str) else None
-
-
-@dataclass(frozen=True)
-class InfoRequest:
-    action: ClassVar[str] = "info"
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> Self:
-        if args:
-            raise StateError("info takes no args")
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
 
 
 REQUESTS: tuple[type[RoleRequest], ...] = (InfoRequest,)

@@ -34,7 +34,7 @@ from testbed.cluster.results import EnrollmentOutcome
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
-from testbed.roles.base import NodeContext, RoleRequest, decode_request
+from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
 from testbed.roles.enrollment import enroll
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
 from trusted_passages import AttestedChannel, ChannelConfig, Server, connect, serve
@@ -44,7 +44,6 @@ from trusted_passages.summary import summarize
 __all__ = [
     "ConnectRequest",
     "EnrollRequest",
-    "InfoRequest",
     "TrustedPassagesService",
     "connect_peer",
     "peer_port",
@@ -97,20 +96,6 @@ class EnrollRequest:
 
     def to_args(self) -> dict[str, Any]:
         return {"validity": self.validity}
-
-
-@dataclass(frozen=True)
-class InfoRequest:
-    action: ClassVar[str] = "info"
-
-    @classmethod
-    def from_args(cls, args: Mapping[str, Any]) -> Self:
-        if args:
-            raise StateError("info takes no args")
-        return cls()
-
-    def to_args(self) -> dict[str, Any]:
-        return {}
 
 
 REQUESTS: tuple[type[RoleRequest], ...] = (ConnectRequest, EnrollRequest, InfoRequest)
