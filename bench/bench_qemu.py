@@ -75,7 +75,7 @@ def parallel(backend: QemuBackend, image: Any, count: int) -> dict[str, Any]:
 def _cli(workdir: Path, *args: str) -> tuple[float, Any]:
     env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir), *args,
+    res = subprocess.run([sys.executable, "-m", "testbed", "--workdir", str(workdir), *args,
                           "--json"], capture_output=True, text=True, env=env, check=False,
                          cwd=REPO_ROOT)
     seconds = time.monotonic() - started

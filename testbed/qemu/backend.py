@@ -566,6 +566,5 @@ def _our_daemons(paths: ClusterPaths) -> dict[str, int]:
 
 def _is_daemon(pid: int, name: str, run_dir: Path) -> bool:
     """Whether ``pid`` is ``name`` started by us: its argv names our pid file."""
-    argv = process_argv(pid)
-    return bool(argv) and Path(argv[0]).name == name \
-        and str(run_dir / f"{name}.pid") in argv
+    argv = process_argv(pid) or []
+    return bool(argv) and Path(argv[0]).name == name and str(run_dir / f"{name}.pid") in argv
