@@ -266,8 +266,9 @@ def _kind(value: object) -> str:
 def _check_version(version: object) -> None:
     if version is None:
         raise PolicyError("version: missing (must be 1)")
-    if isinstance(version, bool) or version != POLICY_VERSION:
-        raise PolicyError(f"version: {_show(version)} is not supported (must be {POLICY_VERSION})")
+    if type(version) is not int or version != POLICY_VERSION:  # not 1.0, true or "1"
+        raise PolicyError(f"version: {_show(version)} ({type(version).__name__}) is not "
+                          f"supported (must be the integer {POLICY_VERSION})")
 
 
 def _text_field(

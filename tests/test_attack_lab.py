@@ -62,7 +62,7 @@ def test_third_party_names_the_runtime_claim(lab: Lab) -> None:
 def test_cli_attack_json_and_exit_code() -> None:
     r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "attack", "mitm", "replay",
                         "--json"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr + r.stdout[-3000:]
     out = json.loads(r.stdout)
     assert out["ok"] and [x["attack"] for x in out["results"]] == ["mitm", "replay"]
     assert out["genuine_channel"].startswith("ESTABLISHED")

@@ -179,8 +179,10 @@ def minimal(**overrides: object) -> str:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (minimal(version=2), "version: 2 is not supported"),
-        (minimal(version=True), "version: True is not supported"),
+        (minimal(version=2), "version: 2 (int) is not supported"),
+        (minimal(version=True), "version: True (bool) is not supported"),
+        (minimal(version=1.0), "version: 1.0 (float) is not supported (must be the integer 1)"),
+        (minimal(version="1"), "version: 1 (str) is not supported"),
         ("name: p\npcrs: {0: '" + SHA + "'}\n", "version: missing"),
         (minimal(name=""), "name: must not be empty"),
         (minimal(name=None), "name: missing"),

@@ -23,8 +23,8 @@ def register_demo_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
                         "libvirt with OVMF measured boot, TLS inside the guests (~1-2 min "
                         "under TCG)")
     p.add_argument("--keep", action="store_true",
-                   help="leave the demo's cluster running (`testbed --workdir DIR/demo-<backend> "
-                        "status`, then down)")
+                   help="leave the demo's cluster running (`testbed --workdir DIR/demo status` "
+                        "for sim, DIR/demo-qemu for qemu; then down)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -8,14 +8,16 @@ acts, and closes. Results print as JSON with --json, else as indented key: value
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from attestation.encoding import b64decode
+from attestation.files import read_bounded
 from cryptovm import admin
 from cryptovm.keystore import ALGORITHMS
+from cryptovm.wire import MAX_BODY
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
 from testbed.cli.render import add_json_option
 from testbed.cli.tpm import parse_hex, tcti_for
@@ -157,13 +159,18 @@ def cmd_key_delete(args: argparse.Namespace) -> int:
     return _emit(args, admin.key_delete(*_where(args), args.key_id))
 
 
+def _data(args: argparse.Namespace) -> bytes:
+    """The --data file: what a CVM1 frame can carry, at most."""
+    return read_bounded(args.data, MAX_BODY, what="data file")
+
+
 def cmd_key_sign(args: argparse.Namespace) -> int:
-    return _emit(args, admin.key_sign(*_where(args), args.key_id, args.data.read_bytes()))
+    return _emit(args, admin.key_sign(*_where(args), args.key_id, _data(args)))
 
 
 def cmd_key_verify(args: argparse.Namespace) -> int:
-    signature = base64.b64decode(args.signature, validate=True)
-    result = admin.key_verify(*_where(args), args.key_id, args.data.read_bytes(), signature)
+    signature = b64decode(args.signature, "--signature", limit=MAX_BODY)
+    result = admin.key_verify(*_where(args), args.key_id, _data(args), signature)
     _emit(args, result)
     return EXIT_OK if result.get("valid") else EXIT_REJECTED
 

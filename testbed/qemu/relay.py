@@ -9,7 +9,7 @@ path, and can neither read nor forge them (the attack lab's ``mitm`` scenario sh
 what happens when it tries).
 
 Provisioning: each guest generates its TLS key inside and returns the public key;
-the cluster's TLS CA certifies it (the sim backend's CA, testbed/tp_role.py); the
+the cluster's TLS CA certifies it (testbed/roles/trust.py, as for sim nodes); the
 guest receives its certificate, the AK registry ``testbed up`` wrote, and every
 node's reference policy, and validates its peers itself.
 """

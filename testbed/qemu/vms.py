@@ -2,17 +2,17 @@
 
 Typical use::
 
-    with QemuBackend(workdir) as backend:
+    with VmDriver(workdir) as driver:
         image = build_image(workdir)
-        policy = backend.predicted_policy(image)        # boots a reference VM once
-        node = backend.boot("vm0", image)
-        backend.wait(node)
-        report, evidence = backend.attest(node, policy)
+        policy = driver.predicted_policy(image)         # boots a reference VM once
+        node = driver.boot("vm0", image)
+        driver.wait(node)
+        report, evidence = driver.attest(node, policy)
         assert report.ok
 
 Everything the backend starts (domains, their swtpm and QEMU processes, and the
-libvirt daemons if it had to start them) is stopped by :meth:`QemuBackend.close`,
-except after :meth:`QemuBackend.release`, which hands VMs and daemons over to a
+libvirt daemons if it had to start them) is stopped by :meth:`VmDriver.close`,
+except after :meth:`VmDriver.release`, which hands VMs and daemons over to a
 longer-lived owner (the qemu clusters of :mod:`testbed.qemu.backend`).
 """
 

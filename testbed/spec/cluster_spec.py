@@ -24,7 +24,7 @@ the recipe's), and ``tampered:`` may only replace ``cmdline``. The firmware,
 kernel and initrd of such a node are :class:`Artifact` objects of kind ``image``.
 
 Loading is strict, because a spec decides what a verifier will accept: unknown
-keys, duplicate keys, YAML aliases, wrong types and out-of-range values are
+keys, duplicate keys, YAML merge keys, wrong types and out-of-range values are
 :class:`ClusterSpecError`\\ s naming the offending field (``nodes[1].boot.kernel``).
 Relative ``file:`` and ``policy:`` paths are resolved against the spec's directory
 at load time, so a loaded spec no longer depends on the current directory.
@@ -80,7 +80,7 @@ MAX_FILE_BYTES = 1 << 30  # a kernel or firmware image, hashed in chunks
 ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
 BACKENDS = ("sim", "qemu")
 ARTIFACT_NAMES = ("firmware", "kernel", "initrd")
-DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # measure_boot.BootChain's default
+DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # what the simulated OVMF reports
 DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
 DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
 

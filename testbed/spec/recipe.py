@@ -133,8 +133,9 @@ def parse_recipe(doc: object, path: Path = DEFAULT_RECIPE) -> ImageRecipe:
     if unknown or missing:
         raise RecipeError(f"recipe: unknown keys {unknown}, missing keys {missing}")
     if type(doc["version"]) is not int or doc["version"] != RECIPE_VERSION:
-        raise RecipeError(f"version: {str(doc['version'])[:20]!r} is not supported (must be "
-                          f"the integer {RECIPE_VERSION})")
+        raise RecipeError(f"version: {str(doc['version'])[:20]!r} "
+                          f"({type(doc['version']).__name__}) is not supported (must be the "
+                          f"integer {RECIPE_VERSION})")
     return ImageRecipe(
         name=_match(doc, "name", _NAME),
         suite=_match(doc, "suite", _NAME),
