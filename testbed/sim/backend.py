@@ -42,7 +42,6 @@ from testbed.sim.processes import (
     launch_node,
     node_pid,
     prepare_run_dir,
-    read_node_info,
     stop_process,
     wait_node_gone,
     wait_ready,
@@ -130,11 +129,11 @@ class SimBackend:
     def wait_ready(self, node: NodeUp) -> None:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
         info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
-        node.facts = SimNodeFacts(node.facts.pid, info.get("swtpm_pid"), info.get("tcti"))
+        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti)
         if node.action == "kept":
             # A running node keeps what it booted; say so when the spec now differs.
-            node.tampered = tuple(info.get("tampered") or ())
-            if info.get("boot") != self._boots.get(node.name):
+            node.tampered = tuple(info.tampered)
+            if info.boot != self._boots.get(node.name):
                 node.note = ("runs another boot chain than the spec now gives; "
                              "`testbed down` then `testbed up` to apply the spec")
 
@@ -189,14 +188,15 @@ class SimBackend:
                 agent = "answering"
             except TestbedError:
                 label, agent = "unresponsive", "not answering"
-        live = state.info if state.pid else {}  # what the running node reports about itself
+        live = state.info if state.pid else None  # what the running node says of itself
         spec_tampered = spec.tampered.fields() if spec and spec.tampered else ()
-        facts = SimStatusFacts(state.pid, live.get("swtpm_pid"), live.get("tcti"),
-                               str(self.paths.node(name).socket))
+        facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
+                               live.tcti if live else None, str(self.paths.node(name).socket))
+        role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(
-            name=name, role=str(live.get("role") or (spec.role if spec else "?")), state=label,
-            agent=agent, service=service, tampered=tuple(live.get("tampered", spec_tampered)),
-            last_attestation=last, facts=facts)
+            name=name, role=role, state=label, agent=agent, service=service,
+            tampered=tuple(live.tampered) if live else spec_tampered, last_attestation=last,
+            facts=facts)
 
     # --- down -----------------------------------------------------------------------------
 
@@ -250,6 +250,3 @@ class SimBackend:
 
     def processes(self) -> list[OwnedProcess]:
         return cluster_processes(self.paths)
-
-    def node_info(self, node: str) -> dict[str, Any]:
-        return read_node_info(self.paths, node)

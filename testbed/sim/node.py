@@ -37,11 +37,11 @@ from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
 from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
-from testbed.core.files import write_json
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import NodeContext, RoleService
 from testbed.roles.registry import start_node_service
 from testbed.sim.agent_server import AgentServer
+from testbed.sim.node_info import NodeInfo, NodeInfoState
 from testbed.tpm.boot import boot_summary, measure_boot
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import STATE_FILE, Swtpm, provision
@@ -72,8 +72,7 @@ class Node:
         self._client: TpmClient | None = None
         self._role: RoleService | None = None
         self._agent: AgentServer | None = None
-        self._info: dict[str, Any] = {"node": name, "cluster": paths.name, "pid": os.getpid(),
-                                      "agent_socket": str(self.paths.socket)}
+        self._info = NodeInfo(name, paths.name, os.getpid(), str(self.paths.socket))
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -127,8 +126,8 @@ class Node:
             tpm=client, tpm_lock=threading.Lock(), ak=ak, ak_algorithm="ecc", ek=ek,
             event_log=event_log, paths=self.paths, cluster_paths=self.cluster_paths, ca=ca,
             tcti=client.tcti, stopping=self.stopping)
-        self._info.update(role=node_spec.role, boot=boot_summary(boot), tampered=list(
-            node_spec.tampered.fields() if node_spec.tampered else ()))
+        self._info.role, self._info.boot = node_spec.role, boot_summary(boot)
+        self._info.tampered = list(node_spec.tampered.fields() if node_spec.tampered else ())
         self._role = start_node_service(self.ctx)
         self._agent = AgentServer(self, self.paths.socket)
         self._agent.start()
@@ -138,7 +137,7 @@ class Node:
         self._swtpm = Swtpm(self.paths.state, run_dir=self.paths.run, detached=True)
         self._swtpm.start()
         log.info("swtpm pid %d, %s", self._swtpm.pid, self._swtpm.tcti)
-        self._info.update(swtpm_pid=self._swtpm.pid, tcti=self._swtpm.tcti)
+        self._info.swtpm_pid, self._info.tcti = self._swtpm.pid, self._swtpm.tcti
         self._client = TpmClient(self._swtpm.tcti)
         return self._client
 
@@ -196,10 +195,10 @@ class Node:
         else:
             self._client.close()
 
-    def _write_info(self, state: str, **extra: Any) -> None:
-        self._info.update(state=state, updated=time.time(), **extra)
+    def _write_info(self, state: NodeInfoState, error: str | None = None) -> None:
+        self._info.state, self._info.updated, self._info.error = state, time.time(), error
         try:
-            write_json(self.paths.info, self._info)
+            self._info.save(self.paths.info)
         except OSError as exc:  # e.g. `down --purge` removed the directory already
             log.warning("cannot write node.json: %s", exc)
 
@@ -226,7 +225,9 @@ class Node:
         return evidence
 
     def status(self) -> dict[str, Any]:
-        return {**self._info, "state": "stopping" if self.stopping.is_set() else "ready",
+        # Not its "error": on the agent's wire that key means the request failed.
+        info = {k: v for k, v in self._info.to_dict().items() if k != "error"}
+        return {**info, "state": "stopping" if self.stopping.is_set() else "ready",
                 "service": self._role.describe() if self._role else None,
                 "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes}
 

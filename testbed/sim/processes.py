@@ -12,15 +12,14 @@ import contextlib
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from attestation.files import atomic_write
 from testbed.cluster.backend import NodeFailed
 from testbed.cluster.results import OwnedProcess
 from testbed.core.errors import StateError
-from testbed.core.files import read_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import (
     StopSignal,
@@ -32,6 +31,7 @@ from testbed.core.processes import (
     terminate,
     wait_gone,
 )
+from testbed.sim.node_info import NodeInfo
 from testbed.tpm.swtpm import Swtpm
 
 __all__ = [
@@ -114,7 +114,7 @@ class NodeProcessState:
     name: str
     state: NodeState
     pid: int | None
-    info: dict[str, Any] = field(default_factory=dict)  # node.json, as the node wrote it
+    info: NodeInfo | None = None  # node.json, as the node wrote it
 
 
 def node_pid(paths: ClusterPaths, node: str) -> int | None:
@@ -128,22 +128,20 @@ def node_pid(paths: ClusterPaths, node: str) -> int | None:
                  if p.kind == "node" and p.node == node), None)
 
 
-def read_node_info(paths: ClusterPaths, node: str) -> dict[str, Any]:
-    info = read_json(paths.node(node).info)
-    return info if isinstance(info, dict) else {}
+def read_node_info(paths: ClusterPaths, node: str) -> NodeInfo | None:
+    return NodeInfo.load(paths.node(node).info)
 
 
 def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
     info = read_node_info(paths, node)
     pid = node_pid(paths, node)
-    recorded = info.get("state")
     if pid is not None:
-        if info.get("pid") != pid:
+        if info is None or info.pid != pid:
             return NodeProcessState(node, "starting", pid, info)
-        live: dict[object, NodeState] = {"ready": "running", "failed": "failed",
-                                         "stopped": "stopping"}
-        return NodeProcessState(node, live.get(recorded, "starting"), pid, info)
-    if recorded == "failed":
+        live: dict[str, NodeState] = {"ready": "running", "failed": "failed",
+                                      "stopped": "stopping"}
+        return NodeProcessState(node, live.get(info.state, "starting"), pid, info)
+    if info is not None and info.state == "failed":
         return NodeProcessState(node, "failed", None, info)
     return NodeProcessState(node, "stopped" if info else "down", None, info)
 
@@ -177,16 +175,16 @@ def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
     node_paths.run.mkdir(mode=0o700, parents=True)
 
 
-def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> dict[str, Any]:
-    """node.json once the node says ``ready``; :class:`NodeFailed` with its log's tail."""
+def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> NodeInfo:
+    """node.json once the node says ``ready``; :class:`NodeFailed` if it never will."""
     while True:
         info = read_node_info(paths, node)
-        if info.get("pid") == pid:
-            if info.get("state") == "ready":
+        if info is not None and info.pid == pid:
+            if info.state == "ready":
                 return info
-            if info.get("state") == "failed":
+            if info.state == "failed":
                 ensure_exited(paths, node, pid)  # it is stopping its swtpm and exiting
-                raise NodeFailed(str(info.get("error") or "node failed"))
+                raise NodeFailed(info.error or "node failed")
         if not _is_ours(pid, paths, "node", node):
             reap(pid)
             raise NodeFailed("the node process exited before becoming ready")
