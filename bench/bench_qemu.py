@@ -31,34 +31,34 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from testbed.qemu.image.build import build_image
-from testbed.qemu.vms import QemuBackend, QemuNode
+from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.spec.recipe import REPO_ROOT
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or REPO_ROOT / ".testbed").absolute()
 GOAL_S = 60.0
 
 
-def single_boots(backend: QemuBackend, image: Any, runs: int) -> list[float]:
+def single_boots(driver: VmDriver, image: Any, runs: int) -> list[float]:
     times = []
     for run in range(runs):
-        node = backend.boot(f"bench-single{run}", image)
+        node = driver.boot(f"bench-single{run}", image)
         try:
-            backend.wait(node)
+            driver.wait(node)
             assert node.boot_seconds is not None
             times.append(node.boot_seconds)
         finally:
-            backend.stop(node.name)
+            driver.stop(node.name)
     return times
 
 
-def parallel(backend: QemuBackend, image: Any, count: int) -> dict[str, Any]:
-    policy = backend.predicted_policy(image)
+def parallel(driver: VmDriver, image: Any, count: int) -> dict[str, Any]:
+    policy = driver.predicted_policy(image)
     started = time.monotonic()
-    nodes = [backend.boot(f"bench-par{i}", image) for i in range(count)]
+    nodes = [driver.boot(f"bench-par{i}", image) for i in range(count)]
 
     def attest(node: QemuNode) -> tuple[float, float, bool]:
-        backend.wait(node)
-        report, _ = backend.attest(node, policy)
+        driver.wait(node)
+        report, _ = driver.attest(node, policy)
         return node.boot_seconds or 0.0, time.monotonic() - started, report.ok
 
     try:
@@ -66,7 +66,7 @@ def parallel(backend: QemuBackend, image: Any, count: int) -> dict[str, Any]:
             results = list(pool.map(attest, nodes))
     finally:
         for node in nodes:
-            backend.stop(node.name)
+            driver.stop(node.name)
     return {"nodes": count, "all_attested_seconds": round(max(r[1] for r in results), 1),
             "boot_seconds": [round(r[0], 1) for r in results],
             "all_ok": all(r[2] for r in results)}
@@ -132,12 +132,12 @@ def main() -> None:
     image = build_image(CACHE)
     image_seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory(prefix="bench-qemu-") as tmp, \
-            QemuBackend(Path(tmp), reference_dir=CACHE / "firmware") as backend:
-        backend.predicted_policy(image)  # capture the firmware reference outside the timings
-        singles = single_boots(backend, image, args.runs)
-        par = parallel(backend, image, args.nodes)
+            VmDriver(Path(tmp), reference_dir=CACHE / "firmware") as driver:
+        driver.predicted_policy(image)  # capture the firmware reference outside the timings
+        singles = single_boots(driver, image, args.runs)
+        par = parallel(driver, image, args.nodes)
         figures = {
-            "accel": backend.accel.accel, "accel_reason": backend.accel.reason,
+            "accel": driver.accel.accel, "accel_reason": driver.accel.reason,
             "image": {"digest": image.digest[:16], "build_seconds": image.manifest["build_seconds"],
                       "this_run_seconds": round(image_seconds, 1),
                       "initrd_mib": round(image.manifest["initrd"]["size"] / 2**20, 1),

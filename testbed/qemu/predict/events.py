@@ -45,6 +45,7 @@ from attestation.eventlog import (
     event_type_name,
     event_type_value,
 )
+from attestation.files import atomic_write
 from attestation.policy import ExpectedEvent, ReferencePolicy
 from testbed.qemu.predict.authenticode import authenticode_digest
 
@@ -295,9 +296,7 @@ class FirmwareReference:
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.config.key()}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
+        atomic_write(path, self.to_json().encode(), mode=0o644)
         return path
 
     @classmethod
