@@ -84,10 +84,11 @@ def _bring_up(run: _Run, node: NodeUp) -> None:
     backend = run.backend
     try:
         backend.wait_ready(node)
-    except NodeFailed as exc:
-        node.fail(exc.reason, backend.log_file(node.name))
+        agent = backend.agent(node.name)
+    except TestbedError as exc:
+        node.fail(exc.reason if isinstance(exc, NodeFailed) else str(exc),
+                  backend.log_file(node.name))
         return
-    agent = backend.agent(node.name)
     try:
         _register(run, node.name, agent)
         node.registered = True

@@ -129,7 +129,12 @@ def node_pid(paths: ClusterPaths, node: str) -> int | None:
 
 
 def read_node_info(paths: ClusterPaths, node: str) -> NodeInfo | None:
-    return NodeInfo.load(paths.node(node).info)
+    """node.json, None if there is none; a damaged one counts as none (the node's process
+    is still found by its pid file or in /proc, and a restart rewrites the file)."""
+    try:
+        return NodeInfo.load(paths.node(node).info)
+    except StateError:
+        return None
 
 
 def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
