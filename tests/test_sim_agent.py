@@ -31,7 +31,9 @@ from testbed.cluster.agent import (
     UnixTransport,
     sockaddr,
 )
+from testbed.core.errors import StateError
 from testbed.sim.agent_server import AgentServer
+from testbed.sim.node_info import NodeInfo
 
 
 def unix_client(path: Path, node: str = "n1") -> AgentClient:
@@ -176,3 +178,27 @@ def test_max_frame_is_four_mebibytes() -> None:
     assert MAX_FRAME == 4 << 20  # a quote with a real OVMF log is tens of KiB
     big = AgentServer(FakeBackend(), Path("/x")).handle(os.urandom(10))
     assert "not JSON" in big["error"]
+
+
+# --- node.json, as the backend reads it -------------------------------------------------------
+
+
+@given(st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode())))
+def test_a_damaged_node_json_is_one_clear_error(tmp_path_factory: pytest.TempPathFactory,
+                                                data: bytes) -> None:
+    path = tmp_path_factory.mktemp("n") / "node.json"
+    path.write_bytes(data)
+    try:
+        info = NodeInfo.load(path)
+    except StateError as exc:
+        assert str(path) in str(exc)
+    else:
+        assert info is None or isinstance(info.pid, int)
+
+
+def test_node_json_round_trips(tmp_path: Path) -> None:
+    info = NodeInfo("n1", "lab", 1234, "/run/agent.sock", state="ready", tampered=["cmdline"])
+    info.save(tmp_path / "node.json")
+    assert NodeInfo.load(tmp_path / "node.json") == info
+    assert stat.S_IMODE((tmp_path / "node.json").stat().st_mode) == 0o600
+    assert NodeInfo.load(tmp_path / "absent.json") is None
