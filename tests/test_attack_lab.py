@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from testbed.attacks.lab import Lab
+from testbed.attacks.plain import PlainProxy, PlainServer, exchange
 from testbed.attacks.scenarios import SCENARIOS, genuine
 
 EXPECTED_CHECK = {
@@ -72,3 +74,23 @@ def test_cli_attack_unknown_scenario_says_what_to_do() -> None:
     r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "attack", "nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 4 and "--all" in r.stderr
+
+
+def test_the_plain_proxy_relays_every_exchange_under_concurrency(lab: Lab) -> None:
+    """The MITM relay once copied each direction on its own thread over the same OpenSSL
+    connection, and about one exchange in sixty stalled; now one thread relays both."""
+    front_key, front_cert = lab.certificate_for("server")
+    back_key, back_cert = lab.certificate_for("client")
+    front = lab.tp_config("evil", peer="client", certificate=front_cert, key=front_key)
+    back = lab.tp_config("evil", peer="server", certificate=back_cert, key=back_key)
+    victim = lab.tp_config("client", peer="server").ssl_context("client")
+    real = lab.tp_config("server", peer="client").ssl_context("server")
+    with PlainServer(real, lambda request: request[::-1]) as target, \
+            PlainProxy(front.ssl_context("server"), back.ssl_context("client"),
+                       ("127.0.0.1", target.port)) as relay, \
+            ThreadPoolExecutor(8) as pool:
+        messages = [f"secret {n}".encode() for n in range(48)]
+        replies = list(pool.map(lambda m: exchange("127.0.0.1", relay.port, victim, m),
+                                messages))
+    assert replies == [m[::-1] for m in messages]
+    assert all(any(m in seen for seen in relay.seen) for m in messages)

@@ -8,9 +8,11 @@ verify the peer certificate against the CA and application data flows.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from OpenSSL import SSL
@@ -141,23 +143,50 @@ class PlainProxy(_Acceptor):
             upstream.set_connect_state()
             victim.do_handshake()
             upstream.do_handshake()
-            done = threading.Event()
-            for src, dst in ((victim, upstream), (upstream, victim)):
-                threading.Thread(target=self._copy, args=(src, dst, done), daemon=True).start()
-            done.wait(TIMEOUT * 2)
+            self._relay(victim, upstream)
 
-    def _copy(self, src: SSL.Connection, dst: SSL.Connection, done: threading.Event) -> None:
-        try:
-            while data := bytes(src.recv(65536)):
+    def _relay(self, a: SSL.Connection, b: SSL.Connection) -> None:
+        """Copy both ways from one thread (an OpenSSL connection must not be read and
+        written from two threads at once) until either side ends. Non-blocking: a read
+        that only finds a record without data (a TLS 1.3 session ticket) must not hold
+        up the other direction."""
+        peers = {a: b, b: a}
+        for conn in peers:
+            conn.setblocking(False)
+        deadline = time.monotonic() + 2 * TIMEOUT
+        while time.monotonic() < deadline:
+            ready = [c for c in peers if c.pending()] or \
+                select.select(list(peers), [], [], 0.2)[0]
+            for source in ready:
+                try:
+                    data = bytes(source.recv(65536))
+                except SSL.WantReadError:
+                    continue  # no application data (yet)
+                except (SSL.Error, OSError):
+                    return
+                if not data:
+                    return
                 self.seen.append(data)
-                dst.sendall(data)
-        except (SSL.Error, OSError):
-            pass
-        finally:
-            done.set()
+                if not _send_all(peers[source], data, deadline):
+                    return
 
     def __enter__(self) -> PlainProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _send_all(conn: SSL.Connection, data: bytes, deadline: float) -> bool:
+    """Write all of ``data`` to a non-blocking connection; False if it went away."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[conn.send(view):]
+        except SSL.WantWriteError:
+            if time.monotonic() > deadline:
+                return False
+            select.select([], [conn], [], 0.2)
+        except (SSL.Error, OSError):
+            return False
+    return True
