@@ -30,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from attestation.tpm import TpmClient
 from cryptovm.audit import read_entries, verify_audit_log
@@ -39,9 +41,10 @@ from cryptovm.vsm import CryptoVm
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
 from testbed.cluster.state import load_spec
+from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
-from testbed.roles.cryptovm import psk_path, state_dir
+from testbed.roles.cryptovm import PublishedCryptoVm, psk_path, state_dir
 from testbed.sim.processes import cluster_processes
 from testbed.spec.cluster_spec import default_spec_path
 from testbed.tpm.boot import measure_boot
@@ -336,3 +339,21 @@ def test_a_cryptovm_booted_tampered_cannot_open_its_store(lab: Lab) -> None:
     # Without the CryptoVM nobody enrolls; the error says why.
     server = {n["name"]: n for n in json.loads(out)["nodes"]}["server"]
     assert server["enrollment"] is not None and not server["enrollment"]["ok"]
+
+
+@given(st.one_of(st.binary(max_size=200), st.dictionaries(
+    st.sampled_from(["node", "host", "wire_port", "ca_pem", "pcr_selection", "in_vm", "tp_port",
+                     "extra"]),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)), max_size=8)
+    .map(lambda d: json.dumps(d).encode())))
+def test_a_damaged_cryptovm_json_is_one_clear_error(tmp_path_factory: pytest.TempPathFactory,
+                                                    data: bytes) -> None:
+    paths = ClusterPaths(tmp_path_factory.mktemp("w"), "lab")
+    paths.node("cvm").run.mkdir(parents=True)
+    (paths.node("cvm").run / "cryptovm.json").write_bytes(data)
+    try:
+        published = PublishedCryptoVm.load(paths, "cvm")
+    except StateError as exc:
+        assert "cvm" in str(exc)
+    else:
+        assert isinstance(published.wire_port, int) and isinstance(published.ca_pem, str)
