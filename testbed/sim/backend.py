@@ -25,7 +25,6 @@ from testbed.cluster.results import (
     NodeStatus,
     NodeUp,
     NoFacts,
-    OwnedProcess,
 )
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
@@ -245,8 +244,3 @@ class SimBackend:
             return
         for name in names:
             shutil.rmtree(self.paths.node(name).run, ignore_errors=True)
-
-    # --- traces ---------------------------------------------------------------------------
-
-    def processes(self) -> list[OwnedProcess]:
-        return cluster_processes(self.paths)
