@@ -15,7 +15,7 @@ from pathlib import Path
 
 from testbed.backends import backend_for, open_backend
 from testbed.cli.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option, emit, print_report
+from testbed.cli.render import emit, print_report
 from testbed.cluster import lifecycle
 from testbed.cluster.backend import ClusterBackend
 from testbed.cluster.results import (
@@ -26,7 +26,7 @@ from testbed.cluster.results import (
     NodeStatus,
     UpResult,
 )
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
@@ -52,34 +52,22 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
                    help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
                         "or server=kernel:content=evil (repeatable)")
-    add_json_option(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")
-    _add_cluster(p)
-    add_json_option(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("attest", help="quote a node with a fresh nonce and verify it",
                        description="Exit 0 if the node's evidence is accepted, 1 if rejected.")
     p.add_argument("node", help="node name")
-    _add_cluster(p)
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="reference policy (default: the node's policy from `up`)")
-    add_json_option(p)
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
-    _add_cluster(p)
     p.add_argument("--purge", action="store_true",
                    help="also remove TPM state, registry, policies and clock history")
-    add_json_option(p)
     p.set_defaults(func=cmd_down)
-
-
-def _add_cluster(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cluster", metavar="NAME",
-                        help="cluster name (default: the only cluster in the work directory)")
 
 
 @contextmanager
@@ -168,21 +156,22 @@ def _items(facts: NodeFacts) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
+    workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
-        emit(args, {"cluster": None, "nodes": []}, lambda: print("no cluster (`testbed up`)"))
+        emit(args, {"workdir": str(workdir), "cluster": None, "nodes": []},
+             lambda: print(f"no cluster in {workdir} (`testbed up` starts one)"))
         return EXIT_OK
     with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
         nodes = backend.status()
-    emit(args, {"cluster": cluster, "backend": backend.name,
+    emit(args, {"workdir": str(workdir), "cluster": cluster, "backend": backend.name,
                 "nodes": [n.to_dict() for n in nodes]},
-         lambda: _print_status(cluster, backend.name, nodes))
+         lambda: _print_status(workdir, cluster, backend.name, nodes))
     return EXIT_OK
 
 
-def _print_status(cluster: str, backend: str, nodes: list[NodeStatus]) -> None:
-    print(f"cluster {cluster} ({backend})")
+def _print_status(workdir: Path, cluster: str, backend: str, nodes: list[NodeStatus]) -> None:
+    print(f"cluster {cluster} ({backend}) in {workdir}")
     print(f"  {'NODE':<12} {'ROLE':<9} {'STATE':<12} {'AGENT':<13} {'LAST ATTESTATION':<44} "
           "DETAILS")
     for n in nodes:
@@ -205,10 +194,11 @@ def _last(last: AttestationRecord | None) -> str:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
+    workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
-        raise StateError("no cluster in the work directory; bring one up with `testbed up`")
+        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
+                            "up with `testbed up`")
     with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
         result = lifecycle.attest(backend, args.node, args.policy)
     title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
@@ -220,7 +210,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
+    workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
         emit(args, {"ok": True, "cluster": None, "nodes": []},

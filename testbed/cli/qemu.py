@@ -13,7 +13,7 @@ from attestation.files import atomic_write
 from attestation.policy import dump_policy
 from attestation.report import VerificationReport
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option, emit, print_report
+from testbed.cli.render import emit, print_report
 from testbed.core.paths import resolve_workdir
 from testbed.qemu.domain import connect, remove_leftovers
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
@@ -37,7 +37,6 @@ def register_image_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p = isub.add_parser("build", help="build the guest image (cached by a hash of its inputs)")
     _recipe_flag(p)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    add_json_option(p)
     p.set_defaults(func=cmd_image_build)
 
 
@@ -56,7 +55,6 @@ def register_qemu_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--append", default="", metavar="TEXT",
                    help="append TEXT to the booted command line (not to the policy's): "
                         "an attack demo, e.g. --append ' init=/bin/sh'")
-    add_json_option(p)
     p.set_defaults(func=cmd_qemu_attest)
     p = qsub.add_parser("cleanup", help="destroy testbed-* domains left by a killed run "
                                         "(only when no other testbed run is active)")

@@ -10,11 +10,6 @@ from typing import Any
 from attestation.report import VerificationReport
 
 
-def add_json_option(parser: argparse.ArgumentParser) -> None:
-    """``--json``: every command that reads or creates something can print JSON."""
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
     """Print ``data`` as JSON with --json, else the human rendering."""
     if getattr(args, "json", False):

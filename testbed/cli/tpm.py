@@ -19,7 +19,7 @@ from attestation.tpm import TpmClient
 from attestation.tpm_types import DIGEST_SIZE, PcrSelection, parse_attest, parse_public
 from attestation.verifier import QuoteVerifier
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option, emit, print_report
+from testbed.cli.render import emit, print_report
 from testbed.core.paths import resolve_workdir
 from testbed.tpm.managed import ManagedTpms
 from testbed.tpm.quote_files import (
@@ -43,14 +43,12 @@ def register_tpm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     tsub = tpm.add_subparsers(dest="tpm_command", metavar="ACTION", required=True)
     p = tsub.add_parser("start", help="provision (first time) and start a managed swtpm")
     p.add_argument("name", nargs="?", default="default")
-    add_json_option(p)
     p.set_defaults(func=cmd_tpm_start)
     p = tsub.add_parser("stop", help="stop a managed swtpm")
     p.add_argument("name", nargs="?", default="default")
     p.add_argument("--all", action="store_true", help="stop every managed swtpm")
     p.set_defaults(func=cmd_tpm_stop)
     p = tsub.add_parser("list", help="list managed swtpm instances")
-    add_json_option(p)
     p.set_defaults(func=cmd_tpm_list)
 
     p = sub.add_parser("ek", help="show the EK certificate and validate its chain")
@@ -58,7 +56,6 @@ def register_tpm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("-G", "--algorithm", choices=["rsa", "ecc"], default="rsa")
     p.add_argument("--ca-bundle", type=Path, metavar="PEM",
                    help="trusted EK CAs (default: the work directory's local CA)")
-    add_json_option(p)
     p.set_defaults(func=cmd_ek)
 
     p = sub.add_parser("quote", help="quote PCRs; write tpm2-tools files and evidence.json")
@@ -71,7 +68,6 @@ def register_tpm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--event-log", type=Path, metavar="FILE",
                    help="event log to include in evidence.json")
     p.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR")
-    add_json_option(p)
     p.set_defaults(func=cmd_quote)
 
     p = sub.add_parser("verify-quote", help="verify a quote (ours or tpm2_quote's)")
@@ -87,7 +83,6 @@ def register_tpm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--policy", type=Path, metavar="YAML", help="reference policy to enforce")
     p.add_argument("--event-log", type=Path, metavar="FILE",
                    help="event log to replay against the quoted PCRs")
-    add_json_option(p)
     p.set_defaults(func=cmd_verify_quote)
 
     pol = sub.add_parser("policy", help="reference policies (create from a known-good node)")
@@ -104,14 +99,12 @@ def register_tpm_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(func=cmd_policy_create)
     p = psub.add_parser("show", help="validate and print a policy")
     p.add_argument("path", type=Path)
-    add_json_option(p)
     p.set_defaults(func=cmd_policy_show)
 
     p = sub.add_parser("eventlog", help="parse and replay a TCG crypto-agile event log")
     p.add_argument("path", type=Path,
                    help="e.g. /sys/kernel/security/tpm0/binary_bios_measurements")
     p.add_argument("-g", "--bank", default="sha256")
-    add_json_option(p)
     p.set_defaults(func=cmd_eventlog)
 
 

@@ -19,7 +19,6 @@ from cryptovm import admin
 from cryptovm.keystore import ALGORITHMS
 from cryptovm.wire import MAX_BODY
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option
 from testbed.cli.tpm import parse_hex, tcti_for
 from testbed.core.paths import resolve_workdir
 
@@ -33,7 +32,6 @@ def register_vsm_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     vsm.add_argument("-T", "--tcti", help="TCTI of the CryptoVM's TPM")
     vsm.add_argument("--tpm", default="default", metavar="NAME",
                      help="managed swtpm when no TCTI is given (default: %(default)s)")
-    add_json_option(vsm)
     groups = vsm.add_subparsers(dest="vsm_command", metavar="ACTION", required=True)
     _state_commands(groups)
     _key_commands(groups)

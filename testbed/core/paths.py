@@ -1,7 +1,8 @@
 """The work directory and where each piece of cluster state lives in it.
 
-All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else
-``./.testbed``. Layout (``docs/testbed.md``)::
+All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else the
+nearest ``.testbed`` here or above, else ``~/.local/state/testbed`` (:func:`find_workdir`).
+Layout (``docs/testbed.md``)::
 
     WORKDIR/ca/                          the project-local EK CA (shared)
     WORKDIR/tpms/NAME/                   managed swtpm instances (testbed tpm)
@@ -27,17 +28,49 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError, StateError, UsageError
 
-__all__ = ["NAME_PATTERN", "ClusterPaths", "NodePaths", "resolve_workdir", "select_cluster"]
+__all__ = [
+    "NAME_PATTERN",
+    "WORKDIR_NAME",
+    "ClusterPaths",
+    "NodePaths",
+    "cluster_names",
+    "find_workdir",
+    "resolve_workdir",
+    "select_cluster",
+]
+
+WORKDIR_NAME = ".testbed"
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 """Cluster, node and network names: they become directory names and socket paths."""
 
 
-def resolve_workdir(explicit: str | os.PathLike[str] | None) -> Path:
-    """The work directory (created 0700 if missing)."""
-    root = Path(explicit or os.environ.get("TESTBED_HOME") or ".testbed").absolute()
+def find_workdir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The work directory a command means, found as git finds ``.git``; never created.
+
+    ``--workdir``, else ``$TESTBED_HOME``, else the nearest ``.testbed`` directory in the
+    current directory or above it, else ``$XDG_STATE_HOME/testbed`` (by default
+    ``~/.local/state/testbed``): the same one from any directory.
+    """
+    chosen = explicit or os.environ.get("TESTBED_HOME")
+    if chosen:
+        return Path(chosen).absolute()
+    here = Path.cwd()
+    for directory in (here, *here.parents):
+        if (directory / WORKDIR_NAME).is_dir():
+            return directory / WORKDIR_NAME
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home).absolute() / "testbed"
+
+
+def resolve_workdir(explicit: str | os.PathLike[str] | None, *, create: bool = True) -> Path:
+    """The work directory; created 0700 if missing unless ``create`` is false (read
+    commands never create one: a missing work directory simply holds nothing)."""
+    root = find_workdir(explicit)
+    if not create:
+        return root
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -162,15 +195,26 @@ class ClusterPaths:
                       and NAME_PATTERN.fullmatch(d.name))
 
 
-def select_cluster(workdir: Path, explicit: str | None) -> str | None:
-    """The cluster a command means: ``explicit``, else the only one; None if there is none."""
-    if explicit:
-        if not NAME_PATTERN.fullmatch(explicit):
-            raise StateError(f"invalid cluster name {explicit!r}")
-        return explicit
+def cluster_names(workdir: Path) -> list[str]:
+    """Every cluster under the work directory, sorted."""
     root = workdir / "clusters"
-    names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+
+
+def select_cluster(workdir: Path, explicit: str | None) -> str | None:
+    """The cluster a command means: ``explicit`` (which must exist), else the only one;
+    None if there is none. Two clusters and no ``--cluster`` is a usage error."""
+    names = cluster_names(workdir)
+    if explicit is not None:
+        if not NAME_PATTERN.fullmatch(explicit):
+            raise UsageError(f"invalid cluster name {explicit!r}: lowercase letters, "
+                             "digits, '-' and '_' only")
+        if explicit not in names:
+            have = f"clusters here: {', '.join(names)}" if names else "no cluster here"
+            raise ArgumentError(f"no cluster {explicit!r} in {workdir} ({have}); "
+                                "`testbed up` creates one")
+        return explicit
     if len(names) > 1:
-        raise StateError(f"several clusters under {root} ({', '.join(names)}); "
+        raise UsageError(f"several clusters in {workdir} ({', '.join(names)}); "
                          "choose one with --cluster NAME")
     return names[0] if names else None
