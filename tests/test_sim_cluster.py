@@ -168,7 +168,7 @@ def test_attest_server_is_accepted_with_every_check_named(lab: Lab) -> None:
     result = json.loads(out)
     assert result["ok"] and result["policy"] == "server-predicted"
     assert [c["check"] for c in result["checks"]] == CHECKS
-    assert all(c["passed"] for c in result["checks"])
+    assert all(c["state"] == "passed" for c in result["checks"])
     rc, out, _ = run_cli(lab.workdir, "attest", "server")
     assert rc == 0 and "ACCEPTED" in out and "[ok  ] policy" in out
     last = lab.node_status()["server"]["last_attestation"]
@@ -182,7 +182,7 @@ def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) 
     assert result["failed_check"] == "policy"
     detail = next(c["detail"] for c in result["checks"] if c["check"] == "policy")
     assert "PCR 9: event 1 (kernel command line" in detail
-    assert all(c["passed"] for c in result["checks"] if c["check"] != "policy")
+    assert all(c["state"] == "passed" for c in result["checks"] if c["check"] != "policy")
     rc, out, _ = run_cli(lab.workdir, "attest", "client")
     assert rc == 1 and "REJECTED (check 'policy' failed)" in out
     assert lab.node_status()["client"]["last_attestation"]["failed_check"] == "policy"

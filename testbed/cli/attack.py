@@ -34,7 +34,7 @@ def register_attack_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
 
 def cmd_attack(args: argparse.Namespace) -> int:
     if args.list:
-        listing = [{"name": name, "summary": " ".join((scenario.__doc__ or "").split("\n\n")[0].split()),
+        listing = [{"name": name, "summary": _summary(scenario.__doc__),
                     "backends": [b for b, names in SCENARIOS_BY_BACKEND.items() if name in names]}
                    for name, scenario in SCENARIOS.items()]
         emit(args, {"scenarios": listing}, lambda: _print_list(listing))
@@ -50,6 +50,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
                          Progress(quiet=args.json))
     emit(args, attack.to_dict(), lambda: _print(attack))
     return 0 if attack.ok else 1
+
+
+def _summary(doc: str | None) -> str:
+    """A scenario's first paragraph, on one line."""
+    return " ".join((doc or "").split("\n\n")[0].split())
 
 
 def _print_list(listing: list[dict[str, Any]]) -> None:
