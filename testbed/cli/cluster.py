@@ -108,7 +108,7 @@ def _print_up(result: UpResult) -> None:
         if n.attestation is not None and not n.attestation.ok and n.attestation.detail:
             print(f"  {'':<12} {n.attestation.detail[:300]}")
         if n.service:
-            print(f"  {'':<12} service: {n.service}")
+            print(f"  {'':<12} service: {n.service.summary()}")
         if n.enrollment is not None:
             print(f"  {'':<12} TLS: {_enrollment(n.enrollment)}")
         if n.note:
@@ -177,8 +177,10 @@ def _print_status(workdir: Path, cluster: str, backend: str, nodes: list[NodeSta
     for n in nodes:
         print(f"  {n.name:<12} {n.role:<9} {n.state:<12} {n.agent or '-':<13} "
               f"{_last(n.last_attestation):<44} {_items(n.facts)}")
+        if n.reason:
+            print(f"  {'':<12} reason: {n.reason}")
         if n.service:
-            print(f"  {'':<12} service: {n.service}")
+            print(f"  {'':<12} service: {n.service.summary()}")
         if n.tampered:
             print(f"  {'':<12} TAMPERED boot ({', '.join(n.tampered)} replaced in the spec's "
                   "boot chain)")
@@ -211,7 +213,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
+    cluster = select_cluster(workdir, args.cluster, must_exist=False)
     if cluster is None:
         emit(args, {"ok": True, "cluster": None, "nodes": []},
              lambda: print("no cluster to stop"))

@@ -201,15 +201,17 @@ def cluster_names(workdir: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
 
 
-def select_cluster(workdir: Path, explicit: str | None) -> str | None:
-    """The cluster a command means: ``explicit`` (which must exist), else the only one;
-    None if there is none. Two clusters and no ``--cluster`` is a usage error."""
+def select_cluster(workdir: Path, explicit: str | None, *,
+                   must_exist: bool = True) -> str | None:
+    """The cluster a command means: ``explicit`` (which must exist, unless not
+    ``must_exist``: ``down`` also stops a cluster whose directory was deleted), else the
+    only one; None if there is none. Two clusters and no ``--cluster`` is a usage error."""
     names = cluster_names(workdir)
     if explicit is not None:
         if not NAME_PATTERN.fullmatch(explicit):
             raise UsageError(f"invalid cluster name {explicit!r}: lowercase letters, "
                              "digits, '-' and '_' only")
-        if explicit not in names:
+        if must_exist and explicit not in names:
             have = f"clusters here: {', '.join(names)}" if names else "no cluster here"
             raise ArgumentError(f"no cluster {explicit!r} in {workdir} ({have}); "
                                 "`testbed up` creates one")

@@ -228,7 +228,7 @@ class Node:
         # Not its "error": on the agent's wire that key means the request failed.
         info = {k: v for k, v in self._info.to_dict().items() if k != "error"}
         return {**info, "state": "stopping" if self.stopping.is_set() else "ready",
-                "service": self._role.describe() if self._role else None,
+                "service": self._role.describe().to_dict() if self._role else None,
                 "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes}
 
     def shutdown(self) -> None:
