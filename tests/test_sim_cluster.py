@@ -348,7 +348,7 @@ def test_a_node_killed_with_sigkill_is_crashed_not_stopped(lab: Lab) -> None:
     assert status["state"] == "crashed" and "without a clean stop" in status["reason"]
     rc, _, err = run_cli(lab.workdir, "attest", "server")
     assert rc == 4 and "crashed" in err
-    rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
+    rc, _, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
     assert rc == 1, err
     assert lab.node_status()["server"]["state"] == "running"
     assert not alive(server["swtpm_pid"])  # the restart stopped the orphaned swtpm
