@@ -176,6 +176,23 @@ def test_attest_server_is_accepted_with_every_check_named(lab: Lab) -> None:
     assert last["ok"] is True and last["time"]
 
 
+def test_attest_writes_the_evidence_for_tpm2_tools_and_eventlog(lab: Lab, tmp_path: Path) -> None:
+    out_dir = tmp_path / "evidence"
+    rc, out, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir), "--json")
+    assert rc == 0, err
+    written = {Path(p).name for p in json.loads(out)["written"]}
+    assert {"quote.msg", "quote.sig", "quote.pcrs", "ak.pem", "evidence.json", "eventlog.bin",
+            "nonce.hex"} <= written
+    nonce = (out_dir / "nonce.hex").read_text().strip()
+    check = subprocess.run(
+        ["tpm2_checkquote", "-u", str(out_dir / "ak.pem"), "-m", str(out_dir / "quote.msg"),
+         "-s", str(out_dir / "quote.sig"), "-f", str(out_dir / "quote.pcrs"), "-g", "sha256",
+         "-q", nonce], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    rc, out, err = run_cli(lab.workdir, "eventlog", str(out_dir / "eventlog.bin"), "--json")
+    assert rc == 0, err
+
+
 def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) -> None:
     rc, out, _ = run_cli(lab.workdir, "attest", "client", "--json")
     assert rc == 1

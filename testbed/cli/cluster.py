@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from attestation.files import atomic_write
 from testbed.backends import backend_for, open_backend
 from testbed.cli.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
 from testbed.cli.render import emit, print_report
@@ -20,6 +21,7 @@ from testbed.cluster import lifecycle
 from testbed.cluster.backend import ClusterBackend
 from testbed.cluster.results import (
     AttestationRecord,
+    AttestResult,
     DownResult,
     EnrollmentOutcome,
     NodeFacts,
@@ -30,6 +32,7 @@ from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
+from testbed.tpm.quote_files import write_quote_files
 
 __all__ = ["register_cluster_commands"]
 
@@ -62,6 +65,10 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("node", help="node name")
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="reference policy (default: the node's policy from `up`)")
+    p.add_argument("-o", "--output", type=Path, metavar="DIR",
+                   help="also write the node's evidence as tpm2-tools files (quote.msg, "
+                        "quote.sig, quote.pcrs, ak.pem, ...), evidence.json, eventlog.bin and "
+                        "nonce.hex, for `testbed eventlog`, `policy create`, tpm2_checkquote")
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
@@ -203,9 +210,32 @@ def cmd_attest(args: argparse.Namespace) -> int:
                             "up with `testbed up`")
     with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
         result = lifecycle.attest(backend, args.node, args.policy)
+    written = _write_evidence(args.output, result) if args.output else []
     title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
-    emit(args, result.to_dict(), lambda: print_report(result.report, title))
+    emit(args, {**result.to_dict(), "written": [str(p) for p in written]},
+         lambda: _print_attest(result, title, written))
     return EXIT_OK if result.report.ok else EXIT_REJECTED
+
+
+def _write_evidence(directory: Path, result: AttestResult) -> list[Path]:
+    """The evidence the node sent, as the files tpm2-tools and `testbed` commands read."""
+    evidence = result.evidence
+    if evidence is None:
+        return []
+    written = write_quote_files(directory, evidence)
+    extras = {"nonce.hex": (result.nonce.hex() + "\n").encode()}
+    if evidence.event_log is not None:
+        extras["eventlog.bin"] = evidence.event_log
+    for name, data in extras.items():
+        atomic_write(directory / name, data, mode=0o644)  # public evidence, like the rest
+        written.append(directory / name)
+    return written
+
+
+def _print_attest(result: AttestResult, title: str, written: list[Path]) -> None:
+    print_report(result.report, title)
+    if written:
+        print(f"evidence written to {written[0].parent}: {', '.join(p.name for p in written)}")
 
 
 # --- down -----------------------------------------------------------------------------------

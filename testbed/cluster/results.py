@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from attestation.evidence import Evidence
 from attestation.report import VerificationReport
 from testbed.core.errors import StateError
 from testbed.core.files import tail
@@ -161,6 +162,7 @@ class AttestResult:
     nonce: bytes
     time: str
     report: VerificationReport
+    evidence: Evidence | None = None  # what the node sent (for `attest -o DIR`)
 
     def record(self) -> AttestationRecord:
         failure = self.report.failure
