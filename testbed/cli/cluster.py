@@ -8,6 +8,7 @@ Parsing and rendering only: which backend a cluster runs on comes from its spec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +29,8 @@ from testbed.cluster.results import (
     NodeStatus,
     UpResult,
 )
-from testbed.core.errors import ArgumentError
-from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.errors import ArgumentError, UsageError
+from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
 from testbed.tpm.quote_files import write_quote_files
@@ -48,7 +49,8 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
                                    "rejected (the failed check is named); 4: a node did not "
                                    "come up.")
     p.add_argument("spec", nargs="?", type=Path,
-                   help="cluster spec YAML (default: the shipped example of the backend)")
+                   help="cluster spec YAML (default: the shipped example of the backend); "
+                        "--cluster NAME runs it under another name")
     p.add_argument("--backend", choices=BACKENDS,
                    help="run the spec on this backend instead of its `backend:` (qemu: real "
                         "VMs that keep running until `testbed down`)")
@@ -95,6 +97,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     for text in args.tamper:
         node, change = parse_tamper(text)
         spec = spec.with_tamper(node, change)
+    if args.cluster is not None:  # the spec's cluster under another name (two side by side)
+        if not NAME_PATTERN.fullmatch(args.cluster):
+            raise UsageError(f"invalid cluster name {args.cluster!r}: lowercase letters, "
+                             "digits, '-' and '_' only")
+        spec = dataclasses.replace(spec, name=args.cluster)
     with _closing(backend_for(spec.backend, ClusterPaths(workdir, spec.name))) as backend:
         result = lifecycle.up(backend, spec, Progress(quiet=args.json))
     emit(args, result.to_dict(), lambda: _print_up(result))

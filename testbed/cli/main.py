@@ -18,6 +18,7 @@ from attestation.errors import (
 from cryptovm.errors import AlreadyExists, BadRequest, KeyUsageError, NotFound
 from testbed.cli.attack import register_attack_commands
 from testbed.cli.cluster import register_cluster_commands
+from testbed.cli.completion import register_completion_command
 from testbed.cli.demo import register_demo_commands
 from testbed.cli.exitcodes import (
     EXIT_BAD_INPUT,
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_image_commands(sub)
     register_qemu_commands(sub)
     register_vsm_commands(sub)
+    register_completion_command(sub, parser)
     spread_global_options(parser)
     return parser
 

@@ -141,7 +141,7 @@ def tcti_for(args: argparse.Namespace) -> str:
         return str(args.tcti)
     if os.environ.get("TESTBED_TCTI"):
         return os.environ["TESTBED_TCTI"]
-    return ManagedTpms(resolve_workdir(args.workdir)).tcti(args.tpm)
+    return ManagedTpms(resolve_workdir(args.workdir, create=False)).tcti(args.tpm)
 
 
 # --- tpm ------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def cmd_tpm_start(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm_stop(args: argparse.Namespace) -> int:
-    managed = ManagedTpms(resolve_workdir(args.workdir))
+    managed = ManagedTpms(resolve_workdir(args.workdir, create=False))
     names = [t.name for t in managed.list()] if args.all else [args.name]
     for name in names:
         print(f"{name}: {'stopped' if managed.stop(name) else 'was not running'}")
@@ -163,7 +163,7 @@ def cmd_tpm_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm_list(args: argparse.Namespace) -> int:
-    tpms = ManagedTpms(resolve_workdir(args.workdir)).list()
+    tpms = ManagedTpms(resolve_workdir(args.workdir, create=False)).list()
     rows = [{"name": t.name, "running": t.running, "pid": t.pid, "tcti": t.tcti or None}
             for t in tpms]
 
