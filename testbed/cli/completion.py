@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from testbed.cli.render import emit
 from testbed.cli.tree import Command, command_tree
 
 __all__ = ["completion_script", "register_completion_command"]
@@ -21,11 +22,12 @@ def register_completion_command(sub: argparse._SubParsersAction[argparse.Argumen
     p = sub.add_parser("completion", help="print a shell completion script (bash, zsh)",
                        description="source <(testbed completion bash)   # or zsh")
     p.add_argument("shell", choices=SHELLS)
-    p.set_defaults(func=lambda args: _print(root, args.shell))
+    p.set_defaults(func=lambda args: _print(root, args))
 
 
-def _print(root: argparse.ArgumentParser, shell: str) -> int:
-    print(completion_script(root, shell), end="")
+def _print(root: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    script = completion_script(root, args.shell)
+    emit(args, {"shell": args.shell, "script": script}, lambda: print(script, end=""))
     return 0
 
 
