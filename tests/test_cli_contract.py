@@ -198,6 +198,52 @@ def test_every_documented_command_line_parses(where: str, line: str) -> None:
         pytest.fail(f"{where}: `{line}` does not parse (exit {exc.code})")
 
 
+_MENTION = re.compile(r"`(testbed [^`]+)`")
+
+
+def _mentions() -> list[tuple[str, str]]:
+    """Every `testbed ...` the docs name: inline code and code-block lines, synopses too."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]:
+        in_block = False
+        for line in path.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+                continue
+            texts = [_DESCRIPTION.split(line.strip().removeprefix("$ "))[0]] if in_block \
+                else _MENTION.findall(line)
+            found += [(str(path.relative_to(ROOT)), t.removeprefix(".venv/bin/"))
+                      for t in texts if _COMMAND.fullmatch(t.removeprefix(".venv/bin/"))]
+    return found
+
+
+_PATHS = {c.path: c for c in COMMANDS}
+
+
+@pytest.mark.parametrize(("where", "text"), _mentions(), ids=lambda v: v[:60])
+def test_every_command_and_option_the_docs_name_exists(where: str, text: str) -> None:
+    if "error:" in text:
+        return  # the error format, not a command
+    words = text.split()[1:]
+    path: tuple[str, ...] = ()
+    value_next = False
+    for word in words:
+        valued = {f for o in _PATHS[path].options if o.takes_value for f in o.flags}
+        if value_next:
+            value_next = False
+        elif (*path, word) in _PATHS:
+            path = (*path, word)
+        elif word.startswith("-"):
+            value_next = word in valued
+        elif not path:
+            pytest.fail(f"{where}: `{text}`: no command {word!r}")
+    command = _PATHS[path]
+    flags = {f for o in command.options for f in o.flags} | {"-h", "--help"}
+    for word in words:
+        for option in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", word):
+            assert option in flags, f"{where}: `{text}`: {command.name} has no {option}"
+
+
 def _complete(script: str, *words: str) -> list[str]:
     program = (f"{script}\nCOMP_WORDS=({' '.join(shlex.quote(w) for w in words)}); "
                f"COMP_CWORD={len(words) - 1}; _testbed; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
