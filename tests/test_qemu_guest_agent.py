@@ -1,7 +1,7 @@
 """The guest agent's raw TPM commands against a real swtpm (no VM needed).
 
 The agent runs inside the guest on /dev/tpmrm0; here the same code drives an
-swtpm's TCP data channel, and the host side (Registrar, QuoteVerifier) checks
+swtpm's data channel (its unix socket), and the host side (Registrar, QuoteVerifier) checks
 what it produced, exactly as it checks a VM's answers.
 """
 
@@ -20,7 +20,7 @@ import pytest
 from attestation.agent_wire import recv_frame, send_frame
 from attestation.evidence import Evidence
 from attestation.registrar import Registrar
-from attestation.tpm_raw import AK_HANDLE, SocketTransport, Tpm
+from attestation.tpm_raw import AK_HANDLE, Tpm, UnixSocketTransport
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
 from testbed.qemu.guest import agent as guest_agent
@@ -29,7 +29,7 @@ from testbed.qemu.guest.agent import Agent
 
 @pytest.fixture
 def agent(swtpm: Any) -> Iterator[Agent]:
-    tpm = Tpm(SocketTransport("127.0.0.1", swtpm.port))
+    tpm = Tpm(UnixSocketTransport(str(swtpm.socket_path)))
     yield Agent(tpm, None, "vm0", "generic")
     tpm.transport.close()
 
