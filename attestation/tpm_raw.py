@@ -79,9 +79,12 @@ RC_HANDLE = 0x08B
 # answers RETRY to the first ActivateCredential; tpm2-tss's ESAPI retries silently).
 RC_TRY_AGAIN = frozenset({0x908, 0x90A, 0x922})
 MAX_RETRIES = 10
-# restricted | sign | fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth:
-# the same AK as attestation/tpm.py (ecc256:ecdsa-sha256:null, endorsement hierarchy).
-AK_ATTRIBUTES = 0x00050072
+# restricted | sign | noDA | fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth:
+# the same AK as attestation/tpm.py (ecc256:ecdsa-sha256:null, endorsement hierarchy),
+# so the same TPM gives the same key either way. noDA for the reason given there: the
+# AK's authValue is empty, and without noDA every unorderly vTPM stop (a VM killed)
+# raises the lockout counter until the TPM refuses the AK.
+AK_ATTRIBUTES = 0x00050472
 AK_HANDLE = 0x81010002
 EK_HANDLE = 0x81010001  # RSA-2048 EK, low range (swtpm_setup --create-ek-cert)
 EK_CERT_INDEX = 0x01C00002
