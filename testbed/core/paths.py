@@ -15,30 +15,42 @@ Layout (``docs/testbed.md``)::
         tls-ca/                          the cluster's TLS CA (key 0600)
         nodes/NODE/state/                sim: swtpm state; both: role state (kept by `down`)
         nodes/NODE/run/                  sim: node.pid node.json node.log agent.sock
-                                         swtpm.pid swtpm.log; roles' port files
+                                         swtpm.pid swtpm.log swtpm.sock(.ctrl); roles'
+                                         port files
         nodes/NODE/vm.json               qemu: the running VM
     WORKDIR/vms/NAME/NODE/               qemu: console.log, OVMF_VARS.fd (reachable by QEMU)
     WORKDIR/run/libvirt/                 qemu: libvirtd/virtlogd this work dir started
+
+Every directory the testbed makes here is 0700 and every file 0600, unless a comment
+says why not (``docs/testbed.md``, "State layout"). A unix socket whose path would be
+too long for AF_UNIX goes to a short private directory instead (:func:`socket_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from attestation.files import DIR_MODE, private_dir
 from testbed.core.errors import ArgumentError, StateError, UsageError
 
 __all__ = [
     "NAME_PATTERN",
+    "SUN_PATH_MAX",
     "WORKDIR_NAME",
     "ClusterPaths",
     "NodePaths",
     "cluster_names",
+    "ensure_socket_dir",
     "find_workdir",
+    "private_tree",
     "resolve_workdir",
     "select_cluster",
+    "socket_dir",
 ]
 
 WORKDIR_NAME = ".testbed"
@@ -77,6 +89,100 @@ def resolve_workdir(explicit: str | os.PathLike[str] | None, *, create: bool = T
         raise StateError(f"cannot create work directory {root}: {exc.strerror}; "
                          "pass --workdir DIR or set TESTBED_HOME") from None
     return root
+
+
+def private_tree(top: Path, path: Path) -> Path:
+    """``path`` and every directory from ``top`` down to it, made or tightened to 0700.
+
+    Tightening matters for work directories made by older versions, whose
+    ``clusters/``, ``nodes/`` and ``tpms/`` were 0755.
+    """
+    top, path = top.absolute(), path.absolute()
+    if path != top and top not in path.parents:
+        raise StateError(f"{path} is not inside {top}")
+    private_dir(path)
+    for directory in path.parents:
+        if directory == top or top not in directory.parents:
+            break
+        os.chmod(directory, DIR_MODE)
+    return path
+
+
+# --- unix sockets ------------------------------------------------------------------------
+
+SUN_PATH_MAX = 107
+"""sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL."""
+_SOCKET_DIGEST_CHARS = 16
+
+
+def _fits(path: Path) -> bool:
+    return len(os.fsencode(path)) <= SUN_PATH_MAX
+
+
+def socket_dir(directory: Path, longest_name: str) -> Path:
+    """Where the sockets that belong in ``directory`` are bound.
+
+    ``directory`` itself (a 0700 run directory) when ``directory/longest_name`` fits
+    in AF_UNIX's 107 bytes. Otherwise (deep work directories: pytest's tmp dirs, long
+    paths) a directory named by a digest of ``directory`` under a per-user private
+    base: ``$XDG_RUNTIME_DIR/testbed`` when that is the user's own 0700 runtime
+    directory, else ``/tmp/testbed-UID``. The socket path must be a real, short path,
+    not a ``/proc/self/fd`` alias, because other processes (tpm2-tools, the TCTI in
+    another process) connect to it by name. Deterministic, so whoever stops the
+    process can find the directory again and remove it.
+    """
+    directory = directory.absolute()
+    if _fits(directory / longest_name):
+        return directory
+    digest = hashlib.sha256(os.fsencode(directory)).hexdigest()[:_SOCKET_DIGEST_CHARS]
+    for base in _short_socket_bases():
+        if _fits(base / digest / longest_name):
+            return base / digest
+    raise StateError(f"no short enough directory for the unix socket {longest_name!r} "
+                     f"of {directory}: set XDG_RUNTIME_DIR or use a shorter work directory")
+
+
+def _short_socket_bases() -> list[Path]:
+    bases = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/") and _owned_private(Path(runtime)):
+        bases.append(Path(runtime) / "testbed")
+    bases.append(Path("/tmp") / f"testbed-{os.geteuid()}")  # noqa: S108 - checked when made
+    return bases
+
+
+def _owned_private(path: Path) -> bool:
+    """A real directory (not a symlink) owned by us that no one else can enter."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and info.st_mode & 0o077 == 0)
+
+
+def ensure_socket_dir(directory: Path, longest_name: str) -> Path:
+    """:func:`socket_dir`, made ready for binding, safely.
+
+    ``directory`` itself is made 0700. A directory under a shared base like /tmp is
+    made with mkdir (which never follows a symlink someone planted there) and then
+    refused unless it and its base are ours and 0700: another user who made
+    ``/tmp/testbed-UID`` first gets us a clear error, never our sockets.
+    """
+    where = socket_dir(directory, longest_name)
+    if where == directory.absolute():
+        return private_dir(where)
+    for path in (where.parent, where):
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create socket directory {path}: {exc.strerror}") from None
+        if not _owned_private(path):
+            raise StateError(f"refusing socket directory {path}: not a directory owned by "
+                             f"uid {os.geteuid()} with mode 0700 (someone else's?)")
+    return where
 
 
 @dataclass(frozen=True)

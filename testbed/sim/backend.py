@@ -30,7 +30,7 @@ from testbed.cluster.results import (
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
 from testbed.core.files import locked
-from testbed.core.paths import ClusterPaths
+from testbed.core.paths import ClusterPaths, private_tree
 from testbed.core.progress import Progress
 from testbed.roles.registry import role
 from testbed.sim.processes import (
@@ -121,7 +121,8 @@ class SimBackend:
             return node
         if current.pid is not None:  # failed or stopping, still exiting: let it finish
             ensure_exited(self.paths, spec.name, current.pid)
-        self.paths.node(spec.name).root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # clusters/ and nodes/ too: work directories of older versions had them 0755.
+        private_tree(self.paths.workdir, self.paths.node(spec.name).root)
         try:
             prepare_run_dir(self.paths, spec.name)
             node.facts = SimNodeFacts(pid=launch_node(self.paths, spec.name))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from attestation.files import atomic_write
+from attestation.files import atomic_write, private_dir
 from testbed.cluster.backend import NodeFailed
 from testbed.cluster.results import OwnedProcess
 from testbed.core.errors import StateError
@@ -212,7 +212,7 @@ def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
             stop_process(paths, proc.pid, "swtpm", node)
     if node_paths.run.exists():
         shutil.rmtree(node_paths.run)
-    node_paths.run.mkdir(mode=0o700, parents=True)
+    private_dir(node_paths.run)
 
 
 def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> NodeInfo:

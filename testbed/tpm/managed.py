@@ -1,8 +1,11 @@
 """Managed swtpm instances: named TPMs under the work directory that outlive one
 CLI invocation (``testbed tpm start NAME``), reachable as ``--tpm NAME``.
 
-Layout: ``WORKDIR/ca`` (the project-local EK CA) and ``WORKDIR/tpms/NAME/`` with
-``state/`` (swtpm state, 0700) and ``instance.json`` (port and pid file).
+Layout: ``WORKDIR/ca`` (the project-local EK CA) and ``WORKDIR/tpms/NAME/`` (0700)
+with ``state/`` (swtpm state, 0700), ``instance.json`` (the TCTI), ``swtpm.pid``,
+``swtpm.log`` and the unix sockets ``swtpm.sock`` + ``swtpm.sock.ctrl`` (0600; in a
+short private directory when that path is too long, see ``Swtpm``). No TCP port: a
+managed TPM is its owner's alone (tpm2-tools reach it with ``-T swtpm:path=...``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from testbed.core.errors import StateError, SwtpmError
 from testbed.core.files import read_json, write_json
+from testbed.core.paths import private_tree
 from testbed.core.processes import process_argv, read_pid
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm, provision
@@ -53,11 +57,11 @@ class ManagedTpms:
             return current
         directory = self._dir(name)
         state = directory / "state"
+        private_tree(self.workdir, directory)  # tpms/ was 0755 in older work directories
         if not (state / "tpm2-00.permall").exists():
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             provision(state, self.ca())
         swtpm = Swtpm(state, run_dir=directory, detached=True).start()
-        write_json(directory / "instance.json", {"port": swtpm.port, "tcti": swtpm.tcti})
+        write_json(directory / "instance.json", {"tcti": swtpm.tcti})
         return ManagedTpm(name, swtpm.tcti, swtpm.pid, state)
 
     def stop(self, name: str) -> bool:
