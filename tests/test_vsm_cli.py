@@ -287,6 +287,10 @@ def test_node_errors(cluster: Cluster, tmp_path: Path) -> None:
                           2, "--tcti")
     assert_one_line_error(vsm(tmp_path / "none", "--node", "cryptovm", "key", "list"), 3,
                           "testbed up")
+    # The node holds its state directory; opening it here says how to reach it instead.
+    state = next(wd.glob("clusters/*/nodes/cryptovm/state/cryptovm"))
+    assert_one_line_error(vsm(wd, "--state", str(state), "-T", "swtpm:port=1", "key", "list"),
+                          4, "in use", "--node cryptovm")
 
 
 def test_node_down_is_exit_4(cluster: Cluster) -> None:

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from attestation.errors import FileInputError
 from attestation.files import atomic_write, private_dir, read_bounded
 from cryptovm import admin
 from cryptovm.admin import VsmTarget
+from cryptovm.errors import StorageError
 from cryptovm.keystore import ALGORITHMS
 from cryptovm.wire import MAX_BODY
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
@@ -176,8 +177,21 @@ def _connect(args: argparse.Namespace) -> Iterator[Connected]:
     if not (state / "cryptovm.json").is_file():  # checked first: opening would create it
         raise StateError(f"no CryptoVM in {state}: `testbed vsm init` creates one (or "
                          "--node NODE for a running cluster's)")
-    with admin.open_local(state, tcti_for(args)) as local:
+    with ExitStack() as stack:
+        try:
+            local = stack.enter_context(admin.open_local(state, tcti_for(args)))
+        except StorageError as exc:
+            raise _node_hint(state, exc) from None
         yield Connected(local, {"node": None, "endpoint": None, **local.where()})
+
+
+def _node_hint(state: Path, exc: StorageError) -> StorageError:
+    """A running cluster node holds its own state directory: say how to reach it."""
+    parts = state.parts
+    if len(parts) >= 6 and parts[-2:] == ("state", "cryptovm") and parts[-6] == "clusters":
+        return StorageError(f"{exc}: `testbed vsm --node {parts[-3]} ...` does (cluster "
+                            f"{parts[-5]})")
+    return exc
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
