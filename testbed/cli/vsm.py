@@ -453,10 +453,11 @@ def cmd_account_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_account_certificate(args: argparse.Namespace) -> int:
+    # The directory first: a certificate issued but not written would still be registered.
+    directory = private_dir(Path(args.output).absolute()) if args.output is not None else None
     result = _readable(_call(args, "account_issue_certificate", name=args.name))
-    if args.output is None:
+    if directory is None:
         return _emit(args, result)
-    directory = private_dir(Path(args.output).absolute())
     key = result.pop("private_key")
     files = {"certificate": _write_public(directory / f"{args.name}.crt",
                                           result["certificate"].encode()),
