@@ -102,8 +102,9 @@ def jsonable(value: Any, key: str = "", *, readable: bool = False) -> Any:
 
 
 def iso_time(seconds: float) -> str:
-    """ISO 8601, UTC, to the second (as the testbed prints every time)."""
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+    """ISO 8601 UTC to the second with ``Z``: the testbed's one output time format."""
+    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def public_key_pem(spki_der: bytes) -> str:

@@ -157,6 +157,7 @@ def test_signatures_as_files_and_on_stdin(local: Path, tmp_path: Path) -> None:
 
 
 def _iso_utc(value: str) -> datetime.datetime:
+    assert value.endswith("Z"), value  # the testbed's one output time format
     moment = datetime.datetime.fromisoformat(value)
     assert moment.utcoffset() == datetime.timedelta(0), value
     return moment
