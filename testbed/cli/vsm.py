@@ -88,7 +88,7 @@ def _state_commands(groups: Any) -> None:
     p = _add(groups, "init", "create a CryptoVM sealed to the TPM's current PCRs", cmd_init)
     p.add_argument("--pcrs", default="sha256:0-9", metavar="BANK:PCRS",
                    help="PCRs the storage key is sealed to (default: %(default)s)")
-    p.add_argument("--psk-file", type=Path,
+    p.add_argument("--psk-file", type=Path, metavar="FILE",
                    help="where to write the root PSK (0600; default: STATE/../root.psk)")
     _add(groups, "status", "state directory or node, keys, accounts, audit", cmd_status)
     _add(groups, "audit", "verify the hash-chained audit log (exit 1 if broken)", cmd_audit)
