@@ -123,14 +123,15 @@ class PublishedCryptoVm:
         with contextlib.suppress(StateError):
             doc = read_json(path)
         if not isinstance(doc, dict):
-            raise StateError(f"node {node!r} runs no CryptoVM service (is it a cryptovm node, "
-                             "and up? `testbed status`)")
+            raise StateError(f"node {node!r} runs no CryptoVM service: is the cluster up? "
+                             "(`testbed status`; `testbed up` starts it)")
         try:
             published = cls(**doc)
         except TypeError:
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the "
                              "node") from None
-        if not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str):
+        if (not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str)
+                or "-----BEGIN CERTIFICATE-----" not in published.ca_pem):
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the node")
         return published
 
