@@ -23,10 +23,16 @@ END = "<!-- end of reference -->"
 def render_reference() -> str:
     """Markdown: one section per command, its usage, arguments and options."""
     commands = command_tree(build_parser())
-    return "\n".join(_section(c) for c in commands[1:])
+    by_path = {c.path: c for c in commands}
+    return "\n".join(_section(c, _flags(by_path[c.path[:-1]])) for c in commands[1:])
 
 
-def _section(command: Command) -> str:
+def _flags(command: Command) -> set[str]:
+    return {f for o in command.options for f in o.flags}
+
+
+def _section(command: Command, inherited: set[str]) -> str:
+    """One command; options its parent also takes are listed once, with the parent."""
     lines = [f"### `{command.name}`", ""]
     if command.help:
         lines += [command.help, ""]
@@ -34,7 +40,7 @@ def _section(command: Command) -> str:
     if command.subcommands:
         lines += [f"Subcommands: {', '.join(f'`{s}`' for s in command.subcommands)}.", ""]
     rows = [_row(o) for o in (*command.positionals, *command.options)
-            if o.flags[0] not in GLOBAL_OPTIONS]
+            if o.flags[0] not in GLOBAL_OPTIONS and not set(o.flags) & inherited]
     if rows:
         lines += ["| argument | meaning |", "| --- | --- |", *rows, ""]
     return "\n".join(lines)
