@@ -140,8 +140,8 @@ def _register_verify_quote(sub: argparse._SubParsersAction[argparse.ArgumentPars
     _hidden_alias(p, "--pcr", "pcr_file")
     p.add_argument("-u", "--public", type=Path,
                    help="the AK to trust: PEM, TPM2B_PUBLIC or TPMT_PUBLIC")
-    p.add_argument("-q", "--nonce", required=True, metavar="HEX",
-                   help="the nonce the quote must carry")
+    p.add_argument("-q", "--nonce", metavar="HEX",
+                   help="the nonce the quote must carry (required)")
     _hidden_alias(p, "--qualification", "nonce")
     p.add_argument("--policy", type=Path, metavar="YAML", help="reference policy to enforce")
     p.add_argument("--event-log", type=Path, metavar="FILE",
@@ -219,7 +219,7 @@ def tcti_for(args: argparse.Namespace) -> str:
         return str(args.tcti)
     if os.environ.get("TESTBED_TCTI"):
         return os.environ["TESTBED_TCTI"]
-    return ManagedTpms(resolve_workdir(args.workdir)).tcti(args.tpm)
+    return ManagedTpms(resolve_workdir(args.workdir, create=False)).tcti(args.tpm)
 
 
 def utc_iso(moment: datetime.datetime) -> str:
@@ -258,7 +258,7 @@ def cmd_tpm_start(args: argparse.Namespace) -> int:
 def cmd_tpm_stop(args: argparse.Namespace) -> int:
     if args.all and args.name is not None:
         raise UsageError("give a TPM name or --all, not both")
-    managed = ManagedTpms(resolve_workdir(args.workdir))
+    managed = ManagedTpms(resolve_workdir(args.workdir, create=False))
     names = [t.name for t in managed.list()] if args.all else [args.name or "default"]
     stopped = {name: managed.stop(name) for name in names}
     data = {"stopped": [n for n, s in stopped.items() if s],
@@ -273,7 +273,7 @@ def cmd_tpm_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_tpm_list(args: argparse.Namespace) -> int:
-    tpms = ManagedTpms(resolve_workdir(args.workdir)).list()
+    tpms = ManagedTpms(resolve_workdir(args.workdir, create=False)).list()
     rows = [{"name": t.name, "running": t.running, "pid": t.pid, "tcti": t.tcti or None,
              "state_dir": str(t.state_dir)} for t in tpms]
 
@@ -296,7 +296,7 @@ def cmd_ek(args: argparse.Namespace) -> int:
     if args.ca_bundle:
         bundle, source = load_ca_bundle(args.ca_bundle), str(args.ca_bundle)
     else:
-        ca = ManagedTpms(resolve_workdir(args.workdir)).existing_ca()
+        ca = ManagedTpms(resolve_workdir(args.workdir, create=False)).existing_ca()
         bundle, source = ca.ca_bundle(), f"the local CA in {ca.directory}"
     with TpmClient(tcti_for(args)) as client:
         ek = client.endorsement_key(args.algorithm)
@@ -417,12 +417,14 @@ def _quote_data(args: argparse.Namespace, request: QuoteRequest, evidence: Evide
 
 
 def _print_quote(request: QuoteRequest, evidence: Evidence, files: list[Path]) -> None:
+    selection = request.selection
+    summary = (f"quoted {selection.bank} PCRs {','.join(map(str, selection.indices))} "
+               f"with nonce {request.nonce.hex()}")
     if not files:  # no -o: the evidence itself is the output (`testbed quote > ev.json`)
         sys.stdout.write(evidence.to_json().decode() + "\n")
+        print(summary, file=sys.stderr)
         return
-    selection = request.selection
-    print(f"quoted {selection.bank} PCRs {','.join(map(str, selection.indices))} "
-          f"with nonce {request.nonce.hex()}")
+    print(summary)
     for f in files:
         print(f"  wrote {f}")
 
@@ -465,6 +467,8 @@ def _load_quote(args: argparse.Namespace) -> LoadedQuote:
 
 
 def cmd_verify_quote(args: argparse.Namespace) -> int:
+    if args.nonce is None:  # not argparse-required: the hidden --qualification counts too
+        raise UsageError("verify-quote needs -q/--nonce HEX: the nonce the quote must carry")
     nonce = parse_hex(args.nonce, "nonce", MAX_NONCE)
     policy = load_policy(args.policy) if args.policy else None
     quote = _load_quote(args)
