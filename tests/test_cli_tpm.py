@@ -212,8 +212,13 @@ def test_verify_quote_reads_evidence_json_with_its_event_log(lab: Lab, tmp_path:
     other = EventLogBuilder()
     other.add(23, 0x0D, b"kernel cmdline: ro quiet init=/bin/sh\x00")
     (tmp_path / "other.bin").write_bytes(other.to_bytes())
-    r = lab.run("verify-quote", str(out), "-q", "c0de", "--event-log", str(tmp_path / "other.bin"))
-    assert r.returncode == 1 and "event_log" in r.stdout
+    r = lab.run("verify-quote", str(out), "-q", "c0de", "--event-log", str(tmp_path / "other.bin"),
+                "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 1 and report["failed_check"] == "event_log"
+    [mismatch] = report["event_log_mismatches"]  # in full, beside the abbreviated detail
+    assert mismatch["pcr"] == 23 and HEX_DIGEST.match(mismatch["replayed"])
+    assert HEX_DIGEST.match(mismatch["quoted"]) and mismatch["quoted"] != mismatch["replayed"]
 
 
 def test_quote_refuses_an_event_log_that_does_not_replay(lab: Lab, tmp_path: Path) -> None:
