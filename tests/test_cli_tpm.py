@@ -131,6 +131,16 @@ def test_a_bad_argument_exits_3_even_when_no_tpm_runs(tmp_path: Path, argv: list
     assert not (tmp_path / "no-tpm-here").exists()  # a failed command creates nothing
 
 
+@pytest.mark.parametrize("where", ["evidence.json", "."])
+def test_a_fifo_for_evidence_is_refused_at_once(tmp_path: Path, where: str) -> None:
+    os.mkfifo(tmp_path / "evidence.json")  # no writer: reading it would block forever
+    target = tmp_path / where
+    for argv in (["verify-quote", str(target), "-q", "00"],
+                 ["policy", "create", "--from", str(target), "--name", "x", "-o",
+                  str(tmp_path / "p.yaml")]):
+        assert_fails(run_testbed(*argv, workdir=tmp_path / "wd"), 3, "not a regular file")
+
+
 @given(st.text(max_size=40))
 def test_pcr_selection_parses_or_says_why(spec: str) -> None:
     try:

@@ -445,10 +445,10 @@ def _load_quote(args: argparse.Namespace) -> LoadedQuote:
     --event-log and -u overrides."""
     path: Path = args.directory or Path(".")
     tools_files = any(x is not None for x in (args.message, args.signature, args.pcr_file))
-    if path.is_file() and tools_files:
-        raise UsageError(f"{path} is a file: -m/-s/-f name quote files in a directory")
-    json_path = path if path.is_file() else path / EVIDENCE_FILE
-    if not tools_files and json_path.is_file():
+    if not path.is_dir() and tools_files:
+        raise UsageError(f"{path} is not a directory: -m/-s/-f name quote files in one")
+    json_path = path / EVIDENCE_FILE if path.is_dir() else path
+    if not tools_files and (json_path.exists() or json_path == path):  # a FIFO: refused
         evidence, bare, source = read_evidence(json_path), False, json_path
     else:
         base = QuoteFiles.in_directory(path)
@@ -521,8 +521,8 @@ def _subset(pcrs: dict[int, bytes], bank: str, wanted: PcrSelection | None,
 def _pcrs_from_quote(source: Path, wanted: PcrSelection | None,
                      ) -> tuple[str, dict[int, bytes], bytes | None]:
     """Bank, PCRs and embedded event log of a quote that `testbed quote` wrote."""
-    json_path = source if source.is_file() else source / EVIDENCE_FILE
-    if json_path.is_file():
+    json_path = source / EVIDENCE_FILE if source.is_dir() else source
+    if json_path.exists() or json_path == source:  # a FIFO or a missing file: refused
         evidence = read_evidence(json_path)
         bank, pcrs, log = evidence.pcr_bank, evidence.pcrs, evidence.event_log
     else:
