@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,7 +29,6 @@ from testbed.cli.main import build_parser
 from testbed.cli.tpm import parse_pcr_list
 from testbed.core.errors import ArgumentError
 
-ROOT = Path(__file__).resolve().parent.parent
 NONEXISTENT = "/nonexistent-testbed-dir"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -402,29 +400,3 @@ def test_old_flag_spellings_still_work(lab: Lab, tmp_path: Path) -> None:
     out = tmp_path / "q"
     lab.ok("quote", "--pcr-list", "sha256:0", "--qualification", "09", "-o", str(out))
     assert lab.ok("verify-quote", str(out), "--qualification", "09").returncode == 0
-
-
-# --- 7. the command lines the documentation shows parse ------------------------------------
-
-
-def _documented_command_lines() -> list[str]:
-    """Each `testbed ...` command in the sh blocks of the docs this brief touches."""
-    commands = []
-    for doc in (ROOT / "docs" / "cli-tpm.md", ROOT / "README.md", ROOT / "docs" / "policy.md"):
-        text = doc.read_text().replace("\\\n", " ")
-        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
-            for line in block.splitlines():
-                for part in re.split(r"&&|\||;", line.split("  #")[0]):
-                    if part.strip().startswith("testbed "):
-                        commands.append(part.strip())
-    return commands
-
-
-@pytest.mark.parametrize("line", _documented_command_lines())
-def test_documented_command_lines_parse(line: str) -> None:
-    argv = shlex.split(line)[1:]
-    argv = argv[: argv.index(">")] if ">" in argv else argv
-    try:
-        build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse's way of refusing
-        pytest.fail(f"{line!r} does not parse ({exc})")

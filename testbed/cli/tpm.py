@@ -9,7 +9,6 @@ result without ``--force``; JSON carries full values (digests, PEM, ISO 8601 UTC
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import re
 import sys
@@ -39,6 +38,7 @@ from attestation.tpm_types import DIGEST_SIZE, PcrSelection, parse_attest, parse
 from attestation.verifier import QuoteVerifier
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
 from testbed.cli.render import emit, print_report, verdict
+from testbed.core.clock import iso_utc, utc_now
 from testbed.core.errors import ArgumentError, UsageError
 from testbed.core.paths import resolve_workdir
 from testbed.tpm.managed import ManagedTpms
@@ -223,15 +223,6 @@ def tcti_for(args: argparse.Namespace) -> str:
     return ManagedTpms(resolve_workdir(args.workdir, create=False)).tcti(args.tpm)
 
 
-def utc_iso(moment: datetime.datetime) -> str:
-    """ISO 8601 in UTC with a Z, to the second: 2026-12-05T06:00:00Z."""
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _now() -> str:
-    return utc_iso(datetime.datetime.now(datetime.UTC))
-
-
 def _hex_map(pcrs: dict[int, bytes]) -> dict[str, str]:
     return {str(i): v.hex() for i, v in sorted(pcrs.items())}
 
@@ -320,8 +311,8 @@ def _ek_data(args: argparse.Namespace, validated: ValidatedEk, pem: bytes,
             "certificate_sha256": validated.fingerprint, "ek_name": validated.public.name.hex(),
             "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
             "serial_number": format(cert.serial_number, "x"),
-            "not_before": utc_iso(cert.not_valid_before_utc),
-            "not_after": utc_iso(cert.not_valid_after_utc),
+            "not_before": iso_utc(cert.not_valid_before_utc.timestamp()),
+            "not_after": iso_utc(cert.not_valid_after_utc.timestamp()),
             "certificate_pem": pem.decode(),
             "output": None if args.output is None else str(args.output)}
 
@@ -394,7 +385,7 @@ def cmd_quote(args: argparse.Namespace) -> int:
             quote = client.quote(ak, request.selection, request.nonce)
         finally:
             client.flush(ak)
-    quoted_at = _now()
+    quoted_at = utc_now()
     _check_log_replays(args, request, quote.pcrs)
     evidence = Evidence(attest=quote.attest, signature=quote.signature, ak_public=ak.public,
                         pcr_bank=request.selection.bank, pcrs=quote.pcrs,
@@ -476,7 +467,7 @@ def cmd_verify_quote(args: argparse.Namespace) -> int:
     report = QuoteVerifier(ak_trust=quote.trust, policy=policy).verify(quote.evidence, nonce)
     data = {**report.to_dict(), "verdict": verdict(report), "source": str(quote.source),
             "nonce": nonce.hex(), "policy": None if policy is None else policy.name,
-            "event_log_supplied": quote.evidence.event_log is not None, "verified_at": _now(),
+            "event_log_supplied": quote.evidence.event_log is not None, "verified_at": utc_now(),
             "event_log_mismatches": _log_mismatches(report, quote.evidence)}
     emit(args, data, lambda: print_report(report, f"quote {quote.source}"))
     return EXIT_OK if report.ok else EXIT_REJECTED

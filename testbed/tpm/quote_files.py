@@ -96,7 +96,7 @@ def check_quote_directory(directory: Path, *, force: bool) -> None:
 
 
 def write_quote_files(directory: Path, evidence: Evidence) -> list[Path]:
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # `quote` checked the parent; `attest -o` may nest
     selection = PcrSelection(evidence.pcr_bank, tuple(sorted(evidence.pcrs)))
     key = parse_public(evidence.ak_public).public_key()
     pem = key.public_bytes(serialization.Encoding.PEM,
