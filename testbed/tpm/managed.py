@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.core.errors import StateError, SwtpmError
+from testbed.core.errors import StateError, SwtpmError, UsageError
 from testbed.core.files import read_json, write_json
 from testbed.core.paths import private_tree
 from testbed.core.processes import process_argv, read_pid
@@ -45,9 +45,17 @@ class ManagedTpms:
     def ca(self) -> LocalCA:
         return LocalCA.ensure(self.workdir / "ca")
 
+    def existing_ca(self) -> LocalCA:
+        """The work directory's EK CA as `tpm start` made it; a read never creates one."""
+        ca = LocalCA(self.workdir / "ca")
+        if not (ca.root_cert_path.is_file() and ca.intermediate_cert_path.is_file()):
+            raise StateError(f"no local EK CA in {ca.directory}: start a managed TPM there "
+                             "(`testbed tpm start`) or pass --ca-bundle PEM")
+        return ca
+
     def _dir(self, name: str) -> Path:
-        if not _NAME.match(name):
-            raise StateError(f"invalid TPM name {name!r}: use lowercase letters, digits, - and _")
+        if not _NAME.fullmatch(name):
+            raise UsageError(f"invalid TPM name {name!r}: use lowercase letters, digits, - and _")
         return self.root / name
 
     def start(self, name: str) -> ManagedTpm:
@@ -86,7 +94,8 @@ class ManagedTpms:
     def list(self) -> list[ManagedTpm]:
         if not self.root.is_dir():
             return []
-        return [t for d in sorted(self.root.iterdir()) if (t := self.get(d.name)) is not None]
+        names = sorted(d.name for d in self.root.iterdir() if _NAME.fullmatch(d.name))
+        return [t for name in names if (t := self.get(name)) is not None]
 
     def tcti(self, name: str) -> str:
         tpm = self.get(name)
