@@ -191,6 +191,10 @@ def test_attest_writes_the_evidence_for_tpm2_tools_and_eventlog(lab: Lab, tmp_pa
     assert check.returncode == 0, check.stderr
     rc, out, err = run_cli(lab.workdir, "eventlog", str(out_dir / "eventlog.bin"), "--json")
     assert rc == 0, err
+    rc, _, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir))
+    assert rc == 3 and "--force" in err  # an earlier attestation is not replaced silently
+    rc, _, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir), "--force")
+    assert rc == 0, err
 
 
 def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) -> None:

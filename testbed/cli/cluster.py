@@ -33,7 +33,7 @@ from testbed.core.errors import ArgumentError, UsageError
 from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
-from testbed.tpm.quote_files import write_quote_files
+from testbed.tpm.quote_files import check_quote_directory, write_quote_files
 
 __all__ = ["register_cluster_commands"]
 
@@ -71,6 +71,8 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
                    help="also write the node's evidence as tpm2-tools files (quote.msg, "
                         "quote.sig, quote.pcrs, ak.pem, ...), evidence.json, eventlog.bin and "
                         "nonce.hex, for `testbed eventlog`, `policy create`, tpm2_checkquote")
+    p.add_argument("--force", action="store_true",
+                   help="with -o: replace the files of an earlier attestation or quote")
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
@@ -210,6 +212,8 @@ def _last(last: AttestationRecord | None) -> str:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
+    if args.output is not None:  # before the node is quoted: a bad path costs no quote
+        check_quote_directory(args.output, force=args.force)
     workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
