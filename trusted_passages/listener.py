@@ -1,0 +1,213 @@
+"""The Trusted Passages server side both adapters share: one event loop, no thread per
+connection until a channel is established.
+
+Every accepted connection is a coroutine on raw non-blocking sockets
+(``loop.sock_recv``/``sock_sendall``), so hundreds of idle or slow peers cost a socket
+and a small OpenSSL object each, not a thread. The core's ``receive_data`` may quote or
+verify (TPM commands, milliseconds), so it runs in the loop's worker threads.
+
+Rules (docs/security.md, "Listeners"):
+
+* each protocol step has its own deadline of ``config.timeout``: the TLS handshake
+  counted from accept, the evidence and FINISHED steps from the end of the step
+  before; bytes arriving never extend it. A late peer gets the core's ERROR frame
+  (once there is a TLS channel to send it on) and is closed;
+* at most ``max_connections`` at a time (:class:`attestation.slots.ConnectionSlots`):
+  a newcomer that finds them all taken evicts the oldest connection still in its TLS
+  handshake (one that has not even shown a certificate of the cluster's CA); when
+  none is, the newcomer is closed at once rather than left waiting in the backlog;
+* what is buffered is bounded by the core (one TLS record, one frame of at most
+  1 MiB) and by one read of :data:`READ_SIZE` bytes.
+
+Once established, the socket and core are handed to ``on_established`` (the asyncio
+adapter wraps them in a stream, the blocking one hands them to a worker thread); the
+slot stays taken, never evicted, until the caller releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from attestation.slots import ConnectionSlots, Slot
+from trusted_passages.config import ChannelConfig
+from trusted_passages.errors import AttestationRejected, ProtocolError
+from trusted_passages.events import Event, Inbox, established, raise_failure
+from trusted_passages.interfaces import PeerEvidence
+from trusted_passages.protocol import TrustedPassagesConnection
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+DEFAULT_MAX_CONNECTIONS = 64
+RANK_HANDSHAKE = 0  # the only evictable stage (attestation/slots.py)
+SEND_GRACE_S = 1.0  # to tell a late peer why it is dropped, past its deadline
+_ACCEPT_BACKOFF_S = 0.05  # out of descriptors: wait for some to be freed
+
+Established = Callable[[socket.socket, TrustedPassagesConnection, PeerEvidence, Inbox, Slot],
+                       Awaitable[None]]
+FailureHandler = Callable[[AttestationRejected], None]
+
+
+class Listener:
+    """Accepts on ``sock`` in the running event loop until :meth:`close`."""
+
+    def __init__(self, sock: socket.socket, config: ChannelConfig, on_established: Established,
+                 *, on_failure: FailureHandler | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.sock = sock
+        self.config = config
+        self.slots = ConnectionSlots(max_connections)
+        self._on_established = on_established
+        self._on_failure = on_failure
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()  # not established yet
+        sock.setblocking(False)
+        self._acceptor = self._loop.create_task(self._accept_loop())
+
+    def __repr__(self) -> str:
+        return f"Listener({self.address}, {self.slots!r})"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection not established yet."""
+        self._acceptor.cancel()
+        for task in list(self._pending):
+            task.cancel()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._acceptor, *self._pending, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = await self._loop.sock_accept(self.sock)
+            except OSError as exc:  # e.g. EMFILE: the peer waits in the backlog meanwhile
+                log.warning("Trusted Passages listener cannot accept: %s", exc)
+                await asyncio.sleep(_ACCEPT_BACKOFF_S)
+                continue
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        tasks: list[asyncio.Task[None]] = []
+
+        def drop(_reason: str) -> None:  # evicted: its coroutine closes the socket
+            tasks[0].cancel()
+
+        slot = self.slots.admit(drop, timeout=None, rank=RANK_HANDSHAKE)
+        if slot is None:  # every slot holds a connection past its TLS handshake
+            conn.close()
+            return
+        task = self._loop.create_task(self._serve(conn, slot))
+        tasks.append(task)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _serve(self, conn: socket.socket, slot: Slot) -> None:
+        handed_over = False
+        try:
+            conn.setblocking(False)
+            no_delay(conn)
+            core = self.config.connection("server")
+            try:
+                peer, inbox = await establish_socket(conn, core, self.config.timeout,
+                                                     on_step=lambda: self._proven(slot))
+            except AttestationRejected as exc:
+                log.info("attested channel refused: %s", exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+                return
+            except ProtocolError as exc:
+                log.info("attested channel failed: %s", exc)
+                return
+            handed_over = True
+            await self._on_established(conn, core, peer, inbox, slot)
+        finally:
+            if not handed_over:
+                conn.close()
+                self.slots.release(slot)
+
+    def _proven(self, slot: Slot) -> None:
+        """Past the TLS handshake: the peer showed a certificate of the trusted CA."""
+        self.slots.step(slot, timeout=None, rank=None)
+
+
+def no_delay(sock: socket.socket) -> None:
+    # Small handshake and frame writes in alternation: Nagle + delayed ACK would stall them.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
+                           timeout: float, *, on_step: Callable[[], None] | None = None
+                           ) -> tuple[PeerEvidence, Inbox]:
+    """Drive the handshake and exchange on a non-blocking socket; each protocol step has
+    ``timeout`` seconds, the first counted from now. ``on_step`` hears of the first
+    step completed (the TLS handshake)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await _send(sock, core, deadline)
+    while True:
+        waiting = core.state
+        try:
+            events = await _step(sock, core, deadline)
+        except TimeoutError:
+            events = core.timeout()
+            await _send_quietly(sock, core, loop.time() + SEND_GRACE_S)
+        raise_failure(events)
+        arrived = established(events)
+        if arrived is not None:
+            return arrived
+        if core.closed:
+            raise ProtocolError("the connection closed during the exchange")
+        if core.state is not waiting:
+            deadline = loop.time() + timeout
+            if on_step is not None:
+                on_step()
+                on_step = None
+
+
+async def _step(sock: socket.socket, core: TrustedPassagesConnection,
+                deadline: float) -> list[Event]:
+    """Feed the core until its state changes or it reports events; only the waits for
+    the peer are timed (a core call in progress is never cancelled by a timeout)."""
+    loop = asyncio.get_running_loop()
+    waiting = core.state
+    while True:
+        async with asyncio.timeout_at(deadline):
+            try:
+                data = await loop.sock_recv(sock, READ_SIZE)
+            except OSError:
+                data = b""  # a reset ends the stream; the core decides what that means
+        events = await asyncio.to_thread(core.receive_data, data)
+        await _send_quietly(sock, core, max(deadline, loop.time() + SEND_GRACE_S))
+        if core.state is not waiting or events:
+            return events
+
+
+async def _send(sock: socket.socket, core: TrustedPassagesConnection, deadline: float) -> None:
+    data = core.data_to_send()
+    if not data:
+        return
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.get_running_loop().sock_sendall(sock, data)
+    except TimeoutError:
+        raise ProtocolError("sending failed: the peer does not read") from None
+    except OSError as exc:
+        raise ProtocolError(f"sending failed: {exc}") from None
+
+
+async def _send_quietly(sock: socket.socket, core: TrustedPassagesConnection,
+                        deadline: float) -> None:
+    # During the exchange a send failure shows up as EOF on the next read.
+    with contextlib.suppress(ProtocolError):
+        await _send(sock, core, deadline)
