@@ -21,12 +21,14 @@ Thread-safe; standard library only (the guest agent uses it).
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["CLOSING", "EVICTED", "EXPIRED", "ConnectionSlots", "Drop", "Slot"]
+__all__ = ["CLOSING", "EVICTED", "EXPIRED", "ConnectionSlots", "Drop", "Slot", "shutdown"]
 
 Clock = Callable[[], float]
 Drop = Callable[[str], None]
@@ -137,3 +139,14 @@ class ConnectionSlots:
 
 def _eviction_order(slot: Slot) -> tuple[int, float]:
     return (slot.rank or 0, slot.since)  # only ranked slots are compared
+
+
+def shutdown(sock: socket.socket) -> Drop:
+    """The drop of a connection served by a thread of its own: shutting the socket down
+    wakes that thread (its blocked read sees the end of the stream) and it cleans up."""
+
+    def drop(_reason: str) -> None:
+        with contextlib.suppress(OSError):  # closed already
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return drop
