@@ -170,13 +170,20 @@ class AuditLog:
             return None
         return self.append(account, op, outcome, check=check, detail=detail, target=target)
 
-    def flush_suppressed(self) -> None:
+    def flush_suppressed(self, *, force: bool = False) -> None:
         """Write the suppressed-entries summary of a finished window (a server calls this
-        now and then, so the count lands even when the flood stops)."""
+        now and then, so the count lands even when the flood stops); ``force``: end the
+        current window now."""
         with self._lock:
-            summary = self._throttle.close_window_if_over()
+            summary = (self._throttle.close_window(force=True) if force
+                       else self._throttle.close_window_if_over())
         if summary:
             self.append("-", SUPPRESSED_OP, "error", detail=summary)
+
+    def set_unauthenticated_limit(self, burst: int, window: float) -> None:
+        """At most ``burst`` unauthenticated failures logged one by one per ``window`` s."""
+        with self._lock:
+            self._throttle = _Throttle(burst, window)
 
     def flush(self) -> int:
         """Write buffered entries (one write call); returns the last written seq."""
@@ -201,10 +208,7 @@ class AuditLog:
 
     def close(self) -> None:
         if self._fd >= 0:
-            with self._lock:
-                summary = self._throttle.close_window(force=True)
-            if summary:
-                self.append("-", SUPPRESSED_OP, "error", detail=summary)
+            self.flush_suppressed(force=True)
             self.sync()
             os.close(self._fd)
             self._fd = -1

@@ -208,7 +208,7 @@ class AttestedServer:
 async def start_server(host: str, port: int, config: ChannelConfig, handler: AsyncHandler, *,
                        on_failure: AsyncFailureHandler | None = None,
                        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                       backlog: int = 128) -> AttestedServer:
+                       backlog: int = 1024) -> AttestedServer:
     """Serve attested channels; ``handler`` gets each established channel (closed after)."""
 
     async def serve_one(sock: socket.socket, core: TrustedPassagesConnection,

@@ -299,7 +299,7 @@ class _Workers:
 def serve(host: str, port: int, config: ChannelConfig, handler: Handler, *,
           on_failure: FailureHandler | None = None,
           max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = DEFAULT_WORKERS,
-          backlog: int = 128) -> Server:
+          backlog: int = 1024) -> Server:
     """Listen on host:port (port 0: any free port, see Server.address) and serve."""
     listener = socket.create_server((host, port), backlog=backlog)
     return Server(listener, config, handler, on_failure=on_failure,

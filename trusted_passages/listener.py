@@ -16,6 +16,9 @@ Rules (docs/security.md, "Listeners"):
   a newcomer that finds them all taken evicts the oldest connection still in its TLS
   handshake (one that has not even shown a certificate of the cluster's CA); when
   none is, the newcomer is closed at once rather than left waiting in the backlog;
+* the accept backlog (1024 by default) is larger than a burst of connections the loop
+  has not accepted yet: a full backlog drops SYNs, and a dropped SYN costs a genuine
+  client a one-second retransmission;
 * what is buffered is bounded by the core (one TLS record, one frame of at most
   1 MiB) and by one read of :data:`READ_SIZE` bytes.
 
@@ -45,7 +48,7 @@ READ_SIZE = 65536
 DEFAULT_MAX_CONNECTIONS = 64
 RANK_HANDSHAKE = 0  # the only evictable stage (attestation/slots.py)
 SEND_GRACE_S = 1.0  # to tell a late peer why it is dropped, past its deadline
-_ACCEPT_BACKOFF_S = 0.05  # out of descriptors: wait for some to be freed
+_ACCEPT_BURST = 64  # accepts per wake-up: keep the backlog short, let the loop breathe
 
 Established = Callable[[socket.socket, TrustedPassagesConnection, PeerEvidence, Inbox, Slot],
                        Awaitable[None]]
@@ -65,8 +68,9 @@ class Listener:
         self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()  # not established yet
+        self._closed = asyncio.Event()
         sock.setblocking(False)
-        self._acceptor = self._loop.create_task(self._accept_loop())
+        self._loop.add_reader(sock.fileno(), self._accept)
 
     def __repr__(self) -> str:
         return f"Listener({self.address}, {self.slots!r})"
@@ -78,66 +82,80 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting and drop every connection not established yet."""
-        self._acceptor.cancel()
+        if not self._closed.is_set():
+            self._closed.set()
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
         for task in list(self._pending):
             task.cancel()
-        self.sock.close()
 
     async def wait_closed(self) -> None:
-        await asyncio.gather(self._acceptor, *self._pending, return_exceptions=True)
+        await asyncio.gather(*self._pending, return_exceptions=True)
 
-    async def _accept_loop(self) -> None:
-        while True:
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BURST):
             try:
-                conn, _ = await self._loop.sock_accept(self.sock)
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # e.g. EMFILE: the peer waits in the backlog meanwhile
                 log.warning("Trusted Passages listener cannot accept: %s", exc)
-                await asyncio.sleep(_ACCEPT_BACKOFF_S)
-                continue
+                return
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        tasks: list[asyncio.Task[None]] = []
-
-        def drop(_reason: str) -> None:  # evicted: its coroutine closes the socket
-            tasks[0].cancel()
-
-        slot = self.slots.admit(drop, timeout=None, rank=RANK_HANDSHAKE)
+        pending = _Pending(conn)
+        slot = self.slots.admit(pending.drop, timeout=None, rank=RANK_HANDSHAKE)
         if slot is None:  # every slot holds a connection past its TLS handshake
             conn.close()
             return
-        task = self._loop.create_task(self._serve(conn, slot))
-        tasks.append(task)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        pending.task = self._loop.create_task(self._serve(pending, slot))
+        self._pending.add(pending.task)
+        # Runs even for a task cancelled before it started (evicted at once).
+        pending.task.add_done_callback(lambda _: self._finish(pending, slot))
 
-    async def _serve(self, conn: socket.socket, slot: Slot) -> None:
-        handed_over = False
+    def _finish(self, pending: _Pending, slot: Slot) -> None:
+        if pending.task is not None:
+            self._pending.discard(pending.task)
+        if not pending.handed_over:
+            pending.conn.close()
+            self.slots.release(slot)
+
+    async def _serve(self, pending: _Pending, slot: Slot) -> None:
+        conn = pending.conn
+        conn.setblocking(False)
+        no_delay(conn)
+        core = self.config.connection("server")
         try:
-            conn.setblocking(False)
-            no_delay(conn)
-            core = self.config.connection("server")
-            try:
-                peer, inbox = await establish_socket(conn, core, self.config.timeout,
-                                                     on_step=lambda: self._proven(slot))
-            except AttestationRejected as exc:
-                log.info("attested channel refused: %s", exc)
-                if self._on_failure is not None:
-                    self._on_failure(exc)
-                return
-            except ProtocolError as exc:
-                log.info("attested channel failed: %s", exc)
-                return
-            handed_over = True
-            await self._on_established(conn, core, peer, inbox, slot)
-        finally:
-            if not handed_over:
-                conn.close()
-                self.slots.release(slot)
+            peer, inbox = await establish_socket(conn, core, self.config.timeout,
+                                                 on_step=lambda: self._proven(slot))
+        except AttestationRejected as exc:
+            log.info("attested channel refused: %s", exc)
+            if self._on_failure is not None:
+                self._on_failure(exc)
+            return
+        except ProtocolError as exc:
+            log.info("attested channel failed: %s", exc)
+            return
+        pending.handed_over = True
+        await self._on_established(conn, core, peer, inbox, slot)
 
     def _proven(self, slot: Slot) -> None:
         """Past the TLS handshake: the peer showed a certificate of the trusted CA."""
         self.slots.step(slot, timeout=None, rank=None)
+
+
+class _Pending:
+    """A connection being established: its socket, its task, whether it was handed over."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.task: asyncio.Task[None] | None = None
+        self.handed_over = False
+
+    def drop(self, _reason: str) -> None:  # evicted: cancelling ends in Listener._finish
+        if self.task is not None:
+            self.task.cancel()
 
 
 def no_delay(sock: socket.socket) -> None:

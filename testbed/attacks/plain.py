@@ -71,7 +71,7 @@ class _Acceptor:
 
     def __init__(self, *, handshake_timeout: float = TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self._listener.settimeout(_SWEEP_S)
         self.handshake_timeout = handshake_timeout
         self.slots = ConnectionSlots(max_connections)

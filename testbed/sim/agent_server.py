@@ -45,7 +45,7 @@ from testbed.cluster.agent import sockaddr
 __all__ = ["IDLE_TIMEOUT_S", "MAX_CONNECTIONS", "AgentBackend", "AgentServer"]
 
 MAX_CONNECTIONS = 16
-LISTEN_BACKLOG = 128  # connections waiting for accept(); beyond it clients get EAGAIN
+LISTEN_BACKLOG = 1024  # waiting for accept(); beyond it clients get EAGAIN: above a flood
 IDLE_TIMEOUT_S = 30.0  # a silent client does not pin a thread forever
 _SWEEP_S = 0.2  # how often deadlines are checked (and close() is noticed)
 RANK_IDLE = 0  # waiting for a request: evictable, the longest idle first

@@ -241,7 +241,7 @@ def serve(agent: Agent, host: str, port: int, *, idle_timeout: float = IDLE_TIME
           listening: Callable[[int], None] | None = None) -> None:
     """Serve until a shutdown request: a thread per connection, the TPM under its lock.
     ``listening`` hears the port once the socket listens (tests use port 0)."""
-    server = socket.create_server((host, port), reuse_port=False)
+    server = socket.create_server((host, port), reuse_port=False, backlog=256)
     slots = ConnectionSlots(max_connections)
     server.settimeout(_SWEEP_S)
     if listening is not None:
