@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["CLOSING", "EVICTED", "EXPIRED", "ConnectionSlots", "Drop", "Slot", "shutdown"]
+__all__ = ["CLOSING", "EVICTED", "EXPIRED", "ConnectionSlots", "Drop", "Slot", "has_data",
+           "shutdown"]
 
 Clock = Callable[[], float]
 Drop = Callable[[str], None]
@@ -150,3 +151,13 @@ def shutdown(sock: socket.socket) -> Drop:
             sock.shutdown(socket.SHUT_RDWR)
 
     return drop
+
+
+def has_data(sock: socket.socket) -> bool:
+    """Bytes are waiting on a just-accepted socket (a genuine client's first flight follows
+    its connect): rank it above silent connections from the start, not only once they
+    are read, so a fast-renewed silent flood cannot evict it first."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False

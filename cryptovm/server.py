@@ -25,8 +25,9 @@ Design for a small machine (2 cores):
   certificate did it) within ``login_timeout`` of the handshake, then each request
   within ``idle_timeout`` of the previous one. At most ``max_connections`` at a time
   (:class:`attestation.slots.ConnectionSlots`): when all are taken, a newcomer evicts
-  the oldest connection still in its TLS handshake, else the oldest not logged in; a
-  newcomer is refused only when every slot holds a logged-in connection.
+  the oldest connection that has sent nothing, else the oldest still in its TLS
+  handshake, else the oldest not logged in; a newcomer is refused only when every slot
+  holds a logged-in connection.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from attestation.files import atomic_write
-from attestation.slots import EVICTED, ConnectionSlots, Slot
+from attestation.slots import EVICTED, ConnectionSlots, Slot, has_data
 from cryptovm import tlsca
 from cryptovm.accounts import psk_server_proof
 from cryptovm.audit import AuditLog
@@ -78,8 +80,9 @@ from cryptovm.wire import (
 FAST_OPS = frozenset({"ping", "whoami", "random", "sign", "verify", "public_key", "describe",
                       "encrypt", "decrypt", "derive", "issue_nonce", "list_keys"})
 SERVER_ACCOUNT = "-"
-# Eviction order of connections not logged in (attestation/slots.py): handshaking first.
-RANK_HANDSHAKE, RANK_LOGIN = 0, 1
+# Eviction order of connections not logged in (attestation/slots.py): silent since accept
+# first, then those in their TLS handshake, then those past it but not logged in.
+RANK_SILENT, RANK_HANDSHAKE, RANK_LOGIN = 0, 1, 2
 
 
 class GroupCommit:
@@ -203,11 +206,11 @@ class CryptoVmServer:
             self.commit.close()
         self.vm.audit.sync()
 
-    def _admit(self) -> _Connection | None:
+    def _admit(self, sock: socket.socket) -> _Connection | None:
         """A new TCP connection: a slot (evicting the least proven if full) or None."""
         connection = _Connection(self)
         slot = self.slots.admit(connection.drop, timeout=self.handshake_timeout,
-                                rank=RANK_HANDSHAKE)
+                                rank=RANK_HANDSHAKE if has_data(sock) else RANK_SILENT)
         if slot is None:
             return None
         connection.slot = slot

@@ -162,7 +162,7 @@ class TlsListener:
     """Accepts TCP connections and wraps them in TLS without blocking the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, host: str,
-                 port: int, factory: Callable[[], StreamProtocol | None],
+                 port: int, factory: Callable[[socket.socket], StreamProtocol | None],
                  backlog: int = 512) -> None:
         self.loop = loop
         self.context = context
@@ -183,7 +183,7 @@ class TlsListener:
                 return
             except OSError:
                 return  # e.g. EMFILE: the pending connection waits for a free descriptor
-            protocol = self.factory()
+            protocol = self.factory(raw)
             if protocol is None:  # refused: every slot holds an authenticated connection
                 raw.close()
                 continue

@@ -13,9 +13,11 @@ Rules (docs/security.md, "Listeners"):
   before; bytes arriving never extend it. A late peer gets the core's ERROR frame
   (once there is a TLS channel to send it on) and is closed;
 * at most ``max_connections`` at a time (:class:`attestation.slots.ConnectionSlots`):
-  a newcomer that finds them all taken evicts the oldest connection still in its TLS
-  handshake (one that has not even shown a certificate of the cluster's CA); when
-  none is, the newcomer is closed at once rather than left waiting in the backlog;
+  a newcomer that finds them all taken evicts the oldest connection that has sent
+  nothing yet, else the oldest still in its TLS handshake (neither has shown a
+  certificate of the cluster's CA); when none is, the newcomer is closed at once
+  rather than left waiting in the backlog. So a flood of silent connections, however
+  fast it is renewed, cannot push out a client whose ClientHello has arrived;
 * the accept backlog (1024 by default) is larger than a burst of connections the loop
   has not accepted yet: a full backlog drops SYNs, and a dropped SYN costs a genuine
   client a one-second retransmission;
@@ -35,7 +37,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from attestation.slots import ConnectionSlots, Slot
+from attestation.slots import ConnectionSlots, Slot, has_data
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
 from trusted_passages.events import Event, Inbox, established, raise_failure
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 DEFAULT_MAX_CONNECTIONS = 64
-RANK_HANDSHAKE = 0  # the only evictable stage (attestation/slots.py)
+RANK_SILENT, RANK_HANDSHAKE = 0, 1  # the evictable stages, first evicted first
 SEND_GRACE_S = 1.0  # to tell a late peer why it is dropped, past its deadline
 _ACCEPT_BURST = 64  # accepts per wake-up: keep the backlog short, let the loop breathe
 
@@ -105,7 +107,8 @@ class Listener:
 
     def _admit(self, conn: socket.socket) -> None:
         pending = _Pending(conn)
-        slot = self.slots.admit(pending.drop, timeout=None, rank=RANK_HANDSHAKE)
+        slot = self.slots.admit(pending.drop, timeout=None,
+                                rank=RANK_HANDSHAKE if has_data(conn) else RANK_SILENT)
         if slot is None:  # every slot holds a connection past its TLS handshake
             conn.close()
             return
@@ -127,8 +130,9 @@ class Listener:
         no_delay(conn)
         core = self.config.connection("server")
         try:
-            peer, inbox = await establish_socket(conn, core, self.config.timeout,
-                                                 on_step=lambda: self._proven(slot))
+            peer, inbox = await establish_socket(
+                conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
+                on_data=lambda: self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE))
         except AttestationRejected as exc:
             log.info("attested channel refused: %s", exc)
             if self._on_failure is not None:
@@ -165,18 +169,20 @@ def no_delay(sock: socket.socket) -> None:
 
 
 async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
-                           timeout: float, *, on_step: Callable[[], None] | None = None
+                           timeout: float, *, on_step: Callable[[], None] | None = None,
+                           on_data: Callable[[], None] | None = None
                            ) -> tuple[PeerEvidence, Inbox]:
     """Drive the handshake and exchange on a non-blocking socket; each protocol step has
-    ``timeout`` seconds, the first counted from now. ``on_step`` hears of the first
-    step completed (the TLS handshake)."""
+    ``timeout`` seconds, the first counted from now. ``on_data`` hears of the first
+    bytes from the peer, ``on_step`` of the first step completed (the TLS handshake)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     await _send(sock, core, deadline)
     while True:
         waiting = core.state
         try:
-            events = await _step(sock, core, deadline)
+            events = await _step(sock, core, deadline, on_data)
+            on_data = None
         except TimeoutError:
             events = core.timeout()
             await _send_quietly(sock, core, loop.time() + SEND_GRACE_S)
@@ -194,7 +200,7 @@ async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
 
 
 async def _step(sock: socket.socket, core: TrustedPassagesConnection,
-                deadline: float) -> list[Event]:
+                deadline: float, on_data: Callable[[], None] | None = None) -> list[Event]:
     """Feed the core until its state changes or it reports events; only the waits for
     the peer are timed (a core call in progress is never cancelled by a timeout)."""
     loop = asyncio.get_running_loop()
@@ -205,6 +211,9 @@ async def _step(sock: socket.socket, core: TrustedPassagesConnection,
                 data = await loop.sock_recv(sock, READ_SIZE)
             except OSError:
                 data = b""  # a reset ends the stream; the core decides what that means
+        if data and on_data is not None:
+            on_data()
+            on_data = None
         events = await asyncio.to_thread(core.receive_data, data)
         await _send_quietly(sock, core, max(deadline, loop.time() + SEND_GRACE_S))
         if core.state is not waiting or events:
