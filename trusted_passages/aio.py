@@ -209,7 +209,9 @@ async def start_server(host: str, port: int, config: ChannelConfig, handler: Asy
                        on_failure: AsyncFailureHandler | None = None,
                        max_connections: int = DEFAULT_MAX_CONNECTIONS,
                        backlog: int = 1024) -> AttestedServer:
-    """Serve attested channels; ``handler`` gets each established channel (closed after)."""
+    """Serve attested channels; ``handler`` gets each established channel (closed after).
+    ``on_failure`` hears of each refused channel on the worker thread that ran the
+    refusing validation (not on the loop)."""
 
     async def serve_one(sock: socket.socket, core: TrustedPassagesConnection,
                         peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:

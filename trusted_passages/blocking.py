@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
-from trusted_passages.errors import AttestationRejected, ProtocolError
+from trusted_passages.errors import ProtocolError
 from trusted_passages.events import Inbox, established, raise_failure, rejected
 from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.listener import (
@@ -166,8 +166,8 @@ class Server:
     """Establishes channels on one event-loop thread; handlers run on worker threads.
 
     ``max_connections`` bounds the connections held at once, established or not;
-    ``workers`` the handlers running at once. ``on_failure`` runs on a worker thread
-    of the loop for each channel refused by attestation.
+    ``workers`` the handlers running at once. ``on_failure`` runs for each channel
+    refused, on the worker thread that ran the refusing validation (off the loop).
     """
 
     def __init__(self, listener: socket.socket, config: ChannelConfig, handler: Handler, *,
@@ -224,7 +224,7 @@ class Server:
         self.close()
 
     async def _listen(self, sock: socket.socket, max_connections: int) -> Listener:
-        return Listener(sock, self._config, self._established, on_failure=self._refused,
+        return Listener(sock, self._config, self._established, on_failure=self._on_failure,
                         max_connections=max_connections)
 
     async def _stop_listening(self) -> None:
@@ -235,10 +235,6 @@ class Server:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
-
-    def _refused(self, exc: AttestationRejected) -> None:
-        if self._on_failure is not None:  # off the loop: it may audit, fsync, log
-            self._loop.run_in_executor(None, self._on_failure, exc)
 
     async def _established(self, sock: socket.socket, core: TrustedPassagesConnection,
                            peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:

@@ -132,11 +132,10 @@ class Listener:
         try:
             peer, inbox = await establish_socket(
                 conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
-                on_data=lambda: self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE))
-        except AttestationRejected as exc:
+                on_data=lambda: self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE),
+                on_failure=self._on_failure)
+        except AttestationRejected as exc:  # on_failure has heard of it
             log.info("attested channel refused: %s", exc)
-            if self._on_failure is not None:
-                self._on_failure(exc)
             return
         except ProtocolError as exc:
             log.info("attested channel failed: %s", exc)
@@ -170,22 +169,27 @@ def no_delay(sock: socket.socket) -> None:
 
 async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
                            timeout: float, *, on_step: Callable[[], None] | None = None,
-                           on_data: Callable[[], None] | None = None
+                           on_data: Callable[[], None] | None = None,
+                           on_failure: FailureHandler | None = None
                            ) -> tuple[PeerEvidence, Inbox]:
     """Drive the handshake and exchange on a non-blocking socket; each protocol step has
     ``timeout`` seconds, the first counted from now. ``on_data`` hears of the first
-    bytes from the peer, ``on_step`` of the first step completed (the TLS handshake)."""
+    bytes from the peer, ``on_step`` of the first step completed (the TLS handshake).
+    ``on_failure`` hears of a refusal on the worker thread that ran the core's call
+    which refused (a validator's thread-local notes, such as the node it was told it
+    is, are visible there), then AttestationRejected is raised."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     await _send(sock, core, deadline)
     while True:
         waiting = core.state
         try:
-            events = await _step(sock, core, deadline, on_data)
+            events = await _step(sock, core, deadline, on_data, on_failure)
             on_data = None
         except TimeoutError:
             events = core.timeout()
             await _send_quietly(sock, core, loop.time() + SEND_GRACE_S)
+            await asyncio.to_thread(_report, events, on_failure)
         raise_failure(events)
         arrived = established(events)
         if arrived is not None:
@@ -199,8 +203,9 @@ async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
                 on_step = None
 
 
-async def _step(sock: socket.socket, core: TrustedPassagesConnection,
-                deadline: float, on_data: Callable[[], None] | None = None) -> list[Event]:
+async def _step(sock: socket.socket, core: TrustedPassagesConnection, deadline: float,
+                on_data: Callable[[], None] | None = None,
+                on_failure: FailureHandler | None = None) -> list[Event]:
     """Feed the core until its state changes or it reports events; only the waits for
     the peer are timed (a core call in progress is never cancelled by a timeout)."""
     loop = asyncio.get_running_loop()
@@ -214,10 +219,29 @@ async def _step(sock: socket.socket, core: TrustedPassagesConnection,
         if data and on_data is not None:
             on_data()
             on_data = None
-        events = await asyncio.to_thread(core.receive_data, data)
+        events = await asyncio.to_thread(_receive, core, data, on_failure)
         await _send_quietly(sock, core, max(deadline, loop.time() + SEND_GRACE_S))
         if core.state is not waiting or events:
             return events
+
+
+def _receive(core: TrustedPassagesConnection, data: bytes,
+             on_failure: FailureHandler | None) -> list[Event]:
+    events = core.receive_data(data)
+    _report(events, on_failure)
+    return events
+
+
+def _report(events: list[Event], on_failure: FailureHandler | None) -> None:
+    if on_failure is None:
+        return
+    try:
+        raise_failure(events)
+    except AttestationRejected as exc:
+        try:
+            on_failure(exc)
+        except Exception:  # the caller's bug must not keep the channel from closing
+            log.exception("Trusted Passages on_failure handler failed")
 
 
 async def _send(sock: socket.socket, core: TrustedPassagesConnection, deadline: float) -> None:
