@@ -290,13 +290,12 @@ def test_agent_survives_hostile_frames(lab: Lab) -> None:
     for garbage in (struct.pack(">I", 100) + b"{truncated", b"\xff\xff"):
         with _connect(path) as sock:
             sock.sendall(garbage)
-    idle = [_connect(path) for _ in range(MAX_CONNECTIONS)]
-    try:
-        assert wait_until(lambda: "too many connections" in _status_error(path))
+    idle = [_connect(path) for _ in range(MAX_CONNECTIONS + 4)]
+    try:  # idle connections fill the slots: a genuine request evicts the longest idle
+        assert _status_error(path) == ""
     finally:
         for sock in idle:
             sock.close()
-    assert wait_until(lambda: _status_error(path) == "")
     rc, _, _ = run_cli(lab.workdir, "attest", "server")
     assert rc == 0  # the TPM was left clean by the failed activation
 
