@@ -1,0 +1,262 @@
+"""TCTP (docs/tctp.md): HALECs over real HTTP.
+
+The sans-IO core with fake evidence; the aiohttp server and client over loopback; hostile
+bodies and discovery documents (hypothesis); nginx as a real intermediary with a
+recording relay behind it; the TRESOR proxy with Cedar, driven by curl; and the demo end
+to end on swtpm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from testbed.tctp.client import TctpClient
+from testbed.tctp.server import ServerThread, TctpService, serve_service
+from trusted_passages import AttestationRejected, ChannelConfig, FakeIssuer, FakeValidator
+from trusted_passages.interfaces import PeerEvidence
+from trusted_passages.pki import generate_key, issue_certificate, make_ca
+from trusted_passages.tctp import (
+    Discovery,
+    HalecClient,
+    HalecTable,
+    InnerRequest,
+    InnerResponse,
+    Limits,
+    TctpError,
+    decode_request,
+    encode_body,
+    encode_request,
+    parse_body,
+    parse_discovery,
+)
+
+KEY = b"k" * 32
+CA = make_ca("tctp test CA")
+MARKER = b"MARKER-c0ffee-confidential"
+
+
+def config(name: str, peer: str, state: str = "good") -> ChannelConfig:
+    key = generate_key()
+    return ChannelConfig(issue_certificate(CA, name, key), key, [CA.certificate],
+                         FakeIssuer(KEY, name, state=state), FakeValidator(KEY),
+                         expected_peer=peer, timeout=5.0)
+
+
+def echo(request: InnerRequest, peer: PeerEvidence) -> InnerResponse:
+    return InnerResponse(200, "text/plain", b"to " + peer.node.encode() + b": " + request.body)
+
+
+def handshake(table: HalecTable, client: HalecClient) -> None:
+    answer = table.create(client.first_flight())
+    body = client.on_handshake_answer(answer.status, answer.url, answer.body)
+    while body is not None:
+        assert client.url is not None
+        answer = table.handshake(client.url, body)
+        body = client.on_handshake_answer(answer.status, None, answer.body)
+
+
+def pair(server_state: str = "good") -> tuple[HalecTable, HalecClient]:
+    server = config("server", "client", server_state)
+    table = HalecTable(lambda: server.connection("server"), "/svc")
+    return table, HalecClient(config("client", "server").connection("client"), "/svc/halecs")
+
+
+# --- the sans-IO core --------------------------------------------------------------------
+
+
+def test_halec_handshake_attests_both_ends_then_carries_bodies() -> None:
+    table, client = pair()
+    handshake(table, client)
+    assert client.established and client.peer is not None and client.peer.node == "server"
+    sealed = client.seal_request(InnerRequest("POST", "/svc/a?b=1", "text/plain", MARKER))
+    assert MARKER not in sealed
+    halec, inner = table.open_request(sealed, "POST", "/svc/a?b=1")
+    assert inner.body == MARKER and halec.peer is not None and halec.peer.node == "client"
+    answer = table.seal_response(halec, InnerResponse(200, "text/plain", MARKER))
+    assert MARKER not in answer
+    assert client.open_response(200, answer).body == MARKER
+
+
+def test_tampered_server_is_refused_with_the_check_named() -> None:
+    table, client = pair(server_state="tampered")
+    with pytest.raises(AttestationRejected) as caught:
+        handshake(table, client)
+    assert caught.value.check == "policy" and not caught.value.by_peer
+
+
+def test_altered_replayed_or_moved_bodies_are_refused() -> None:
+    for alter in ("flip", "replay", "move", "truncate"):
+        table, client = pair()
+        handshake(table, client)
+        first = client.seal_request(InnerRequest("POST", "/svc/a", None, MARKER))
+        if alter == "replay":
+            table.open_request(first, "POST", "/svc/a")
+        body = bytearray(first)
+        if alter == "flip":
+            body[-3] ^= 1
+        if alter == "truncate":
+            url, records = parse_body(first)
+            body = bytearray(encode_body(url, records[:-(len(records) // 2)]))
+        target = "/svc/other" if alter == "move" else "/svc/a"
+        with pytest.raises(TctpError) as caught:
+            table.open_request(bytes(body), "POST", target)
+        assert caught.value.status in (400, 403), alter
+        assert len(table) == 0 or alter == "truncate"  # the HALEC is dropped: fail closed
+
+
+def test_status_altered_in_transit_is_detected() -> None:
+    table, client = pair()
+    handshake(table, client)
+    halec, _ = table.open_request(client.seal_request(InnerRequest("GET", "/svc/x", None, b"")),
+                                  "GET", "/svc/x")
+    answer = table.seal_response(halec, InnerResponse(403, None, b"denied"))
+    with pytest.raises(TctpError, match="altered"):
+        client.open_response(200, answer)
+
+
+def test_table_bounds_count_and_expires_idle_halecs() -> None:
+    now = [0.0]
+    server = config("server", "client")
+    table = HalecTable(lambda: server.connection("server"), limits=Limits(max_halecs=2,
+                       step_timeout=5, idle_timeout=50), clock=lambda: now[0])
+    for _ in range(2):
+        table.create(HalecClient(config("client", "server").connection("client"),
+                                 "/halecs").first_flight())
+    with pytest.raises(TctpError) as caught:
+        table.create(HalecClient(config("client", "server").connection("client"),
+                                 "/halecs").first_flight())
+    assert caught.value.status == 503
+    now[0] = 6.0  # past the per-step deadline: unfinished handshakes go
+    table.create(HalecClient(config("client", "server").connection("client"),
+                             "/halecs").first_flight())
+    assert len(table) == 1
+
+
+def test_discovery_maps_paths_to_creation_urls() -> None:
+    doc = parse_discovery(b"/:\n/(service-[a-z]+)/static/.*:\n/(service-[a-z]+)/.*:/\\1/halecs\n")
+    assert doc.creation_url("/service-a/records/1") == "/service-a/halecs"
+    assert doc.creation_url("/service-b/static/logo") is None
+    assert doc.creation_url("/") is None
+    with pytest.raises(TctpError):
+        doc.creation_url("/elsewhere")
+    assert parse_discovery(doc.render()) == doc
+
+
+@pytest.mark.parametrize("doc", [b"", b"no colon\n", b"relative:/halecs\n", b"/(a+)+:\n",
+                                 b"/.*.*.*:\n", b"/[:\n", b"/x:/not-halecs\n",
+                                 b"/\xff:\n", b"/x:\n" * 65, b"/" + b"a" * 300 + b":\n"])
+def test_hostile_discovery_documents_are_refused(doc: bytes) -> None:
+    with pytest.raises(TctpError):
+        parse_discovery(doc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_discovery_parser_answers_any_bytes_with_a_document_or_tctp_error(data: bytes) -> None:
+    try:
+        doc = parse_discovery(data)
+    except TctpError:
+        return
+    doc.creation_url("/" + "a" * 100)  # patterns stay cheap on a long path
+    assert isinstance(doc, Discovery)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_body_parser_answers_any_bytes_with_records_or_tctp_error(data: bytes) -> None:
+    for candidate in (data, b"/halecs/" + b"A" * 22 + b"\r\n" + data):
+        try:
+            url, records = parse_body(candidate)
+        except TctpError as exc:
+            assert 400 <= exc.status < 500
+            continue
+        assert url.startswith("/") and records
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_inner_request_decoder_answers_any_bytes_cleanly(data: bytes) -> None:
+    with contextlib.suppress(TctpError):
+        decode_request(data)
+    request = InnerRequest("PUT", "/x?y", "a/b", data)
+    assert decode_request(encode_request(request)) == request
+
+
+# --- over real HTTP ------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    service: TctpService
+    thread: ServerThread
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.thread.port}"
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    service = TctpService(config("server", "client"), echo, prefix="/svc",
+                          static={"logo.txt": b"public"})
+    with serve_service(service) as thread:
+        yield Served(service, thread)
+
+
+def client_for(served: Served, **kwargs: object) -> TctpClient:
+    return TctpClient(served.url, lambda _creation: config("client", "server"),
+                      **kwargs)  # type: ignore[arg-type]
+
+
+def test_http_round_trips_with_several_halecs_across_connections(served: Served) -> None:
+    async def run() -> None:
+        async with client_for(served, max_halecs=3) as client:
+            replies = await asyncio.gather(*(client.request("POST", f"/svc/r/{i}", MARKER)
+                                             for i in range(9)))
+            assert all(r.status == 200 and r.body == b"to client: " + MARKER for r in replies)
+            assert client.halecs_created == 3 and len(served.service.table) == 3
+            await client.close()  # new TCP connections; the HALECs persist on the server
+            again = await client.request("GET", "/svc/r/again")
+            assert again.status == 200 and client.halecs_created == 3
+    asyncio.run(run())
+
+
+def test_http_discovery_and_plaintext_is_refused_unless_allowed(served: Served) -> None:
+    async def run() -> None:
+        async with client_for(served) as client:
+            with pytest.raises(TctpError, match="in clear"):
+                await client.request("GET", "/svc/static/logo.txt")
+        async with client_for(served, plaintext_ok=lambda p: "/static/" in p) as client:
+            assert (await client.request("GET", "/svc/static/logo.txt")).body == b"public"
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("path", "headers", "body", "status"), [
+    ("/svc/x", {}, b"plain", 400),
+    ("/svc/x", {"Content-Encoding": "encrypted"}, b"garbage", 400),
+    ("/svc/x", {"Content-Encoding": "encrypted"}, b"/svc/halecs/" + b"A" * 22
+     + b"\r\n\x17\x03\x03\x00\x05hello", 410),
+    ("/svc/x", {"Content-Encoding": "encrypted"}, b"/halecs/x\r\n\x17\x03\x03\x40", 400),
+    ("/svc/halecs", {}, b"\x16\x03\x01\x00\x02hi", 400),
+    ("/svc/halecs", {}, b"\x15\x03\x03\x00\x02\x02\x28", 403),
+    ("/svc/halecs", {}, b"not tls", 400),
+    ("/svc/halecs", {}, b"\x16" * (1 << 21), 413),
+    ("/svc/halecs/" + "B" * 22, {}, b"\x16\x03\x03\x00\x01x", 410),
+])
+def test_hostile_http_requests_get_one_clear_status(served: Served, path: str,
+                                                    headers: dict[str, str], body: bytes,
+                                                    status: int) -> None:
+    async def run() -> tuple[int, str]:
+        async with client_for(served) as client, \
+                client.session.post(served.url + path, data=body, headers=headers) as answer:
+            return answer.status, await answer.text()
+    got, text = asyncio.run(run())
+    assert got == status, text
+    assert "Traceback" not in text and len(text) < 2000
