@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from testbed.tctp.capture import RecordingRelay
 from testbed.tctp.client import TctpClient
+from testbed.tctp.nginx import Nginx, Route
 from testbed.tctp.server import ServerThread, TctpService, serve_service
 from trusted_passages import AttestationRejected, ChannelConfig, FakeIssuer, FakeValidator
 from trusted_passages.interfaces import PeerEvidence
@@ -260,3 +264,37 @@ def test_hostile_http_requests_get_one_clear_status(served: Served, path: str,
     got, text = asyncio.run(run())
     assert got == status, text
     assert "Traceback" not in text and len(text) < 2000
+
+
+# --- nginx in between, and a capture between nginx and the server ---------------------
+
+
+requires_nginx = pytest.mark.skipif(shutil.which("nginx") is None
+                                    and not Path("/usr/sbin/nginx").exists(),
+                                    reason="nginx not installed (.ci/bootstrap installs it)")
+
+
+@requires_nginx
+def test_nginx_routes_and_caches_but_sees_no_body(served: Served, tmp_path: Path) -> None:
+    with RecordingRelay(served.thread.port) as relay, \
+            Nginx(tmp_path / "nginx", [Route("/svc/", relay.port)], relay.port) as nginx:
+        async def run() -> list[str]:
+            async with TctpClient(nginx.url, lambda _c: config("client", "server"),
+                                  plaintext_ok=lambda p: "/static/" in p) as client:
+                for i in range(3):
+                    reply = await client.request("POST", f"/svc/records/{i}", MARKER)
+                    assert reply.body == b"to client: " + MARKER
+                caches = []
+                for _ in range(2):
+                    async with client.session.get(nginx.url + "/svc/static/logo.txt") as got:
+                        caches.append(got.headers.get("X-Cache", ""))
+                return caches
+        caches = asyncio.run(run())
+        nginx.stop()
+        log = nginx.access_log.read_bytes()
+        captured = relay.captured()
+    assert caches == ["MISS", "HIT"]  # public content cached, TCTP answers never
+    assert b"POST /svc/records/2 HTTP/1.1" in log and b'ce="encrypted"' in log
+    assert b"OPTIONS * HTTP/1.1\" 400" in log  # nginx refuses the asterisk form itself
+    assert b"POST /svc/records/1 HTTP/1.1" in captured and b"/svc/halecs/" in captured
+    assert MARKER not in log and MARKER not in captured
