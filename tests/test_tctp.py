@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -374,3 +376,27 @@ def test_shipped_policy_permits_only_known_good_registered_servers() -> None:
 
 def _report() -> VerificationReport:
     return VerificationReport((CheckResult("fake", "passed", "test"),))
+
+
+# --- the demo end to end: swtpm, nginx, curl, the CLI --------------------------------
+
+
+@requires_nginx
+@pytest.mark.slow
+def test_tctp_demo_cli_end_to_end_on_swtpm() -> None:
+    done = subprocess.run([sys.executable, "-m", "testbed", "tctp", "demo", "--json"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    steps = {step["name"]: step for step in result["steps"]}
+    assert all(step["ok"] for step in steps.values())
+    assert "registered=true" in steps["attested request (forward proxy, POST)"]["detail"]
+    assert "'tctp-proxy-known-good'" in steps["attested request (reverse proxy, GET)"]["detail"]
+    assert "attestation refused: policy:" in steps["tampered server behind the same nginx"][
+        "detail"]
+    assert "denied by policy" in steps["authorization denial (Cedar forbid)"]["detail"]
+    assert steps["public content, second fetch (nginx cache)"]["detail"] == "X-Cache: HIT"
+    seen = result["intermediary"]
+    assert seen["urls_in_access_log"] and seen["urls_in_capture"]
+    assert not seen["marker_in_access_log"] and not seen["marker_in_capture"]
+    assert "[4/4]" in done.stderr  # progress on stderr, JSON alone on stdout
