@@ -25,6 +25,8 @@ EXPECTED_CHECK = {
     "tampered-boot": ("policy", "client"),
     "key-copy": ("ak_trust", "client"),
     "third-party": ("policy", "server"),
+    "proxy-reads-body": ("tctp_record", "server"),
+    "halec-hijack": ("tctp_record", "server"),
 }
 
 

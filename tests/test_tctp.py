@@ -43,6 +43,7 @@ from trusted_passages.tctp import (
     decode_request,
     encode_body,
     encode_request,
+    handshake_in_memory,
     parse_body,
     parse_discovery,
 )
@@ -63,15 +64,6 @@ def echo(request: InnerRequest, peer: PeerEvidence) -> InnerResponse:
     return InnerResponse(200, "text/plain", b"to " + peer.node.encode() + b": " + request.body)
 
 
-def handshake(table: HalecTable, client: HalecClient) -> None:
-    answer = table.create(client.first_flight())
-    body = client.on_handshake_answer(answer.status, answer.url, answer.body)
-    while body is not None:
-        assert client.url is not None
-        answer = table.handshake(client.url, body)
-        body = client.on_handshake_answer(answer.status, None, answer.body)
-
-
 def pair(server_state: str = "good") -> tuple[HalecTable, HalecClient]:
     server = config("server", "client", server_state)
     table = HalecTable(lambda: server.connection("server"), "/svc")
@@ -83,7 +75,7 @@ def pair(server_state: str = "good") -> tuple[HalecTable, HalecClient]:
 
 def test_halec_handshake_attests_both_ends_then_carries_bodies() -> None:
     table, client = pair()
-    handshake(table, client)
+    handshake_in_memory(table, client)
     assert client.established and client.peer is not None and client.peer.node == "server"
     sealed = client.seal_request(InnerRequest("POST", "/svc/a?b=1", "text/plain", MARKER))
     assert MARKER not in sealed
@@ -97,14 +89,14 @@ def test_halec_handshake_attests_both_ends_then_carries_bodies() -> None:
 def test_tampered_server_is_refused_with_the_check_named() -> None:
     table, client = pair(server_state="tampered")
     with pytest.raises(AttestationRejected) as caught:
-        handshake(table, client)
+        handshake_in_memory(table, client)
     assert caught.value.check == "policy" and not caught.value.by_peer
 
 
 def test_altered_replayed_or_moved_bodies_are_refused() -> None:
     for alter in ("flip", "replay", "move", "truncate"):
         table, client = pair()
-        handshake(table, client)
+        handshake_in_memory(table, client)
         first = client.seal_request(InnerRequest("POST", "/svc/a", None, MARKER))
         if alter == "replay":
             table.open_request(first, "POST", "/svc/a")
@@ -123,7 +115,7 @@ def test_altered_replayed_or_moved_bodies_are_refused() -> None:
 
 def test_status_altered_in_transit_is_detected() -> None:
     table, client = pair()
-    handshake(table, client)
+    handshake_in_memory(table, client)
     halec, _ = table.open_request(client.seal_request(InnerRequest("GET", "/svc/x", None, b"")),
                                   "GET", "/svc/x")
     answer = table.seal_response(halec, InnerResponse(403, None, b"denied"))

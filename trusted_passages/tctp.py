@@ -529,3 +529,13 @@ class HalecTable:
                      else self.limits.step_timeout)
             if now - halec.last_used > limit:
                 del self._halecs[url]
+
+
+def handshake_in_memory(table: HalecTable, client: HalecClient) -> None:
+    """Drive a HALEC handshake with no HTTP in between (tests, the attack lab)."""
+    answer = table.create(client.first_flight())
+    body = client.on_handshake_answer(answer.status, answer.url, answer.body)
+    while body is not None:
+        assert client.url is not None
+        answer = table.handshake(client.url, body)
+        body = client.on_handshake_answer(answer.status, None, answer.body)
