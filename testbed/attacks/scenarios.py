@@ -27,6 +27,15 @@ from trusted_passages import (
     serve,
     spki_digest,
 )
+from trusted_passages.tctp import (
+    HalecClient,
+    HalecTable,
+    InnerRequest,
+    TctpError,
+    encode_body,
+    handshake_in_memory,
+    parse_body,
+)
 
 HOST = "127.0.0.1"
 
@@ -276,6 +285,74 @@ def third_party(lab: Lab) -> ScenarioResult:
                           "claim (runtime PCR 23)", plain, tp)
 
 
+# --- TCTP (seed 000): HALECs whose TLS records travel in HTTP bodies ---------------------
+# The attacker is an HTTP intermediary (a routing proxy, a cache): it sees every header,
+# URL and body. The HALECs here are driven in memory (trusted_passages.tctp, the same
+# sans-IO code the HTTP server runs); tests/test_tctp.py runs them through nginx.
+
+
+def _halec(lab: Lab, client: str = "client") -> tuple[HalecTable, HalecClient]:
+    server = lab.tp_config("server", peer="client")
+    table = HalecTable(lambda: server.connection("server"), "/records")
+    halec = HalecClient(lab.tp_config(client, peer="server").connection("client"),
+                        "/records/halecs")
+    handshake_in_memory(table, halec)
+    return table, halec
+
+
+def _tctp_refused(table: HalecTable, body: bytes, target: str) -> Outcome:
+    try:
+        table.open_request(body, "POST", target)
+    except TctpError as exc:
+        return Outcome(False, exc.reason, "tctp_record", "server")
+    return Outcome(True, "the server accepted the body")
+
+
+def proxy_reads_body(lab: Lab) -> ScenarioResult:
+    """An HTTP intermediary between customer and service tries to read a request body,
+    then to alter it."""
+    secret = _secret()
+    plain_body = b"POST /records/7 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(secret), secret)  # what an intermediary relays for plain HTTP (or TLS it ends)
+    plain = Outcome(secret in plain_body, "the intermediary read the patient record in "
+                    "the body it relayed, and could have changed it")
+    table, halec = _halec(lab)
+    sealed = halec.seal_request(InnerRequest("POST", "/records/7", "text/plain", secret))
+    if secret in sealed:
+        return ScenarioResult("proxy-reads-body", _PROXY_TITLE, plain,
+                              Outcome(True, "the secret is visible in the TCTP body"))
+    altered = bytearray(sealed)
+    altered[-20] ^= 0x01  # one bit of the TLS record carrying the body
+    tp = _tctp_refused(table, bytes(altered), "/records/7")
+    if not tp.attack_succeeded:
+        tp = Outcome(False, f"the body is TLS records (no plaintext); the altered copy: "
+                     f"{tp.detail}", tp.caught_by, tp.caught_at)
+    return ScenarioResult("proxy-reads-body", _PROXY_TITLE, plain, tp)
+
+
+_PROXY_TITLE = "TCTP: an HTTP intermediary reads or alters a body"
+
+
+def halec_hijack(lab: Lab) -> ScenarioResult:
+    """Alice saw the customer's HALEC URL in transit and sends her own request on it."""
+    sessions = {"session-4f1c": "client"}  # the plain baseline: a bearer session id
+    plain = Outcome(sessions.get("session-4f1c") == "client", "the stolen session id "
+                    "(visible to every intermediary) made the server act for the customer")
+    table, victim = _halec(lab)
+    # The customer's genuine request, which Alice records in transit and lets pass ...
+    recorded = victim.seal_request(InnerRequest("POST", "/records/transfer", None,
+                                                b"100 to Bob"))
+    table.open_request(recorded, "POST", "/records/transfer")
+    # ... then sends again on the customer's HALEC URL, as her own request.
+    forged = encode_body(*parse_body(recorded))
+    tp = _tctp_refused(table, forged, "/records/transfer")
+    if not tp.attack_succeeded:
+        tp = Outcome(False, f"Alice has no key of the HALEC: her request on its URL: "
+                     f"{tp.detail}", tp.caught_by, tp.caught_at)
+    return ScenarioResult("halec-hijack", "TCTP: a request on another client's HALEC URL",
+                          plain, tp)
+
+
 def genuine(lab: Lab) -> tuple[bool, str]:
     """No attack: the customer and Bob's server attest each other and talk."""
     real = lab.tp_config("server", peer="client")
@@ -302,6 +379,8 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "tampered-boot": tampered_boot,
     "key-copy": key_copy,
     "third-party": third_party,
+    "proxy-reads-body": proxy_reads_body,
+    "halec-hijack": halec_hijack,
 }
 
 
