@@ -12,7 +12,8 @@ __all__ = ["print_table"]
 def print_table(results: Sequence[ScenarioResult], baseline: str | None = None) -> None:
     if baseline:
         print(f"\nno attack (genuine customer and server): {baseline}")
-    header = f"{'attack':<14} {'plain mTLS':<18} {'Trusted Passages':<18} caught by"
+    width = max([len("attack"), *(len(r.name) for r in results)])
+    header = f"{'attack':<{width}} {'plain mTLS':<18} {'Trusted Passages':<18} caught by"
     print("\n" + header)
     print("-" * len(header))
     for r in results:
@@ -20,7 +21,7 @@ def print_table(results: Sequence[ScenarioResult], baseline: str | None = None) 
         tp = "attack SUCCEEDS (!)" if r.trusted_passages.attack_succeeded else "caught"
         where = f"{r.trusted_passages.caught_by} @ {r.trusted_passages.caught_at}" \
             if r.trusted_passages.caught_by else "-"
-        print(f"{r.name:<14} {plain:<18} {tp:<18} {where}")
+        print(f"{r.name:<{width}} {plain:<18} {tp:<18} {where}")
     print()
     for r in results:
         print(f"  {r.name}: {r.title}")
