@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -85,7 +86,7 @@ class PinnedAk:
     def from_pem(cls, pem: bytes, label: str) -> PinnedAk:
         try:
             key = serialization.load_pem_public_key(pem)
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise VerificationError("ak_trust", f"{label} is not a PEM public key: {exc}") from None
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise VerificationError("ak_trust", f"{label} is neither an RSA nor an EC key")
