@@ -131,6 +131,7 @@ EV_NO_ACTION = 0x00000003
 EV_SEPARATOR = 0x00000004
 EV_EFI_HCRTM_EVENT = 0x80000010
 _UNKNOWN_PREFIX = "EV_UNKNOWN_0x"
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def event_type_name(event_type: int) -> str:
@@ -143,12 +144,10 @@ def event_type_value(name: str) -> int | None:
     if name in _EVENT_TYPE_BY_NAME:
         return _EVENT_TYPE_BY_NAME[name]
     digits = name.removeprefix(_UNKNOWN_PREFIX)
-    if digits == name or not 1 <= len(digits) <= 8:
+    # Hex digits only: int(..., 16) would also take "+1", " 1" and "1_0".
+    if digits == name or not 1 <= len(digits) <= 8 or not all(c in _HEX for c in digits):
         return None
-    try:
-        return int(digits, 16)
-    except ValueError:
-        return None
+    return int(digits, 16)
 
 
 def digest_size(bank: str) -> int:

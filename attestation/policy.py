@@ -45,6 +45,7 @@ from typing import ClassVar
 
 import yaml
 
+from attestation.encoding import require_int
 from attestation.errors import EventLogError, FileInputError, PolicyError
 from attestation.eventlog import (
     ALGORITHMS,
@@ -142,8 +143,7 @@ class ReferencePolicy:
 
 
 def _validate_policy(policy: ReferencePolicy) -> None:
-    if policy.version != POLICY_VERSION:
-        raise PolicyError(f"version: must be {POLICY_VERSION}")
+    require_int(policy.version, "version", PolicyError, exactly=POLICY_VERSION)
     _check_text(policy.name, "name", MAX_TEXT_CHARS, required=True)
     _check_text(policy.description, "description", MAX_DESCRIPTION_CHARS)
     if policy.bank not in ALGORITHMS:
@@ -165,16 +165,15 @@ def _validate_expected_event(event: ExpectedEvent, path: str, size: int) -> None
     if not isinstance(event, ExpectedEvent):
         raise PolicyError(f"{path}: expected an ExpectedEvent")
     _check_pcr_index(event.pcr, f"{path}.pcr")
-    if not isinstance(event.event_type, int) or not 0 <= event.event_type <= _U32_MAX:
-        raise PolicyError(f"{path}.type: must be a 32-bit event type")
+    require_int(event.event_type, f"{path}.type", PolicyError, minimum=0, maximum=_U32_MAX,
+                noun="event type")
     if not isinstance(event.digest, bytes) or len(event.digest) != size:
         raise PolicyError(f"{path}.digest: expected {size} bytes")
     _check_text(event.label, f"{path}.label", MAX_TEXT_CHARS)
 
 
-def _check_pcr_index(pcr: object, path: str) -> None:
-    if isinstance(pcr, bool) or not isinstance(pcr, int) or not 0 <= pcr <= MAX_PCR:
-        raise PolicyError(f"{path}: PCR index must be an integer 0..{MAX_PCR}")
+def _check_pcr_index(pcr: object, path: str) -> int:
+    return require_int(pcr, path, PolicyError, minimum=0, maximum=MAX_PCR, noun="PCR index")
 
 
 def _check_text(value: object, path: str, limit: int, *, required: bool = False) -> None:
@@ -266,9 +265,7 @@ def _kind(value: object) -> str:
 def _check_version(version: object) -> None:
     if version is None:
         raise PolicyError("version: missing (must be 1)")
-    if type(version) is not int or version != POLICY_VERSION:  # not 1.0, true or "1"
-        raise PolicyError(f"version: {_show(version)} ({type(version).__name__}) is not "
-                          f"supported (must be the integer {POLICY_VERSION})")
+    require_int(version, "version", PolicyError, exactly=POLICY_VERSION)
 
 
 def _text_field(
@@ -315,9 +312,7 @@ def _pcr_key(key: object, path: str) -> int:
     # Accept "4" as well as 4: quoting keys is a common hand-editing habit.
     if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 2:
         key = int(key)
-    _check_pcr_index(key, path)
-    assert isinstance(key, int)
-    return key
+    return _check_pcr_index(key, path)
 
 
 def _hex_digest(value: object, path: str, size: int) -> bytes:
@@ -355,9 +350,7 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
     for key in ("pcr", "type", "digest"):
         if key not in item:
             raise PolicyError(f"{path}.{key}: missing")
-    pcr = item["pcr"]
-    _check_pcr_index(pcr, f"{path}.pcr")
-    assert isinstance(pcr, int)
+    pcr = _check_pcr_index(item["pcr"], f"{path}.pcr")
     event_type = _event_type(item["type"], f"{path}.type")
     digest = _hex_digest(item["digest"], f"{path}.digest", size)
     label = _text_field(item, "label", MAX_TEXT_CHARS, parent=path)
@@ -365,12 +358,12 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
 
 
 def _event_type(value: object, path: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U32_MAX:
-        return value
-    if isinstance(value, str):
-        number = event_type_value(value.strip())
-        if number is not None:
-            return number
+    if not isinstance(value, str):
+        return require_int(value, path, PolicyError, minimum=0, maximum=_U32_MAX,
+                           noun="event type")
+    number = event_type_value(value.strip())
+    if number is not None:
+        return number
     raise PolicyError(
         f"{path}: {_show(value)} is not an event type (use an EV_* name such as "
         "EV_EFI_BOOT_SERVICES_APPLICATION, EV_UNKNOWN_0x0000ABCD, or a 32-bit integer)"
