@@ -15,6 +15,7 @@ A policy is a small YAML file meant to be read and edited by hand
         type: EV_EFI_BOOT_SERVICES_APPLICATION   # EV_* name, EV_UNKNOWN_0x..., or integer
         digest: "ab12..."
         label: "kernel"        # optional free text used in explanations
+    unlogged_pcrs: [16]        # optional: quoted PCRs the event log need not explain
 
 At least one of ``pcrs`` and ``events`` must be non-empty. Digests may carry a
 ``0x`` prefix and any case (so ``tpm2_pcrread`` output can be pasted) but must
@@ -45,7 +46,7 @@ from typing import ClassVar
 
 import yaml
 
-from attestation.encoding import require_int
+from attestation.encoding import describe_value, require_int
 from attestation.errors import EventLogError, FileInputError, PolicyError
 from attestation.eventlog import (
     ALGORITHMS,
@@ -90,7 +91,7 @@ MAX_TEXT_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 _U32_MAX = 0xFFFFFFFF
 
-_TOP_LEVEL_KEYS = ("version", "name", "description", "bank", "pcrs", "events")
+_TOP_LEVEL_KEYS = ("version", "name", "description", "bank", "pcrs", "events", "unlogged_pcrs")
 _EVENT_KEYS = ("pcr", "type", "digest", "label")
 
 
@@ -125,14 +126,20 @@ class ReferencePolicy:
     events: tuple[ExpectedEvent, ...] = ()
     description: str = ""
     version: int = POLICY_VERSION
+    unlogged_pcrs: tuple[int, ...] = ()
+    """Quoted PCRs the event log need not explain (the verifier's ``event_log`` check
+    otherwise requires the log to reproduce every quoted PCR)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pcrs, Mapping) or not isinstance(self.events, Sequence):
-            raise PolicyError("policy: pcrs must be a mapping and events a sequence")
+        if (not isinstance(self.pcrs, Mapping) or not isinstance(self.events, Sequence)
+                or not isinstance(self.unlogged_pcrs, Sequence)):
+            raise PolicyError("policy: pcrs must be a mapping, events and unlogged_pcrs "
+                              "sequences")
         _validate_policy(self)
         # Sorted copies: stable dumps, equality by value, no aliasing of the caller's data.
         object.__setattr__(self, "pcrs", dict(sorted(self.pcrs.items())))
         object.__setattr__(self, "events", tuple(self.events))
+        object.__setattr__(self, "unlogged_pcrs", tuple(sorted(self.unlogged_pcrs)))
 
     def event_pcrs(self) -> list[int]:
         """PCRs whose events the policy lists, sorted."""
@@ -157,6 +164,7 @@ def _validate_policy(policy: ReferencePolicy) -> None:
         raise PolicyError(f"events: more than {MAX_EXPECTED_EVENTS} entries")
     for index, event in enumerate(policy.events):
         _validate_expected_event(event, f"events[{index}]", size)
+    _validate_unlogged(policy)
     if not policy.pcrs and not policy.events:
         raise PolicyError("policy: neither pcrs nor events is given, so it would check nothing")
 
@@ -170,6 +178,20 @@ def _validate_expected_event(event: ExpectedEvent, path: str, size: int) -> None
     if not isinstance(event.digest, bytes) or len(event.digest) != size:
         raise PolicyError(f"{path}.digest: expected {size} bytes")
     _check_text(event.label, f"{path}.label", MAX_TEXT_CHARS)
+
+
+def _validate_unlogged(policy: ReferencePolicy) -> None:
+    seen: set[int] = set()
+    for index, pcr in enumerate(policy.unlogged_pcrs):
+        _check_pcr_index(pcr, f"unlogged_pcrs[{index}]")
+        if pcr in seen:
+            raise PolicyError(f"unlogged_pcrs[{index}]: PCR {pcr} is listed twice")
+        seen.add(pcr)
+    # Expected events of a PCR are only compared when the log replays to it, so a PCR
+    # cannot be both explained event by event and exempt from the log.
+    both = sorted(seen & set(policy.event_pcrs()))
+    if both:
+        raise PolicyError(f"unlogged_pcrs: PCR {both[0]} also has expected events")
 
 
 def _check_pcr_index(pcr: object, path: str) -> int:
@@ -247,7 +269,8 @@ def _policy_from_document(document: object) -> ReferencePolicy:
     size = ALGORITHMS[bank][1]
     pcrs = _pcrs_field(document.get("pcrs"), size)
     events = _events_field(document.get("events"), size)
-    return ReferencePolicy(name, bank, pcrs, events, description)
+    unlogged = _unlogged_field(document.get("unlogged_pcrs"))
+    return ReferencePolicy(name, bank, pcrs, events, description, unlogged_pcrs=unlogged)
 
 
 def _show(value: object) -> str:
@@ -330,6 +353,18 @@ def _hex_digest(value: object, path: str, size: int) -> bytes:
     return bytes.fromhex(text)
 
 
+def _unlogged_field(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise PolicyError("unlogged_pcrs: expected a list of PCR indices, "
+                          f"got {describe_value(value)}")
+    if len(value) > MAX_PCR + 1:
+        raise PolicyError(f"unlogged_pcrs: more than {MAX_PCR + 1} entries")
+    return tuple(_check_pcr_index(pcr, f"unlogged_pcrs[{index}]")
+                 for index, pcr in enumerate(value))
+
+
 def _events_field(value: object, size: int) -> tuple[ExpectedEvent, ...]:
     if value is None:
         return ()
@@ -393,6 +428,9 @@ def dump_policy(policy: ReferencePolicy) -> str:
     if policy.pcrs:
         lines += ["", "# Exact PCR values the quote must contain.", "pcrs:"]
         lines += [f'  {pcr}: "{value.hex()}"' for pcr, value in policy.pcrs.items()]
+    if policy.unlogged_pcrs:
+        lines += ["", "# Quoted PCRs the event log need not explain.",
+                  f"unlogged_pcrs: [{', '.join(map(str, policy.unlogged_pcrs))}]"]
     if policy.events:
         lines += [
             "",
@@ -432,6 +470,7 @@ def policy_from_evidence(
     bank: str = "sha256",
     labels: Mapping[tuple[int, int], str] | None = None,
     description: str = "",
+    unlogged_pcrs: Sequence[int] = (),
 ) -> ReferencePolicy:
     """A policy that accepts exactly this node's evidence.
 
@@ -441,20 +480,25 @@ def policy_from_evidence(
     from inconsistent evidence would only ever fail). ``labels`` names
     events by (pcr, position), position counting from 1 within the PCR's
     events (EV_NO_ACTION excluded); unlabelled events get their description.
+    ``unlogged_pcrs`` are quoted PCRs the log need not explain: they get no expected
+    events and are carried into the policy.
     """
     expected_pcrs = dict(pcrs)
     events: tuple[ExpectedEvent, ...] = ()
     if log is not None:
-        _check_consistent(expected_pcrs, log, bank)
-        events = _events_from_log(expected_pcrs, log, bank, labels or {})
-    return ReferencePolicy(name, bank, expected_pcrs, events, description)
+        _check_consistent(expected_pcrs, log, bank, unlogged_pcrs)
+        logged = {pcr: value for pcr, value in expected_pcrs.items() if pcr not in unlogged_pcrs}
+        events = _events_from_log(logged, log, bank, labels or {})
+    return ReferencePolicy(name, bank, expected_pcrs, events, description,
+                           unlogged_pcrs=tuple(unlogged_pcrs))
 
 
-def _check_consistent(pcrs: Mapping[int, bytes], log: EventLog, bank: str) -> None:
+def _check_consistent(pcrs: Mapping[int, bytes], log: EventLog, bank: str,
+                      unlogged: Sequence[int]) -> None:
     if bank not in ALGORITHMS:
         raise PolicyError(f"bank: {bank!r} is not one of {', '.join(ALGORITHMS)}")
     try:
-        mismatches = compare_with_pcrs(log, pcrs, bank)
+        mismatches = compare_with_pcrs(log, pcrs, bank, unlogged=unlogged)
     except EventLogError as exc:
         raise PolicyError(f"cannot use the event log: {exc}") from exc
     if mismatches:
