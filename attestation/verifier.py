@@ -265,6 +265,11 @@ class QuoteVerifier:
 
     def _check_clock(self, p: _Parsed) -> str:
         info = _a(p).clock_info
+        if not info.safe:
+            # The TPM lost Clock since it last saved it (an unorderly shutdown): values it
+            # reported before may be ahead of this one, so freshness by clock is void.
+            raise VerificationError("clock", "clock safe flag is 0: the TPM clock may have "
+                                    "gone backwards (TPMS_CLOCK_INFO.safe)")
         if self.clock_history is None:
             return f"no history kept (clock {info.clock} ms, resetCount {info.reset_count})"
         return self.clock_history.check(_k(p).name, info, _a(p).raw)
