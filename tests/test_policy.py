@@ -38,7 +38,7 @@ EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
 EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
 EV_EFI_ACTION = 0x80000007
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # cases: profile
 LABELS = {(4, 3): "kernel", (9, 1): "kernel file", (9, 2): "command line"}
 
 
