@@ -200,6 +200,8 @@ class AkRegistry:
                 raise ValueError("not an object")
             return cls({str(n): parse_public(b64decode(v, f"AK of {n}"))
                         for n, v in doc.items()})
+        except RecursionError:
+            raise EvidenceFormatError("AK registry is not valid: JSON nested too deeply") from None
         except (ValueError, TypeError, binascii.Error, EvidenceFormatError) as exc:
             raise EvidenceFormatError(f"AK registry is not valid: {exc}") from None
 

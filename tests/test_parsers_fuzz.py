@@ -208,8 +208,13 @@ def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
     return bytes(data)
 
 
+# Nesting that blows the recursion limit of json (and of a naive YAML walk).
+DEEP = st.sampled_from([b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+                        b"- " * 20_000 + b"x", b"[" * 5_000])
+
+
 def hostile(valid: bytes, max_size: int = 2048) -> st.SearchStrategy[bytes]:
-    return mutated(valid) | st.binary(max_size=max_size)
+    return mutated(valid) | st.binary(max_size=max_size) | DEEP
 
 
 def _sample_log() -> bytes:
@@ -407,3 +412,10 @@ def test_mutated_genuine_evidence_is_refused_or_means_the_same(genuine: Genuine,
                                                               data: st.DataObject) -> None:
     prop = verify_property(genuine)
     prop.run(data.draw(prop.strategy, label=prop.name))
+
+
+@pytest.mark.parametrize("parse", [AkRegistry.from_json, Evidence.from_json, decode_message,
+                                   load_policy], ids=["registry", "evidence", "frame", "policy"])
+def test_deeply_nested_documents_are_one_clear_error(parse: Callable[[bytes], object]) -> None:
+    with pytest.raises(TestbedError, match=r"nested too deeply|not JSON|not valid|larger than"):
+        parse(b"[" * 100_000 + b"]" * 100_000)
