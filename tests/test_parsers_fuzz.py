@@ -29,7 +29,13 @@ from attestation.agent_wire import (
     quote_request,
 )
 from attestation.errors import EventLogError, EvidenceFormatError, PolicyError, TestbedError
-from attestation.eventlog import EventLogBuilder, compare_with_pcrs, parse_event_log, replay
+from attestation.eventlog import (
+    EV_NO_ACTION,
+    EventLogBuilder,
+    compare_with_pcrs,
+    parse_event_log,
+    replay,
+)
 from attestation.evidence import Evidence
 from attestation.policy import (
     ReferencePolicy,
@@ -38,7 +44,7 @@ from attestation.policy import (
     load_policy,
     policy_from_evidence,
 )
-from attestation.registrar import AkRegistry, PinnedAk
+from attestation.registrar import AkRegistry
 from attestation.tools_format import read_pcrs, write_pcrs
 from attestation.tpm import TpmClient
 from attestation.tpm_types import (
@@ -324,7 +330,9 @@ def genuine_from_tpm(tcti: str) -> Genuine:
     evidence = Evidence(attest=quote.attest, signature=quote.signature, ak_public=ak.public,
                         pcr_bank="sha256", pcrs=quote.pcrs, event_log=log)
     policy = policy_from_evidence(quote.pcrs, parse_event_log(log), name="genuine")
-    trust = PinnedAk([parse_public(ak.public).public_key()])
+    # Trust by Name, as the testbed trusts its nodes: the whole TPMT_PUBLIC counts (a
+    # PinnedAk trusts the bare key and ignores attribute bits beyond the required ones).
+    trust = AkRegistry({"node": parse_public(ak.public)}).for_node("node")
     verifier = QuoteVerifier(ak_trust=trust, policy=policy)
     assert verifier.verify(evidence, nonce).ok, "the genuine evidence must pass"
     return Genuine(evidence, nonce, verifier)
@@ -333,16 +341,19 @@ def genuine_from_tpm(tcti: str) -> Genuine:
 def _meaning(evidence: Evidence) -> tuple[object, ...] | None:
     """What a verifier's acceptance vouches for (None: a part does not even decode).
 
-    Not the raw bytes: a signature's integers may be re-encoded with leading zeros, and
-    event data is not measured (only the digests are), so neither changes the meaning.
+    Not the raw bytes: a signature's integers may be re-encoded with leading zeros, event
+    data is not measured (only the digests are) and EV_NO_ACTION events are never
+    extended, so none of these changes the meaning.
     """
     try:
         sig = parse_signature(evidence.signature)
         log = parse_event_log(evidence.event_log) if evidence.event_log is not None else None
     except EvidenceFormatError:
         return None
+    # EV_NO_ACTION events are never extended; what they say is in startup_locality.
     events = None if log is None else (log.startup_locality, tuple(
-        (e.pcr, e.event_type, tuple(sorted(e.digests.items()))) for e in log.events))
+        (e.pcr, e.event_type, tuple(sorted(e.digests.items())))
+        for e in log.events if e.event_type != EV_NO_ACTION))
     return (evidence.attest, evidence.ak_public, evidence.pcr_bank, evidence.pcrs,
             (sig.sig_alg, sig.hash_alg, int.from_bytes(sig.r), int.from_bytes(sig.s),
              int.from_bytes(sig.rsa_signature)), events)
