@@ -10,6 +10,8 @@ purpose; anything else escaping is a bug.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TestbedError(Exception):
     """Root of every error this project raises on purpose."""
@@ -47,10 +49,13 @@ class VerificationError(TestbedError):
     """A named verification check failed.
 
     ``check`` is the stable name of the check (``"signature"``,
-    ``"qualifying_data"``, ``"pcr_digest"``, ...); ``reason`` says why in words.
+    ``"qualifying_data"``, ``"pcr_digest"``, ...); ``reason`` says why in words;
+    ``data`` says it for programs (every mismatch, full digests), JSON-ready.
     """
 
-    def __init__(self, check: str, reason: str) -> None:
+    def __init__(self, check: str, reason: str,
+                 data: dict[str, Any] | None = None) -> None:
         super().__init__(f"{check}: {reason}")
         self.check = check
         self.reason = reason
+        self.data = data or {}

@@ -124,8 +124,19 @@ def _file_kind(mode: int) -> str:
 
 
 def private_dir(path: Path) -> Path:
-    """mkdir -p with 0700; tighten an existing directory to 0700."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    """mkdir -p with 0700 for every directory it makes; tighten ``path`` itself to 0700.
+
+    ``Path.mkdir(parents=True)`` would make the missing parents with the umask's
+    default mode (0755 usually), leaving e.g. ``clusters/`` listable by anyone.
+    Parents that exist already are left as they are: they are not ours to change.
+    """
+    absent = []
+    for directory in (path, *path.parents):
+        if directory.is_dir():
+            break
+        absent.append(directory)
+    for directory in reversed(absent):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)  # a file in the way: FileExistsError
     os.chmod(path, DIR_MODE)
     return path
 

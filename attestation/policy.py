@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import yaml
 
@@ -531,8 +531,20 @@ class PolicyMismatch:
     kind: ClassVar[str] = "mismatch"
     pcr: int | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, digests in full hex: what JSON output carries."""
+        return {"kind": self.kind, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}
+
     def describe(self) -> str:
         raise NotImplementedError
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

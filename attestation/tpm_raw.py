@@ -1,9 +1,10 @@
 """Raw TPM 2.0 commands, standard library only: for Debian 12 guests (no tpm2-pytss).
 
-The guest agent (testbed/qemu/guest_agent.py) and the CryptoVM's raw backend
+The guest agent (testbed/qemu/guest/agent.py) and the CryptoVM's raw backend
 (cryptovm/rawtpm.py) talk to ``/dev/tpmrm0`` (the kernel's resource manager) or, in
-host-side tests, to an swtpm TCP data port with these few commands: password
-sessions and one unsalted policy session, so no cryptography is needed here.
+host-side tests, to an swtpm data channel (``unix:PATH``, the default swtpm of the
+testbed, or ``tcp:HOST:PORT``) with these few commands: password sessions and one
+unsalted policy session, so no cryptography is needed here.
 On the host, everything else uses tpm2-pytss (attestation/tpm.py).
 """
 
@@ -45,8 +46,10 @@ __all__ = [
     "DeviceTransport",
     "Reader",
     "SocketTransport",
+    "StreamTransport",
     "Tpm",
     "TpmCommandError",
+    "UnixSocketTransport",
     "ak_template",
     "open_transport",
     "password_session",
@@ -76,14 +79,18 @@ RC_HANDLE = 0x08B
 # answers RETRY to the first ActivateCredential; tpm2-tss's ESAPI retries silently).
 RC_TRY_AGAIN = frozenset({0x908, 0x90A, 0x922})
 MAX_RETRIES = 10
-# restricted | sign | fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth:
-# the same AK as attestation/tpm.py (ecc256:ecdsa-sha256:null, endorsement hierarchy).
-AK_ATTRIBUTES = 0x00050072
+# restricted | sign | noDA | fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth:
+# the same AK as attestation/tpm.py (ecc256:ecdsa-sha256:null, endorsement hierarchy),
+# so the same TPM gives the same key either way. noDA for the reason given there: the
+# AK's authValue is empty, and without noDA every unorderly vTPM stop (a VM killed)
+# raises the lockout counter until the TPM refuses the AK.
+AK_ATTRIBUTES = 0x00050472
 AK_HANDLE = 0x81010002
 EK_HANDLE = 0x81010001  # RSA-2048 EK, low range (swtpm_setup --create-ek-cert)
 EK_CERT_INDEX = 0x01C00002
 NV_CHUNK = 1024
 MAX_RESPONSE = 8192
+SOCKET_TIMEOUT_S = 30.0  # per send/recv on an swtpm socket: a stuck swtpm is an error
 DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 BANK_ALGS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
 
@@ -174,12 +181,13 @@ class DeviceTransport:
         os.close(self._fd)
 
 
-class SocketTransport:
-    """swtpm's TCP data channel (raw TPM commands, as the tpm2-tss swtpm TCTI sends)."""
+class StreamTransport:
+    """An swtpm data channel (raw TPM commands, as the tpm2-tss swtpm TCTI sends them)
+    on a connected stream socket; responses bounded by :data:`MAX_RESPONSE`."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.name = f"swtpm:host={host},port={port}"
-        self._sock = socket.create_connection((host, port), timeout=30)
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.name = name
+        self._sock = sock
 
     def transact(self, command: bytes) -> bytes:
         self._sock.sendall(command)
@@ -202,8 +210,32 @@ class SocketTransport:
         self._sock.close()
 
 
-def open_transport(spec: str) -> DeviceTransport | SocketTransport:
-    """``/dev/tpmrm0`` or ``tcp:HOST:PORT``."""
+class SocketTransport(StreamTransport):
+    """swtpm's TCP data channel (``--server type=tcp``)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        sock = socket.create_connection((host, port), timeout=SOCKET_TIMEOUT_S)
+        super().__init__(sock, f"swtpm:host={host},port={port}")
+
+
+class UnixSocketTransport(StreamTransport):
+    """swtpm's data channel on a unix socket (``--server type=unixio``)."""
+
+    def __init__(self, path: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(SOCKET_TIMEOUT_S)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        super().__init__(sock, f"swtpm:path={path}")
+
+
+def open_transport(spec: str) -> DeviceTransport | StreamTransport:
+    """``/dev/tpmrm0``, ``unix:PATH`` (an swtpm data socket) or ``tcp:HOST:PORT``."""
+    if spec.startswith("unix:"):
+        return UnixSocketTransport(spec[5:])
     if spec.startswith("tcp:"):
         host, _, port = spec[4:].rpartition(":")
         return SocketTransport(host or "127.0.0.1", int(port))
@@ -216,7 +248,7 @@ def open_transport(spec: str) -> DeviceTransport | SocketTransport:
 class Tpm:
     """The handful of TPM commands the agent needs; serialised by a lock."""
 
-    def __init__(self, transport: DeviceTransport | SocketTransport) -> None:
+    def __init__(self, transport: DeviceTransport | StreamTransport) -> None:
         self.transport = transport
         self.lock = threading.Lock()
 

@@ -28,7 +28,7 @@ from attestation.policy import (
     evaluate_policy,
 )
 from attestation.registrar import AkTrust, PinnedAk, check_ak_attributes
-from attestation.report import Check, VerificationReport, run_checks
+from attestation.report import Check, CheckSkipped, VerificationReport, run_checks
 from attestation.tpm_types import (
     TPM_GENERATED_VALUE,
     Alg,
@@ -276,7 +276,8 @@ class QuoteVerifier:
 
     def _check_policy(self, evidence: Evidence, p: _Parsed) -> str:
         if self.policy is None:
-            return "no reference policy given: PCR values were not judged"
+            raise CheckSkipped("no reference policy given: the PCR values were not judged, so "
+                               "the platform's state is not established (pass --policy)")
         if self.policy.bank != evidence.pcr_bank:
             raise VerificationError("policy", f"policy {self.policy.name!r} is for the "
                                     f"{self.policy.bank} bank, the quote is {evidence.pcr_bank}")
@@ -287,7 +288,8 @@ class QuoteVerifier:
         if mismatches:
             more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
             raise VerificationError("policy", f"policy {self.policy.name!r}: "
-                                    f"{mismatches[0].describe()}{more}")
+                                    f"{mismatches[0].describe()}{more}",
+                                    {"mismatches": [m.to_dict() for m in mismatches]})
         return f"satisfies policy {self.policy.name!r}"
 
 

@@ -115,7 +115,8 @@ def main() -> None:
           "   (goal >= 0.5x)")
     print(f"  + event log replay (14 events)          {logged:9.0f} /s   {logged / ecdsa:.2f}x")
     print(f"  + reference policy + clock history      {full:9.0f} /s   {full / ecdsa:.2f}x")
-    print(f"quote latency against swtpm over TCP ({args.quotes} quotes each, incl. PCR read)")
+    print(f"quote latency against swtpm over its unix socket ({args.quotes} quotes each, "
+          "incl. PCR read)")
     print(f"  ECC P-256 AK   p50 {ecc[0]:.2f} ms   p99 {ecc[1]:.2f} ms")
     print(f"  RSA-2048 AK    p50 {rsa[0]:.2f} ms   p99 {rsa[1]:.2f} ms")
 

@@ -1,64 +1,187 @@
-"""CLI-facing functions: key and account management and one-shot operations.
+"""CLI-facing CryptoVM access, the same whether the CryptoVM is here or running elsewhere.
 
-Each function opens the CryptoVM state directory locally (unsealing the storage key
-with the TPM - which is what makes the caller root), acts as root, closes, and
-returns a JSON-able dict: byte strings become base64, except PSKs (hex, as TLS-SE
-and OpenSSL's ``-psk`` print them) and PEM text (a string). While a server holds the
-state directory these functions fail with a clear StorageError: use the wire
-protocol (:class:`~cryptovm.client.CryptoVmClient`) instead.
+A :class:`VsmTarget` is anything with ``call(op, **args) -> dict`` that takes the wire
+operations (:data:`cryptovm.wire.OPS`, same names and arguments) as root:
+
+* :func:`open_local` opens a state directory in this process (unsealing the storage key
+  with the TPM - which is what makes the caller root), for as long as the ``with`` lasts;
+* a :class:`~cryptovm.client.CryptoVmClient` logged in as ``root`` reaches a running
+  CryptoVM (a cluster node's) over CVM1.
+
+While a server holds a state directory, :func:`open_local` fails with a clear
+StorageError: use the wire protocol instead. The functions below the targets (``summary``,
+``key_attestation``, ...) work on either. Results are the session's dicts (bytes stay
+bytes); :func:`jsonable` makes them JSON: byte strings become base64, except PSKs (hex, as
+TLS-SE and OpenSSL's ``-psk`` print them) and PEM text (a string); ``readable=True`` (what
+the ``testbed vsm`` command prints) also turns public keys into PEM and times into ISO 8601
+UTC. The one-shot functions taking ``(state_dir, tcti, ...)`` open, act, close and return
+that JSON (``readable=False``: the library's format since the first version).
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from attestation.encoding import b64encode
 from cryptovm import server
 from cryptovm.audit import verify_audit_log
+from cryptovm.errors import BadRequest
 from cryptovm.keyattest import KeyAttestation
-from cryptovm.vsm import DEFAULT_PCRS, CryptoVm, VsmSession
+from cryptovm.sealing import format_pcr_selection, parse_pcr_selection
+from cryptovm.vsm import DEFAULT_PCRS, CryptoVm
+from cryptovm.wire import OPS
+
+# --- targets ------------------------------------------------------------------------------
 
 
-def jsonable(value: Any, key: str = "") -> Any:
-    """bytes -> base64 (PSKs -> hex, PEM -> text), recursively."""
-    if isinstance(value, bytes):
-        if key in ("psk", "root_psk"):
-            return value.hex()
-        if value.startswith(b"-----BEGIN"):
-            return value.decode("ascii")
-        return b64encode(value)
-    if isinstance(value, dict):
-        return {k: jsonable(v, k) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v, key) for v in value]
-    return value
+class VsmTarget(Protocol):
+    """A CryptoVM as root: ``call("sign", key_id=..., data=...)`` -> the session's result."""
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]: ...
+
+
+class LocalVsm:
+    """A CryptoVM opened in this process, acting as its root account."""
+
+    def __init__(self, vm: CryptoVm) -> None:
+        self.vm = vm
+        self._root = vm.local_root()
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """The wire operation ``op`` (None arguments left out, as on the wire)."""
+        method = getattr(self._root, op, None) if op in OPS and op != "auth" else None
+        if method is None:
+            raise ValueError(f"unknown CryptoVM operation {op!r}")
+        result: dict[str, Any] = method(**{k: v for k, v in args.items() if v is not None})
+        return result
+
+    def where(self) -> dict[str, Any]:
+        return {"state_dir": str(self.vm.state.path),
+                "pcr_selection": self.vm.state.read_manifest()["pcr_selection"]}
 
 
 @contextmanager
-def _root(state_dir: Path, tcti: str) -> Iterator[VsmSession]:
+def open_local(state_dir: Path, tcti: str) -> Iterator[LocalVsm]:
     with CryptoVm.open(Path(state_dir), tcti) as vm:
-        yield vm.local_root()
+        yield LocalVsm(vm)
+
+
+# --- what the command prints -----------------------------------------------------------------
+
+_PSK_KEYS = ("psk", "root_psk")
+_PUBLIC_KEY_KEYS = ("public_key",)  # SPKI DER in the session's results
+_TIME_KEYS = ("created",)  # seconds since the epoch in the session's results
+
+
+def jsonable(value: Any, key: str = "", *, readable: bool = False) -> Any:
+    """bytes -> base64 (PSKs -> hex, PEM -> text), recursively; ``readable``: public
+    keys (SPKI DER) -> PEM, times -> ISO 8601 UTC."""
+    if isinstance(value, bytes):
+        if key in _PSK_KEYS:
+            return value.hex()
+        if value.startswith(b"-----BEGIN"):
+            return value.decode("ascii")
+        if readable and key in _PUBLIC_KEY_KEYS:
+            return public_key_pem(value)
+        return b64encode(value)
+    if readable and key in _TIME_KEYS and type(value) is int:
+        return iso_time(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v, k, readable=readable) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, key, readable=readable) for v in value]
+    return value
+
+
+def iso_time(seconds: float) -> str:
+    """ISO 8601 UTC to the second with ``Z``: the testbed's one output time format."""
+    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def public_key_pem(spki_der: bytes) -> str:
+    """SubjectPublicKeyInfo DER -> PEM (what ``openssl pkey -pubin`` reads)."""
+    lines = [b64encode(spki_der[i:i + 48]) for i in range(0, len(spki_der), 48)]
+    return "-----BEGIN PUBLIC KEY-----\n" + "\n".join(lines) + "\n-----END PUBLIC KEY-----\n"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _uint(n: int, size: int | None = None) -> bytes:
+    return n.to_bytes(size or max(1, (n.bit_length() + 7) // 8), "big")
+
+
+def public_key_jwk(spki_der: bytes, kid: str | None = None) -> dict[str, str]:
+    """SubjectPublicKeyInfo DER -> JSON Web Key (RFC 7517/7518; Ed25519: RFC 8037)."""
+    key = serialization.load_der_public_key(spki_der)
+    jwk: dict[str, str]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        size = (key.curve.key_size + 7) // 8
+        numbers = key.public_numbers()
+        jwk = {"kty": "EC", "crv": f"P-{key.curve.key_size}",
+               "x": _b64url(_uint(numbers.x, size)), "y": _b64url(_uint(numbers.y, size))}
+    elif isinstance(key, rsa.RSAPublicKey):
+        numbers_rsa = key.public_numbers()
+        jwk = {"kty": "RSA", "n": _b64url(_uint(numbers_rsa.n)),
+               "e": _b64url(_uint(numbers_rsa.e))}
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+    else:
+        raise BadRequest(f"no JWK form for a {type(key).__name__}")
+    return jwk | ({"kid": kid} if kid else {})
+
+
+def check_pcrs(spec: str) -> str:
+    """A PCR selection for sealing (``sha256:0-7``), normalised; BadRequest if malformed."""
+    try:
+        return format_pcr_selection(parse_pcr_selection(spec))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+# --- operations on any target ---------------------------------------------------------------
+
+
+def summary(target: VsmTarget) -> dict[str, Any]:
+    """Keys, accounts, release policies and the audit chain (the session's shapes)."""
+    return {"keys": len(target.call("list_keys")["keys"]),
+            "accounts": [a["name"] for a in target.call("account_list")["accounts"]],
+            "release_policies": sorted(p["name"] for p in
+                                       target.call("release_policy_list")["policies"]),
+            "audit": target.call("audit_verify")}
+
+
+def key_attestation(target: VsmTarget, key_id: str, nonce: bytes) -> dict[str, Any]:
+    """Key attestation document (``KeyAttestation.from_dict`` reads it back)."""
+    doc = target.call("attest", key_id=key_id, nonce=nonce)["attestation"]
+    KeyAttestation.from_dict(doc)  # round-trip check of what is handed out
+    return dict(doc)
+
+
+# --- one-shot functions: open the state directory, act as root, close ---------------------
 
 
 def run(state_dir: Path, tcti: str, op: str, **args: Any) -> dict[str, Any]:
-    """Any session operation, as root, e.g. ``run(d, t, "account_grant", name=..., ...)``."""
-    with _root(state_dir, tcti) as root:
-        method = getattr(root, op, None)
-        if method is None or op.startswith("_"):
-            raise ValueError(f"unknown CryptoVM operation {op!r}")
-        result: dict[str, Any] = jsonable(method(**args))
+    """Any wire operation, as root, e.g. ``run(d, t, "account_grant", name=..., ...)``."""
+    with open_local(state_dir, tcti) as vsm:
+        result: dict[str, Any] = jsonable(vsm.call(op, **args))
         return result
-
-
-# --- state --------------------------------------------------------------------------------
 
 
 def init(state_dir: Path, tcti: str, pcrs: str = DEFAULT_PCRS) -> dict[str, Any]:
     """Create a CryptoVM: seal a new storage key to the TPM's current PCRs."""
-    vm, root_psk = CryptoVm.initialize(Path(state_dir), tcti, pcrs=pcrs)
+    vm, root_psk = CryptoVm.initialize(Path(state_dir), tcti, pcrs=check_pcrs(pcrs))
     with vm:
         result: dict[str, Any] = jsonable({
             "state_dir": str(vm.state.path),
@@ -68,13 +191,9 @@ def init(state_dir: Path, tcti: str, pcrs: str = DEFAULT_PCRS) -> dict[str, Any]
 
 
 def status(state_dir: Path, tcti: str) -> dict[str, Any]:
-    with CryptoVm.open(Path(state_dir), tcti) as vm:
-        report = vm.verify_audit()
-        return {"state_dir": str(vm.state.path),
-                "pcr_selection": vm.state.read_manifest()["pcr_selection"],
-                "keys": len(vm.keys.ids()), "accounts": vm.accounts.names(),
-                "release_policies": sorted(vm.release_policies),
-                "audit": report.to_dict()}
+    with open_local(state_dir, tcti) as vsm:
+        result: dict[str, Any] = vsm.where() | summary(vsm)
+        return result
 
 
 def verify_audit(state_dir: Path, tcti: str | None = None) -> dict[str, Any]:
@@ -83,9 +202,6 @@ def verify_audit(state_dir: Path, tcti: str | None = None) -> dict[str, Any]:
         return verify_audit_log(Path(state_dir) / "audit.log").to_dict()
     with CryptoVm.open(Path(state_dir), tcti) as vm:
         return vm.verify_audit().to_dict()
-
-
-# --- accounts -----------------------------------------------------------------------------
 
 
 def account_create(state_dir: Path, tcti: str, name: str,
@@ -113,9 +229,6 @@ def account_delete(state_dir: Path, tcti: str, name: str) -> dict[str, Any]:
 
 def account_issue_certificate(state_dir: Path, tcti: str, name: str) -> dict[str, Any]:
     return run(state_dir, tcti, "account_issue_certificate", name=name)
-
-
-# --- keys ---------------------------------------------------------------------------------
 
 
 def key_generate(state_dir: Path, tcti: str, algorithm: str, usage: Sequence[str], *,
@@ -152,10 +265,8 @@ def key_delete(state_dir: Path, tcti: str, key_id: str) -> dict[str, Any]:
 
 def key_attest(state_dir: Path, tcti: str, key_id: str, nonce: bytes) -> dict[str, Any]:
     """Key attestation document (``KeyAttestation.from_dict`` reads it back)."""
-    with _root(state_dir, tcti) as root:
-        doc = root.attest(key_id, nonce)["attestation"]
-        KeyAttestation.from_dict(doc)  # round-trip check of what is handed out
-        return dict(doc)
+    with open_local(state_dir, tcti) as vsm:
+        return key_attestation(vsm, key_id, nonce)
 
 
 def release_policy_set(state_dir: Path, tcti: str, name: str, reference_policy_yaml: str,

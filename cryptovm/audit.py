@@ -19,6 +19,13 @@ Cutting entries off the *end* is only detectable against a known head
 Entries carry names, ids, outcomes and short reasons, never key material, PSKs or
 request payloads: :meth:`AuditLog.append` accepts only those fields.
 
+Failures of peers that have not authenticated (failed logins, malformed frames before
+login) go through :meth:`AuditLog.append_unauthenticated`: at most
+:data:`UNAUTHENTICATED_BURST` entries per :data:`UNAUTHENTICATED_WINDOW_S`, then one
+``audit.suppressed`` entry counting the rest by op and check, so that nobody without
+an account can fill the disk. Everything an authenticated account does is audited
+entry by entry.
+
 Durability: lines are buffered and written with one ``write(2)`` per batch
 (O_APPEND); :meth:`AuditLog.sync` writes and fsyncs. The CryptoVM syncs before it
 answers (per operation in-process; group-committed per batch in the server).
@@ -32,6 +39,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -47,6 +55,9 @@ MAX_FIELD = 200
 TAIL_CHUNK = 1 << 16
 _REQUIRED = ("seq", "ts", "account", "op", "outcome", "prev", "hash")
 _OPTIONAL = ("key", "version", "check", "detail", "target", "mac")
+UNAUTHENTICATED_BURST = 20  # entries per window written one by one
+UNAUTHENTICATED_WINDOW_S = 60.0
+SUPPRESSED_OP = "audit.suppressed"
 
 
 def _clip(value: str) -> str:
@@ -86,6 +97,7 @@ class AuditLog:
         self.sync_each = sync_each
         self._lock = threading.Lock()
         self._buffer: list[bytes] = []
+        self._throttle = _Throttle(UNAUTHENTICATED_BURST, UNAUTHENTICATED_WINDOW_S)
         created = not path.exists()
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, FILE_MODE)
         if created:
@@ -144,6 +156,35 @@ class AuditLog:
             self.sync()
         return seq
 
+    def append_unauthenticated(self, account: str, op: str, outcome: str, *,
+                               check: str | None = None, detail: str | None = None,
+                               target: str | None = None) -> int | None:
+        """A failure of a peer that has not authenticated: rate-limited (module doc).
+        Returns the entry's seq, or None when it was only counted."""
+        with self._lock:
+            summary = self._throttle.close_window_if_over()
+            admitted = self._throttle.admit(op, check)
+        if summary:
+            self.append("-", SUPPRESSED_OP, "error", detail=summary)
+        if not admitted:
+            return None
+        return self.append(account, op, outcome, check=check, detail=detail, target=target)
+
+    def flush_suppressed(self, *, force: bool = False) -> None:
+        """Write the suppressed-entries summary of a finished window (a server calls this
+        now and then, so the count lands even when the flood stops); ``force``: end the
+        current window now."""
+        with self._lock:
+            summary = (self._throttle.close_window(force=True) if force
+                       else self._throttle.close_window_if_over())
+        if summary:
+            self.append("-", SUPPRESSED_OP, "error", detail=summary)
+
+    def set_unauthenticated_limit(self, burst: int, window: float) -> None:
+        """At most ``burst`` unauthenticated failures logged one by one per ``window`` s."""
+        with self._lock:
+            self._throttle = _Throttle(burst, window)
+
     def flush(self) -> int:
         """Write buffered entries (one write call); returns the last written seq."""
         with self._lock:
@@ -167,6 +208,7 @@ class AuditLog:
 
     def close(self) -> None:
         if self._fd >= 0:
+            self.flush_suppressed(force=True)
             self.sync()
             os.close(self._fd)
             self._fd = -1
@@ -197,6 +239,41 @@ class AuditLog:
         except (ValueError, KeyError, TypeError):
             raise StorageError(f"{self.path}: the last audit entry is unreadable (tampered?); "
                                "run the audit verifier") from None
+
+
+class _Throttle:
+    """Counts unauthenticated failures per window; the caller holds the log's lock."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst, self.window = burst, window
+        self.started = time.monotonic()
+        self.written = 0
+        self.suppressed: Counter[str] = Counter()
+
+    def admit(self, op: str, check: str | None) -> bool:
+        if self.written < self.burst:
+            self.written += 1
+            return True
+        self.suppressed[f"{op}/{check or '-'}"] += 1
+        return False
+
+    def close_window_if_over(self) -> str | None:
+        return self.close_window(force=time.monotonic() - self.started >= self.window)
+
+    def close_window(self, *, force: bool) -> str | None:
+        """Start a new window if ``force``; the summary of what the old one suppressed."""
+        if not force:
+            return None
+        elapsed = time.monotonic() - self.started
+        total = sum(self.suppressed.values())
+        kinds = ", ".join(f"{kind} x{count}" for kind, count in
+                          self.suppressed.most_common(8))
+        self.started, self.written = time.monotonic(), 0
+        self.suppressed.clear()
+        if not total:
+            return None
+        return (f"suppressed {total} similar unauthenticated failures in {elapsed:.0f} s "
+                f"(more than {self.burst} per {self.window:g} s): {kinds}")
 
 
 @dataclass(frozen=True)

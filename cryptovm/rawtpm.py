@@ -4,7 +4,8 @@ In a Debian 12 QEMU guest there is no usable tpm2-pytss (Debian packages 1.2), s
 the CryptoVM reaches its vTPM through ``/dev/tpmrm0`` with the standard library's
 raw commands of :mod:`attestation.tpm_raw` (shared with the guest agent), plus the
 four this module adds for sealing (TPM2_Create, TPM2_Load, TPM2_PolicyPCR,
-TPM2_Unseal). Host-side tests use an swtpm TCP data port instead (``tcp:HOST:PORT``).
+TPM2_Unseal). Host-side tests use an swtpm data socket instead (``unix:PATH``, or
+``tcp:HOST:PORT`` for an swtpm started with a TCP port).
 
 :class:`RawTpm` is the backend; give it to the CryptoVM with its :meth:`RawTpm.options`::
 
@@ -314,7 +315,8 @@ class RawTpm:
 
     @classmethod
     def open(cls, spec: str = "/dev/tpmrm0") -> RawTpm:
-        """``/dev/tpmrm0`` (in a guest) or ``tcp:HOST:PORT`` (an swtpm data port)."""
+        """``/dev/tpmrm0`` (in a guest), ``unix:PATH`` or ``tcp:HOST:PORT`` (an swtpm data
+        channel)."""
         try:
             return cls(Tpm(open_transport(spec)))
         except (OSError, ValueError) as exc:

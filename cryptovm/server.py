@@ -18,7 +18,16 @@ Design for a small machine (2 cores):
 * everything a peer can get wrong - not TLS, bad magic, oversized or truncated
   frames, bad JSON, unknown ops, bad arguments, stalled connections - is answered with
   an error frame (when there is a TLS channel to answer on) and affects only that
-  connection.
+  connection; before login, the first such error also closes it, and its audit entry
+  is rate-limited (:meth:`AuditLog.append_unauthenticated`);
+* every connection has a deadline per step, never reset by a byte arriving: the TLS
+  handshake within ``handshake_timeout`` of accept, login (PSK ``auth``, unless a client
+  certificate did it) within ``login_timeout`` of the handshake, then each request
+  within ``idle_timeout`` of the previous one. At most ``max_connections`` at a time
+  (:class:`attestation.slots.ConnectionSlots`): when all are taken, a newcomer evicts
+  the oldest connection that has sent nothing, else the oldest still in its TLS
+  handshake, else the oldest not logged in; a newcomer is refused only when every slot
+  holds a logged-in connection.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from attestation.files import atomic_write
+from attestation.slots import EVICTED, ConnectionSlots, Slot, has_data
 from cryptovm import tlsca
 from cryptovm.accounts import psk_server_proof
 from cryptovm.audit import AuditLog
@@ -69,6 +80,9 @@ from cryptovm.wire import (
 FAST_OPS = frozenset({"ping", "whoami", "random", "sign", "verify", "public_key", "describe",
                       "encrypt", "decrypt", "derive", "issue_nonce", "list_keys"})
 SERVER_ACCOUNT = "-"
+# Eviction order of connections not logged in (attestation/slots.py): silent since accept
+# first, then those in their TLS handshake, then those past it but not logged in.
+RANK_SILENT, RANK_HANDSHAKE, RANK_LOGIN = 0, 1, 2
 
 
 class GroupCommit:
@@ -145,8 +159,8 @@ class CryptoVmServer:
 
     def __init__(self, vm: CryptoVm, *, host: str = "127.0.0.1", port: int = 0,
                  idle_timeout: float = 60.0, handshake_timeout: float = 10.0,
-                 max_connections: int = 512, workers: int = 2,
-                 audit_sync: Literal["always", "state"] = "state") -> None:
+                 login_timeout: float | None = None, max_connections: int = 512,
+                 workers: int = 2, audit_sync: Literal["always", "state"] = "state") -> None:
         if audit_sync not in ("always", "state"):
             raise ValueError(f"audit_sync must be 'always' or 'state', not {audit_sync!r}")
         self.vm = vm
@@ -154,7 +168,9 @@ class CryptoVmServer:
         self.host, self._port = host, port
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.login_timeout = handshake_timeout if login_timeout is None else login_timeout
         self.max_connections = max_connections
+        self.slots = ConnectionSlots(max_connections)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="cryptovm-op")
         self.connections: set[_Connection] = set()
         self._listener: TlsListener | None = None
@@ -173,7 +189,7 @@ class CryptoVmServer:
         self.commit = GroupCommit(self.loop, self.vm.audit)
         context = tlsca.server_context(self.vm.ca)
         self._listener = TlsListener(self.loop, context, self.host, self._port,
-                                     lambda: _Connection(self))
+                                     self._admit)
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def close(self) -> None:
@@ -190,18 +206,30 @@ class CryptoVmServer:
             self.commit.close()
         self.vm.audit.sync()
 
+    def _admit(self, sock: socket.socket) -> _Connection | None:
+        """A new TCP connection: a slot (evicting the least proven if full) or None."""
+        connection = _Connection(self)
+        slot = self.slots.admit(connection.drop, timeout=self.handshake_timeout,
+                                rank=RANK_HANDSHAKE if has_data(sock) else RANK_SILENT)
+        if slot is None:
+            return None
+        connection.slot = slot
+        self.connections.add(connection)
+        return connection
+
     async def _sweep(self) -> None:
-        interval = max(0.05, min(1.0, self.idle_timeout / 4))
+        interval = max(0.02, min(1.0, self.idle_timeout / 4, self.handshake_timeout / 4,
+                                 self.login_timeout / 4))
         while True:
             await asyncio.sleep(interval)
             assert self.loop is not None
+            self.slots.expire()  # handshake and login deadlines
+            self.vm.audit.flush_suppressed()
             now = self.loop.time()
             for connection in list(self.connections):
                 stream = connection.stream
-                if stream is not None and stream.handshaking:
-                    if now - stream.accepted_at > self.handshake_timeout:
-                        stream.abort()
-                elif connection.pending == 0 and now - connection.last_active > self.idle_timeout:
+                if (stream is not None and not stream.handshaking and connection.pending == 0
+                        and now - connection.last_active > self.idle_timeout):
                     connection.timed_out()
 
 
@@ -217,19 +245,18 @@ class _Connection:
         self.session: VsmSession | None = None
         self.challenge = os.urandom(32)
         self.stream: TlsStream | None = None
+        self.slot: Slot | None = None
         self.last_active = self.loop.time()
         self.pending = 0
         self.closed = False
-        server.connections.add(self)
 
     # --- connection events ----------------------------------------------------------------
 
-    def connection_made(self, stream: TlsStream) -> None:
+    def connection_started(self, stream: TlsStream) -> None:
         self.stream = stream
+
+    def connection_made(self, stream: TlsStream) -> None:
         self.last_active = self.loop.time()
-        if len(self.server.connections) > self.server.max_connections:
-            self._send([encode_error(None, "busy", "too many connections")], close=True)
-            return
         cert = stream.peer_certificate()
         if cert is not None:
             try:
@@ -237,6 +264,10 @@ class _Connection:
             except AuthenticationFailed as exc:
                 self._send([encode_error(None, exc.code, exc.reason, exc.check)], close=True)
                 return
+        if self.session is not None:
+            self._logged_in()
+        else:
+            self._step(self.server.login_timeout, RANK_LOGIN)
         self._send([encode_result(0, {
             "hello": "cryptovm", "protocol": PROTOCOL_VERSION, "challenge": self.challenge,
             "authenticated": self.session.account if self.session else None,
@@ -245,6 +276,27 @@ class _Connection:
     def connection_lost(self) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.slot is not None:
+            self.server.slots.release(self.slot)
+
+    def _step(self, timeout: float | None, rank: int | None) -> None:
+        if self.slot is not None:
+            self.server.slots.step(self.slot, timeout=timeout, rank=rank)
+
+    def _logged_in(self) -> None:
+        self._step(None, None)  # from now on the idle timeout applies; never evicted
+
+    def drop(self, reason: str) -> None:
+        """Evicted or out of time before login (attestation/slots.py)."""
+        stream = self.stream
+        if stream is None or stream.handshaking or self.closed:
+            self.abort()
+        elif reason == EVICTED:
+            self._send([encode_error(None, "busy", "too many connections: this one had "
+                                     "not logged in")], close=True)
+        else:
+            self._send([encode_error(None, "timeout", f"not logged in within "
+                                     f"{self.server.login_timeout:g} s")], close=True)
 
     def abort(self) -> None:
         if self.stream is not None:
@@ -265,10 +317,21 @@ class _Connection:
     # --- frames -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = self.loop.time()
+        if self.closed:
+            return
+        frame_started = not self.decoder.buffered
         bodies, error = self.decoder.feed(data)
+        if frame_started or bodies:  # a frame trickled in byte by byte does not count
+            self.last_active = self.loop.time()
         self._needs_fsync = self.server.audit_sync == "always"
-        frames = [f for f in map(self._handle, bodies) if f is not None]
+        frames = []
+        for body in bodies:
+            frame = self._handle(body)
+            if frame is not None:
+                frames.append(frame)
+            if self._close_after_send:  # refused before login: the rest is not read
+                error = None
+                break
         if error is not None:
             self._audit_frame_error(error)
             frames.append(encode_error(None, error.code, str(error)))
@@ -282,6 +345,7 @@ class _Connection:
         except ProtocolError as exc:
             self._audit_frame_error(exc)
             self._needs_fsync = True
+            self._close_after_send = self.session is None
             return encode_error(peek_id(body), exc.code, str(exc))
         if request.op not in FAST_OPS:
             self._needs_fsync = True
@@ -289,6 +353,7 @@ class _Connection:
             return self._dispatch(request)
         except Exception as exc:  # already audited where it was raised
             code, message, check = describe_error(exc)
+            self._close_after_send = self.session is None  # one mistake before login
             return encode_error(request.id, code, message, check)
 
     def _dispatch(self, request: Request) -> bytes | None:
@@ -323,7 +388,9 @@ class _Connection:
         if self.session is None:
             exc = AuthenticationFailed("not authenticated: send auth first (or connect with "
                                        "a client certificate)")
-            self.vm._audit_failure(request.account or SERVER_ACCOUNT, request.op, exc)
+            self.vm.audit.append_unauthenticated(
+                request.account or SERVER_ACCOUNT, request.op, "denied", check=exc.check,
+                detail=f"{type(exc).__name__}: {exc}")
             raise exc
         if request.account is not None and request.account != self.session.account:
             denied = AccessDenied("authentication", f"the request names account "
@@ -344,6 +411,7 @@ class _Connection:
         except AuthenticationFailed as exc:
             self._close_after_send = True
             return encode_error(request.id, exc.code, exc.reason, exc.check)
+        self._logged_in()
         psk = self.vm.accounts.get(self.session.account).psk
         return encode_result(request.id, {"account": self.session.account, "server_proof":
                                           psk_server_proof(psk, self.challenge,
@@ -354,8 +422,12 @@ class _Connection:
     _needs_fsync = True
 
     def _audit_frame_error(self, exc: ProtocolError) -> None:
-        account = self.session.account if self.session else SERVER_ACCOUNT
-        self.vm.audit.append(account, "frame", "error", check=exc.code, detail=str(exc))
+        if self.session is None:
+            self.vm.audit.append_unauthenticated(SERVER_ACCOUNT, "frame", "error",
+                                                 check=exc.code, detail=str(exc))
+        else:
+            self.vm.audit.append(self.session.account, "frame", "error", check=exc.code,
+                                 detail=str(exc))
 
     def _send(self, frames: list[bytes], close: bool = False, durable: bool = True) -> None:
         data = b"".join(frames)
@@ -397,9 +469,13 @@ class ServerThread:
     """
 
     def __init__(self, vm: CryptoVm, host: str = "127.0.0.1", port: int = 0,
-                 idle_timeout: float = 60.0, *,
-                 start_timeout: float = START_TIMEOUT_S) -> None:
-        self.server = CryptoVmServer(vm, host=host, port=port, idle_timeout=idle_timeout)
+                 idle_timeout: float = 60.0, *, start_timeout: float = START_TIMEOUT_S,
+                 handshake_timeout: float = 10.0, login_timeout: float | None = None,
+                 max_connections: int = 512) -> None:
+        self.server = CryptoVmServer(vm, host=host, port=port, idle_timeout=idle_timeout,
+                                     handshake_timeout=handshake_timeout,
+                                     login_timeout=login_timeout,
+                                     max_connections=max_connections)
         self.start_timeout = start_timeout
         self._address = f"{host}:{port}"
         # A loop made here, not in the calling thread's asyncio state; created by start().

@@ -187,6 +187,11 @@ def _validity(certificate: x509.Certificate) -> tuple[datetime.datetime, datetim
             certificate.not_valid_after.replace(tzinfo=datetime.UTC))
 
 
+def _iso(moment: datetime.datetime) -> str:
+    """The project's one output time format: ISO 8601 UTC with ``Z``."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
     """What a log or a report may show of a certificate (public data only)."""
     def cn(name: x509.Name) -> str:
@@ -196,7 +201,7 @@ def certificate_info(certificate: x509.Certificate) -> dict[str, Any]:
     not_before, not_after = _validity(certificate)
     return {"subject": cn(certificate.subject), "issuer": cn(certificate.issuer),
             "serial": format(certificate.serial_number, "x"),
-            "not_before": not_before.isoformat(), "not_after": not_after.isoformat(),
+            "not_before": _iso(not_before), "not_after": _iso(not_after),
             "validity_s": int((not_after - not_before).total_seconds()),
             "spki_sha256": hashlib.sha256(spki_der(certificate)).hexdigest(),
             "sha256": certificate.fingerprint(hashes.SHA256()).hex()}

@@ -3,8 +3,10 @@
 asyncio's own TLS transport (``sslproto``) pumps every record through a MemoryBIO in
 Python; here OpenSSL reads and writes the socket itself and Python only sees
 decrypted application data, which measured ~30% less server CPU per small request
-on the project machine. Only what the CryptoVM needs: server side, handshake
-timeout (checked by the owner), ordered writes with back-pressure, close after flush.
+on the project machine. Only what the CryptoVM needs: server side, admission
+and handshake deadline (decided by the owner: its factory may refuse a connection, and
+it learns of each stream before the handshake), ordered writes with back-pressure,
+close after flush.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ MAX_BUFFERED_OUTPUT = 4 << 20  # stop reading from a peer that does not read its
 
 
 class StreamProtocol(Protocol):
+    def connection_started(self, stream: TlsStream) -> None: ...
+
     def connection_made(self, stream: TlsStream) -> None: ...
 
     def data_received(self, data: bytes) -> None: ...
@@ -44,6 +48,7 @@ class TlsStream:
         self._close_when_flushed = False
         self._reading = True
         loop.add_reader(self.fd, self._readable)
+        protocol.connection_started(self)
 
     def __repr__(self) -> str:
         return f"TlsStream(fd={self.fd}, closed={self.closed})"
@@ -157,7 +162,8 @@ class TlsListener:
     """Accepts TCP connections and wraps them in TLS without blocking the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext, host: str,
-                 port: int, factory: Callable[[], StreamProtocol], backlog: int = 512) -> None:
+                 port: int, factory: Callable[[socket.socket], StreamProtocol | None],
+                 backlog: int = 512) -> None:
         self.loop = loop
         self.context = context
         self.factory = factory
@@ -177,15 +183,20 @@ class TlsListener:
                 return
             except OSError:
                 return  # e.g. EMFILE: the pending connection waits for a free descriptor
+            protocol = self.factory(raw)
+            if protocol is None:  # refused: every slot holds an authenticated connection
+                raw.close()
+                continue
             raw.setblocking(False)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 tls = self.context.wrap_socket(raw, server_side=True,
                                                do_handshake_on_connect=False)
             except (ssl.SSLError, OSError):
                 raw.close()
+                protocol.connection_lost()
                 continue
-            TlsStream(self.loop, tls, self.factory())._readable()
+            TlsStream(self.loop, tls, protocol)._readable()
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())

@@ -287,8 +287,13 @@ class CryptoVm:
                        target: str | None = None) -> None:
         outcome, check = ("denied", exc.check) if isinstance(exc, AccessDenied) else ("error",
                                                                                         None)
+        detail = f"{type(exc).__name__}: {exc}"
+        if op == "auth":  # the peer has no account (yet): rate-limited, see audit.py
+            self.audit.append_unauthenticated(account, op, outcome, check=check,
+                                              detail=detail, target=target)
+            return
         self.audit.append(account, op, outcome, key=key, version=version, check=check,
-                          detail=f"{type(exc).__name__}: {exc}", target=target)
+                          detail=detail, target=target)
 
     def save_config(self, book: AccountBook | None = None,
                     policies: dict[str, ReleasePolicy] | None = None,

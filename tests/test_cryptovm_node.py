@@ -140,9 +140,11 @@ def test_cryptovm_node_comes_up_and_honest_nodes_enroll(lab: Lab) -> None:
     assert not rogue["ok"] and "policy" in rogue["error"] and "PCR 9" in rogue["error"]
     rc, out, _ = run_cli(lab.workdir, "status", "--json", "--cluster", CLUSTER)
     service = {n["name"]: n["service"] for n in json.loads(out)["nodes"]}
-    assert rc == 0 and service["cryptovm"].startswith("CryptoVM: CVM1 on 127.0.0.1:")
-    assert "TLS CA key 'tls-ca' (non-exportable, sign-only)" in service["cryptovm"]
-    assert "VSM CA" in service["server"] and "cluster CA" in service["rogue"]
+    cvm1 = service["cryptovm"]["endpoints"][0]
+    assert rc == 0 and (cvm1["protocol"], cvm1["host"]) == ("cvm1", "127.0.0.1")
+    assert service["cryptovm"]["facts"]["tls_ca_key"] == "tls-ca"
+    assert "VSM CA" in service["server"]["facts"]["certificate_from"]
+    assert "cluster CA" in service["rogue"]["facts"]["certificate_from"]
     psk_file = psk_path(lab.paths.node("cryptovm").state)
     assert mode(psk_file) == 0o600 and len(bytes.fromhex(psk_file.read_text().strip())) == 32
     assert mode(lab.paths.node("cryptovm").run / "cryptovm.json") == 0o600

@@ -2,7 +2,7 @@
 
 The guest path runs as it does in a Debian 12 QEMU guest: under Debian's own
 /usr/bin/python3 (python3-cryptography 38, python3-openssl 23, no tpm2-pytss), in a
-subprocess, against a real swtpm reached on its TCP data port instead of
+subprocess, against a real swtpm reached on its unix data socket instead of
 /dev/tpmrm0. The host checks what the guest produced with the project's venv: the
 signature, the registrar's credential activation, the quote and key attestation, and
 the CVM1 wire protocol served by ``python3 -m cryptovm.server --raw-tpm``.
@@ -113,7 +113,7 @@ print(json.dumps(out))
 
 
 def _guest(phase: str, tpm: Swtpm, state: Path, script: Path, **args: Any) -> dict[str, Any]:
-    run = subprocess.run([GUEST_PYTHON, str(script), phase, f"tcp:127.0.0.1:{tpm.port}",
+    run = subprocess.run([GUEST_PYTHON, str(script), phase, f"unix:{tpm.socket_path}",
                           str(state), json.dumps(args)],
                          capture_output=True, text=True, env=_guest_env(), timeout=120,
                          check=False)
@@ -153,11 +153,11 @@ def test_templates_match_tpm2_pytss() -> None:
 def test_blobs_unseal_across_implementations_and_nothing_is_left_loaded(
         swtpm: Swtpm) -> None:
     selection = parse_pcr_selection("sha256:0-9")
-    with RawTpm.open(f"tcp:127.0.0.1:{swtpm.port}") as raw:
+    with RawTpm.open(f"unix:{swtpm.socket_path}") as raw:
         by_raw = raw.sealer(selection).seal(b"r" * 32)
     by_pytss = TpmSealer(swtpm.tcti, selection).seal(b"p" * 32)
     assert TpmSealer(swtpm.tcti, selection).unseal(by_raw) == b"r" * 32
-    with RawTpm.open(f"tcp:127.0.0.1:{swtpm.port}") as raw:
+    with RawTpm.open(f"unix:{swtpm.socket_path}") as raw:
         sealer = raw.sealer(selection)
         assert sealer.unseal(by_pytss) == b"p" * 32
         assert sorted(sealer.read_pcrs()) == list(range(10))
@@ -167,7 +167,7 @@ def test_blobs_unseal_across_implementations_and_nothing_is_left_loaded(
 
 def test_raw_unseal_names_the_changed_pcr_and_flushes_on_failure(swtpm: Swtpm) -> None:
     selection = parse_pcr_selection("sha256:0,16")
-    spec = f"tcp:127.0.0.1:{swtpm.port}"
+    spec = f"unix:{swtpm.socket_path}"
     with RawTpm.open(spec) as raw:
         blob = raw.sealer(selection).seal(os.urandom(32))
     _extend(swtpm, 16)
@@ -192,14 +192,14 @@ def test_cryptovm_in_a_debian_guest_seals_attests_and_serves(
 
     init = _guest("init", swtpm, state, script, pcrs=PCRS)
     assert init["cryptography"] == versions
-    assert init["tcti"] == f"swtpm:host=127.0.0.1,port={swtpm.port}"
+    assert init["tcti"] == f"swtpm:path={swtpm.socket_path}"
     public = base64.b64decode(init["public"])
     _verify_signature(public, b"hello", base64.b64decode(init["signature"]))
     ca_cert = x509.load_pem_x509_certificate(init["tls_ca"].encode())
     node_cert = x509.load_pem_x509_certificate(init["node_certificate"].encode())
     ca_cert.verify_directly_issued_by(ca_cert)
     node_cert.verify_directly_issued_by(ca_cert)
-    assert init["tls_ca_not_after"] == ca_cert.not_valid_after_utc.isoformat()
+    assert init["tls_ca_not_after"] == ca_cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert node_cert.subject.rfc4514_string() == "CN=web1"
     assert init["node_validity_s"] == 3600 + 300  # the issuer's clock skew allowance
     # The same blob unseals through tpm2-pytss on the host (same templates, same TPM).
@@ -244,7 +244,7 @@ def _serve_and_call(swtpm: Swtpm, state: Path, psk: bytes, public: bytes,
     with log.open("wb") as out:
         server = subprocess.Popen(
             [GUEST_PYTHON, "-m", "cryptovm.server", "--state", str(state), "--raw-tpm",
-             f"tcp:127.0.0.1:{swtpm.port}", "--port-file", str(port_file)],
+             f"unix:{swtpm.socket_path}", "--port-file", str(port_file)],
             stdout=out, stderr=subprocess.STDOUT, env=_guest_env(), cwd=tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -311,7 +311,7 @@ def test_server_thread_runs_under_debian_python(swtpm: Swtpm, tmp_path: Path) ->
     _debian_versions()
     script = tmp_path / "server_thread.py"
     script.write_text(SERVER_THREAD_SCRIPT)
-    run = subprocess.run([GUEST_PYTHON, str(script), f"tcp:127.0.0.1:{swtpm.port}",
+    run = subprocess.run([GUEST_PYTHON, str(script), f"unix:{swtpm.socket_path}",
                           str(tmp_path / "state")],
                          capture_output=True, text=True, env=_guest_env(), timeout=120,
                          check=False)

@@ -24,6 +24,7 @@ from attestation.registrar import PinnedAk
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
 from cryptovm import tlsca
+from cryptovm.accounts import psk_client_proof
 from cryptovm.audit import read_entries
 from cryptovm.client import CryptoVmClient
 from cryptovm.errors import (
@@ -101,6 +102,14 @@ class Raw:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def login(self, served: Served, account: str) -> None:
+        nonce = os.urandom(32)
+        proof = psk_client_proof(served.psks[account], self.hello.result["challenge"], nonce,
+                                 account)
+        self.send(encode_request(1, "auth", None, {"account": account, "client_nonce": nonce,
+                                                   "proof": proof}))
+        assert self.read().ok
 
     def read(self) -> Response:
         while not self.frames:
@@ -281,9 +290,12 @@ class Healthy:
 ])
 def test_malformed_frames_get_an_error_frame_and_others_are_still_served(
         served: Served, payload: bytes, code: str, closes: bool) -> None:
+    """Logged in, a frame that keeps the framing leaves the connection usable; before
+    login, any malformed frame closes it (tests/test_listener_floods.py: the flood)."""
     healthy = Healthy(served)
-    raw = Raw(served)
+    raw, anonymous = Raw(served), Raw(served)
     try:
+        raw.login(served, "alice")
         raw.send(payload)
         response = raw.read()
         assert not response.ok and response.error["code"] == code, response
@@ -292,8 +304,12 @@ def test_malformed_frames_get_an_error_frame_and_others_are_still_served(
         else:
             raw.send(encode_request(2, "ping", None, {}))
             assert raw.read().ok
+        anonymous.send(payload + encode_request(2, "ping", None, {}))
+        assert anonymous.read().error["code"] == code
+        assert anonymous.closed()
     finally:
         raw.close()
+        anonymous.close()
     assert healthy.finish() >= 3
     assert any(e.get("check") == code for e in served.audit("frame"))
 

@@ -1,7 +1,7 @@
 """The guest agent's raw TPM commands against a real swtpm (no VM needed).
 
 The agent runs inside the guest on /dev/tpmrm0; here the same code drives an
-swtpm's TCP data channel, and the host side (Registrar, QuoteVerifier) checks
+swtpm's data channel (its unix socket), and the host side (Registrar, QuoteVerifier) checks
 what it produced, exactly as it checks a VM's answers.
 """
 
@@ -20,8 +20,10 @@ import pytest
 from attestation.agent_wire import recv_frame, send_frame
 from attestation.evidence import Evidence
 from attestation.registrar import Registrar
-from attestation.tpm_raw import AK_HANDLE, SocketTransport, Tpm
-from attestation.tpm_types import parse_public
+from attestation.tpm import AK_ATTRIBUTES as HOST_AK_ATTRIBUTES
+from attestation.tpm import TpmClient
+from attestation.tpm_raw import AK_ATTRIBUTES, AK_HANDLE, Tpm, UnixSocketTransport
+from attestation.tpm_types import ObjectAttributes, parse_public
 from attestation.verifier import QuoteVerifier
 from testbed.qemu.guest import agent as guest_agent
 from testbed.qemu.guest.agent import Agent
@@ -29,7 +31,7 @@ from testbed.qemu.guest.agent import Agent
 
 @pytest.fixture
 def agent(swtpm: Any) -> Iterator[Agent]:
-    tpm = Tpm(SocketTransport("127.0.0.1", swtpm.port))
+    tpm = Tpm(UnixSocketTransport(str(swtpm.socket_path)))
     yield Agent(tpm, None, "vm0", "generic")
     tpm.transport.close()
 
@@ -66,6 +68,21 @@ def test_ak_is_persistent_and_stable(agent: Agent) -> None:
     first = _call(agent, {"op": "identity"})["ak_public"]
     assert _call(agent, {"op": "identity"})["ak_public"] == first
     assert agent.tpm.exists(AK_HANDLE)
+
+
+def test_guest_ak_is_the_host_ak_noda_included(swtpm_factory: Any) -> None:
+    """Same template both sides: two copies of one TPM give the very same AK, noDA set."""
+    guest_side, host_side = swtpm_factory(), swtpm_factory()  # clones: same seeds
+    raw = Tpm(UnixSocketTransport(str(guest_side.socket_path)))
+    try:
+        guest_public = raw.ensure_ak()
+    finally:
+        raw.transport.close()
+    with TpmClient(host_side.tcti) as client:
+        host_public = client.attestation_key("ecc").public
+    assert guest_public == host_public
+    assert parse_public(guest_public).attributes & ObjectAttributes.NO_DA
+    assert int(HOST_AK_ATTRIBUTES) == AK_ATTRIBUTES
 
 
 def test_wrong_credential_is_an_error_not_a_crash(agent: Agent) -> None:

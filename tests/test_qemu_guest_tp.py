@@ -69,7 +69,7 @@ def _start_guest(node: str, swtpm: Any, boot: BootSpec, tmp: Path) -> GuestProce
     env.pop("VIRTUAL_ENV", None)
     process = subprocess.Popen(
         [GUEST_PYTHON, "-u", str(REPO / "testbed/qemu/guest/agent.py"),
-         "--listen", f"127.0.0.1:{port}", "--tpm", f"tcp:127.0.0.1:{swtpm.port}",
+         "--listen", f"127.0.0.1:{port}", "--tpm", f"unix:{swtpm.socket_path}",
          "--event-log", str(log_file), "--node", node],
         stdout=out.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=tmp)
     deadline = time.monotonic() + 20

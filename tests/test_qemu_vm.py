@@ -165,7 +165,7 @@ def test_kernel_event_is_the_predicted_authenticode_digest(lab: Lab) -> None:
 def test_changed_command_line_fails_naming_the_event(lab: Lab) -> None:
     report, _ = lab.attest(lab.tampered)
     assert not report.ok
-    failed = [c for c in report.checks if c.passed is False]
+    failed = [c for c in report.checks if c.failed]
     assert [c.name for c in failed] == ["policy"]
     assert "PCR 9: event 1 (kernel command line" in failed[0].detail
     # Everything before the policy passed: a genuine TPM, a genuine quote, a consistent log.

@@ -142,9 +142,10 @@ def test_up_brings_every_node_up_with_its_own_tpm(lab: Lab) -> None:
     assert found == {**{("node", k): v["pid"] for k, v in nodes.items()},
                      **{("swtpm", k): v["swtpm_pid"] for k, v in nodes.items()}}
     assert nodes["client"]["tampered"] == ["cmdline"] and nodes["server"]["tampered"] == []
-    assert nodes["server"]["service"].startswith("Trusted Passages tp13 on 127.0.0.1:")
-    assert nodes["verifier"]["service"] == "none"
-    assert nodes["cryptovm"]["service"].startswith("CryptoVM: CVM1 on 127.0.0.1:")
+    assert nodes["server"]["service"]["endpoints"][0]["host"] == "127.0.0.1"
+    assert nodes["server"]["service"]["facts"]["profile"] == "tp13"
+    assert nodes["verifier"]["service"]["kind"] == "none"
+    assert nodes["cryptovm"]["service"]["kind"] == "cryptovm"
     registry = json.loads(lab.paths.registry.read_text())
     assert sorted(registry) == ["client", "cryptovm", "server", "verifier"]
     assert mode(lab.paths.registry) == 0o600 and mode(lab.paths.root) == 0o700
@@ -168,11 +169,32 @@ def test_attest_server_is_accepted_with_every_check_named(lab: Lab) -> None:
     result = json.loads(out)
     assert result["ok"] and result["policy"] == "server-predicted"
     assert [c["check"] for c in result["checks"]] == CHECKS
-    assert all(c["passed"] for c in result["checks"])
+    assert all(c["state"] == "passed" for c in result["checks"])
     rc, out, _ = run_cli(lab.workdir, "attest", "server")
     assert rc == 0 and "ACCEPTED" in out and "[ok  ] policy" in out
     last = lab.node_status()["server"]["last_attestation"]
     assert last["ok"] is True and last["time"]
+
+
+def test_attest_writes_the_evidence_for_tpm2_tools_and_eventlog(lab: Lab, tmp_path: Path) -> None:
+    out_dir = tmp_path / "evidence"
+    rc, out, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir), "--json")
+    assert rc == 0, err
+    written = {Path(p).name for p in json.loads(out)["written"]}
+    assert {"quote.msg", "quote.sig", "quote.pcrs", "ak.pem", "evidence.json", "eventlog.bin",
+            "nonce.hex"} <= written
+    nonce = (out_dir / "nonce.hex").read_text().strip()
+    check = subprocess.run(
+        ["tpm2_checkquote", "-u", str(out_dir / "ak.pem"), "-m", str(out_dir / "quote.msg"),
+         "-s", str(out_dir / "quote.sig"), "-f", str(out_dir / "quote.pcrs"), "-g", "sha256",
+         "-q", nonce], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    rc, out, err = run_cli(lab.workdir, "eventlog", str(out_dir / "eventlog.bin"), "--json")
+    assert rc == 0, err
+    rc, _, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir))
+    assert rc == 3 and "--force" in err  # an earlier attestation is not replaced silently
+    rc, _, err = run_cli(lab.workdir, "attest", "server", "-o", str(out_dir), "--force")
+    assert rc == 0, err
 
 
 def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) -> None:
@@ -182,7 +204,7 @@ def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) 
     assert result["failed_check"] == "policy"
     detail = next(c["detail"] for c in result["checks"] if c["check"] == "policy")
     assert "PCR 9: event 1 (kernel command line" in detail
-    assert all(c["passed"] for c in result["checks"] if c["check"] != "policy")
+    assert all(c["state"] == "passed" for c in result["checks"] if c["check"] != "policy")
     rc, out, _ = run_cli(lab.workdir, "attest", "client")
     assert rc == 1 and "REJECTED (check 'policy' failed)" in out
     assert lab.node_status()["client"]["last_attestation"]["failed_check"] == "policy"
@@ -268,13 +290,12 @@ def test_agent_survives_hostile_frames(lab: Lab) -> None:
     for garbage in (struct.pack(">I", 100) + b"{truncated", b"\xff\xff"):
         with _connect(path) as sock:
             sock.sendall(garbage)
-    idle = [_connect(path) for _ in range(MAX_CONNECTIONS)]
-    try:
-        assert wait_until(lambda: "too many connections" in _status_error(path))
+    idle = [_connect(path) for _ in range(MAX_CONNECTIONS + 4)]
+    try:  # idle connections fill the slots: a genuine request evicts the longest idle
+        assert _status_error(path) == ""
     finally:
         for sock in idle:
             sock.close()
-    assert wait_until(lambda: _status_error(path) == "")
     rc, _, _ = run_cli(lab.workdir, "attest", "server")
     assert rc == 0  # the TPM was left clean by the failed activation
 
@@ -309,7 +330,8 @@ def test_node_stops_when_its_swtpm_dies_and_up_restarts_it(lab: Lab) -> None:
     assert wait_until(lambda: not alive(old["pid"]), timeout=5)
     info = json.loads(lab.paths.node("verifier").info.read_text())
     assert info["state"] == "failed" and "swtpm exited" in info["error"]
-    assert lab.node_status()["verifier"]["state"] == "failed"
+    status = lab.node_status()["verifier"]
+    assert status["state"] == "failed" and "swtpm exited" in status["reason"]
     rc, out, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
     assert rc == 1, err
     assert [n["action"] for n in json.loads(out)["nodes"]] == ["started", "kept", "kept", "kept"]
@@ -317,6 +339,51 @@ def test_node_stops_when_its_swtpm_dies_and_up_restarts_it(lab: Lab) -> None:
     assert new["state"] == "running" and new["pid"] != old["pid"]
     rc, out, _ = run_cli(lab.workdir, "attest", "verifier")
     assert rc == 0, out  # same TPM state, same AK: still registered
+
+
+def test_a_stopped_swtpm_is_found_within_5_s_and_attest_fails_fast(lab: Lab) -> None:
+    server = lab.node_status()["server"]
+    os.kill(server["swtpm_pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status = lab.node_status()["server"]
+        assert time.monotonic() - started < 5
+        assert status["state"] == "unresponsive", status
+        assert f"swtpm process {server['swtpm_pid']} is stopped" in status["reason"]
+        rc, out, err = run_cli(lab.workdir, "status")
+        assert "reason: its swtpm process" in out
+        started = time.monotonic()
+        rc, _, err = run_cli(lab.workdir, "attest", "server")
+        assert rc == 4 and "is unresponsive" in err and time.monotonic() - started < 5
+    finally:
+        os.kill(server["swtpm_pid"], signal.SIGCONT)
+    assert lab.node_status()["server"]["state"] == "running"
+
+
+def test_a_node_killed_with_sigkill_is_crashed_not_stopped(lab: Lab) -> None:
+    server = lab.node_status()["server"]
+    os.kill(server["pid"], signal.SIGKILL)
+    assert wait_until(lambda: not alive(server["pid"]), 5)
+    status = lab.node_status()["server"]
+    assert status["state"] == "crashed" and "without a clean stop" in status["reason"]
+    rc, _, err = run_cli(lab.workdir, "attest", "server")
+    assert rc == 4 and "crashed" in err
+    rc, _, err = run_cli(lab.workdir, "up", "--json", "--tamper", TAMPER)
+    assert rc == 1, err
+    assert lab.node_status()["server"]["state"] == "running"
+    assert not alive(server["swtpm_pid"])  # the restart stopped the orphaned swtpm
+
+
+def test_services_are_objects_in_json(lab: Lab) -> None:
+    nodes = lab.node_status()
+    service = nodes["server"]["service"]
+    assert service["kind"] == "trusted-passages"
+    assert service["endpoints"][0]["protocol"] == "trusted-passages"
+    assert isinstance(service["endpoints"][0]["port"], int)
+    assert isinstance(service["counts"]["channels"], int)
+    cryptovm = next(n for n in nodes.values() if n["role"] == "cryptovm")["service"]
+    assert {e["protocol"] for e in cryptovm["endpoints"]} == {"cvm1", "trusted-passages"}
+    assert isinstance(cryptovm["counts"]["keys"], int)
 
 
 def test_sigterm_stops_a_node_and_its_swtpm(lab: Lab) -> None:
@@ -414,7 +481,11 @@ def test_commands_without_a_cluster(tmp_path: Path) -> None:
     assert run_cli(tmp_path, "status")[0] == 0
     assert run_cli(tmp_path, "down")[0] == 0
     rc, _, err = run_cli(tmp_path, "attest", "server")
-    assert rc == 4 and "testbed up" in err
+    assert rc == 3 and "testbed up" in err
+    rc, _, err = run_cli(tmp_path, "status", "--cluster", "nosuch")
+    assert rc == 3 and "no cluster 'nosuch'" in err
+    rc, _, err = run_cli(tmp_path, "down", "--cluster", "../../etc")
+    assert rc == 2 and "invalid cluster name" in err
     doc = yaml.safe_load(default_spec_path().read_text())
     doc["backend"] = "qemu"
     spec = tmp_path / "qemu.yaml"

@@ -8,13 +8,16 @@ fixtures (swtpm_ca, swtpm_template, swtpm, swtpm_factory) come from the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from tpm2_pytss.constants import TPM2_CAP, TPM2_HT
 
 import testbed.tpm.swtpm as swtpm_module
 from testbed.core.errors import StateError, SwtpmError
+from testbed.core.paths import SUN_PATH_MAX
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.pytest_plugin import SwtpmFactory, _require_binaries
 from testbed.tpm.swtpm import (
@@ -125,12 +129,28 @@ def test_ek_certs_certify_the_persisted_eks(swtpm: Swtpm) -> None:
     assert ecc_key.public_numbers().x == int.from_bytes(bytes(point.x), "big")
 
 
-def test_ca_dir_is_0700_and_private_keys_0600(swtpm_ca: LocalCA, swtpm_template: Path) -> None:
+def test_ca_dir_is_0700_and_every_file_0600(swtpm_ca: LocalCA, swtpm_template: Path) -> None:
     # swtpm_template forces a provisioning through the CA first.
     assert stat.S_IMODE(swtpm_ca.directory.stat().st_mode) == 0o700
     for key in swtpm_ca.private_key_paths:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    for entry in swtpm_ca.directory.iterdir():  # certserial, swtpm_localca's lock, ...
+        assert stat.S_IMODE(entry.lstat().st_mode) == 0o600, entry
     assert stat.S_IMODE(swtpm_template.stat().st_mode) == 0o700
+    for entry in swtpm_template.iterdir():
+        assert stat.S_IMODE(entry.lstat().st_mode) == 0o600, entry
+
+
+def test_an_older_ca_with_open_modes_is_tightened(tmp_path: Path, swtpm_ca: LocalCA) -> None:
+    old = tmp_path / "ca"
+    old.mkdir()
+    for entry in swtpm_ca.directory.iterdir():
+        (old / entry.name).write_bytes(entry.read_bytes())
+        os.chmod(old / entry.name, 0o644)
+    os.chmod(old, 0o755)
+    LocalCA(old).tighten_permissions()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(e.stat().st_mode) for e in old.iterdir()} == {0o600}
     assert "/var/lib/swtpm-localca" not in swtpm_ca.setup_config_path.read_text()
     assert "/var/lib/swtpm-localca" not in swtpm_ca.ca_config_path.read_text()
 
@@ -177,7 +197,7 @@ def test_clones_share_the_template_ek_unique_tpms_do_not(
 
 
 def test_two_tcp_instances_run_side_by_side(swtpm_factory: SwtpmFactory) -> None:
-    first, second = swtpm_factory(), swtpm_factory()
+    first, second = swtpm_factory(transport="tcp"), swtpm_factory(transport="tcp")
     assert first.port != second.port
     assert {first.ctrl_port, second.ctrl_port}.isdisjoint({first.port, second.port})
     assert first.pid != second.pid
@@ -190,7 +210,10 @@ def test_two_tcp_instances_run_side_by_side(swtpm_factory: SwtpmFactory) -> None
 def test_unix_socket_transport_serves_tcti_and_raw_commands(swtpm_factory: SwtpmFactory) -> None:
     tpm = swtpm_factory(transport="unix")
     assert tpm.tcti == f"swtpm:path={tpm.socket_path}"
-    assert stat.S_ISSOCK(tpm.ctrl_socket_path.stat().st_mode)
+    for sock in (tpm.socket_path, tpm.ctrl_socket_path):
+        assert stat.S_ISSOCK(sock.stat().st_mode)
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(tpm.socket_path.parent.stat().st_mode) == 0o700
     with tpm.esapi() as esys:  # tpm2-tss 3.2.1's swtpm TCTI does unix sockets
         assert len(bytes(esys.get_random(8))) == 8
     # What QEMU does: raw TPM2_GetRandom(8) bytes on the data socket.
@@ -201,6 +224,86 @@ def test_unix_socket_transport_serves_tcti_and_raw_commands(swtpm_factory: Swtpm
         response = sock.recv(64)
     tag, size, rc, count = struct.unpack(">HIIH", response[:12])
     assert (tag, size, rc, count) == (0x8001, 20, 0, 8)
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short private $XDG_RUNTIME_DIR of our own, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def deep_dir(tmp_path: Path) -> Path:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert len(os.fsencode(deep / "swtpm.sock.ctrl")) > SUN_PATH_MAX
+    return deep
+
+
+@pytest.mark.parametrize("base", ["xdg", "tmp"])
+def test_a_deep_run_dir_gets_its_sockets_in_a_short_private_dir(
+    base: str, runtime_dir: Path, swtpm_template: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if base == "tmp":
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+    state = deep_dir(tmp_path) / "state"
+    clone_state(swtpm_template, state)
+    tpm = Swtpm(state)
+    expected = runtime_dir / "testbed" if base == "xdg" else Path(f"/tmp/testbed-{os.geteuid()}")
+    assert tpm.socket_path.parent.parent == expected
+    with tpm:
+        assert len(os.fsencode(tpm.ctrl_socket_path)) <= SUN_PATH_MAX
+        for directory in (tpm.socket_path.parent, expected):
+            assert stat.S_IMODE(directory.lstat().st_mode) == 0o700
+            assert directory.lstat().st_uid == os.geteuid()
+        with tpm.esapi() as esys:  # the TCTI reaches it by that short path
+            assert len(bytes(esys.get_random(8))) == 8
+        assert not (state / "swtpm.sock").exists()
+    assert not tpm.socket_path.parent.exists()  # stop removes the directory it made
+
+
+def test_stop_pidfile_removes_the_short_socket_dir(
+    runtime_dir: Path, swtpm_template: Path, tmp_path: Path
+) -> None:
+    state = deep_dir(tmp_path) / "state"
+    clone_state(swtpm_template, state)
+    tpm = Swtpm(state, detached=True).start()
+    try:
+        os.kill(tpm.pid, signal.SIGKILL)  # no graceful exit: the sockets stay behind
+        assert wait_gone(tpm.pid)
+        assert tpm.socket_path.is_socket()
+        tpm.pid_file.write_text("99999999\n")  # ... and a stale pid file
+        assert Swtpm.stop_pidfile(tpm.pid_file) is False
+        tpm.start()  # the stale sockets do not stop a restart
+        assert Swtpm.stop_pidfile(tpm.pid_file) is True
+        assert not tpm.socket_path.parent.exists()
+    finally:
+        tpm.stop()
+
+
+@pytest.mark.parametrize("squat", ["other owner", "symlink", "open mode"])
+def test_a_socket_dir_someone_else_prepared_is_refused(
+    squat: str, runtime_dir: Path, swtpm_template: Path, tmp_path: Path
+) -> None:
+    base = runtime_dir / "testbed"
+    if squat == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        base.symlink_to(tmp_path / "elsewhere")
+    else:
+        base.mkdir(mode=0o700)
+        if squat == "other owner":
+            os.chown(base, 65534, 65534)  # nobody
+        else:
+            os.chmod(base, 0o755)
+    state = deep_dir(tmp_path) / "state"
+    clone_state(swtpm_template, state)
+    tpm = Swtpm(state)
+    with pytest.raises(StateError, match="refusing socket directory"):
+        tpm.start()
+    assert not tpm.running
+    assert list((tmp_path / "elsewhere").iterdir() if squat == "symlink" else []) == []
 
 
 def test_stop_is_idempotent_and_restart_keeps_state(swtpm: Swtpm) -> None:
@@ -237,7 +340,7 @@ def test_tcp_start_retries_when_port_is_taken(
             swtpm_module, "_free_port_pair", lambda: next(offers, None) or real_free_port_pair()
         )
         clone_state(swtpm_template, tmp_path / "state")
-        with Swtpm(tmp_path / "state") as tpm:
+        with Swtpm(tmp_path / "state", transport="tcp") as tpm:
             assert tpm.port != taken
             with tpm.esapi() as esys:
                 assert len(bytes(esys.get_random(4))) == 4

@@ -2,7 +2,10 @@
 
 Until the channel is established, ``receive_data`` may call the issuer and
 validator (TPM commands, milliseconds), so it runs in a worker thread; after
-that, the core only decrypts and runs on the loop.
+that, the core only decrypts and runs on the loop. ``start_server`` accepts and
+establishes through :mod:`trusted_passages.listener` (per-step deadlines, bounded
+slots, eviction of the oldest handshaking connection), then wraps each established
+socket in a stream for the handler.
 """
 
 from __future__ import annotations
@@ -10,13 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
-from trusted_passages.blocking import READ_SIZE, raise_failure
+from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
-from trusted_passages.errors import AttestationRejected, ProtocolError
-from trusted_passages.events import Event, Inbox, established
+from trusted_passages.errors import ProtocolError
+from trusted_passages.events import Event, Inbox, established, raise_failure
 from trusted_passages.interfaces import PeerEvidence
+from trusted_passages.listener import (
+    DEFAULT_MAX_CONNECTIONS,
+    READ_SIZE,
+    FailureHandler,
+    Listener,
+)
 from trusted_passages.protocol import TrustedPassagesConnection
 
 log = logging.getLogger(__name__)
@@ -153,30 +163,81 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 AsyncHandler = Callable[[AsyncAttestedChannel], Awaitable[None]]
-AsyncFailureHandler = Callable[[AttestationRejected], None]
+AsyncFailureHandler = FailureHandler
+
+
+class AttestedServer:
+    """What :func:`start_server` returns: ``sockets``, ``close()``, ``wait_closed()``
+    (the part of :class:`asyncio.Server` callers use), and an async context manager."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def __repr__(self) -> str:
+        return f"AttestedServer({self._listener!r})"
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._listener.sock,)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._listener.address
+
+    @property
+    def connections(self) -> int:
+        """Connections held now, established or not."""
+        return len(self._listener.slots)
+
+    def close(self) -> None:
+        """Stop accepting and drop connections not yet established (handlers of
+        established channels run on, as with :class:`asyncio.Server`)."""
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await self._listener.wait_closed()
+
+    async def __aenter__(self) -> AttestedServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
 
 
 async def start_server(host: str, port: int, config: ChannelConfig, handler: AsyncHandler, *,
-                       on_failure: AsyncFailureHandler | None = None) -> asyncio.Server:
-    """Serve attested channels; ``handler`` gets each established channel (closed after)."""
+                       on_failure: AsyncFailureHandler | None = None,
+                       max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                       backlog: int = 1024) -> AttestedServer:
+    """Serve attested channels; ``handler`` gets each established channel (closed after).
+    ``on_failure`` hears of each refused channel on the worker thread that ran the
+    refusing validation (not on the loop)."""
 
-    async def serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_one(sock: socket.socket, core: TrustedPassagesConnection,
+                        peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:
         try:
-            channel = await establish(reader, writer, config.connection("server"),
-                                      config.timeout)
-        except (AttestationRejected, ProtocolError) as exc:
-            log.info("attested channel refused: %s", exc)
-            if on_failure is not None and isinstance(exc, AttestationRejected):
-                on_failure(exc)
-            await _close(writer)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError:
+            sock.close()
+            listener.slots.release(slot)
             return
-        except BaseException:  # cancelled (server shutting down): do not leak the socket
-            writer.close()
-            raise
-        async with channel:
-            try:
+        channel = AsyncAttestedChannel(reader, writer, core, peer, inbox, config.timeout)
+        try:
+            async with channel:
                 await handler(channel)
-            except Exception:
-                log.exception("Trusted Passages connection handler failed")
+        except Exception:
+            log.exception("Trusted Passages connection handler failed")
+        finally:
+            listener.slots.release(slot)
 
-    return await asyncio.start_server(serve_one, host, port)
+    async def run_handler(sock: socket.socket, core: TrustedPassagesConnection,
+                          peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:
+        # A task of its own: closing the server cancels establishing, not handlers.
+        task = asyncio.get_running_loop().create_task(serve_one(sock, core, peer, inbox, slot))
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
+
+    handlers: set[asyncio.Task[None]] = set()
+    listener = Listener(socket.create_server((host, port), backlog=backlog), config,
+                        run_handler, on_failure=on_failure, max_connections=max_connections)
+    return AttestedServer(listener)

@@ -1,35 +1,43 @@
 """Blocking sockets adapter: moves bytes between a socket and the sans-IO core.
 
 ``connect`` returns an :class:`AttestedChannel` once both sides are attested;
-``serve`` accepts connections, establishes each in its own thread and hands the
-channel to a handler. Every wait has a deadline (``ChannelConfig.timeout``): a
-peer that stays silent during the exchange gets an ERROR "timeout waiting for ...".
+``serve`` accepts connections and establishes them all on one event-loop thread
+(:mod:`trusted_passages.listener`: per-step deadlines, bounded slots, eviction of the
+oldest handshaking connection), then hands each established channel to a handler on
+a bounded pool of worker threads. Every wait has a deadline (``ChannelConfig.timeout``):
+a peer that stays silent during the exchange gets an ERROR "timeout waiting for ...".
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
 
+from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
-from trusted_passages.errors import AttestationRejected, ProtocolError
-from trusted_passages.events import AttestationFailed, Event, Inbox, established
+from trusted_passages.errors import ProtocolError
+from trusted_passages.events import Inbox, established, raise_failure, rejected
 from trusted_passages.interfaces import PeerEvidence
+from trusted_passages.listener import (
+    DEFAULT_MAX_CONNECTIONS,
+    READ_SIZE,
+    FailureHandler,
+    Listener,
+    no_delay,
+)
 from trusted_passages.protocol import TrustedPassagesConnection
 
+__all__ = ["AttestedChannel", "FailureHandler", "Handler", "Server", "connect", "establish",
+           "raise_failure", "rejected", "serve"]
+
 log = logging.getLogger(__name__)
-READ_SIZE: Final = 65536
-_ACCEPT_POLL: Final = 0.05  # seconds; how quickly Server.close() is noticed
-
-
-def rejected(event: AttestationFailed) -> AttestationRejected:
-    return AttestationRejected(event.check, event.reason, by_peer=event.by_peer)
-
+DEFAULT_WORKERS = 32  # handlers running at once; more established channels wait their turn
 
 class AttestedChannel:
     """An established, mutually attested channel. One reader and one writer at most."""
@@ -86,18 +94,12 @@ def connect(host: str, port: int, config: ChannelConfig) -> AttestedChannel:
         sock = socket.create_connection((host, port), timeout=config.timeout)
     except OSError as exc:
         raise ProtocolError(f"cannot connect to {host}:{port}: {exc}") from None
-    _no_delay(sock)
+    no_delay(sock)
     try:
         return establish(sock, config.connection("client"), config.timeout)
     except BaseException:
         sock.close()
         raise
-
-
-def _no_delay(sock: socket.socket) -> None:
-    # Small handshake and frame writes in alternation: Nagle + delayed ACK would stall them.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def establish(sock: socket.socket, core: TrustedPassagesConnection,
@@ -124,13 +126,6 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 return AttestedChannel(sock, core, *arrived, timeout)
             if core.closed:
                 raise ProtocolError("the connection closed during the exchange")
-
-
-def raise_failure(events: list[Event]) -> None:
-    """Raise AttestationRejected if the core refused the channel in ``events``."""
-    for event in events:
-        if isinstance(event, AttestationFailed):
-            raise rejected(event)
 
 
 def _recv_until(sock: socket.socket, deadline: float, what: str) -> bytes:
@@ -165,41 +160,62 @@ def _flush_quietly(sock: socket.socket, core: TrustedPassagesConnection) -> None
 
 
 Handler = Callable[[AttestedChannel], None]
-FailureHandler = Callable[[AttestationRejected], None]
 
 
 class Server:
-    """Accepts connections on a thread; each is established and handled on its own."""
+    """Establishes channels on one event-loop thread; handlers run on worker threads.
+
+    ``max_connections`` bounds the connections held at once, established or not;
+    ``workers`` the handlers running at once. ``on_failure`` runs for each channel
+    refused, on the worker thread that ran the refusing validation (off the loop).
+    """
 
     def __init__(self, listener: socket.socket, config: ChannelConfig, handler: Handler, *,
-                 on_failure: FailureHandler | None = None, max_connections: int = 64) -> None:
-        self._listener = listener
+                 on_failure: FailureHandler | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 workers: int = DEFAULT_WORKERS) -> None:
         self._config = config
         self._handler = handler
         self._on_failure = on_failure
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._stop = threading.Event()
-        self._threads: set[threading.Thread] = set()
-        self._threads_lock = threading.Lock()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="tp-accept",
-                                          daemon=True)
-        self._acceptor.start()
+        self._workers = _Workers(workers)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tp-listener",
+                                        daemon=True)
+        self._thread.start()
+        self._closed = False
+        started = asyncio.run_coroutine_threadsafe(self._listen(listener, max_connections),
+                                                   self._loop)
+        try:
+            self._listener = started.result()
+        except BaseException:
+            self._stop_loop()
+            listener.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"Server({self._listener!r})"
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._listener.getsockname()[:2]
-        return str(host), int(port)
+        return self._listener.address
+
+    @property
+    def connections(self) -> int:
+        """Connections held now, established or not."""
+        return len(self._listener.slots)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop accepting and wait (bounded) for connection threads to finish."""
-        self._stop.set()
-        self._acceptor.join()
-        self._listener.close()
+        """Stop accepting, drop connections not yet established, and wait (bounded) for
+        the handlers of established channels to finish."""
+        if self._closed:
+            return
+        self._closed = True
         deadline = time.monotonic() + (self._config.timeout if timeout is None else timeout)
-        with self._threads_lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):  # the loop is gone already: nothing to stop
+            asyncio.run_coroutine_threadsafe(self._stop_listening(), self._loop).result(
+                max(0.1, deadline - time.monotonic()))
+        self._stop_loop()
+        self._workers.close(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Server:
         return self
@@ -207,53 +223,80 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _accept_loop(self) -> None:
-        self._listener.settimeout(_ACCEPT_POLL)
-        while not self._stop.is_set():
-            if not self._slots.acquire(timeout=_ACCEPT_POLL):
-                continue  # at capacity: leave new connections in the backlog
-            try:
-                sock, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                self._slots.release()
-                continue
-            thread = threading.Thread(target=self._serve_one, args=(sock,), name="tp-conn",
-                                      daemon=True)
-            with self._threads_lock:
-                self._threads.add(thread)
-            thread.start()
+    async def _listen(self, sock: socket.socket, max_connections: int) -> Listener:
+        return Listener(sock, self._config, self._established, on_failure=self._on_failure,
+                        max_connections=max_connections)
 
-    def _serve_one(self, sock: socket.socket) -> None:
-        _no_delay(sock)
+    async def _stop_listening(self) -> None:
+        self._listener.close()
+        await self._listener.wait_closed()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _established(self, sock: socket.socket, core: TrustedPassagesConnection,
+                           peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:
+        sock.setblocking(True)
+        channel = AttestedChannel(sock, core, peer, inbox, self._config.timeout)
+        self._workers.submit(lambda: self._handle(channel, sock, slot))
+
+    def _handle(self, channel: AttestedChannel, sock: socket.socket, slot: Slot) -> None:
         try:
-            channel = self._establish(sock)
-            if channel is not None:
-                with channel:
-                    self._handler(channel)
+            with channel:
+                self._handler(channel)
         except Exception:
             log.exception("Trusted Passages connection handler failed")
         finally:
             sock.close()
-            self._slots.release()
-            with self._threads_lock:
-                self._threads.discard(threading.current_thread())
+            self._listener.slots.release(slot)
 
-    def _establish(self, sock: socket.socket) -> AttestedChannel | None:
-        try:
-            return establish(sock, self._config.connection("server"), self._config.timeout)
-        except AttestationRejected as exc:
-            log.info("attested channel refused: %s", exc)
-            if self._on_failure is not None:
-                self._on_failure(exc)
-        except ProtocolError as exc:
-            log.info("attested channel failed: %s", exc)
-        return None
+
+class _Workers:
+    """At most ``size`` daemon threads running submitted jobs; threads are started on
+    demand and reused. Daemon threads: a handler stuck past :meth:`close`'s deadline
+    must not hold the process up (handlers' reads have deadlines of their own)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("at least one worker thread is needed")
+        self._size = size
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+        if self._idle.acquire(blocking=False):
+            return  # an idle worker takes it
+        with self._lock:
+            if len(self._threads) < self._size:
+                thread = threading.Thread(target=self._work, name="tp-handler", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()  # Server._handle catches what a handler raises
+            self._idle.release()
 
 
 def serve(host: str, port: int, config: ChannelConfig, handler: Handler, *,
-          on_failure: FailureHandler | None = None, max_connections: int = 64,
-          backlog: int = 64) -> Server:
+          on_failure: FailureHandler | None = None,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS, workers: int = DEFAULT_WORKERS,
+          backlog: int = 1024) -> Server:
     """Listen on host:port (port 0: any free port, see Server.address) and serve."""
     listener = socket.create_server((host, port), backlog=backlog)
     return Server(listener, config, handler, on_failure=on_failure,
-                  max_connections=max_connections)
+                  max_connections=max_connections, workers=workers)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from trusted_passages.errors import AttestationRejected
 from trusted_passages.interfaces import PeerEvidence
 
 
@@ -101,3 +102,14 @@ def established(events: list[Event]) -> tuple[PeerEvidence, Inbox] | None:
             inbox.absorb(events[index + 1:])
             return event.peer, inbox
     return None
+
+
+def rejected(event: AttestationFailed) -> AttestationRejected:
+    return AttestationRejected(event.check, event.reason, by_peer=event.by_peer)
+
+
+def raise_failure(events: list[Event]) -> None:
+    """Raise AttestationRejected if the core refused the channel in ``events``."""
+    for event in events:
+        if isinstance(event, AttestationFailed):
+            raise rejected(event)

@@ -84,7 +84,7 @@ class FakeValidator:
             raise VerificationError("qualifying_data", "bound to another session, role or key")
         if state not in self.accepted_states:
             raise VerificationError("policy", f"fake state {state!r} is not accepted")
-        report = VerificationReport((CheckResult("fake", True, "fake evidence accepted"),))
+        report = VerificationReport((CheckResult("fake", "passed", "fake evidence accepted"),))
         return PeerEvidence(node=envelope.node, role=envelope.role, profile=envelope.profile,
                             user_data=envelope.user_data, report=report,
                             policy_name="fake", node_verified=False)

@@ -3,6 +3,11 @@
 Same library, same certificates and keys as the Trusted Passages side; only the
 attestation exchange is missing. A connection "succeeds" when both handshakes
 verify the peer certificate against the CA and application data flows.
+
+The listeners follow the project's rule (:class:`attestation.slots.ConnectionSlots`):
+the TLS handshake must finish within :data:`TIMEOUT` of accept however slowly its bytes
+arrive, at most :data:`MAX_CONNECTIONS` at a time, and a newcomer finding them all
+taken evicts the oldest connection still in its handshake.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from collections.abc import Callable
 from OpenSSL import SSL
 
 from attestation.errors import TestbedError
+from attestation.slots import ConnectionSlots, Slot, shutdown
 
 PlainHandler = Callable[[bytes], bytes]
 TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+RANK_HANDSHAKE = 0
+_SWEEP_S = 0.2
 
 
 class PlainTlsError(TestbedError):
@@ -60,9 +69,12 @@ def exchange(host: str, port: int, context: SSL.Context, message: bytes,
 class _Acceptor:
     """A loopback listener whose thread hands each connection to ``_handle``."""
 
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
+    def __init__(self, *, handshake_timeout: float = TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self._listener.settimeout(_SWEEP_S)
+        self.handshake_timeout = handshake_timeout
+        self.slots = ConnectionSlots(max_connections)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=type(self).__name__)
         self._thread.start()
@@ -73,42 +85,61 @@ class _Acceptor:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self.slots.expire()
             try:
                 sock, _ = self._listener.accept()
-            except (TimeoutError, OSError):
+            except TimeoutError:
                 continue
-            threading.Thread(target=self._handle_and_close, args=(sock,), daemon=True).start()
+            except OSError:  # closed, or out of descriptors: the peer waits in the backlog
+                self._stop.wait(_SWEEP_S)
+                continue
+            slot = self.slots.admit(shutdown(sock), timeout=self.handshake_timeout,
+                                    rank=RANK_HANDSHAKE)
+            if slot is None:
+                sock.close()  # every slot past its handshake
+                continue
+            threading.Thread(target=self._handle_and_close, args=(sock, slot),
+                             daemon=True).start()
 
-    def _handle_and_close(self, sock: socket.socket) -> None:
+    def _handle_and_close(self, sock: socket.socket, slot: Slot) -> None:
         try:
-            self._handle(_blocking(sock))
+            self._handle(_blocking(sock), slot)
         except (SSL.Error, OSError):
             pass  # the lab's peers hang up on purpose; the outcome is judged elsewhere
         finally:
             sock.close()
+            self.slots.release(slot)
 
-    def _handle(self, sock: socket.socket) -> None:
+    def _handshake_done(self, slot: Slot) -> None:
+        """Past the handshake: the exchange's own deadlines apply; never evicted."""
+        self.slots.step(slot, timeout=None, rank=None)
+
+    def _handle(self, sock: socket.socket, slot: Slot) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
         self._listener.close()
+        self.slots.drop_all()
 
 
 class PlainServer(_Acceptor):
     """Accepts plain mTLS connections; ``handler`` maps one request to its reply."""
 
-    def __init__(self, context: SSL.Context, handler: PlainHandler) -> None:
+    def __init__(self, context: SSL.Context, handler: PlainHandler, *,
+                 handshake_timeout: float = TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self._context = context
         self._handler = handler
         self.received: list[bytes] = []
-        super().__init__()
+        super().__init__(handshake_timeout=handshake_timeout, max_connections=max_connections)
 
-    def _handle(self, sock: socket.socket) -> None:
+    def _handle(self, sock: socket.socket, slot: Slot) -> None:
         conn = SSL.Connection(self._context, sock)
         conn.set_accept_state()
         conn.do_handshake()
+        self._handshake_done(slot)
         request = bytes(conn.recv(65536))
         self.received.append(request)
         conn.sendall(self._handler(request))
@@ -130,18 +161,21 @@ class PlainProxy(_Acceptor):
     relays the plaintext both ways, reading everything that passes.
     """
 
-    def __init__(self, front: SSL.Context, back: SSL.Context, upstream: tuple[str, int]) -> None:
+    def __init__(self, front: SSL.Context, back: SSL.Context, upstream: tuple[str, int], *,
+                 handshake_timeout: float = TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self._front, self._back, self._upstream = front, back, upstream
         self.seen: list[bytes] = []
-        super().__init__()
+        super().__init__(handshake_timeout=handshake_timeout, max_connections=max_connections)
 
-    def _handle(self, sock: socket.socket) -> None:
+    def _handle(self, sock: socket.socket, slot: Slot) -> None:
         victim = SSL.Connection(self._front, sock)
         victim.set_accept_state()
+        victim.do_handshake()  # before dialling upstream: a silent peer costs nothing there
+        self._handshake_done(slot)
         with _blocking(socket.create_connection(self._upstream, timeout=TIMEOUT)) as up_sock:
             upstream = SSL.Connection(self._back, up_sock)
             upstream.set_connect_state()
-            victim.do_handshake()
             upstream.do_handshake()
             self._relay(victim, upstream)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+from typing import Any
 
 from testbed.attacks.report import print_table
 from testbed.attacks.runs import SCENARIOS_BY_BACKEND, AttackRun, run_attacks
 from testbed.attacks.scenarios import SCENARIOS
-from testbed.cli.render import add_json_option
-from testbed.core.errors import StateError
+from testbed.cli.render import emit
+from testbed.core.errors import ArgumentError, UsageError
 from testbed.core.paths import resolve_workdir
 from testbed.core.progress import Progress
 
@@ -29,28 +29,37 @@ def register_attack_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--backend", choices=tuple(SCENARIOS_BY_BACKEND), default="sim",
                    help="where the lab's machines run (default: %(default)s; qemu: real VMs, "
                         f"scenario {', '.join(SCENARIOS_BY_BACKEND['qemu'])})")
-    add_json_option(p)
     p.set_defaults(func=cmd_attack)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
     if args.list:
-        for name, scenario in SCENARIOS.items():
-            print(f"{name:<14} {(scenario.__doc__ or '').split(chr(10))[0]}")
+        listing = [{"name": name, "summary": _summary(scenario.__doc__),
+                    "backends": [b for b, names in SCENARIOS_BY_BACKEND.items() if name in names]}
+                   for name, scenario in SCENARIOS.items()]
+        emit(args, {"scenarios": listing}, lambda: _print_list(listing))
         return 0
     names = list(SCENARIOS_BY_BACKEND[args.backend]) if args.all else list(args.names)
     unknown = [n for n in names if n not in SCENARIOS]
-    if not names or unknown:
-        raise StateError(f"unknown scenario(s) {unknown}: choose from {', '.join(SCENARIOS)} "
-                         "or pass --all" if unknown else
-                         "name a scenario or pass --all (see `testbed attack --list`)")
+    if not names:
+        raise UsageError("name a scenario or pass --all (see `testbed attack --list`)")
+    if unknown:
+        raise ArgumentError(f"unknown scenario(s) {', '.join(map(repr, unknown))}: choose from "
+                            f"{', '.join(SCENARIOS)} (`testbed attack --list`), or pass --all")
     attack = run_attacks(names, args.backend, resolve_workdir(args.workdir),
                          Progress(quiet=args.json))
-    if args.json:
-        print(json.dumps(attack.to_dict(), indent=2))
-    else:
-        _print(attack)
+    emit(args, attack.to_dict(), lambda: _print(attack))
     return 0 if attack.ok else 1
+
+
+def _summary(doc: str | None) -> str:
+    """A scenario's first paragraph, on one line."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
+def _print_list(listing: list[dict[str, Any]]) -> None:
+    for entry in listing:
+        print(f"{entry['name']:<14} {entry['summary']}  [{', '.join(entry['backends'])}]")
 
 
 def _print(attack: AttackRun) -> None:

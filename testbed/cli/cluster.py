@@ -8,28 +8,32 @@ Parsing and rendering only: which backend a cluster runs on comes from its spec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from attestation.files import atomic_write
 from testbed.backends import backend_for, open_backend
 from testbed.cli.exitcodes import EXIT_ENVIRONMENT, EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option, emit, print_report
+from testbed.cli.render import emit, print_report
 from testbed.cluster import lifecycle
 from testbed.cluster.backend import ClusterBackend
 from testbed.cluster.results import (
     AttestationRecord,
+    AttestResult,
     DownResult,
     EnrollmentOutcome,
     NodeFacts,
     NodeStatus,
     UpResult,
 )
-from testbed.core.errors import StateError
-from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.errors import ArgumentError, UsageError
+from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
+from testbed.tpm.quote_files import check_quote_directory, write_quote_files
 
 __all__ = ["register_cluster_commands"]
 
@@ -45,41 +49,36 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
                                    "rejected (the failed check is named); 4: a node did not "
                                    "come up.")
     p.add_argument("spec", nargs="?", type=Path,
-                   help="cluster spec YAML (default: the shipped example of the backend)")
+                   help="cluster spec YAML (default: the shipped example of the backend); "
+                        "--cluster NAME runs it under another name")
     p.add_argument("--backend", choices=BACKENDS,
                    help="run the spec on this backend instead of its `backend:` (qemu: real "
                         "VMs that keep running until `testbed down`)")
     p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
                    help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
                         "or server=kernel:content=evil (repeatable)")
-    add_json_option(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")
-    _add_cluster(p)
-    add_json_option(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("attest", help="quote a node with a fresh nonce and verify it",
                        description="Exit 0 if the node's evidence is accepted, 1 if rejected.")
     p.add_argument("node", help="node name")
-    _add_cluster(p)
     p.add_argument("--policy", type=Path, metavar="FILE",
                    help="reference policy (default: the node's policy from `up`)")
-    add_json_option(p)
+    p.add_argument("-o", "--output", type=Path, metavar="DIR",
+                   help="also write the node's evidence as tpm2-tools files (quote.msg, "
+                        "quote.sig, quote.pcrs, ak.pem, ...), evidence.json, eventlog.bin and "
+                        "nonce.hex, for `testbed eventlog`, `policy create`, tpm2_checkquote")
+    p.add_argument("--force", action="store_true",
+                   help="with -o: replace the files of an earlier attestation or quote")
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
-    _add_cluster(p)
     p.add_argument("--purge", action="store_true",
                    help="also remove TPM state, registry, policies and clock history")
-    add_json_option(p)
     p.set_defaults(func=cmd_down)
-
-
-def _add_cluster(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cluster", metavar="NAME",
-                        help="cluster name (default: the only cluster in the work directory)")
 
 
 @contextmanager
@@ -100,6 +99,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     for text in args.tamper:
         node, change = parse_tamper(text)
         spec = spec.with_tamper(node, change)
+    if args.cluster is not None:  # the spec's cluster under another name (two side by side)
+        if not NAME_PATTERN.fullmatch(args.cluster):
+            raise UsageError(f"invalid cluster name {args.cluster!r}: lowercase letters, "
+                             "digits, '-' and '_' only")
+        spec = dataclasses.replace(spec, name=args.cluster)
     with _closing(backend_for(spec.backend, ClusterPaths(workdir, spec.name))) as backend:
         result = lifecycle.up(backend, spec, Progress(quiet=args.json))
     emit(args, result.to_dict(), lambda: _print_up(result))
@@ -120,7 +124,7 @@ def _print_up(result: UpResult) -> None:
         if n.attestation is not None and not n.attestation.ok and n.attestation.detail:
             print(f"  {'':<12} {n.attestation.detail[:300]}")
         if n.service:
-            print(f"  {'':<12} service: {n.service}")
+            print(f"  {'':<12} service: {n.service.summary()}")
         if n.enrollment is not None:
             print(f"  {'':<12} TLS: {_enrollment(n.enrollment)}")
         if n.note:
@@ -168,28 +172,31 @@ def _items(facts: NodeFacts) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
+    workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
-        emit(args, {"cluster": None, "nodes": []}, lambda: print("no cluster (`testbed up`)"))
+        emit(args, {"workdir": str(workdir), "cluster": None, "nodes": []},
+             lambda: print(f"no cluster in {workdir} (`testbed up` starts one)"))
         return EXIT_OK
     with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
         nodes = backend.status()
-    emit(args, {"cluster": cluster, "backend": backend.name,
+    emit(args, {"workdir": str(workdir), "cluster": cluster, "backend": backend.name,
                 "nodes": [n.to_dict() for n in nodes]},
-         lambda: _print_status(cluster, backend.name, nodes))
+         lambda: _print_status(workdir, cluster, backend.name, nodes))
     return EXIT_OK
 
 
-def _print_status(cluster: str, backend: str, nodes: list[NodeStatus]) -> None:
-    print(f"cluster {cluster} ({backend})")
+def _print_status(workdir: Path, cluster: str, backend: str, nodes: list[NodeStatus]) -> None:
+    print(f"cluster {cluster} ({backend}) in {workdir}")
     print(f"  {'NODE':<12} {'ROLE':<9} {'STATE':<12} {'AGENT':<13} {'LAST ATTESTATION':<44} "
           "DETAILS")
     for n in nodes:
         print(f"  {n.name:<12} {n.role:<9} {n.state:<12} {n.agent or '-':<13} "
               f"{_last(n.last_attestation):<44} {_items(n.facts)}")
+        if n.reason:
+            print(f"  {'':<12} reason: {n.reason}")
         if n.service:
-            print(f"  {'':<12} service: {n.service}")
+            print(f"  {'':<12} service: {n.service.summary()}")
         if n.tampered:
             print(f"  {'':<12} TAMPERED boot ({', '.join(n.tampered)} replaced in the spec's "
                   "boot chain)")
@@ -205,23 +212,49 @@ def _last(last: AttestationRecord | None) -> str:
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
+    if args.output is not None:  # before the node is quoted: a bad path costs no quote
+        check_quote_directory(args.output, force=args.force)
+    workdir = resolve_workdir(args.workdir, create=False)
     cluster = select_cluster(workdir, args.cluster)
     if cluster is None:
-        raise StateError("no cluster in the work directory; bring one up with `testbed up`")
+        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
+                            "up with `testbed up`")
     with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
         result = lifecycle.attest(backend, args.node, args.policy)
+    written = _write_evidence(args.output, result) if args.output else []
     title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
-    emit(args, result.to_dict(), lambda: print_report(result.report, title))
+    emit(args, {**result.to_dict(), "written": [str(p) for p in written]},
+         lambda: _print_attest(result, title, written))
     return EXIT_OK if result.report.ok else EXIT_REJECTED
+
+
+def _write_evidence(directory: Path, result: AttestResult) -> list[Path]:
+    """The evidence the node sent, as the files tpm2-tools and `testbed` commands read."""
+    evidence = result.evidence
+    if evidence is None:
+        return []
+    written = write_quote_files(directory, evidence)
+    extras = {"nonce.hex": (result.nonce.hex() + "\n").encode()}
+    if evidence.event_log is not None:
+        extras["eventlog.bin"] = evidence.event_log
+    for name, data in extras.items():
+        atomic_write(directory / name, data, mode=0o644)  # public evidence, like the rest
+        written.append(directory / name)
+    return written
+
+
+def _print_attest(result: AttestResult, title: str, written: list[Path]) -> None:
+    print_report(result.report, title)
+    if written:
+        print(f"evidence written to {written[0].parent}: {', '.join(p.name for p in written)}")
 
 
 # --- down -----------------------------------------------------------------------------------
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir)
-    cluster = select_cluster(workdir, args.cluster)
+    workdir = resolve_workdir(args.workdir, create=False)
+    cluster = select_cluster(workdir, args.cluster, must_exist=False)
     if cluster is None:
         emit(args, {"ok": True, "cluster": None, "nodes": []},
              lambda: print("no cluster to stop"))

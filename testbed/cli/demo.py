@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from testbed.cli.render import add_json_option
 from testbed.core.paths import resolve_workdir
 from testbed.demo.qemu import run_qemu_demo
 from testbed.demo.sim import run_demo
@@ -17,7 +16,6 @@ DEMOS = {"sim": run_demo, "qemu": run_qemu_demo}
 def register_demo_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run the end-to-end demo: cluster up, attested channels, "
                                     "attack lab, down (sim by default, or real VMs)")
-    add_json_option(p)
     p.add_argument("--backend", choices=tuple(DEMOS), default="sim",
                    help="sim: node processes with swtpm (~15 s); qemu: three VMs under "
                         "libvirt with OVMF measured boot, TLS inside the guests (~1-2 min "

@@ -13,23 +13,27 @@ from attestation.errors import (
     EvidenceFormatError,
     PolicyError,
     TestbedError,
-    TpmError,
     VerificationError,
 )
+from cryptovm.errors import AlreadyExists, BadRequest, KeyUsageError, NotFound
 from testbed.cli.attack import register_attack_commands
 from testbed.cli.cluster import register_cluster_commands
+from testbed.cli.completion import register_completion_command
 from testbed.cli.demo import register_demo_commands
 from testbed.cli.exitcodes import (
     EXIT_BAD_INPUT,
     EXIT_ENVIRONMENT,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REJECTED,
+    EXIT_USAGE,
 )
+from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
 from testbed.cli.tpm import register_tpm_commands
 from testbed.cli.vsm import register_vsm_commands
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError, UsageError
 
 EPILOG = """\
 TPM selection (commands that talk to a TPM):
@@ -40,7 +44,8 @@ TPM selection (commands that talk to a TPM):
 
 exit codes:
   0 success   1 attestation rejected (a named check failed)   2 usage error
-  3 malformed input (evidence, policy, files)   4 TPM or environment problem   130 interrupted
+  3 bad value in a file or argument   4 TPM or environment problem
+  70 internal error (a bug)   130 interrupted
 
 examples:
   testbed demo
@@ -58,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trusted-hypervisor testbed: swtpm/QEMU measured boot, TPM 2.0 quotes, "
                     "attestation-bound TLS (Trusted Passages) and a CryptoVM.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", metavar="DIR",
-                        help="state directory (default: $TESTBED_HOME or ./.testbed)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     register_demo_commands(sub)
@@ -69,18 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     register_image_commands(sub)
     register_qemu_commands(sub)
     register_vsm_commands(sub)
-
+    register_completion_command(sub, parser)
+    spread_global_options(parser)
     return parser
 
 
-def _exit_code(exc: TestbedError) -> int:
-    if isinstance(exc, VerificationError | EndorsementError):
-        return EXIT_REJECTED
-    if isinstance(exc, EvidenceFormatError | PolicyError):
-        return EXIT_BAD_INPUT
-    if isinstance(exc, TpmError | StateError):
-        return EXIT_ENVIRONMENT
-    return EXIT_ENVIRONMENT
+# Which exit code each kind of error means (first match wins; README documents the codes).
+_EXIT_CODES: tuple[tuple[tuple[type[TestbedError], ...], int], ...] = (
+    ((VerificationError, EndorsementError), EXIT_REJECTED),
+    ((UsageError,), EXIT_USAGE),
+    ((EvidenceFormatError, PolicyError, ArgumentError, NotFound, AlreadyExists, BadRequest,
+      KeyUsageError), EXIT_BAD_INPUT),
+)
+
+
+def exit_code_for(exc: TestbedError) -> int:
+    """The documented exit code of an error; the TPM and the environment are the rest."""
+    return next((code for kinds, code in _EXIT_CODES if isinstance(exc, kinds)),
+                EXIT_ENVIRONMENT)
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, code: int) -> int:
+    """One line on stderr; with --json also a structured error on stdout."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": {"type": kind, "message": message,
+                                                 "exit_code": code}}))
+    print(f"testbed {args.command}: error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,13 +111,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("testbed: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TestbedError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": type(exc).__name__, "message": str(exc)}))
-        print(f"testbed {args.command}: error: {exc}", file=sys.stderr)
-        return _exit_code(exc)
+        return _fail(args, type(exc).__name__, str(exc), exit_code_for(exc))
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # a file or directory the user named, or the machine itself
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(args, "OSError", f"{exc.strerror or exc}{where}", EXIT_ENVIRONMENT)
+    except Exception as exc:  # a bug: say so in one line, the traceback only on request
+        if os.environ.get("TESTBED_DEBUG"):
+            raise
+        return _fail(args, "InternalError",
+                     f"internal error ({type(exc).__name__}: {exc}); this is a bug: rerun with "
+                     "TESTBED_DEBUG=1 for the traceback and report it", EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

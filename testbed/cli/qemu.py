@@ -13,7 +13,8 @@ from attestation.files import atomic_write
 from attestation.policy import dump_policy
 from attestation.report import VerificationReport
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
-from testbed.cli.render import add_json_option, emit, print_report
+from testbed.cli.render import emit, print_report
+from testbed.core.errors import ArgumentError
 from testbed.core.paths import resolve_workdir
 from testbed.qemu.domain import connect, remove_leftovers
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
@@ -37,7 +38,6 @@ def register_image_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p = isub.add_parser("build", help="build the guest image (cached by a hash of its inputs)")
     _recipe_flag(p)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    add_json_option(p)
     p.set_defaults(func=cmd_image_build)
 
 
@@ -56,7 +56,6 @@ def register_qemu_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--append", default="", metavar="TEXT",
                    help="append TEXT to the booted command line (not to the policy's): "
                         "an attack demo, e.g. --append ' init=/bin/sh'")
-    add_json_option(p)
     p.set_defaults(func=cmd_qemu_attest)
     p = qsub.add_parser("cleanup", help="destroy testbed-* domains left by a killed run "
                                         "(only when no other testbed run is active)")
@@ -97,13 +96,18 @@ def cmd_qemu_policy(args: argparse.Namespace) -> int:
     with _driver(args) as driver:
         policy = driver.predicted_policy(image)
     atomic_write(args.output, dump_policy(policy).encode(), mode=0o644)
-    print(f"wrote {args.output} ({len(policy.events)} expected events, PCRs 0-9)")
+    emit(args, {"output": str(args.output), "policy": policy.name,
+                 "expected_events": len(policy.events),
+                 "pcr_values": {str(i): v.hex() for i, v in policy.pcrs.items()}},
+         lambda: print(f"wrote {args.output} ({len(policy.events)} expected events, "
+                       "PCRs 0-9)"))
     return EXIT_OK
 
 
 def cmd_qemu_attest(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= 8:
-        raise SystemExit("testbed qemu attest: --nodes must be 1..8")
+        raise ArgumentError(f"--nodes {args.nodes}: must be 1..8 (each VM needs ~1 GiB and "
+                            "a share of 2 cores under TCG)")
     image = _image(args)
     with _driver(args) as driver:
         policy = driver.predicted_policy(image)
@@ -144,5 +148,6 @@ def cmd_qemu_cleanup(args: argparse.Namespace) -> int:
             conn.close()
     finally:
         daemons.stop()
-    print(f"removed {len(removed)} domain(s): {', '.join(removed) or '-'}")
+    emit(args, {"removed_domains": list(removed)},
+         lambda: print(f"removed {len(removed)} domain(s): {', '.join(removed) or '-'}"))
     return EXIT_OK

@@ -10,11 +10,6 @@ from typing import Any
 from attestation.report import VerificationReport
 
 
-def add_json_option(parser: argparse.ArgumentParser) -> None:
-    """``--json``: every command that reads or creates something can print JSON."""
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
 def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None:
     """Print ``data`` as JSON with --json, else the human rendering."""
     if getattr(args, "json", False):
@@ -23,11 +18,23 @@ def emit(args: argparse.Namespace, data: Any, human: Callable[[], None]) -> None
         human()
 
 
+_MARKS = {"passed": "ok  ", "failed": "FAIL", "skipped": "skip"}
+
+
 def print_report(report: VerificationReport, title: str) -> None:
-    verdict = "ACCEPTED" if report.ok else f"REJECTED (check '{report.failure.name}' failed)" \
-        if report.failure else "REJECTED"
-    print(f"{title}: {verdict}")
-    width = max(len(c.name) for c in report.checks)
+    print(f"{title}: {verdict(report)}")
+    width = max((len(c.name) for c in report.checks), default=0)
     for check in report.checks:
-        mark = "ok  " if check.passed else "FAIL"
-        print(f"  [{mark}] {check.name:<{width}}  {check.detail}")
+        print(f"  [{_MARKS[check.state]}] {check.name:<{width}}  {check.detail}")
+
+
+def verdict(report: VerificationReport) -> str:
+    """ACCEPTED or REJECTED, and what an acceptance did not establish."""
+    if report.failure is not None:
+        return f"REJECTED (check '{report.failure.name}' failed)"
+    if not report.ok:
+        return "REJECTED (no check ran)"
+    skipped = report.skipped
+    if skipped:
+        return f"ACCEPTED, but not established: {', '.join(c.name for c in skipped)} (skipped)"
+    return "ACCEPTED"

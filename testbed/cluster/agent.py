@@ -37,6 +37,7 @@ from attestation.errors import TestbedError
 from attestation.evidence import Evidence
 from attestation.registrar import AttesterIdentity
 from testbed.core.errors import StateError
+from testbed.core.paths import SUN_PATH_MAX
 
 __all__ = [
     "AgentClient",
@@ -49,7 +50,6 @@ __all__ = [
     "sockaddr",
 ]
 
-_SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the terminating NUL
 
 
 class AgentError(TestbedError):
@@ -199,13 +199,13 @@ def sockaddr(path: Path) -> Iterator[str]:
     directory opened with O_PATH reaches the same socket file.
     """
     text = str(path)
-    if len(os.fsencode(text)) <= _SUN_PATH_MAX:
+    if len(os.fsencode(text)) <= SUN_PATH_MAX:
         yield text
         return
     fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         short = f"/proc/self/fd/{fd}/{path.name}"
-        if len(os.fsencode(short)) > _SUN_PATH_MAX:
+        if len(os.fsencode(short)) > SUN_PATH_MAX:
             raise StateError(f"socket name {path.name!r} is too long for AF_UNIX")
         yield short
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from attestation.evidence import Evidence
 from attestation.report import VerificationReport
 from testbed.core.errors import StateError
 from testbed.core.files import tail
@@ -30,6 +31,8 @@ __all__ = [
     "NodeStatus",
     "NodeUp",
     "OwnedProcess",
+    "ServiceEndpoint",
+    "ServiceInfo",
     "UpResult",
 ]
 
@@ -55,6 +58,71 @@ class NoFacts:
 
     def summary_items(self) -> list[tuple[str, str]]:
         return []
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """One listener of a node's role service."""
+
+    protocol: str  # "trusted-passages" | "cvm1"
+    host: str
+    port: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "host": self.host, "port": self.port}
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What a node's role service says about itself: its listeners, counters and facts.
+
+    ``to_dict()`` is both the agent's wire form and the JSON output; ``summary()`` is
+    the prose of the text output.
+    """
+
+    kind: str  # "trusted-passages" | "cryptovm" | "none"
+    endpoints: tuple[ServiceEndpoint, ...] = ()
+    counts: Mapping[str, int] = field(default_factory=dict)  # channels, refused, keys
+    facts: Mapping[str, str] = field(default_factory=dict)  # profile, trust, psk file ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "endpoints": [e.to_dict() for e in self.endpoints],
+                "counts": dict(self.counts), "facts": dict(self.facts)}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> ServiceInfo:
+        """Strictly: an agent is a process of the cluster, but still a separate one."""
+        try:
+            if not isinstance(doc, dict):
+                raise TypeError
+            endpoints = tuple(ServiceEndpoint(_str(e["protocol"]), _str(e["host"]),
+                                              _int(e["port"])) for e in doc["endpoints"])
+            counts = {_str(k): _int(v) for k, v in doc["counts"].items()}
+            facts = {_str(k): _str(v) for k, v in doc["facts"].items()}
+            return cls(_str(doc["kind"]), endpoints, counts, facts)
+        except (TypeError, KeyError, AttributeError):
+            raise StateError("the node's agent described its service in an unexpected "
+                             "form") from None
+
+    def summary(self) -> str:
+        if self.kind == "none":
+            return "none"
+        where = ", ".join(f"{e.protocol} on {e.host}:{e.port}" for e in self.endpoints)
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        facts = "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.facts.items())
+        return f"{self.kind}: {where} ({counts}){'; ' + facts if facts else ''}"
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 4096:
+        raise TypeError
+    return value
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError
+    return value
 
 
 @dataclass(frozen=True)
@@ -94,6 +162,7 @@ class AttestResult:
     nonce: bytes
     time: str
     report: VerificationReport
+    evidence: Evidence | None = None  # what the node sent (for `attest -o DIR`)
 
     def record(self) -> AttestationRecord:
         failure = self.report.failure
@@ -135,7 +204,7 @@ class NodeUp:
     tampered: tuple[str, ...] = ()
     registered: bool = False
     attestation: AttestationRecord | None = None
-    service: str | None = None
+    service: ServiceInfo | None = None
     enrollment: EnrollmentOutcome | None = None
     error: str | None = None
     log_file: str | None = None  # the node's own log or console, when it failed
@@ -159,7 +228,8 @@ class NodeUp:
                 "policy": record.policy if record else None,
                 "failed_check": record.failed_check if record else None,
                 "detail": record.detail if record else None,
-                "tampered": list(self.tampered), "service": self.service,
+                "tampered": list(self.tampered),
+                "service": self.service.to_dict() if self.service else None,
                 "enrollment": self.enrollment.to_dict() if self.enrollment else None,
                 "error": self.error, "log_file": self.log_file, "log_tail": self.log_tail,
                 "note": self.note,
@@ -197,10 +267,11 @@ class UpResult:
 class NodeStatus:
     name: str
     role: str
-    state: str  # sim: running, starting, stopping, failed, stopped, down, unresponsive;
-    # qemu: libvirt's (running, shut off, paused, crashed, ...), missing, down
+    state: str  # sim: running, starting, stopping, failed, crashed, unresponsive, stopped,
+    # down; qemu: libvirt's (running, shut off, paused, crashed, ...), missing, down
+    reason: str | None  # why it is failed, crashed or unresponsive (None when healthy)
     agent: str | None  # answering | not answering | None (not running)
-    service: str | None
+    service: ServiceInfo | None
     tampered: tuple[str, ...]
     last_attestation: AttestationRecord | None
     facts: NodeFacts
@@ -208,7 +279,8 @@ class NodeStatus:
     def to_dict(self) -> dict[str, Any]:
         last = self.last_attestation
         return {"name": self.name, "role": self.role, "state": self.state,
-                "agent": self.agent, "service": self.service, "tampered": list(self.tampered),
+                "reason": self.reason, "agent": self.agent, "tampered": list(self.tampered),
+                "service": self.service.to_dict() if self.service else None,
                 "last_attestation": last.to_dict() if last else None, **self.facts.to_dict()}
 
 

@@ -92,6 +92,6 @@ def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: Refe
     nonce = os.urandom(32)
     evidence = agent.quote(nonce, pcrs)
     report = verify_evidence(paths, node, evidence, nonce, policy)
-    result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report)
+    result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report, evidence)
     record_attestation(paths, node, result.record())
     return result

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import datetime
 
-__all__ = ["utc_now"]
+__all__ = ["iso_utc", "utc_now"]
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    """Now, in the one time format of every output: ISO 8601 UTC, ``2026-12-05T06:00:00Z``."""
+    return iso_utc(datetime.datetime.now(datetime.UTC).timestamp())
+
+
+def iso_utc(seconds: float) -> str:
+    """A Unix time in the output format (whole seconds, ``Z``)."""
+    moment = datetime.datetime.fromtimestamp(int(seconds), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from attestation.errors import TestbedError, TpmError
 
-__all__ = ["StateError", "SwtpmError"]
+__all__ = ["ArgumentError", "StateError", "SwtpmError", "UsageError"]
 
 
 class SwtpmError(TpmError):
@@ -23,3 +23,13 @@ class SwtpmError(TpmError):
 class StateError(TestbedError):
     """A state directory (TPM state, CA, run files) is unusable: wrong type,
     wrong owner, half-initialised, or already holds state we refuse to clobber."""
+
+
+class UsageError(TestbedError):
+    """The command line is wrong: a missing or contradictory option, an invalid name.
+    The CLI exits 2 (as argparse does for its own usage errors)."""
+
+
+class ArgumentError(TestbedError):
+    """An argument names something that does not exist or has a bad value (a node, a
+    cluster, a scenario, a PCR selection). The CLI exits 3 ("bad value")."""

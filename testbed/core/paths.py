@@ -1,7 +1,8 @@
 """The work directory and where each piece of cluster state lives in it.
 
-All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else
-``./.testbed``. Layout (``docs/testbed.md``)::
+All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else the
+nearest ``.testbed`` here or above, else ``~/.local/state/testbed`` (:func:`find_workdir`).
+Layout (``docs/testbed.md``)::
 
     WORKDIR/ca/                          the project-local EK CA (shared)
     WORKDIR/tpms/NAME/                   managed swtpm instances (testbed tpm)
@@ -14,36 +15,174 @@ All state lives under one root: ``--workdir``, else ``$TESTBED_HOME``, else
         tls-ca/                          the cluster's TLS CA (key 0600)
         nodes/NODE/state/                sim: swtpm state; both: role state (kept by `down`)
         nodes/NODE/run/                  sim: node.pid node.json node.log agent.sock
-                                         swtpm.pid swtpm.log; roles' port files
+                                         swtpm.pid swtpm.log swtpm.sock(.ctrl); roles'
+                                         port files
         nodes/NODE/vm.json               qemu: the running VM
     WORKDIR/vms/NAME/NODE/               qemu: console.log, OVMF_VARS.fd (reachable by QEMU)
     WORKDIR/run/libvirt/                 qemu: libvirtd/virtlogd this work dir started
+
+Every directory the testbed makes here is 0700 and every file 0600, unless a comment
+says why not (``docs/testbed.md``, "State layout"). A unix socket whose path would be
+too long for AF_UNIX goes to a short private directory instead (:func:`socket_dir`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.core.errors import StateError
+from attestation.files import DIR_MODE, private_dir
+from testbed.core.errors import ArgumentError, StateError, UsageError
 
-__all__ = ["NAME_PATTERN", "ClusterPaths", "NodePaths", "resolve_workdir", "select_cluster"]
+__all__ = [
+    "NAME_PATTERN",
+    "SUN_PATH_MAX",
+    "WORKDIR_NAME",
+    "ClusterPaths",
+    "NodePaths",
+    "cluster_names",
+    "ensure_socket_dir",
+    "find_workdir",
+    "private_tree",
+    "resolve_workdir",
+    "select_cluster",
+    "socket_dir",
+]
+
+WORKDIR_NAME = ".testbed"
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 """Cluster, node and network names: they become directory names and socket paths."""
 
 
-def resolve_workdir(explicit: str | os.PathLike[str] | None) -> Path:
-    """The work directory (created 0700 if missing)."""
-    root = Path(explicit or os.environ.get("TESTBED_HOME") or ".testbed").absolute()
+def find_workdir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The work directory a command means, found as git finds ``.git``; never created.
+
+    ``--workdir``, else ``$TESTBED_HOME``, else the nearest ``.testbed`` directory in the
+    current directory or above it, else ``$XDG_STATE_HOME/testbed`` (by default
+    ``~/.local/state/testbed``): the same one from any directory.
+    """
+    chosen = explicit or os.environ.get("TESTBED_HOME")
+    if chosen:
+        return Path(chosen).absolute()
+    here = Path.cwd()
+    for directory in (here, *here.parents):
+        if (directory / WORKDIR_NAME).is_dir():
+            return directory / WORKDIR_NAME
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home).absolute() / "testbed"
+
+
+def resolve_workdir(explicit: str | os.PathLike[str] | None, *, create: bool = True) -> Path:
+    """The work directory; created 0700 if missing unless ``create`` is false (read
+    commands never create one: a missing work directory simply holds nothing)."""
+    root = find_workdir(explicit)
+    if not create:
+        return root
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StateError(f"cannot create work directory {root}: {exc.strerror}; "
                          "pass --workdir DIR or set TESTBED_HOME") from None
     return root
+
+
+def private_tree(top: Path, path: Path) -> Path:
+    """``path`` and every directory from ``top`` down to it, made or tightened to 0700.
+
+    Tightening matters for work directories made by older versions, whose
+    ``clusters/``, ``nodes/`` and ``tpms/`` were 0755.
+    """
+    top, path = top.absolute(), path.absolute()
+    if path != top and top not in path.parents:
+        raise StateError(f"{path} is not inside {top}")
+    private_dir(path)
+    for directory in path.parents:
+        if directory == top or top not in directory.parents:
+            break
+        os.chmod(directory, DIR_MODE)
+    return path
+
+
+# --- unix sockets ------------------------------------------------------------------------
+
+SUN_PATH_MAX = 107
+"""sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL."""
+_SOCKET_DIGEST_CHARS = 16
+
+
+def _fits(path: Path) -> bool:
+    return len(os.fsencode(path)) <= SUN_PATH_MAX
+
+
+def socket_dir(directory: Path, longest_name: str) -> Path:
+    """Where the sockets that belong in ``directory`` are bound.
+
+    ``directory`` itself (a 0700 run directory) when ``directory/longest_name`` fits
+    in AF_UNIX's 107 bytes. Otherwise (deep work directories: pytest's tmp dirs, long
+    paths) a directory named by a digest of ``directory`` under a per-user private
+    base: ``$XDG_RUNTIME_DIR/testbed`` when that is the user's own 0700 runtime
+    directory, else ``/tmp/testbed-UID``. The socket path must be a real, short path,
+    not a ``/proc/self/fd`` alias, because other processes (tpm2-tools, the TCTI in
+    another process) connect to it by name. Deterministic, so whoever stops the
+    process can find the directory again and remove it.
+    """
+    directory = directory.absolute()
+    if _fits(directory / longest_name):
+        return directory
+    digest = hashlib.sha256(os.fsencode(directory)).hexdigest()[:_SOCKET_DIGEST_CHARS]
+    for base in _short_socket_bases():
+        if _fits(base / digest / longest_name):
+            return base / digest
+    raise StateError(f"no short enough directory for the unix socket {longest_name!r} "
+                     f"of {directory}: set XDG_RUNTIME_DIR or use a shorter work directory")
+
+
+def _short_socket_bases() -> list[Path]:
+    bases = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime.startswith("/") and _owned_private(Path(runtime)):
+        bases.append(Path(runtime) / "testbed")
+    bases.append(Path("/tmp") / f"testbed-{os.geteuid()}")  # noqa: S108 - checked when made
+    return bases
+
+
+def _owned_private(path: Path) -> bool:
+    """A real directory (not a symlink) owned by us that no one else can enter."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            and info.st_mode & 0o077 == 0)
+
+
+def ensure_socket_dir(directory: Path, longest_name: str) -> Path:
+    """:func:`socket_dir`, made ready for binding, safely.
+
+    ``directory`` itself is made 0700. A directory under a shared base like /tmp is
+    made with mkdir (which never follows a symlink someone planted there) and then
+    refused unless it and its base are ours and 0700: another user who made
+    ``/tmp/testbed-UID`` first gets us a clear error, never our sockets.
+    """
+    where = socket_dir(directory, longest_name)
+    if where == directory.absolute():
+        return private_dir(where)
+    for path in (where.parent, where):
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot create socket directory {path}: {exc.strerror}") from None
+        if not _owned_private(path):
+            raise StateError(f"refusing socket directory {path}: not a directory owned by "
+                             f"uid {os.geteuid()} with mode 0700 (someone else's?)")
+    return where
 
 
 @dataclass(frozen=True)
@@ -162,15 +301,28 @@ class ClusterPaths:
                       and NAME_PATTERN.fullmatch(d.name))
 
 
-def select_cluster(workdir: Path, explicit: str | None) -> str | None:
-    """The cluster a command means: ``explicit``, else the only one; None if there is none."""
-    if explicit:
-        if not NAME_PATTERN.fullmatch(explicit):
-            raise StateError(f"invalid cluster name {explicit!r}")
-        return explicit
+def cluster_names(workdir: Path) -> list[str]:
+    """Every cluster under the work directory, sorted."""
     root = workdir / "clusters"
-    names = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+
+
+def select_cluster(workdir: Path, explicit: str | None, *,
+                   must_exist: bool = True) -> str | None:
+    """The cluster a command means: ``explicit`` (which must exist, unless not
+    ``must_exist``: ``down`` also stops a cluster whose directory was deleted), else the
+    only one; None if there is none. Two clusters and no ``--cluster`` is a usage error."""
+    names = cluster_names(workdir)
+    if explicit is not None:
+        if not NAME_PATTERN.fullmatch(explicit):
+            raise UsageError(f"invalid cluster name {explicit!r}: lowercase letters, "
+                             "digits, '-' and '_' only")
+        if must_exist and explicit not in names:
+            have = f"clusters here: {', '.join(names)}" if names else "no cluster here"
+            raise ArgumentError(f"no cluster {explicit!r} in {workdir} ({have}); "
+                                "`testbed up` creates one")
+        return explicit
     if len(names) > 1:
-        raise StateError(f"several clusters under {root} ({', '.join(names)}); "
+        raise UsageError(f"several clusters in {workdir} ({', '.join(names)}); "
                          "choose one with --cluster NAME")
     return names[0] if names else None

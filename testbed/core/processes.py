@@ -23,6 +23,7 @@ __all__ = [
     "StopSignal",
     "launch_detached",
     "process_argv",
+    "process_state",
     "read_pid",
     "reap",
     "scan_processes",
@@ -49,6 +50,18 @@ def process_argv(pid: int) -> list[str] | None:
     if state in ("Z", "X"):
         return None
     return [os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T stopped, t traced, Z zombie),
+    None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself contain ") ".
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0] if fields else None
 
 
 def read_pid(path: Path) -> int | None:

@@ -453,17 +453,19 @@ class QemuBackend:
         record = VmRecord.load(self.paths, name)
         state = _domain_state(domain) if record or domain is not None else "down"
         pids = {p.kind: p.pid for p in procs if p.node == name}
-        agent = None
+        agent, reason = None, _vm_state_reason(state, record)
         if state == "running" and record is not None:
             agent = "answering" if self.agent(name, timeout=3.0).answers() else "not answering"
-        facts = VmStatusFacts(domain_name(self.paths, name))
+            if agent == "not answering":
+                reason = (f"the guest agent (relay port {record.agent_port}) did not answer "
+                          "within 3 s; see the console log")
         if record is not None:
             facts = VmStatusFacts(
                 record.domain, record.accel, record.firmware,
                 "swtpm (run by libvirt), EK certificate from the work dir's CA",
                 pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
                 record.boot_seconds, record.cmdline, record.image)
-        return NodeStatus(name=name, role=role_name, state=state, agent=agent,
+        return NodeStatus(name=name, role=role_name, state=state, reason=reason, agent=agent,
                           service=None, tampered=record.tampered if record else (),
                           last_attestation=last, facts=facts)
 
@@ -568,3 +570,12 @@ def _is_daemon(pid: int, name: str, run_dir: Path) -> bool:
     """Whether ``pid`` is ``name`` started by us: its argv names our pid file."""
     argv = process_argv(pid) or []
     return bool(argv) and Path(argv[0]).name == name and str(run_dir / f"{name}.pid") in argv
+
+
+def _vm_state_reason(state: str, record: VmRecord | None) -> str | None:
+    """Why a VM that the cluster started is not running (None if it runs or never ran)."""
+    if state in ("running", "down") or record is None:
+        return None
+    if state == "missing":
+        return "its domain is gone from libvirt (destroyed outside the testbed?)"
+    return f"libvirt reports the domain {state}; its console log is {record.console_log}"

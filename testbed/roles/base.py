@@ -20,6 +20,7 @@ from attestation.credential import CredentialChallenge
 from attestation.evidence import Evidence
 from attestation.tpm import EndorsementKey, KeyAlgorithm, TpmClient, TpmKey
 from attestation.tpm_types import PcrSelection
+from testbed.cluster.results import ServiceInfo
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths, NodePaths
 from testbed.spec.cluster_spec import BootSpec, ClusterSpec, NodeSpec
@@ -136,7 +137,7 @@ def decode_request(types: tuple[type[RoleRequest], ...], action: str,
 class RoleService(Protocol):
     """A running role service inside a node process."""
 
-    def describe(self) -> str: ...
+    def describe(self) -> ServiceInfo: ...
 
     def call(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]: ...
 
@@ -145,12 +146,10 @@ class RoleService(Protocol):
 
 @dataclass
 class NoService:
-    """A role that runs nothing; ``description`` is what ``status`` shows."""
+    """A role that runs nothing."""
 
-    description: str = "none"
-
-    def describe(self) -> str:
-        return self.description
+    def describe(self) -> ServiceInfo:
+        return ServiceInfo("none")
 
     def call(self, action: str, args: Mapping[str, Any]) -> dict[str, Any]:
         raise StateError(f"unknown action {action[:40]!r}: this node's role runs no service")

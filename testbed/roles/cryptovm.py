@@ -46,6 +46,7 @@ from cryptovm.sealing import format_pcr_selection
 from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm
 from testbed.cluster.agent import AgentClient
+from testbed.cluster.results import ServiceEndpoint, ServiceInfo
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
@@ -122,14 +123,15 @@ class PublishedCryptoVm:
         with contextlib.suppress(StateError):
             doc = read_json(path)
         if not isinstance(doc, dict):
-            raise StateError(f"node {node!r} runs no CryptoVM service (is it a cryptovm node, "
-                             "and up? `testbed status`)")
+            raise StateError(f"node {node!r} runs no CryptoVM service: is the cluster up? "
+                             "(`testbed status`; `testbed up` starts it)")
         try:
             published = cls(**doc)
         except TypeError:
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the "
                              "node") from None
-        if not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str):
+        if (not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str)
+                or "-----BEGIN CERTIFICATE-----" not in published.ca_pem):
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the node")
         return published
 
@@ -236,13 +238,16 @@ class CryptoVmService:
     def tp_port(self) -> int:
         return self.tp.address[1] if self.tp is not None else 0
 
-    def describe(self) -> str:
+    def describe(self) -> ServiceInfo:
         ca = self.vm.tls_ca
-        return (f"CryptoVM: CVM1 on {HOST}:{self.wire.port} (root PSK in "
-                f"{psk_path(self.ctx.state_dir)}), Trusted Passages {PROFILE} on "
-                f"{HOST}:{self.tp_port} for attested nodes ({self.channels} channels, "
-                f"{self.refused} refused); {len(self.vm.keys.ids())} keys, TLS CA key "
-                f"{ca.key_id if ca else '-'!r} (non-exportable, sign-only)")
+        facts = {"profile": PROFILE, "root_psk_file": str(psk_path(self.ctx.state_dir))}
+        if ca is not None:
+            facts["tls_ca_key"] = ca.key_id  # non-exportable, sign-only
+        return ServiceInfo("cryptovm",
+                           (ServiceEndpoint("cvm1", HOST, self.wire.port),
+                            ServiceEndpoint("trusted-passages", HOST, self.tp_port)),
+                           {"channels": self.channels, "refused": self.refused,
+                            "keys": len(self.vm.keys.ids())}, facts)
 
     def published(self) -> PublishedCryptoVm:
         return PublishedCryptoVm(self.ctx.name, HOST, self.wire.port,
@@ -343,7 +348,7 @@ def start_node_service(ctx: NodeContext) -> CryptoVmService:
 
 
 def start_vm_service(paths: ClusterPaths, node: str, agent: AgentClient,
-                     service_ports: Mapping[str, int]) -> str:
+                     service_ports: Mapping[str, int]) -> ServiceInfo:
     """Start the CryptoVM in ``node``'s VM; returns what ``status`` shows."""
     port = service_ports.get("cvm1")
     if port is None:
@@ -359,4 +364,5 @@ def start_vm_service(paths: ClusterPaths, node: str, agent: AgentClient,
         atomic_write(psk_path(node_paths.state), (psk + "\n").encode())
     PublishedCryptoVm(node, "127.0.0.1", port, ca_pem,
                       str(answer.get("pcr_selection") or VM_PCRS), in_vm=True).save(paths)
-    return f"CryptoVM in the VM (CVM1 on 127.0.0.1:{port}, sealed to {VM_PCRS})"
+    return ServiceInfo("cryptovm", (ServiceEndpoint("cvm1", "127.0.0.1", port),), {},
+                       {"runs_in": "vm", "sealed_to": VM_PCRS})

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from testbed.cluster.agent import AgentClient
-from testbed.cluster.results import EnrollmentOutcome
+from testbed.cluster.results import EnrollmentOutcome, ServiceInfo
 from testbed.core.paths import ClusterPaths
 from testbed.roles import cryptovm, trusted_passages
 from testbed.roles.base import NodeContext, NoService, RoleService
@@ -23,12 +23,12 @@ from testbed.spec.cluster_spec import ROLE_NAMES
 __all__ = ["ROLES", "Role", "register_role", "role", "start_node_service"]
 
 NodeServiceStarter = Callable[[NodeContext], RoleService]
-VmServiceStarter = Callable[[ClusterPaths, str, AgentClient, Mapping[str, int]], str]
+VmServiceStarter = Callable[[ClusterPaths, str, AgentClient, Mapping[str, int]], ServiceInfo]
 Enroller = Callable[[AgentClient], EnrollmentOutcome]
 
 
 def _no_service(ctx: NodeContext) -> RoleService:
-    return NoService("none")
+    return NoService()
 
 
 @dataclass(frozen=True)

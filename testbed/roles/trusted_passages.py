@@ -30,7 +30,7 @@ from attestation.errors import TestbedError
 from attestation.files import atomic_write
 from cryptovm.tlsissuer import DEFAULT_VALIDITY_S, certificate_info
 from testbed.cluster.agent import AgentClient
-from testbed.cluster.results import EnrollmentOutcome
+from testbed.cluster.results import EnrollmentOutcome, ServiceEndpoint, ServiceInfo
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
@@ -125,9 +125,11 @@ class TrustedPassagesService:
     def port(self) -> int:
         return self.server.address[1]
 
-    def describe(self) -> str:
-        return (f"Trusted Passages {PROFILE} on {HOST}:{self.port} ({self.connections} "
-                f"channels; certificate from the {self.tls['trust']})")
+    def describe(self) -> ServiceInfo:
+        return ServiceInfo("trusted-passages",
+                           (ServiceEndpoint("trusted-passages", HOST, self.port),),
+                           {"channels": self.connections},
+                           {"profile": PROFILE, "certificate_from": str(self.tls["trust"])})
 
     def stop(self) -> None:
         with self._switch:

@@ -8,8 +8,11 @@ Anything else (oversized or truncated frames, invalid JSON, unknown ops or keys,
 values, a failing TPM command) gets ``{"error": "..."}`` and the agent keeps serving.
 An oversized frame also closes that connection, since its body is not read and the
 stream cannot be resynchronised. One thread per connection, at most
-:data:`MAX_CONNECTIONS` at a time, each with an idle deadline; the TPM behind it is
-serialised by the node (swtpm has no resource manager).
+:data:`MAX_CONNECTIONS` at a time (:class:`attestation.slots.ConnectionSlots`): each
+request must arrive whole within :data:`IDLE_TIMEOUT_S` of accept or of the previous
+answer (bytes trickling in do not extend it), and a newcomer finding every slot taken
+evicts the connection idle the longest; only when all are busy with a request is it
+refused. The TPM behind it is serialised by the node (swtpm has no resource manager).
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ from attestation.credential import CredentialChallenge
 from attestation.encoding import b64encode
 from attestation.errors import TestbedError
 from attestation.evidence import Evidence
+from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_types import PcrSelection
 from testbed.cluster.agent import sockaddr
 
 __all__ = ["IDLE_TIMEOUT_S", "MAX_CONNECTIONS", "AgentBackend", "AgentServer"]
 
 MAX_CONNECTIONS = 16
-LISTEN_BACKLOG = 128  # connections waiting for accept(); beyond it clients get EAGAIN
+LISTEN_BACKLOG = 1024  # waiting for accept(); beyond it clients get EAGAIN: above a flood
 IDLE_TIMEOUT_S = 30.0  # a silent client does not pin a thread forever
+_SWEEP_S = 0.2  # how often deadlines are checked (and close() is noticed)
+RANK_IDLE = 0  # waiting for a request: evictable, the longest idle first
 _OPS: Mapping[str, frozenset[str]] = {
     "identity": frozenset(),
     "activate": frozenset({"credential_blob", "encrypted_secret"}),
@@ -78,11 +84,14 @@ class AgentBackend(Protocol):
 class AgentServer:
     """Serves :class:`AgentBackend` on a unix socket (mode 0600) until :meth:`close`."""
 
-    def __init__(self, backend: AgentBackend, socket_path: Path, *, bank: str = "sha256") -> None:
+    def __init__(self, backend: AgentBackend, socket_path: Path, *, bank: str = "sha256",
+                 idle_timeout: float = IDLE_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self._backend = backend
         self.socket_path = Path(socket_path)
         self._bank = bank
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.idle_timeout = idle_timeout
+        self.slots = ConnectionSlots(max_connections)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closed = threading.Event()
@@ -110,6 +119,7 @@ class AgentServer:
             self._sock.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.slots.drop_all()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
@@ -128,21 +138,27 @@ class AgentServer:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
         sock.listen(LISTEN_BACKLOG)
+        sock.settimeout(_SWEEP_S)
         return sock
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
         while not self._closed.is_set():
+            self.slots.expire()
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                if self._closed.is_set():
+            except TimeoutError:
+                continue
+            except OSError:  # closed, or out of descriptors (the peer waits in the backlog)
+                if self._closed.wait(_SWEEP_S):
                     return
                 continue
-            if not self._slots.acquire(blocking=False):
-                self._refuse(conn, f"too many connections (limit {MAX_CONNECTIONS})")
+            slot = self.slots.admit(shutdown(conn), timeout=self.idle_timeout, rank=RANK_IDLE)
+            if slot is None:
+                self._refuse(conn, f"too many connections (limit {self.slots.limit}), all "
+                             "busy with requests")
                 continue
-            threading.Thread(target=self._connection, args=(conn,), name="agent-conn",
+            threading.Thread(target=self._connection, args=(conn, slot), name="agent-conn",
                              daemon=True).start()
 
     @staticmethod
@@ -151,18 +167,18 @@ class AgentServer:
             conn.settimeout(1.0)
             send_frame(conn, {"error": reason})
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _connection(self, conn: socket.socket, slot: Slot) -> None:
         try:
             with conn:
-                conn.settimeout(IDLE_TIMEOUT_S)
-                self._serve_connection(conn)
+                conn.settimeout(self.idle_timeout)  # besides the slot's deadline: sends
+                self._serve_connection(conn, slot)
         except OSError as exc:  # client vanished or idled out: only this connection ends
             log.debug("agent connection ended: %s", exc)
         finally:
-            self._slots.release()
+            self.slots.release(slot)
 
-    def _serve_connection(self, conn: socket.socket) -> None:
-        while not self._closed.is_set():
+    def _serve_connection(self, conn: socket.socket, slot: Slot) -> None:
+        while not self._closed.is_set() and slot.active:
             try:
                 body = recv_frame(conn)
             except FrameError as exc:
@@ -172,11 +188,13 @@ class AgentServer:
                 return
             if body is None:
                 return
+            self.slots.step(slot, timeout=None, rank=None)  # busy: neither late nor evicted
             response = self.handle(body)
             try:
                 send_frame(conn, response)
             except FrameError as exc:  # a response too large to frame: say so instead
                 send_frame(conn, {"error": str(exc)})
+            self.slots.step(slot, timeout=self.idle_timeout, rank=RANK_IDLE)
 
     def handle(self, body: bytes) -> dict[str, Any]:
         """One request body -> its response (errors included, never raised)."""

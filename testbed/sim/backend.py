@@ -25,11 +25,12 @@ from testbed.cluster.results import (
     NodeStatus,
     NodeUp,
     NoFacts,
+    ServiceInfo,
 )
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
 from testbed.core.files import locked
-from testbed.core.paths import ClusterPaths
+from testbed.core.paths import ClusterPaths, private_tree
 from testbed.core.progress import Progress
 from testbed.roles.registry import role
 from testbed.sim.processes import (
@@ -79,6 +80,9 @@ def node_policy(node: NodeSpec) -> ReferencePolicy:
     return spec_policy(node) or predicted_policy(node.name, node.boot)
 
 
+STATUS_PROBE_S = 2.0  # an agent that has not answered by then is unresponsive
+
+
 class SimBackend:
     """Node processes on this machine (see the module docstring)."""
 
@@ -117,7 +121,8 @@ class SimBackend:
             return node
         if current.pid is not None:  # failed or stopping, still exiting: let it finish
             ensure_exited(self.paths, spec.name, current.pid)
-        self.paths.node(spec.name).root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # clusters/ and nodes/ too: work directories of older versions had them 0755.
+        private_tree(self.paths.workdir, self.paths.node(spec.name).root)
         try:
             prepare_run_dir(self.paths, spec.name)
             node.facts = SimNodeFacts(pid=launch_node(self.paths, spec.name))
@@ -137,13 +142,21 @@ class SimBackend:
                              "`testbed down` then `testbed up` to apply the spec")
 
     def agent(self, node: str, *, timeout: float = 30.0) -> AgentClient:
+        """The node's agent; a node known to be failed, crashed, stopped or stuck is
+        refused at once with the reason (a stopped swtpm would otherwise hold a quote
+        until the timeout)."""
+        state = inspect_node(self.paths, node)
+        if state.state not in ("running", "starting"):
+            why = f": {state.reason}" if state.reason else " (`testbed up` starts it)"
+            raise AgentUnavailable(f"node {node!r} is {state.state}{why}")
         return AgentClient(UnixTransport(self.paths.node(node).socket), node=node,
                            timeout=timeout)
 
     def start_service(self, node: NodeUp) -> None:
         """A sim node runs its role service from the start; ``status`` shows it."""
         with contextlib.suppress(TestbedError):
-            node.service = str(self.agent(node.name, timeout=5.0).status().get("service"))
+            node.service = ServiceInfo.from_dict(
+                self.agent(node.name, timeout=5.0).status().get("service"))
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
         """Keyless TLS: with a cryptovm node in the cluster, each running server and
@@ -179,21 +192,24 @@ class SimBackend:
 
     def _status(self, name: str, spec: NodeSpec | None, last: Any) -> NodeStatus:
         state = inspect_node(self.paths, name)
-        label: str = state.state
+        label, reason = state.state, state.reason
         service, agent = None, None
         if state.state == "running":
-            try:
-                service = str(self.agent(name, timeout=2.0).status().get("service"))
+            try:  # within the 5 s that status promises to find a stuck node in
+                doc = self.agent(name, timeout=STATUS_PROBE_S).status()
                 agent = "answering"
-            except TestbedError:
-                label, agent = "unresponsive", "not answering"
+                service = ServiceInfo.from_dict(doc.get("service"))
+            except AgentUnavailable as exc:
+                label, agent, reason = "unresponsive", "not answering", str(exc)
+            except TestbedError as exc:
+                reason = f"agent answered, but: {exc}"
         live = state.info if state.pid else None  # what the running node says of itself
         spec_tampered = spec.tampered.fields() if spec and spec.tampered else ()
         facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
                                live.tcti if live else None, str(self.paths.node(name).socket))
         role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(
-            name=name, role=role, state=label, agent=agent, service=service,
+            name=name, role=role, state=label, reason=reason, agent=agent, service=service,
             tampered=tuple(live.tampered) if live else spec_tampered, last_attestation=last,
             facts=facts)
 

@@ -5,7 +5,9 @@ swtpm on first start (against the work dir's LocalCA), start that swtpm
 detached (pid file in the node's run dir), run the measured boot of its
 (possibly tampered) boot chain, load or create its persistent AK, start its
 role, serve the agent API on ``run/agent.sock``, and write ``run/node.json``
-with state ``ready``.
+with state ``ready``. Its swtpm listens on unix sockets only (``run/swtpm.sock`` and
+``.ctrl``, 0600, or a short private directory when that path is too long): no other
+local user reaches the node's TPM.
 
 It stops, stopping its swtpm, on SIGTERM/SIGINT, on an agent ``shutdown``
 request, or when its swtpm dies (then with exit status 1 and state ``failed``).
@@ -32,7 +34,7 @@ from attestation.credential import CredentialChallenge
 from attestation.encoding import b64encode
 from attestation.errors import TestbedError
 from attestation.evidence import Evidence
-from attestation.files import atomic_write
+from attestation.files import atomic_write, private_dir
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
 from testbed.cluster.state import load_spec
@@ -230,7 +232,7 @@ class Node:
         # Not its "error": on the agent's wire that key means the request failed.
         info = {k: v for k, v in self._info.to_dict().items() if k != "error"}
         return {**info, "state": "stopping" if self.stopping.is_set() else "ready",
-                "service": self._role.describe() if self._role else None,
+                "service": self._role.describe().to_dict() if self._role else None,
                 "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes}
 
     def shutdown(self) -> None:
@@ -263,13 +265,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    # Everything the node writes (state, sockets, logs) is its owner's only, however it
+    # was started (`up` starts it under umask 077 already).
+    os.umask(0o077)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s node %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         paths = ClusterPaths(args.workdir, args.cluster)
         node = Node(paths, args.node)
         # First thing: so `down` finds this process even if the launching CLI died.
-        node.paths.run.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(node.paths.run)
         atomic_write(node.paths.pid_file, f"{os.getpid()}\n".encode())
     except (TestbedError, OSError) as exc:
         log.error("cannot start: %s", exc)

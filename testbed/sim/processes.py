@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from attestation.files import atomic_write
+from attestation.files import atomic_write, private_dir
 from testbed.cluster.backend import NodeFailed
 from testbed.cluster.results import OwnedProcess
 from testbed.core.errors import StateError
@@ -25,6 +25,7 @@ from testbed.core.processes import (
     StopSignal,
     launch_detached,
     process_argv,
+    process_state,
     read_pid,
     reap,
     scan_processes,
@@ -106,7 +107,8 @@ def ensure_exited(paths: ClusterPaths, node: str, pid: int) -> None:
 
 # --- a node's state ------------------------------------------------------------------------
 
-NodeState = Literal["running", "starting", "stopping", "failed", "stopped", "down"]
+NodeState = Literal["running", "starting", "stopping", "failed", "crashed", "unresponsive",
+                    "stopped", "down"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class NodeProcessState:
     state: NodeState
     pid: int | None
     info: NodeInfo | None = None  # node.json, as the node wrote it
+    reason: str | None = None  # why a node is failed, crashed or unresponsive
 
 
 def node_pid(paths: ClusterPaths, node: str) -> int | None:
@@ -138,17 +141,49 @@ def read_node_info(paths: ClusterPaths, node: str) -> NodeInfo | None:
 
 
 def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
+    """What the node's pid file, node.json and /proc say, with the reason for any failure."""
     info = read_node_info(paths, node)
     pid = node_pid(paths, node)
+    log = paths.node(node).log
     if pid is not None:
         if info is None or info.pid != pid:
             return NodeProcessState(node, "starting", pid, info)
-        live: dict[str, NodeState] = {"ready": "running", "failed": "failed",
-                                      "stopped": "stopping"}
-        return NodeProcessState(node, live.get(info.state, "starting"), pid, info)
-    if info is not None and info.state == "failed":
-        return NodeProcessState(node, "failed", None, info)
-    return NodeProcessState(node, "stopped" if info else "down", None, info)
+        if info.state == "failed":
+            return NodeProcessState(node, "failed", pid, info, info.error or f"see {log}")
+        if info.state != "ready":
+            return NodeProcessState(node, "stopping" if info.state == "stopped" else "starting",
+                                    pid, info)
+        stuck = _stuck(pid, "node") or _swtpm_problem(info)
+        if stuck is not None:
+            state: NodeState = "failed" if "exited" in stuck else "unresponsive"
+            return NodeProcessState(node, state, pid, info, stuck)
+        return NodeProcessState(node, "running", pid, info)
+    if info is None:
+        return NodeProcessState(node, "down", None, None)
+    if info.state == "failed":
+        return NodeProcessState(node, "failed", None, info, info.error or f"see {log}")
+    if info.state == "stopped":
+        return NodeProcessState(node, "stopped", None, info)
+    # node.json still says starting or ready, yet the process is gone: nobody stopped it.
+    return NodeProcessState(node, "crashed", None, info,
+                            f"node process {info.pid} ended without a clean stop (killed, or "
+                            f"it crashed: see {log}); `testbed up` restarts it")
+
+
+def _stuck(pid: int, what: str) -> str | None:
+    if process_state(pid) in ("T", "t"):
+        return f"its {what} process {pid} is stopped (SIGSTOP or a debugger): `kill -CONT {pid}`"
+    return None
+
+
+def _swtpm_problem(info: NodeInfo) -> str | None:
+    pid = info.swtpm_pid
+    if pid is None:
+        return None
+    state = process_state(pid)
+    if state is None or state == "Z":
+        return f"its swtpm (pid {pid}) exited; `testbed up` restarts the node"
+    return _stuck(pid, "swtpm")
 
 
 # --- starting ----------------------------------------------------------------------------
@@ -177,7 +212,7 @@ def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
             stop_process(paths, proc.pid, "swtpm", node)
     if node_paths.run.exists():
         shutil.rmtree(node_paths.run)
-    node_paths.run.mkdir(mode=0o700, parents=True)
+    private_dir(node_paths.run)
 
 
 def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> NodeInfo:

@@ -23,6 +23,11 @@ Layout of the directory (all written by this module or ``swtpm_localca``)::
     swtpm-localca.options             swtpm_cert options   (--optsfile)
     swtpm_setup.conf                  swtpm_setup config   (--config)
     .testbed-ca.lock                  flock serialising CA users
+    .lock.swtpm-localca               swtpm_localca's own lock
+
+The directory is 0700 and every file in it 0600, certificates included: nothing
+here is meant for another user (a verifier gets the bundle from :meth:`LocalCA.ca_bundle`
+or a copy its owner makes).
 """
 
 from __future__ import annotations
@@ -183,15 +188,17 @@ class LocalCA:
         ]
 
     def tighten_permissions(self) -> None:
-        """Make the directory 0700 and the private keys 0600.
+        """Make the directory 0700 and every file in it 0600.
 
-        swtpm_localca creates its keys 0640; the directory being 0700 from
-        the start (see :meth:`_prepare_directory`) closes that window.
+        swtpm_localca runs under umask 077 here, but CAs made by older versions
+        have 0640 keys, a 0755 lock file and 0644 certificates; the directory
+        being 0700 from the start (see :meth:`_prepare_directory`) closes the
+        window in between.
         """
         os.chmod(self.directory, 0o700)
-        for key in self.private_key_paths:
-            if key.exists():
-                os.chmod(key, 0o600)
+        for entry in self.directory.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, 0o600)
 
     # -- internals -----------------------------------------------------------
 
@@ -260,7 +267,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def _run_tool(cmd: list[str], what: str) -> None:
     """Run a helper tool; turn failure or a hang into SwtpmError with its output."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_LOCALCA_TIMEOUT_S)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_LOCALCA_TIMEOUT_S,
+                             umask=0o077)  # its keys, serial and lock: the owner's only
     except subprocess.TimeoutExpired as exc:
         raise SwtpmError(f"{what} timed out after {exc.timeout:.0f} s") from exc
     if res.returncode != 0:

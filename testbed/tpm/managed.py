@@ -1,8 +1,11 @@
 """Managed swtpm instances: named TPMs under the work directory that outlive one
 CLI invocation (``testbed tpm start NAME``), reachable as ``--tpm NAME``.
 
-Layout: ``WORKDIR/ca`` (the project-local EK CA) and ``WORKDIR/tpms/NAME/`` with
-``state/`` (swtpm state, 0700) and ``instance.json`` (port and pid file).
+Layout: ``WORKDIR/ca`` (the project-local EK CA) and ``WORKDIR/tpms/NAME/`` (0700)
+with ``state/`` (swtpm state, 0700), ``instance.json`` (the TCTI), ``swtpm.pid``,
+``swtpm.log`` and the unix sockets ``swtpm.sock`` + ``swtpm.sock.ctrl`` (0600; in a
+short private directory when that path is too long, see ``Swtpm``). No TCP port: a
+managed TPM is its owner's alone (tpm2-tools reach it with ``-T swtpm:path=...``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attestation.tpm import TpmClient
-from testbed.core.errors import StateError, SwtpmError
+from testbed.core.errors import StateError, SwtpmError, UsageError
 from testbed.core.files import read_json, write_json
+from testbed.core.paths import private_tree
 from testbed.core.processes import process_argv, read_pid
 from testbed.tpm.boot import restore_clock_safety
 from testbed.tpm.localca import LocalCA
@@ -43,9 +47,17 @@ class ManagedTpms:
     def ca(self) -> LocalCA:
         return LocalCA.ensure(self.workdir / "ca")
 
+    def existing_ca(self) -> LocalCA:
+        """The work directory's EK CA as `tpm start` made it; a read never creates one."""
+        ca = LocalCA(self.workdir / "ca")
+        if not (ca.root_cert_path.is_file() and ca.intermediate_cert_path.is_file()):
+            raise StateError(f"no local EK CA in {ca.directory}: start a managed TPM there "
+                             "(`testbed tpm start`) or pass --ca-bundle PEM")
+        return ca
+
     def _dir(self, name: str) -> Path:
-        if not _NAME.match(name):
-            raise StateError(f"invalid TPM name {name!r}: use lowercase letters, digits, - and _")
+        if not _NAME.fullmatch(name):
+            raise UsageError(f"invalid TPM name {name!r}: use lowercase letters, digits, - and _")
         return self.root / name
 
     def start(self, name: str) -> ManagedTpm:
@@ -55,13 +67,13 @@ class ManagedTpms:
             return current
         directory = self._dir(name)
         state = directory / "state"
+        private_tree(self.workdir, directory)  # tpms/ was 0755 in older work directories
         if not (state / "tpm2-00.permall").exists():
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             provision(state, self.ca())
         swtpm = Swtpm(state, run_dir=directory, detached=True).start()
         with TpmClient(swtpm.tcti) as client:
             restore_clock_safety(client)  # stopped without TPM2_Shutdown last time
-        write_json(directory / "instance.json", {"port": swtpm.port, "tcti": swtpm.tcti})
+        write_json(directory / "instance.json", {"tcti": swtpm.tcti})
         return ManagedTpm(name, swtpm.tcti, swtpm.pid, state)
 
     def stop(self, name: str) -> bool:
@@ -86,7 +98,8 @@ class ManagedTpms:
     def list(self) -> list[ManagedTpm]:
         if not self.root.is_dir():
             return []
-        return [t for d in sorted(self.root.iterdir()) if (t := self.get(d.name)) is not None]
+        names = sorted(d.name for d in self.root.iterdir() if _NAME.fullmatch(d.name))
+        return [t for name in names if (t := self.get(name)) is not None]
 
     def tcti(self, name: str) -> str:
         tpm = self.get(name)

@@ -14,11 +14,15 @@ project with this package installed gets the fixtures (disable with
     A running :class:`~testbed.tpm.swtpm.Swtpm` on a fresh *copy* of the
     template. Copying takes milliseconds, but every copy is the same TPM:
     same seeds, same EKs, same EK certificates. Tests that need a TPM with
-    an identity of its own use ``swtpm_factory(unique=True)``.
+    an identity of its own use ``swtpm_factory(unique=True)``. It listens on
+    unix sockets (0600 in a 0700 directory, no TCP port another local user
+    could reach): ``.tcti`` is ``swtpm:path=...``, ``.socket_path`` the data
+    socket for raw commands.
 ``swtpm_factory`` (function)
-    ``make(*, unique=False, transport="tcp") -> Swtpm`` for tests needing
+    ``make(*, unique=False, transport="unix") -> Swtpm`` for tests needing
     several TPMs; ``unique=True`` provisions a new TPM (own EK, ~1 s), as
-    needed e.g. for "AK from another TPM" tests.
+    needed e.g. for "AK from another TPM" tests; ``transport="tcp"`` for a
+    test that needs a port.
 
 Everything is stopped at teardown. Missing swtpm binaries fail the test
 loudly (never skip): a silently skipped attestation suite proves nothing.
@@ -69,7 +73,7 @@ class SwtpmFactory:
     def instances(self) -> list[Swtpm]:
         return list(self._instances)
 
-    def __call__(self, *, unique: bool = False, transport: Transport = "tcp") -> Swtpm:
+    def __call__(self, *, unique: bool = False, transport: Transport = "unix") -> Swtpm:
         """Start a new swtpm: a template copy, or a freshly provisioned TPM if ``unique``."""
         state = self._directory / f"tpm{len(self._instances)}"
         if unique:
@@ -109,7 +113,7 @@ def swtpm_template(swtpm_ca: LocalCA, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def swtpm(swtpm_template: Path, tmp_path: Path) -> Iterator[Swtpm]:
-    """A running swtpm (TCP) on a copy of the session template; shares its EK."""
+    """A running swtpm (unix sockets) on a copy of the session template; shares its EK."""
     state = tmp_path / "swtpm-state"
     clone_state(swtpm_template, state)
     with Swtpm(state) as tpm:

@@ -4,8 +4,14 @@
 (RSA-2048 EK at 0x81010001, ECC P-384 EK at 0x81010016, EK certificates in NV
 0x01c00002 / 0x01c00016, platform certificate in 0x01c08000, all issued by a
 :class:`~testbed.tpm.localca.LocalCA`). :class:`Swtpm` runs one ``swtpm socket``
-process on such a directory, over TCP (for the tpm2-tss ``swtpm`` TCTI) or a
-unix socket (for QEMU, and also understood by the TCTI).
+process on such a directory.
+
+Its data and control channels are unix sockets (0600, in a 0700 directory) by
+default: a TCP port on loopback answers every local user, who could then use the
+TPM (quote, read the EK, fill its object slots) or shut it down through the control
+channel. The tpm2-tss ``swtpm`` TCTI takes ``path=SOCKET`` (the control channel is
+``SOCKET.ctrl``), and so does QEMU. ``transport="tcp"`` is still there for a caller
+that asks for it on a machine it alone uses.
 
 No orphans: an attached swtpm (the default) gets ``PR_SET_PDEATHSIG=SIGKILL``
 so the kernel kills it when its parent dies, however it dies (crash, SIGKILL,
@@ -36,6 +42,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from testbed.core.errors import StateError, SwtpmError
+from testbed.core.paths import SUN_PATH_MAX, ensure_socket_dir, socket_dir
 from testbed.core.processes import process_argv, read_pid, terminate
 from testbed.tpm.localca import DEFAULT_PCR_BANKS, LocalCA, find_tool, validate_pcr_banks
 
@@ -64,7 +71,9 @@ _SETUP_TIMEOUT_S = 60.0
 _PORT_ATTEMPTS = 20
 _POLL_INTERVAL_S = 0.02
 _PROBE_TIMEOUT_S = 1.0
-_SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 for the terminating NUL
+SOCKET_NAME = "swtpm.sock"
+_CTRL_SUFFIX = ".ctrl"  # the TCTI's convention: the control socket is <data socket>.ctrl
+PRIVATE_UMASK = 0o077  # swtpm's pid file and log, swtpm_setup's files: the owner's only
 _CMD_GET_CAPABILITY = struct.pack(">I", 1)  # swtpm control channel command
 _PR_SET_PDEATHSIG = 1
 
@@ -121,7 +130,7 @@ def _run_setup(cmd: list[str]) -> None:
     try:
         res = subprocess.run(
             cmd, capture_output=True, text=True, timeout=_SETUP_TIMEOUT_S,
-            preexec_fn=_pdeathsig_preexec(os.getpid()),
+            preexec_fn=_pdeathsig_preexec(os.getpid()), umask=PRIVATE_UMASK,
         )  # fmt: skip
     except subprocess.TimeoutExpired as exc:
         raise SwtpmError(f"swtpm_setup timed out after {exc.timeout:.0f} s") from exc
@@ -185,7 +194,9 @@ class Swtpm:
 
     Run files (``swtpm.pid``, ``swtpm.log`` and, for the unix transport,
     ``swtpm.sock`` + ``swtpm.sock.ctrl``) go to ``run_dir``, by default the
-    state directory itself (0700, so the sockets are private too).
+    state directory itself (0700, so the sockets are private too). When
+    ``run_dir/swtpm.sock.ctrl`` would be too long for AF_UNIX, the sockets go to
+    a short private directory instead (:func:`testbed.core.paths.socket_dir`).
 
     swtpm serves one client connection at a time and has no resource
     manager: transient objects and sessions left by a crashed client stay
@@ -196,7 +207,7 @@ class Swtpm:
         self,
         state_dir: Path,
         *,
-        transport: Transport = "tcp",
+        transport: Transport = "unix",
         run_dir: Path | None = None,
         socket_path: Path | None = None,
         detached: bool = False,
@@ -210,7 +221,8 @@ class Swtpm:
         self._transport: Transport = transport
         self._socket_path: Path | None = None
         if transport == "unix":
-            self._socket_path = Path(socket_path or run / "swtpm.sock").absolute()
+            self._socket_path = (Path(socket_path).absolute() if socket_path is not None
+                                 else default_socket_path(run))
         self._detached = detached
         self._start_timeout = start_timeout
         self._port: int | None = None
@@ -271,7 +283,7 @@ class Swtpm:
 
     @property
     def ctrl_socket_path(self) -> Path:
-        return Path(f"{self.socket_path}.ctrl")
+        return Path(f"{self.socket_path}{_CTRL_SUFFIX}")
 
     @property
     def tcti_name(self) -> str:
@@ -286,7 +298,7 @@ class Swtpm:
 
     @property
     def tcti(self) -> str:
-        """tpm2-tools style TCTI string, e.g. ``swtpm:host=127.0.0.1,port=N``."""
+        """tpm2-tools style TCTI string, e.g. ``swtpm:path=/.../swtpm.sock``."""
         return f"{self.tcti_name}:{self.tcti_conf}"
 
     def __repr__(self) -> str:
@@ -331,6 +343,8 @@ class Swtpm:
                 except subprocess.TimeoutExpired as exc:
                     raise SwtpmError(f"swtpm pid {proc.pid} survived SIGKILL") from exc
         self._reap()
+        if self._socket_path is not None:
+            _remove_sockets(self._socket_path, self._run_dir)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -413,6 +427,7 @@ class Swtpm:
         except StateError as exc:
             raise SwtpmError(f"swtpm {exc}") from None
         pid_file.unlink(missing_ok=True)  # swtpm removes it itself, but not after SIGKILL
+        _remove_sockets(default_socket_path(pid_file.parent), pid_file.parent)
         return True
 
     # -- internals -------------------------------------------------------
@@ -426,13 +441,14 @@ class Swtpm:
         if self._socket_path is not None:
             self._check_socket_path(self._socket_path)
 
-    @staticmethod
-    def _check_socket_path(path: Path) -> None:
-        if len(os.fsencode(f"{path}.ctrl")) > _SUN_PATH_MAX:
-            raise StateError(f"unix socket path {path}.ctrl is too long for AF_UNIX")
+    def _check_socket_path(self, path: Path) -> None:
+        if len(os.fsencode(f"{path}{_CTRL_SUFFIX}")) > SUN_PATH_MAX:
+            raise StateError(f"unix socket path {path}{_CTRL_SUFFIX} is too long for AF_UNIX")
         if "," in str(path):
             raise StateError(f"socket path {path} contains ',', which swtpm cannot parse")
-        for p in (path, Path(f"{path}.ctrl")):
+        if path == default_socket_path(self._run_dir):
+            ensure_socket_dir(self._run_dir, SOCKET_NAME + _CTRL_SUFFIX)
+        for p in (path, Path(f"{path}{_CTRL_SUFFIX}")):
             if p.is_socket():
                 p.unlink()  # stale socket from a killed swtpm; bind would fail
             elif p.exists():
@@ -467,13 +483,13 @@ class Swtpm:
             if self._detached:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True,
+                    start_new_session=True, umask=PRIVATE_UMASK,
                 )  # fmt: skip
                 return
             # Own process group: a terminal's Ctrl-C reaches only the parent,
             # which then stops swtpm in order (teardown, atexit, or pdeathsig).
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, umask=PRIVATE_UMASK,
                 process_group=0, preexec_fn=_pdeathsig_preexec(os.getpid()),
             )  # fmt: skip
         with _live_lock:
@@ -534,6 +550,23 @@ class Swtpm:
 
 
 # -- helpers -----------------------------------------------------------------
+
+
+def default_socket_path(run_dir: Path) -> Path:
+    """Where an swtpm whose run files are in ``run_dir`` binds its data socket."""
+    return socket_dir(run_dir, SOCKET_NAME + _CTRL_SUFFIX) / SOCKET_NAME
+
+
+def _remove_sockets(path: Path, run_dir: Path) -> None:
+    """Remove the sockets an swtpm killed by SIGKILL leaves behind (a graceful exit
+    removes them itself), and their directory if it is a short one made for them."""
+    for p in (path, Path(f"{path}{_CTRL_SUFFIX}")):
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_socket():
+                p.unlink()
+    if path.parent != run_dir.absolute() and path == default_socket_path(run_dir):
+        with contextlib.suppress(OSError):  # not empty, or gone: leave it
+            path.parent.rmdir()
 
 
 def _free_port_pair() -> int:

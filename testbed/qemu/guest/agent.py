@@ -29,8 +29,12 @@ TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per
     {"op": "status"}    -> {"node", "role", "state", "uptime", "tcti", "kernel_cmdline"}
     {"op": "shutdown"}  -> {"stopping": true}; the guest then powers off
 
-Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection
-(at most :data:`MAX_CONNECTIONS`); the TPM is serialised by its lock.
+Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection, at
+most :data:`MAX_CONNECTIONS` (:class:`attestation.slots.ConnectionSlots`): each request
+must arrive whole within :data:`IDLE_TIMEOUT_S` of accept or of the previous answer
+(trickled bytes do not extend it); a newcomer finding every slot taken evicts the
+connection idle the longest, and is refused only when all are busy with requests.
+The TPM is serialised by its lock.
 
 Role extensions: when ``tp_extension`` (Trusted Passages inside the guest, which needs
 Debian's python3-openssl and the project's ``trusted_passages``) sits beside this
@@ -61,6 +65,7 @@ from attestation.agent_wire import (  # the wire format every node agent speaks
 )
 from attestation.encoding import b64encode
 from attestation.errors import TestbedError
+from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_raw import (  # the raw TPM commands, shared with cryptovm/rawtpm.py
     EK_CERT_INDEX,
     EK_HANDLE,
@@ -74,6 +79,8 @@ from attestation.tpm_raw import (  # the raw TPM commands, shared with cryptovm/
 MAX_EVENT_LOG = 2 << 20  # half a frame: the quote's other fields fit beside it
 IDLE_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 16
+RANK_IDLE = 0  # waiting for a request: evictable, the longest idle first
+_SWEEP_S = 0.2  # how often deadlines are checked and a shutdown request is noticed
 
 
 def b64(data: bytes | None) -> str | None:
@@ -178,24 +185,31 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def serve_connection(agent: Agent, conn: socket.socket) -> None:
+def serve_connection(agent: Agent, conn: socket.socket, slots: ConnectionSlots | None = None,
+                     slot: Slot | None = None, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+    """Answer requests on ``conn`` until it ends; with ``slots``, mark ``slot`` busy while
+    a request is served and idle (deadline ``idle_timeout``) while waiting for one."""
     with conn:
-        conn.settimeout(IDLE_TIMEOUT_S)
-        while True:
+        conn.settimeout(idle_timeout)
+        while slot is None or slot.active:
             try:
                 body = recv_frame(conn)
             except (FrameError, OSError):
                 return
             if body is None:
                 return
+            if slots is not None and slot is not None:
+                slots.step(slot, timeout=None, rank=None)
             stream = _stream_handler(agent, body)
             if stream is not None:
                 handler, request = stream
-                handler(request, conn)  # it owns the connection now
+                handler(request, conn)  # it owns the connection now (deadlines of its own)
                 return
             send_frame(conn, agent.handle(body))
             if agent.stopping.is_set():
                 return
+            if slots is not None and slot is not None:
+                slots.step(slot, timeout=idle_timeout, rank=RANK_IDLE)
 
 
 def _stream_handler(agent: Agent, body: bytes
@@ -211,33 +225,45 @@ def _stream_handler(agent: Agent, body: bytes
     return None if handler is None else (handler, request)
 
 
-def _serve_and_release(agent: Agent, conn: socket.socket, slots: threading.BoundedSemaphore
-                       ) -> None:
+def _serve_and_release(agent: Agent, conn: socket.socket, slots: ConnectionSlots,
+                       slot: Slot, idle_timeout: float) -> None:
     try:
         with contextlib.suppress(OSError):
-            serve_connection(agent, conn)
+            serve_connection(agent, conn, slots, slot, idle_timeout)
     except Exception as exc:  # a bug in one connection must not take the agent down
         print(f"guest agent: connection failed: {exc!r}", file=sys.stderr, flush=True)
     finally:
-        slots.release()
+        slots.release(slot)
 
 
-def serve(agent: Agent, host: str, port: int) -> None:
-    """Serve until a shutdown request: a thread per connection, the TPM under its lock."""
-    server = socket.create_server((host, port), reuse_port=False)
-    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-    server.settimeout(1.0)  # to notice a shutdown request served by another thread
+def serve(agent: Agent, host: str, port: int, *, idle_timeout: float = IDLE_TIMEOUT_S,
+          max_connections: int = MAX_CONNECTIONS,
+          listening: Callable[[int], None] | None = None) -> None:
+    """Serve until a shutdown request: a thread per connection, the TPM under its lock.
+    ``listening`` hears the port once the socket listens (tests use port 0)."""
+    server = socket.create_server((host, port), reuse_port=False, backlog=256)
+    slots = ConnectionSlots(max_connections)
+    server.settimeout(_SWEEP_S)
+    if listening is not None:
+        listening(server.getsockname()[1])
     with server:
         while not agent.stopping.is_set():
+            slots.expire()
             try:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
-            if not slots.acquire(blocking=False):
-                conn.close()  # too many: the host retries
+            except OSError:  # e.g. out of descriptors: the peer waits in the backlog
+                agent.stopping.wait(_SWEEP_S)
                 continue
-            threading.Thread(target=_serve_and_release, args=(agent, conn, slots),
+            slot = slots.admit(shutdown(conn), timeout=idle_timeout, rank=RANK_IDLE)
+            if slot is None:
+                conn.close()  # every slot busy with a request: the host retries
+                continue
+            threading.Thread(target=_serve_and_release,
+                             args=(agent, conn, slots, slot, idle_timeout),
                              daemon=True).start()
+        slots.drop_all()
 
 
 EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"))

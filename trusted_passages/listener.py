@@ -1,0 +1,264 @@
+"""The Trusted Passages server side both adapters share: one event loop, no thread per
+connection until a channel is established.
+
+Every accepted connection is a coroutine on raw non-blocking sockets
+(``loop.sock_recv``/``sock_sendall``), so hundreds of idle or slow peers cost a socket
+and a small OpenSSL object each, not a thread. The core's ``receive_data`` may quote or
+verify (TPM commands, milliseconds), so it runs in the loop's worker threads.
+
+Rules (docs/security.md, "Listeners"):
+
+* each protocol step has its own deadline of ``config.timeout``: the TLS handshake
+  counted from accept, the evidence and FINISHED steps from the end of the step
+  before; bytes arriving never extend it. A late peer gets the core's ERROR frame
+  (once there is a TLS channel to send it on) and is closed;
+* at most ``max_connections`` at a time (:class:`attestation.slots.ConnectionSlots`):
+  a newcomer that finds them all taken evicts the oldest connection that has sent
+  nothing yet, else the oldest still in its TLS handshake (neither has shown a
+  certificate of the cluster's CA); when none is, the newcomer is closed at once
+  rather than left waiting in the backlog. So a flood of silent connections, however
+  fast it is renewed, cannot push out a client whose ClientHello has arrived;
+* the accept backlog (1024 by default) is larger than a burst of connections the loop
+  has not accepted yet: a full backlog drops SYNs, and a dropped SYN costs a genuine
+  client a one-second retransmission;
+* what is buffered is bounded by the core (one TLS record, one frame of at most
+  1 MiB) and by one read of :data:`READ_SIZE` bytes.
+
+Once established, the socket and core are handed to ``on_established`` (the asyncio
+adapter wraps them in a stream, the blocking one hands them to a worker thread); the
+slot stays taken, never evicted, until the caller releases it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from attestation.slots import ConnectionSlots, Slot, has_data
+from trusted_passages.config import ChannelConfig
+from trusted_passages.errors import AttestationRejected, ProtocolError
+from trusted_passages.events import Event, Inbox, established, raise_failure
+from trusted_passages.interfaces import PeerEvidence
+from trusted_passages.protocol import TrustedPassagesConnection
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+DEFAULT_MAX_CONNECTIONS = 64
+RANK_SILENT, RANK_HANDSHAKE = 0, 1  # the evictable stages, first evicted first
+SEND_GRACE_S = 1.0  # to tell a late peer why it is dropped, past its deadline
+_ACCEPT_BURST = 64  # accepts per wake-up: keep the backlog short, let the loop breathe
+
+Established = Callable[[socket.socket, TrustedPassagesConnection, PeerEvidence, Inbox, Slot],
+                       Awaitable[None]]
+FailureHandler = Callable[[AttestationRejected], None]
+
+
+class Listener:
+    """Accepts on ``sock`` in the running event loop until :meth:`close`."""
+
+    def __init__(self, sock: socket.socket, config: ChannelConfig, on_established: Established,
+                 *, on_failure: FailureHandler | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.sock = sock
+        self.config = config
+        self.slots = ConnectionSlots(max_connections)
+        self._on_established = on_established
+        self._on_failure = on_failure
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()  # not established yet
+        self._closed = asyncio.Event()
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def __repr__(self) -> str:
+        return f"Listener({self.address}, {self.slots!r})"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection not established yet."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+        for task in list(self._pending):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BURST):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: the peer waits in the backlog meanwhile
+                log.warning("Trusted Passages listener cannot accept: %s", exc)
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        pending = _Pending(conn)
+        slot = self.slots.admit(pending.drop, timeout=None,
+                                rank=RANK_HANDSHAKE if has_data(conn) else RANK_SILENT)
+        if slot is None:  # every slot holds a connection past its TLS handshake
+            conn.close()
+            return
+        pending.task = self._loop.create_task(self._serve(pending, slot))
+        self._pending.add(pending.task)
+        # Runs even for a task cancelled before it started (evicted at once).
+        pending.task.add_done_callback(lambda _: self._finish(pending, slot))
+
+    def _finish(self, pending: _Pending, slot: Slot) -> None:
+        if pending.task is not None:
+            self._pending.discard(pending.task)
+        if not pending.handed_over:
+            pending.conn.close()
+            self.slots.release(slot)
+
+    async def _serve(self, pending: _Pending, slot: Slot) -> None:
+        conn = pending.conn
+        conn.setblocking(False)
+        no_delay(conn)
+        core = self.config.connection("server")
+        try:
+            peer, inbox = await establish_socket(
+                conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
+                on_data=lambda: self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE),
+                on_failure=self._on_failure)
+        except AttestationRejected as exc:  # on_failure has heard of it
+            log.info("attested channel refused: %s", exc)
+            return
+        except ProtocolError as exc:
+            log.info("attested channel failed: %s", exc)
+            return
+        pending.handed_over = True
+        await self._on_established(conn, core, peer, inbox, slot)
+
+    def _proven(self, slot: Slot) -> None:
+        """Past the TLS handshake: the peer showed a certificate of the trusted CA."""
+        self.slots.step(slot, timeout=None, rank=None)
+
+
+class _Pending:
+    """A connection being established: its socket, its task, whether it was handed over."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.task: asyncio.Task[None] | None = None
+        self.handed_over = False
+
+    def drop(self, _reason: str) -> None:  # evicted: cancelling ends in Listener._finish
+        if self.task is not None:
+            self.task.cancel()
+
+
+def no_delay(sock: socket.socket) -> None:
+    # Small handshake and frame writes in alternation: Nagle + delayed ACK would stall them.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
+                           timeout: float, *, on_step: Callable[[], None] | None = None,
+                           on_data: Callable[[], None] | None = None,
+                           on_failure: FailureHandler | None = None
+                           ) -> tuple[PeerEvidence, Inbox]:
+    """Drive the handshake and exchange on a non-blocking socket; each protocol step has
+    ``timeout`` seconds, the first counted from now. ``on_data`` hears of the first
+    bytes from the peer, ``on_step`` of the first step completed (the TLS handshake).
+    ``on_failure`` hears of a refusal on the worker thread that ran the core's call
+    which refused (a validator's thread-local notes, such as the node it was told it
+    is, are visible there), then AttestationRejected is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await _send(sock, core, deadline)
+    while True:
+        waiting = core.state
+        try:
+            events = await _step(sock, core, deadline, on_data, on_failure)
+            on_data = None
+        except TimeoutError:
+            events = core.timeout()
+            await _send_quietly(sock, core, loop.time() + SEND_GRACE_S)
+            await asyncio.to_thread(_report, events, on_failure)
+        raise_failure(events)
+        arrived = established(events)
+        if arrived is not None:
+            return arrived
+        if core.closed:
+            raise ProtocolError("the connection closed during the exchange")
+        if core.state is not waiting:
+            deadline = loop.time() + timeout
+            if on_step is not None:
+                on_step()
+                on_step = None
+
+
+async def _step(sock: socket.socket, core: TrustedPassagesConnection, deadline: float,
+                on_data: Callable[[], None] | None = None,
+                on_failure: FailureHandler | None = None) -> list[Event]:
+    """Feed the core until its state changes or it reports events; only the waits for
+    the peer are timed (a core call in progress is never cancelled by a timeout)."""
+    loop = asyncio.get_running_loop()
+    waiting = core.state
+    while True:
+        async with asyncio.timeout_at(deadline):
+            try:
+                data = await loop.sock_recv(sock, READ_SIZE)
+            except OSError:
+                data = b""  # a reset ends the stream; the core decides what that means
+        if data and on_data is not None:
+            on_data()
+            on_data = None
+        events = await asyncio.to_thread(_receive, core, data, on_failure)
+        await _send_quietly(sock, core, max(deadline, loop.time() + SEND_GRACE_S))
+        if core.state is not waiting or events:
+            return events
+
+
+def _receive(core: TrustedPassagesConnection, data: bytes,
+             on_failure: FailureHandler | None) -> list[Event]:
+    events = core.receive_data(data)
+    _report(events, on_failure)
+    return events
+
+
+def _report(events: list[Event], on_failure: FailureHandler | None) -> None:
+    if on_failure is None:
+        return
+    try:
+        raise_failure(events)
+    except AttestationRejected as exc:
+        try:
+            on_failure(exc)
+        except Exception:  # the caller's bug must not keep the channel from closing
+            log.exception("Trusted Passages on_failure handler failed")
+
+
+async def _send(sock: socket.socket, core: TrustedPassagesConnection, deadline: float) -> None:
+    data = core.data_to_send()
+    if not data:
+        return
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.get_running_loop().sock_sendall(sock, data)
+    except TimeoutError:
+        raise ProtocolError("sending failed: the peer does not read") from None
+    except OSError as exc:
+        raise ProtocolError(f"sending failed: {exc}") from None
+
+
+async def _send_quietly(sock: socket.socket, core: TrustedPassagesConnection,
+                        deadline: float) -> None:
+    # During the exchange a send failure shows up as EOF on the next read.
+    with contextlib.suppress(ProtocolError):
+        await _send(sock, core, deadline)
