@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 # "ci" (the default) keeps every property test of the suite at about a minute in total;
 # "dev" is quicker still; "long" is what bench/fuzz_long.py uses (>= 10,000 per property).
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("ci", max_examples=100, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("ci", max_examples=250, **_COMMON)  # type: ignore[arg-type]
 settings.register_profile("dev", max_examples=30, **_COMMON)  # type: ignore[arg-type]
 settings.register_profile("long", max_examples=10_000, database=None,
                           **_COMMON)  # type: ignore[arg-type]
