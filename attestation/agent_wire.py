@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from attestation.encoding import b64decode, b64encode
+from attestation.encoding import b64decode, b64encode, require_int
 from attestation.errors import EvidenceFormatError
 
 __all__ = [
@@ -118,11 +118,12 @@ def parse_quote_request(request: Mapping[str, Any]) -> tuple[bytes, list[int]]:
     if not nonce:
         raise EvidenceFormatError("nonce: empty (a quote needs fresh qualifying data)")
     pcrs = request.get("pcrs")
-    if not isinstance(pcrs, list) or not pcrs or len(pcrs) > MAX_PCR + 1 or not all(
-            isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= MAX_PCR
-            for p in pcrs):
+    if not isinstance(pcrs, list) or not pcrs or len(pcrs) > MAX_PCR + 1:
         raise EvidenceFormatError(f"pcrs: expected a non-empty list of PCR indices "
                                   f"0..{MAX_PCR}")
+    for index, pcr in enumerate(pcrs):
+        require_int(pcr, f"pcrs[{index}]", EvidenceFormatError, minimum=0, maximum=MAX_PCR,
+                    noun="PCR index")
     if len(set(pcrs)) != len(pcrs):
         raise EvidenceFormatError("pcrs: PCR indices must not repeat")
     return nonce, sorted(pcrs)

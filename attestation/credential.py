@@ -82,8 +82,12 @@ def _seed_for(ek: PublicArea) -> tuple[bytes, bytes]:
     if isinstance(key, rsa.RSAPublicKey):
         seed = os.urandom(digest_bits // 8)
         algorithm = _HASHES[ek.name_hash]()
-        encrypted = key.encrypt(seed, padding.OAEP(padding.MGF1(algorithm), algorithm,
-                                                   _label("IDENTITY")))
+        try:
+            encrypted = key.encrypt(seed, padding.OAEP(padding.MGF1(algorithm), algorithm,
+                                                       _label("IDENTITY")))
+        except ValueError:  # e.g. a 1024-bit EK with a sha512 nameAlg: OAEP has no room
+            raise EvidenceFormatError(f"EK of {key.key_size} bits cannot carry an OAEP-"
+                                      f"{ek.name_hash} seed") from None
         return seed, encrypted
     ephemeral = ec.generate_private_key(key.curve)
     z = ephemeral.exchange(ec.ECDH(), key)
@@ -101,6 +105,9 @@ def make_credential(ek: PublicArea, object_name: bytes, secret: bytes) -> Creden
         raise EvidenceFormatError("EK public area is not a restricted decryption key")
     if ek.symmetric[0] != Alg.AES or ek.symmetric[2] != Alg.CFB:
         raise EvidenceFormatError("EK public area has no AES-CFB symmetric parameters")
+    if ek.symmetric[1] not in (128, 192, 256):
+        raise EvidenceFormatError(f"EK public area asks for AES-{ek.symmetric[1]}, "
+                                  "not AES-128, -192 or -256")
     if len(secret) > hashlib.new(ek.name_hash).digest_size:
         raise EvidenceFormatError("credential secret is longer than the EK's name digest")
     seed, encrypted_secret = _seed_for(ek)

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from attestation.errors import EndorsementError
+from attestation.errors import EndorsementError, FileInputError
+from attestation.files import read_bounded
 from attestation.tpm_types import PublicArea
 
 TCG_KP_EK_CERTIFICATE = ObjectIdentifier("2.23.133.8.1")
@@ -43,14 +45,12 @@ class ValidatedEk:
 def load_ca_bundle(path: Path) -> list[x509.Certificate]:
     """Read a PEM bundle of CA certificates (roots and intermediates)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EndorsementError(f"cannot read CA bundle {path}: {exc.strerror}") from None
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise EndorsementError(f"CA bundle {path} is larger than {MAX_BUNDLE_BYTES} bytes")
+        data = read_bounded(path, MAX_BUNDLE_BYTES, what="CA bundle")
+    except FileInputError as exc:
+        raise EndorsementError(str(exc)) from None
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise EndorsementError(f"CA bundle {path} is not a PEM certificate list: {exc}") from None
     return certs
 
@@ -58,12 +58,15 @@ def load_ca_bundle(path: Path) -> list[x509.Certificate]:
 def parse_certificate(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise EndorsementError(f"EK certificate is not valid DER X.509: {exc}") from None
 
 
 def _same_key(cert: x509.Certificate, ek: PublicArea) -> bool:
-    cert_key = cert.public_key()
+    try:
+        cert_key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EndorsementError(f"EK certificate's public key is unusable: {exc}") from None
     ek_key = ek.public_key()
     if isinstance(cert_key, rsa.RSAPublicKey) and isinstance(ek_key, rsa.RSAPublicKey):
         return cert_key.public_numbers() == ek_key.public_numbers()
@@ -79,6 +82,8 @@ def _check_usage(cert: x509.Certificate) -> None:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return  # the EK profile makes the EKU optional
+    except ValueError as exc:  # cryptography parses extensions only when asked
+        raise EndorsementError(f"EK certificate extensions are malformed: {exc}") from None
     if TCG_KP_EK_CERTIFICATE not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
         raise EndorsementError("EK certificate's extendedKeyUsage lacks tcg-kp-EKCertificate")
 
@@ -111,7 +116,7 @@ def validate_ek(
         builder = builder.time(now)
     try:
         verified = builder.build_client_verifier().verify(cert, links)
-    except verification.VerificationError as exc:
+    except (verification.VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise EndorsementError(f"EK certificate does not chain to the CA bundle: {exc}") from None
     _check_usage(cert)
     if not _same_key(cert, ek_public):

@@ -34,6 +34,7 @@ from attestation.errors import EventLogError
 
 __all__ = [
     "ALGORITHMS",
+    "DRTM_PCRS",
     "EVENT_TYPES",
     "EV_NO_ACTION",
     "MAX_EVENTS",
@@ -54,6 +55,7 @@ __all__ = [
     "initial_pcr_value",
     "parse_event_log",
     "replay",
+    "reset_values",
     "short_hex",
 ]
 
@@ -131,6 +133,7 @@ EV_NO_ACTION = 0x00000003
 EV_SEPARATOR = 0x00000004
 EV_EFI_HCRTM_EVENT = 0x80000010
 _UNKNOWN_PREFIX = "EV_UNKNOWN_0x"
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def event_type_name(event_type: int) -> str:
@@ -143,12 +146,10 @@ def event_type_value(name: str) -> int | None:
     if name in _EVENT_TYPE_BY_NAME:
         return _EVENT_TYPE_BY_NAME[name]
     digits = name.removeprefix(_UNKNOWN_PREFIX)
-    if digits == name or not 1 <= len(digits) <= 8:
+    # Hex digits only: int(..., 16) would also take "+1", " 1" and "1_0".
+    if digits == name or not 1 <= len(digits) <= 8 or not all(c in _HEX for c in digits):
         return None
-    try:
-        return int(digits, 16)
-    except ValueError:
-        return None
+    return int(digits, 16)
 
 
 def digest_size(bank: str) -> int:
@@ -621,37 +622,72 @@ def replay(log: EventLog, bank: str = "sha256") -> dict[int, bytes]:
     return dict(sorted(values.items()))
 
 
+DRTM_PCRS = range(17, 23)
+"""PCRs 17-22 start at all ones and are reset to zero only by a dynamic launch (PC
+Client Platform TPM Profile): a quoted DRTM PCR without events may be either."""
+
+
+def reset_values(log: EventLog, pcr: int, bank: str = "sha256") -> tuple[bytes, ...]:
+    """The values ``pcr`` may hold when the log has no extend for it."""
+    values: tuple[bytes, ...] = (initial_pcr_value(log, pcr, bank),)
+    if pcr in DRTM_PCRS:
+        values += (b"\xff" * digest_size(bank),)
+    return values
+
+
 @dataclass(frozen=True)
 class PcrMismatch:
-    """A PCR whose log replay differs from the quoted value."""
+    """A quoted PCR whose value the log does not reproduce."""
 
     pcr: int
     expected_from_log: bytes
     quoted: bytes
     last_event_number: int | None
-    """Number of the last event extended into this PCR (None: only EV_NO_ACTION)."""
+    """Number of the last event extended into this PCR (None: the log extends nothing
+    into it, so ``expected_from_log`` is its reset value)."""
+    bank: str = "sha256"
 
     def describe(self) -> str:
-        last = (
-            f" (last event #{self.last_event_number})" if self.last_event_number is not None else ""
-        )
+        # Full hex: whoever reads this compares it with tpm2_pcrread or a replay tool.
+        if self.last_event_number is None:
+            return (
+                f"PCR {self.pcr} ({self.bank}): the event log extends nothing into it, so it "
+                f"would hold its reset value {self.expected_from_log.hex()}, but the quote "
+                f"says {self.quoted.hex()}"
+            )
         return (
-            f"PCR {self.pcr}: the event log replays to {short_hex(self.expected_from_log)}{last} "
-            f"but the quote says {short_hex(self.quoted)}"
+            f"PCR {self.pcr} ({self.bank}): the event log replays to "
+            f"{self.expected_from_log.hex()} (last event #{self.last_event_number}) but the "
+            f"quote says {self.quoted.hex()}"
         )
 
 
 def compare_with_pcrs(
-    log: EventLog, quoted: Mapping[int, bytes], bank: str = "sha256"
+    log: EventLog,
+    quoted: Mapping[int, bytes],
+    bank: str = "sha256",
+    *,
+    unlogged: Iterable[int] = (),
 ) -> list[PcrMismatch]:
-    """Mismatches between the log replay and quoted PCRs, for PCRs present in both."""
+    """Every quoted PCR whose value the log does not reproduce, in PCR order.
+
+    The log must explain each quoted PCR: one it extends must replay to the quoted
+    value, one it never extends must still hold a reset value (see
+    :func:`reset_values`). PCRs in ``unlogged`` (a policy's explicit exemption) are
+    not compared.
+    """
     replayed = replay(log, bank)
+    exempt = frozenset(unlogged)
     mismatches: list[PcrMismatch] = []
-    for pcr in sorted(replayed.keys() & quoted.keys()):
-        if replayed[pcr] != quoted[pcr]:
-            events = log.events_for(pcr)
-            last = events[-1].number if events else None
-            mismatches.append(PcrMismatch(pcr, replayed[pcr], quoted[pcr], last))
+    for pcr in sorted(quoted.keys() - exempt):
+        events = log.events_for(pcr)
+        if events:
+            if replayed[pcr] != quoted[pcr]:
+                mismatches.append(
+                    PcrMismatch(pcr, replayed[pcr], quoted[pcr], events[-1].number, bank))
+        elif quoted[pcr] not in reset_values(log, pcr, bank):
+            mismatches.append(PcrMismatch(pcr, initial_pcr_value(log, pcr, bank), quoted[pcr],
+                                          None, bank))
     return mismatches
 
 

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from attestation.encoding import b64decode, b64encode
+from attestation.encoding import b64decode, b64encode, describe_value, require_int
 from attestation.errors import EvidenceFormatError
 from attestation.tpm_types import DIGEST_SIZE
 
@@ -31,6 +31,7 @@ MAX_EVIDENCE_BYTES = 4 << 20  # event logs of real firmware are tens of KiB
 _REQUIRED = {"format", "version", "attest", "signature", "ak_public", "pcr_bank", "pcrs"}
 _OPTIONAL = {"event_log", "ek_public", "ek_certificate", "platform_certificate",
              "key_certification"}
+_PCR_KEYS = frozenset(str(i) for i in range(32))
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,11 @@ class Evidence:
         if missing or unknown:
             raise EvidenceFormatError(
                 f"evidence keys: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        if doc["format"] != EVIDENCE_FORMAT or doc["version"] != EVIDENCE_VERSION:
-            raise EvidenceFormatError(
-                f"evidence format {doc['format']!r} version {doc['version']!r} is not "
-                f"{EVIDENCE_FORMAT!r} version {EVIDENCE_VERSION}")
+        if doc["format"] != EVIDENCE_FORMAT:
+            raise EvidenceFormatError(f"evidence format: must be {EVIDENCE_FORMAT!r}, "
+                                      f"got {describe_value(doc['format'])}")
+        require_int(doc["version"], "evidence version", EvidenceFormatError,
+                    exactly=EVIDENCE_VERSION)
         bank = doc["pcr_bank"]
         if not isinstance(bank, str) or bank not in DIGEST_SIZE:
             raise EvidenceFormatError(f"pcr_bank {bank!r} is not one of {sorted(DIGEST_SIZE)}")
@@ -133,7 +135,9 @@ def _decode_pcrs(value: object, size: int) -> dict[int, bytes]:
         raise EvidenceFormatError("pcrs must be an object of at most 32 PCRs")
     pcrs = {}
     for key, digest in value.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) < 32):
+        # Canonical ASCII decimal only: "²" is a digit to str.isdigit, and "00" would
+        # silently overwrite "0".
+        if not (isinstance(key, str) and key in _PCR_KEYS):
             raise EvidenceFormatError(f"pcrs: {key!r} is not a PCR index 0..31")
         if not isinstance(digest, str) or len(digest) != 2 * size:
             raise EvidenceFormatError(f"pcrs.{key}: expected {2 * size} hex characters")

@@ -15,6 +15,7 @@ A policy is a small YAML file meant to be read and edited by hand
         type: EV_EFI_BOOT_SERVICES_APPLICATION   # EV_* name, EV_UNKNOWN_0x..., or integer
         digest: "ab12..."
         label: "kernel"        # optional free text used in explanations
+    unlogged_pcrs: [16]        # optional: quoted PCRs the event log need not explain
 
 At least one of ``pcrs`` and ``events`` must be non-empty. Digests may carry a
 ``0x`` prefix and any case (so ``tpm2_pcrread`` output can be pasted) but must
@@ -45,6 +46,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from attestation.encoding import describe_value, require_int
 from attestation.errors import EventLogError, FileInputError, PolicyError
 from attestation.eventlog import (
     ALGORITHMS,
@@ -89,7 +91,7 @@ MAX_TEXT_CHARS = 200
 MAX_DESCRIPTION_CHARS = 2000
 _U32_MAX = 0xFFFFFFFF
 
-_TOP_LEVEL_KEYS = ("version", "name", "description", "bank", "pcrs", "events")
+_TOP_LEVEL_KEYS = ("version", "name", "description", "bank", "pcrs", "events", "unlogged_pcrs")
 _EVENT_KEYS = ("pcr", "type", "digest", "label")
 
 
@@ -124,14 +126,20 @@ class ReferencePolicy:
     events: tuple[ExpectedEvent, ...] = ()
     description: str = ""
     version: int = POLICY_VERSION
+    unlogged_pcrs: tuple[int, ...] = ()
+    """Quoted PCRs the event log need not explain (the verifier's ``event_log`` check
+    otherwise requires the log to reproduce every quoted PCR)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pcrs, Mapping) or not isinstance(self.events, Sequence):
-            raise PolicyError("policy: pcrs must be a mapping and events a sequence")
+        if (not isinstance(self.pcrs, Mapping) or not isinstance(self.events, Sequence)
+                or not isinstance(self.unlogged_pcrs, Sequence)):
+            raise PolicyError("policy: pcrs must be a mapping, events and unlogged_pcrs "
+                              "sequences")
         _validate_policy(self)
         # Sorted copies: stable dumps, equality by value, no aliasing of the caller's data.
         object.__setattr__(self, "pcrs", dict(sorted(self.pcrs.items())))
         object.__setattr__(self, "events", tuple(self.events))
+        object.__setattr__(self, "unlogged_pcrs", tuple(sorted(self.unlogged_pcrs)))
 
     def event_pcrs(self) -> list[int]:
         """PCRs whose events the policy lists, sorted."""
@@ -142,8 +150,7 @@ class ReferencePolicy:
 
 
 def _validate_policy(policy: ReferencePolicy) -> None:
-    if policy.version != POLICY_VERSION:
-        raise PolicyError(f"version: must be {POLICY_VERSION}")
+    require_int(policy.version, "version", PolicyError, exactly=POLICY_VERSION)
     _check_text(policy.name, "name", MAX_TEXT_CHARS, required=True)
     _check_text(policy.description, "description", MAX_DESCRIPTION_CHARS)
     if policy.bank not in ALGORITHMS:
@@ -157,6 +164,7 @@ def _validate_policy(policy: ReferencePolicy) -> None:
         raise PolicyError(f"events: more than {MAX_EXPECTED_EVENTS} entries")
     for index, event in enumerate(policy.events):
         _validate_expected_event(event, f"events[{index}]", size)
+    _validate_unlogged(policy)
     if not policy.pcrs and not policy.events:
         raise PolicyError("policy: neither pcrs nor events is given, so it would check nothing")
 
@@ -165,16 +173,29 @@ def _validate_expected_event(event: ExpectedEvent, path: str, size: int) -> None
     if not isinstance(event, ExpectedEvent):
         raise PolicyError(f"{path}: expected an ExpectedEvent")
     _check_pcr_index(event.pcr, f"{path}.pcr")
-    if not isinstance(event.event_type, int) or not 0 <= event.event_type <= _U32_MAX:
-        raise PolicyError(f"{path}.type: must be a 32-bit event type")
+    require_int(event.event_type, f"{path}.type", PolicyError, minimum=0, maximum=_U32_MAX,
+                noun="event type")
     if not isinstance(event.digest, bytes) or len(event.digest) != size:
         raise PolicyError(f"{path}.digest: expected {size} bytes")
     _check_text(event.label, f"{path}.label", MAX_TEXT_CHARS)
 
 
-def _check_pcr_index(pcr: object, path: str) -> None:
-    if isinstance(pcr, bool) or not isinstance(pcr, int) or not 0 <= pcr <= MAX_PCR:
-        raise PolicyError(f"{path}: PCR index must be an integer 0..{MAX_PCR}")
+def _validate_unlogged(policy: ReferencePolicy) -> None:
+    seen: set[int] = set()
+    for index, pcr in enumerate(policy.unlogged_pcrs):
+        _check_pcr_index(pcr, f"unlogged_pcrs[{index}]")
+        if pcr in seen:
+            raise PolicyError(f"unlogged_pcrs[{index}]: PCR {pcr} is listed twice")
+        seen.add(pcr)
+    # Expected events of a PCR are only compared when the log replays to it, so a PCR
+    # cannot be both explained event by event and exempt from the log.
+    both = sorted(seen & set(policy.event_pcrs()))
+    if both:
+        raise PolicyError(f"unlogged_pcrs: PCR {both[0]} also has expected events")
+
+
+def _check_pcr_index(pcr: object, path: str) -> int:
+    return require_int(pcr, path, PolicyError, minimum=0, maximum=MAX_PCR, noun="PCR index")
 
 
 def _check_text(value: object, path: str, limit: int, *, required: bool = False) -> None:
@@ -248,7 +269,8 @@ def _policy_from_document(document: object) -> ReferencePolicy:
     size = ALGORITHMS[bank][1]
     pcrs = _pcrs_field(document.get("pcrs"), size)
     events = _events_field(document.get("events"), size)
-    return ReferencePolicy(name, bank, pcrs, events, description)
+    unlogged = _unlogged_field(document.get("unlogged_pcrs"))
+    return ReferencePolicy(name, bank, pcrs, events, description, unlogged_pcrs=unlogged)
 
 
 def _show(value: object) -> str:
@@ -266,9 +288,7 @@ def _kind(value: object) -> str:
 def _check_version(version: object) -> None:
     if version is None:
         raise PolicyError("version: missing (must be 1)")
-    if type(version) is not int or version != POLICY_VERSION:  # not 1.0, true or "1"
-        raise PolicyError(f"version: {_show(version)} ({type(version).__name__}) is not "
-                          f"supported (must be the integer {POLICY_VERSION})")
+    require_int(version, "version", PolicyError, exactly=POLICY_VERSION)
 
 
 def _text_field(
@@ -315,9 +335,7 @@ def _pcr_key(key: object, path: str) -> int:
     # Accept "4" as well as 4: quoting keys is a common hand-editing habit.
     if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 2:
         key = int(key)
-    _check_pcr_index(key, path)
-    assert isinstance(key, int)
-    return key
+    return _check_pcr_index(key, path)
 
 
 def _hex_digest(value: object, path: str, size: int) -> bytes:
@@ -333,6 +351,18 @@ def _hex_digest(value: object, path: str, size: int) -> bytes:
     if len(text) != 2 * size or not all(ch in "0123456789abcdefABCDEF" for ch in text):
         raise PolicyError(f"{path}: expected {2 * size} hex characters")
     return bytes.fromhex(text)
+
+
+def _unlogged_field(value: object) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise PolicyError("unlogged_pcrs: expected a list of PCR indices, "
+                          f"got {describe_value(value)}")
+    if len(value) > MAX_PCR + 1:
+        raise PolicyError(f"unlogged_pcrs: more than {MAX_PCR + 1} entries")
+    return tuple(_check_pcr_index(pcr, f"unlogged_pcrs[{index}]")
+                 for index, pcr in enumerate(value))
 
 
 def _events_field(value: object, size: int) -> tuple[ExpectedEvent, ...]:
@@ -355,9 +385,7 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
     for key in ("pcr", "type", "digest"):
         if key not in item:
             raise PolicyError(f"{path}.{key}: missing")
-    pcr = item["pcr"]
-    _check_pcr_index(pcr, f"{path}.pcr")
-    assert isinstance(pcr, int)
+    pcr = _check_pcr_index(item["pcr"], f"{path}.pcr")
     event_type = _event_type(item["type"], f"{path}.type")
     digest = _hex_digest(item["digest"], f"{path}.digest", size)
     label = _text_field(item, "label", MAX_TEXT_CHARS, parent=path)
@@ -365,12 +393,12 @@ def _event_entry(item: object, path: str, size: int) -> ExpectedEvent:
 
 
 def _event_type(value: object, path: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U32_MAX:
-        return value
-    if isinstance(value, str):
-        number = event_type_value(value.strip())
-        if number is not None:
-            return number
+    if not isinstance(value, str):
+        return require_int(value, path, PolicyError, minimum=0, maximum=_U32_MAX,
+                           noun="event type")
+    number = event_type_value(value.strip())
+    if number is not None:
+        return number
     raise PolicyError(
         f"{path}: {_show(value)} is not an event type (use an EV_* name such as "
         "EV_EFI_BOOT_SERVICES_APPLICATION, EV_UNKNOWN_0x0000ABCD, or a 32-bit integer)"
@@ -400,6 +428,9 @@ def dump_policy(policy: ReferencePolicy) -> str:
     if policy.pcrs:
         lines += ["", "# Exact PCR values the quote must contain.", "pcrs:"]
         lines += [f'  {pcr}: "{value.hex()}"' for pcr, value in policy.pcrs.items()]
+    if policy.unlogged_pcrs:
+        lines += ["", "# Quoted PCRs the event log need not explain.",
+                  f"unlogged_pcrs: [{', '.join(map(str, policy.unlogged_pcrs))}]"]
     if policy.events:
         lines += [
             "",
@@ -439,6 +470,7 @@ def policy_from_evidence(
     bank: str = "sha256",
     labels: Mapping[tuple[int, int], str] | None = None,
     description: str = "",
+    unlogged_pcrs: Sequence[int] = (),
 ) -> ReferencePolicy:
     """A policy that accepts exactly this node's evidence.
 
@@ -448,20 +480,25 @@ def policy_from_evidence(
     from inconsistent evidence would only ever fail). ``labels`` names
     events by (pcr, position), position counting from 1 within the PCR's
     events (EV_NO_ACTION excluded); unlabelled events get their description.
+    ``unlogged_pcrs`` are quoted PCRs the log need not explain: they get no expected
+    events and are carried into the policy.
     """
     expected_pcrs = dict(pcrs)
     events: tuple[ExpectedEvent, ...] = ()
     if log is not None:
-        _check_consistent(expected_pcrs, log, bank)
-        events = _events_from_log(expected_pcrs, log, bank, labels or {})
-    return ReferencePolicy(name, bank, expected_pcrs, events, description)
+        _check_consistent(expected_pcrs, log, bank, unlogged_pcrs)
+        logged = {pcr: value for pcr, value in expected_pcrs.items() if pcr not in unlogged_pcrs}
+        events = _events_from_log(logged, log, bank, labels or {})
+    return ReferencePolicy(name, bank, expected_pcrs, events, description,
+                           unlogged_pcrs=tuple(unlogged_pcrs))
 
 
-def _check_consistent(pcrs: Mapping[int, bytes], log: EventLog, bank: str) -> None:
+def _check_consistent(pcrs: Mapping[int, bytes], log: EventLog, bank: str,
+                      unlogged: Sequence[int]) -> None:
     if bank not in ALGORITHMS:
         raise PolicyError(f"bank: {bank!r} is not one of {', '.join(ALGORITHMS)}")
     try:
-        mismatches = compare_with_pcrs(log, pcrs, bank)
+        mismatches = compare_with_pcrs(log, pcrs, bank, unlogged=unlogged)
     except EventLogError as exc:
         raise PolicyError(f"cannot use the event log: {exc}") from exc
     if mismatches:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -85,7 +86,7 @@ class PinnedAk:
     def from_pem(cls, pem: bytes, label: str) -> PinnedAk:
         try:
             key = serialization.load_pem_public_key(pem)
-        except ValueError as exc:
+        except (ValueError, UnsupportedAlgorithm) as exc:
             raise VerificationError("ak_trust", f"{label} is not a PEM public key: {exc}") from None
         if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
             raise VerificationError("ak_trust", f"{label} is neither an RSA nor an EC key")
@@ -199,6 +200,8 @@ class AkRegistry:
                 raise ValueError("not an object")
             return cls({str(n): parse_public(b64decode(v, f"AK of {n}"))
                         for n, v in doc.items()})
+        except RecursionError:
+            raise EvidenceFormatError("AK registry is not valid: JSON nested too deeply") from None
         except (ValueError, TypeError, binascii.Error, EvidenceFormatError) as exc:
             raise EvidenceFormatError(f"AK registry is not valid: {exc}") from None
 

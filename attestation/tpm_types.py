@@ -18,6 +18,8 @@ from enum import IntEnum, IntFlag
 from functools import cached_property, lru_cache
 from typing import Any, Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attestation.errors import EvidenceFormatError
@@ -461,27 +463,64 @@ def parse_tpm2b_public(data: bytes) -> PublicArea:
     return parse_public(inner)
 
 
+RSA_KEY_BITS = (1024, 2048, 3072, 4096)
+_U32_MAX = 0xFFFFFFFF
+
+
 def marshal_public_key(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
                        attributes: int = 0) -> bytes:
     """Encode a bare public key as a TPMT_PUBLIC (nameAlg sha256, no scheme).
 
     For AKs given only as PEM (``tpm2_checkquote -u ak.pem``): the result carries
     whatever ``attributes`` the caller asserts, and nothing the TPM vouched for.
+    A key no TPM could hold (odd modulus length, exponent beyond 32 bits, a curve
+    without a TPM_ECC_CURVE) is an :class:`EvidenceFormatError` saying what is wrong.
     """
     head = struct.pack(">HHI", Alg.RSA if isinstance(key, rsa.RSAPublicKey) else Alg.ECC,
                        Alg.SHA256, attributes) + tpm2b(b"") + struct.pack(">H", Alg.NULL)
     if isinstance(key, rsa.RSAPublicKey):
         numbers = key.public_numbers()
+        _check_tpm_rsa(key.key_size, numbers.e)
         exponent = 0 if numbers.e == 65537 else numbers.e
         return (head + struct.pack(">HHI", Alg.NULL, key.key_size, exponent)
                 + tpm2b(numbers.n.to_bytes(key.key_size // 8)))
     curve = next((c for c, v in CURVES.items() if v.name == key.curve.name), None)
     if curve is None:
-        raise EvidenceFormatError(f"unsupported curve {key.curve.name}")
+        raise EvidenceFormatError(
+            f"EC curve {key.curve.name} has no TPM curve identifier here "
+            f"(supported: {', '.join(v.name for v in CURVES.values())})")
     size = (key.curve.key_size + 7) // 8
     point = key.public_numbers()
     return (head + struct.pack(">HHH", Alg.NULL, curve, Alg.NULL)
             + tpm2b(point.x.to_bytes(size)) + tpm2b(point.y.to_bytes(size)))
+
+
+def _check_tpm_rsa(bits: int, exponent: int) -> None:
+    # TPMT_PUBLIC holds keyBits as a whole number of bytes and the exponent in a u32.
+    if bits not in RSA_KEY_BITS:
+        raise EvidenceFormatError(
+            f"RSA modulus of {bits} bits: a TPM key has {', '.join(map(str, RSA_KEY_BITS))}")
+    if exponent > _U32_MAX:
+        raise EvidenceFormatError(
+            f"RSA public exponent {exponent} does not fit the TPM's 32-bit exponent field")
+
+
+def tpmt_public_from_pem(pem: bytes, what: str) -> bytes:
+    """A PEM public key (``tpm2_checkquote -u ak.pem``) as TPMT_PUBLIC bytes.
+
+    Every way it can be unusable -- not PEM, an algorithm ``cryptography`` or the TPM
+    does not know, a key no TPM could hold -- is one EvidenceFormatError naming ``what``.
+    """
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EvidenceFormatError(f"{what}: not a usable PEM public key ({exc})") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise EvidenceFormatError(f"{what}: neither an RSA nor an EC public key")
+    try:
+        return marshal_public_key(key)
+    except EvidenceFormatError as exc:
+        raise EvidenceFormatError(f"{what}: {exc}") from None
 
 
 # --- what a TPM client returns (tpm2-pytss: attestation/tpm.py; raw: cryptovm/rawtpm.py) --

@@ -250,9 +250,12 @@ class QuoteVerifier:
             ("pcr_selection", lambda: _check_selection(_a(p), evidence)),
             ("pcr_digest", lambda: _check_pcr_digest(_a(p), _s(p), evidence)),
             ("clock", lambda: self._check_clock(p)),
-            ("event_log", lambda: _check_event_log(evidence, p)),
+            ("event_log", lambda: _check_event_log(evidence, p, self._unlogged_pcrs())),
             ("policy", lambda: self._check_policy(evidence, p)),
         ]
+
+    def _unlogged_pcrs(self) -> tuple[int, ...]:
+        return self.policy.unlogged_pcrs if self.policy is not None else ()
 
     def _check_ak_attributes(self, ak: PublicArea) -> str:
         if isinstance(self.ak_trust, PinnedAk) and self.ak_trust.bare_key:
@@ -262,6 +265,11 @@ class QuoteVerifier:
 
     def _check_clock(self, p: _Parsed) -> str:
         info = _a(p).clock_info
+        if not info.safe:
+            # The TPM lost Clock since it last saved it (an unorderly shutdown): values it
+            # reported before may be ahead of this one, so freshness by clock is void.
+            raise VerificationError("clock", "clock safe flag is 0: the TPM clock may have "
+                                    "gone backwards (TPMS_CLOCK_INFO.safe)")
         if self.clock_history is None:
             return f"no history kept (clock {info.clock} ms, resetCount {info.reset_count})"
         return self.clock_history.check(_k(p).name, info, _a(p).raw)
@@ -332,17 +340,22 @@ def _check_pcr_digest(attest: Attest, sig: Signature, evidence: Evidence) -> str
     return "reported PCR values hash to the quoted pcrDigest"
 
 
-def _check_event_log(evidence: Evidence, p: _Parsed) -> str:
+def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) -> str:
+    """The log must explain every quoted PCR, except those the policy exempts."""
     if evidence.event_log is None:
         return "no event log supplied"
     try:
         p.log = parse_event_log(evidence.event_log)
+        mismatches = compare_with_pcrs(p.log, evidence.pcrs, evidence.pcr_bank,
+                                       unlogged=unlogged)
     except EventLogError as exc:
-        raise VerificationError("event_log", f"event log does not parse: {exc}") from None
-    mismatches = compare_with_pcrs(p.log, evidence.pcrs, evidence.pcr_bank)
+        raise VerificationError("event_log", f"event log unusable: {exc}") from None
     if mismatches:
         raise VerificationError("event_log", "; ".join(m.describe() for m in mismatches))
-    return f"replay of {len(p.log.events)} events matches the quoted PCRs"
+    exempt = sorted(set(unlogged) & set(evidence.pcrs))
+    note = f" (PCRs {', '.join(map(str, exempt))} not logged, per the policy)" if exempt else ""
+    return (f"replay of {len(p.log.events)} events explains all {len(evidence.pcrs)} quoted "
+            f"PCRs{note}")
 
 
 def _check_certified_name(attest: Attest, key: PublicArea) -> str:

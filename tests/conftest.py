@@ -8,11 +8,15 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.register_profile("dev", max_examples=100, deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# Property tests take their number of cases from one profile, picked by HYPOTHESIS_PROFILE:
+# "ci" (the default) keeps every property test of the suite at about a minute in total;
+# "dev" is quicker still; "long" is what bench/fuzz_long.py uses (>= 10,000 per property).
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+settings.register_profile("ci", max_examples=250, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("dev", max_examples=30, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("long", max_examples=10_000, database=None,
+                          **_COMMON)  # type: ignore[arg-type]
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

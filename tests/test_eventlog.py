@@ -46,7 +46,7 @@ HASHLIB = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sh
 EFI_GLOBAL_VARIABLE = bytes.fromhex("61dfe48bca93d211aa0d00e098032b8c")  # 8be4df61-93ca-11d2-...
 CMDLINE = "console=ttyS0 root=/dev/vda1 ro"
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # cases: profile
 
 
 # --- helpers building realistic event data ------------------------------------------------
@@ -290,20 +290,47 @@ def test_startup_locality_must_be_unambiguous() -> None:
 # --- comparison and divergence --------------------------------------------------------------
 
 
-def test_compare_with_pcrs_reports_only_differing_pcrs_in_both() -> None:
+def test_compare_with_pcrs_reports_every_quoted_pcr_the_log_does_not_explain() -> None:
     reference = sample_builder().build()
     actual = sample_builder(kernel=b"kernel image v2").build()
     quoted = replay(actual)
-    quoted[17] = b"\xff" * 32  # not in the log: ignored
+    quoted[17] = b"\xff" * 32  # a DRTM PCR before any dynamic launch: explained
+    quoted[16] = bytes(32)  # never extended, at its reset value: explained
     mismatches = compare_with_pcrs(reference, quoted)
     assert [m.pcr for m in mismatches] == [4, 9]
     pcr4 = mismatches[0]
     assert pcr4.expected_from_log == replay(reference)[4]
     assert pcr4.quoted == quoted[4]
     assert pcr4.last_event_number == 16
-    assert pcr4.describe().startswith("PCR 4: the event log replays to ")
-    assert "(last event #16)" in pcr4.describe()
+    assert pcr4.describe() == (
+        f"PCR 4 (sha256): the event log replays to {replay(reference)[4].hex()} "
+        f"(last event #16) but the quote says {quoted[4].hex()}")
     assert compare_with_pcrs(actual, quoted) == []
+
+
+def test_a_quoted_pcr_the_log_never_extends_must_be_at_its_reset_value() -> None:
+    log = sample_builder().build()
+    quoted = replay(log)
+    quoted[16] = b"\x16" * 32
+    quoted[18] = b"\x18" * 32
+    mismatches = compare_with_pcrs(log, quoted)
+    assert [(m.pcr, m.last_event_number) for m in mismatches] == [(16, None), (18, None)]
+    assert mismatches[0].describe() == (
+        "PCR 16 (sha256): the event log extends nothing into it, so it would hold its reset "
+        f"value {'00' * 32}, but the quote says {'16' * 32}")
+    assert compare_with_pcrs(log, quoted, unlogged=[16, 18]) == []
+
+
+def test_a_log_with_one_pcrs_events_removed_no_longer_explains_it() -> None:
+    full = sample_builder()
+    quoted = replay(full.build())
+    stripped = eventlog.EventLogBuilder(banks=full.banks, startup_locality=None)
+    for event in full.events:
+        if event.pcr != 4:
+            stripped.add_digests(event.pcr, event.event_type, event.data, event.digests)
+    mismatches = compare_with_pcrs(stripped.build(), quoted)
+    assert [m.pcr for m in mismatches] == [4]
+    assert mismatches[0].last_event_number is None
 
 
 def test_divergence_names_pcr_event_type_and_both_digests() -> None:

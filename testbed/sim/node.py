@@ -44,7 +44,7 @@ from testbed.roles.base import NodeContext, RoleService
 from testbed.roles.registry import start_node_service
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
-from testbed.tpm.boot import boot_summary, measure_boot
+from testbed.tpm.boot import boot_summary, measure_boot, restore_clock_safety
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import STATE_FILE, Swtpm, provision
 
@@ -118,6 +118,8 @@ class Node:
         ca = LocalCA.ensure(self.cluster_paths.ca_dir)
         self._ensure_tpm_state(ca)
         client = self._start_tpm()
+        if restore_clock_safety(client):  # swtpm was stopped without TPM2_Shutdown
+            log.info("TPM clock was unsafe after an unorderly stop: advanced to a save point")
         event_log = measure_boot(client, boot)
         ek = client.endorsement_key("rsa")
         if ek.certificate is None:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import yaml
 
+from attestation.encoding import require_int
 from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.files import hash_file, read_bounded
 from attestation.strict_yaml import load_yaml
@@ -297,10 +298,7 @@ def parse_cluster_spec(text: str, base_dir: Path, backend: str | None = None) ->
 
 def _cluster(document: object, base: Path, backend_override: str | None = None) -> ClusterSpec:
     doc = _mapping(document, "spec", _TOP_KEYS)
-    version = doc.get("version")
-    if type(version) is not int or version != SPEC_VERSION:  # not 1.0, not true, not "1"
-        raise ClusterSpecError(f"version: {_show(version)} ({_kind(version)}) is not supported "
-                               f"(must be the integer {SPEC_VERSION})")
+    require_int(doc.get("version"), "version", ClusterSpecError, exactly=SPEC_VERSION)
     name = _name(doc.get("name"), "name")
     backend = backend_override or doc.get("backend", "sim")
     if backend not in BACKENDS:

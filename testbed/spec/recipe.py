@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from attestation.encoding import require_int
 from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.files import read_bounded
 from attestation.strict_yaml import load_yaml
@@ -132,10 +133,7 @@ def parse_recipe(doc: object, path: Path = DEFAULT_RECIPE) -> ImageRecipe:
     missing = sorted(k for k in _KEYS if k not in doc)
     if unknown or missing:
         raise RecipeError(f"recipe: unknown keys {unknown}, missing keys {missing}")
-    if type(doc["version"]) is not int or doc["version"] != RECIPE_VERSION:
-        raise RecipeError(f"version: {str(doc['version'])[:20]!r} "
-                          f"({type(doc['version']).__name__}) is not supported (must be the "
-                          f"integer {RECIPE_VERSION})")
+    require_int(doc["version"], "version", RecipeError, exactly=RECIPE_VERSION)
     return ImageRecipe(
         name=_match(doc, "name", _NAME),
         suite=_match(doc, "suite", _NAME),
@@ -189,9 +187,7 @@ def _check_cmdline(value: object) -> str:
 
 
 def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise RecipeError("agent_port: expected a TCP port number")
-    return value
+    return require_int(value, "agent_port", RecipeError, minimum=1, maximum=65535)
 
 
 def _relative(value: object, key: str) -> str:

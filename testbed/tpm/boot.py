@@ -17,6 +17,9 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from tpm2_pytss import TSS2_Exception
+
+from attestation.errors import TpmError
 from attestation.eventlog import EventLogBuilder, initial_pcr_value, parse_event_log, replay
 from attestation.policy import ReferencePolicy, policy_from_evidence
 from attestation.tpm import TpmClient
@@ -32,6 +35,7 @@ __all__ = [
     "measure_boot",
     "predict_boot",
     "predicted_policy",
+    "restore_clock_safety",
 ]
 
 BANK = "sha256"
@@ -94,6 +98,35 @@ def measure_boot(client: TpmClient, boot: BootSpec) -> bytes:
         event = log.add_digests(step.pcr, step.event_type, step.data, {BANK: step.digest})
         client.extend_pcr(step.pcr, event.digests)
     return log.to_bytes()
+
+
+CLOCK_SAVE_INTERVAL_BITS = 22
+"""The reference TPM (libtpms) saves Clock to NV each time it crosses a multiple of 2^22 ms
+(NV_CLOCK_UPDATE_INTERVAL); crossing one is what sets TPMS_CLOCK_INFO.safe again."""
+
+
+def restore_clock_safety(client: TpmClient) -> bool:
+    """After an unorderly stop the TPM reports ``safe = 0``; make its Clock safe again.
+
+    The TPM restored Clock from its last NV save, so it may be behind values it already
+    reported, but never by more than one save interval. Advancing Clock (TPM2_ClockSet,
+    owner auth) to the next save boundary puts it past every value reported before; the
+    TPM then saves it and sets ``safe`` itself. A verifier refuses quotes with ``safe = 0``,
+    so the platform does this at power-on. Returns whether Clock had to be advanced.
+    """
+    esapi = client.esapi
+    try:
+        info = esapi.read_clock().clockInfo
+        if int(info.safe):
+            return False
+        step = CLOCK_SAVE_INTERVAL_BITS
+        esapi.clock_set(((int(info.clock) >> step) + 1) << step)
+        safe = int(esapi.read_clock().clockInfo.safe)
+    except TSS2_Exception as exc:
+        raise TpmError(f"making the TPM clock safe (TPM2_ClockSet) failed: {exc}") from None
+    if not safe:
+        raise TpmError("TPM2_ClockSet to the next clock save boundary left Clock unsafe")
+    return True
 
 
 def predict_boot(boot: BootSpec) -> tuple[bytes, dict[int, bytes]]:

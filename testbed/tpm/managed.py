@@ -15,10 +15,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from attestation.tpm import TpmClient
 from testbed.core.errors import StateError, SwtpmError, UsageError
 from testbed.core.files import read_json, write_json
 from testbed.core.paths import private_tree
 from testbed.core.processes import process_argv, read_pid
+from testbed.tpm.boot import restore_clock_safety
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm, provision
 
@@ -69,6 +71,8 @@ class ManagedTpms:
         if not (state / "tpm2-00.permall").exists():
             provision(state, self.ca())
         swtpm = Swtpm(state, run_dir=directory, detached=True).start()
+        with TpmClient(swtpm.tcti) as client:
+            restore_clock_safety(client)  # stopped without TPM2_Shutdown last time
         write_json(directory / "instance.json", {"tcti": swtpm.tcti})
         return ManagedTpm(name, swtpm.tcti, swtpm.pid, state)
 

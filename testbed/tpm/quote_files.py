@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from attestation.errors import EvidenceFormatError
 from attestation.evidence import MAX_EVIDENCE_BYTES, Evidence
@@ -25,11 +24,11 @@ from attestation.files import atomic_write, read_bounded
 from attestation.tools_format import read_pcrs, write_pcrs
 from attestation.tpm_types import (
     PcrSelection,
-    marshal_public_key,
     parse_attest,
     parse_public,
     parse_tpm2b_public,
     tpm2b,
+    tpmt_public_from_pem,
 )
 from testbed.core.errors import ArgumentError
 
@@ -127,17 +126,20 @@ def load_ak(path: Path) -> tuple[bytes, bool]:
     """
     data = read_quote_file(path)
     if data.lstrip().startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(data)
-        except ValueError as exc:
-            raise EvidenceFormatError(f"{path}: not a PEM public key ({exc})") from None
-        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            raise EvidenceFormatError(f"{path}: neither an RSA nor an EC public key")
-        return marshal_public_key(key), True
+        return tpmt_public_from_pem(data, str(path)), True
     try:
-        return parse_tpm2b_public(data).raw, False
+        area = parse_tpm2b_public(data)
     except EvidenceFormatError:
-        return parse_public(data).raw, False
+        try:
+            area = parse_public(data)
+        except EvidenceFormatError as exc:
+            raise EvidenceFormatError(f"{path}: not a PEM key, TPM2B_PUBLIC or TPMT_PUBLIC "
+                                      f"({exc})") from None
+    try:
+        area.public_key()  # a key no library could use fails here, naming the file
+    except EvidenceFormatError as exc:
+        raise EvidenceFormatError(f"{path}: {exc}") from None
+    return area.raw, False
 
 
 def evidence_from_files(files: QuoteFiles) -> tuple[Evidence, bool]:
