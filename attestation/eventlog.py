@@ -28,7 +28,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from attestation.errors import EventLogError
 
@@ -646,6 +646,12 @@ class PcrMismatch:
     """Number of the last event extended into this PCR (None: the log extends nothing
     into it, so ``expected_from_log`` is its reset value)."""
     bank: str = "sha256"
+
+    def to_dict(self) -> dict[str, Any]:
+        """For JSON output: every field, digests in full hex."""
+        return {"pcr": self.pcr, "bank": self.bank,
+                "expected_from_log": self.expected_from_log.hex(),
+                "quoted": self.quoted.hex(), "last_event_number": self.last_event_number}
 
     def describe(self) -> str:
         # Full hex: whoever reads this compares it with tpm2_pcrread or a replay tool.

@@ -271,7 +271,8 @@ class QuoteVerifier:
             raise VerificationError("clock", "clock safe flag is 0: the TPM clock may have "
                                     "gone backwards (TPMS_CLOCK_INFO.safe)")
         if self.clock_history is None:
-            return f"no history kept (clock {info.clock} ms, resetCount {info.reset_count})"
+            return (f"clock safe; no history kept, so not compared with earlier quotes "
+                    f"(clock {info.clock} ms, resetCount {info.reset_count})")
         return self.clock_history.check(_k(p).name, info, _a(p).raw)
 
     def _check_policy(self, evidence: Evidence, p: _Parsed) -> str:
@@ -343,7 +344,8 @@ def _check_pcr_digest(attest: Attest, sig: Signature, evidence: Evidence) -> str
 def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) -> str:
     """The log must explain every quoted PCR, except those the policy exempts."""
     if evidence.event_log is None:
-        return "no event log supplied"
+        raise CheckSkipped("no event log supplied: what the quoted PCR values measure is not "
+                           "explained")
     try:
         p.log = parse_event_log(evidence.event_log)
         mismatches = compare_with_pcrs(p.log, evidence.pcrs, evidence.pcr_bank,
@@ -351,7 +353,8 @@ def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) 
     except EventLogError as exc:
         raise VerificationError("event_log", f"event log unusable: {exc}") from None
     if mismatches:
-        raise VerificationError("event_log", "; ".join(m.describe() for m in mismatches))
+        raise VerificationError("event_log", "; ".join(m.describe() for m in mismatches),
+                                {"mismatches": [m.to_dict() for m in mismatches]})
     exempt = sorted(set(unlogged) & set(evidence.pcrs))
     note = f" (PCRs {', '.join(map(str, exempt))} not logged, per the policy)" if exempt else ""
     return (f"replay of {len(p.log.events)} events explains all {len(evidence.pcrs)} quoted "

@@ -224,9 +224,11 @@ def test_verify_quote_reads_evidence_json_with_its_event_log(lab: Lab, tmp_path:
                 "--json")
     report = json.loads(r.stdout)
     assert r.returncode == 1 and report["failed_check"] == "event_log"
-    [mismatch] = report["event_log_mismatches"]  # in full, beside the abbreviated detail
-    assert mismatch["pcr"] == 23 and HEX_DIGEST.match(mismatch["replayed"])
-    assert HEX_DIGEST.match(mismatch["quoted"]) and mismatch["quoted"] != mismatch["replayed"]
+    failed = next(c for c in report["checks"] if c["check"] == "event_log")
+    [mismatch] = failed["mismatches"]  # every mismatch as data, digests in full
+    assert mismatch["pcr"] == 23 and HEX_DIGEST.match(mismatch["expected_from_log"])
+    assert HEX_DIGEST.match(mismatch["quoted"])
+    assert mismatch["quoted"] != mismatch["expected_from_log"]
 
 
 def test_quote_refuses_an_event_log_that_does_not_replay(lab: Lab, tmp_path: Path) -> None:
@@ -274,12 +276,15 @@ def test_verify_quote_without_policy_says_what_was_not_established(lab: Lab, tmp
     out = tmp_path / "q"
     lab.ok("quote", "-q", "05", "-o", str(out))
     text = lab.ok("verify-quote", str(out), "-q", "05").stdout
-    assert "ACCEPTED, but not established: policy (skipped)" in text.splitlines()[0]
+    # No event log either (quote without --event-log): its check is skipped too.
+    verdict = "ACCEPTED, but not established: event_log, policy (skipped)"
+    assert verdict in text.splitlines()[0]
     assert re.search(r"\[skip\] policy +no reference policy given", text)
+    assert re.search(r"\[skip\] event_log +no event log supplied", text)
     report = lab.json("verify-quote", str(out), "-q", "05")
     assert isinstance(report, dict)
-    assert report["ok"] is True and report["skipped_checks"] == ["policy"]
-    assert report["verdict"] == "ACCEPTED, but not established: policy (skipped)"
+    assert report["ok"] is True and report["skipped_checks"] == ["event_log", "policy"]
+    assert report["verdict"] == verdict
     assert {c["check"]: c["state"] for c in report["checks"]}["policy"] == "skipped"
     assert all(c["state"] in ("passed", "failed", "skipped") for c in report["checks"])
 

@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from attestation.endorsement import ValidatedEk, load_ca_bundle, validate_ek
-from attestation.errors import EndorsementError, EvidenceFormatError, PolicyError
+from attestation.errors import EndorsementError, PolicyError
 from attestation.eventlog import (
     MAX_LOG_BYTES,
     EventLog,
@@ -31,7 +31,6 @@ from attestation.evidence import MAX_EVIDENCE_BYTES, Evidence
 from attestation.files import atomic_write, read_bounded
 from attestation.policy import ReferencePolicy, dump_policy, load_policy, policy_from_evidence
 from attestation.registrar import PinnedAk
-from attestation.report import VerificationReport
 from attestation.tools_format import read_pcrs
 from attestation.tpm import TpmClient
 from attestation.tpm_types import DIGEST_SIZE, PcrSelection, parse_attest, parse_public
@@ -467,24 +466,9 @@ def cmd_verify_quote(args: argparse.Namespace) -> int:
     report = QuoteVerifier(ak_trust=quote.trust, policy=policy).verify(quote.evidence, nonce)
     data = {**report.to_dict(), "verdict": verdict(report), "source": str(quote.source),
             "nonce": nonce.hex(), "policy": None if policy is None else policy.name,
-            "event_log_supplied": quote.evidence.event_log is not None, "verified_at": utc_now(),
-            "event_log_mismatches": _log_mismatches(report, quote.evidence)}
+            "event_log_supplied": quote.evidence.event_log is not None, "verified_at": utc_now()}
     emit(args, data, lambda: print_report(report, f"quote {quote.source}"))
     return EXIT_OK if report.ok else EXIT_REJECTED
-
-
-def _log_mismatches(report: VerificationReport, evidence: Evidence) -> list[dict[str, Any]]:
-    """Every PCR the event log does not replay to, digests in full (the check's detail
-    abbreviates them): data for programs when the event_log check failed."""
-    if evidence.event_log is None or report.check("event_log").state != "failed":
-        return []
-    try:
-        log = parse_event_log(evidence.event_log)
-        mismatches = compare_with_pcrs(log, evidence.pcrs, evidence.pcr_bank)
-    except EvidenceFormatError:
-        return []  # the check's detail says why the log is unusable
-    return [{"pcr": m.pcr, "replayed": m.expected_from_log.hex(), "quoted": m.quoted.hex(),
-             "last_event": m.last_event_number} for m in mismatches]
 
 
 # --- policy ------------------------------------------------------------------------------
