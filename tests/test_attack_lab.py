@@ -27,6 +27,7 @@ EXPECTED_CHECK = {
     "third-party": ("policy", "server"),
     "proxy-reads-body": ("tctp_record", "server"),
     "halec-hijack": ("tctp_record", "server"),
+    "sign-forgery": ("cms_signer", "third party"),
 }
 
 
@@ -51,6 +52,11 @@ def test_attack_succeeds_on_plain_mtls_and_is_caught(lab: Lab, name: str) -> Non
     assert (result.trusted_passages.caught_by, result.trusted_passages.caught_at) == (check, side)
     # The genuine channel still works after the scenario (nothing left broken).
     assert genuine(lab)[0]
+
+
+def test_sign_forgery_names_the_check_for_each_forgery(lab: Lab) -> None:
+    detail = SCENARIOS["sign-forgery"](lab).trusted_passages.detail
+    assert "re-signed: cms_signer; altered: cms_signature (genuine proof: ok)" in detail
 
 
 def test_tampered_boot_names_the_kernel_event(lab: Lab) -> None:

@@ -7,10 +7,17 @@ secret reaches the wrong machine, or the attacker's connection is accepted.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from attestation.errors import TestbedError
@@ -27,6 +34,8 @@ from trusted_passages import (
     serve,
     spki_digest,
 )
+from trusted_passages.blocking import establish
+from trusted_passages.signing import Proof, SignReceiver, SignSender, build_signed_data
 from trusted_passages.tctp import (
     HalecClient,
     HalecTable,
@@ -36,6 +45,7 @@ from trusted_passages.tctp import (
     handshake_in_memory,
     parse_body,
 )
+from trusted_passages.tpm_signing import TpmKeyChecker, TpmSigner, verify_proof
 
 HOST = "127.0.0.1"
 
@@ -351,6 +361,89 @@ def halec_hijack(lab: Lab) -> ScenarioResult:
                      f"{tp.detail}", tp.caught_by, tp.caught_at)
     return ScenarioResult("halec-hijack", "TCTP: a request on another client's HALEC URL",
                           plain, tp)
+def _attested_pair(lab: Lab) -> tuple[AttestedChannel, AttestedChannel]:
+    """The customer ("client") and Bob ("server") on one attested channel."""
+    client_sock, server_sock = socket.socketpair()
+    ends: dict[str, AttestedChannel] = {}
+    server = lab.tp_config("server", peer="client")
+    thread = threading.Thread(target=lambda: ends.setdefault("server", establish(
+        server_sock, server.connection("server"), server.timeout)))
+    thread.start()
+    client = lab.tp_config("client", peer="server")
+    ends["client"] = establish(client_sock, client.connection("client"), client.timeout)
+    thread.join(client.timeout)
+    return ends["client"], ends["server"]
+
+
+def _signed_order(lab: Lab, order: bytes) -> Proof:
+    """The customer signs ``order`` with TLS Sign; Bob keeps the proof."""
+    node = lab.nodes["client"]
+    signer = TpmSigner(node.client, "client", node.selection, node.event_log,
+                       lock=node.issuer.tpm_lock)
+    client_end, server_end = _attested_pair(lab)
+    try:
+        sender = threading.Thread(target=lambda: SignSender.open(client_end, signer)
+                                  .sign_send(order))
+        sender.start()
+        receiver = SignReceiver.accept(server_end, TpmKeyChecker(lab.policies["client"]),
+                                       "server")
+        _, proof = receiver.sign_recv()
+        sender.join(5)
+        return proof
+    finally:
+        signer.close()
+        client_end.close()
+        server_end.close()
+
+
+def _plain_signature_accepts(lab: Lab, data: bytes, signature: bytes,
+                             certificate: x509.Certificate) -> bool:
+    """The baseline: a signature sent over TLS, checked against a CA-valid certificate."""
+    key = certificate.public_key()
+    try:
+        certificate.verify_directly_issued_by(lab.provider_ca.certificate)
+        assert isinstance(key, ec.EllipticCurvePublicKey)
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def sign_forgery(lab: Lab) -> ScenarioResult:
+    """A signed order is altered, or re-signed by a key that is not in the customer's TPM
+    (Alice holds a CA-valid certificate for the customer's name)."""
+    order, forged = b"transfer 100 to Bob", b"transfer 100000 to Alice"
+    alice_key, alice_cert = lab.certificate_for("client")
+    assert isinstance(alice_key, ec.EllipticCurvePrivateKey)
+    signature = alice_key.sign(forged, ec.ECDSA(hashes.SHA256()))
+    plain = Outcome(_plain_signature_accepts(lab, forged, signature, alice_cert),
+                    "Alice's re-signed order verifies: her certificate for 'client' is CA-valid")
+
+    proof = _signed_order(lab, order)
+    der = alice_cert.public_bytes(serialization.Encoding.DER)
+
+    def alice_signs(message: bytes) -> bytes:
+        return alice_key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+    re_signed = build_signed_data(forged, der, alice_signs, proof.session, 1,
+                                  datetime.now(UTC).replace(microsecond=0))
+    altered = proof.cms.replace(order, forged.ljust(len(order))[:len(order)])
+    caught = []
+    for cms in (re_signed, altered):
+        result = verify_proof(replace(proof, cms=cms).to_json(),
+                              lab.registry.for_node("client"), lab.policies["client"])
+        caught.append(result.report.failure)
+    if any(failure is None for failure in caught):
+        return ScenarioResult("sign-forgery", _SIGN_TITLE, plain,
+                              Outcome(True, "a forged proof verified"))
+    names = [failure.name for failure in caught if failure is not None]
+    tp = Outcome(False, f"re-signed: {names[0]}; altered: {names[1]} (genuine proof: "
+                 f"{'ok' if verify_proof(proof.to_json()).report.ok else 'REJECTED'})",
+                 names[0], "third party")
+    return ScenarioResult("sign-forgery", _SIGN_TITLE, plain, tp)
+
+
+_SIGN_TITLE = "TLS Sign: a signed order altered or re-signed by a non-TPM key"
 
 
 def genuine(lab: Lab) -> tuple[bool, str]:
@@ -381,6 +474,7 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "third-party": third_party,
     "proxy-reads-body": proxy_reads_body,
     "halec-hijack": halec_hijack,
+    "sign-forgery": sign_forgery,
 }
 
 

@@ -31,6 +31,7 @@ from testbed.cli.exitcodes import (
 )
 from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
+from testbed.cli.sign import register_sign_commands
 from testbed.cli.tctp import register_tctp_commands
 from testbed.cli.tpm import register_tpm_commands
 from testbed.cli.vsm import register_vsm_commands
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_qemu_commands(sub)
     register_vsm_commands(sub)
     register_tctp_commands(sub)
+    register_sign_commands(sub)
     register_completion_command(sub, parser)
     spread_global_options(parser)
     return parser
