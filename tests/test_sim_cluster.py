@@ -59,7 +59,7 @@ TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"
 TAMPER = f"client=cmdline:{TAMPERED_CMDLINE}"
 CHECKS = ["structure", "ak_attributes", "ak_trust", "signature_algorithm", "signature", "magic",
           "attestation_type", "qualifying_data", "pcr_selection", "pcr_digest", "clock",
-          "event_log", "policy"]
+          "event_log", "policy", "runtime"]
 
 
 def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:

@@ -1,0 +1,115 @@
+"""Revocation that acts, on a real sim cluster (docs/runtime.md).
+
+A client holds an attested channel to the server; its runtime is tampered (it "executes"
+a file its runtime policy does not allow); `testbed attest client` fails the `runtime`
+check; publishing the signed revocation closes the server's channel within 1 s and the
+CryptoVM refuses the client's next enrollment; replays and forgeries change nothing;
+an explicit reinstatement restores service.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from attestation.encoding import b64encode
+from attestation.errors import TestbedError
+from testbed.cli import main as cli
+from testbed.cluster.agent import AgentClient, UnixTransport
+from testbed.core.clock import utc_now
+from testbed.core.paths import ClusterPaths
+from testbed.roles.revocation import decision_args
+from testbed.verifier.revocation import (
+    RevocationEvent,
+    next_sequence,
+    publish,
+    reinstate,
+    signing_key,
+)
+
+CLUSTER = "trusted-passages-lab"
+
+
+def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(["--workdir", str(workdir), *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterPaths]:
+    workdir = tmp_path_factory.mktemp("revocation")
+    rc, out, err = run_cli(workdir, "up", "--json")
+    try:
+        assert rc == 0, out + err
+        yield ClusterPaths(workdir, CLUSTER)
+    finally:
+        run_cli(workdir, "down")
+
+
+def agent(paths: ClusterPaths, node: str) -> AgentClient:
+    return AgentClient(UnixTransport(paths.node(node).socket), node=node, timeout=10)
+
+
+def open_channels(paths: ClusterPaths, node: str) -> dict[str, int]:
+    opened: dict[str, int] = agent(paths, node).role("info")["open"]
+    return opened
+
+
+def test_runtime_tamper_is_caught_and_revocation_cuts_channels_and_keys(
+        cluster: ClusterPaths) -> None:
+    rc, out, _ = run_cli(cluster.workdir, "attest", "server", "--json")
+    assert rc == 0 and json.loads(out)["checks"][-1]["check"] == "runtime", out
+
+    held = agent(cluster, "client").role("open", {"peer": "server"})
+    assert "heard" in held["reply"] and open_channels(cluster, "server") == {"client": 1}
+
+    executed = agent(cluster, "client").call(
+        {"op": "runtime_measure", "path": "/tmp/x", "content": b64encode(b"payload")})
+    assert executed["path"] == "/tmp/x"
+    rc, out, _ = run_cli(cluster.workdir, "attest", "client", "--json")
+    result = json.loads(out)
+    assert rc == 1 and result["failed_check"] == "runtime", out
+    runtime = result["checks"][-1]
+    assert "/tmp/x" in runtime["detail"] and runtime["entry"]["path"] == "/tmp/x"
+
+    event = RevocationEvent("client", "runtime", runtime["detail"], utc_now(),
+                            next_sequence(cluster))
+    started = time.monotonic()
+    delivered = publish(cluster, event)
+    while open_channels(cluster, "server") and time.monotonic() - started < 2:
+        time.sleep(0.01)
+    closed_after = time.monotonic() - started
+    assert open_channels(cluster, "server") == {} and closed_after < 1.0, closed_after
+    assert delivered == dict.fromkeys(["client", "cryptovm", "server", "verifier"], "applied")
+
+    with pytest.raises(TestbedError, match="revoked"):
+        agent(cluster, "client").role("enroll")
+    with pytest.raises(TestbedError, match="revoked"):
+        agent(cluster, "client").role("connect", {"peer": "server"})
+    listed = json.loads((cluster.node("cryptovm").run / "cryptovm-revoked.json").read_text())
+    assert [r["node"] for r in listed["revoked"]] == ["client"]
+
+    # A replay changes nothing; a decision not signed by the verifier key is refused.
+    assert set(publish(cluster, event).values()) == {"replay"}
+    forged = RevocationEvent("server", "runtime", "forged", utc_now(), event.sequence + 100)
+    args = decision_args(forged, Ed25519PrivateKey.generate().sign(b"x"))
+    with pytest.raises(TestbedError, match="not signed by the cluster's verifier key"):
+        agent(cluster, "client").role("revoked", args)
+    assert signing_key(cluster) is not None
+    assert (cluster.root / "verifier" / "revocation-key.pem").stat().st_mode & 0o077 == 0
+
+    decision, answers = reinstate(cluster, "client", "fixed and re-imaged")
+    assert decision.sequence > event.sequence and set(answers.values()) == {"applied"}
+    enrolled = agent(cluster, "client").role("enroll")
+    assert enrolled["enrolled"] is True
+    listed = json.loads((cluster.node("cryptovm").run / "cryptovm-revoked.json").read_text())
+    assert listed["revoked"] == []
