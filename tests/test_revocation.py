@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.encoding import b64encode
 from attestation.errors import TestbedError
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
@@ -72,9 +71,9 @@ def test_runtime_tamper_is_caught_and_revocation_cuts_channels_and_keys(
     held = agent(cluster, "client").role("open", {"peer": "server"})
     assert "heard" in held["reply"] and open_channels(cluster, "server") == {"client": 1}
 
-    executed = agent(cluster, "client").call(
-        {"op": "runtime_measure", "path": "/tmp/x", "content": b64encode(b"payload")})
-    assert executed["path"] == "/tmp/x"
+    rc, out, err = run_cli(cluster.workdir, "tamper", "client", "--runtime", "/tmp/x",
+                           "--json")
+    assert rc == 0 and json.loads(out)["executed"]["path"] == "/tmp/x", err
     rc, out, _ = run_cli(cluster.workdir, "attest", "client", "--json")
     result = json.loads(out)
     assert rc == 1 and result["failed_check"] == "runtime", out
@@ -107,9 +106,30 @@ def test_runtime_tamper_is_caught_and_revocation_cuts_channels_and_keys(
     assert signing_key(cluster) is not None
     assert (cluster.root / "verifier" / "revocation-key.pem").stat().st_mode & 0o077 == 0
 
-    decision, answers = reinstate(cluster, "client", "fixed and re-imaged")
-    assert decision.sequence > event.sequence and set(answers.values()) == {"applied"}
+    rc, out, err = run_cli(cluster.workdir, "reinstate", "client", "--reason", "re-imaged",
+                           "--json")
+    answer = json.loads(out)
+    assert rc == 0 and answer["sequence"] > event.sequence, err
+    assert set(answer["delivered"].values()) == {"applied"}
     enrolled = agent(cluster, "client").role("enroll")
     assert enrolled["enrolled"] is True
     listed = json.loads((cluster.node("cryptovm").run / "cryptovm-revoked.json").read_text())
     assert listed["revoked"] == []
+
+
+def test_bad_decisions_and_requests_get_one_clear_error(cluster: ClusterPaths) -> None:
+    client = agent(cluster, "client")
+    for args in ({}, {"decision": "!!", "signature": ""}, {"decision": "e30=", "signature":
+                 "AA==", "extra": 1}):
+        with pytest.raises(TestbedError, match=r"revoked|decision|base64"):
+            client.role("revoked", args)
+    with pytest.raises(TestbedError, match="offset"):
+        client.call({"op": "runtime_log", "offset": -1})
+    with pytest.raises(TestbedError, match="outside the log"):
+        client.call({"op": "runtime_log", "offset": 1 << 40})
+    with pytest.raises(TestbedError, match="path"):
+        client.call({"op": "runtime_measure", "path": "a\nb", "content": ""})
+    rc, _, err = run_cli(cluster.workdir, "reinstate", "nosuchnode")
+    assert rc == 3 and "nosuchnode" in err
+    with pytest.raises(TestbedError):
+        reinstate(cluster, "../x")

@@ -41,8 +41,17 @@ from testbed.roles.revocation import (
     verifier_key_dir,
 )
 
-__all__ = ["DELIVERY_TIMEOUT_S", "Reinstate", "RevocationEvent", "next_sequence", "publish",
-           "reinstate", "revoke", "signing_key"]
+__all__ = [
+    "DELIVERY_TIMEOUT_S",
+    "Reinstate",
+    "RevocationEvent",
+    "next_sequence",
+    "public_key_file",
+    "publish",
+    "reinstate",
+    "revoke",
+    "signing_key",
+]
 
 DELIVERY_TIMEOUT_S = 1.0
 PRIVATE_KEY = "revocation-key.pem"
@@ -92,8 +101,10 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
     signature = signing_key(paths).sign(encode_decision(event))
     _bump(paths, event.sequence)
     args = decision_args(event, signature)
-    backend = open_backend(paths)
     nodes = paths.node_names()
+    if not nodes:
+        return {}
+    backend = open_backend(paths)
 
     def deliver(node: str) -> str:
         try:
@@ -103,17 +114,19 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
             return f"error: {exc}"
         return "applied" if answer.get("applied") else "replay"
 
-    if not nodes:
-        return {}
-    with ThreadPoolExecutor(min(len(nodes), 16), thread_name_prefix="revocation") as pool:
-        return dict(zip(nodes, pool.map(deliver, nodes), strict=True))
+    try:
+        with ThreadPoolExecutor(min(len(nodes), 16), thread_name_prefix="revocation") as pool:
+            return dict(zip(nodes, pool.map(deliver, nodes), strict=True))
+    finally:
+        backend.close()
 
 
-def revoke(paths: ClusterPaths, node: str, check: str, reason: str) -> RevocationEvent:
+def revoke(paths: ClusterPaths, node: str, check: str, reason: str
+           ) -> tuple[RevocationEvent, dict[str, str]]:
     """A node failed ``check``: sign and publish its revocation."""
+    paths.node(node)  # a clear error for a name that is not a node
     event = RevocationEvent(node, check, reason, utc_now(), next_sequence(paths))
-    publish(paths, event)
-    return event
+    return event, publish(paths, event)
 
 
 def reinstate(paths: ClusterPaths, node: str, reason: str = "operator decision"
