@@ -16,6 +16,7 @@ waits for the next quote. A prefix that never matches is a log that lies.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,8 @@ from testbed.core.errors import StateError
 from testbed.core.files import read_json, write_json
 from testbed.core.paths import ClusterPaths
 
-__all__ = ["RuntimeState", "check_runtime", "ensure_runtime_policy", "node_runtime_policy",
-           "quoting_pcr10", "runtime_dir"]
+__all__ = ["RuntimeState", "check_runtime", "ensure_runtime_policy", "explaining_prefix",
+           "node_runtime_policy", "quoting_pcr10", "runtime_dir"]
 
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
@@ -123,23 +124,23 @@ def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: 
     state = RuntimeState.load(paths, node)
     if state is None or state.boot != boot:
         state = RuntimeState(boot, 0, _ZERO)
-    entries, end = _explaining_prefix(agent, state, quoted)
+    entries, end = explaining_prefix(lambda offset: _read(agent, offset), state, quoted)
     check_entries(policy, entries)
     RuntimeState(boot, end, quoted).save(paths, node)
     return (f"{len(entries)} new ima-ng entries (log bytes {state.offset}-{end}) replay to "
             f"the quoted PCR {IMA_PCR} and runtime policy {policy.name!r} allows them")
 
 
-def _explaining_prefix(agent: AgentClient, state: RuntimeState,
-                       quoted: bytes) -> tuple[list[ImaEntry], int]:
-    """The new entries up to the one after which PCR 10 equals the quoted value."""
+def explaining_prefix(read: Callable[[int], bytes], state: RuntimeState,
+                      quoted: bytes) -> tuple[list[ImaEntry], int]:
+    """The entries new since ``state`` up to the one after which PCR 10 equals the quoted
+    value, and the log offset after it; ``read(offset)`` gives the log's bytes from there."""
     if state.pcr == quoted:
         return [], state.offset
     entries: list[ImaEntry] = []
     offset, pcr = state.offset, state.pcr
     for _ in range(MAX_READS):
-        data = _read(agent, offset)
-        chunk = parse_log(data, offset)
+        chunk = parse_log(read(offset), offset)
         if not chunk.entries:
             break
         for entry, value in zip(chunk.entries, replay(pcr, chunk.entries), strict=True):
