@@ -19,12 +19,19 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from attestation.errors import TestbedError
+from attestation.errors import EvidenceFormatError, TestbedError
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.clock import utc_now
 from testbed.core.paths import ClusterPaths
-from testbed.roles.revocation import decision_args
+from testbed.roles.revocation import (
+    Reinstate,
+    RevocationGate,
+    decision_args,
+    decode_decision,
+    encode_decision,
+    public_key_pem,
+)
 from testbed.verifier.revocation import (
     RevocationEvent,
     next_sequence,
@@ -133,3 +140,35 @@ def test_bad_decisions_and_requests_get_one_clear_error(cluster: ClusterPaths) -
     assert rc == 3 and "nosuchnode" in err
     with pytest.raises(TestbedError):
         reinstate(cluster, "../x")
+
+
+def test_gate_verifies_orders_and_persists_decisions(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "verifier.pub").write_text(public_key_pem(key.public_key()))
+
+    def signed(decision: RevocationEvent | Reinstate) -> dict[str, str]:
+        return decision_args(decision, key.sign(encode_decision(decision)))
+
+    gate = RevocationGate(tmp_path / "state.json", tmp_path / "verifier.pub")
+    revoked = RevocationEvent("client", "runtime", "unlisted", "t", 5)
+    assert gate.receive("revoked", signed(revoked)) == revoked and gate.is_revoked("client")
+    assert gate.receive("revoked", signed(revoked)) is None  # a replay
+    with pytest.raises(TestbedError, match="sent as"):
+        gate.receive("reinstated", signed(RevocationEvent("x", "c", "r", "t", 9)))
+    # The key is pinned: replacing the file on disk does not change whom the node trusts.
+    (tmp_path / "verifier.pub").write_text(
+        public_key_pem(Ed25519PrivateKey.generate().public_key()))
+    again = RevocationGate(tmp_path / "state.json", tmp_path / "verifier.pub")
+    assert again.is_revoked("client") and again.sequence == 5
+    assert again.receive("reinstated", signed(Reinstate("client", "ok", "t", 6))) is not None
+    assert not again.is_revoked("client")
+    # Not canonical, not a decision, damaged state: one clear error each.
+    body = encode_decision(revoked).replace(b'","', b'", "', 1)
+    with pytest.raises(EvidenceFormatError, match="canonical"):
+        decode_decision(body)
+    for bad in (b"[]", b"{" * 5000, b'{"format":"testbed-revocation","version":1}'):
+        with pytest.raises(EvidenceFormatError):
+            decode_decision(bad)
+    (tmp_path / "state.json").write_text('{"sequence": 1, "revoked": {"a": 1}}')
+    with pytest.raises(TestbedError, match="damaged"):
+        RevocationGate(tmp_path / "state.json", tmp_path / "verifier.pub")

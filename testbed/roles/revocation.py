@@ -142,13 +142,18 @@ class RevocationGate:
         self._key_file = verifier_key_file  # read once, at the first decision: then pinned
         self._lock = threading.Lock()
         doc = read_json(state_file) or {}
+        damaged = StateError(f"{state_file} is damaged: remove it (the node then trusts the "
+                             "verifier key it next sees)")
         try:
             self.sequence = require_int(doc.get("sequence", 0), "sequence", StateError)
             self._pinned: str | None = doc.get("verifier_key")
             self.revoked: dict[str, dict[str, Any]] = dict(doc.get("revoked", {}))
         except (AttributeError, TypeError, ValueError):
-            raise StateError(f"{state_file} is damaged: remove it (the node then trusts the "
-                             "verifier key it next sees)") from None
+            raise damaged from None
+        if not isinstance(self._pinned, str | None) or not all(
+                isinstance(event, dict) and {"time", "sequence", "check"} <= set(event)
+                for event in self.revoked.values()):
+            raise damaged
 
     def is_revoked(self, node: str | None) -> bool:
         return node is not None and node in self.revoked
