@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.ima import make_entry
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.clock import utc_now
@@ -32,6 +33,7 @@ from testbed.roles.revocation import (
     encode_decision,
     public_key_pem,
 )
+from testbed.tpm.runtime import BASELINE, file_digest
 from testbed.verifier.revocation import (
     RevocationEvent,
     next_sequence,
@@ -140,6 +142,23 @@ def test_bad_decisions_and_requests_get_one_clear_error(cluster: ClusterPaths) -
     assert rc == 3 and "nosuchnode" in err
     with pytest.raises(TestbedError):
         reinstate(cluster, "../x")
+
+
+def test_a_restarted_node_starts_a_new_runtime_log(cluster: ClusterPaths) -> None:
+    """After a reboot the offending entry is gone: a new log from offset 0 (the quote's
+    reset/restart counts say it is a new boot), and the client attests again."""
+    rc, out, _ = run_cli(cluster.workdir, "attest", "client", "--json")
+    assert rc == 1 and json.loads(out)["failed_check"] == "runtime"  # still in the window
+    agent(cluster, "client").shutdown()
+    rc, out, err = run_cli(cluster.workdir, "up", "--json")  # attests the new boot
+    client = next(n for n in json.loads(out)["nodes"] if n["name"] == "client")
+    assert rc == 0 and client["attested"] is True, out + err
+    state = json.loads((cluster.root / "runtime" / "client.state.json").read_text())
+    assert state["offset"] == len(b"".join(make_entry(file_digest(c), p).line()
+                                           for p, c in BASELINE))
+    rc, out, _ = run_cli(cluster.workdir, "attest", "client", "--json")
+    runtime = json.loads(out)["checks"][-1]
+    assert rc == 0 and runtime["detail"].startswith("0 new ima-ng entries"), out
 
 
 def test_gate_verifies_orders_and_persists_decisions(tmp_path: Path) -> None:

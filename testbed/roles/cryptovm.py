@@ -16,7 +16,9 @@ connection, under its TPM lock. Two listeners on 127.0.0.1:
   attestation (the cluster's AK registry and its policy), acts as the VSM account
   ``node.<name>`` and speaks CVM1 frames over the channel (:mod:`cryptovm.attested`).
   Every request is privilege-checked and audited; a refused channel is audited as a
-  denied ``auth`` naming the failed check.
+  denied ``auth`` naming the failed check. A node the verifier revoked
+  (:mod:`testbed.roles.revocation`) is refused (check ``revocation``), its account
+  ``node.<name>`` disabled and listed in ``run/cryptovm-revoked.json`` until reinstated.
 
 **VM side** (a qemu VM, after it was attested): the CryptoVM runs *inside* the guest
 (:mod:`testbed.qemu.guest.cryptovm_extension`), sealed to the VM's own vTPM PCRs 0-9. The host asks
