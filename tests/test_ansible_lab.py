@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.attacks.scenarios import SCENARIOS
 from testbed.spec.cluster_spec import load_cluster_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +145,7 @@ def _check_demo_report(demo: dict[str, Any]) -> None:
         assert channel["established"] is True, channel
         assert channel["evidence"]["node"] == channel["to"]
         assert channel["evidence"]["node_verified"] is True
-    assert len(demo["attacks"]) == 8
+    assert len(demo["attacks"]) == len(SCENARIOS)
     for attack in demo["attacks"]:
         assert attack["as_expected"] is True, attack
         assert attack["plain_mtls"]["attack_succeeded"] is True
@@ -153,7 +154,7 @@ def _check_demo_report(demo: dict[str, Any]) -> None:
 
 def _check_attack_report(attack: dict[str, Any]) -> None:
     assert attack["ok"] is True and "seconds" not in attack
-    assert len(attack["results"]) == 8
+    assert len(attack["results"]) == len(SCENARIOS)
     assert all(r["as_expected"] for r in attack["results"]), attack["results"]
 
 

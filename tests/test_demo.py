@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.attacks.scenarios import SCENARIOS
+
 
 def _our_processes(marker: str) -> list[str]:
     found = []
@@ -38,7 +40,7 @@ def test_demo_establishes_channels_both_ways_runs_the_lab_and_cleans_up(tmp_path
         assert channel["established"] and evidence["node"] == channel["to"]
         assert evidence["node_verified"] and evidence["policy"] == f"{channel['to']}-predicted"
         assert "policy" in evidence["checks"] and "qualifying_data" in evidence["checks"]
-    assert len(out["attacks"]) == 12 and all(a["as_expected"] for a in out["attacks"])
+    assert len(out["attacks"]) == len(SCENARIOS) and all(a["as_expected"] for a in out["attacks"])
     _check_keyless_tls(out)
     assert not _our_processes(str(workdir)), "the demo left processes behind"
     assert not (workdir / "demo").exists()

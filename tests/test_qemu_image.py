@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
 from testbed.qemu.image.build import _module_order, host_debian_sources, image_digest
 from testbed.qemu.image.initramfs import write_newc
@@ -150,6 +151,7 @@ def test_cli_hooks_register_their_commands() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     register_image_commands(sub)
     register_qemu_commands(sub)
+    spread_global_options(parser)  # as the testbed command does: --json after any command
     args = parser.parse_args(["image", "build", "--force", "--json"])
     assert args.func.__name__ == "cmd_image_build" and args.force and args.json
     args = parser.parse_args(["qemu", "attest", "-n", "3", "--append", " init=/bin/sh"])
