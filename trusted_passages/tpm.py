@@ -179,6 +179,13 @@ class TpmIssuer:
     def batching(self) -> bool:
         return self._batcher is not None
 
+    def batched(self, window: float, max_batch: int = DEFAULT_MAX_BATCH) -> TpmIssuer:
+        """A twin sharing this issuer's TPM access (and lock) that batches within
+        ``window`` seconds: give it to the ChannelConfig that should batch."""
+        twin = copy.copy(self)
+        twin._batcher = Batcher(twin._quote, window, max_batch)
+        return twin
+
     def issue(self, user_data: bytes, nonce: bytes) -> bytes:
         ctx = require_context(self.context, "TpmIssuer")
         binding = binding_digest(ctx.profile, ctx.role, nonce, user_data)
