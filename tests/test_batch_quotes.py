@@ -138,7 +138,7 @@ def test_batcher_signs_once_per_window() -> None:
         time.sleep(0.02)
         return qualifying
 
-    batcher: Batcher[bytes] = Batcher(sign, window=0.2, max_batch=64)
+    batcher: Batcher[bytes] = Batcher(sign, window=0.2, max_batch=64, eager=False)
     leaves = [os.urandom(32) for _ in range(12)]
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(batcher.submit, leaves))
@@ -147,8 +147,30 @@ def test_batcher_signs_once_per_window() -> None:
         assert quoted == batch_qualifying_data(proof.root(leaf))
 
 
+def test_eager_batcher_quotes_at_once_when_idle_and_gathers_while_busy() -> None:
+    signed: list[float] = []
+
+    def sign(qualifying: bytes) -> bytes:
+        signed.append(time.monotonic())
+        time.sleep(0.1)
+        return qualifying
+
+    batcher: Batcher[bytes] = Batcher(sign, window=10.0)
+    started = time.monotonic()
+    batcher.submit(os.urandom(32))  # idle: no wait for the window
+    assert time.monotonic() - started < 1
+    signed.clear()
+    leaves = [os.urandom(32) for _ in range(10)]
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(batcher.submit, leaves))
+    assert time.monotonic() - started < 5  # never the 10 s window
+    assert len(signed) <= 3  # the first alone at most, the rest gathered while it signed
+    for leaf, (quoted, proof) in zip(leaves, results, strict=True):
+        assert quoted == batch_qualifying_data(proof.root(leaf))
+
+
 def test_batcher_closes_a_full_batch_without_waiting() -> None:
-    batcher: Batcher[bytes] = Batcher(lambda q: q, window=30.0, max_batch=4)
+    batcher: Batcher[bytes] = Batcher(lambda q: q, window=30.0, max_batch=4, eager=False)
     started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(batcher.submit, [os.urandom(32) for _ in range(4)]))
@@ -203,7 +225,8 @@ def _node(name: str, factory: SwtpmFactory, registrar: Registrar, registry: AkRe
     activate(client, registrar, ak)
     registry.add(name, parse_public(ak.public))
     client.flush(ak)
-    return Node(client, proxy, TpmIssuer(client, name, SELECTION, batch_window=WINDOW))
+    return Node(client, proxy, TpmIssuer(client, name, SELECTION, batch_window=WINDOW,
+                                         eager=False))
 
 
 @pytest.fixture(scope="module")

@@ -57,23 +57,30 @@ class _Batch(Generic[T]):
 
 
 class Batcher(Generic[T]):
-    """Signs the Merkle root of the leaves submitted within ``window`` seconds, once.
+    """Signs the Merkle root of the leaves that gather within ``window`` seconds, once.
 
     The first submitter of a batch leads it: it waits until the window has passed or
     ``max_batch`` leaves have arrived, closes the batch (later arrivals open the next
     one, which gathers while this one is being signed), builds the tree and calls
     ``sign(batch_qualifying_data(root))``. Everyone gets the one result and a proof.
+
+    ``eager`` (the default) is group commit: a leader also stops waiting as soon as no
+    other batch is being signed, so an idle TPM quotes at once (no added latency at
+    low load) and a busy one gathers everything that arrives while it works, the
+    window bounding the wait. ``eager=False`` always waits the whole window.
     """
 
     def __init__(self, sign: Callable[[bytes], T], window: float,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, *, eager: bool = True) -> None:
         if not window >= 0 or not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"the batch window must be >= 0 s and max_batch 1..{MAX_BATCH}")
         self._sign = sign
         self.window = window
         self.max_batch = max_batch
+        self.eager = eager
         self._cond = threading.Condition()
         self._open: _Batch[T] | None = None
+        self._signing = 0  # batches closed and not yet signed
 
     def submit(self, leaf: bytes) -> tuple[T, BatchProof]:
         with self._cond:
@@ -83,8 +90,7 @@ class Batcher(Generic[T]):
             index = len(batch.leaves)
             batch.leaves.append(leaf)
             if len(batch.leaves) >= self.max_batch:
-                self._open = None
-                self._cond.notify_all()
+                self._close(batch)
         if leader:
             self._lead(batch)
         else:
@@ -94,13 +100,20 @@ class Batcher(Generic[T]):
         assert batch.tree is not None and batch.result is not None
         return batch.result, batch.tree.proof(index)
 
+    def _close(self, batch: _Batch[T]) -> None:
+        """Under the condition's lock: later arrivals go to a new batch."""
+        if self._open is batch:
+            self._open = None
+            self._signing += 1
+            self._cond.notify_all()
+
     def _lead(self, batch: _Batch[T]) -> None:
         deadline = time.monotonic() + self.window
         with self._cond:
-            while self._open is batch and (remaining := deadline - time.monotonic()) > 0:
+            while self._open is batch and (remaining := deadline - time.monotonic()) > 0 \
+                    and not (self.eager and self._signing == 0):
                 self._cond.wait(remaining)
-            if self._open is batch:
-                self._open = None
+            self._close(batch)
         try:
             batch.tree = MerkleTree(batch.leaves)
             batch.result = self._sign(batch_qualifying_data(batch.tree.root))
@@ -108,6 +121,9 @@ class Batcher(Generic[T]):
             batch.error = str(exc)
         finally:
             batch.done.set()  # never leave a waiter hanging, whatever happened
+            with self._cond:
+                self._signing -= 1
+                self._cond.notify_all()  # an eager leader may go now
 
 
 class _TpmAccess:
@@ -148,14 +164,15 @@ class TpmIssuer:
     persistent one (created on first use); nothing persistent is ever flushed.
 
     ``batch_window`` (seconds) turns batching on: bindings arriving within the
-    window share one quote over their Merkle root (at most ``max_batch`` each).
+    window share one quote over their Merkle root (at most ``max_batch`` each;
+    ``eager``: see :class:`Batcher`).
     """
 
     def __init__(self, client: TpmClient, node: str, selection: PcrSelection,
                  event_log: Callable[[], bytes | None] | bytes | None = None,
                  ak_algorithm: KeyAlgorithm = "ecc", *,
                  context: BindingContext | None = None, batch_window: float | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, eager: bool = True) -> None:
         self.node = check_node_name(node)
         self.selection = selection
         self.context = context
@@ -163,7 +180,7 @@ class TpmIssuer:
         self._tpm = _TpmAccess(client, ak_algorithm)
         self._batcher: Batcher[tuple[QuoteResult, bytes, bytes | None]] | None = None
         if batch_window is not None:
-            self._batcher = Batcher(self._quote, batch_window, max_batch)
+            self._batcher = Batcher(self._quote, batch_window, max_batch, eager=eager)
 
     @property
     def tpm_lock(self) -> threading.Lock:
@@ -179,11 +196,12 @@ class TpmIssuer:
     def batching(self) -> bool:
         return self._batcher is not None
 
-    def batched(self, window: float, max_batch: int = DEFAULT_MAX_BATCH) -> TpmIssuer:
+    def batched(self, window: float, max_batch: int = DEFAULT_MAX_BATCH, *,
+                eager: bool = True) -> TpmIssuer:
         """A twin sharing this issuer's TPM access (and lock) that batches within
         ``window`` seconds: give it to the ChannelConfig that should batch."""
         twin = copy.copy(self)
-        twin._batcher = Batcher(twin._quote, window, max_batch)
+        twin._batcher = Batcher(twin._quote, window, max_batch, eager=eager)
         return twin
 
     def issue(self, user_data: bytes, nonce: bytes) -> bytes:

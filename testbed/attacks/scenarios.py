@@ -317,7 +317,7 @@ class _SubstitutingIssuer:
 def _captured_batch(lab: Lab) -> list[bytes]:
     """Two of the customer's sessions that shared one batched quote (seen on the wire)."""
     client = lab.nodes["client"]
-    issuer = client.issuer.batched(0.05).bound(BindingContext("tp13", "client"))
+    issuer = client.issuer.batched(0.05, eager=False).bound(BindingContext("tp13", "client"))
     spki = spki_digest(client.certificate)
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda nonce: issuer.issue(spki, nonce),
