@@ -64,23 +64,28 @@ class Batcher(Generic[T]):
     one, which gathers while this one is being signed), builds the tree and calls
     ``sign(batch_qualifying_data(root))``. Everyone gets the one result and a proof.
 
-    ``eager`` (the default) is group commit: a leader also stops waiting as soon as no
-    other batch is being signed, so an idle TPM quotes at once (no added latency at
-    low load) and a busy one gathers everything that arrives while it works, the
-    window bounding the wait. ``eager=False`` always waits the whole window.
+    ``eager`` (the default) is group commit: a leader stops waiting once no other
+    batch is being signed and the TPM has been idle for ``linger`` seconds (those
+    just served come back with their next session within it), so a TPM idle at low
+    load quotes almost at once and a busy one gathers everything that arrives while
+    it works; the window bounds the wait. ``eager=False`` always waits the window.
     """
 
     def __init__(self, sign: Callable[[bytes], T], window: float,
-                 max_batch: int = DEFAULT_MAX_BATCH, *, eager: bool = True) -> None:
-        if not window >= 0 or not 1 <= max_batch <= MAX_BATCH:
-            raise ValueError(f"the batch window must be >= 0 s and max_batch 1..{MAX_BATCH}")
+                 max_batch: int = DEFAULT_MAX_BATCH, *, eager: bool = True,
+                 linger: float = 0.005) -> None:
+        if not window >= 0 or not linger >= 0 or not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"the batch window and linger must be >= 0 s and max_batch "
+                             f"1..{MAX_BATCH}")
         self._sign = sign
         self.window = window
         self.max_batch = max_batch
         self.eager = eager
+        self.linger = min(linger, window)
         self._cond = threading.Condition()
         self._open: _Batch[T] | None = None
         self._signing = 0  # batches closed and not yet signed
+        self._idle_since = 0.0  # monotonic time the last signing ended
 
     def submit(self, leaf: bytes) -> tuple[T, BatchProof]:
         with self._cond:
@@ -108,11 +113,14 @@ class Batcher(Generic[T]):
             self._cond.notify_all()
 
     def _lead(self, batch: _Batch[T]) -> None:
-        deadline = time.monotonic() + self.window
+        start = time.monotonic()
         with self._cond:
-            while self._open is batch and (remaining := deadline - time.monotonic()) > 0 \
-                    and not (self.eager and self._signing == 0):
-                self._cond.wait(remaining)
+            while self._open is batch:
+                wake = self._wake_time(start)
+                now = time.monotonic()
+                if now >= wake:
+                    break
+                self._cond.wait(wake - now)
             self._close(batch)
         try:
             batch.tree = MerkleTree(batch.leaves)
@@ -123,7 +131,15 @@ class Batcher(Generic[T]):
             batch.done.set()  # never leave a waiter hanging, whatever happened
             with self._cond:
                 self._signing -= 1
-                self._cond.notify_all()  # an eager leader may go now
+                self._idle_since = time.monotonic()
+                self._cond.notify_all()  # an eager leader may go soon
+
+    def _wake_time(self, start: float) -> float:
+        """When a leader that began waiting at ``start`` closes its batch (under the lock)."""
+        deadline = start + self.window
+        if not self.eager or self._signing:
+            return deadline
+        return min(deadline, max(start, self._idle_since) + self.linger)
 
 
 class _TpmAccess:
