@@ -137,11 +137,13 @@ def client_side(lab: Lab, mode: Mode, tpm_ms: float, tmp: Path
 
 def concurrent(lab: Lab, mode: Mode, clients: int, seconds: float, server_ms: float,
                client_ms: float, tmp: Path) -> Run:
-    config, proxy, tpm = client_side(lab, mode, client_ms, tmp)
     latencies: list[float] = []
     lock = threading.Lock()
     stop = threading.Event()
     with BatchServer(lab, mode, server_ms, tmp) as server:
+        # After the fork: the server's process must not inherit the client's TPM socket.
+        config, proxy, tpm = client_side(lab, mode, client_ms, tmp)
+
         def worker() -> None:
             while not stop.is_set():
                 begun = time.perf_counter()
@@ -171,8 +173,9 @@ def concurrent(lab: Lab, mode: Mode, clients: int, seconds: float, server_ms: fl
 
 
 def sequential(lab: Lab, mode: Mode, n: int, tpm_ms: float, tmp: Path) -> list[float]:
-    config, proxy, tpm = client_side(lab, mode, tpm_ms, tmp)
     with BatchServer(lab, mode, tpm_ms, tmp) as server:
+        config, proxy, tpm = client_side(lab, mode, tpm_ms, tmp)  # after the fork
+
         def once() -> None:
             with connect(HOST, server.port, config) as channel:
                 channel.send(b"ping")
@@ -209,50 +212,69 @@ def main() -> None:
     parser.add_argument("--tpm-ms", type=float, default=200.0)
     parser.add_argument("--window-ms", type=float, default=200.0)
     parser.add_argument("--n", type=int, default=20, help="handshakes per latency figure")
+    parser.add_argument("--figures", default="123", help="which figures to run (default 123)")
     args = parser.parse_args()
     window = args.window_ms / 1000
     unbatched, batched = Mode(False, 0), Mode(True, window)
     tmp = Path(tempfile.mkdtemp(prefix="bench-batching-"))
     with Lab() as lab:
         release_lab_tpms(lab)
-        print(f"1. {args.clients} concurrent clients, server TPM {args.tpm_ms:.0f} ms per quote "
-              f"(latency model), {args.seconds:.0f} s per run")
-        for label, client_ms in (("(a) client TPM unmodelled", 0.0),
-                                 (f"(b) client TPM {args.tpm_ms:.0f} ms", args.tpm_ms)):
-            runs = {mode: concurrent(lab, mode, args.clients, args.seconds, args.tpm_ms,
-                                     client_ms, tmp) for mode in (unbatched, batched)}
-            print(f"  {label}")
-            for mode, run in runs.items():
-                print(f"    {mode!s:<32} {run.rate:7.1f} handshakes/s   p50 "
-                      f"{p50(run.latencies):8.0f} ms   p99 {p99(run.latencies):8.0f} ms   "
-                      f"server quotes {run.server_quotes}, client quotes {run.client_quotes}")
-            gain = runs[batched].rate / max(runs[unbatched].rate, 1e-9)
-            print(f"    batched / unbatched: {gain:.1f}x (goal >= 20x: "
-                  f"{'met' if gain >= 20 else 'NOT met'})")
-        print(f"2. one client at a time, both TPMs {args.tpm_ms:.0f} ms: handshake latency")
-        base = sequential(lab, unbatched, args.n, args.tpm_ms, tmp)
-        print(f"    {unbatched!s:<32} p50 {p50(base):7.1f} ms   p99 {p99(base):7.1f} ms")
-        for mode in (batched, Mode(True, window, eager=False)):
-            samples = sequential(lab, mode, args.n, args.tpm_ms, tmp)
-            added = p50(samples) - p50(base)
-            print(f"    {mode!s:<32} p50 {p50(samples):7.1f} ms   p99 {p99(samples):7.1f} ms"
-                  f"   added {added:+7.1f} ms (goal <= one window, {window * 1000:.0f} ms: "
-                  f"{'met' if added <= window * 1000 else 'NOT met'})")
+        if "1" in args.figures:
+            figure_1(lab, args, unbatched, batched, tmp)
+        if "2" in args.figures:
+            figure_2(lab, args, unbatched, window, tmp)
         reattach_lab_tpms(lab)
-        print("3. plain swtpm (no latency model), one client at a time")
-        quote, verify = measure_parts(lab, 100)
-        client_cfg = lab.tp_config("client", peer="server")
-        with ServerProcess(lab, 1) as (plain_port, tp_port):
-            plain = measure_plain(plain_port, client_cfg, 200)
-            attested = measure_attested(tp_port, client_cfg, 200)
-        floor = p50(plain) + p50(quote) + 2 * p50(verify)
-        print(f"    plain mutual TLS 1.3         p50 {p50(plain):6.2f} ms   p99 "
-              f"{p99(plain):6.2f} ms")
-        print(f"    Trusted Passages (tp13)      p50 {p50(attested):6.2f} ms   p99 "
-              f"{p99(attested):6.2f} ms   ratio {p50(attested) / p50(plain):.1f}x")
-        print(f"    one quote {p50(quote):.2f} ms, one verification {p50(verify):.2f} ms; floor "
-              f"plain + quote + 2 verifications = {floor:.2f} ms; attested - floor = "
-              f"{p50(attested) - floor:+.2f} ms (goal within 0.5 ms)")
+        if "3" in args.figures:
+            figure_3(lab)
+
+
+def figure_1(lab: Lab, args: argparse.Namespace, unbatched: Mode, batched: Mode,
+         tmp: Path) -> None:
+    print(f"1. {args.clients} concurrent clients, server TPM {args.tpm_ms:.0f} ms per quote "
+          f"(latency model), {args.seconds:.0f} s per run")
+    for label, client_ms in (("(a) client TPM unmodelled", 0.0),
+                             (f"(b) client TPM {args.tpm_ms:.0f} ms", args.tpm_ms)):
+        runs = {mode: concurrent(lab, mode, args.clients, args.seconds, args.tpm_ms,
+                                 client_ms, tmp) for mode in (unbatched, batched)}
+        print(f"  {label}")
+        for mode, run in runs.items():
+            print(f"    {mode!s:<32} {run.rate:7.1f} handshakes/s   p50 "
+                  f"{p50(run.latencies):8.0f} ms   p99 {p99(run.latencies):8.0f} ms   "
+                  f"server quotes {run.server_quotes}, client quotes {run.client_quotes}")
+        gain = runs[batched].rate / max(runs[unbatched].rate, 1e-9)
+        print(f"    batched / unbatched: {gain:.1f}x (goal >= 20x: "
+              f"{'met' if gain >= 20 else 'NOT met'})")
+
+
+def figure_2(lab: Lab, args: argparse.Namespace, unbatched: Mode, window: float,
+         tmp: Path) -> None:
+    batched = Mode(True, window)
+    print(f"2. one client at a time, both TPMs {args.tpm_ms:.0f} ms: handshake latency")
+    base = sequential(lab, unbatched, args.n, args.tpm_ms, tmp)
+    print(f"    {unbatched!s:<32} p50 {p50(base):7.1f} ms   p99 {p99(base):7.1f} ms")
+    for mode in (batched, Mode(True, window, eager=False)):
+        samples = sequential(lab, mode, args.n, args.tpm_ms, tmp)
+        added = p50(samples) - p50(base)
+        print(f"    {mode!s:<32} p50 {p50(samples):7.1f} ms   p99 {p99(samples):7.1f} ms"
+              f"   added {added:+7.1f} ms (goal <= one window, {window * 1000:.0f} ms: "
+              f"{'met' if added <= window * 1000 else 'NOT met'})")
+
+
+def figure_3(lab: Lab) -> None:
+    print("3. plain swtpm (no latency model), one client at a time")
+    quote, verify = measure_parts(lab, 100)
+    client_cfg = lab.tp_config("client", peer="server")
+    with ServerProcess(lab, 1) as (plain_port, tp_port):
+        plain = measure_plain(plain_port, client_cfg, 200)
+        attested = measure_attested(tp_port, client_cfg, 200)
+    floor = p50(plain) + p50(quote) + 2 * p50(verify)
+    print(f"    plain mutual TLS 1.3         p50 {p50(plain):6.2f} ms   p99 "
+          f"{p99(plain):6.2f} ms")
+    print(f"    Trusted Passages (tp13)      p50 {p50(attested):6.2f} ms   p99 "
+          f"{p99(attested):6.2f} ms   ratio {p50(attested) / p50(plain):.1f}x")
+    print(f"    one quote {p50(quote):.2f} ms, one verification {p50(verify):.2f} ms; floor "
+          f"plain + quote + 2 verifications = {floor:.2f} ms; attested - floor = "
+          f"{p50(attested) - floor:+.2f} ms (goal within 0.5 ms)")
 
 
 if __name__ == "__main__":

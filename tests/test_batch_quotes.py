@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -343,3 +344,18 @@ def test_a_closed_proxy_is_a_tpm_error(lab: Lab, swtpm_ca: LocalCA, swtpm_templa
         client.close()
     finally:
         factory.stop_all()
+
+
+def test_the_proxy_drops_a_hostile_client_and_keeps_serving(lab: Lab) -> None:
+    for garbage in (b"\x80\x01\xff\xff\xff\xff\x00\x00\x01\x44",  # size 4 GiB
+                    b"\x80\x01\x00\x00\x00\x02\x00\x00\x01\x44",  # size below the header
+                    b"\x80\x01\x00\x00"):  # truncated, then EOF
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(lab.server.proxy.listen))
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(16) == b""  # closed, no reply
+    assert len(lab.server.client.random(8)) == 8  # the TPM's own connection is untouched
+    with pytest.raises(ValueError):
+        LatencyModel(signing=-1)
