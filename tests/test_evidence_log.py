@@ -34,7 +34,7 @@ from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.cli import main as cli
 from testbed.cluster.state import save_registry
-from testbed.cluster.verification import evidence_dir
+from testbed.cluster.verification import evidence_dir, verify_evidence
 from testbed.core.paths import ClusterPaths
 from testbed.tpm.swtpm import Swtpm, clone_state
 
@@ -253,3 +253,21 @@ def test_cli_replay_exit_codes(material: Material, tmp_path: Path,
     with pytest.raises(SystemExit) as usage:
         cli.main([*argv, "--since", "yesterday"])
     assert usage.value.code == 2
+
+
+def test_cluster_verifications_are_logged(material: Material, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """testbed.cluster.verification.verify_evidence appends every verdict, then replays."""
+    paths = ClusterPaths(tmp_path / "work", "lab")
+    private_dir(paths.root)
+    registry = AkRegistry()
+    registry.add("node-0", parse_public(material.quotes[0].evidence.ak_public))
+    save_registry(paths, registry)
+    verdicts = [verify_evidence(paths, "node-0", q.evidence, q.nonce, policy).ok
+                for q, policy in zip(material.quotes[:3], (material.good, material.bad,
+                                                           material.good), strict=True)]
+    assert verdicts == [True, False, True]
+    result = replay(evidence_dir(paths), trust_for=lambda node, _: registry.for_node(node))
+    assert result.ok and [e.recorded_ok for e in result.entries] == verdicts
+    assert cli.main(["evidence", "replay", "--workdir", str(paths.workdir)]) == 0
+    assert "INTACT" in capsys.readouterr().out
