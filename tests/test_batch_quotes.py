@@ -30,7 +30,15 @@ from testbed.tpm.latency import LatencyModel, TpmLatencyProxy
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.pytest_plugin import SwtpmFactory
 from tests.attestation_helpers import activate
-from trusted_passages import BindingContext, ChannelConfig, TpmIssuer, TpmValidator, connect, serve
+from trusted_passages import (
+    BindingContext,
+    ChannelConfig,
+    FakeIssuer,
+    TpmIssuer,
+    TpmValidator,
+    connect,
+    serve,
+)
 from trusted_passages.batch import (
     MAX_BATCH,
     BatchProof,
@@ -359,3 +367,16 @@ def test_the_proxy_drops_a_hostile_client_and_keeps_serving(lab: Lab) -> None:
     assert len(lab.server.client.random(8)) == 8  # the TPM's own connection is untouched
     with pytest.raises(ValueError):
         LatencyModel(signing=-1)
+
+
+def test_channel_config_batch_window_opts_in(lab: Lab) -> None:
+    plain = TpmIssuer(lab.server.client, "server", SELECTION)
+    key = generate_key("tp13")
+    config = ChannelConfig(issue_certificate(CA, "server", key), key, [CA.certificate], plain,
+                           TpmValidator(lab.registry), batch_window=0.1)
+    assert isinstance(config.issuer, TpmIssuer) and config.issuer.batching
+    assert not plain.batching  # the node's own issuer is untouched
+    assert config.with_expected_peer("client").issuer is config.issuer  # one batcher
+    with pytest.raises(ValueError, match="batch_window needs an issuer that can batch"):
+        ChannelConfig(config.certificate, key, [CA.certificate], FakeIssuer(b"k" * 32, "server"),
+                      config.validator, batch_window=0.1)

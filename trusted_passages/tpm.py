@@ -215,7 +215,13 @@ class TpmIssuer:
     def batched(self, window: float, max_batch: int = DEFAULT_MAX_BATCH, *,
                 eager: bool = True) -> TpmIssuer:
         """A twin sharing this issuer's TPM access (and lock) that batches within
-        ``window`` seconds: give it to the ChannelConfig that should batch."""
+        ``window`` seconds (``ChannelConfig(batch_window=...)`` calls this). An issuer
+        batching with the same settings returns itself, so copies of a config share
+        their batches."""
+        current = self._batcher
+        if current is not None and (current.window, current.max_batch, current.eager) == \
+                (window, max_batch, eager):
+            return self
         twin = copy.copy(self)
         twin._batcher = Batcher(twin._quote, window, max_batch, eager=eager)
         return twin
