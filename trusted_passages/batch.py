@@ -63,6 +63,8 @@ class MerkleTree:
         if not 1 <= len(leaves) <= MAX_BATCH:
             raise ValueError(f"a batch holds 1..{MAX_BATCH} leaves, got {len(leaves)}")
         self._hashes = [leaf_hash(leaf) for leaf in leaves]
+        # Every subtree hash, computed once: each waiter of a batch asks for its path.
+        self._subtrees: dict[tuple[int, int], bytes] = {}
         self.root = self._subtree(0, len(self._hashes))
 
     @property
@@ -72,8 +74,12 @@ class MerkleTree:
     def _subtree(self, start: int, end: int) -> bytes:
         if end - start == 1:
             return self._hashes[start]
-        k = _split(end - start)
-        return node_hash(self._subtree(start, start + k), self._subtree(start + k, end))
+        cached = self._subtrees.get((start, end))
+        if cached is None:
+            k = _split(end - start)
+            cached = node_hash(self._subtree(start, start + k), self._subtree(start + k, end))
+            self._subtrees[(start, end)] = cached  # same value from any thread: no lock
+        return cached
 
     def path(self, index: int) -> tuple[bytes, ...]:
         """The audit path of leaf ``index``, leaf side first (RFC 6962 PATH(m, D[n]))."""
