@@ -144,30 +144,42 @@ class EvidenceLog:
         return digest
 
     def _tip(self) -> _Tip:
-        """The last line's hash and the last entry's seq, cutting off a torn last line."""
+        """The last line's hash and the last entry's seq, cutting off a torn last line.
+
+        Reads backwards from the end in growing windows (an append must not cost a read
+        of the whole log, nor of 2 MiB when lines are a few KiB).
+        """
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return _Tip(0, ZERO_HASH)
         try:
-            size = os.fstat(fd).st_size
-            start = max(0, size - 2 * MAX_LINE - 2)  # the last entry and a head after it
-            tail = os.pread(fd, size - start, start)
-            complete = tail[:tail.rfind(b"\n") + 1]
-            if len(complete) != len(tail):
-                os.ftruncate(fd, start + len(complete))
+            tail, start = self._read_tail(fd)
+            end = tail.rfind(b"\n")  # the end of the last complete line
+            if end + 1 != len(tail):  # a torn last line: its append never returned
+                os.ftruncate(fd, start + end + 1)
                 os.fsync(fd)
         finally:
             os.close(fd)
-        lines = complete.splitlines()
-        if not lines:
-            if start > 0:
-                raise EvidenceLogError(f"{self.path}: no complete line in its last "
-                                       f"{2 * MAX_LINE} bytes")
+        if end < 0:
             return _Tip(0, ZERO_HASH)
-        last = lines[-1]
-        seq = _parse_line(last, -1)["seq"]
-        return _Tip(require_seq(seq), line_hash(last))
+        last = tail[tail.rfind(b"\n", 0, end) + 1:end]
+        return _Tip(require_seq(_parse_line(last, -1)["seq"]), line_hash(last))
+
+    def _read_tail(self, fd: int) -> tuple[bytes, int]:
+        """(the end of the file holding its last complete line whole, where it starts)."""
+        size = os.fstat(fd).st_size
+        window = 1 << 16
+        while True:
+            start = max(0, size - window)
+            tail = os.pread(fd, size - start, start)
+            end = tail.rfind(b"\n")
+            if start == 0 or (end >= 0 and tail.rfind(b"\n", 0, end) >= 0):
+                return tail, start
+            if window > 2 * MAX_LINE + 2:
+                raise EvidenceLogError(f"{self.path}: no complete line in its last "
+                                       f"{window} bytes")
+            window *= 4
 
     def _write(self, lines: list[bytes]) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC

@@ -271,3 +271,18 @@ def test_cluster_verifications_are_logged(material: Material, tmp_path: Path,
     assert result.ok and [e.recorded_ok for e in result.entries] == verdicts
     assert cli.main(["evidence", "replay", "--workdir", str(paths.workdir)]) == 0
     assert "INTACT" in capsys.readouterr().out
+
+
+def test_appends_after_lines_longer_than_the_first_read(material: Material,
+                                                        tmp_path: Path) -> None:
+    log = EvidenceLog(tmp_path / "ev", checkpoint_every=100)
+    quote = material.quotes[0]
+    bulky = Evidence(quote.evidence.attest, quote.evidence.signature, quote.evidence.ak_public,
+                     "sha256", quote.evidence.pcrs, event_log=os.urandom(300_000))
+    rejected = VerificationReport(())
+    for i in range(3):  # ~400 KiB lines: the tail is read in growing windows
+        assert log.append("node-0", quote.nonce, bulky, material.good, rejected,
+                          stamp(T0 + timedelta(minutes=i))) == i + 1
+    result = replay(log.directory)
+    assert result.ok, result.problems
+    assert [e.seq for e in result.entries] == [1, 2, 3] and result.heads == 1
