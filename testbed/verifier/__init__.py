@@ -1,0 +1,1 @@
+"""The verifier: continuous attestation, and revocation that acts (docs/runtime.md)."""
