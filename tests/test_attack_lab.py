@@ -28,6 +28,7 @@ EXPECTED_CHECK = {
     "proxy-reads-body": ("tctp_record", "server"),
     "halec-hijack": ("tctp_record", "server"),
     "sign-forgery": ("cms_signer", "third party"),
+    "batch-substitution": ("batch_inclusion", "server"),
     "runtime-tamper": ("runtime", "verifier"),
 }
 
@@ -109,3 +110,9 @@ def test_the_plain_proxy_relays_every_exchange_under_concurrency(lab: Lab) -> No
                                 messages))
     assert replies == [m[::-1] for m in messages]
     assert all(any(m in seen for seen in relay.seen) for m in messages)
+
+
+def test_batch_substitution_names_both_substitutions(lab: Lab) -> None:
+    detail = SCENARIOS["batch-substitution"](lab).trusted_passages.detail
+    assert "another session's quote and path: " in detail
+    assert "another leaf's path: " in detail and "leaf 0 of 2" in detail

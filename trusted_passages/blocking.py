@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
@@ -179,6 +180,11 @@ class Server:
         self._on_failure = on_failure
         self._workers = _Workers(workers)
         self._loop = asyncio.new_event_loop()
+        # Core calls (a quote, a validation) run off the loop; a batched quote holds its
+        # thread for the batch window, so the pool must fit every connection in flight,
+        # or it caps the batch (asyncio's default is min(32, CPUs + 4) threads).
+        self._loop.set_default_executor(ThreadPoolExecutor(max_connections,
+                                                           thread_name_prefix="tp-core"))
         self._thread = threading.Thread(target=self._loop.run_forever, name="tp-listener",
                                         daemon=True)
         self._thread.start()

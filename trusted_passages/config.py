@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL, crypto
 
 from trusted_passages.envelope import PROFILES, Profile, Role
-from trusted_passages.interfaces import Issuer, Validator
+from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator
 from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
 from trusted_passages.protocol import CLASSIC_CIPHERS, TrustedPassagesConnection
@@ -42,6 +42,9 @@ class ChannelConfig:
     profile: Profile = "tp13"
     expected_peer: str | None = None
     timeout: float = DEFAULT_TIMEOUT  # seconds per wait: connect, each protocol step, recv
+    # Seconds: sessions arriving within it share one quote (docs/protocol.md, "Batched
+    # quotes"); None quotes once per session. The issuer must batch (TpmIssuer does).
+    batch_window: float | None = None
     _contexts: dict[str, SSL.Context] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
@@ -59,6 +62,10 @@ class ChannelConfig:
             raise ValueError("the classic profile needs an RSA key (RSA key transport)")
         if _spki(self.certificate.public_key()) != _spki(self.private_key.public_key()):
             raise ValueError("the certificate is not for this private key")
+        if self.batch_window is not None:
+            if not isinstance(self.issuer, BatchableIssuer):
+                raise ValueError("batch_window needs an issuer that can batch (TpmIssuer)")
+            object.__setattr__(self, "issuer", self.issuer.batched(self.batch_window))
 
     def with_expected_peer(self, node: str | None) -> ChannelConfig:
         return replace(self, expected_peer=node)

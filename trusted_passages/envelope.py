@@ -7,7 +7,10 @@ Version 1 is a UTF-8 JSON object (docs/protocol.md)::
      "evidence": {...}}
 
 ``evidence`` is an :class:`attestation.evidence.Evidence` dict for TPM
-issuers (another object for the test fakes). Decoding is strict and bounded:
+issuers (another object for the test fakes). A batched quote adds one key,
+``"batch": {"index": i, "size": n, "path": ["<64 hex>", ...]}``: where this
+session's binding sits in the Merkle tree whose root the quote covers
+(:mod:`trusted_passages.batch`). Decoding is strict and bounded:
 anything unexpected is an :class:`EvidenceFormatError`.
 """
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 from attestation.errors import EvidenceFormatError
+from trusted_passages.batch import BatchProof
 
 Role = Literal["server", "client"]
 Profile = Literal["tp13", "classic"]
@@ -29,6 +33,7 @@ ENVELOPE_VERSION: Final = 1
 MAX_ENVELOPE_BYTES: Final = 1 << 20  # one frame; firmware event logs are tens of KiB
 DIGEST_BYTES: Final = 32
 _KEYS: Final = frozenset({"v", "node", "role", "profile", "user_data", "evidence"})
+_OPTIONAL_KEYS: Final = frozenset({"batch"})
 # Node names double as certificate CN / DNS SAN, so keep them DNS-label-like.
 _NODE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
@@ -49,13 +54,17 @@ class Envelope:
     profile: Profile
     user_data: bytes
     evidence: dict[str, Any]
+    batch: BatchProof | None = None
 
     def to_json(self) -> bytes:
-        data = json.dumps({
+        doc: dict[str, Any] = {
             "v": ENVELOPE_VERSION, "node": self.node, "role": self.role,
             "profile": self.profile, "user_data": self.user_data.hex(),
             "evidence": self.evidence,
-        }, separators=(",", ":")).encode()
+        }
+        if self.batch is not None:
+            doc["batch"] = self.batch.to_dict()
+        data = json.dumps(doc, separators=(",", ":")).encode()
         if len(data) > MAX_ENVELOPE_BYTES:
             raise EvidenceFormatError(f"envelope of {len(data)} bytes exceeds "
                                       f"{MAX_ENVELOPE_BYTES} (event log too large?)")
@@ -70,7 +79,7 @@ def decode_envelope(data: bytes) -> Envelope:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise EvidenceFormatError(f"envelope is not JSON: {str(exc)[:80]}") from None
-    if not isinstance(doc, dict) or set(doc) != _KEYS:
+    if not isinstance(doc, dict) or not _KEYS <= set(doc) <= _KEYS | _OPTIONAL_KEYS:
         keys = sorted(doc)[:8] if isinstance(doc, dict) else type(doc).__name__
         raise EvidenceFormatError(f"envelope must be an object with keys {sorted(_KEYS)}, "
                                   f"got {keys}")
@@ -83,6 +92,7 @@ def decode_envelope(data: bytes) -> Envelope:
         profile=cast(Profile, _choice(doc["profile"], "profile", PROFILES)),
         user_data=_digest(doc["user_data"], "user_data"),
         evidence=_object(doc["evidence"], "evidence"),
+        batch=BatchProof.from_dict(doc["batch"]) if "batch" in doc else None,
     )
 
 

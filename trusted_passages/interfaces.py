@@ -35,6 +35,7 @@ from trusted_passages.errors import ProtocolError
 
 __all__ = [
     "BINDING_DOMAIN",
+    "BatchableIssuer",
     "BindableIssuer",
     "BindingContext",
     "Issuer",
@@ -102,6 +103,13 @@ class BindableIssuer(Issuer, Protocol):
     """An issuer configured once per node and bound per connection to a role and profile."""
 
     def bound(self, context: BindingContext) -> Issuer: ...
+
+
+@runtime_checkable
+class BatchableIssuer(Issuer, Protocol):
+    """An issuer whose sessions can share one quote per window (docs/protocol.md)."""
+
+    def batched(self, window: float) -> Issuer: ...
 
 
 class Validator(Protocol):

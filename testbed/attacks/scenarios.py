@@ -8,12 +8,14 @@ secret reaches the wrong machine, or the attacker's connection is accepted.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -314,6 +316,58 @@ def third_party(lab: Lab) -> ScenarioResult:
                           "claim (runtime PCR 23)", plain, tp)
 
 
+class _SubstitutingIssuer:
+    """Presents a genuine batched quote with a path taken from other sessions, re-bound
+    to the attacker's TLS key (the envelope's user_data is the attacker's)."""
+
+    def __init__(self, captured: bytes, batch: dict[str, Any] | None = None) -> None:
+        self._doc = json.loads(captured)
+        if batch is not None:
+            self._doc["batch"] = batch
+
+    def bound(self, context: BindingContext) -> Issuer:
+        return self
+
+    def issue(self, user_data: bytes, nonce: bytes) -> bytes:
+        return json.dumps({**self._doc, "user_data": user_data.hex()}).encode()
+
+
+def _captured_batch(lab: Lab) -> list[bytes]:
+    """Two of the customer's sessions that shared one batched quote (seen on the wire)."""
+    client = lab.nodes["client"]
+    issuer = client.issuer.batched(0.05, eager=False).bound(BindingContext("tp13", "client"))
+    spki = spki_digest(client.certificate)
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda nonce: issuer.issue(spki, nonce),
+                             [os.urandom(32), os.urandom(32)]))
+
+
+def batch_substitution(lab: Lab) -> ScenarioResult:
+    """Alice, with a CA-valid certificate for 'client', presents the customer's genuine
+    batched quote: with the path of another session of that batch, or with her own
+    session's leaf spliced onto another leaf's path."""
+    first, second = _captured_batch(lab)
+    key, cert = lab.certificate_for("client")
+    real = lab.tp_config("server", peer="client")
+    _, reply = _plain_run(real, lab.tp_config("evil", peer="server", certificate=cert,
+                                              key=key), b"GET /account", reply=b"account data")
+    plain = Outcome(reply == b"account data", "plain mTLS has no batch to check: the "
+                    "CA-valid certificate alone gets Alice in")
+    attempts = {"another session's quote and path": _SubstitutingIssuer(first),
+                "another leaf's path": _SubstitutingIssuer(first, json.loads(second)["batch"])}
+    outcomes = []
+    for what, issuer in attempts.items():
+        attacker = lab.tp_config("evil", peer="server", certificate=cert, key=key,
+                                 issuer=issuer)
+        outcome = _tp_run(real, attacker, b"GET /account", client_side="attacker")
+        outcomes.append(replace(outcome, detail=f"{what}: {outcome.detail}"))
+    accepted = [o for o in outcomes if o.attack_succeeded]
+    tp = accepted[0] if accepted else replace(
+        outcomes[0], detail="; ".join(o.detail for o in outcomes))
+    return ScenarioResult("batch-substitution", "Batched quote: another session's quote and "
+                          "path, or another leaf's path", plain, tp)
+
+
 # --- TCTP (seed 000): HALECs whose TLS records travel in HTTP bodies ---------------------
 # The attacker is an HTTP intermediary (a routing proxy, a cache): it sees every header,
 # URL and body. The HALECs here are driven in memory (trusted_passages.tctp, the same
@@ -587,6 +641,7 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "proxy-reads-body": proxy_reads_body,
     "halec-hijack": halec_hijack,
     "sign-forgery": sign_forgery,
+    "batch-substitution": batch_substitution,
     "runtime-tamper": runtime_tamper,
 }
 

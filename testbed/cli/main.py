@@ -20,6 +20,7 @@ from testbed.cli.attack import register_attack_commands
 from testbed.cli.cluster import register_cluster_commands
 from testbed.cli.completion import register_completion_command
 from testbed.cli.demo import register_demo_commands
+from testbed.cli.evidence import register_evidence_commands
 from testbed.cli.exitcodes import (
     EXIT_BAD_INPUT,
     EXIT_ENVIRONMENT,
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_vsm_commands(sub)
     register_tctp_commands(sub)
     register_sign_commands(sub)
+    register_evidence_commands(sub)
     register_tamper_commands(sub)
     register_revocation_commands(sub)
     register_completion_command(sub, parser)

@@ -4,7 +4,9 @@ policy and the cluster's clock history, and the result recorded.
 
 The clock history is the last accepted TPMS_ATTEST per AK, persisted and used under the
 cluster's attest lock, so replays and clock rollbacks are caught across commands (and
-concurrent ones).
+concurrent ones). Every verification, accepted or not, is appended under the same lock
+to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), which
+``testbed evidence replay`` re-verifies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError
 from attestation.evidence import Evidence
+from attestation.evidence_log import EvidenceLog
 from attestation.ima import IMA_PCR
 from attestation.policy import ReferencePolicy
 from attestation.report import NOT_RUN, CheckResult, VerificationReport, run_checks
@@ -30,7 +33,7 @@ from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
 
-__all__ = ["ClockHistoryStore", "attest_node", "verify_evidence"]
+__all__ = ["ClockHistoryStore", "attest_node", "evidence_dir", "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
 
@@ -70,6 +73,11 @@ class ClockHistoryStore:
         write_json(self.path, {"format": _HISTORY_FORMAT, "version": 1, "aks": self._attests})
 
 
+def evidence_dir(paths: ClusterPaths) -> Path:
+    """Where the cluster's evidence log lives."""
+    return paths.root / "evidence"
+
+
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
                     policy: ReferencePolicy) -> VerificationReport:
     """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
@@ -85,6 +93,8 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
         if report.ok:
             store.remember(evidence)
             store.save()
+        EvidenceLog(evidence_dir(paths)).append(node, nonce, evidence, policy, report,
+                                                utc_now())
     return report
 
 
