@@ -34,6 +34,7 @@ from testbed.cli.qemu import register_image_commands, register_qemu_commands
 from testbed.cli.sign import register_sign_commands
 from testbed.cli.tctp import register_tctp_commands
 from testbed.cli.tpm import register_tpm_commands
+from testbed.cli.verifier import register_verifier_commands
 from testbed.cli.vsm import register_vsm_commands
 from testbed.core.errors import ArgumentError, UsageError
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_vsm_commands(sub)
     register_tctp_commands(sub)
     register_sign_commands(sub)
+    register_verifier_commands(sub)
     register_completion_command(sub, parser)
     spread_global_options(parser)
     return parser

@@ -1,0 +1,1 @@
+"""The verifier service: continuous attestation of a cluster's nodes (docs/verifier.md)."""
