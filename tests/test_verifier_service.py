@@ -151,6 +151,9 @@ def test_service_attests_detects_signs_and_stops(
         lab: Lab, tmp_path: Path,
         webhook_server: tuple[str, list[tuple[dict[str, str], bytes]]]) -> None:
     url, received = webhook_server
+    rc, out, _ = run_cli(lab.workdir, "events", "--json")
+    assert rc == 0 and json.loads(out)["events"] == []
+    assert not (lab.paths.root / "verifier").exists()  # read commands create nothing
     secret = tmp_path / "hook.key"
     secret.write_bytes(SECRET)
     secret.chmod(0o600)

@@ -127,7 +127,13 @@ def cmd_events(args: argparse.Namespace) -> int:
     """Without --follow: the events recorded so far (JSON: one document). With --follow:
     one line per event as it comes (JSON: one object per line), until interrupted."""
     paths = _cluster(args)
-    store = open_store(VerifierFiles(paths).database_url(args.db))
+    files = VerifierFiles(paths)
+    if args.db is None and not files.settings.exists():  # a read command creates nothing
+        emit(args, {"cluster": paths.name, "events": []},
+             lambda: print(f"no verifier ever ran for cluster {paths.name} "
+                           "(`testbed verifier start`)"))
+        return EXIT_OK
+    store = open_store(files.database_url(args.db))
     try:
         if args.follow:
             for event in follow(store, args.since, threading.Event()):

@@ -1,1 +1,1 @@
-"""The verifier service: continuous attestation of a cluster's nodes (docs/verifier.md)."""
+"""The verifier: continuous attestation, and revocation that acts (docs/runtime.md)."""

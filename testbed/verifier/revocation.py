@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from testbed.core.paths import ClusterPaths
 
-__all__ = ["RevocationEvent", "publish"]
+__all__ = ["RevocationEvent", "next_sequence", "publish"]
 
 log = logging.getLogger("testbed.verifier.revocation")
 
@@ -26,8 +26,15 @@ class RevocationEvent:
     sequence: int
 
 
-def publish(paths: ClusterPaths, event: RevocationEvent) -> None:
-    """Placeholder until the real revocation module: log the event, deliver nothing."""
+def next_sequence(paths: ClusterPaths) -> int:
+    """Placeholder: the real module keeps a persisted, increasing counter."""
+    return 0
+
+
+def publish(paths: ClusterPaths, event: RevocationEvent) -> dict[str, str]:
+    """Placeholder until the real revocation module: log the event, deliver nothing
+    (the real one answers what each node said, by node)."""
     log.warning("revocation of %s in cluster %s (check %s, event %d): not delivered, "
                 "revocation module not installed", event.node, paths.name, event.check,
                 event.sequence)
+    return {}

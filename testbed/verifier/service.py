@@ -292,6 +292,8 @@ class VerifierService:
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="attest")
         self._revoker = ThreadPoolExecutor(1, thread_name_prefix="revoke")
         self._inflight: set[str] = set()
+        self._undelivered: set[str] = set()  # nodes whose revocation a node missed
+        self._undelivered_lock = threading.Lock()
         self._webhooks = (WebhookSender(config.cluster, config.webhooks,
                                         load_secret(config.webhook_secret))
                           if config.webhooks and config.webhook_secret else None)
@@ -328,6 +330,10 @@ class VerifierService:
         self.stopping.set()
 
     def _sync(self, now: float) -> None:
+        if not self.paths.root.is_dir():  # `down --purge` removed the cluster: no orphan
+            log.warning("cluster %s is gone (%s): stopping", self.paths.name, self.paths.root)
+            self.stop()
+            return
         self.store.sync_nodes(load_registry(self.paths).nodes(), self.config.push)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
                              self.config.interval, now)
@@ -371,15 +377,36 @@ class VerifierService:
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
-        if not outcome.ok:
+        if not outcome.ok and (len(events) > 1 or self._redeliver(outcome.node, None)):
             self._revoker.submit(self._publish, events[0])
 
+    def _redeliver(self, node: str, failed: bool | None) -> bool:
+        """Whether ``node``'s revocation must be published again (a node missed it);
+        with ``failed`` given, remember that instead."""
+        with self._undelivered_lock:
+            if failed is None:
+                return node in self._undelivered
+            (self._undelivered.add if failed else self._undelivered.discard)(node)
+            return failed
+
     def _publish(self, event: Event) -> None:
+        """Revoke ``event.node``: on its change into a failed state, and again at each
+        failure while a running node did not get it. The decision's sequence comes from
+        revocation's counter (nodes refuse a sequence they have seen), never below the
+        event's own."""
         try:
-            revocation.publish(self.paths, revocation.RevocationEvent(
-                event.node, event.check, event.reason, iso_utc(event.time), event.seq))
+            sequence = max(event.seq, revocation.next_sequence(self.paths))
+            answers = revocation.publish(self.paths, revocation.RevocationEvent(
+                event.node, event.check, event.reason, iso_utc(event.time), sequence))
         except Exception:  # delivery is revocation's job; the loop goes on
             log.exception("revocation of %s (event %d) failed", event.node, event.seq)
+            self._redeliver(event.node, True)
+            return
+        missed = [n for n, a in answers.items() if n != event.node and a.startswith("error")]
+        self._redeliver(event.node, bool(missed))
+        log.info("revocation of %s (event %d, sequence %d): %s", event.node, event.seq,
+                 sequence, ", ".join(f"{n} {a[:80]}" for n, a in sorted(answers.items()))
+                 or "no node to tell")
 
     def _close(self) -> None:
         self._server.close()
