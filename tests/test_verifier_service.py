@@ -169,8 +169,9 @@ def test_service_attests_detects_signs_and_stops(
     rc, _, err = run_cli(lab.workdir, "verifier", "start")
     assert rc == 4 and "already runs" in err
 
-    # Pull: n0 and n1 trusted; push: n2 stays new until it sends evidence.
-    wait_until(lambda: lab.node_states() == {"n0": "trusted", "n1": "trusted", "n2": "new"})
+    # Pull: n0 and n1 trusted; push: n2 is not trusted until it sends evidence.
+    wait_until(lambda: lab.node_states()["n0"] == lab.node_states()["n1"] == "trusted")
+    assert lab.node_states()["n2"] in ("new", "unreachable")
     assert push_attest(lab.paths, "n2", lab.agent("n2")) == {"ok": True, "check": "",
                                                               "reason": ""}
     assert lab.node_states()["n2"] == "trusted"
@@ -211,6 +212,12 @@ def test_service_attests_detects_signs_and_stops(
                for _, b in received)  # successes are not POSTed, only changes and failures
     log = files.log("verifier").read_text()
     assert "revocation of n0" in log  # handed to revocation.publish
+
+    # A push node that goes silent is unreachable after three intervals: fail closed.
+    silent = wait_until(lambda: next((e for e in lab.events() if e["node"] == "n2"
+                                      and e["kind"] == "state"
+                                      and e["reason"].endswith("-> unreachable")), None))
+    assert silent["check"] == "agent" and silent["mode"] == "push"
 
     # Restored: the node is trusted again; `events --follow` streams as JSON lines.
     wait_until(lambda: lab.node_states()["n0"] == "trusted")

@@ -66,6 +66,7 @@ __all__ = ["DEFAULT_INTERVAL_S", "PushEndpoint", "VerifierConfig", "VerifierFile
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WORKERS = 16
 NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
+PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
 
 log = logging.getLogger("testbed.verifier")
@@ -338,6 +339,20 @@ class VerifierService:
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
                              self.config.interval, now)
         self.store.prune()
+        self._push_overdue(now)
+
+    def _push_overdue(self, now: float) -> None:
+        """A push node that sent no evidence for PUSH_GRACE intervals is unreachable:
+        silence must not keep a node trusted (fail closed)."""
+        grace = PUSH_GRACE * self.config.interval
+        if now - self.started < grace:
+            return
+        for row in self.store.nodes():
+            if row.node in self.config.push and row.state != "unreachable" \
+                    and row.last_time < now - grace:
+                self.outcomes.put(Outcome(row.node, False, UNREACHABLE_CHECK,
+                                          f"no evidence pushed for {grace:g} s", now, now,
+                                          "push"))
 
     def _dispatch(self, now: float) -> None:
         free = self.config.workers - len(self._inflight)
