@@ -56,7 +56,14 @@ from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
 from testbed.sim.agent_server import AgentServer
 from testbed.verifier import revocation
-from testbed.verifier.store import UNREACHABLE_CHECK, Event, Outcome, Store, open_store
+from testbed.verifier.store import (
+    UNREACHABLE_CHECK,
+    Event,
+    Outcome,
+    Store,
+    StoreError,
+    open_store,
+)
 from testbed.verifier.webhooks import WebhookSender, load_secret
 
 __all__ = ["DEFAULT_INTERVAL_S", "PushEndpoint", "VerifierConfig", "VerifierFiles",
@@ -66,6 +73,7 @@ __all__ = ["DEFAULT_INTERVAL_S", "PushEndpoint", "VerifierConfig", "VerifierFile
 DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WORKERS = 16
 NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
+RECONNECT_S = 1.0  # between attempts to reopen a database that failed
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
 
@@ -321,6 +329,10 @@ class VerifierService:
                         next_sync = now + self.config.interval
                     self._dispatch(now)
                     self._drain(tick)
+                except StoreError as exc:  # e.g. PostgreSQL restarted: a new connection
+                    log.error("verifier round failed: %s", exc)
+                    self.stopping.wait(RECONNECT_S)
+                    self._reconnect()
                 except TestbedError as exc:
                     log.error("verifier round failed: %s", exc)
                     self.stopping.wait(tick)
@@ -329,6 +341,15 @@ class VerifierService:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _reconnect(self) -> None:
+        try:
+            fresh = open_store(self.files.database_url(self.config.db))
+        except TestbedError as exc:
+            log.error("reconnecting to the verifier database: %s", exc)
+            return
+        self.store.close()
+        self.store = fresh
 
     def _sync(self, now: float) -> None:
         if not self.paths.root.is_dir():  # `down --purge` removed the cluster: no orphan
@@ -574,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         with contextlib.suppress(OSError, StateError):
             remove_durably(pid_file)
-        store.close()
+        service.store.close()
     return 0
 
 
