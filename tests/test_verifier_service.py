@@ -3,18 +3,21 @@
 One module-scoped cluster of three nodes. The detached service (the real CLI) attests
 two of them by pull and the third by push; a policy change is detected within the
 interval, recorded as events, POSTed signed to a real local HTTP server and handed to
-revocation; `stop` leaves no process. An in-process service shows that a stuck agent
-holds one worker until its deadline, not the loop. The store's leases are a property.
+revocation; `stop` leaves no process. An in-process service shows that a stuck or
+trickling agent holds one worker, never the loop, and is not trusted meanwhile. The
+store's leases are a property.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
 import itertools
 import json
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -272,21 +275,50 @@ class _SilentAgent:
         self.path.unlink()
 
 
+class _TricklingAgent(_SilentAgent):
+    """Announces a 1,000-byte answer and sends a byte every 0.1 s: each read is quick,
+    the answer never ends (a per-read timeout alone would wait for 100 s)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.sock.accept()
+                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            conn.sendall(struct.pack(">I", 1000))
+            while not self.closed.wait(0.1):
+                conn.sendall(b" ")
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+
 class _StuckBackend(SimBackend):
-    """The sim backend, but node ``stuck``'s agent is a silent socket."""
+    """The sim backend, but n1's agent is silent and n2's trickles."""
 
     silent: Path
+    trickling: Path
 
     def agent(self, node: str, *, timeout: float = 30.0) -> AgentClient:
-        if node == "n1":
-            return AgentClient(UnixTransport(self.silent), node=node, timeout=timeout)
+        fake = {"n1": self.silent, "n2": self.trickling}.get(node)
+        if fake is not None:
+            return AgentClient(UnixTransport(fake), node=node, timeout=timeout)
         return super().agent(node, timeout=timeout)
 
 
 def test_stuck_agent_holds_one_worker_not_the_loop(lab: Lab, tmp_path: Path) -> None:
     silent = _SilentAgent(Path(f"/tmp/vs-stuck-{id(tmp_path)}.sock"))
+    trickling = _TricklingAgent(Path(f"/tmp/vs-trickle-{id(tmp_path)}.sock"))
     backend = _StuckBackend(lab.paths)
-    backend.silent = silent.path
+    backend.silent, backend.trickling = silent.path, trickling.path
     config = VerifierConfig(lab.workdir, CLUSTER, name="inproc", interval=INTERVAL,
                             db=str(tmp_path / "db.sqlite"))
     store = open_store(str(tmp_path / "db.sqlite"))
@@ -300,6 +332,7 @@ def test_stuck_agent_holds_one_worker_not_the_loop(lab: Lab, tmp_path: Path) -> 
         service.stop()
         runner.join(10)
         silent.close()
+        trickling.close()
     assert not runner.is_alive()
     events = store.events_after(0)
     pulls = [e for e in events if e.kind == "attestation"]
@@ -308,7 +341,9 @@ def test_stuck_agent_holds_one_worker_not_the_loop(lab: Lab, tmp_path: Path) -> 
     n1 = [e for e in pulls if e.node == "n1"]
     assert n1 and all(not e.ok and e.check == "agent" for e in n1)
     assert "did not answer" in n1[0].reason
-    assert {e.node for e in pulls} == {"n0", "n1", "n2"}  # n2 is pull here
+    n2 = [e for e in pulls if e.node == "n2"]  # trickling: unreachable at its next turn
+    assert n2 and all(not e.ok and e.check == "agent" for e in n2)
+    assert "still running after its lease" in n2[0].reason
     gaps = [b.time - a.time for a, b in itertools.pairwise(n0)]
     assert min(gaps) > INTERVAL * 0.8  # never twice in an interval
     store.close()

@@ -423,7 +423,14 @@ class VerifierService:
         free = self.config.workers - len(self._inflight)
         for claim in self.store.claim(self.config.name, now, interval=self.config.interval,
                                       lease=self.config.lease, limit=free):
-            if claim.node not in self._inflight:  # a stuck quote: not a second one
+            if claim.node in self._inflight:
+                # Its last quote is still running a lease later (an agent that trickles
+                # bytes defeats a per-read timeout): not a second quote, and not
+                # trusted meanwhile.
+                self._record(Outcome(claim.node, False, UNREACHABLE_CHECK,
+                                     "the previous quote is still running after its lease",
+                                     now, time.time()), finished=False)
+            else:
                 self._inflight.add(claim.node)
                 self._pool.submit(self._pull, claim.node)
 
@@ -450,8 +457,9 @@ class VerifierService:
                 self._record(outcome)
                 outcome = self.outcomes.get_nowait()
 
-    def _record(self, outcome: Outcome) -> None:
-        if outcome.mode == "pull":
+    def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
+        """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
+        if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
         events = self.store.record(self.config.name, outcome)
         for event in events:
