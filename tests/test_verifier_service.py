@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError, StateError
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
 from testbed.sim.backend import SimBackend
@@ -48,7 +48,7 @@ from testbed.verifier.service import (
     push_attest,
 )
 from testbed.verifier.store import Event, Outcome, open_store
-from testbed.verifier.webhooks import SIGNATURE_HEADER
+from testbed.verifier.webhooks import QUEUE_LIMIT, SIGNATURE_HEADER, WebhookSender
 
 CLUSTER = "vlab"
 NODES = ("n0", "n1", "n2")
@@ -184,6 +184,11 @@ def test_service_attests_detects_signs_and_stops(
         endpoint.role("evidence", {"node": "n2", "evidence": evidence.to_dict()})
     with pytest.raises(AgentError, match="not a push node"):
         endpoint.role("nonce", {"node": "n0"})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hostile:  # oversized frame
+        hostile.settimeout(5)
+        hostile.connect(str(files.push_socket("verifier")))
+        hostile.sendall(struct.pack(">I", 1 << 30))
+        assert b"exceeds" in hostile.recv(4096) and hostile.recv(4096) == b""
     endpoint.role("nonce", {"node": "n2"})
     answer = endpoint.role("evidence", {"node": "n2", "evidence": {"version": "x" * 100}})
     assert answer["ok"] is False and answer["check"] == "evidence"  # malformed: fails closed
@@ -384,6 +389,22 @@ def test_store_keeps_events_bounded_and_reasons_short(tmp_path: Path) -> None:
     assert all(len(e.reason) <= 2000 for e in events)
     assert isinstance(events[0], Event)
     store.close()
+
+
+def test_webhooks_to_a_dead_endpoint_never_block(tmp_path: Path) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again: connections are refused
+    sender = WebhookSender("c", [f"http://127.0.0.1:{port}/"], SECRET)
+    started = time.monotonic()
+    for seq in range(QUEUE_LIMIT + 500):
+        sender.send(Event(seq, 0.0, "a", "state", False, "policy", "x", "v", "pull"))
+    assert time.monotonic() - started < 1.0  # queued, never waited for
+    assert sender.dropped >= 400  # the oldest went when the queue was full
+    sender.close(timeout=0.1)
+    assert sender.failed >= 1
+    with pytest.raises(ArgumentError, match="not http"):
+        WebhookSender("c", ["file:///etc/passwd"], SECRET)
 
 
 def test_corrupt_database_is_one_clear_error(tmp_path: Path) -> None:
