@@ -42,9 +42,11 @@ from testbed.core.processes import process_argv
 from testbed.sim.backend import SimBackend
 from testbed.spec.cluster_spec import default_spec_path
 from testbed.verifier.service import (
+    DEFAULT_INTERVAL_S,
     VerifierConfig,
     VerifierFiles,
     VerifierService,
+    _stale,
     push_attest,
 )
 from testbed.verifier.store import Event, Outcome, open_store
@@ -178,6 +180,7 @@ def test_service_attests_detects_signs_and_stops(
     assert push_attest(lab.paths, "n2", lab.agent("n2")) == {"ok": True, "check": "",
                                                               "reason": ""}
     assert lab.node_states()["n2"] == "trusted"
+    assert not any(n["stale"] for n in lab.status()["nodes"])
     endpoint = AgentClient(UnixTransport(files.push_socket("verifier")), node="v")
     evidence = lab.agent("n2").quote(b"\x01" * 32, [0])
     with pytest.raises(AgentError, match="no live nonce"):  # a nonce is used once
@@ -246,6 +249,9 @@ def test_service_attests_detects_signs_and_stops(
     assert not files.pid_file("verifier").exists()
     assert not files.push_socket("verifier").exists()
     assert lab.status()["verifiers"] == []  # its row went with it
+    # No verifier: the verdicts grow stale, and status says so (older than 3 intervals).
+    assert _stale(time.time() - DEFAULT_INTERVAL_S * 3.5, [])
+    assert not _stale(time.time() - DEFAULT_INTERVAL_S, [])
     rc, out, _ = run_cli(lab.workdir, "verifier", "stop")
     assert rc == 0 and "no verifier to stop" in out
 

@@ -108,7 +108,8 @@ def cmd_verifier_status(args: argparse.Namespace) -> int:
         for n in status["nodes"]:
             when = iso_utc(n["last_time"]) if n["last_time"] else "-"
             check = f" ({n['last_check']})" if n["last_check"] else ""
-            print(f"  {n['node']:<12} {n['mode']:<5} {n['state']:<12}{check:<16} {when}")
+            stale = "  STALE (no verifier keeps it current)" if n["stale"] else ""
+            print(f"  {n['node']:<12} {n['mode']:<5} {n['state']:<12}{check:<16} {when}{stale}")
     emit(args, status, human)
     return EXIT_OK
 

@@ -63,6 +63,7 @@ from testbed.verifier.store import (
     Outcome,
     Store,
     StoreError,
+    VerifierRow,
     open_store,
 )
 from testbed.verifier.webhooks import WebhookSender, load_secret
@@ -594,8 +595,15 @@ def verifier_status(paths: ClusterPaths, db: str | None = None) -> dict[str, Any
                        "running": processes.get(n) is not None,
                        **({"heartbeat": beats[n].heartbeat, "interval": beats[n].interval}
                           if n in beats else {})} for n in names],
-        "nodes": [n.to_dict() for n in nodes],
+        "nodes": [{**n.to_dict(), "stale": _stale(n.last_time, rows)} for n in nodes],
     }
+
+
+def _stale(last_time: float, verifiers: Sequence[VerifierRow]) -> bool:
+    """Whether a node's last verdict is older than three of the longest interval: no
+    verifier is keeping it current, so its state says nothing about now."""
+    interval = max((v.interval for v in verifiers), default=DEFAULT_INTERVAL_S)
+    return time.time() - last_time > 3 * interval
 
 
 # --- the process ----------------------------------------------------------------------------
