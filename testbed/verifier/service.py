@@ -307,6 +307,13 @@ class PushEndpoint:
     def shutdown(self) -> None:
         raise _NotServed("stop a verifier with `testbed verifier stop`")
 
+    # The runtime-integrity ops a node's agent serves (docs/runtime.md): not a verifier's.
+    def runtime_log(self, offset: int) -> bytes:
+        raise _NotServed("a verifier has no runtime log")
+
+    def runtime_measure(self, path: str, content: bytes) -> dict[str, Any]:
+        raise _NotServed("a verifier measures nothing")
+
 
 def push_attest(paths: ClusterPaths, node: str, agent: AgentClient, *,
                 verifier: str = "verifier", pcrs: Sequence[int] | None = None,
