@@ -28,6 +28,7 @@ EXPECTED_CHECK = {
     "proxy-reads-body": ("tctp_record", "server"),
     "halec-hijack": ("tctp_record", "server"),
     "sign-forgery": ("cms_signer", "third party"),
+    "runtime-tamper": ("runtime", "verifier"),
 }
 
 
@@ -57,6 +58,12 @@ def test_attack_succeeds_on_plain_mtls_and_is_caught(lab: Lab, name: str) -> Non
 def test_sign_forgery_names_the_check_for_each_forgery(lab: Lab) -> None:
     detail = SCENARIOS["sign-forgery"](lab).trusted_passages.detail
     assert "re-signed: cms_signer; altered: cms_signature (genuine proof: ok)" in detail
+
+
+def test_runtime_tamper_names_the_unlisted_binary(lab: Lab) -> None:
+    result = SCENARIOS["runtime-tamper"](lab)
+    assert "/usr/local/bin/cryptominer" in result.trusted_passages.detail
+    assert "closed its channel" in result.trusted_passages.detail
 
 
 def test_tampered_boot_names_the_kernel_event(lab: Lab) -> None:

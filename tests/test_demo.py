@@ -38,7 +38,7 @@ def test_demo_establishes_channels_both_ways_runs_the_lab_and_cleans_up(tmp_path
         assert channel["established"] and evidence["node"] == channel["to"]
         assert evidence["node_verified"] and evidence["policy"] == f"{channel['to']}-predicted"
         assert "policy" in evidence["checks"] and "qualifying_data" in evidence["checks"]
-    assert len(out["attacks"]) == 11 and all(a["as_expected"] for a in out["attacks"])
+    assert len(out["attacks"]) == 12 and all(a["as_expected"] for a in out["attacks"])
     _check_keyless_tls(out)
     assert not _our_processes(str(workdir)), "the demo left processes behind"
     assert not (workdir / "demo").exists()

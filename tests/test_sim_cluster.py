@@ -59,7 +59,7 @@ TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"
 TAMPER = f"client=cmdline:{TAMPERED_CMDLINE}"
 CHECKS = ["structure", "ak_attributes", "ak_trust", "signature_algorithm", "signature", "magic",
           "attestation_type", "qualifying_data", "pcr_selection", "pcr_digest", "clock",
-          "event_log", "policy"]
+          "event_log", "policy", "runtime"]
 
 
 def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
@@ -204,7 +204,10 @@ def test_attest_tampered_client_is_rejected_at_the_command_line_event(lab: Lab) 
     assert result["failed_check"] == "policy"
     detail = next(c["detail"] for c in result["checks"] if c["check"] == "policy")
     assert "PCR 9: event 1 (kernel command line" in detail
-    assert all(c["state"] == "passed" for c in result["checks"] if c["check"] != "policy")
+    assert all(c["state"] == "passed" for c in result["checks"]
+               if c["check"] not in ("policy", "runtime"))
+    assert result["checks"][-1] == {"check": "runtime", "state": "skipped",
+                                    "detail": "not run: an earlier check failed"}
     rc, out, _ = run_cli(lab.workdir, "attest", "client")
     assert rc == 1 and "REJECTED (check 'policy' failed)" in out
     assert lab.node_status()["client"]["last_attestation"]["failed_check"] == "policy"

@@ -7,23 +7,42 @@ secret reaches the wrong machine, or the attacker's connection is accepted.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from OpenSSL import SSL
 
-from attestation.errors import TestbedError
+from attestation.errors import TestbedError, VerificationError
+from attestation.evidence import Evidence
+from attestation.ima import IMA_PCR, check_entries
+from attestation.tpm_types import PcrSelection
+from attestation.verifier import QuoteVerifier
 from testbed.attacks.lab import AV_CURRENT, AV_STALE, GOOD_BOOT, INSECURE_BOOT, Lab
 from testbed.attacks.lab import random_secret as _secret
 from testbed.attacks.plain import PlainProxy, PlainServer, PlainTlsError, exchange
+from testbed.cluster.runtime import RuntimeState, explaining_prefix
+from testbed.roles.revocation import (
+    RevocationEvent,
+    RevocationGate,
+    decision_args,
+    encode_decision,
+    public_key_pem,
+)
+from testbed.tpm.runtime import RuntimeLog, default_policy
 from trusted_passages import (
     AttestationRejected,
     AttestedChannel,
@@ -446,6 +465,99 @@ def sign_forgery(lab: Lab) -> ScenarioResult:
 _SIGN_TITLE = "TLS Sign: a signed order altered or re-signed by a non-TPM key"
 
 
+class _HeldServer:
+    """A Trusted Passages server whose channels stay open, answering each message; the
+    client side tracks its channel by peer, and a revocation of that peer closes it."""
+
+    def __init__(self, config: ChannelConfig) -> None:
+        self.received: list[bytes] = []
+        self._server = serve(HOST, 0, config, self._handle)
+
+    def _handle(self, channel: AttestedChannel) -> None:
+        with contextlib.suppress(TestbedError):
+            while data := channel.recv(timeout=5):
+                self.received.append(data)
+                channel.send(b"ok")
+
+    @property
+    def port(self) -> int:
+        return self._server.address[1]
+
+    def close(self) -> None:
+        self._server.close(timeout=2)
+
+
+def _quote_pcr10(lab: Lab, name: str) -> bytes:
+    """The verifier quotes ``name``'s PCR 10 with a fresh nonce and checks the quote."""
+    node, nonce = lab.nodes[name], os.urandom(32)
+    with node.issuer.tpm_lock:
+        # The persistent AK's ESYS handle is the issuer's too (ESYS keeps one per
+        # handle): used, never closed here.
+        ak = node.client.attestation_key("ecc")
+        result = node.client.quote(ak, PcrSelection("sha256", (IMA_PCR,)), nonce)
+    evidence = Evidence(result.attest, result.signature, ak.public, "sha256", result.pcrs)
+    QuoteVerifier(ak_trust=lab.registry.for_node(name)).verify(evidence, nonce) \
+        .raise_for_failure()
+    return evidence.pcrs[IMA_PCR]
+
+
+def runtime_tamper(lab: Lab) -> ScenarioResult:
+    """Bob's server, attested and talking to its customer, executes a binary its runtime
+    policy does not list. The verifier's next quote catches it (check ``runtime``) and its
+    signed revocation makes the customer close the channel before the secret leaves."""
+    server = lab.nodes["server"]
+    real = lab.tp_config("server", peer="client")
+    victim = lab.tp_config("client", peer="server")
+    secret = _secret()
+    directory = Path(tempfile.mkdtemp(prefix="runtime-tamper-", dir=lab.root))
+    log = RuntimeLog(directory / "runtime.log")
+    last_good = RuntimeState((0, 0), 0, _quote_pcr10(lab, "server"))  # the server attested
+    with server.issuer.tpm_lock:  # ... then executes an unlisted binary
+        log.measure(server.client, "/usr/local/bin/cryptominer", b"unlisted binary")
+    received, _ = _plain_run(real, victim, secret)
+    plain = Outcome(secret in received, "nothing happens: the customer's mTLS session "
+                    "cannot see what the server runs, and the secret reached it")
+    held = _HeldServer(real)
+    try:
+        with connect(HOST, held.port, victim) as channel:
+            channel.send(b"hello Bob")
+            channel.recv()
+            tp = _revoke_and_send(lab, directory, log, last_good, channel, secret)
+        tp = replace(tp, attack_succeeded=secret in held.received)
+    finally:
+        held.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    return ScenarioResult("runtime-tamper", "Runtime tamper: an unlisted binary runs after "
+                          "attestation", plain, tp)
+
+
+def _revoke_and_send(lab: Lab, directory: Path, log: RuntimeLog, last_good: RuntimeState,
+                     channel: AttestedChannel, secret: bytes) -> Outcome:
+    """The verifier judges the new log entries; on a failure it revokes the server, and the
+    customer, holding the channel, closes it; then the customer tries to send."""
+    quoted = _quote_pcr10(lab, "server")
+    entries, _ = explaining_prefix(log.read, last_good, quoted)
+    try:
+        check_entries(default_policy("server-runtime"), entries)
+    except VerificationError as exc:
+        caught = exc
+    else:
+        channel.send(secret)
+        channel.recv()
+        return Outcome(True, "the verifier's runtime check passed")
+    key = Ed25519PrivateKey.generate()
+    (directory / "verifier.pub").write_text(public_key_pem(key.public_key()))
+    gate = RevocationGate(directory / "revocations.json", directory / "verifier.pub")
+    event = RevocationEvent("server", caught.check, caught.reason, "now", 1)
+    gate.receive("revoked", decision_args(event, key.sign(encode_decision(event))))
+    if gate.is_revoked(channel.peer.node):
+        channel.close()  # what the customer's Trusted Passages service does on revocation
+    with contextlib.suppress(TestbedError, OSError):
+        channel.send(secret)
+    return Outcome(False, f"{caught.reason}; revoked: the customer closed its channel to "
+                   "the server", caught.check, "verifier")
+
+
 def genuine(lab: Lab) -> tuple[bool, str]:
     """No attack: the customer and Bob's server attest each other and talk."""
     real = lab.tp_config("server", peer="client")
@@ -475,6 +587,7 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "proxy-reads-body": proxy_reads_body,
     "halec-hijack": halec_hijack,
     "sign-forgery": sign_forgery,
+    "runtime-tamper": runtime_tamper,
 }
 
 

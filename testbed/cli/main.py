@@ -31,7 +31,9 @@ from testbed.cli.exitcodes import (
 )
 from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
+from testbed.cli.revocation import register_revocation_commands
 from testbed.cli.sign import register_sign_commands
+from testbed.cli.tamper import register_tamper_commands
 from testbed.cli.tctp import register_tctp_commands
 from testbed.cli.tpm import register_tpm_commands
 from testbed.cli.verifier import register_verifier_commands
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_tctp_commands(sub)
     register_sign_commands(sub)
     register_verifier_commands(sub)
+    register_tamper_commands(sub)
+    register_revocation_commands(sub)
     register_completion_command(sub, parser)
     spread_global_options(parser)
     return parser

@@ -35,6 +35,7 @@ from attestation.credential import CredentialChallenge
 from attestation.encoding import b64decode
 from attestation.errors import TestbedError
 from attestation.evidence import Evidence
+from attestation.ima import MAX_CHUNK as MAX_RUNTIME_CHUNK
 from attestation.registrar import AttesterIdentity
 from testbed.core.errors import StateError
 from testbed.core.paths import SUN_PATH_MAX
@@ -135,6 +136,11 @@ class AgentClient:
 
     def shutdown(self) -> None:
         self.call({"op": "shutdown"})
+
+    def runtime_log(self, offset: int) -> bytes:
+        """At most 256 KiB of the node's ima-ng runtime log from byte ``offset``."""
+        r = self.call({"op": "runtime_log", "offset": offset})
+        return b64decode(r.get("data"), "data", limit=MAX_RUNTIME_CHUNK)
 
     # --- role and stream requests -------------------------------------------------------
 

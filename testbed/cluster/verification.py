@@ -10,18 +10,20 @@ concurrent ones).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError
 from attestation.evidence import Evidence
+from attestation.ima import IMA_PCR
 from attestation.policy import ReferencePolicy
-from attestation.report import VerificationReport
+from attestation.report import NOT_RUN, CheckResult, VerificationReport, run_checks
 from attestation.tpm_types import parse_attest, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import AttestResult
+from testbed.cluster.runtime import check_runtime, node_runtime_policy, quoting_pcr10
 from testbed.cluster.state import load_registry, record_attestation
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
@@ -88,10 +90,27 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
 
 def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: ReferencePolicy,
                 pcrs: Sequence[int]) -> AttestResult:
-    """Quote ``node`` with a fresh nonce over its agent, verify it, record the outcome."""
+    """Quote ``node`` with a fresh nonce over its agent, verify it, record the outcome.
+
+    A node with a runtime policy also has PCR 10 quoted and its new ima-ng entries
+    judged: the ``runtime`` check (:mod:`testbed.cluster.runtime`).
+    """
     nonce = os.urandom(32)
+    runtime = node_runtime_policy(paths, node)
+    if runtime is not None:
+        pcrs, policy = sorted({*pcrs, IMA_PCR}), quoting_pcr10(policy)
     evidence = agent.quote(nonce, pcrs)
     report = verify_evidence(paths, node, evidence, nonce, policy)
+    if runtime is not None:
+        report = _with_runtime(report, lambda: check_runtime(paths, node, agent, evidence,
+                                                             runtime))
     result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report, evidence)
     record_attestation(paths, node, result.record())
     return result
+
+
+def _with_runtime(report: VerificationReport, check: Callable[[], str]) -> VerificationReport:
+    """``report`` plus the runtime check, run only on a quote that passed every check."""
+    if report.failure is not None:
+        return VerificationReport((*report.checks, CheckResult("runtime", "skipped", NOT_RUN)))
+    return VerificationReport((*report.checks, *run_checks([("runtime", check)]).checks))

@@ -23,6 +23,7 @@ from attestation.tpm_types import PcrSelection
 from testbed.cluster.results import ServiceInfo
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths, NodePaths
+from testbed.roles.revocation import RevocationGate
 from testbed.spec.cluster_spec import BootSpec, ClusterSpec, NodeSpec
 from testbed.tpm.boot import BANK, SIM_PCRS
 from testbed.tpm.localca import LocalCA
@@ -63,6 +64,7 @@ class NodeContext:
     ca: LocalCA  # the work dir's EK CA: ca.ca_bundle() validates other nodes' EKs
     tcti: str
     stopping: threading.Event  # set when the node begins to shut down
+    revocations: RevocationGate  # the verifier's signed decisions this node applied
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,9 @@ connection, under its TPM lock. Two listeners on 127.0.0.1:
   attestation (the cluster's AK registry and its policy), acts as the VSM account
   ``node.<name>`` and speaks CVM1 frames over the channel (:mod:`cryptovm.attested`).
   Every request is privilege-checked and audited; a refused channel is audited as a
-  denied ``auth`` naming the failed check.
+  denied ``auth`` naming the failed check. A node the verifier revoked
+  (:mod:`testbed.roles.revocation`) is refused (check ``revocation``), its account
+  ``node.<name>`` disabled and listed in ``run/cryptovm-revoked.json`` until reinstated.
 
 **VM side** (a qemu VM, after it was attested): the CryptoVM runs *inside* the guest
 (:mod:`testbed.qemu.guest.cryptovm_extension`), sealed to the VM's own vTPM PCRs 0-9. The host asks
@@ -41,16 +43,17 @@ from attestation.errors import EvidenceFormatError
 from attestation.files import atomic_write, private_dir
 from cryptovm.attested import refuse_stream, serve_stream
 from cryptovm.client import CryptoVmClient
-from cryptovm.errors import AuthenticationFailed, SealedStorageError
+from cryptovm.errors import AccessDenied, AuthenticationFailed, SealedStorageError
 from cryptovm.sealing import format_pcr_selection
 from cryptovm.server import ServerThread
-from cryptovm.vsm import CryptoVm
+from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import ServiceEndpoint, ServiceInfo
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
+from testbed.roles.revocation import Reinstate, RevocationEvent, RevocationGate
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
 from testbed.tpm.boot import SIM_PCRS
 from trusted_passages import (
@@ -83,6 +86,7 @@ __all__ = [
 STATE_NAME = "cryptovm"
 PSK_NAME = "cryptovm-root.psk"
 INFO_NAME = "cryptovm.json"
+REVOKED_NAME = "cryptovm-revoked.json"  # the revocation list it publishes (run/)
 IDLE_TIMEOUT_S = 30.0
 VM_PCRS = "sha256:0-9"  # what OVMF measured: firmware, kernel, initrd, command line
 GUEST_PORTS = {"cvm1": 9302}
@@ -203,8 +207,8 @@ class AuditingValidator:
     """The cluster validator, remembering (per connection thread) which node the
     evidence claimed, so that a refused channel is audited under that node's name."""
 
-    def __init__(self, paths: ClusterPaths) -> None:
-        self._inner = ClusterValidator(paths)
+    def __init__(self, paths: ClusterPaths, revocations: RevocationGate | None = None) -> None:
+        self._inner = ClusterValidator(paths, revocations)
         self._claims = threading.local()
 
     def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
@@ -284,6 +288,11 @@ class CryptoVmService:
         if not peer.node_verified:  # ClusterValidator pins the AK; this is a second lock
             self._refuse(peer.node, "ak_trust", "the node's AK is not in the registry")
             return
+        if self.ctx.revocations.is_revoked(peer.node):  # the validator refuses it first
+            self._refuse(peer.node, "revocation", "the node is revoked by the verifier")
+            refuse_stream(lambda: _recv(channel), channel.send,
+                          AccessDenied("revocation", f"node {peer.node!r} is revoked"))
+            return
         with self._lock:
             self.channels += 1
         try:
@@ -293,6 +302,49 @@ class CryptoVmService:
             refuse_stream(lambda: _recv(channel), channel.send, exc)
             return
         serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
+
+    # --- revocation -------------------------------------------------------------------
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]:
+        """Stop serving the node: its account disabled (no release, no enrollment, no
+        login by any means), its client certificates removed, and every TLS certificate
+        this CA issued to it listed as revoked in ``run/cryptovm-revoked.json``."""
+        disabled = self._set_account(event.node, enabled=False)
+        self._publish_revoked()
+        return {"account_disabled": disabled, "revocation_list": str(self._revoked_path)}
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]:
+        enabled = self._set_account(decision.node, enabled=True)
+        self._publish_revoked()
+        return {"account_enabled": enabled}
+
+    def _set_account(self, node: str, *, enabled: bool) -> bool:
+        name = node_account(node)
+        if name not in self.vm.accounts.names():
+            return False  # never contacted: the revocation gate refuses it all the same
+        root = self.vm.local_root()
+        root.account_enable(name, enabled)
+        if not enabled:
+            root.account_revoke_certificates(name)
+        self.vm.audit.sync()
+        return True
+
+    @property
+    def _revoked_path(self) -> Path:
+        return self.ctx.run_dir / REVOKED_NAME
+
+    def _publish_revoked(self) -> None:
+        ca = self.vm.tls_ca
+        revoked = [{"node": node, "subject": node, "since": event["time"],
+                    "sequence": event["sequence"], "check": event["check"],
+                    "certificates": f"every certificate for CN={node} this CA issued "
+                                    f"before {event['time']}"}
+                   for node, event in sorted(self.ctx.revocations.revoked.items())]
+        doc = {"format": "testbed-cryptovm-revocations", "version": 1,
+               "issuer": ca.certificate.subject.rfc4514_string() if ca else None,
+               "sequence": self.ctx.revocations.sequence, "revoked": revoked}
+        atomic_write(self._revoked_path, (json.dumps(doc, indent=1) + "\n").encode(),
+                     mode=0o644)
 
     def refused_channel(self, exc: AttestationRejected) -> None:
         side = " (refused by the node)" if exc.by_peer else ""
@@ -329,7 +381,7 @@ def start_node_service(ctx: NodeContext) -> CryptoVmService:
     service: CryptoVmService | None = None
     try:
         wire = ServerThread(vm, HOST, 0, IDLE_TIMEOUT_S)
-        validator = AuditingValidator(ctx.cluster_paths)
+        validator = AuditingValidator(ctx.cluster_paths, ctx.revocations)
         service = CryptoVmService(ctx, vm, wire, validator)
         wire.start()
         service.tp = serve(HOST, 0, _tp_config(ctx, vm, validator), service.handle,

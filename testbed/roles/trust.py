@@ -20,6 +20,7 @@ from testbed.core.errors import StateError
 from testbed.core.files import locked
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import NodeContext
+from testbed.roles.revocation import RevocationGate
 from testbed.tpm.boot import SIM_PCRS
 from trusted_passages import BindingContext, Issuer, PeerEvidence, TpmValidator, binding_digest
 from trusted_passages.envelope import Envelope, decode_envelope
@@ -78,15 +79,20 @@ class ClusterValidator:
     The envelope's node claim only selects which registry entry and policy apply;
     ``AkRegistry.for_node`` then insists the AK really is that node's. Registry and
     policy are re-read per validation: ``testbed up`` registers nodes after they start.
+    Given the node's revocation gate, a node the verifier revoked is refused first.
     """
 
-    def __init__(self, paths: ClusterPaths) -> None:
+    def __init__(self, paths: ClusterPaths, revocations: RevocationGate | None = None) -> None:
         self._paths = paths
+        self._revocations = revocations
 
     def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
         claimed = decode_envelope(evidence).node
         if claimed not in {n.name for n in load_spec(self._paths).nodes}:
             raise VerificationError("ak_trust", f"{claimed!r} is not a node of this cluster")
+        if self._revocations is not None and self._revocations.is_revoked(claimed):
+            raise VerificationError("revocation", f"node {claimed!r} is revoked by the "
+                                    "verifier (until an operator reinstates it)")
         registry = load_registry(self._paths).for_node(claimed)
         policy = load_node_policy(self._paths, claimed)
         return TpmValidator(registry, policy).validate(evidence, nonce)

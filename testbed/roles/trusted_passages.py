@@ -8,9 +8,13 @@ Node side (inside a sim node process), the service:
 - quotes through the node's TPM for every channel, and validates peers against the
   cluster's AK registry and each peer's policy (:mod:`testbed.roles.trust`);
 - answers ``connect`` (open an attested channel to another node and report what it
-  verified), ``enroll`` (keyless TLS: a fresh key certified by the cluster's CryptoVM,
-  :mod:`testbed.roles.enrollment`; from then on the service uses that certificate and
-  trusts only the VSM's CA) and ``info``.
+  verified), ``open`` (the same, but the channel stays open), ``enroll`` (keyless
+  TLS: a fresh key certified by the cluster's CryptoVM, :mod:`testbed.roles.enrollment`;
+  from then on the service uses that certificate and trusts only the VSM's CA) and
+  ``info``;
+- tracks every open channel by its peer node: when the verifier revokes a node
+  (:mod:`testbed.roles.revocation`) it closes every channel to or from it, and its
+  validator refuses that node until it is reinstated.
 
 Host side: :func:`connect_peer` and :func:`request_enrollment` send those requests over
 a node's agent. On qemu VMs the role starts nothing at ``up``: the host provisions
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -36,14 +41,17 @@ from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
 from testbed.roles.enrollment import enroll
+from testbed.roles.revocation import Reinstate, RevocationEvent
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
 from trusted_passages import AttestedChannel, ChannelConfig, Server, connect, serve
+from trusted_passages import ProtocolError as ChannelError
 from trusted_passages.pki import generate_key, issue_certificate
 from trusted_passages.summary import summarize
 
 __all__ = [
     "ConnectRequest",
     "EnrollRequest",
+    "OpenRequest",
     "TrustedPassagesService",
     "connect_peer",
     "peer_port",
@@ -53,6 +61,8 @@ __all__ = [
 
 MAX_MESSAGE = 4096
 PORT_FILE = "tp.json"
+IDLE_S = 30.0  # a held channel with no request for this long is closed
+POLL_S = 0.2  # how often a served channel's thread notices it was closed under it
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -98,7 +108,26 @@ class EnrollRequest:
         return {"validity": self.validity}
 
 
-REQUESTS: tuple[type[RoleRequest], ...] = (ConnectRequest, EnrollRequest, InfoRequest)
+@dataclass(frozen=True)
+class OpenRequest:
+    """Open an attested channel to ``peer``, exchange one message, and keep it open."""
+
+    action: ClassVar[str] = "open"
+    peer: str
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> Self:
+        peer = args.get("peer")
+        if not isinstance(peer, str) or set(args) != {"peer"}:
+            raise StateError("open takes args {peer: NODE}")
+        return cls(peer)
+
+    def to_args(self) -> dict[str, Any]:
+        return {"peer": self.peer}
+
+
+REQUESTS: tuple[type[RoleRequest], ...] = (ConnectRequest, EnrollRequest, InfoRequest,
+                                           OpenRequest)
 
 
 # --- the node service ----------------------------------------------------------------------
@@ -120,6 +149,10 @@ class TrustedPassagesService:
     tls: dict[str, Any]
     connections: int = 0
     _switch: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Every open channel by its peer node (served and held ones): a revocation closes them.
+    _open: dict[str, set[AttestedChannel]] = field(default_factory=dict, repr=False)
+    _closed: set[int] = field(default_factory=set, repr=False)  # ids closed by a revocation
+    _channels_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def port(self) -> int:
@@ -128,7 +161,8 @@ class TrustedPassagesService:
     def describe(self) -> ServiceInfo:
         return ServiceInfo("trusted-passages",
                            (ServiceEndpoint("trusted-passages", HOST, self.port),),
-                           {"channels": self.connections},
+                           {"channels": self.connections,
+                            "open_channels": sum(self.open_channels().values())},
                            {"profile": PROFILE, "certificate_from": str(self.tls["trust"])})
 
     def stop(self) -> None:
@@ -143,7 +177,53 @@ class TrustedPassagesService:
             return self._connect(request)
         if isinstance(request, EnrollRequest):
             return self._enroll(request)
-        return {"node": self.ctx.name, "port": self.port, "profile": PROFILE, "tls": self.tls}
+        if isinstance(request, OpenRequest):
+            return self._open_held(request)
+        return {"node": self.ctx.name, "port": self.port, "profile": PROFILE, "tls": self.tls,
+                "open": self.open_channels()}
+
+    # --- open channels and revocation ---------------------------------------------------
+
+    def open_channels(self) -> dict[str, int]:
+        with self._channels_lock:
+            return {peer: len(channels) for peer, channels in self._open.items() if channels}
+
+    def _track(self, peer: str, channel: AttestedChannel) -> None:
+        with self._channels_lock:
+            self._open.setdefault(peer, set()).add(channel)
+
+    def _untrack(self, peer: str, channel: AttestedChannel) -> None:
+        with self._channels_lock:
+            self._open.get(peer, set()).discard(channel)
+            self._closed.discard(id(channel))
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]:
+        """Close every channel to or from the revoked node (new ones: the validator
+        refuses it from now on)."""
+        with self._channels_lock:
+            channels = list(self._open.pop(event.node, set()))
+            self._closed.update(id(c) for c in channels)
+        for channel in channels:
+            with contextlib.suppress(ChannelError, OSError):  # the peer may be gone
+                channel.close()
+        return {"closed_channels": len(channels)}
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]:
+        return {"accepts": decision.node}
+
+    def _open_held(self, request: OpenRequest) -> dict[str, Any]:
+        port = peer_port(self.ctx.cluster_paths, request.peer)
+        with self._switch:
+            config = self.config
+        channel = connect(HOST, port, config.with_expected_peer(request.peer))
+        try:
+            channel.send(f"hello from {self.ctx.name}".encode())
+            reply = channel.recv().decode(errors="replace")
+        except BaseException:
+            channel.close()
+            raise
+        self._track(request.peer, channel)
+        return {"peer": request.peer, "reply": reply, "open": self.open_channels()}
 
     def _enroll(self, request: EnrollRequest) -> dict[str, Any]:
         enrolled = enroll(self.ctx, self.bootstrap, request.validity)
@@ -151,7 +231,8 @@ class TrustedPassagesService:
                                private_key=enrolled.private_key,
                                ca_certificates=[enrolled.ca_certificate],
                                issuer=NodeIssuer(self.ctx),
-                               validator=ClusterValidator(self.ctx.cluster_paths),
+                               validator=ClusterValidator(self.ctx.cluster_paths,
+                                                          self.ctx.revocations),
                                profile=PROFILE, timeout=10.0)
         tls = {"trust": f"VSM CA {enrolled.ca['issuer']!r}", "keyless": True,
                "certificate": enrolled.info, "ca": enrolled.ca}
@@ -187,10 +268,33 @@ class TrustedPassagesService:
                 "evidence": evidence}
 
     def _handle(self, channel: AttestedChannel) -> None:
+        """Answer each message until the peer closes, idles out, or is revoked."""
         self.connections += 1
-        request = channel.recv().decode(errors="replace")[:MAX_MESSAGE]
-        channel.send(f"{self.ctx.name} heard {request!r} from attested node "
-                     f"{channel.peer.node!r}".encode())
+        peer = channel.peer.node
+        self._track(peer, channel)
+        try:
+            while data := self._next_message(channel):
+                request = data.decode(errors="replace")[:MAX_MESSAGE]
+                channel.send(f"{self.ctx.name} heard {request!r} from attested node "
+                             f"{peer!r}".encode())
+        finally:
+            self._untrack(peer, channel)
+
+    def _next_message(self, channel: AttestedChannel) -> bytes:
+        """The next message; b"" at the channel's end, after IDLE_S, or once a
+        revocation closed it (noticed within POLL_S)."""
+        deadline = time.monotonic() + IDLE_S
+        while time.monotonic() < deadline:
+            with self._channels_lock:
+                if id(channel) in self._closed:
+                    return b""
+            try:
+                return channel.recv(timeout=POLL_S)
+            except ChannelError as exc:
+                # blocking.py's wording for "no data yet": poll again; else it is over.
+                if not str(exc).startswith("timeout waiting"):
+                    return b""
+        return b""
 
 
 def peer_port(paths: ClusterPaths, peer: str) -> int:
@@ -216,8 +320,8 @@ def start_node_service(ctx: NodeContext) -> TrustedPassagesService:
     certificate = issue_certificate(ca, ctx.name, key)
     config = ChannelConfig(certificate=certificate, private_key=key,
                            ca_certificates=[ca.certificate], issuer=NodeIssuer(ctx),
-                           validator=ClusterValidator(ctx.cluster_paths), profile=PROFILE,
-                           timeout=10.0)
+                           validator=ClusterValidator(ctx.cluster_paths, ctx.revocations),
+                           profile=PROFILE, timeout=10.0)
     holder: dict[str, TrustedPassagesService] = {}
     server = serve(HOST, 0, config, lambda ch: holder["service"]._handle(ch))
     tls = {"trust": "cluster CA", "keyless": False, "certificate": certificate_info(certificate),

@@ -2,7 +2,10 @@
 
 The socket is ``nodes/NODE/run/agent.sock``, mode 0600 in a 0700 directory: only the
 node's owner reaches it. Besides the requests every agent serves, it answers ``role``
-(``{"op": "role", "action": str, "args": {...}}``), handed to the node's role service.
+(``{"op": "role", "action": str, "args": {...}}``), handed to the node's role service
+(``revoked`` and ``reinstated``: the node's revocation gate first), ``runtime_log``
+(``{"offset": int}``: the node's ima-ng log from that byte, base64, at most 256 KiB) and
+``runtime_measure`` (``{"path": str, "content": base64}``: the node "executes" a file).
 
 Anything else (oversized or truncated frames, invalid JSON, unknown ops or keys, bad
 values, a failing TPM command) gets ``{"error": "..."}`` and the agent keeps serving.
@@ -35,8 +38,8 @@ from attestation.agent_wire import (
     send_frame,
 )
 from attestation.credential import CredentialChallenge
-from attestation.encoding import b64encode
-from attestation.errors import TestbedError
+from attestation.encoding import b64decode, b64encode, require_int
+from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.evidence import Evidence
 from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_types import PcrSelection
@@ -56,7 +59,10 @@ _OPS: Mapping[str, frozenset[str]] = {
     "status": frozenset(),
     "shutdown": frozenset(),
     "role": frozenset({"action", "args"}),
+    "runtime_log": frozenset({"offset"}),
+    "runtime_measure": frozenset({"path", "content"}),
 }
+MAX_EXECUTED = 1 << 20  # bytes of one file a tamper request "executes"
 
 log = logging.getLogger("testbed.agent")
 
@@ -80,6 +86,10 @@ class AgentBackend(Protocol):
 
     def role_call(self, action: str, args: dict[str, Any]) -> dict[str, Any]: ...
 
+    def runtime_log(self, offset: int) -> bytes: ...
+
+    def runtime_measure(self, path: str, content: bytes) -> dict[str, Any]: ...
+
 
 class AgentServer:
     """Serves :class:`AgentBackend` on a unix socket (mode 0600) until :meth:`close`."""
@@ -102,6 +112,8 @@ class AgentServer:
             "status": lambda _: self._backend.status(),
             "shutdown": self._shutdown,
             "role": self._role,
+            "runtime_log": self._runtime_log,
+            "runtime_measure": self._runtime_measure,
         }
 
     def start(self) -> None:
@@ -229,6 +241,18 @@ class AgentServer:
     def _shutdown(self, _: dict[str, Any]) -> dict[str, Any]:
         self._backend.shutdown()
         return {"stopping": True}
+
+    def _runtime_log(self, request: dict[str, Any]) -> dict[str, Any]:
+        offset = require_int(request.get("offset"), "offset", EvidenceFormatError, minimum=0)
+        data = self._backend.runtime_log(offset)
+        return {"offset": offset, "data": b64encode(data)}
+
+    def _runtime_measure(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = request.get("path")
+        if not isinstance(path, str):
+            raise _BadRequest("runtime_measure: path must be a string")
+        content = b64decode(request.get("content"), "content", limit=MAX_EXECUTED)
+        return self._backend.runtime_measure(path, content)
 
     def _role(self, request: dict[str, Any]) -> dict[str, Any]:
         action, args = request.get("action"), request.get("args", {})

@@ -27,6 +27,7 @@ from testbed.cluster.results import (
     NoFacts,
     ServiceInfo,
 )
+from testbed.cluster.runtime import ensure_runtime_policy
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
 from testbed.core.files import locked
@@ -48,6 +49,7 @@ from testbed.sim.processes import (
 )
 from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
 from testbed.tpm.boot import SIM_PCRS, boot_summary, predicted_policy
+from testbed.tpm.runtime import default_policy
 from testbed.tpm.swtpm import Swtpm
 
 __all__ = ["SimBackend", "SimNodeFacts", "SimStatusFacts", "node_policy"]
@@ -104,6 +106,8 @@ class SimBackend:
         self._boots = {n.name: boot_summary(n.effective_boot) for n in spec.nodes}
         self._has_cryptovm = any(n.role == "cryptovm" for n in spec.nodes)
         progress.expect(len(spec.nodes) + self._has_cryptovm)
+        for node in spec.nodes:  # sim nodes run their baseline: judged by the runtime check
+            ensure_runtime_policy(self.paths, node.name, default_policy(f"{node.name}-runtime"))
         return {node.name: node_policy(node) for node in spec.nodes}
 
     def launch(self, spec: ClusterSpec, progress: Progress) -> list[NodeUp]:

@@ -42,14 +42,26 @@ from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import NodeContext, RoleService
 from testbed.roles.registry import start_node_service
+from testbed.roles.revocation import (
+    ACTIONS,
+    PUBLIC_KEY,
+    Decision,
+    RevocationAware,
+    RevocationEvent,
+    RevocationGate,
+    verifier_key_dir,
+)
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
 from testbed.tpm.boot import boot_summary, measure_boot, restore_clock_safety
 from testbed.tpm.localca import LocalCA
+from testbed.tpm.runtime import BASELINE, RuntimeLog
 from testbed.tpm.swtpm import STATE_FILE, Swtpm, provision
 
 log = logging.getLogger("testbed.sim.node")
 _WATCH_INTERVAL_S = 0.2
+RUNTIME_LOG = "runtime.log"  # the ima-ng log of this boot (run/, 0600)
+REVOCATIONS = "revocations.json"  # the verifier's decisions applied (state/, kept)
 
 
 class _Terminated(Exception):
@@ -74,6 +86,7 @@ class Node:
         self._client: TpmClient | None = None
         self._role: RoleService | None = None
         self._agent: AgentServer | None = None
+        self._runtime: RuntimeLog | None = None
         self._info = NodeInfo(name, paths.name, os.getpid(), str(self.paths.socket))
 
     # -- lifecycle ---------------------------------------------------------------
@@ -121,6 +134,9 @@ class Node:
         if restore_clock_safety(client):  # swtpm was stopped without TPM2_Shutdown
             log.info("TPM clock was unsafe after an unorderly stop: advanced to a save point")
         event_log = measure_boot(client, boot)
+        self._runtime = RuntimeLog(self.paths.run / RUNTIME_LOG)
+        for path, content in BASELINE:  # what the node runs after its boot, like IMA
+            self._runtime.measure(client, path, content)
         ek = client.endorsement_key("rsa")
         if ek.certificate is None:
             raise StateError("the TPM has no RSA EK certificate; was it provisioned?")
@@ -129,7 +145,9 @@ class Node:
             name=self.name, role=node_spec.role, spec=node_spec, cluster=spec, boot=boot,
             tpm=client, tpm_lock=threading.Lock(), ak=ak, ak_algorithm="ecc", ek=ek,
             event_log=event_log, paths=self.paths, cluster_paths=self.cluster_paths, ca=ca,
-            tcti=client.tcti, stopping=self.stopping)
+            tcti=client.tcti, stopping=self.stopping,
+            revocations=RevocationGate(self.paths.state / REVOCATIONS,
+                                       verifier_key_dir(self.cluster_paths) / PUBLIC_KEY))
         self._info.role, self._info.boot = node_spec.role, boot_summary(boot)
         self._info.tampered = list(node_spec.tampered.fields() if node_spec.tampered else ())
         self._role = start_node_service(self.ctx)
@@ -241,7 +259,34 @@ class Node:
     def role_call(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         if self._role is None:
             raise StateError(f"node {self.name} is not ready")
+        if action in ACTIONS:  # the verifier's signed decisions: every role receives them
+            return self._decision(action, args)
         return self._role.call(action, args)
+
+    def _decision(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        ctx = self._context()
+        decision: Decision | None = ctx.revocations.receive(action, args)
+        answer: dict[str, Any] = {"node": self.name, "applied": decision is not None,
+                                  "sequence": ctx.revocations.sequence}
+        if decision is not None and isinstance(self._role, RevocationAware):
+            answer["effects"] = (self._role.revoked(decision)
+                                 if isinstance(decision, RevocationEvent)
+                                 else self._role.reinstated(decision))
+        return answer
+
+    def runtime_log(self, offset: int) -> bytes:
+        if self._runtime is None:
+            raise StateError("node is not ready")
+        return self._runtime.read(offset)
+
+    def runtime_measure(self, path: str, content: bytes) -> dict[str, Any]:
+        """The node "executes" ``path`` (its bytes: ``content``): measured like IMA does."""
+        runtime = self._runtime
+        if runtime is None:
+            raise StateError("node is not ready")
+        with self._context().tpm_session() as tpm:
+            entry = runtime.measure(tpm, path, content)
+        return entry.to_dict()
 
 
 def _install_signal_handlers(node: Node) -> None:

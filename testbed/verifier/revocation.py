@@ -1,40 +1,141 @@
-"""Revocation events (STUB: H2's module replaces this file; keep the names).
+"""Revocation that acts: the verifier's signed decisions, delivered to every running node.
 
-The verifier service calls :func:`publish` after recording each failed attestation.
-This placeholder only logs; the real module signs the event and delivers it to every
-running node so that channels close and key releases stop.
+:func:`publish` signs a :class:`RevocationEvent` (or a :class:`Reinstate`) with the
+verifier's Ed25519 key and hands it to every running node's agent as the role action
+``revoked`` (``reinstated``), all nodes at once, each within :data:`DELIVERY_TIMEOUT_S`.
+Each node verifies and applies it (:mod:`testbed.roles.revocation`): Trusted Passages
+services close every channel to or from the revoked node and refuse new ones, the
+CryptoVM refuses it releases and enrollments and lists it in its revocation list.
+
+The key is made on first use in ``clusters/C/verifier/`` (private key 0600 in a 0700
+directory; the public key beside it, which nodes pin at the first decision they accept).
+Sequences come from :func:`next_sequence` (a counter in the same directory, under its
+lock); a service allocating its own keeps them increasing: :func:`publish` raises the
+counter to every sequence it signs. Reinstatement is never automatic: only
+:func:`reinstate` (``testbed reinstate NODE``), an operator's decision.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from attestation.errors import TestbedError
+from attestation.files import atomic_write, private_dir, read_bounded
+from testbed.backends import open_backend
+from testbed.core.clock import utc_now
+from testbed.core.errors import StateError
+from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
+from testbed.roles.revocation import (
+    PUBLIC_KEY,
+    Decision,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    encode_decision,
+    public_key_pem,
+    verifier_key_dir,
+)
 
-__all__ = ["RevocationEvent", "next_sequence", "publish"]
+__all__ = [
+    "DELIVERY_TIMEOUT_S",
+    "Reinstate",
+    "RevocationEvent",
+    "next_sequence",
+    "public_key_file",
+    "publish",
+    "reinstate",
+    "revoke",
+    "signing_key",
+]
 
-log = logging.getLogger("testbed.verifier.revocation")
+DELIVERY_TIMEOUT_S = 1.0
+PRIVATE_KEY = "revocation-key.pem"
+SEQUENCE = "sequence.json"
+MAX_KEY_BYTES = 4096
 
 
-@dataclass(frozen=True)
-class RevocationEvent:
-    node: str
-    check: str
-    reason: str
-    time: str
-    sequence: int
+def signing_key(paths: ClusterPaths) -> Ed25519PrivateKey:
+    """The verifier's revocation key, created once (under the directory's lock)."""
+    directory = private_dir(verifier_key_dir(paths))
+    with locked(directory / ".lock"):
+        path = directory / PRIVATE_KEY
+        if not path.exists():
+            key = Ed25519PrivateKey.generate()
+            atomic_write(path, key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+            atomic_write(directory / PUBLIC_KEY, public_key_pem(key.public_key()).encode(),
+                         mode=0o644)
+        loaded = serialization.load_pem_private_key(
+            read_bounded(path, MAX_KEY_BYTES, what="verifier key"), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise StateError(f"{path} is not an Ed25519 private key")
+    return loaded
 
 
 def next_sequence(paths: ClusterPaths) -> int:
-    """Placeholder: the real module keeps a persisted, increasing counter."""
-    return 0
+    """The next decision's sequence number (persisted, increasing)."""
+    return _bump(paths, None)
 
 
-def publish(paths: ClusterPaths, event: RevocationEvent) -> dict[str, str]:
-    """Placeholder until the real revocation module: log the event, deliver nothing
-    (the real one answers what each node said, by node)."""
-    log.warning("revocation of %s in cluster %s (check %s, event %d): not delivered, "
-                "revocation module not installed", event.node, paths.name, event.check,
-                event.sequence)
-    return {}
+def _bump(paths: ClusterPaths, used: int | None) -> int:
+    directory = private_dir(verifier_key_dir(paths))
+    with locked(directory / ".lock"):
+        doc = read_json(directory / SEQUENCE) or {}
+        last = doc.get("sequence", 0) if isinstance(doc, dict) else 0
+        if not isinstance(last, int) or isinstance(last, bool):
+            raise StateError(f"{directory / SEQUENCE} is damaged")
+        value = last + 1 if used is None else max(last, used)
+        write_json(directory / SEQUENCE, {"sequence": value})
+    return value
+
+
+def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
+    """Sign ``event`` and deliver it to every running node; what each node answered
+    (``applied``, ``replay``, or the error), by node."""
+    signature = signing_key(paths).sign(encode_decision(event))
+    _bump(paths, event.sequence)
+    args = decision_args(event, signature)
+    nodes = paths.node_names()
+    if not nodes:
+        return {}
+    backend = open_backend(paths)
+
+    def deliver(node: str) -> str:
+        try:
+            agent = backend.agent(node, timeout=DELIVERY_TIMEOUT_S)
+            answer = agent.role(event.kind, args)
+        except TestbedError as exc:
+            return f"error: {exc}"
+        return "applied" if answer.get("applied") else "replay"
+
+    try:
+        with ThreadPoolExecutor(min(len(nodes), 16), thread_name_prefix="revocation") as pool:
+            return dict(zip(nodes, pool.map(deliver, nodes), strict=True))
+    finally:
+        backend.close()
+
+
+def revoke(paths: ClusterPaths, node: str, check: str, reason: str
+           ) -> tuple[RevocationEvent, dict[str, str]]:
+    """A node failed ``check``: sign and publish its revocation."""
+    paths.node(node)  # a clear error for a name that is not a node
+    event = RevocationEvent(node, check, reason, utc_now(), next_sequence(paths))
+    return event, publish(paths, event)
+
+
+def reinstate(paths: ClusterPaths, node: str, reason: str = "operator decision"
+              ) -> tuple[Reinstate, dict[str, str]]:
+    """The explicit policy decision that trusts ``node`` again, published to every node."""
+    paths.node(node)  # a clear error for a name that is not a node
+    decision = Reinstate(node, reason, utc_now(), next_sequence(paths))
+    return decision, publish(paths, decision)
+
+
+def public_key_file(paths: ClusterPaths) -> Path:
+    return verifier_key_dir(paths) / PUBLIC_KEY

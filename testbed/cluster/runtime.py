@@ -1,0 +1,161 @@
+"""The ``runtime`` check: a node's ima-ng log, read incrementally, against its runtime policy.
+
+A node has a runtime policy when ``clusters/C/runtime/NODE.yaml`` exists (``testbed up``
+writes the sim baseline's for sim nodes; edit it to allow more): then every attestation
+of that node quotes PCR 10 too and runs this check, failing closed when the node cannot
+show its log. Only entries new since the last good quote are fetched and judged: the
+verifier keeps, per node, the log offset and the PCR 10 value that quote proved, and
+replays the new entries from there. A TPM reset or restart (the quote's clock info) means
+a new boot and a new log: it starts again from offset 0 and a zero PCR 10.
+
+The log is read after the quote, so it may hold entries the quote does not cover yet:
+the longest prefix whose replay equals the quoted PCR 10 is judged and kept, the rest
+waits for the next quote. A prefix that never matches is a log that lies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from attestation.encoding import require_int
+from attestation.errors import TestbedError, VerificationError
+from attestation.evidence import Evidence
+from attestation.files import atomic_write, private_dir, read_bounded
+from attestation.ima import (
+    IMA_PCR,
+    MAX_POLICY_BYTES,
+    ImaEntry,
+    RuntimePolicy,
+    check_entries,
+    dump_runtime_policy,
+    load_runtime_policy,
+    parse_log,
+    replay,
+)
+from attestation.policy import ReferencePolicy
+from attestation.tpm_types import parse_attest
+from testbed.cluster.agent import AgentClient
+from testbed.core.errors import StateError
+from testbed.core.files import read_json, write_json
+from testbed.core.paths import ClusterPaths
+
+__all__ = ["RuntimeState", "check_runtime", "ensure_runtime_policy", "explaining_prefix",
+           "node_runtime_policy", "quoting_pcr10", "runtime_dir"]
+
+MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
+_ZERO = bytes(32)
+
+
+def runtime_dir(paths: ClusterPaths) -> Path:
+    return paths.root / "runtime"
+
+
+def _policy_path(paths: ClusterPaths, node: str) -> Path:
+    return runtime_dir(paths) / f"{node}.yaml"
+
+
+def _state_path(paths: ClusterPaths, node: str) -> Path:
+    return runtime_dir(paths) / f"{node}.state.json"
+
+
+def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy) -> None:
+    """Write ``policy`` as the node's runtime policy unless it has one (kept across ups)."""
+    path = _policy_path(paths, node)
+    if not path.exists():
+        private_dir(path.parent)
+        atomic_write(path, dump_runtime_policy(policy).encode())
+
+
+def node_runtime_policy(paths: ClusterPaths, node: str) -> RuntimePolicy | None:
+    """The node's runtime policy, or None when it has none (no runtime check)."""
+    path = _policy_path(paths, node)
+    data = read_bounded(path, MAX_POLICY_BYTES, what="runtime policy", missing_ok=True)
+    return None if data is None else load_runtime_policy(data, str(path))
+
+
+def quoting_pcr10(policy: ReferencePolicy) -> ReferencePolicy:
+    """``policy`` with PCR 10 exempt from the TCG event log: the ima-ng log explains it."""
+    return dataclasses.replace(policy, unlogged_pcrs=tuple(sorted({*policy.unlogged_pcrs,
+                                                                   IMA_PCR})))
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    """What the last good quote proved: the boot, how far the log goes, PCR 10 there."""
+
+    boot: tuple[int, int]  # the TPM's reset and restart counts
+    offset: int
+    pcr: bytes
+
+    @classmethod
+    def load(cls, paths: ClusterPaths, node: str) -> RuntimeState | None:
+        path = _state_path(paths, node)
+        doc = read_json(path)
+        if doc is None:
+            return None
+        try:
+            boot = doc["boot"]
+            return cls((require_int(boot[0], "boot", StateError),
+                        require_int(boot[1], "boot", StateError)),
+                       require_int(doc["offset"], "offset", StateError, minimum=0),
+                       bytes.fromhex(doc["pcr"]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise StateError(f"{path} is damaged: remove it to judge the node's runtime log "
+                             "from its start") from None
+
+    def save(self, paths: ClusterPaths, node: str) -> None:
+        private_dir(runtime_dir(paths))
+        write_json(_state_path(paths, node), {"boot": list(self.boot), "offset": self.offset,
+                                              "pcr": self.pcr.hex()})
+
+
+def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: Evidence,
+                  policy: RuntimePolicy) -> str:
+    """Judge the entries new since the last good quote; raise the ``runtime`` check's
+    VerificationError, or record the new state and say what was judged."""
+    quoted = evidence.pcrs.get(IMA_PCR)
+    if quoted is None:
+        raise VerificationError("runtime", f"the quote does not cover PCR {IMA_PCR}")
+    clock = parse_attest(evidence.attest).clock_info
+    boot = (clock.reset_count, clock.restart_count)
+    state = RuntimeState.load(paths, node)
+    if state is None or state.boot != boot:
+        state = RuntimeState(boot, 0, _ZERO)
+    entries, end = explaining_prefix(lambda offset: _read(agent, offset), state, quoted)
+    check_entries(policy, entries)
+    RuntimeState(boot, end, quoted).save(paths, node)
+    return (f"{len(entries)} new ima-ng entries (log bytes {state.offset}-{end}) replay to "
+            f"the quoted PCR {IMA_PCR} and runtime policy {policy.name!r} allows them")
+
+
+def explaining_prefix(read: Callable[[int], bytes], state: RuntimeState,
+                      quoted: bytes) -> tuple[list[ImaEntry], int]:
+    """The entries new since ``state`` up to the one after which PCR 10 equals the quoted
+    value, and the log offset after it; ``read(offset)`` gives the log's bytes from there."""
+    if state.pcr == quoted:
+        return [], state.offset
+    entries: list[ImaEntry] = []
+    offset, pcr = state.offset, state.pcr
+    for _ in range(MAX_READS):
+        chunk = parse_log(read(offset), offset)
+        if not chunk.entries:
+            break
+        for entry, value in zip(chunk.entries, replay(pcr, chunk.entries), strict=True):
+            entries.append(entry)
+            if value == quoted:
+                return entries, entry.offset + len(entry.line())
+        offset, pcr = chunk.end, replay(pcr, chunk.entries)[-1]
+    raise VerificationError("runtime", f"the node's ima-ng log (from byte {state.offset}, "
+                            f"{len(entries)} new entries) does not replay to the quoted "
+                            f"PCR {IMA_PCR} {quoted.hex()}", {"quoted": quoted.hex()})
+
+
+def _read(agent: AgentClient, offset: int) -> bytes:
+    try:
+        return agent.runtime_log(offset)
+    except TestbedError as exc:  # an agent without the op, a bad frame, a bad chunk
+        raise VerificationError("runtime", f"the node's runtime log is unusable: {exc}") \
+            from None
