@@ -419,3 +419,43 @@ def test_corrupt_database_is_one_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not an SQLite database" * 100)
     with pytest.raises(StateError, match="verifier database"):
         open_store(str(path))
+
+
+# --- with revocation: the default cluster, a runtime tamper -------------------------------------
+
+
+def test_runtime_tamper_under_the_verifier_is_revoked_and_acted_on(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The issue's loop end to end: the verifier attests the default cluster; the client
+    executes a file its runtime policy does not list; the verifier's next attestation
+    fails the `runtime` check and its revocation closes the server's channel to it."""
+    workdir = tmp_path_factory.mktemp("vrev")
+    rc, out, err = run_cli(workdir, "up", "--json")
+    paths = ClusterPaths(workdir, "trusted-passages-lab")
+    lab = Lab(workdir, paths)
+    try:
+        assert rc == 0, out + err
+        rc, out, err = run_cli(workdir, "verifier", "start", "--interval", str(INTERVAL))
+        assert rc == 0, err
+        wait_until(lambda: set(lab.node_states().values()) == {"trusted"})
+        lab.agent("client").role("open", {"peer": "server"})
+        assert lab.agent("server").role("info")["open"] == {"client": 1}
+
+        tampered_at = time.time()
+        rc, _, err = run_cli(workdir, "tamper", "client", "--runtime", "/tmp/x")
+        assert rc == 0, err
+        change = wait_until(lambda: next((e for e in lab.events() if e["node"] == "client"
+                                          and e["kind"] == "state"
+                                          and e["time"] > tampered_at), None))
+        assert change["reason"] == "trusted -> rejected" and change["check"] == "runtime"
+        assert change["time"] - tampered_at < INTERVAL + 0.5
+        wait_until(lambda: lab.agent("server").role("info")["open"] == {}, timeout=5)
+        cut = time.time() - tampered_at
+        assert cut < INTERVAL + 1.5, cut  # detection, then delivery within 1 s
+        with pytest.raises(AgentError, match="revoked"):
+            lab.agent("client").role("connect", {"peer": "server"})
+        assert {n: s for n, s in lab.node_states().items() if s != "trusted"} == \
+            {"client": "rejected"}
+    finally:
+        run_cli(workdir, "verifier", "stop")
+        assert SimBackend(paths).down(purge=False).ok
