@@ -3,19 +3,22 @@
 For each cluster size N (sim nodes, each its own process and swtpm), one detached
 verifier (SQLite) attests every node at the interval:
 
-1. Detection latency of a change: a node's policy is made to expect another PCR 4 (what
-   a changed boot looks like to the verifier) and the time until the verifier records
-   ``trusted -> rejected`` is measured, p50 and p99. Baseline: one on-demand attestation
-   (quote + verification, ``testbed attest``'s work) of the same nodes, p50.
+1. Detection latency of a change, until the verifier records ``trusted -> rejected``,
+   p50 and p99: a runtime change (``testbed tamper NODE --runtime PATH``: a file its
+   runtime policy does not list is executed; the default) or ``--change policy`` (the
+   node's policy made to expect another PCR 4, what a changed boot looks like).
+   Baseline: one on-demand attestation (quote + verification, ``testbed attest``'s
+   work) of the same nodes, p50.
 2. Verifier CPU share (of one core) and resident memory, and memory per node. Baseline:
    the CPU of one sequential pass attesting every node in this process, divided by the
-   interval (the least work a verifier can do per interval).
+   interval (what `testbed attest` of every node once costs).
 3. Growth from the small N to the larger N.
 
 A cluster spec holds at most 32 nodes (testbed.spec.cluster_spec.MAX_NODES): the larger N
 is 32 here.
 
-Run: .venv/bin/python bench/bench_verifier.py [--sizes 8,32] [--interval 2] [--tampers 10]
+Run: .venv/bin/python bench/bench_verifier.py [--sizes 8,32] [--interval 2] [--tampers 8]
+     [--change runtime|policy]
 """
 
 from __future__ import annotations
@@ -117,6 +120,27 @@ def wait_state(url: str, node: str, transition: str, after: int, timeout: float)
     raise SystemExit(f"{node}: no {transition!r} within {timeout} s")
 
 
+def runtime_detection(paths: ClusterPaths, url: str, nodes: list[str], tampers: int,
+                      interval: float) -> list[float]:
+    """A runtime change: `testbed tamper NODE --runtime PATH` on distinct nodes (the
+    change is permanent, each node stays rejected and revoked)."""
+    latencies = []
+    store = open_store(url)
+    for i, node in enumerate(nodes[:tampers]):
+        after = store.last_seq()
+        time.sleep((i % 5) * interval / 5)  # spread the tamper over the interval's phase
+        tampered_at = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(["--workdir", str(paths.workdir), "--cluster", paths.name,
+                           "tamper", node, "--runtime", f"/tmp/unlisted-{i}"])
+        if rc != 0:
+            raise SystemExit(f"tamper {node} failed ({rc})")
+        latencies.append(wait_state(url, node, "trusted -> rejected", after,
+                                    interval * 5) - tampered_at)
+    store.close()
+    return latencies
+
+
 def detection(paths: ClusterPaths, url: str, nodes: list[str], tampers: int,
               interval: float) -> list[float]:
     latencies = []
@@ -138,7 +162,8 @@ def detection(paths: ClusterPaths, url: str, nodes: list[str], tampers: int,
     return latencies
 
 
-def measure(workdir: Path, n: int, interval: float, tampers: int, settle: float) -> Figures:
+def measure(workdir: Path, n: int, interval: float, tampers: int, settle: float,
+            change: str) -> Figures:
     started = time.monotonic()
     paths = bring_up(workdir, n)
     up_s = time.monotonic() - started
@@ -154,7 +179,8 @@ def measure(workdir: Path, n: int, interval: float, tampers: int, settle: float)
         seq1, cpu1, t1 = store.last_seq(), cpu_seconds(pid), time.monotonic()
         store.close()
         memory = rss_mb(pid)
-        detected = detection(paths, url, nodes, tampers, interval)
+        detected = (runtime_detection if change == "runtime" else detection)(
+            paths, url, nodes, tampers, interval)
         return Figures(
             nodes=n, up_s=up_s, attest_p50_ms=statistics.median(latencies) * 1000,
             sequential_cpu_share=pass_cpu / interval,
@@ -171,6 +197,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="8,32")
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--tampers", type=int, default=10)
+    parser.add_argument("--change", choices=("runtime", "policy"), default="runtime",
+                        help="what is tampered: a runtime event (an unlisted file executed) "
+                             "or the node's policy")
     parser.add_argument("--settle", type=float, default=10.0,
                         help="seconds over which CPU and throughput are measured")
     args = parser.parse_args()
@@ -178,10 +207,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-verifier-") as tmp:
         for n in sizes:
-            rows.append(measure(Path(tmp), n, args.interval, args.tampers, args.settle))
+            rows.append(measure(Path(tmp), n, args.interval, args.tampers, args.settle,
+                                args.change))
             print(rows[-1], flush=True)
     print(f"\nverifier at a {args.interval:g} s interval, {os.cpu_count()} cores (shared), "
-          "SQLite, sim nodes with their own swtpm")
+          f"SQLite, sim nodes with their own swtpm; change detected: {args.change}")
     print(f"{'N':>4} {'up s':>6} {'1 attest p50 ms':>16} {'detect p50 s':>13} "
           f"{'detect p99 s':>13} {'CPU (1 core)':>13} {'seq pass CPU':>13} {'RSS MB':>8} "
           f"{'MB/node':>8} {'att/s':>7}")
