@@ -37,6 +37,7 @@ from testbed.cli.sign import register_sign_commands
 from testbed.cli.tamper import register_tamper_commands
 from testbed.cli.tctp import register_tctp_commands
 from testbed.cli.tpm import register_tpm_commands
+from testbed.cli.verifier import register_verifier_commands
 from testbed.cli.vsm import register_vsm_commands
 from testbed.core.errors import ArgumentError, UsageError
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_tctp_commands(sub)
     register_sign_commands(sub)
     register_evidence_commands(sub)
+    register_verifier_commands(sub)
     register_tamper_commands(sub)
     register_revocation_commands(sub)
     register_completion_command(sub, parser)

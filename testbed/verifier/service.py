@@ -1,0 +1,670 @@
+"""The verifier service: attests every registered node of a cluster at an interval.
+
+One process (``python -m testbed.verifier.service``, started detached by
+``testbed verifier start``) runs one loop:
+
+- every interval it re-reads the cluster's AK registry (the nodes to attest), renews its
+  heartbeat and prunes old events;
+- every tick it claims the pull nodes that are due (:meth:`Store.claim`: a lease per
+  node) and hands them to a bounded thread pool; each worker asks the node's agent for
+  a quote over a fresh nonce with a per-quote deadline and verifies it with
+  :func:`testbed.cluster.verification.attest_node` (registry, policy, clock history);
+- push nodes (``--push NODE``) send their own evidence to the verifier's unix socket
+  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`);
+- each outcome is recorded by the loop's thread alone (events, the node's state), a
+  failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
+  and failures go to the webhooks.
+
+A stuck agent holds one worker until its deadline, never the loop; a node whose lease
+ran out is claimed again (by this verifier or another sharing the database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.evidence import Evidence
+from attestation.files import atomic_write, private_dir, remove_durably
+from attestation.policy import ReferencePolicy
+from attestation.report import VerificationReport
+from attestation.tpm_types import PcrSelection
+from testbed.backends import open_backend
+from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable, UnixTransport
+from testbed.cluster.backend import ClusterBackend
+from testbed.cluster.state import load_node_policy, load_registry
+from testbed.cluster.verification import attest_node, verify_evidence
+from testbed.core.clock import iso_utc
+from testbed.core.errors import ArgumentError, StateError, UsageError
+from testbed.core.files import read_json, tail, write_json
+from testbed.core.paths import NAME_PATTERN, ClusterPaths
+from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
+from testbed.sim.agent_server import AgentServer
+from testbed.verifier import revocation
+from testbed.verifier.store import (
+    UNREACHABLE_CHECK,
+    Event,
+    Outcome,
+    Store,
+    StoreError,
+    VerifierRow,
+    open_store,
+)
+from testbed.verifier.webhooks import WebhookSender, load_secret
+
+__all__ = ["DEFAULT_INTERVAL_S", "PushEndpoint", "VerifierConfig", "VerifierFiles",
+           "VerifierService", "main", "push_attest", "running_pid", "start_verifier",
+           "stop_verifiers", "verifier_status"]
+
+DEFAULT_INTERVAL_S = 2.0
+DEFAULT_WORKERS = 16
+NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
+RECONNECT_S = 1.0  # between attempts to reopen a database that failed
+PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
+MAX_PUSH_CONNECTIONS = 32
+
+log = logging.getLogger("testbed.verifier")
+
+
+@dataclass(frozen=True)
+class VerifierFiles:
+    """The verifier's files in the cluster directory (``clusters/NAME/verifier/``, 0700)."""
+
+    paths: ClusterPaths
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root / "verifier"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "verifier.db"
+
+    @property
+    def settings(self) -> Path:
+        """Which database the verifiers of this cluster use (0600: a URL may hold a password)."""
+        return self.root / "settings.json"
+
+    def pid_file(self, name: str) -> Path:
+        return self.root / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def push_socket(self, name: str) -> Path:
+        return self.root / f"{name}.sock"
+
+    def names(self) -> list[str]:
+        """Verifiers with a pid file here."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.pid"))
+
+    def database_url(self, explicit: str | None = None) -> str:
+        """``explicit``, else the one ``start`` saved, else the SQLite file here."""
+        if explicit:
+            return explicit
+        saved = read_json(self.settings)
+        if isinstance(saved, dict) and isinstance(saved.get("db"), str):
+            return str(saved["db"])
+        return str(self.database)
+
+    def save_database_url(self, url: str) -> None:
+        private_dir(self.root)
+        write_json(self.settings, {"db": url})
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    workdir: Path
+    cluster: str
+    name: str = "verifier"
+    interval: float = DEFAULT_INTERVAL_S
+    deadline: float | None = None  # per quote; default half the interval
+    db: str | None = None
+    webhooks: tuple[str, ...] = ()
+    webhook_secret: Path | None = None
+    push: tuple[str, ...] = ()
+    workers: int = DEFAULT_WORKERS
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.name):
+            raise UsageError(f"invalid verifier name {self.name!r}")
+        if not 0.1 <= self.interval <= 3600:
+            raise ArgumentError(f"--interval {self.interval}: between 0.1 and 3600 seconds")
+        if self.deadline is not None and not 0.05 <= self.deadline <= self.interval:
+            raise ArgumentError(f"--deadline {self.deadline}: between 0.05 s and the interval")
+        if not 1 <= self.workers <= 256:
+            raise ArgumentError(f"--workers {self.workers}: between 1 and 256")
+        if self.webhooks and self.webhook_secret is None:
+            raise UsageError("--webhook needs --webhook-secret FILE (bodies are signed)")
+
+    @property
+    def quote_deadline(self) -> float:
+        return self.deadline if self.deadline is not None else self.interval / 2
+
+    @property
+    def lease(self) -> float:
+        """How long a claim holds a node: the quote's deadline and time to verify, and
+        less than the interval, so that another verifier takes over within one."""
+        return min(self.quote_deadline + 0.5, self.interval * 0.75)
+
+    def argv(self) -> list[str]:
+        """The service's command line for this configuration."""
+        argv = [sys.executable, "-m", "testbed.verifier.service", "--workdir",
+                str(self.workdir), "--cluster", self.cluster, "--name", self.name,
+                "--interval", repr(self.interval), "--workers", str(self.workers)]
+        if self.deadline is not None:
+            argv += ["--deadline", repr(self.deadline)]
+        if self.db:
+            argv += ["--db", self.db]
+        for url in self.webhooks:
+            argv += ["--webhook", url]
+        if self.webhook_secret is not None:
+            argv += ["--webhook-secret", str(self.webhook_secret)]
+        for node in self.push:
+            argv += ["--push", node]
+        return argv
+
+
+def outcome_of(node: str, report: VerificationReport, started: float, mode: str) -> Outcome:
+    failure = report.failure
+    if failure is None:
+        return Outcome(node, True, "", "", started, time.time(), mode)
+    return Outcome(node, False, failure.name, failure.detail, started, time.time(), mode)
+
+
+def failed_outcome(node: str, exc: TestbedError, started: float, mode: str) -> Outcome:
+    """An attestation that produced no report: fails closed, naming why."""
+    if isinstance(exc, AgentUnavailable | AgentError):
+        check = UNREACHABLE_CHECK
+    elif isinstance(exc, EvidenceFormatError):
+        check = "evidence"
+    else:
+        check = "verifier"
+    return Outcome(node, False, check, str(exc), started, time.time(), mode)
+
+
+class PolicyCache:
+    """Each node's policy, parsed again only when its file changed.
+
+    Parsing the YAML policy is most of an attestation's CPU (about 24 ms of 33 ms
+    here): a verifier attesting every node each interval keeps the parsed policy and
+    re-reads the file when its inode, size, mtime or ctime changed, so an edited policy
+    applies from the next attestation on.
+    """
+
+    def __init__(self, paths: ClusterPaths) -> None:
+        self.paths = paths
+        self._cached: dict[str, tuple[tuple[int, ...], ReferencePolicy]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, node: str) -> ReferencePolicy:
+        try:
+            info = os.stat(self.paths.policy(node))
+            key: tuple[int, ...] = (info.st_ino, info.st_size, info.st_mtime_ns,
+                                    info.st_ctime_ns)
+        except OSError:
+            key = ()  # load_node_policy says what is wrong
+        with self._lock:
+            hit = self._cached.get(node)
+        if key and hit is not None and hit[0] == key:
+            return hit[1]
+        policy = load_node_policy(self.paths, node)
+        if key:
+            with self._lock:
+                self._cached[node] = (key, policy)
+        return policy
+
+    def keep(self, nodes: set[str]) -> None:
+        """Forget the nodes no longer registered."""
+        with self._lock:
+            for node in set(self._cached) - nodes:
+                del self._cached[node]
+
+
+# --- push mode ----------------------------------------------------------------------------
+
+
+class _NotServed(TestbedError):
+    pass
+
+
+@dataclass
+class PushEndpoint:
+    """The verifier's side of push mode, served on a unix socket by an
+    :class:`AgentServer` (its bounded slots and frame limits): role actions ``nonce``
+    (one outstanding nonce per push node, ``NONCE_TTL_S``) and ``evidence`` (verified
+    against that nonce, which is then spent: a replay is refused)."""
+
+    paths: ClusterPaths
+    push_nodes: frozenset[str]
+    outcomes: queue.Queue[Outcome]
+    policies: PolicyCache
+    _nonces: dict[str, tuple[bytes, float]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def role_call(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        node = args.get("node")
+        if not isinstance(node, str) or node not in self.push_nodes:
+            raise _NotServed(f"{str(node)[:40]!r} is not a push node of this verifier")
+        if action == "nonce" and set(args) == {"node"}:
+            nonce = secrets.token_bytes(32)
+            with self._lock:
+                self._nonces[node] = (nonce, time.monotonic() + NONCE_TTL_S)
+            return {"nonce": b64encode(nonce)}
+        if action == "evidence" and set(args) == {"node", "evidence"}:
+            return self._evidence(node, args["evidence"])
+        raise _NotServed(f"unknown push action {action[:40]!r} or arguments")
+
+    def _evidence(self, node: str, document: object) -> dict[str, Any]:
+        with self._lock:
+            nonce, expiry = self._nonces.pop(node, (b"", 0.0))
+        if not nonce or time.monotonic() > expiry:
+            raise _NotServed(f"no live nonce for {node}: fetch one first (each is used once)")
+        started = time.time()
+        if not isinstance(document, dict):
+            raise EvidenceFormatError("evidence must be a JSON object")
+        try:
+            evidence = Evidence.from_dict(document)
+            report = verify_evidence(self.paths, node, evidence, nonce,
+                                     self.policies.get(node))
+            outcome = outcome_of(node, report, started, "push")
+        except TestbedError as exc:
+            outcome = failed_outcome(node, exc, started, "push")
+        self.outcomes.put(outcome)
+        return {"ok": outcome.ok, "check": outcome.check, "reason": outcome.reason[:500]}
+
+    # The agent ops an AgentServer also routes: not served here.
+    def identity(self) -> dict[str, Any]:
+        raise _NotServed("a verifier has no identity op")
+
+    def activate(self, challenge: Any) -> bytes:
+        raise _NotServed("a verifier has no activate op")
+
+    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence:
+        raise _NotServed("a verifier has no quote op")
+
+    def status(self) -> dict[str, Any]:
+        return {"verifier": True, "push_nodes": sorted(self.push_nodes)}
+
+    def shutdown(self) -> None:
+        raise _NotServed("stop a verifier with `testbed verifier stop`")
+
+    # The runtime-integrity ops a node's agent serves (docs/runtime.md): not a verifier's.
+    def runtime_log(self, offset: int) -> bytes:
+        raise _NotServed("a verifier has no runtime log")
+
+    def runtime_measure(self, path: str, content: bytes) -> dict[str, Any]:
+        raise _NotServed("a verifier measures nothing")
+
+
+def push_attest(paths: ClusterPaths, node: str, agent: AgentClient, *,
+                verifier: str = "verifier", pcrs: Sequence[int] | None = None,
+                timeout: float = 10.0) -> dict[str, Any]:
+    """What a push node does (here on a sim node's behalf): fetch a nonce from the
+    verifier, quote it on the node's TPM, send the evidence; returns the verdict."""
+    endpoint = AgentClient(UnixTransport(VerifierFiles(paths).push_socket(verifier)),
+                           node=f"verifier {verifier}", timeout=timeout)
+    answer = endpoint.role("nonce", {"node": node})
+    nonce = b64decode(answer.get("nonce"), "nonce", limit=64)
+    evidence = agent.quote(nonce, list(pcrs) if pcrs is not None
+                           else list(open_backend(paths).pcrs.indices))
+    return endpoint.role("evidence", {"node": node, "evidence": evidence.to_dict()})
+
+
+# --- the service ----------------------------------------------------------------------------
+
+
+class VerifierService:
+    """One verifier process's loop; :meth:`run` until :meth:`stop`."""
+
+    def __init__(self, config: VerifierConfig, store: Store,
+                 backend: ClusterBackend | None = None) -> None:
+        self.config = config
+        self.paths = ClusterPaths(config.workdir, config.cluster)
+        self.files = VerifierFiles(self.paths)
+        self.store = store
+        self.backend = backend or open_backend(self.paths)
+        self.pcrs = list(self.backend.pcrs.indices)
+        self.outcomes: queue.Queue[Outcome] = queue.Queue()
+        self.stopping = threading.Event()
+        self.started = time.time()
+        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="attest")
+        self._revoker = ThreadPoolExecutor(1, thread_name_prefix="revoke")
+        self._inflight: set[str] = set()
+        self._undelivered: set[str] = set()  # nodes whose revocation a node missed
+        self._undelivered_lock = threading.Lock()
+        self._webhooks = (WebhookSender(config.cluster, config.webhooks,
+                                        load_secret(config.webhook_secret))
+                          if config.webhooks and config.webhook_secret else None)
+        self.policies = PolicyCache(self.paths)
+        self._push = PushEndpoint(self.paths, frozenset(config.push), self.outcomes,
+                                  self.policies)
+        self._server = AgentServer(self._push, self.files.push_socket(config.name),
+                                   max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
+
+    def start(self) -> None:
+        """Bind the push socket (before the pid file says the verifier is ready)."""
+        private_dir(self.files.root)
+        self._server.start()
+
+    def run(self) -> None:
+        """The loop, until :meth:`stop`; a failing round (a database or state error) is
+        logged and retried at the next tick, never the end of the service."""
+        tick = min(0.05, self.config.interval / 20)
+        next_sync = 0.0
+        try:
+            while not self.stopping.is_set():
+                now = time.time()
+                try:
+                    if now >= next_sync:
+                        self._sync(now)
+                        next_sync = now + self.config.interval
+                    self._dispatch(now)
+                    self._drain(tick)
+                except StoreError as exc:  # e.g. PostgreSQL restarted: a new connection
+                    log.error("verifier round failed: %s", exc)
+                    self.stopping.wait(RECONNECT_S)
+                    self._reconnect()
+                except TestbedError as exc:
+                    log.error("verifier round failed: %s", exc)
+                    self.stopping.wait(tick)
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _reconnect(self) -> None:
+        try:
+            fresh = open_store(self.files.database_url(self.config.db))
+        except TestbedError as exc:
+            log.error("reconnecting to the verifier database: %s", exc)
+            return
+        self.store.close()
+        self.store = fresh
+
+    def _sync(self, now: float) -> None:
+        if not self.paths.root.is_dir():  # `down --purge` removed the cluster: no orphan
+            log.warning("cluster %s is gone (%s): stopping", self.paths.name, self.paths.root)
+            self.stop()
+            return
+        nodes = load_registry(self.paths).nodes()
+        self.store.sync_nodes(nodes, self.config.push)
+        self.policies.keep(set(nodes))
+        self.store.heartbeat(self.config.name, os.getpid(), self.started,
+                             self.config.interval, now)
+        self.store.prune()
+        self._push_overdue(now)
+
+    def _push_overdue(self, now: float) -> None:
+        """A push node that sent no evidence for PUSH_GRACE intervals is unreachable:
+        silence must not keep a node trusted (fail closed)."""
+        grace = PUSH_GRACE * self.config.interval
+        if now - self.started < grace:
+            return
+        for row in self.store.nodes():
+            if row.node in self.config.push and row.state != "unreachable" \
+                    and row.last_time < now - grace:
+                self.outcomes.put(Outcome(row.node, False, UNREACHABLE_CHECK,
+                                          f"no evidence pushed for {grace:g} s", now, now,
+                                          "push"))
+
+    def _dispatch(self, now: float) -> None:
+        free = self.config.workers - len(self._inflight)
+        for claim in self.store.claim(self.config.name, now, interval=self.config.interval,
+                                      lease=self.config.lease, limit=free):
+            if claim.node in self._inflight:
+                # Its last quote is still running a lease later (an agent that trickles
+                # bytes defeats a per-read timeout): not a second quote, and not
+                # trusted meanwhile.
+                self._record(Outcome(claim.node, False, UNREACHABLE_CHECK,
+                                     "the previous quote is still running after its lease",
+                                     now, time.time()), finished=False)
+            else:
+                self._inflight.add(claim.node)
+                self._pool.submit(self._pull, claim.node)
+
+    def _pull(self, node: str) -> None:
+        started = time.time()
+        try:
+            agent = self.backend.agent(node, timeout=self.config.quote_deadline)
+            policy = self.policies.get(node)
+            result = attest_node(self.paths, node, agent, policy, self.pcrs)
+            outcome = outcome_of(node, result.report, started, "pull")
+        except TestbedError as exc:
+            outcome = failed_outcome(node, exc, started, "pull")
+        except Exception as exc:  # a bug in one attestation must not end the service
+            log.exception("attestation of %s failed", node)
+            outcome = Outcome(node, False, "verifier", f"internal error: {exc!r}"[:500],
+                              started, time.time())
+        self.outcomes.put(outcome)
+
+    def _drain(self, wait: float) -> None:
+        """Record every outcome that arrived, waiting up to ``wait`` for the first."""
+        with contextlib.suppress(queue.Empty):
+            outcome = self.outcomes.get(timeout=wait)
+            while True:
+                self._record(outcome)
+                outcome = self.outcomes.get_nowait()
+
+    def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
+        """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
+        if finished and outcome.mode == "pull":
+            self._inflight.discard(outcome.node)
+        events = self.store.record(self.config.name, outcome)
+        for event in events:
+            if self._webhooks is not None and (event.kind == "state" or not event.ok):
+                self._webhooks.send(event)
+        if not outcome.ok and (len(events) > 1 or self._redeliver(outcome.node, None)):
+            self._revoker.submit(self._publish, events[0])
+
+    def _redeliver(self, node: str, failed: bool | None) -> bool:
+        """Whether ``node``'s revocation must be published again (a node missed it);
+        with ``failed`` given, remember that instead."""
+        with self._undelivered_lock:
+            if failed is None:
+                return node in self._undelivered
+            (self._undelivered.add if failed else self._undelivered.discard)(node)
+            return failed
+
+    def _publish(self, event: Event) -> None:
+        """Revoke ``event.node``: on its change into a failed state, and again at each
+        failure while a running node did not get it. The decision's sequence comes from
+        revocation's counter (nodes refuse a sequence they have seen), never below the
+        event's own."""
+        try:
+            sequence = max(event.seq, revocation.next_sequence(self.paths))
+            answers = revocation.publish(self.paths, revocation.RevocationEvent(
+                event.node, event.check, event.reason, iso_utc(event.time), sequence))
+        except Exception:  # delivery is revocation's job; the loop goes on
+            log.exception("revocation of %s (event %d) failed", event.node, event.seq)
+            self._redeliver(event.node, True)
+            return
+        missed = [n for n, a in answers.items() if n != event.node and a.startswith("error")]
+        self._redeliver(event.node, bool(missed))
+        log.info("revocation of %s (event %d, sequence %d): %s", event.node, event.seq,
+                 sequence, ", ".join(f"{n} {a[:80]}" for n, a in sorted(answers.items()))
+                 or "no node to tell")
+
+    def _close(self) -> None:
+        self._server.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._revoker.shutdown(wait=True, cancel_futures=False)
+        if self._webhooks is not None:
+            self._webhooks.close()
+        with contextlib.suppress(TestbedError):
+            self.store.forget_verifier(self.config.name)
+
+
+# --- starting, finding and stopping the process -------------------------------------------
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+
+
+def _is_ours(pid: int, files: VerifierFiles, name: str) -> bool:
+    """Whether ``pid`` is this cluster's verifier ``name`` (a reused pid is not)."""
+    argv = process_argv(pid)
+    if not argv or "testbed.verifier.service" not in argv:
+        return False
+    options = dict(itertools.pairwise(argv))
+    return (Path(options.get("--workdir", "")).absolute() == files.paths.workdir
+            and options.get("--cluster") == files.paths.name
+            and options.get("--name", "verifier") == name)
+
+
+def running_pid(files: VerifierFiles, name: str) -> int | None:
+    pid = read_pid(files.pid_file(name))
+    return pid if pid is not None and _is_ours(pid, files, name) else None
+
+
+def start_verifier(config: VerifierConfig) -> int:
+    """Start the service detached; its pid once it serves (its pid file written)."""
+    files = VerifierFiles(ClusterPaths(config.workdir, config.cluster))
+    if not files.paths.root.is_dir():
+        raise ArgumentError(f"no cluster {config.cluster!r} in {config.workdir}")
+    if config.webhook_secret is not None:
+        load_secret(config.webhook_secret)  # a bad secret is the caller's error, now
+    if (pid := running_pid(files, config.name)) is not None:
+        raise StateError(f"verifier {config.name} already runs (pid {pid}); "
+                         "`testbed verifier stop` first")
+    private_dir(files.root)
+    with contextlib.suppress(FileNotFoundError):
+        files.pid_file(config.name).unlink()  # left by a verifier that was killed
+    url = files.database_url(config.db)
+    open_store(url).close()  # the schema exists and the database answers, or a clear error
+    files.save_database_url(url)
+    pid = launch_detached(config.argv(), files.log(config.name), files.root)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while read_pid(files.pid_file(config.name)) != pid:
+        if process_argv(pid) is None or time.monotonic() > deadline:
+            terminate(pid, lambda: _is_ours(pid, files, config.name), STOP_TIMEOUT_S)
+            raise StateError(f"verifier {config.name} did not start; its log "
+                             f"{files.log(config.name)}:\n{tail(files.log(config.name)) or ''}")
+        time.sleep(0.05)
+    return pid
+
+
+def stop_verifiers(paths: ClusterPaths, name: str | None = None) -> dict[str, str | None]:
+    """Stop this cluster's verifiers (or only ``name``): verifier -> the signal it took
+    (None: it was not running)."""
+    files = VerifierFiles(paths)
+    stopped: dict[str, str | None] = {}
+    for each in [name] if name else files.names():
+        pid = running_pid(files, each)
+        stopped[each] = None if pid is None else _terminate(pid, files, each)
+        with contextlib.suppress(FileNotFoundError):
+            files.pid_file(each).unlink()
+    return stopped
+
+
+def _terminate(pid: int, files: VerifierFiles, name: str) -> str | None:
+    return terminate(pid, lambda: _is_ours(pid, files, name), STOP_TIMEOUT_S)
+
+
+def verifier_status(paths: ClusterPaths, db: str | None = None) -> dict[str, Any]:
+    """The verifiers (pid files checked in /proc, heartbeats from the store) and every
+    node's state as the store has it."""
+    files = VerifierFiles(paths)
+    url = files.database_url(db)
+    processes = {name: running_pid(files, name) for name in files.names()}
+    if not files.settings.exists() and db is None:
+        return {"cluster": paths.name, "database": None, "verifiers": [], "nodes": []}
+    store = open_store(url)
+    try:
+        rows, nodes = store.verifiers(), store.nodes()
+    finally:
+        store.close()
+    names = sorted(set(processes) | {r.name for r in rows})
+    beats = {r.name: r for r in rows}
+    return {
+        "cluster": paths.name,
+        "database": "postgresql" if url.startswith("postgres") else url,
+        "verifiers": [{"name": n, "pid": processes.get(n),
+                       "running": processes.get(n) is not None,
+                       **({"heartbeat": beats[n].heartbeat, "interval": beats[n].interval}
+                          if n in beats else {})} for n in names],
+        "nodes": [{**n.to_dict(), "stale": _stale(n.last_time, rows)} for n in nodes],
+    }
+
+
+def _stale(last_time: float, verifiers: Sequence[VerifierRow]) -> bool:
+    """Whether a node's last verdict is older than three of the longest interval: no
+    verifier is keeping it current, so its state says nothing about now."""
+    interval = max((v.interval for v in verifiers), default=DEFAULT_INTERVAL_S)
+    return time.time() - last_time > 3 * interval
+
+
+# --- the process ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m testbed.verifier.service")
+    p.add_argument("--workdir", required=True, type=Path)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--name", default="verifier")
+    p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S)
+    p.add_argument("--deadline", type=float, default=None)
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    p.add_argument("--db", default=None)
+    p.add_argument("--webhook", action="append", default=[])
+    p.add_argument("--webhook-secret", type=Path, default=None)
+    p.add_argument("--push", action="append", default=[])
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> VerifierConfig:
+    return VerifierConfig(workdir=args.workdir, cluster=args.cluster, name=args.name,
+                          interval=args.interval, deadline=args.deadline, db=args.db,
+                          webhooks=tuple(args.webhook), webhook_secret=args.webhook_secret,
+                          push=tuple(args.push), workers=args.workers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The detached process: serve until SIGTERM/SIGINT; the pid file says it is ready."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(_parser().parse_args(argv))
+        files = VerifierFiles(ClusterPaths(config.workdir, config.cluster))
+        store = open_store(files.database_url(config.db))
+        service = VerifierService(config, store)
+    except TestbedError as exc:
+        print(f"verifier: error: {exc}", file=sys.stderr)
+        return 4
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: service.stop())
+    pid_file = files.pid_file(config.name)
+    try:
+        service.start()
+        atomic_write(pid_file, f"{os.getpid()}\n".encode())
+        service.run()
+    except TestbedError as exc:
+        print(f"verifier: error: {exc}", file=sys.stderr)
+        return 4
+    finally:
+        with contextlib.suppress(OSError, StateError):
+            remove_durably(pid_file)
+        service.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
