@@ -456,6 +456,9 @@ def test_runtime_tamper_under_the_verifier_is_revoked_and_acted_on(
             lab.agent("client").role("connect", {"peer": "server"})
         assert {n: s for n, s in lab.node_states().items() if s != "trusted"} == \
             {"client": "rejected"}
+        # `down` stops the cluster's verifier first (else it would find every node gone).
+        rc, out, err = run_cli(workdir, "down", "--json")
+        assert rc == 0 and json.loads(out)["verifiers_stopped"], out + err
     finally:
         run_cli(workdir, "verifier", "stop")
         assert SimBackend(paths).down(purge=False).ok

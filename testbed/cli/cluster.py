@@ -34,6 +34,7 @@ from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, sele
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
 from testbed.tpm.quote_files import check_quote_directory, write_quote_files
+from testbed.verifier.service import stop_verifiers
 
 __all__ = ["register_cluster_commands"]
 
@@ -259,13 +260,20 @@ def cmd_down(args: argparse.Namespace) -> int:
         emit(args, {"ok": True, "cluster": None, "nodes": []},
              lambda: print("no cluster to stop"))
         return EXIT_OK
-    with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
+    paths = ClusterPaths(workdir, cluster)
+    verifiers = stop_verifiers(paths)  # first: a verifier would find every node gone
+    with _closing(open_backend(paths)) as backend:
         result = backend.down(purge=args.purge)
-    emit(args, result.to_dict(), lambda: _print_down(result))
+    emit(args, {**result.to_dict(), "verifiers_stopped": sorted(
+        name for name, signal in verifiers.items() if signal is not None)},
+         lambda: _print_down(result, verifiers))
     return EXIT_OK if result.ok else EXIT_ENVIRONMENT
 
 
-def _print_down(result: DownResult) -> None:
+def _print_down(result: DownResult, verifiers: dict[str, str | None]) -> None:
+    for name, signal in sorted(verifiers.items()):
+        if signal is not None:
+            print(f"verifier {name}: stopped ({signal})")
     for n in result.nodes:
         how = f"stopped ({n.stopped_by})" if n.stopped_by else "was not running"
         extra = ", its swtpm stopped from its pid file" if n.swtpm_stopped else ""
