@@ -88,6 +88,17 @@ MISUSE = [
     (["policy", "show", "nofile"], 3),
     (["up", "nofile.yaml"], 3),
     (["up", "--tamper", "nonsense"], 3),
+    (["tamper"], 2),
+    (["tctp"], 2),
+    (["evidence", "replay", "--since", "notatime"], 2),
+    (["tamper", "nosuch", "--runtime", "/x"], 3),
+    (["revoke", "nosuch"], 3),
+    (["reinstate", "nosuch"], 3),
+    (["evidence", "replay"], 3),
+    (["sign", "verify", "nofile"], 3),
+    (["sign", "verify", "/dev/zero"], 3),
+    (["verifier", "status"], 3),
+    (["events"], 3),
 ]
 
 
