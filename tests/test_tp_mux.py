@@ -6,14 +6,18 @@ attester; tests/test_tp_sign.py runs channels with real swtpm quotes)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testbed.demo.mux import APPLICATIONS
 from tests.test_tp_protocol import KEY
 from trusted_passages import ChannelConfig, FakeIssuer, FakeValidator
 from trusted_passages.aio import AsyncAttestedChannel
@@ -39,7 +43,7 @@ from trusted_passages.mux import (
     encode_frame,
 )
 from trusted_passages.mux_aio import AsyncMuxSession
-from trusted_passages.mux_blocking import MuxChannel, MuxSession, serve_applications
+from trusted_passages.mux_blocking import MuxSession, serve_applications
 from trusted_passages.pki import generate_key, issue_certificate, make_ca
 
 SMALL = MuxSettings(max_channels=4, max_frame=1024, initial_window=4096)
@@ -260,27 +264,7 @@ def attested_pair() -> Iterator[tuple[AttestedChannel, AttestedChannel]]:
         end.close()
 
 
-def upper(channel: MuxChannel) -> None:
-    while data := channel.recv():
-        channel.send(data.upper())
-
-
-def reverse(channel: MuxChannel) -> None:
-    received = b""
-    while data := channel.recv():
-        received += data
-    channel.send(received[::-1])
-
-
-def count(channel: MuxChannel) -> None:
-    total = 0
-    while data := channel.recv():
-        total += len(data)
-    channel.send(str(total).encode())
-
-
-DEMO_APPLICATIONS: dict[str, Callable[[MuxChannel], None]] = {
-    "chat": upper, "files": reverse, "metrics": count}
+DEMO_APPLICATIONS = APPLICATIONS  # chat, files, metrics: the `testbed mux demo`'s
 
 
 def demo_three_applications(client: MuxSession, server: MuxSession) -> dict[str, bytes]:
@@ -367,3 +351,14 @@ def test_asyncio_sessions_carry_channels_both_ways() -> None:
 async def _aio_end(sock: socket.socket, role: str) -> AsyncAttestedChannel:
     reader, writer = await asyncio.open_connection(sock=sock)
     return await aio_establish(reader, writer, channel_config(role).connection(role), 5)  # type: ignore[arg-type]
+
+
+def test_the_mux_demo_runs_three_applications_over_one_attested_session() -> None:
+    """`testbed mux demo`: the same three applications between two swtpm machines."""
+    result = subprocess.run([sys.executable, "-m", "testbed", "mux", "demo", "--json"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["peer_node"] == "server"
+    assert all(a["as_expected"] for a in report["applications"].values())
+    assert "telnet" in report["refused"]

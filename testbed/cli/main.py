@@ -30,6 +30,7 @@ from testbed.cli.exitcodes import (
     EXIT_REJECTED,
     EXIT_USAGE,
 )
+from testbed.cli.mux import register_mux_commands
 from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
 from testbed.cli.revocation import register_revocation_commands
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_qemu_commands(sub)
     register_vsm_commands(sub)
     register_tctp_commands(sub)
+    register_mux_commands(sub)
     register_sign_commands(sub)
     register_evidence_commands(sub)
     register_verifier_commands(sub)
