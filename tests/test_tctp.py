@@ -267,13 +267,15 @@ def test_hostile_http_requests_get_one_clear_status(served: Served, path: str,
 # --- nginx in between, and a capture between nginx and the server ---------------------
 
 
-requires_nginx = pytest.mark.skipif(shutil.which("nginx") is None
-                                    and not Path("/usr/sbin/nginx").exists(),
-                                    reason="nginx not installed (.ci/bootstrap installs it)")
+def _require(tool: str, *paths: str) -> None:
+    """A missing tool fails the test loudly: .ci/bootstrap installs nginx and curl."""
+    if shutil.which(tool) is None and not any(Path(p).exists() for p in paths):
+        pytest.fail(f"{tool} is not installed: run .ci/bootstrap (it installs it)",
+                    pytrace=False)
 
 
-@requires_nginx
 def test_nginx_routes_and_caches_but_sees_no_body(served: Served, tmp_path: Path) -> None:
+    _require("nginx", "/usr/sbin/nginx")
     with RecordingRelay(served.thread.port) as relay, \
             Nginx(tmp_path / "nginx", [Route("/svc/", relay.port)], relay.port) as nginx:
         async def run() -> list[str]:
@@ -314,8 +316,8 @@ def curl(*args: str) -> tuple[int, str]:
     return int(code or 0), body
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_through_the_proxy_with_cedar_authorization(tmp_path: Path) -> None:
+    _require("curl")
     good = TctpService(config("service-a", "proxy"), echo, prefix="/service-a")
     bad = TctpService(config("service-b", "proxy", state="tampered"), echo, prefix="/service-b")
     policy = tmp_path / "proxy.cedar"
@@ -373,9 +375,9 @@ def _report() -> VerificationReport:
 # --- the demo end to end: swtpm, nginx, curl, the CLI --------------------------------
 
 
-@requires_nginx
 @pytest.mark.slow
 def test_tctp_demo_cli_end_to_end_on_swtpm() -> None:
+    _require("nginx", "/usr/sbin/nginx")
     done = subprocess.run([sys.executable, "-m", "testbed", "tctp", "demo", "--json"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]

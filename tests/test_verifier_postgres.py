@@ -58,7 +58,8 @@ def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL server; its URL (unix socket, trust authentication)."""
     bindir = _postgres_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL is not installed (.ci/bootstrap installs it)")
+        pytest.fail("PostgreSQL is not installed: run .ci/bootstrap (it installs it)",
+                    pytrace=False)
     as_root = os.geteuid() == 0
     user: dict[str, Any] = {"user": "postgres", "group": "postgres", "extra_groups": []} \
         if as_root else {}
