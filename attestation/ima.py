@@ -16,6 +16,9 @@ only whole lines, at most :data:`MAX_CHUNK` bytes at a time, and :func:`replay` 
 from the PCR value the last good quote proved. The runtime policy (YAML, the strict
 loader) allows digests per path, and excludes paths by glob; :func:`check_entries` names
 the first offending entry.
+
+The log format is standard library only (the guest agent runs it with Debian's python3);
+only :func:`load_runtime_policy` needs PyYAML, imported when called.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attestation.errors import EvidenceFormatError, PolicyError, VerificationError
-from attestation.strict_yaml import load_yaml
 
 __all__ = [
     "BOOT_AGGREGATE",
@@ -222,6 +224,9 @@ def load_runtime_policy(text: str | bytes, what: str = "runtime policy") -> Runt
             text = text.decode()
         except UnicodeDecodeError:
             raise PolicyError(f"{what}: not UTF-8") from None
+    # lazy: PyYAML only for policies; the log format stays standard library (guest agent)
+    from attestation.strict_yaml import load_yaml
+
     doc = load_yaml(text, what, PolicyError)
     if not isinstance(doc, dict) or doc.get("format") != _POLICY_FORMAT \
             or doc.get("version") != 1 or set(doc) - {"format", "version", "name", "allow",

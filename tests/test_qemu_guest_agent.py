@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -297,3 +299,17 @@ def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Pat
     finally:
         agent.stopping.set()
         server.join(5)
+
+
+def test_the_guest_agent_imports_with_the_standard_library_only() -> None:
+    """As the guest runs it (a script beside ``attestation``): no PyYAML, cryptography,
+    pyOpenSSL or tpm2-pytss needed by the agent itself (extensions are optional)."""
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import runpy, sys\n"
+            "for name in ('yaml', 'cryptography', 'OpenSSL', 'tpm2_pytss'):\n"
+            "    sys.modules[name] = None\n"
+            "sys.argv = ['guest_agent.py', '--help']\n"
+            "runpy.run_path('testbed/qemu/guest/agent.py', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert run.returncode == 0 and "--tpm" in run.stdout, run.stderr[-2000:]
