@@ -313,3 +313,12 @@ def test_the_guest_agent_imports_with_the_standard_library_only() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     assert run.returncode == 0 and "--tpm" in run.stdout, run.stderr[-2000:]
+
+
+def test_an_unreadable_agent_file_leaves_a_consistent_log(agent: Agent, tmp_path: Path) -> None:
+    """main() reports the error and serves on; what was measured still replays."""
+    with pytest.raises(OSError):
+        agent.start_runtime([str(tmp_path / "missing.py")])
+    entries = parse_log(_log(agent)).entries
+    assert [e.path for e in entries] == [BOOT_AGGREGATE]
+    assert replay(bytes(32), entries)[-1] == _pcr10(agent)
