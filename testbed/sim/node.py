@@ -53,6 +53,7 @@ from testbed.roles.revocation import (
 )
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
+from testbed.svd.volumes import detach_all
 from testbed.tpm.boot import boot_summary, measure_boot, restore_clock_safety
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.runtime import BASELINE, RuntimeLog
@@ -197,6 +198,7 @@ class Node:
         steps = [
             ("agent", self._agent.close if self._agent else None),
             ("role", self._role.stop if self._role else None),
+            ("disks", self._lock_disks),
             ("TPM connection", self._close_client),
             ("swtpm", self._swtpm.stop if self._swtpm else None),
         ]
@@ -207,6 +209,13 @@ class Node:
                 step()
             except Exception:
                 log.exception("stopping the %s failed", what)
+
+    def _lock_disks(self) -> None:
+        """A stopped node's encrypted disks are locked (docs/svd.md): their daemons
+        stopped by PID, the keys gone with them, the plain views removed."""
+        locked = detach_all(self.paths.state, self.paths.run, self.name)
+        if locked:
+            log.info("disks locked: %s", ", ".join(locked))
 
     def _close_client(self) -> None:
         if self._client is None:

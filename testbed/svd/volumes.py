@@ -1,0 +1,198 @@
+"""A node's encrypted disks on this machine: provision, unlock, plain view, lock.
+
+Files (``docs/svd.md``):
+
+* ``nodes/NODE/state/disks/DISK.luks``: the LUKS1 image (ciphertext only; kept by
+  ``testbed down``, removed by ``--purge`` with the node's TPM state);
+* ``nodes/NODE/state/disks/DISK.svd.json``: its binding (:class:`cryptovm.disks.DiskBinding`:
+  key id, wrapped passphrase, LUKS UUID; public);
+* ``nodes/NODE/run/disks/DISK``: the plain view while unlocked (a FUSE export, 0600);
+* ``nodes/NODE/run/svd/DISK.pid`` (+ QMP socket): the qemu-storage-daemon holding it open.
+
+Who unlocks is the caller's business: it passes ``call`` (to the CryptoVM) and ``quote``
+(of the disk's owner node). The host-side mode's caller is the hypervisor (the sim
+backend), the guest-side mode's the node process itself. The passphrase only passes
+through this process's memory on its way into the daemon's QMP socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from attestation.files import private_dir
+from cryptovm.disks import (
+    BINDING_SUFFIX,
+    Call,
+    DiskBinding,
+    DiskBindingError,
+    Quote,
+    disk_key_id,
+    luks_uuid,
+    new_disk,
+    release_disk_key,
+)
+from cryptovm.errors import NotFound
+from testbed.spec.cluster_spec import DiskSpec
+from testbed.svd.qsd import StorageDaemon
+
+__all__ = ["DiskFiles", "DiskStatus", "attach", "detach", "detach_all", "disk_status"]
+
+DiskState = Literal["unlocked", "locked", "absent"]
+
+
+@dataclass(frozen=True)
+class DiskFiles:
+    """Where one disk of one node lives (see the module docstring)."""
+
+    node: str
+    disk: str
+    state_dir: Path  # nodes/NODE/state
+    run_dir: Path  # nodes/NODE/run
+
+    @property
+    def image(self) -> Path:
+        return self.state_dir / "disks" / f"{self.disk}.luks"
+
+    @property
+    def binding(self) -> Path:
+        return self.image.with_name(self.disk + BINDING_SUFFIX)
+
+    @property
+    def plain_view(self) -> Path:
+        return self.run_dir / "disks" / self.disk
+
+    @property
+    def daemon(self) -> StorageDaemon:
+        return StorageDaemon(self.run_dir / "svd", self.disk)
+
+
+@dataclass(frozen=True)
+class DiskStatus:
+    """What ``status`` shows of a disk: never a key."""
+
+    name: str
+    mode: str
+    size: int
+    state: DiskState
+    plain_view: str | None = None
+    daemon_pid: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": self.mode, "size": self.size, "state": self.state,
+                "plain_view": self.plain_view, "daemon_pid": self.daemon_pid}
+
+    def summary(self) -> str:
+        return f"{self.name} ({self.mode}, {self.size >> 20} MiB, {self.state})"
+
+
+def disk_status(files: DiskFiles, spec: DiskSpec) -> DiskStatus:
+    pid = files.daemon.pid
+    if pid is not None:
+        return DiskStatus(spec.name, spec.mode, spec.size, "unlocked", str(files.plain_view), pid)
+    state: DiskState = "locked" if files.binding.is_file() else "absent"
+    return DiskStatus(spec.name, spec.mode, spec.size, state)
+
+
+def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Quote, *,
+           reference_policy: str, registry_json: str) -> DiskStatus:
+    """Unlock the disk (provisioning it on first use) and export its plain view.
+
+    First use: the CryptoVM creates the owner's release policy and the disk key; the
+    image is formatted with a fresh passphrase that is then forgotten (only its wrapped
+    form is kept). Later: the binding is checked against the image, and the passphrase
+    comes back only through attestation-gated release.
+    """
+    if files.daemon.pid is not None:
+        return disk_status(files, spec)  # already unlocked (e.g. `up` again)
+    private_dir(files.image.parent)
+    if files.binding.is_file():
+        binding = _bound(files)
+        passphrase = release_disk_key(call, binding, quote)
+        _open(files, passphrase)
+    else:
+        _provision(files, spec, cryptovm, call, reference_policy, registry_json)
+    return disk_status(files, spec)
+
+
+def _bound(files: DiskFiles) -> DiskBinding:
+    binding = DiskBinding.load(files.binding)
+    if (binding.node, binding.disk) != (files.node, files.disk):
+        raise DiskBindingError(f"{files.binding} binds disk {binding.disk!r} of node "
+                               f"{binding.node!r}, not {files.disk!r} of {files.node!r}")
+    binding.check_image(files.image)
+    return binding
+
+
+def _provision(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call,
+               reference_policy: str, registry_json: str) -> None:
+    if files.image.exists():
+        raise DiskBindingError(f"{files.image} exists without its binding {files.binding.name}: "
+                               "its key is unknown; remove the image to start the disk over")
+    with contextlib.suppress(NotFound):  # a key left by an interrupted provisioning
+        call("delete", key_id=disk_key_id(files.node, files.disk))
+    fresh = new_disk(call, files.node, files.disk, reference_policy, registry_json)
+    daemon = files.daemon.start()
+    try:
+        daemon.create_luks(files.image, spec.size, fresh.passphrase)
+        binding = DiskBinding(files.node, files.disk, fresh.key_id, cryptovm, spec.size,
+                              "guest" if spec.mode == "guest" else "host",
+                              luks_uuid(files.image), fresh.wrapped_key)
+        binding.save(files.binding)
+        daemon.open_luks(files.image, fresh.passphrase)
+        _export(files, daemon)
+    except BaseException:
+        detach(files)
+        with contextlib.suppress(FileNotFoundError):
+            if not files.binding.exists():
+                files.image.unlink()
+        raise
+
+
+def _open(files: DiskFiles, passphrase: bytes) -> None:
+    daemon = files.daemon.start()
+    try:
+        daemon.open_luks(files.image, passphrase)
+        _export(files, daemon)
+    except BaseException:
+        detach(files)
+        raise
+
+
+def _export(files: DiskFiles, daemon: StorageDaemon) -> None:
+    private_dir(files.plain_view.parent)
+    daemon.export_fuse(files.plain_view)
+
+
+def detach(files: DiskFiles) -> bool:
+    """Lock the disk: stop its daemon by PID (the key dies with it), undo the export.
+    Whether it was unlocked."""
+    stopped = files.daemon.stop()
+    _unmount_stale(files.plain_view)
+    with contextlib.suppress(FileNotFoundError):
+        files.plain_view.unlink()
+    return stopped
+
+
+def detach_all(state_dir: Path, run_dir: Path, node: str) -> list[str]:
+    """Lock every disk of a node that has a daemon (whatever the spec says now)."""
+    locked = []
+    for pid_file in sorted((run_dir / "svd").glob("*.pid")):
+        if detach(DiskFiles(node, pid_file.stem, state_dir, run_dir)):
+            locked.append(pid_file.stem)
+    return locked
+
+
+def _unmount_stale(mountpoint: Path) -> None:
+    """A daemon killed with SIGKILL leaves its FUSE mount behind: undo it."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return
+    if any(line.split()[4] == str(mountpoint) for line in mounts.splitlines()
+           if len(line.split()) > 4):
+        subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=10,
+                       check=False)
