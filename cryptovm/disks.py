@@ -33,6 +33,7 @@ from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write, read_bounded
 from cryptovm.encoding import check_name
+from cryptovm.errors import NotFound
 from cryptovm.release import recipient_binding
 from cryptovm.wrapping import open_envelope, spki_der
 
@@ -43,8 +44,9 @@ __all__ = [
     "DiskBindingError",
     "NewDisk",
     "disk_key_id",
+    "ensure_disk_key",
     "luks_uuid",
-    "new_disk",
+    "new_passphrase",
     "release_disk_key",
     "release_policy_name",
 ]
@@ -166,30 +168,41 @@ class DiskBinding:
 
 @dataclass(frozen=True)
 class NewDisk:
-    """A freshly provisioned disk key: the wrapped passphrase and, once, the passphrase
-    itself for formatting (the formatter is the party that will unlock the disk)."""
+    """A fresh passphrase and its wrapped form; the passphrase is used once, to format,
+    by the party that will unlock the disk (hypervisor in host mode, node in guest mode)."""
 
-    key_id: str
     wrapped_key: bytes = field(repr=False)
     passphrase: bytes = field(repr=False)
 
 
-def new_disk(call: Call, node: str, disk: str, reference_policy: str,
-             registry_json: str) -> NewDisk:
-    """Create the owner's release policy and the disk's key in the CryptoVM (as root), and
-    a fresh passphrase wrapped under that key."""
+def ensure_disk_key(call: Call, node: str, disk: str, reference_policy: str,
+                    registry_json: str) -> bytes:
+    """As root: the owner's release policy and the disk's key (created on first use);
+    returns the key's public key (SPKI DER). The key never leaves the CryptoVM."""
+    key_id = disk_key_id(node, disk)
+    try:
+        return bytes(call("public_key", key_id=key_id)["public_key"])
+    except NotFound:
+        pass
     policy = release_policy_name(node)
     call("release_policy_set", name=policy, reference_policy=reference_policy,
          ak_registry=registry_json)
-    key_id = disk_key_id(node, disk)
     answer = call("generate", algorithm="rsa-2048", usage=["decrypt"], key_id=key_id,
                   exportable=False, release_policy=policy, release_node=node)
-    public = serialization.load_der_public_key(answer["public_key"])
+    return bytes(answer["public_key"])
+
+
+def new_passphrase(public_key: bytes) -> NewDisk:
+    """A fresh passphrase, wrapped (RSA-OAEP-SHA256) under the disk key's public key."""
+    try:
+        public = serialization.load_der_public_key(public_key)
+    except (ValueError, TypeError):
+        raise DiskBindingError("the disk key's public key is not a DER SPKI") from None
     if not isinstance(public, rsa.RSAPublicKey):
-        raise DiskBindingError(f"the CryptoVM's key {key_id!r} is not an RSA key")
+        raise DiskBindingError("the disk key is not an RSA key")
     # Hex text: QEMU's LUKS driver wants a UTF-8 passphrase; 256 bits of entropy either way.
     passphrase = os.urandom(PASSPHRASE_SIZE).hex().encode()
-    return NewDisk(key_id, public.encrypt(passphrase, _OAEP), passphrase)
+    return NewDisk(public.encrypt(passphrase, _OAEP), passphrase)
 
 
 def release_disk_key(call: Call, binding: DiskBinding, quote: Quote) -> bytes:

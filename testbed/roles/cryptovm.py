@@ -33,22 +33,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from attestation.errors import EvidenceFormatError
+from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.files import atomic_write, private_dir
 from cryptovm.attested import refuse_stream, serve_stream
 from cryptovm.client import CryptoVmClient
+from cryptovm.disks import disk_key_id, ensure_disk_key
 from cryptovm.errors import AccessDenied, AuthenticationFailed, SealedStorageError
 from cryptovm.sealing import format_pcr_selection
 from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import ServiceEndpoint, ServiceInfo
+from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
@@ -75,6 +78,7 @@ __all__ = [
     "CryptoVmService",
     "PublishedCryptoVm",
     "cryptovm_endpoint",
+    "grant_guest_disks",
     "open_store",
     "psk_path",
     "published_service",
@@ -88,6 +92,7 @@ PSK_NAME = "cryptovm-root.psk"
 INFO_NAME = "cryptovm.json"
 REVOKED_NAME = "cryptovm-revoked.json"  # the revocation list it publishes (run/)
 IDLE_TIMEOUT_S = 30.0
+log = logging.getLogger("testbed.roles.cryptovm")
 VM_PCRS = "sha256:0-9"  # what OVMF measured: firmware, kernel, initrd, command line
 GUEST_PORTS = {"cvm1": 9302}
 """The guest services a VM of this role forwards to the host (name -> guest port)."""
@@ -222,6 +227,36 @@ class AuditingValidator:
         return node if isinstance(node, str) else None
 
 
+# --- guest-side disks (docs/svd.md) ----------------------------------------------------
+
+
+def grant_guest_disks(vm: CryptoVm, paths: ClusterPaths, node: str) -> list[str]:
+    """Ensure ``node``'s guest-disk keys exist and its account may use them; the key ids."""
+    spec = load_spec(paths)
+    disks = [d for n in spec.nodes if n.name == node for d in n.disks if d.mode == "guest"]
+    if not disks:
+        return []
+    root = vm.local_root()
+
+    def call(op: str, **args: Any) -> dict[str, Any]:
+        result: dict[str, Any] = getattr(root, op)(**args)
+        return result
+
+    account = node_account(node)
+    reference, registry = paths.policy(node).read_text(), paths.registry.read_text()
+    key_ids = []
+    for disk in disks:
+        ensure_disk_key(call, node, disk.name, reference, registry)
+        key_id = disk_key_id(node, disk.name)
+        wanted = [f"key:{key_id}:release", f"key:{key_id}:public"]
+        held = vm.accounts.get(account).privileges
+        if not set(wanted) <= set(held):
+            root.account_grant(account, wanted)
+        key_ids.append(key_id)
+    vm.audit.sync()
+    return key_ids
+
+
 REQUESTS: tuple[type[RoleRequest], ...] = (InfoRequest,)
 
 
@@ -301,6 +336,10 @@ class CryptoVmService:
             self.vm.audit.sync()
             refuse_stream(lambda: _recv(channel), channel.send, exc)
             return
+        try:
+            grant_guest_disks(self.vm, self.ctx.cluster_paths, peer.node)
+        except (TestbedError, OSError) as exc:  # its release is then refused (privilege)
+            log.warning("guest disks of %s not prepared: %s", peer.node, exc)
         serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
 
     # --- revocation -------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 from attestation.errors import TestbedError
 from attestation.policy import ReferencePolicy
 from attestation.tpm_types import PcrSelection
-from cryptovm.disks import Call
+from cryptovm.disks import Call, ensure_disk_key
 from testbed.cluster.agent import AgentClient, AgentUnavailable, UnixTransport
 from testbed.cluster.results import (
     DownResult,
@@ -35,6 +35,7 @@ from testbed.core.files import locked
 from testbed.core.paths import ClusterPaths, private_tree
 from testbed.core.progress import Progress
 from testbed.roles.cryptovm import cryptovm_endpoint
+from testbed.roles.disks import UNLOCK_ACTION
 from testbed.roles.registry import role
 from testbed.sim.processes import (
     READY_TIMEOUT_S,
@@ -120,7 +121,7 @@ class SimBackend:
         # Before any process starts: every artifact must be readable, every policy valid.
         self._boots = {n.name: boot_summary(n.effective_boot) for n in spec.nodes}
         self._has_cryptovm = any(n.role == "cryptovm" for n in spec.nodes)
-        has_disks = any(d.mode == "host" for n in spec.nodes for d in n.disks)
+        has_disks = any(n.disks for n in spec.nodes)
         progress.expect(len(spec.nodes) + self._has_cryptovm + has_disks)
         for node in spec.nodes:  # sim nodes run their baseline: judged by the runtime check
             ensure_runtime_policy(self.paths, node.name, default_policy(f"{node.name}-runtime"))
@@ -197,17 +198,35 @@ class SimBackend:
         CryptoVM for each disk's key with the node's fresh quote, only for a node that
         passed its attestation; the key goes to a qemu-storage-daemon, never to a file."""
         spec = load_spec(self.paths)
-        wanted = [(n, d) for n in nodes for d in spec.node(n.name).disks if d.mode == "host"]
-        if not wanted:
+        host = [(n, d) for n in nodes for d in spec.node(n.name).disks if d.mode == "host"]
+        guest = [n for n in nodes if any(d.mode == "guest" for d in spec.node(n.name).disks)]
+        if not host and not guest:
             return
         cryptovm = next(n.name for n in spec.nodes if n.role == "cryptovm")
-        with progress.step(f"encrypted disks: {len(wanted)} unlocked after attestation"):
-            client = cryptovm_endpoint(self.paths, cryptovm).client()
-            try:
-                for node, disk in wanted:
-                    self._unlock(node, disk, cryptovm, client.call)
-            finally:
-                client.close()
+        with progress.step("encrypted disks: unlocked after attestation (host side by the "
+                           "hypervisor, guest side by the node itself)"):
+            if host:
+                client = cryptovm_endpoint(self.paths, cryptovm).client()
+                try:
+                    for node, disk in host:
+                        self._unlock(node, disk, cryptovm, client.call)
+                finally:
+                    client.close()
+            for node in guest:
+                self._unlock_guest(node)
+
+    def _unlock_guest(self, node: NodeUp) -> None:
+        """The node fetches its own keys over Trusted Passages: the backend sees none."""
+        if node.action == "failed" or node.attested is not True:
+            return
+        try:
+            answer = self.agent(node.name, timeout=60.0).role(UNLOCK_ACTION)
+            disks = tuple(DiskStatus(**d) for d in answer.get("disks", ()))
+        except (TestbedError, TypeError) as exc:
+            node.fail(f"guest disks not unlocked: {exc}")
+            return
+        if isinstance(node.facts, SimNodeFacts):
+            node.facts = replace(node.facts, disks=(*node.facts.disks, *disks))
 
     def _unlock(self, node: NodeUp, disk: DiskSpec, cryptovm: str, call: Call) -> None:
         if node.action == "failed" or node.attested is not True:
@@ -216,8 +235,9 @@ class SimBackend:
         try:
             status = attach(disk_files(self.paths, node.name, disk.name), disk, cryptovm, call,
                             lambda data: agent.quote(data, list(SIM_PCRS.indices)),
-                            reference_policy=self.paths.policy(node.name).read_text(),
-                            registry_json=self.paths.registry.read_text())
+                            lambda: ensure_disk_key(call, node.name, disk.name,
+                                                    self.paths.policy(node.name).read_text(),
+                                                    self.paths.registry.read_text()))
         except (TestbedError, OSError) as exc:
             node.fail(f"disk {disk.name} not unlocked: {exc}")
             return

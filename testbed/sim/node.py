@@ -41,6 +41,7 @@ from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import NodeContext, RoleService
+from testbed.roles.disks import UNLOCK_ACTION, unlock_guest_disks
 from testbed.roles.registry import start_node_service
 from testbed.roles.revocation import (
     ACTIONS,
@@ -270,6 +271,8 @@ class Node:
             raise StateError(f"node {self.name} is not ready")
         if action in ACTIONS:  # the verifier's signed decisions: every role receives them
             return self._decision(action, args)
+        if action == UNLOCK_ACTION:  # guest-side disks: any role may have them
+            return unlock_guest_disks(self._context())
         return self._role.call(action, args)
 
     def _decision(self, action: str, args: dict[str, Any]) -> dict[str, Any]:

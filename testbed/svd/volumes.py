@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +33,9 @@ from cryptovm.disks import (
     Quote,
     disk_key_id,
     luks_uuid,
-    new_disk,
+    new_passphrase,
     release_disk_key,
 )
-from cryptovm.errors import NotFound
 from testbed.spec.cluster_spec import DiskSpec
 from testbed.svd.qsd import StorageDaemon
 
@@ -97,14 +97,15 @@ def disk_status(files: DiskFiles, spec: DiskSpec) -> DiskStatus:
     return DiskStatus(spec.name, spec.mode, spec.size, state)
 
 
-def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Quote, *,
-           reference_policy: str, registry_json: str) -> DiskStatus:
+def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Quote,
+           public_key: Callable[[], bytes]) -> DiskStatus:
     """Unlock the disk (provisioning it on first use) and export its plain view.
 
-    First use: the CryptoVM creates the owner's release policy and the disk key; the
-    image is formatted with a fresh passphrase that is then forgotten (only its wrapped
-    form is kept). Later: the binding is checked against the image, and the passphrase
-    comes back only through attestation-gated release.
+    First use: ``public_key()`` gives the disk key's public key (the key itself is
+    created inside the CryptoVM); the image is formatted with a fresh passphrase that is
+    then forgotten (only its wrapped form is kept). Later: the binding is checked
+    against the image, and the passphrase comes back only through attestation-gated
+    release (``call``, with ``quote`` of the owner node).
     """
     if files.daemon.pid is not None:
         return disk_status(files, spec)  # already unlocked (e.g. `up` again)
@@ -114,7 +115,7 @@ def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Q
         passphrase = release_disk_key(call, binding, quote)
         _open(files, passphrase)
     else:
-        _provision(files, spec, cryptovm, call, reference_policy, registry_json)
+        _provision(files, spec, cryptovm, public_key)
     return disk_status(files, spec)
 
 
@@ -127,18 +128,17 @@ def _bound(files: DiskFiles) -> DiskBinding:
     return binding
 
 
-def _provision(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call,
-               reference_policy: str, registry_json: str) -> None:
+def _provision(files: DiskFiles, spec: DiskSpec, cryptovm: str,
+               public_key: Callable[[], bytes]) -> None:
     if files.image.exists():
         raise DiskBindingError(f"{files.image} exists without its binding {files.binding.name}: "
                                "its key is unknown; remove the image to start the disk over")
-    with contextlib.suppress(NotFound):  # a key left by an interrupted provisioning
-        call("delete", key_id=disk_key_id(files.node, files.disk))
-    fresh = new_disk(call, files.node, files.disk, reference_policy, registry_json)
+    fresh = new_passphrase(public_key())
     daemon = files.daemon.start()
     try:
         daemon.create_luks(files.image, spec.size, fresh.passphrase)
-        binding = DiskBinding(files.node, files.disk, fresh.key_id, cryptovm, spec.size,
+        binding = DiskBinding(files.node, files.disk, disk_key_id(files.node, files.disk),
+                              cryptovm, spec.size,
                               "guest" if spec.mode == "guest" else "host",
                               luks_uuid(files.image), fresh.wrapped_key)
         binding.save(files.binding)
