@@ -33,7 +33,7 @@ from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write, read_bounded
 from cryptovm.encoding import check_name
-from cryptovm.errors import NotFound
+from cryptovm.errors import BadRequest, NotFound
 from cryptovm.release import recipient_binding
 from cryptovm.wrapping import open_envelope, spki_der
 
@@ -65,6 +65,8 @@ PASSPHRASE_SIZE = 32
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_HEADER_SIZE = 592  # the LUKS1 phdr: magic, version, cipher, ..., uuid, 8 key slots
 _UUID = slice(168, 208)
+_PAYLOAD_OFFSET = slice(104, 108)  # in 512-byte sectors, after the key material
+SECTOR = 512
 _OAEP = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
 
 
@@ -81,10 +83,12 @@ def release_policy_name(node: str) -> str:
 
 
 def luks_uuid(image: Path) -> str:
-    """The UUID in a LUKS1 header; a DiskBindingError for anything else."""
+    """The UUID in the LUKS1 header of a complete image; a DiskBindingError for a
+    truncated, corrupt or non-LUKS image (before any key is asked for)."""
     try:
         with open(image, "rb") as f:
             header = f.read(LUKS_HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
     except OSError as exc:
         raise DiskBindingError(f"disk image {image} is unreadable: {exc.strerror}") from None
     if len(header) < LUKS_HEADER_SIZE:
@@ -93,6 +97,10 @@ def luks_uuid(image: Path) -> str:
     if not header.startswith(LUKS_MAGIC) or header[6:8] != b"\x00\x01":
         raise DiskBindingError(f"disk image {image} has no LUKS1 header (corrupt, or not "
                                "an encrypted disk)")
+    payload = int.from_bytes(header[_PAYLOAD_OFFSET], "big") * SECTOR
+    if size <= payload:
+        raise DiskBindingError(f"disk image {image} is truncated: {size} bytes, but its "
+                               f"encrypted data starts at byte {payload}")
     uuid = header[_UUID].rstrip(b"\x00")
     try:
         return uuid.decode("ascii")
@@ -149,7 +157,11 @@ class DiskBinding:
         texts = (self.node, self.disk, self.key_id, self.cryptovm, self.luks_uuid)
         if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in texts):
             raise DiskBindingError(f"{where}: names must be 1-64 characters")
-        if self.key_id != disk_key_id(self.node, self.disk):
+        try:
+            expected = disk_key_id(self.node, self.disk)
+        except BadRequest:
+            raise DiskBindingError(f"{where}: node or disk name is not a name") from None
+        if self.key_id != expected:
             raise DiskBindingError(f"{where}: key id {self.key_id!r} is not the key of disk "
                                    f"{self.disk!r} of node {self.node!r}")
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size <= 0:

@@ -30,6 +30,7 @@ from typing import Any
 
 from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.files import private_dir
+from cryptovm.disks import luks_uuid
 from testbed.core.errors import StateError
 from testbed.core.processes import process_argv, read_pid, terminate
 
@@ -248,6 +249,7 @@ class StorageDaemon:
 
     def open_luks(self, image: Path, key: bytes, node_name: str = "svd") -> None:
         """Open the volume with ``key``; the secret object is deleted at once."""
+        luks_uuid(image)  # a truncated or non-LUKS image: one clear error, not a key error
         qmp = self.qmp()
         try:
             _add_secret(qmp, key)
