@@ -33,16 +33,19 @@ from attestation.errors import EvidenceFormatError, FileInputError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write, read_bounded
 from cryptovm.encoding import check_name
-from cryptovm.errors import BadRequest, NotFound
+from cryptovm.errors import BadRequest, NotFound, SealedStorageError
 from cryptovm.release import recipient_binding
+from cryptovm.sealing import SealedBlob
 from cryptovm.wrapping import open_envelope, spki_der
 
 __all__ = [
     "BINDING_SUFFIX",
     "LUKS_HEADER_SIZE",
+    "SEALED_SUFFIX",
     "DiskBinding",
     "DiskBindingError",
     "NewDisk",
+    "SealedDisk",
     "disk_key_id",
     "ensure_disk_key",
     "luks_uuid",
@@ -60,6 +63,8 @@ Mode = Literal["host", "guest"]
 BINDING_FORMAT = "testbed-svd-disk"
 BINDING_VERSION = 1
 BINDING_SUFFIX = ".svd.json"
+SEALED_SUFFIX = ".sealed.json"
+SEALED_DISK_FORMAT = "testbed-svd-sealed-disk"
 MAX_BINDING = 16 << 10
 PASSPHRASE_SIZE = 32
 LUKS_MAGIC = b"LUKS\xba\xbe"
@@ -176,6 +181,47 @@ class DiskBinding:
             raise DiskBindingError(f"disk image {image} is not disk {self.disk!r} of node "
                                    f"{self.node!r}: its LUKS UUID {found} is not the bound "
                                    f"{self.luks_uuid} (an image swapped in?)")
+
+
+@dataclass(frozen=True)
+class SealedDisk:
+    """The CryptoVM's own store disk: its passphrase sealed to the CryptoVM's TPM PCRs
+    (:mod:`cryptovm.sealing`), since no other key holder is below the CryptoVM. Kept
+    beside the image as ``<disk>.sealed.json``; the sealed blob opens only on that TPM
+    in the measured state it was sealed in."""
+
+    node: str
+    disk: str
+    size: int
+    luks_uuid: str
+    sealed: SealedBlob = field(repr=False)
+
+    def save(self, path: Path) -> None:
+        doc = {"format": SEALED_DISK_FORMAT, "version": BINDING_VERSION, "node": self.node,
+               "disk": self.disk, "size": self.size, "luks_uuid": self.luks_uuid,
+               "sealed": json.loads(self.sealed.to_json())}
+        atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: Path) -> SealedDisk:
+        try:
+            doc = json.loads(read_bounded(path, MAX_BINDING, what="sealed disk key"))
+            if (doc["format"], doc["version"]) != (SEALED_DISK_FORMAT, BINDING_VERSION):
+                raise ValueError("not a version-1 sealed disk key")
+            sealed = cls(doc["node"], doc["disk"], doc["size"], doc["luks_uuid"],
+                         SealedBlob.from_json(json.dumps(doc["sealed"]).encode()))
+        except FileInputError as exc:
+            raise DiskBindingError(str(exc)) from None
+        except (ValueError, KeyError, TypeError, SealedStorageError) as exc:
+            raise DiskBindingError(f"{path}: unusable sealed disk key ({exc})") from None
+        if not all(isinstance(v, str) for v in (sealed.node, sealed.disk, sealed.luks_uuid)):
+            raise DiskBindingError(f"{path}: unusable sealed disk key (names)")
+        return sealed
+
+    def check_image(self, image: Path) -> None:
+        if luks_uuid(image) != self.luks_uuid:
+            raise DiskBindingError(f"disk image {image} is not the store disk sealed in "
+                                   "this CryptoVM's TPM (another LUKS UUID)")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ the flow (tests run in file order): `up` unlocks a host-side disk (the backend a
 its key with the node's quote) and a guest-side disk (the node asks over Trusted
 Passages); data written through the plain views is ciphertext in the images; `down`
 locks both (daemons gone by PID, no mounts, no plain views); `up` again unlocks them
-through attestation-gated release and the data is there; a tampered boot gets no disk.
+through attestation-gated release and the data is there; a tampered boot gets no disk,
+and a tampered CryptoVM cannot unseal the key of its own store disk.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 from cryptovm.audit import read_entries
 from testbed.cli import main as cli
+from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import scan_processes
 from testbed.roles.cryptovm import state_dir
@@ -53,21 +55,22 @@ class Lab:
         web = next(n for n in json.loads(out)["nodes"] if n["name"] == "web")
         return {d["name"]: d for d in web["disks"]}
 
-    def image(self, disk: str) -> Path:
-        return self.paths.node("web").state / "disks" / f"{disk}.luks"
+    def image(self, disk: str, node: str = "web") -> Path:
+        return self.paths.node(node).state / "disks" / f"{disk}.luks"
 
     def view(self, disk: str) -> Path:
         return self.paths.node("web").run / "disks" / disk
 
-    def daemons(self) -> list[int]:
-        """qemu-storage-daemons of this work directory, from /proc."""
-        here = str(self.workdir)
+    def daemons(self, node: str | None = None) -> list[int]:
+        """qemu-storage-daemons of this work directory (or node), from /proc."""
+        here = str(self.paths.node(node).root if node else self.workdir)
         return [pid for pid, _ in scan_processes(
             lambda argv: True if argv and argv[0].endswith("qemu-storage-daemon")
             and here in " ".join(argv) else None)]
 
     def audit(self) -> list[dict[str, Any]]:
-        return read_entries(state_dir(self.paths.node("cryptovm").state) / "audit.log")
+        store = self.paths.node("cryptovm").run / "disks" / "store.mnt"
+        return read_entries(state_dir(store) / "audit.log")
 
 
 def write_spec(directory: Path) -> Path:
@@ -75,7 +78,8 @@ def write_spec(directory: Path) -> Path:
         {"name": "web", "role": "generic", "boot": BOOT,
          "disks": [{"name": "data", "size": "2M"},
                    {"name": "secrets", "size": "1M", "mode": "guest"}]},
-        {"name": "cryptovm", "role": "cryptovm", "boot": BOOT}]}
+        {"name": "cryptovm", "role": "cryptovm", "boot": BOOT,
+         "disks": [{"name": "store", "size": "8M", "mode": "guest"}]}]}
     path = directory / "svd-lab.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -105,7 +109,18 @@ def test_up_unlocks_both_disks(lab: Lab) -> None:
     assert disks["data"]["size"] == 2 << 20 and disks["secrets"]["size"] == 1 << 20
     for disk in disks.values():  # what status shows: never a key
         assert set(disk) == {"name", "mode", "size", "state", "plain_view", "daemon_pid"}
-    assert len(lab.daemons()) == 2
+    assert len(lab.daemons()) == 3  # the CryptoVM's store disk too
+
+
+def test_cryptovm_store_is_on_its_sealed_disk(lab: Lab) -> None:
+    info = AgentClient(UnixTransport(lab.paths.node("cryptovm").socket), node="cryptovm").role(
+        "info")
+    mount = lab.paths.node("cryptovm").run / "disks" / "store.mnt"
+    assert info["state_dir"] == str(state_dir(mount))
+    assert str(mount) in Path("/proc/self/mountinfo").read_text()
+    assert not state_dir(lab.paths.node("cryptovm").state).exists()
+    sealed = lab.paths.node("cryptovm").state / "disks" / "store.sealed.json"
+    assert json.loads(sealed.read_text())["sealed"]["pcr_selection"] == "sha256:0,1,2,3,4,5,6,7,9"
 
 
 def test_plain_views_write_ciphertext(lab: Lab) -> None:
@@ -135,6 +150,8 @@ def test_down_locks_and_up_unlocks_through_release(lab: Lab) -> None:
     assert str(lab.workdir) not in Path("/proc/self/mountinfo").read_text()
     assert not lab.view("data").exists() and not lab.view("secrets").exists()
     assert {d["state"] for d in lab.disks().values()} == {"locked"}
+    store = lab.image("store", "cryptovm").read_bytes()
+    assert b"account_create" not in store and b"tls-ca" not in store  # audit log, key ids
     rc, out, err = run_cli(lab.workdir, "up", str(lab.spec), "--json")
     assert rc == 0, f"{out}\n{err}"
     for disk, marker in MARKERS.items():
@@ -146,13 +163,21 @@ def test_down_locks_and_up_unlocks_through_release(lab: Lab) -> None:
     assert released == {("root", "svd-web-data"), ("node.web", "svd-web-secrets")}
 
 
-def test_tampered_boot_gets_no_disk(lab: Lab) -> None:
+def test_tampered_boots_get_no_disk(lab: Lab) -> None:
+    """A tampered web node gets no disk key (its disks stay locked); a tampered CryptoVM
+    cannot unseal its own store disk's key, naming the PCR that differs."""
     run_cli(lab.workdir, "down", "--cluster", CLUSTER)
-    rc, out, _ = run_cli(lab.workdir, "up", str(lab.spec), "--tamper",
-                         "web=cmdline:console=ttyS0 ro init=/bin/sh", "--json")
-    assert rc == 1 and json.loads(out)["rejected"] == ["web"]
+    rc, out, _ = run_cli(lab.workdir, "up", str(lab.spec),
+                         "--tamper", "web=cmdline:console=ttyS0 ro init=/bin/sh",
+                         "--tamper", "cryptovm=cmdline:console=ttyS0 ro init=/bin/sh", "--json")
+    assert rc != 0
+    nodes = {n["name"]: n for n in json.loads(out)["nodes"]}
+    assert nodes["web"]["attested"] is False
+    error = nodes["cryptovm"]["error"]
+    assert "cannot unlock its store disk" in error and "PCRs differ: [9]" in error
     assert {d["state"] for d in lab.disks().values()} == {"locked"}
     assert lab.daemons() == []
+    assert str(lab.workdir) not in Path("/proc/self/mountinfo").read_text()
 
 
 def test_bad_disk_spec_exits_3(lab: Lab, tmp_path: Path) -> None:

@@ -83,8 +83,10 @@ def test_disks_need_a_cryptovm_and_the_sim_backend() -> None:
     disks = [{"name": "d", "size": "8M"}]
     with pytest.raises(ClusterSpecError, match="add a node with role: cryptovm"):
         parse_cluster_spec(_spec(disks, cryptovm=False), Path("."))
-    with pytest.raises(ClusterSpecError, match="cannot key its own disks"):
+    with pytest.raises(ClusterSpecError, match="at most one disk, its store, with mode: guest"):
         parse_cluster_spec(_spec(disks, role="cryptovm"), Path("."))
+    store = [{"name": "store", "size": "16M", "mode": "guest"}]
+    assert parse_cluster_spec(_spec(store, role="cryptovm"), Path(".")).node("web").disks
 
 
 @settings(max_examples=200, deadline=None)

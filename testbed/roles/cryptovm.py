@@ -46,7 +46,7 @@ from cryptovm.attested import refuse_stream, serve_stream
 from cryptovm.client import CryptoVmClient
 from cryptovm.disks import disk_key_id, ensure_disk_key
 from cryptovm.errors import AccessDenied, AuthenticationFailed, SealedStorageError
-from cryptovm.sealing import format_pcr_selection
+from cryptovm.sealing import TpmSealer, format_pcr_selection
 from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentClient
@@ -58,6 +58,7 @@ from testbed.core.paths import ClusterPaths
 from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
 from testbed.roles.revocation import Reinstate, RevocationEvent, RevocationGate
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
+from testbed.svd.volumes import DiskFiles, attach_sealed, detach, mount_filesystem
 from testbed.tpm.boot import SIM_PCRS
 from trusted_passages import (
     AttestationRejected,
@@ -85,6 +86,7 @@ __all__ = [
     "start_node_service",
     "start_vm_service",
     "state_dir",
+    "store_disk",
 ]
 
 STATE_NAME = "cryptovm"
@@ -179,11 +181,50 @@ def cryptovm_endpoint(paths: ClusterPaths, node: str) -> CryptoVmEndpoint:
 # --- node side: the store and its listeners -------------------------------------------------
 
 
+def store_disk(ctx: NodeContext) -> DiskFiles | None:
+    """The node's store disk (docs/svd.md), if its spec gives it one."""
+    if not ctx.spec.disks:
+        return None
+    return DiskFiles(ctx.name, ctx.spec.disks[0].name, ctx.state_dir, ctx.run_dir)
+
+
+def _open_store_disk(ctx: NodeContext, files: DiskFiles) -> Path:
+    """Unlock the store disk with its passphrase sealed to this node's measured-boot PCRs
+    (nothing below the CryptoVM could release it), and mount its file system."""
+    sealer = TpmSealer(ctx.tcti, SIM_PCRS, tpm_access=ctx.tpm_session)
+    try:
+        new = attach_sealed(files, ctx.spec.disks[0], sealer)
+    except SealedStorageError as exc:
+        raise SealedStorageError(
+            f"node {ctx.name} cannot unlock its store disk: {exc}. Its key is sealed to the "
+            "measured state the disk was created in: boot the node's original chain, or "
+            "start over with `testbed down --purge`") from None
+    try:
+        return mount_filesystem(files, new=new)
+    except BaseException:
+        detach(files)
+        if new:  # no file system yet: the next start formats the disk again
+            for path in (files.image, files.sealed):
+                path.unlink(missing_ok=True)
+        raise
+
+
 def open_store(ctx: NodeContext) -> CryptoVm:
-    """Create the CryptoVM on the first start, unseal it on later ones."""
+    """Create the CryptoVM on the first start, unseal it on later ones; on its store
+    disk when the node has one."""
+    files = store_disk(ctx)
+    base = _open_store_disk(ctx, files) if files is not None else ctx.state_dir
+    try:
+        return _open_store(ctx, state_dir(base))
+    except BaseException:
+        if files is not None:
+            detach(files)
+        raise
+
+
+def _open_store(ctx: NodeContext, path: Path) -> CryptoVm:
     options: dict[str, Any] = {"tpm_access": ctx.tpm_session, "event_log": ctx.event_log,
                                "audit_sync_each": False}
-    path = state_dir(ctx.state_dir)
     if not (path / "cryptovm.json").exists():  # the manifest, written last by initialize
         vm, root_psk = CryptoVm.initialize(path, ctx.tcti, pcrs=format_pcr_selection(SIM_PCRS),
                                            **options)
@@ -313,6 +354,9 @@ class CryptoVmService:
             self.tp.close(timeout=2)
         self.wire.stop()
         self.vm.close()
+        files = store_disk(self.ctx)
+        if files is not None:  # unmounted, then locked: the key dies with its daemon
+            detach(files)
         with contextlib.suppress(FileNotFoundError):
             (self.ctx.run_dir / INFO_NAME).unlink()
 

@@ -199,19 +199,15 @@ class SimBackend:
         passed its attestation; the key goes to a qemu-storage-daemon, never to a file."""
         spec = load_spec(self.paths)
         host = [(n, d) for n in nodes for d in spec.node(n.name).disks if d.mode == "host"]
-        guest = [n for n in nodes if any(d.mode == "guest" for d in spec.node(n.name).disks)]
+        guest = [n for n in nodes if n.role != "cryptovm"  # its store disk opened at start
+                 and any(d.mode == "guest" for d in spec.node(n.name).disks)]
         if not host and not guest:
             return
         cryptovm = next(n.name for n in spec.nodes if n.role == "cryptovm")
         with progress.step("encrypted disks: unlocked after attestation (host side by the "
                            "hypervisor, guest side by the node itself)"):
             if host:
-                client = cryptovm_endpoint(self.paths, cryptovm).client()
-                try:
-                    for node, disk in host:
-                        self._unlock(node, disk, cryptovm, client.call)
-                finally:
-                    client.close()
+                self._unlock_host(host, cryptovm)
             for node in guest:
                 self._unlock_guest(node)
 
@@ -227,6 +223,20 @@ class SimBackend:
             return
         if isinstance(node.facts, SimNodeFacts):
             node.facts = replace(node.facts, disks=(*node.facts.disks, *disks))
+
+    def _unlock_host(self, host: list[tuple[NodeUp, DiskSpec]], cryptovm: str) -> None:
+        try:
+            client = cryptovm_endpoint(self.paths, cryptovm).client()
+        except TestbedError as exc:  # e.g. the cryptovm node failed to start
+            for node, disk in host:
+                if node.action != "failed" and node.attested is True:
+                    node.fail(f"disk {disk.name} not unlocked: no CryptoVM to ask ({exc})")
+            return
+        try:
+            for node, disk in host:
+                self._unlock(node, disk, cryptovm, client.call)
+        finally:
+            client.close()
 
     def _unlock(self, node: NodeUp, disk: DiskSpec, cryptovm: str, call: Call) -> None:
         if node.action == "failed" or node.attested is not True:

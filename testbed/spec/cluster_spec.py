@@ -344,9 +344,10 @@ def _check_disks(nodes: tuple[NodeSpec, ...], backend: str) -> None:
         if backend != "sim":
             raise ClusterSpecError(f"nodes[{i}].disks: encrypted disks run on the sim backend "
                                    "only so far (docs/svd.md)")
-        if node.role == "cryptovm":
-            raise ClusterSpecError(f"nodes[{i}].disks: the cryptovm node cannot key its own "
-                                   "disks (its store is sealed to its TPM; docs/svd.md)")
+        if node.role == "cryptovm" and (len(node.disks) > 1 or node.disks[0].mode != "guest"):
+            raise ClusterSpecError(f"nodes[{i}].disks: a cryptovm node has at most one disk, "
+                                   "its store, with mode: guest (its key is sealed to the "
+                                   "node's own TPM; docs/svd.md)")
         if not any(n.role == "cryptovm" for n in nodes):
             raise ClusterSpecError(f"nodes[{i}].disks: disks are keyed by a CryptoVM: add a "
                                    "node with role: cryptovm")

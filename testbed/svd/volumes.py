@@ -18,6 +18,7 @@ through this process's memory on its way into the daemon's QMP socket.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,19 +28,24 @@ from typing import Any, Literal
 from attestation.files import private_dir
 from cryptovm.disks import (
     BINDING_SUFFIX,
+    SEALED_SUFFIX,
     Call,
     DiskBinding,
     DiskBindingError,
     Quote,
+    SealedDisk,
     disk_key_id,
     luks_uuid,
     new_passphrase,
     release_disk_key,
 )
+from cryptovm.sealing import Sealer
+from testbed.core.errors import StateError
 from testbed.spec.cluster_spec import DiskSpec
 from testbed.svd.qsd import StorageDaemon
 
-__all__ = ["DiskFiles", "DiskStatus", "attach", "detach", "detach_all", "disk_status"]
+__all__ = ["DiskFiles", "DiskStatus", "attach", "attach_sealed", "detach", "detach_all",
+           "disk_status", "mount_filesystem"]
 
 DiskState = Literal["unlocked", "locked", "absent"]
 
@@ -64,6 +70,14 @@ class DiskFiles:
     @property
     def plain_view(self) -> Path:
         return self.run_dir / "disks" / self.disk
+
+    @property
+    def sealed(self) -> Path:
+        return self.image.with_name(self.disk + SEALED_SUFFIX)
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.run_dir / "disks" / f"{self.disk}.mnt"
 
     @property
     def daemon(self) -> StorageDaemon:
@@ -93,7 +107,8 @@ def disk_status(files: DiskFiles, spec: DiskSpec) -> DiskStatus:
     pid = files.daemon.pid
     if pid is not None:
         return DiskStatus(spec.name, spec.mode, spec.size, "unlocked", str(files.plain_view), pid)
-    state: DiskState = "locked" if files.binding.is_file() else "absent"
+    known = files.binding.is_file() or files.sealed.is_file()
+    state: DiskState = "locked" if known else "absent"
     return DiskStatus(spec.name, spec.mode, spec.size, state)
 
 
@@ -115,8 +130,33 @@ def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Q
         passphrase = release_disk_key(call, binding, quote)
         _open(files, passphrase)
     else:
-        _provision(files, spec, cryptovm, public_key)
+        fresh = new_passphrase(public_key())
+
+        def record(uuid: str) -> None:
+            DiskBinding(files.node, files.disk, disk_key_id(files.node, files.disk), cryptovm,
+                        spec.size, "guest" if spec.mode == "guest" else "host", uuid,
+                        fresh.wrapped_key).save(files.binding)
+        _provision(files, spec, fresh.passphrase, record, files.binding)
     return disk_status(files, spec)
+
+
+def attach_sealed(files: DiskFiles, spec: DiskSpec, sealer: Sealer) -> bool:
+    """The CryptoVM's own store disk: its passphrase sealed to the CryptoVM's TPM PCRs
+    (``sealer``), unsealed here at start, which works only in the measured state it was
+    sealed in. Whether the disk is new (its file system still to be made)."""
+    private_dir(files.image.parent)
+    if files.sealed.is_file():
+        sealed = SealedDisk.load(files.sealed)
+        sealed.check_image(files.image)
+        _open(files, sealer.unseal(sealed.sealed))
+        return False
+    passphrase = os.urandom(32).hex().encode()
+    blob = sealer.seal(passphrase)
+
+    def record(uuid: str) -> None:
+        SealedDisk(files.node, files.disk, spec.size, uuid, blob).save(files.sealed)
+    _provision(files, spec, passphrase, record, files.sealed)
+    return True
 
 
 def _bound(files: DiskFiles) -> DiskBinding:
@@ -128,26 +168,23 @@ def _bound(files: DiskFiles) -> DiskBinding:
     return binding
 
 
-def _provision(files: DiskFiles, spec: DiskSpec, cryptovm: str,
-               public_key: Callable[[], bytes]) -> None:
+def _provision(files: DiskFiles, spec: DiskSpec, passphrase: bytes,
+               record: Callable[[str], None], recorded: Path) -> None:
+    """Format a new image with ``passphrase``; ``record(luks uuid)`` writes what unlocks
+    it next time (to ``recorded``); then open and export it."""
     if files.image.exists():
-        raise DiskBindingError(f"{files.image} exists without its binding {files.binding.name}: "
+        raise DiskBindingError(f"{files.image} exists without its binding {recorded.name}: "
                                "its key is unknown; remove the image to start the disk over")
-    fresh = new_passphrase(public_key())
     daemon = files.daemon.start()
     try:
-        daemon.create_luks(files.image, spec.size, fresh.passphrase)
-        binding = DiskBinding(files.node, files.disk, disk_key_id(files.node, files.disk),
-                              cryptovm, spec.size,
-                              "guest" if spec.mode == "guest" else "host",
-                              luks_uuid(files.image), fresh.wrapped_key)
-        binding.save(files.binding)
-        daemon.open_luks(files.image, fresh.passphrase)
+        daemon.create_luks(files.image, spec.size, passphrase)
+        record(luks_uuid(files.image))
+        daemon.open_luks(files.image, passphrase)
         _export(files, daemon)
     except BaseException:
         detach(files)
         with contextlib.suppress(FileNotFoundError):
-            if not files.binding.exists():
+            if not recorded.exists():
                 files.image.unlink()
         raise
 
@@ -167,9 +204,36 @@ def _export(files: DiskFiles, daemon: StorageDaemon) -> None:
     daemon.export_fuse(files.plain_view)
 
 
+def mount_filesystem(files: DiskFiles, *, new: bool) -> Path:
+    """An ext4 file system on the plain view (made when ``new``), mounted (loop) at
+    ``run/disks/DISK.mnt``, 0700: the CryptoVM's store directory lives there."""
+    mountpoint = private_dir(files.mountpoint)
+    if new:
+        _run(["mkfs.ext4", "-q", "-F", "-L", files.disk[:16], str(files.plain_view)],
+             "make a file system on")
+    _run(["mount", "-o", "loop,nosuid,nodev,noexec", str(files.plain_view), str(mountpoint)],
+         "mount")
+    os.chmod(mountpoint, 0o700)
+    return mountpoint
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    except subprocess.CalledProcessError as exc:
+        raise StateError(f"could not {what} the disk's plain view: "
+                         f"{(exc.stderr or '').strip()[-300:]}") from None
+    except (subprocess.SubprocessError, OSError) as exc:
+        raise StateError(f"could not {what} the disk's plain view: {exc}") from None
+
+
 def detach(files: DiskFiles) -> bool:
-    """Lock the disk: stop its daemon by PID (the key dies with it), undo the export.
-    Whether it was unlocked."""
+    """Lock the disk: unmount its file system (if mounted), stop its daemon by PID (the
+    key dies with it), undo the export. Whether it was unlocked."""
+    if _mounted(files.mountpoint):
+        _run(["umount", str(files.mountpoint)], "unmount")
+    with contextlib.suppress(OSError):
+        files.mountpoint.rmdir()
     stopped = files.daemon.stop()
     _unmount_stale(files.plain_view)
     with contextlib.suppress(FileNotFoundError):
@@ -186,13 +250,17 @@ def detach_all(state_dir: Path, run_dir: Path, node: str) -> list[str]:
     return locked
 
 
-def _unmount_stale(mountpoint: Path) -> None:
-    """A daemon killed with SIGKILL leaves its FUSE mount behind: undo it."""
+def _mounted(mountpoint: Path) -> bool:
     try:
         mounts = Path("/proc/self/mountinfo").read_text()
     except OSError:
-        return
-    if any(line.split()[4] == str(mountpoint) for line in mounts.splitlines()
-           if len(line.split()) > 4):
+        return False
+    return any(len(fields) > 4 and fields[4] == str(mountpoint)
+               for fields in (line.split() for line in mounts.splitlines()))
+
+
+def _unmount_stale(mountpoint: Path) -> None:
+    """A daemon killed with SIGKILL leaves its FUSE mount behind: undo it."""
+    if _mounted(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, timeout=10,
                        check=False)
