@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from cryptovm.disks import (
     disk_key_id,
     luks_uuid,
 )
-from testbed.core.processes import process_argv
-from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
+from testbed.core.processes import process_argv, wait_gone
+from testbed.spec.cluster_spec import ClusterSpecError, DiskSpec, parse_cluster_spec
 from testbed.svd.qsd import DiskFormatError, DiskKeyError, StorageDaemon
+from testbed.svd.volumes import DiskFiles, attach, detach, disk_status
 
 KEY = b"0123456789abcdef" * 4  # a passphrase as the disk key code makes them: 64 hex chars
 MARKER = b"plaintext-marker-of-the-svd-tests"
@@ -277,3 +279,49 @@ def test_long_run_directories_get_a_short_private_socket(tmp_path: Path) -> None
     finally:
         assert qsd.stop()
     assert not qsd.socket.parent.exists()
+
+
+# --- unlocking: checks before any request, locking after a crash ------------------------------
+
+
+def _refuse_calls(op: str, **args: Any) -> dict[str, Any]:
+    raise AssertionError(f"no request may reach the CryptoVM, got {op}")
+
+
+def test_swapped_image_is_refused_before_any_request(volume: Path, tmp_path: Path) -> None:
+    files = DiskFiles("web", "data", tmp_path / "state", tmp_path / "run")
+    files.image.parent.mkdir(parents=True)
+    shutil.copyfile(volume, files.image)
+    binding = DiskBinding.from_doc(_binding(luks_uuid="another-disks-uuid"), "test")
+    binding.save(files.binding)
+    with pytest.raises(DiskBindingError, match="an image swapped in"):
+        attach(files, DiskSpec("data", 1 << 20), "cvm", _refuse_calls, _refuse_quote, bytes)
+    DiskBinding.from_doc(_binding(node="db", key_id="svd-db-data"), "t").save(files.binding)
+    with pytest.raises(DiskBindingError, match="binds disk 'data' of node 'db'"):
+        attach(files, DiskSpec("data", 1 << 20), "cvm", _refuse_calls, _refuse_quote, bytes)
+    files.binding.unlink()
+    with pytest.raises(DiskBindingError, match="exists without its binding"):
+        attach(files, DiskSpec("data", 1 << 20), "cvm", _refuse_calls, _refuse_quote, bytes)
+    assert files.daemon.pid is None
+
+
+def _refuse_quote(data: bytes) -> Any:
+    raise AssertionError("no quote may be asked for")
+
+
+def test_detach_after_a_killed_daemon_leaves_nothing(volume: Path, tmp_path: Path) -> None:
+    files = DiskFiles("web", "data", tmp_path / "state", tmp_path / "run")
+    files.image.parent.mkdir(parents=True)
+    shutil.copyfile(volume, files.image)
+    daemon = files.daemon.start()
+    daemon.open_luks(files.image, KEY)
+    files.plain_view.parent.mkdir(parents=True)
+    daemon.export_fuse(files.plain_view)
+    pid = daemon.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # a crash: the FUSE mount stays behind, dead
+    wait_gone(pid, lambda: process_argv(pid) is not None, 5.0)
+    detach(files)
+    assert str(files.plain_view) not in Path("/proc/self/mountinfo").read_text()
+    assert not files.plain_view.exists() and not daemon.pid_file.exists()
+    assert disk_status(files, DiskSpec("data", 1 << 20)).state == "absent"  # no binding here

@@ -197,10 +197,10 @@ class StorageDaemon:
         argv = [qsd_binary(), "--chardev",
                 f"socket,id=qmp,path={self.socket},server=on,wait=off",
                 "--monitor", "chardev=qmp", "--pidfile", str(self.pid_file), "--daemonize"]
-        try:
-            subprocess.run(argv, capture_output=True, text=True, timeout=QMP_TIMEOUT_S,
-                           check=True, start_new_session=True,
-                           preexec_fn=lambda: os.umask(0o077))
+        try:  # umask 077 through sh: preexec_fn is unsafe in a threaded process
+            subprocess.run(["sh", "-c", 'umask 077; exec "$@"', BINARY, *argv],
+                           capture_output=True, text=True, timeout=QMP_TIMEOUT_S,
+                           check=True, start_new_session=True)
         except subprocess.CalledProcessError as exc:
             raise QmpError(f"qemu-storage-daemon did not start: "
                            f"{(exc.stderr or '').strip()[-300:]}") from None

@@ -130,6 +130,7 @@ def attach(files: DiskFiles, spec: DiskSpec, cryptovm: str, call: Call, quote: Q
         passphrase = release_disk_key(call, binding, quote)
         _open(files, passphrase)
     else:
+        _check_new(files, files.binding)  # before the CryptoVM is asked for anything
         fresh = new_passphrase(public_key())
 
         def record(uuid: str) -> None:
@@ -150,6 +151,7 @@ def attach_sealed(files: DiskFiles, spec: DiskSpec, sealer: Sealer) -> bool:
         sealed.check_image(files.image)
         _open(files, sealer.unseal(sealed.sealed))
         return False
+    _check_new(files, files.sealed)
     passphrase = os.urandom(32).hex().encode()
     blob = sealer.seal(passphrase)
 
@@ -172,9 +174,7 @@ def _provision(files: DiskFiles, spec: DiskSpec, passphrase: bytes,
                record: Callable[[str], None], recorded: Path) -> None:
     """Format a new image with ``passphrase``; ``record(luks uuid)`` writes what unlocks
     it next time (to ``recorded``); then open and export it."""
-    if files.image.exists():
-        raise DiskBindingError(f"{files.image} exists without its binding {recorded.name}: "
-                               "its key is unknown; remove the image to start the disk over")
+    _check_new(files, recorded)
     daemon = files.daemon.start()
     try:
         daemon.create_luks(files.image, spec.size, passphrase)
@@ -187,6 +187,12 @@ def _provision(files: DiskFiles, spec: DiskSpec, passphrase: bytes,
             if not recorded.exists():
                 files.image.unlink()
         raise
+
+
+def _check_new(files: DiskFiles, recorded: Path) -> None:
+    if files.image.exists():
+        raise DiskBindingError(f"{files.image} exists without its binding {recorded.name}: "
+                               "its key is unknown; remove the image to start the disk over")
 
 
 def _open(files: DiskFiles, passphrase: bytes) -> None:
