@@ -10,6 +10,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from cryptovm.disks import (
 )
 from testbed.core.processes import process_argv, wait_gone
 from testbed.spec.cluster_spec import ClusterSpecError, DiskSpec, parse_cluster_spec
-from testbed.svd.qsd import DiskFormatError, DiskKeyError, StorageDaemon
+from testbed.svd.qsd import DiskFormatError, DiskKeyError, QmpError, StorageDaemon, _Qmp
 from testbed.svd.volumes import DiskFiles, attach, detach, disk_status
 
 KEY = b"0123456789abcdef" * 4  # a passphrase as the disk key code makes them: 64 hex chars
@@ -325,3 +328,38 @@ def test_detach_after_a_killed_daemon_leaves_nothing(volume: Path, tmp_path: Pat
     assert str(files.plain_view) not in Path("/proc/self/mountinfo").read_text()
     assert not files.plain_view.exists() and not daemon.pid_file.exists()
     assert disk_status(files, DiskSpec("data", 1 << 20)).state == "absent"  # no binding here
+
+
+@pytest.mark.parametrize("answer,message", [
+    (b"", "closed its QMP socket"),
+    (b"not json\n", "malformed QMP"),
+    (b"[1, 2]\n", "malformed QMP"),
+    (b"{" * ((1 << 20) + 65536), "oversized QMP message"),
+    (None, "did not answer"),  # silent: the read deadline ends it
+])
+def test_hostile_qmp_answers_are_one_error(tmp_path: Path, answer: bytes | None,
+                                           message: str) -> None:
+    """What the QMP client accepts is bounded in size and time (a daemon gone wrong, or
+    something else listening on its socket)."""
+    path = tmp_path / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if answer is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(answer)
+            if answer != b"":  # b"": closed at once
+                time.sleep(0.6)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(QmpError, match=message):
+            _Qmp(path, timeout=0.3)
+    finally:
+        thread.join(5)
+        listener.close()
