@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from cryptovm.audit import read_entries
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.paths import ClusterPaths
-from testbed.core.processes import scan_processes
+from testbed.core.processes import process_argv, scan_processes, wait_gone
 from testbed.roles.cryptovm import state_dir
 from testbed.sim.processes import cluster_processes
 
@@ -161,6 +163,23 @@ def test_down_locks_and_up_unlocks_through_release(lab: Lab) -> None:
     # The host-side key went to root (the hypervisor), the guest-side one to the node's
     # own attested account only: the backend never asked for it.
     assert released == {("root", "svd-web-data"), ("node.web", "svd-web-secrets")}
+
+
+def test_a_crashed_node_gets_its_disks_back_only_by_attesting_again(lab: Lab) -> None:
+    def releases() -> int:
+        return sum(1 for e in lab.audit() if e["op"] == "release" and e["outcome"] == "ok")
+
+    before = releases()
+    pid = int(lab.paths.node("web").pid_file.read_text())
+    os.kill(pid, signal.SIGKILL)  # no clean stop: its disks stay open for now
+    wait_gone(pid, lambda: process_argv(pid) is not None, 5.0)
+    assert len(lab.daemons("web")) == 2
+    rc, out, err = run_cli(lab.workdir, "up", str(lab.spec), "--json")
+    assert rc == 0, f"{out}\n{err}"
+    assert releases() == before + 2  # both keys released again, after the new attestation
+    assert len(lab.daemons("web")) == 2
+    for disk, marker in MARKERS.items():
+        assert lab.view(disk).read_bytes()[:len(marker)] == marker
 
 
 def test_tampered_boots_get_no_disk(lab: Lab) -> None:

@@ -144,6 +144,10 @@ class SimBackend:
             ensure_exited(self.paths, spec.name, current.pid)
         # clusters/ and nodes/ too: work directories of older versions had them 0755.
         private_tree(self.paths.workdir, self.paths.node(spec.name).root)
+        node_paths = self.paths.node(spec.name)
+        # A node that crashed left its disks open: locked before its run directory goes,
+        # so that the new boot gets them back only by attesting again.
+        detach_all(node_paths.state, node_paths.run, spec.name)
         try:
             prepare_run_dir(self.paths, spec.name)
             node.facts = SimNodeFacts(pid=launch_node(self.paths, spec.name))
