@@ -41,6 +41,7 @@ from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import NodeContext, RoleService
+from testbed.roles.disks import UNLOCK_ACTION, unlock_guest_disks
 from testbed.roles.registry import start_node_service
 from testbed.roles.revocation import (
     ACTIONS,
@@ -53,6 +54,7 @@ from testbed.roles.revocation import (
 )
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
+from testbed.svd.volumes import detach_all
 from testbed.tpm.boot import boot_summary, measure_boot, restore_clock_safety
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.runtime import BASELINE, RuntimeLog
@@ -197,6 +199,7 @@ class Node:
         steps = [
             ("agent", self._agent.close if self._agent else None),
             ("role", self._role.stop if self._role else None),
+            ("disks", self._lock_disks),
             ("TPM connection", self._close_client),
             ("swtpm", self._swtpm.stop if self._swtpm else None),
         ]
@@ -207,6 +210,13 @@ class Node:
                 step()
             except Exception:
                 log.exception("stopping the %s failed", what)
+
+    def _lock_disks(self) -> None:
+        """A stopped node's encrypted disks are locked (docs/svd.md): their daemons
+        stopped by PID, the keys gone with them, the plain views removed."""
+        locked = detach_all(self.paths.state, self.paths.run, self.name)
+        if locked:
+            log.info("disks locked: %s", ", ".join(locked))
 
     def _close_client(self) -> None:
         if self._client is None:
@@ -261,6 +271,8 @@ class Node:
             raise StateError(f"node {self.name} is not ready")
         if action in ACTIONS:  # the verifier's signed decisions: every role receives them
             return self._decision(action, args)
+        if action == UNLOCK_ACTION:  # guest-side disks: any role may have them
+            return unlock_guest_disks(self._context())
         return self._role.call(action, args)
 
     def _decision(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
