@@ -105,10 +105,13 @@ class EvidenceLog:
         return self.directory / _LOG
 
     def append(self, node: str, nonce: bytes, evidence: Evidence, policy: ReferencePolicy,
-               report: VerificationReport, time: str) -> int:
+               report: VerificationReport, time: str, *,
+               batch: dict[str, Any] | None = None) -> int:
         """Record one verification durably (fsync'd); returns its sequence number.
 
         ``time`` is ISO 8601 with a time zone (the testbed's ``2026-12-05T06:00:00Z``).
+        ``batch``: the quote covers a batch of nonces and this is ``nonce``'s inclusion
+        path (recorded as the entry's ``batch``; :func:`replay` needs ``batch_root``).
 
         Callers serialize appends (the cluster's attest lock); a torn last line left
         by a crash is cut off first, as its verification never returned.
@@ -125,6 +128,7 @@ class EvidenceLog:
             "node": node, "nonce": nonce.hex(), "evidence": evidence.to_dict(),
             "policy": digest, "verdict": {"ok": report.ok,
                                           "check": None if failure is None else failure.name},
+            **({} if batch is None else {"batch": batch}),
         })
         lines = [entry]
         covered = line_hash(entry)
@@ -273,10 +277,15 @@ class ReplayResult:
 
 
 def replay(directory: Path, *, trust_for: Callable[[str, Evidence], AkTrust] | None = None,
-           since: datetime | None = None,
-           public_key: Ed25519PublicKey | None = None) -> ReplayResult:
+           since: datetime | None = None, public_key: Ed25519PublicKey | None = None,
+           batch_root: Callable[[bytes, object], bytes] | None = None) -> ReplayResult:
     """Check the chain and the signed heads, and re-verify entries from ``since`` on
     (an aware datetime).
+
+    ``batch_root(nonce, batch)`` gives the qualifying data a batched entry's quote must
+    carry (the root its path leads to from the nonce, under the batch domain; raises
+    ValueError or EvidenceFormatError for a malformed path). Without it a batched entry
+    is a problem: it cannot be re-verified here.
 
     ``trust_for(node, evidence)`` gives the AK trust to verify a node's entry with
     (e.g. the cluster's registry); by default each entry's own AK is pinned, which
@@ -284,7 +293,7 @@ def replay(directory: Path, *, trust_for: Callable[[str, Evidence], AkTrust] | N
     head key's own public half.
     """
     key = public_key or _public_key(directory / _KEY)
-    walker = _Walker(directory, key, trust_for, since)
+    walker = _Walker(directory, key, trust_for, since, batch_root)
     for number, line in _lines(directory / _LOG):
         walker.line(number, line)
     walker.finish()
@@ -329,8 +338,10 @@ class _Walker:
 
     def __init__(self, directory: Path, key: Ed25519PublicKey,
                  trust_for: Callable[[str, Evidence], AkTrust] | None,
-                 since: datetime | None) -> None:
+                 since: datetime | None,
+                 batch_root: Callable[[bytes, object], bytes] | None = None) -> None:
         self.directory = directory
+        self.batch_root = batch_root
         self.key = key
         self.trust_for = trust_for
         self.since = since
@@ -384,7 +395,7 @@ class _Walker:
             trust = self.trust_for(node, evidence) if self.trust_for else PinnedAk(
                 [parse_public(evidence.ak_public).public_key()], "AK recorded in the entry")
             verifier = QuoteVerifier(ak_trust=trust, policy=policy, clock_history=self.history)
-            report = verifier.verify(evidence, nonce)
+            report = verifier.verify(evidence, self._quoted(doc, nonce, number, seq))
         except TestbedError as exc:
             raise EvidenceLogError(f"line {number}: entry {seq} cannot be re-verified: "
                                    f"{exc}") from None
@@ -395,6 +406,19 @@ class _Walker:
                 f"{'accepted' if recorded_ok else 'rejected'} but re-verifies "
                 f"{'accepted' if report.ok else 'rejected'}")
         return entry
+
+    def _quoted(self, doc: dict[str, Any], nonce: bytes, number: int, seq: int) -> bytes:
+        """What the entry's quote must carry: its nonce, or its batch's root."""
+        if "batch" not in doc:
+            return nonce
+        if self.batch_root is None:
+            raise EvidenceLogError(f"line {number}: entry {seq} is a batched quote and this "
+                                   "replay cannot check batch paths")
+        try:
+            return self.batch_root(nonce, doc["batch"])
+        except (ValueError, EvidenceFormatError) as exc:
+            raise EvidenceLogError(f"line {number}: entry {seq} has a malformed batch path: "
+                                   f"{exc}") from None
 
     def _policy(self, digest: str, number: int) -> ReferencePolicy | None:
         if digest not in self.policies:

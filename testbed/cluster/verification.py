@@ -32,6 +32,8 @@ from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
+from trusted_passages.batch import BatchProof
+from trusted_passages.tpm import verify_batched
 
 __all__ = ["ClockHistoryStore", "attest_node", "evidence_dir", "verify_evidence"]
 
@@ -79,8 +81,13 @@ def evidence_dir(paths: ClusterPaths) -> Path:
 
 
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
-                    policy: ReferencePolicy) -> VerificationReport:
-    """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
+                    policy: ReferencePolicy, proof: BatchProof | None = None
+                    ) -> VerificationReport:
+    """Verify evidence claimed to come from ``node`` with the cluster's registry and history.
+
+    ``proof``: the quote is a batch's (a node whose quotes are batched) and this is the
+    nonce's inclusion path: checked as ``batch_inclusion``, the leaf being ``nonce``.
+    """
     registry = load_registry(paths)
     if node not in registry.nodes():
         raise StateError(f"node {node} is not registered in cluster {paths.name}: its AK was "
@@ -89,12 +96,14 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
         store = ClockHistoryStore(paths.clock_history)
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
                                  clock_history=store.history)
-        report = verifier.verify(evidence, nonce)
+        report = verifier.verify(evidence, nonce) if proof is None else \
+            verify_batched(verifier, evidence, nonce, proof)
         if report.ok:
             store.remember(evidence)
             store.save()
-        EvidenceLog(evidence_dir(paths)).append(node, nonce, evidence, policy, report,
-                                                utc_now())
+        EvidenceLog(evidence_dir(paths)).append(
+            node, nonce, evidence, policy, report, utc_now(),
+            batch=None if proof is None else proof.to_dict())
     return report
 
 
@@ -109,8 +118,8 @@ def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: Refe
     runtime = node_runtime_policy(paths, node)
     if runtime is not None:
         pcrs, policy = sorted({*pcrs, IMA_PCR}), quoting_pcr10(policy)
-    evidence = agent.quote(nonce, pcrs)
-    report = verify_evidence(paths, node, evidence, nonce, policy)
+    evidence, proof = agent.quote_batched(nonce, pcrs)
+    report = verify_evidence(paths, node, evidence, nonce, policy, proof)
     if runtime is not None:
         report = _with_runtime(report, lambda: check_runtime(paths, node, agent, evidence,
                                                              runtime))

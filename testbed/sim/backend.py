@@ -60,13 +60,17 @@ class SimNodeFacts:
     pid: int | None = None
     swtpm_pid: int | None = None
     tcti: str | None = None
+    tpm_latency_ms: float | None = None  # the TPM latency model, when the node has one
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti}
+        return {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti,
+                "tpm_latency_ms": self.tpm_latency_ms}
 
     def summary_items(self) -> list[tuple[str, str]]:
+        latency = [] if self.tpm_latency_ms is None else \
+            [("tpm latency", f"{self.tpm_latency_ms:g} ms")]
         return [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("tcti", self.tcti or "-")]
+                ("tcti", self.tcti or "-"), *latency]
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,8 @@ class SimBackend:
     def wait_ready(self, node: NodeUp) -> None:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
         info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
-        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti)
+        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti,
+                                  info.tpm_latency_ms)
         if node.action == "kept":
             # A running node keeps what it booted; say so when the spec now differs.
             node.tampered = tuple(info.tampered)
@@ -210,7 +215,9 @@ class SimBackend:
         live = state.info if state.pid else None  # what the running node says of itself
         spec_tampered = spec.tampered.fields() if spec and spec.tampered else ()
         facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
-                               live.tcti if live else None, str(self.paths.node(name).socket))
+                               live.tcti if live else None,
+                               live.tpm_latency_ms if live else None,
+                               agent_socket=str(self.paths.node(name).socket))
         role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(
             name=name, role=role, state=label, reason=reason, agent=agent, service=service,
