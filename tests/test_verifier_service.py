@@ -34,6 +34,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attestation.encoding import b64decode, b64encode
+from attestation.ima import IMA_PCR, make_entry
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
 from testbed.core.errors import ArgumentError, StateError
@@ -462,3 +464,50 @@ def test_runtime_tamper_under_the_verifier_is_revoked_and_acted_on(
     finally:
         run_cli(workdir, "verifier", "stop")
         assert SimBackend(paths).down(purge=False).ok
+
+
+def _last_logged(lab: Lab, node: str) -> dict[str, Any]:
+    lines = (lab.paths.root / "evidence" / "log.jsonl").read_bytes().splitlines()
+    entries = [json.loads(line) for line in lines]
+    return next(e for e in reversed(entries) if e["kind"] == "entry" and e["node"] == node)
+
+
+def test_push_nodes_send_their_runtime_log_and_a_runtime_tamper_is_rejected(lab: Lab) -> None:
+    rc, _, err = run_cli(lab.workdir, "verifier", "start", "--interval", "5", "--push", "n2")
+    assert rc == 0, err
+    try:
+        endpoint = AgentClient(UnixTransport(VerifierFiles(lab.paths).push_socket("verifier")),
+                               node="v")
+        assert push_attest(lab.paths, "n2", lab.agent("n2"))["ok"]
+        assert _last_logged(lab, "n2")["runtime"]["verdict"] == "passed"
+
+        def send(runtime: dict[str, Any] | None) -> dict[str, Any]:
+            answer = endpoint.role("nonce", {"node": "n2"})
+            assert IMA_PCR in answer["pcrs"] and answer["runtime"]["offset"] > 0
+            evidence = lab.agent("n2").quote(b64decode(answer["nonce"], "nonce"),
+                                             answer["pcrs"])
+            request = {"node": "n2", "evidence": evidence.to_dict()}
+            return endpoint.role("evidence", request if runtime is None
+                                 else {**request, "runtime": runtime})
+
+        rc, _, err = run_cli(lab.workdir, "tamper", "n2", "--runtime",
+                             "/usr/local/bin/cryptominer")
+        assert rc == 0, err
+        # PCR 10 moved. Fail closed: no runtime log, or one that does not explain it.
+        assert send(None)["check"] == "runtime"
+        stranger = make_entry(b"\x07" * 32, "/usr/bin/unknown").line()
+        offset = endpoint.role("nonce", {"node": "n2"})["runtime"]["offset"]
+        lie = send({"offset": offset, "data": b64encode(stranger)})
+        assert lie["check"] == "runtime" and "does not replay" in lie["reason"]
+        assert send({"offset": offset, "data": "!!"})["check"] == "evidence"
+        # The node's own log, sent honestly: the runtime check names the binary.
+        verdict = push_attest(lab.paths, "n2", lab.agent("n2"))
+        assert verdict["ok"] is False and verdict["check"] == "runtime"
+        assert "/usr/local/bin/cryptominer" in verdict["reason"]
+        logged = _last_logged(lab, "n2")
+        assert logged["verdict"] == {"ok": False, "check": "runtime"}
+        assert logged["runtime"]["verdict"] == "failed" and logged["runtime"]["slice"]
+        rc, out, err = run_cli(lab.workdir, "evidence", "replay", "--json")
+        assert rc == 0 and json.loads(out)["ok"], out + err  # runtime verdicts re-judged
+    finally:
+        run_cli(lab.workdir, "verifier", "stop")
