@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attestation.encoding import b64encode
 from attestation.evidence import Evidence
@@ -384,3 +386,33 @@ def test_an_altered_runtime_record_is_detected_by_name(
     assert named, result.problems
     if alteration == "slice-and-digest":
         assert "does not replay to the quoted PCR 10" in named[0]
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["policy", "start", "end", "from_pcr", "sha256", "slice",
+                              "verdict", None]), value=json_values)
+def test_hostile_runtime_records_are_a_problem_or_one_error(
+        runtime_quotes: list[RuntimeQuote], tmp_path: Path, field: str | None,
+        value: object) -> None:
+    directory = tmp_path / f"ev-{os.urandom(4).hex()}"
+    log = fill_runtime(directory, runtime_quotes)
+    content = lines(log)
+    doc = json.loads(content[0])
+    if field is None:
+        doc["runtime"] = value
+    else:
+        doc["runtime"][field] = value
+    content[0] = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    write_lines(log, content)
+    try:
+        result = replay(directory)
+    except EvidenceLogError:
+        return
+    assert not result.ok  # the altered line breaks the chain, at least
