@@ -533,3 +533,5 @@ def test_a_path_for_another_leaf_or_a_quote_of_another_batch_fails_by_name(
         report = verify_evidence(sim.paths, "server", evidence, nonces[0], policy, proof)
         assert report.failure is not None and report.failure.name == "batch_inclusion"
     assert verify_evidence(sim.paths, "server", first[0], nonces[0], policy, first[1]).ok
+    ignored = verify_evidence(sim.paths, "server", later[0], nonces[2], policy)  # no path
+    assert ignored.failure is not None and ignored.failure.name == "qualifying_data"
