@@ -492,8 +492,13 @@ def test_bad_tpm_latency_is_a_bad_value(tmp_path: Path) -> None:
 def test_a_node_behind_the_latency_model_quotes_slowly_and_attests(sim: SimLab) -> None:
     rc, out, err = run_cli(sim.workdir, "status", "--json")
     assert rc == 0, err
-    assert {n["name"]: n["tpm_latency_ms"] for n in json.loads(out)["nodes"]} == \
+    nodes = {n["name"]: n for n in json.loads(out)["nodes"]}
+    assert {name: n["tpm_latency_ms"] for name, n in nodes.items()} == \
         {"server": NODE_LATENCY_MS, "client": NODE_LATENCY_MS}
+    assert {name: n["batch_window_ms"] for name, n in nodes.items()} == \
+        {"server": 500, "client": None}
+    rc, out, _ = run_cli(sim.workdir, "status")
+    assert rc == 0 and f"tpm latency {NODE_LATENCY_MS} ms" in out and "batch window 500 ms" in out
     started = time.monotonic()
     sim.agent("client").quote(os.urandom(32), SIM_PCRS.indices)
     assert time.monotonic() - started >= NODE_LATENCY_MS / 1000

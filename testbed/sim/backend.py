@@ -61,16 +61,18 @@ class SimNodeFacts:
     swtpm_pid: int | None = None
     tcti: str | None = None
     tpm_latency_ms: float | None = None  # the TPM latency model, when the node has one
+    batch_window_ms: float | None = None  # its quotes are batched, within this window
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti,
-                "tpm_latency_ms": self.tpm_latency_ms}
+                "tpm_latency_ms": self.tpm_latency_ms, "batch_window_ms": self.batch_window_ms}
 
     def summary_items(self) -> list[tuple[str, str]]:
-        latency = [] if self.tpm_latency_ms is None else \
-            [("tpm latency", f"{self.tpm_latency_ms:g} ms")]
+        timing = [(label, f"{value:g} ms") for label, value in (
+            ("tpm latency", self.tpm_latency_ms), ("batch window", self.batch_window_ms))
+            if value is not None]
         return [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("tcti", self.tcti or "-"), *latency]
+                ("tcti", self.tcti or "-"), *timing]
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class SimBackend:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
         info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
         node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti,
-                                  info.tpm_latency_ms)
+                                  info.tpm_latency_ms, info.batch_window_ms)
         if node.action == "kept":
             # A running node keeps what it booted; say so when the spec now differs.
             node.tampered = tuple(info.tampered)
@@ -217,6 +219,7 @@ class SimBackend:
         facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
                                live.tcti if live else None,
                                live.tpm_latency_ms if live else None,
+                               live.batch_window_ms if live else None,
                                agent_socket=str(self.paths.node(name).socket))
         role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(

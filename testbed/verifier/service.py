@@ -10,7 +10,9 @@ One process (``python -m testbed.verifier.service``, started detached by
   a quote over a fresh nonce with a per-quote deadline and verifies it with
   :func:`testbed.cluster.verification.attest_node` (registry, policy, clock history);
 - push nodes (``--push NODE``) send their own evidence to the verifier's unix socket
-  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`);
+  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`), with
+  their runtime log from where the verifier's last good quote left it: the same
+  incremental ``runtime`` check as pull nodes;
 - each outcome is recorded by the loop's thread alone (events, the node's state), a
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
@@ -265,8 +267,10 @@ class _NotServed(TestbedError):
 class PushEndpoint:
     """The verifier's side of push mode, served on a unix socket by an
     :class:`AgentServer` (its bounded slots and frame limits): role actions ``nonce``
-    (one outstanding nonce per push node, ``NONCE_TTL_S``) and ``evidence`` (verified
-    against that nonce, which is then spent: a replay is refused)."""
+    (one outstanding nonce per push node, ``NONCE_TTL_S``; with the PCRs to quote and
+    where the node's runtime log is to be sent from) and ``evidence`` (verified against
+    that nonce, which is then spent: a replay is refused; its ``runtime`` slice judged
+    like a pull node's log)."""
 
     paths: ClusterPaths
     push_nodes: frozenset[str]
