@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -35,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.ima import IMA_PCR, make_entry
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
@@ -43,11 +45,13 @@ from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
 from testbed.sim.backend import SimBackend
 from testbed.spec.cluster_spec import default_spec_path
+from testbed.tpm.runtime import default_policy
 from testbed.verifier.service import (
     DEFAULT_INTERVAL_S,
     VerifierConfig,
     VerifierFiles,
     VerifierService,
+    _pushed_runtime,
     _stale,
     push_attest,
 )
@@ -511,3 +515,25 @@ def test_push_nodes_send_their_runtime_log_and_a_runtime_tamper_is_rejected(lab:
         assert rc == 0 and json.loads(out)["ok"], out + err  # runtime verdicts re-judged
     finally:
         run_cli(lab.workdir, "verifier", "stop")
+
+
+push_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.sampled_from(["offset", "data", "x"]), inner,
+                                             max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(push_values)
+def test_a_hostile_pushed_runtime_log_is_one_format_error(value: object) -> None:
+    paths = ClusterPaths(Path("/nonexistent-h5"), "c")
+    policy = default_policy("baseline")
+    with mock.patch("testbed.verifier.service.node_runtime_policy", return_value=policy):
+        try:
+            check = _pushed_runtime(paths, "n", value)
+        except EvidenceFormatError:
+            return
+    assert check is not None and check.policy is policy
+    if value is None:  # no log: the check fails closed once it needs one
+        with pytest.raises(VerificationError, match="carries no runtime log"):
+            check.read(0)
