@@ -66,10 +66,14 @@ def _state_path(paths: ClusterPaths, node: str) -> Path:
     return runtime_dir(paths) / f"{node}.state.json"
 
 
-def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy) -> None:
-    """Write ``policy`` as the node's runtime policy unless it has one (kept across ups)."""
+def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy, *,
+                          replace_same_name: bool = False) -> None:
+    """Write ``policy`` as the node's runtime policy unless it has one (kept across ups);
+    with ``replace_same_name``, also over one of the same name (an earlier prediction)."""
     path = _policy_path(paths, node)
-    if not path.exists():
+    current = node_runtime_policy(paths, node) if replace_same_name else None
+    if not path.exists() or (current is not None and current.name == policy.name
+                             and current != policy):
         private_dir(path.parent)
         atomic_write(path, dump_runtime_policy(policy).encode())
 
