@@ -46,9 +46,10 @@ from testbed.core.errors import StateError
 from testbed.core.files import read_json, write_json
 from testbed.core.paths import ClusterPaths
 
-__all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "ensure_runtime_policy",
-           "explaining_prefix", "judge_window", "node_runtime_policy", "quoting_pcr10",
-           "runtime_dir", "runtime_window", "slice_reader"]
+__all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "check_runtime",
+           "ensure_runtime_policy", "explaining_prefix", "judge_window",
+           "node_runtime_policy", "quoting_pcr10", "runtime_dir", "runtime_window",
+           "slice_reader"]
 
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
@@ -163,6 +164,17 @@ def judge_window(window: RuntimeWindow, policy: RuntimePolicy) -> str:
     return (f"{len(window.entries)} new ima-ng entries (log bytes {window.start}-"
             f"{window.end}) replay to the quoted PCR {IMA_PCR} and runtime policy "
             f"{policy.name!r} allows them")
+
+
+def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: Evidence,
+                  policy: RuntimePolicy) -> str:
+    """The whole check over a node's agent, outside a verification: judge the entries new
+    since the last good quote and record the new state, or raise the ``runtime`` check's
+    VerificationError. (Verifications run it through ``verify_evidence``.)"""
+    window = runtime_window(paths, node, agent_reader(agent), evidence)
+    detail = judge_window(window, policy)
+    RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
+    return detail
 
 
 def agent_reader(agent: AgentClient) -> Callable[[int], bytes]:
