@@ -68,7 +68,7 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--tpm-latency", metavar="DURATION",
                    help="put every sim node's swtpm behind the TPM latency model: each quote "
                         "(signing command) takes this long, e.g. 200ms or 0.2s, at most "
-                        f"{MAX_TPM_LATENCY_S:g}s (a hardware TPM's pace; docs/runtime.md)")
+                        f"{MAX_TPM_LATENCY_S:g}s (a hardware TPM's pace; docs/protocol.md)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")

@@ -176,7 +176,7 @@ class Node:
         log.info("swtpm pid %d, %s", self._swtpm.pid, self._swtpm.tcti)
         self._info.swtpm_pid, self._info.tcti = self._swtpm.pid, self._swtpm.tcti
         tcti = self._swtpm.tcti
-        if latency > 0:  # the spec's tpm_latency: a hardware TPM's pace (docs/runtime.md)
+        if latency > 0:  # the spec's tpm_latency: a hardware TPM's pace (docs/protocol.md)
             # Beside swtpm's own sockets, whose directory fits the longer swtpm.sock.ctrl.
             listen = self._swtpm.socket_path.parent / LATENCY_SOCKET
             self._latency = TpmLatencyProxy(self._swtpm, listen, LatencyModel(signing=latency))
