@@ -65,16 +65,23 @@ class SimNodeFacts:
     swtpm_pid: int | None = None
     tcti: str | None = None
     disks: tuple[DiskStatus, ...] = ()  # encrypted disks (docs/svd.md): never a key
+    tpm_latency_ms: float | None = None  # the TPM latency model, when the node has one
+    batch_window_ms: float | None = None  # its quotes are batched, within this window
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti}
+        out: dict[str, Any] = {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti,
+                               "tpm_latency_ms": self.tpm_latency_ms,
+                               "batch_window_ms": self.batch_window_ms}
         if self.disks:
             out["disks"] = [d.to_dict() for d in self.disks]
         return out
 
     def summary_items(self) -> list[tuple[str, str]]:
+        timing = [(label, f"{value:g} ms") for label, value in (
+            ("tpm latency", self.tpm_latency_ms), ("batch window", self.batch_window_ms))
+            if value is not None]
         items = [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                 ("tcti", self.tcti or "-")]
+                 ("tcti", self.tcti or "-"), *timing]
         if self.disks:
             items.append(("disks", ", ".join(d.summary() for d in self.disks)))
         return items
@@ -158,7 +165,9 @@ class SimBackend:
     def wait_ready(self, node: NodeUp) -> None:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
         info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
-        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti)
+        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti,
+                                  tpm_latency_ms=info.tpm_latency_ms,
+                                  batch_window_ms=info.batch_window_ms)
         if node.action == "kept":
             # A running node keeps what it booted; say so when the spec now differs.
             node.tampered = tuple(info.tampered)
@@ -296,7 +305,9 @@ class SimBackend:
                       for d in (spec.disks if spec else ()))
         facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
                                live.tcti if live else None, disks,
-                               str(self.paths.node(name).socket))
+                               live.tpm_latency_ms if live else None,
+                               live.batch_window_ms if live else None,
+                               agent_socket=str(self.paths.node(name).socket))
         role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(
             name=name, role=role, state=label, reason=reason, agent=agent, service=service,

@@ -55,8 +55,10 @@ __all__ = [
     "ARTIFACT_NAMES",
     "BACKENDS",
     "DEFAULT_SPEC_RESOURCE",
+    "MAX_BATCH_WINDOW_S",
     "MAX_NODES",
     "MAX_SPEC_BYTES",
+    "MAX_TPM_LATENCY_S",
     "NAME_PATTERN",
     "ROLE_NAMES",
     "SPEC_VERSION",
@@ -69,8 +71,10 @@ __all__ = [
     "NodeSpec",
     "default_spec_path",
     "dump_cluster_spec",
+    "duration_text",
     "load_cluster_spec",
     "parse_cluster_spec",
+    "parse_duration",
     "parse_tamper",
 ]
 
@@ -93,8 +97,12 @@ DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
 DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
 
 _TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
-_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks")
+_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks", "tpm_latency",
+              "batch_window")
 _DISK_KEYS = ("name", "size", "mode")
+MAX_TPM_LATENCY_S = 10.0  # a modelled TPM command; hardware quotes take 0.02-0.6 s
+MAX_BATCH_WINDOW_S = 2.0  # a batch waits at most this long for company
+_DURATION = re.compile(r"(\d{1,6}(?:\.\d{1,6})?)(ms|s)")
 _BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
 _ARTIFACT_KEYS = ("content", "file", "sha256")
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -225,6 +233,8 @@ class NodeSpec:
     policy: Path | None = None  # None: predicted from the boot chain
     tampered: BootOverride | None = None
     disks: tuple[DiskSpec, ...] = ()
+    tpm_latency: float = 0.0  # s per signing command (testbed.tpm.latency's model); sim
+    batch_window: float | None = None  # s: the node's quotes share batches (sim)
 
     @property
     def effective_boot(self) -> BootSpec:
@@ -238,6 +248,9 @@ class NodeSpec:
             "policy": "predicted" if self.policy is None else str(self.policy),
             "tampered": self.tampered.to_dict() if self.tampered else None,
             **({"disks": [d.to_dict() for d in self.disks]} if self.disks else {}),
+            **({"tpm_latency": duration_text(self.tpm_latency)} if self.tpm_latency else {}),
+            **({"batch_window": duration_text(self.batch_window)}
+               if self.batch_window is not None else {}),
         }  # fmt: skip
 
 
@@ -266,6 +279,13 @@ class ClusterSpec:
         merged = target.tampered.merged(override) if target.tampered else override
         nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
         return replace(self, nodes=nodes)
+
+    def with_tpm_latency(self, seconds: float) -> ClusterSpec:
+        """The same cluster with every sim node's TPM behind the latency model."""
+        if self.backend != "sim":
+            raise ClusterSpecError("--tpm-latency: only sim nodes' swtpm can sit behind the "
+                                   "latency model")
+        return replace(self, nodes=tuple(replace(n, tpm_latency=seconds) for n in self.nodes))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "name": self.name}
@@ -399,7 +419,14 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
     policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
     tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
     disks = _disks(doc.get("disks", []), f"{path}.disks")
-    return NodeSpec(name, str(role), boot, network, policy, tampered, disks)
+    if image_cmdline is not None and ("tpm_latency" in doc or "batch_window" in doc):
+        raise ClusterSpecError(f"{path}: tpm_latency and batch_window are for sim nodes "
+                               "(a VM's vTPM is not behind the latency model)")
+    latency = parse_duration(doc["tpm_latency"], f"{path}.tpm_latency",
+                             MAX_TPM_LATENCY_S) if "tpm_latency" in doc else 0.0
+    window = parse_duration(doc["batch_window"], f"{path}.batch_window",
+                            MAX_BATCH_WINDOW_S) if "batch_window" in doc else None
+    return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window)
 
 
 def _disks(value: object, path: str) -> tuple[DiskSpec, ...]:
@@ -437,6 +464,25 @@ def _disk_size(value: object, path: str) -> int:
     if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES or size % MIN_DISK_BYTES:
         raise ClusterSpecError(f"{path}: {_show(value)} must be whole MiB between 1M and 4G")
     return size
+
+
+def parse_duration(value: object, where: str, limit: float) -> float:
+    """``200ms`` or ``0.2s`` -> seconds, 0..``limit`` (a unit is required: ``200`` is
+    ambiguous)."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ClusterSpecError(f"{where}: {_show(value)} is not a duration: give a number "
+                               "with a unit, e.g. 200ms or 0.2s")
+    seconds = float(match[1]) / (1000 if match[2] == "ms" else 1)
+    if seconds > limit:
+        raise ClusterSpecError(f"{where}: {value} is more than the {limit:g} s allowed")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """What :func:`parse_duration` reads back to ``seconds`` (to the microsecond, its
+    resolution)."""
+    return f"{round(seconds * 1e6) / 1000:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
 def _image_only(value: object, path: str) -> None:
