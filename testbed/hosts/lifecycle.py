@@ -122,12 +122,13 @@ def up(workdir: Path, count: int, *, bridge: str = DEFAULT_BRIDGE,
     for name in tamper_qemu:
         if host_index(name) > count:
             raise ArgumentError(f"--tamper-qemu {name}: there are only {count} hosts")
+    bridge, subnet = validate_bridge(bridge), str(validate_subnet(subnet))
     progress = progress or Progress(quiet=True)
     progress.expect(2)  # machines, attestation (+1 when the bridge is made)
     lab = LabPaths(workdir)
     private_tree(workdir, lab.root)
     with locked(lab.lock):
-        state = _network(lab, validate_bridge(bridge), str(validate_subnet(subnet)), progress)
+        state = _network(lab, bridge, subnet, progress)
         results = _machines(lab, state, count, set(tamper_qemu), progress)
     sessions = Sessions(lab)
     try:
