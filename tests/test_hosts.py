@@ -34,25 +34,13 @@ from testbed.hosts.remote import (
     libvirt_version,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-
-BRIDGE = f"tbt{os.getpid() % 100000}"
-SUBNET = f"10.213.{100 + os.getpid() % 100}.0/24"
-
-
-def _free_subnet() -> str:
-    subnet = ipaddress.IPv4Network(SUBNET)
-    for third in range(100, 200):
-        candidate = ipaddress.IPv4Network(f"10.213.{third}.0/24")
-        if network.subnet_in_use(candidate, except_on=BRIDGE) is None:
-            return str(candidate)
-    return str(subnet)
+BRIDGE, SUBNET = network.scratch_network("tbt")
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     workdir = tmp_path_factory.mktemp("hosts")
-    subnet = _free_subnet()
+    subnet = SUBNET
     try:
         yield workdir, subnet
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
     "delete_netns",
     "netns_exists",
     "netns_pids",
+    "scratch_network",
     "subnet_in_use",
 ]
 
@@ -65,6 +67,17 @@ def subnet_in_use(subnet: ipaddress.IPv4Network, except_on: str) -> str | None:
             if network.overlaps(subnet):
                 return f"{link.get('ifname')} ({info['local']}/{info['prefixlen']})"
     return None
+
+
+def scratch_network(tag: str) -> tuple[str, str]:
+    """A bridge name of this process and a free /24 in 10.213.100-249.0 for a short-lived
+    lab (the tests, the attack lab): never the default lab's bridge or subnet."""
+    bridge = f"{tag}{os.getpid() % 100000}"
+    for third in range(100 + os.getpid() % 50, 250):
+        subnet = ipaddress.IPv4Network(f"10.213.{third}.0/24")
+        if subnet_in_use(subnet, except_on=bridge) is None:
+            return bridge, str(subnet)
+    raise HostsError("no free /24 in 10.213.100.0-10.213.249.0 for a scratch lab")
 
 
 def add_bridge(name: str, address: str, prefixlen: int) -> None:
