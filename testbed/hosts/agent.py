@@ -3,7 +3,7 @@ channel) inside the host, speaking :mod:`attestation.agent_wire` on stdin/stdout
 
 It serves ``identity``, ``activate``, ``quote`` (with the host's event log) and
 ``status`` from the host TPM, whose unix socket exists only in the host's mount
-namespace (:data:`testbed.hosts.machine.HOST_RUN`): the lab reaches the TPM through SSH
+namespace (:data:`testbed.hosts.layout.HOST_RUN`): the lab reaches the TPM through SSH
 or not at all. One process per channel; it serves requests until the channel closes.
 A bad request gets ``{"error": ...}``; an oversized or truncated frame ends the channel.
 """
@@ -31,13 +31,12 @@ from attestation.files import read_bounded
 from attestation.tpm import LocalAttester, TpmClient
 from attestation.tpm_types import PcrSelection
 from testbed.core.files import read_json
-from testbed.hosts.machine import EVENT_LOG, HOST_RUN
-from testbed.hosts.measured import HOST_PCRS
-from testbed.tpm.boot import BANK
+from testbed.hosts.layout import EVENT_LOG, TPM_INFO
 
 __all__ = ["StdioStream", "main", "serve"]
 
 MAX_EVENT_LOG = 1 << 20
+BANK = "sha256"  # the bank of the host's measured boot (testbed.tpm.boot.BANK)
 _KEYS = {"identity": set(), "activate": {"credential_blob", "encrypted_secret"},
          "quote": {"nonce", "pcrs"}, "status": set()}
 
@@ -61,7 +60,7 @@ class HostAttester:
     """The host TPM, opened per request (swtpm serves one connection at a time)."""
 
     def _client(self) -> TpmClient:
-        doc = read_json(HOST_RUN / "tpm.json")
+        doc = read_json(TPM_INFO)
         if not isinstance(doc, dict) or not isinstance(doc.get("tcti"), str):
             raise TestbedError("the host TPM is not running (no tpm.json: host not booted?)")
         return TpmClient(doc["tcti"])
@@ -95,8 +94,7 @@ class HostAttester:
                         ek_public=ek.public, ek_certificate=ek.certificate).to_dict()
 
     def status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        return {"role": "hypervisor-host", "pcrs": list(HOST_PCRS.indices),
-                "tpm": (HOST_RUN / "tpm.json").is_file()}
+        return {"role": "hypervisor-host", "tpm": TPM_INFO.is_file()}
 
 
 def handle(attester: HostAttester, body: bytes) -> dict[str, Any]:

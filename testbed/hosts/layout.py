@@ -20,8 +20,9 @@ Layout (every directory 0700, every file 0600 unless said)::
             ssh/                 host key, sshd_config
             fs/NAME/             bound over /run/libvirt, /var/lib/libvirt, /etc/libvirt,
                                  /root/.ssh ... inside the host's mount namespace only
-            private/             a tmpfs inside the host: TPM sockets, the event log
-                                 (an empty directory from outside)
+
+Inside each host, :data:`HOST_RUN` is a tmpfs of its own mount namespace: the host TPM's
+sockets and the event log, which nothing outside the host reaches.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from testbed.core.files import read_json, write_json
 __all__ = [
     "DEFAULT_BRIDGE",
     "DEFAULT_SUBNET",
+    "EVENT_LOG",
+    "HOST_RUN",
     "MAX_HOSTS",
+    "TPM_INFO",
+    "TPM_RUN",
     "HostPaths",
     "HostRecord",
     "HostsError",
@@ -48,6 +53,12 @@ __all__ = [
     "validate_bridge",
     "validate_subnet",
 ]
+
+HOST_RUN = Path("/run/testbed-host")
+"""Inside a host: a tmpfs of its own mount namespace (outside, an empty directory)."""
+TPM_RUN = HOST_RUN / "tpm"  # the host TPM's unix sockets
+TPM_INFO = HOST_RUN / "tpm.json"  # its TCTI, for the host agent
+EVENT_LOG = HOST_RUN / "eventlog.bin"  # the host's measured boot
 
 DEFAULT_BRIDGE = "tbhost0"
 DEFAULT_SUBNET = "10.213.0.0/24"
@@ -131,10 +142,6 @@ class HostPaths:
     @property
     def fs(self) -> Path:
         return self.root / "fs"
-
-    @property
-    def private(self) -> Path:
-        return self.root / "private"
 
     @property
     def tampered(self) -> Path:

@@ -43,17 +43,13 @@ from attestation.errors import TestbedError
 from attestation.files import atomic_write
 from attestation.tpm import LocalAttester, TpmClient
 from testbed.core.files import read_json, write_json
-from testbed.hosts.layout import HostPaths, HostsError
+from testbed.hosts.layout import EVENT_LOG, HOST_RUN, TPM_INFO, TPM_RUN, HostPaths, HostsError
 from testbed.hosts.measured import HOST_BOOT, StackComponent, measure_host
 from testbed.tpm.boot import restore_clock_safety
 from testbed.tpm.swtpm import Swtpm
 
-__all__ = ["BINDS", "EVENT_LOG", "HOST_RUN", "TPM_RUN", "main"]
+__all__ = ["BINDS", "main"]
 
-HOST_RUN = Path("/run/testbed-host")
-"""A tmpfs in each host's mount namespace; outside it, an empty directory."""
-TPM_RUN = HOST_RUN / "tpm"
-EVENT_LOG = HOST_RUN / "eventlog.bin"
 BINDS = (
     ("run-libvirt", "/run/libvirt"),
     ("var-lib-libvirt", "/var/lib/libvirt"),
@@ -133,7 +129,7 @@ class Machine:
         self.swtpm = Swtpm(self.paths.tpm_state, run_dir=TPM_RUN)
         self.swtpm.start()
         log.info("host TPM: swtpm pid %d", self.swtpm.pid)
-        write_json(HOST_RUN / "tpm.json", {"tcti": self.swtpm.tcti})
+        write_json(TPM_INFO, {"tcti": self.swtpm.tcti})
         return TpmClient(self.swtpm.tcti)
 
     def _start(self, name: str, argv: Sequence[str]) -> None:
