@@ -8,6 +8,7 @@ One lab for the module (bridge and subnet of its own, never the default ones): u
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -18,11 +19,14 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attestation.errors import TestbedError
 from testbed.cli.main import main as cli_main
 from testbed.cluster.agent import AgentClient, AgentUnavailable
 from testbed.hosts import lifecycle, network
+from testbed.hosts.agent import HostAttester, handle
 from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.measured import STACK_PCR
 from testbed.hosts.remote import (
@@ -219,6 +223,39 @@ def test_a_damaged_lab_file_is_a_state_error(tmp_path: Path) -> None:
         paths.state.write_text(text)
         with pytest.raises(TestbedError):
             LabState.load(paths)
+
+
+# At most 50 cases each (the profile may ask for fewer): the lab tests use most of this
+# module's time budget.
+_FEW = settings(max_examples=min(50, settings().max_examples))
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=12), inner, max_size=6), max_leaves=20)
+
+
+@_FEW
+@given(doc=st.dictionaries(st.sampled_from(["format", "bridge", "subnet", "hosts",
+                                            "created_bridge"]), _JSON))
+def test_any_lab_file_loads_or_is_one_state_error(tmp_path_factory: pytest.TempPathFactory,
+                                                  doc: dict[str, object]) -> None:
+    paths = LabPaths(tmp_path_factory.getbasetemp() / "lab-property")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.state.write_text(json.dumps({"format": "testbed-hosts-lab", **doc}))
+    with contextlib.suppress(TestbedError):
+        LabState.load(paths)
+
+
+@_FEW
+@given(body=st.binary(max_size=200) | _JSON.map(lambda d: json.dumps(d).encode())
+       | st.fixed_dictionaries({"op": st.sampled_from(["identity", "activate", "quote",
+                                                      "status", "nope"])}, optional={
+           "nonce": _JSON, "pcrs": _JSON, "credential_blob": _JSON,
+           "encrypted_secret": _JSON, "x": _JSON}).map(lambda d: json.dumps(d).encode()))
+def test_the_host_agent_answers_any_request_with_a_result_or_an_error(body: bytes) -> None:
+    # Outside a host there is no host TPM: every request that needs it is an error too.
+    answer = handle(HostAttester(), body)
+    assert isinstance(answer, dict)
+    assert "error" in answer or set(answer) == {"role", "tpm"}
 
 
 def test_down_leaves_no_process_namespace_or_bridge(
