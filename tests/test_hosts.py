@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from attestation.errors import TestbedError
 from testbed.cli.main import main as cli_main
 from testbed.cluster.agent import AgentClient, AgentUnavailable
+from testbed.core.errors import UsageError
 from testbed.hosts import lifecycle, network
 from testbed.hosts.agent import HostAttester, handle
 from testbed.hosts.layout import HostsError, LabPaths, LabState
@@ -84,7 +85,7 @@ def test_two_hosts_up_attested_and_libvirt_answers_over_qemu_ssh(
         assert row.state == "running"
         assert set(row.components.values()) == {"running"}, row.components
         assert row.libvirt.count(".") == 2, row.libvirt  # a version: libvirt answered
-        assert row.attestation is not None and row.attestation.trusted
+        assert row.attestation is not None and row.attestation.trusted and row.trusted
     # Each qemu+ssh connection lands in its own host (its UTS namespace, its libvirtd).
     lab_paths = LabPaths(workdir)
     for host in two_hosts:
@@ -119,6 +120,8 @@ def test_up_again_keeps_running_hosts(lab: tuple[Path, str],
     again = lifecycle.up(workdir, 2, bridge=BRIDGE, subnet=subnet)
     assert [h.action for h in again] == ["kept", "kept"]
     assert all(h.verdict is not None and h.verdict.trusted for h in again)
+    with pytest.raises(UsageError, match="running untampered"):
+        lifecycle.up(workdir, 2, bridge=BRIDGE, subnet=subnet, tamper_qemu=["host2"])
 
 
 def test_an_unknown_host_key_is_refused(lab: tuple[Path, str],

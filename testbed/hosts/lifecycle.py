@@ -174,6 +174,9 @@ def _machines(lab: LabPaths, state: LabState, count: int, tampered: set[str],
             name = host_name(index)
             record = state.hosts.get(name)
             if record is not None and _machine_alive(record) is not None:
+                if name in tampered and not record.tampered:
+                    raise UsageError(f"{name} is running untampered: `testbed hosts down` "
+                                     "first (tampering applies when a host starts)")
                 results.append(HostUp(name, record.address, "kept", tampered=record.tampered))
                 continue
             record = HostRecord(name, index, state.address_of(index), state.netns_of(name),
@@ -286,10 +289,11 @@ def _wait_booted(host: HostPaths, record: HostRecord) -> None:
             return
         if info.get("state") == "failed" or _machine_alive(record) is None:
             raise HostsError(f"host {record.name} failed to boot: "
-                             f"{info.get('error') or 'its init exited'} (log: {host.log})")
+                             f"{info.get('error') or 'its init exited'} (log: {host.log}); "
+                             "`testbed hosts down` cleans up")
         time.sleep(0.05)
     raise HostsError(f"host {record.name} did not boot within {BOOT_TIMEOUT_S:.0f} s "
-                     f"(log: {host.log})")
+                     f"(log: {host.log}); `testbed hosts down` cleans up")
 
 
 def _attest_all(lab: LabPaths, state: LabState, results: list[HostUp], sessions: Sessions,
@@ -345,11 +349,16 @@ class HostStatus:
     attestation: HostVerdict | None
     tampered: list[str]
 
+    @property
+    def trusted(self) -> bool:
+        """Running, and its last attestation passed (a stopped host is not trusted)."""
+        return self.state == "running" and bool(self.attestation and self.attestation.trusted)
+
     def to_dict(self) -> dict[str, Any]:
         return {"host": self.name, "address": self.address, "state": self.state,
                 "components": self.components, "libvirt": self.libvirt,
                 "tampered": self.tampered,
-                "trusted": bool(self.attestation and self.attestation.trusted),
+                "trusted": self.trusted,
                 "attestation": self.attestation.to_dict() if self.attestation else None}
 
 
