@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,8 +196,9 @@ def test_a_tampered_qemu_fails_host_attestation_by_name(
     assert json.loads(capsys.readouterr().out)["verdict"] == "trusted"
 
 
-def test_status_names_a_failed_libvirtd(lab: tuple[Path, str],
-                                        two_hosts: list[lifecycle.HostUp]) -> None:
+def test_status_names_a_failed_libvirtd_and_an_unresponsive_tpm(
+        lab: tuple[Path, str], two_hosts: list[lifecycle.HostUp],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     workdir, _ = lab
     info = json.loads((LabPaths(workdir).host("host3").machine).read_text())
     os.kill(info["processes"]["libvirtd"], 9)
@@ -205,6 +207,15 @@ def test_status_names_a_failed_libvirtd(lab: tuple[Path, str],
     assert row.components["libvirtd"].startswith(("failed", "unresponsive")), row.components
     assert row.libvirt.startswith("unresponsive"), row.libvirt
     assert row.components["sshd"] == "running"
+    # A TPM that runs but does not answer: stopped (SIGSTOP), it is "unresponsive".
+    monkeypatch.setattr(lifecycle, "PROBE_TIMEOUT_S", 2.0)
+    os.kill(info["processes"]["swtpm"], signal.SIGSTOP)
+    try:
+        _, rows = lifecycle.status(workdir)
+    finally:
+        os.kill(info["processes"]["swtpm"], signal.SIGCONT)
+    row = next(r for r in rows if r.name == "host3")
+    assert row.components["swtpm"].startswith("unresponsive"), row.components
 
 
 def test_a_bridge_the_lab_did_not_make_is_refused(tmp_path: Path) -> None:
@@ -258,7 +269,7 @@ def test_the_host_agent_answers_any_request_with_a_result_or_an_error(body: byte
     # Outside a host there is no host TPM: every request that needs it is an error too.
     answer = handle(HostAttester(), body)
     assert isinstance(answer, dict)
-    assert "error" in answer or set(answer) == {"role", "tpm"}
+    assert "error" in answer or answer["tpm"].startswith("unresponsive")
 
 
 def test_down_leaves_no_process_namespace_or_bridge(

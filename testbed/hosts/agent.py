@@ -94,7 +94,13 @@ class HostAttester:
                         ek_public=ek.public, ek_certificate=ek.certificate).to_dict()
 
     def status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        return {"role": "hypervisor-host", "tpm": TPM_INFO.is_file()}
+        """The host TPM answers a command (TPM2_GetRandom), or why not."""
+        try:
+            with self._client() as client:
+                client.random(1)
+        except TestbedError as exc:
+            return {"role": "hypervisor-host", "tpm": f"unresponsive: {str(exc)[:300]}"}
+        return {"role": "hypervisor-host", "tpm": "answers"}
 
 
 def handle(attester: HostAttester, body: bytes) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from testbed.tpm.swtpm import STATE_FILE, provision
 __all__ = ["HostStatus", "HostUp", "attest", "down", "status", "up"]
 
 BOOT_TIMEOUT_S = 60.0
+PROBE_TIMEOUT_S = 10.0  # `status`: a host that does not answer within this is unresponsive
 STOP_TIMEOUT_S = 15.0
 TAMPERABLE = {"qemu": "qemu-system-x86_64"}
 """``--tamper-qemu``: the stack component a tampered host gets another binary of."""
@@ -399,8 +400,7 @@ def _host_status(lab: LabPaths, record: HostRecord, sessions: Sessions,
             components[name] = "running"
     libvirt = "not checked (host not running)"
     if state == "running":
-        components["sshd"], components["swtpm"] = _probe_agent(sessions.agent(record),
-                                                              components)
+        _probe_over_ssh(sessions, record, components)
         try:
             libvirt = libvirt_version(libvirt_uri(lab, record.address))
         except TestbedError as exc:
@@ -409,16 +409,22 @@ def _host_status(lab: LabPaths, record: HostRecord, sessions: Sessions,
                       verdicts.get(record.name), record.tampered)
 
 
-def _probe_agent(agent: AgentClient, components: dict[str, str]) -> tuple[str, str]:
-    """sshd and TPM as the lab sees them: the agent's ``status`` over SSH."""
-    sshd, tpm = components["sshd"], components["swtpm"]
+def _probe_over_ssh(sessions: Sessions, record: HostRecord, components: dict[str, str]
+                    ) -> None:
+    """sshd and the TPM as the lab sees them: an SSH login, then the agent's ``status``
+    (which runs a TPM command). A process that runs but does not answer is unresponsive."""
+    agent = sessions.agent(record).with_timeout(PROBE_TIMEOUT_S)
     try:
-        answer = agent.with_timeout(10.0).status()
+        sessions.open[record.name].client()
     except TestbedError as exc:
-        return (f"unresponsive: {exc}" if sshd == "running" else sshd), tpm
-    if tpm == "running" and not answer.get("tpm"):
-        tpm = "unresponsive: the host agent finds no TPM"
-    return sshd, tpm
+        components["sshd"] = f"unresponsive: {exc}"
+        return
+    try:
+        tpm = str(agent.status().get("tpm"))
+    except TestbedError as exc:
+        tpm = f"unresponsive: the host agent did not answer ({exc})"
+    if components["swtpm"] == "running" and tpm != "answers":
+        components["swtpm"] = tpm if tpm.startswith("unresponsive") else f"unresponsive: {tpm}"
 
 
 # --- down ------------------------------------------------------------------------------
