@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from attestation.errors import TestbedError
 from testbed.cli.main import main as cli_main
-from testbed.cluster.agent import AgentClient, AgentUnavailable
+from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable
 from testbed.core.errors import UsageError
 from testbed.hosts import lifecycle, network
 from testbed.hosts.agent import HostAttester, handle
@@ -165,6 +165,21 @@ def test_a_host_agent_answering_garbage_is_one_clear_error(
         with pytest.raises(TestbedError, match=error) as caught:
             agent.identity()
         assert isinstance(caught.value, TestbedError)
+    finally:
+        session.close()
+
+
+def test_one_agent_process_serves_a_session_until_a_request_fails(
+        lab: tuple[Path, str], two_hosts: list[lifecycle.HostUp]) -> None:
+    workdir, _ = lab
+    session = _session(workdir, "host1")
+    agent = AgentClient(SshAgentTransport(session), node="host1", timeout=10.0)
+    try:
+        first, second = agent.status(), agent.status()
+        assert first["agent_pid"] == second["agent_pid"] and first["tpm"] == "answers"
+        with pytest.raises(AgentError, match="unknown op"):
+            agent.call({"op": "nosuch"})
+        assert agent.status()["agent_pid"] != first["agent_pid"]  # never reused after it
     finally:
         session.close()
 

@@ -4,7 +4,8 @@ channel) inside the host, speaking :mod:`attestation.agent_wire` on stdin/stdout
 It serves ``identity``, ``activate``, ``quote`` (with the host's event log) and
 ``status`` from the host TPM, whose unix socket exists only in the host's mount
 namespace (:data:`testbed.hosts.layout.HOST_RUN`): the lab reaches the TPM through SSH
-or not at all. One process per channel; it serves requests until the channel closes.
+or not at all. One process per channel; it serves requests until the channel closes
+(the lab keeps the channel for its next request: :class:`testbed.hosts.remote.PooledChannel`).
 A bad request gets ``{"error": ...}``; an oversized or truncated frame ends the channel.
 """
 
@@ -99,8 +100,9 @@ class HostAttester:
             with self._client() as client:
                 client.random(1)
         except TestbedError as exc:
-            return {"role": "hypervisor-host", "tpm": f"unresponsive: {str(exc)[:300]}"}
-        return {"role": "hypervisor-host", "tpm": "answers"}
+            return {"role": "hypervisor-host", "agent_pid": os.getpid(),
+                    "tpm": f"unresponsive: {str(exc)[:300]}"}
+        return {"role": "hypervisor-host", "agent_pid": os.getpid(), "tpm": "answers"}
 
 
 def handle(attester: HostAttester, body: bytes) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 The lab logs in as root with the lab key and checks the host key against the lab's
 known_hosts, which holds exactly the keys the lab generated (paramiko's
 ``RejectPolicy``: an unknown or changed host key is refused, never learned). The host
-agent runs per request in an ``exec`` channel (:class:`SshAgentTransport`), so
-:class:`testbed.cluster.agent.AgentClient` and :func:`attestation.registrar.register`
-work over SSH unchanged. libvirt goes through the ssh command of
-:func:`testbed.hosts.sshkeys.write_libvirt_ssh` (OpenSSH, ``StrictHostKeyChecking yes``,
-the same known_hosts), which runs ``virt-ssh-helper`` inside the host.
+agent runs in an ``exec`` channel (:class:`SshAgentTransport`), which goes back to the
+session's pool once a request completed (:class:`PooledChannel`): one agent process
+serves the requests of one session. :class:`testbed.cluster.agent.AgentClient` and
+:func:`attestation.registrar.register` work over SSH unchanged. libvirt goes through the
+ssh command of :func:`testbed.hosts.sshkeys.write_libvirt_ssh` (OpenSSH,
+``StrictHostKeyChecking yes``, the same known_hosts), which runs ``virt-ssh-helper``
+inside the host.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "AGENT_COMMAND",
     "HostKeyRefused",
     "HostUnreachable",
+    "PooledChannel",
     "SshAgentTransport",
     "SshSession",
     "libvirt_uri",
@@ -49,15 +52,67 @@ class HostKeyRefused(HostUnreachable):
     """The host's SSH key is not the one the lab generated for it."""
 
 
+class PooledChannel:
+    """An agent channel lent to one request: ``with`` returns it to its session's pool
+    when the request completed, and closes it otherwise (after an error or a timeout
+    the stream may be mid-frame, so it is never reused)."""
+
+    def __init__(self, channel: paramiko.Channel, session: SshSession, command: str) -> None:
+        self.channel = channel
+        self._session = session
+        self._command = command
+
+    def __enter__(self) -> PooledChannel:
+        return self
+
+    def __exit__(self, exc_type: object, *_exc: object) -> None:
+        if exc_type is None and self._session.give_back(self.channel, self._command):
+            return
+        self.channel.close()
+
+    def sendall(self, data: bytes) -> None:
+        self.channel.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.channel.recv(size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.channel.settimeout(timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
 @dataclass
 class SshSession:
-    """One SSH connection to a host, opened on first use, reused, closed by the owner."""
+    """One SSH connection to a host, opened on first use, reused, closed by the owner;
+    with the idle agent channels it keeps (one agent process serves many requests)."""
 
     address: str
     lab: LabPaths
     port: int = 22
     _client: paramiko.SSHClient | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _idle: dict[str, list[paramiko.Channel]] = field(default_factory=dict)
+
+    def borrow(self, command: str, timeout: float) -> PooledChannel:
+        """An idle channel already running ``command``, else a new one."""
+        with self._lock:
+            idle = self._idle.setdefault(command, [])
+            while idle:
+                channel = idle.pop()
+                if not (channel.closed or channel.exit_status_ready() or channel.eof_received):
+                    channel.settimeout(timeout)
+                    return PooledChannel(channel, self, command)
+                channel.close()
+        return PooledChannel(self.exec(command, timeout), self, command)
+
+    def give_back(self, channel: paramiko.Channel, command: str) -> bool:
+        with self._lock:
+            if self._client is None or channel.closed or channel.exit_status_ready():
+                return False
+            self._idle.setdefault(command, []).append(channel)
+            return True
 
     def client(self) -> paramiko.SSHClient:
         with self._lock:
@@ -112,7 +167,9 @@ class SshSession:
         return channel
 
     def close(self) -> None:
+        """The connection and every channel on it: each idle agent sees its end and exits."""
         with self._lock:
+            self._idle.clear()
             if self._client is not None:
                 self._client.close()
                 self._client = None
@@ -127,11 +184,11 @@ class SshAgentTransport:
 
     def connect(self, timeout: float) -> socket.socket:
         try:
-            channel = self.session.exec(shlex.join(self.command), timeout)
+            channel = self.session.borrow(shlex.join(self.command), timeout)
         except HostUnreachable as exc:
             raise ConnectionError(str(exc)) from None
-        # A paramiko Channel has what AgentClient uses of a socket: sendall, recv (b""
-        # at the end, socket.timeout on a timeout), settimeout, close, and `with`.
+        # What AgentClient uses of a socket: sendall, recv (b"" at the end, socket.timeout
+        # on a timeout), settimeout, close, and `with` (which gives the channel back).
         return cast(socket.socket, channel)
 
     def describe(self) -> str:
