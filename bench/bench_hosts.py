@@ -6,7 +6,7 @@ In one run, each in a fresh work directory sharing one EK CA (made first, timed 
 - two hosts: `up 2` (goal <= 20 s) and `down`;
 - host attestation latency over SSH, p50 and p99 over the rounds: cold (a new SSH
   connection per attestation, as `testbed hosts attest` does) and warm (one SSH
-  connection kept; each attestation still starts the host agent in a new channel);
+  connection and its host agent process kept);
 - libvirt over qemu+ssh: open + getLibVersion + close.
 
 Run: .venv/bin/python bench/bench_hosts.py [--rounds 10]
@@ -108,7 +108,7 @@ def main() -> int:
     print(f"two hosts:              up + registered + attested {two_up:.2f} s "
           f"(goal <= 20 s), down {two_down:.2f} s")
     for name, label in (("cold", "host attestation, new SSH connection"),
-                        ("warm", "host attestation, SSH connection kept"),
+                        ("warm", "host attestation, SSH + agent kept"),
                         ("libvirt", "libvirt getLibVersion over qemu+ssh")):
         values = lat[name]
         print(f"{label:<40} p50 {statistics.median(values) * 1000:7.1f} ms  "
