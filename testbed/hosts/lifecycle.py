@@ -54,7 +54,7 @@ from testbed.hosts.layout import (
     validate_subnet,
 )
 from testbed.hosts.machine import BINDS
-from testbed.hosts.measured import resolve_stack
+from testbed.hosts.measured import StackComponent, resolve_stack
 from testbed.hosts.remote import SshSession, agent_client, libvirt_uri, libvirt_version
 from testbed.hosts.sshkeys import (
     ensure_host_key,
@@ -142,7 +142,7 @@ def up(workdir: Path, count: int, *, bridge: str = DEFAULT_BRIDGE,
 def _network(lab: LabPaths, bridge: str, subnet: str, progress: Progress) -> LabState:
     state = LabState.load(lab)
     if state is not None:
-        if (state.bridge, str(state.subnet)) != (bridge, subnet) and state.hosts:
+        if (state.bridge, str(state.subnet)) != (bridge, subnet):
             raise UsageError(f"the lab is up on bridge {state.bridge} ({state.subnet}); "
                              "`testbed hosts down` first to change it")
         if network.bridge_exists(state.bridge) or not state.created_bridge:
@@ -201,7 +201,7 @@ def _machines(lab: LabPaths, state: LabState, count: int, tampered: set[str],
 
 
 def _prepare(lab: LabPaths, state: LabState, record: HostRecord, ca: LocalCA,
-             stack: Sequence[Any]) -> None:
+             stack: Sequence[StackComponent]) -> None:
     """The host's disk: TPM (manufactured once), keys, configs, private directories."""
     host = lab.host(record.name)
     private_tree(lab.root, host.root)
