@@ -21,7 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import paramiko
 
@@ -202,7 +202,7 @@ def agent_client(session: SshSession, host: str, timeout: float = 30.0) -> Agent
 def libvirt_uri(lab: LabPaths, address: str) -> str:
     """``qemu+ssh://root@ADDR/system`` through the lab's ssh (host key checking on)."""
     query = urlencode({"keyfile": str(lab.lab_key), "command": str(lab.ssh_command),
-                       "no_tty": "1"})
+                       "no_tty": "1"}, quote_via=quote)  # %20, not "+": libvirt keeps "+"
     return f"qemu+ssh://root@{address}/system?{query}"
 
 

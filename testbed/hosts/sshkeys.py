@@ -10,6 +10,7 @@ lab address only.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def write_sshd_config(host: HostPaths, address: str) -> None:
 # testbed host {host.name}: written by `testbed hosts up`
 ListenAddress {address}
 Port 22
-HostKey {host.host_key}
+HostKey "{host.host_key}"
 PidFile none
 AuthorizedKeysFile .ssh/authorized_keys
 PermitRootLogin prohibit-password
@@ -119,9 +120,9 @@ def write_libvirt_ssh(lab: LabPaths) -> None:
     config = f"""\
 Host *
     User root
-    IdentityFile {lab.lab_key}
+    IdentityFile "{lab.lab_key}"
     IdentitiesOnly yes
-    UserKnownHostsFile {lab.known_hosts}
+    UserKnownHostsFile "{lab.known_hosts}"
     GlobalKnownHostsFile /dev/null
     StrictHostKeyChecking yes
     CheckHostIP no
@@ -131,6 +132,6 @@ Host *
     LogLevel ERROR
 """
     atomic_write(lab.ssh_config, config.encode())
-    script = f'#!/bin/sh\nexec ssh -F {lab.ssh_config} "$@"\n'
+    script = f'#!/bin/sh\nexec ssh -F {shlex.quote(str(lab.ssh_config))} "$@"\n'
     atomic_write(lab.ssh_command, script.encode(), mode=0o700)
     os.chmod(lab.ssh_command, 0o700)
