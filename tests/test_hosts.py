@@ -309,3 +309,13 @@ def test_down_leaves_no_process_namespace_or_bridge(
                 leftovers.append(cmdline)
     assert leftovers == []
     assert lifecycle.down(workdir) == {"hosts": {}, "removed": [], "left": []}
+
+
+def test_a_host_that_comes_back_keeps_its_tpm_and_registration(
+        lab: tuple[Path, str]) -> None:
+    workdir, subnet = lab  # after the module's down: same files, no process
+    registry = LabPaths(workdir).registry.read_text()
+    (again,) = lifecycle.up(workdir, 1, bridge=BRIDGE, subnet=subnet)
+    assert again.action == "started" and again.verdict is not None and again.verdict.trusted
+    assert LabPaths(workdir).registry.read_text() == registry  # the same AK, not re-added
+    lifecycle.down(workdir)
