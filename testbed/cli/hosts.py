@@ -71,8 +71,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             return
         print(f"lab: bridge {state.bridge}, {state.subnet}, lab address {state.lab_address}")
         for row in rows:
-            print(f"{row.name:<8} {row.address:<15} {row.state:<8} "
-                  f"{_verdict(row.attestation)}")
+            verdict = _verdict(row.attestation)
+            if row.state != "running":  # a host that does not run is not trusted
+                verdict = f"untrusted while not running (last attestation: {verdict})"
+            print(f"{row.name:<8} {row.address:<15} {row.state:<8} {verdict}")
             for name, value in row.components.items():
                 print(f"  {name:<9} {value}")
             print(f"  {'libvirt':<9} {row.libvirt}")
