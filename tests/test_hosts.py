@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +28,17 @@ from attestation.errors import TestbedError
 from testbed.cli.main import main as cli_main
 from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable
 from testbed.core.errors import UsageError
-from testbed.hosts import lifecycle, network
+from testbed.hosts import lifecycle, network, remote
 from testbed.hosts.agent import HostAttester, handle
+from testbed.hosts.attest import attest_host
 from testbed.hosts.layout import HostsError, LabPaths, LabState
-from testbed.hosts.measured import STACK_PCR
+from testbed.hosts.measured import HOST_PCRS, STACK_PCR
 from testbed.hosts.remote import (
     HostKeyRefused,
     HostUnreachable,
     SshAgentTransport,
     SshSession,
+    agent_client,
     libvirt_uri,
     libvirt_version,
 )
@@ -184,9 +187,47 @@ def test_one_agent_process_serves_a_session_until_a_request_fails(
         session.close()
 
 
+def test_a_replayed_host_quote_is_rejected_by_name(
+        lab: tuple[Path, str], two_hosts: list[lifecycle.HostUp], tmp_path: Path) -> None:
+    """A host that answers every quote with one it recorded earlier (a fresh quote of its
+    own, for an old nonce) is untrusted: qualifying_data."""
+    workdir, _ = lab
+    session = _session(workdir, "host1")
+    try:
+        old = agent_client(session, "host1").quote(os.urandom(32), HOST_PCRS.indices)
+        body = json.dumps(old.to_dict()).encode()
+        frame = tmp_path / "frame"
+        frame.write_bytes(len(body).to_bytes(4, "big") + body)
+        replaying = AgentClient(SshAgentTransport(session, ("sh", "-c", f"head -c 4 >/dev/null; "
+                                                                          f"cat {frame}")),
+                                node="host1", timeout=10.0)
+        verdict = attest_host(LabPaths(workdir), "host1", replaying)
+        assert not verdict.trusted and verdict.failed_check == "qualifying_data", verdict
+    finally:
+        session.close()
+    assert lifecycle.attest(workdir, "host1").trusted  # the genuine host is trusted again
+
+
+def test_a_silent_ssh_server_is_one_clear_error(
+        lab: tuple[Path, str], two_hosts: list[lifecycle.HostUp],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something on the lab network that accepts TCP and never speaks SSH."""
+    workdir, _ = lab
+    state = LabState.load(LabPaths(workdir))
+    assert state is not None
+    monkeypatch.setattr(remote, "SSH_TIMEOUT_S", 1.0)
+    with socket.create_server((state.lab_address, 0)) as server:
+        session = SshSession(state.lab_address, LabPaths(workdir),
+                             port=server.getsockname()[1])
+        with pytest.raises(HostUnreachable, match="SSH to"):
+            session.client()
+
+
 def test_an_unreachable_host_is_one_clear_error(lab: tuple[Path, str],
-                                                two_hosts: list[lifecycle.HostUp]) -> None:
+                                                two_hosts: list[lifecycle.HostUp],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     workdir, subnet = lab
+    monkeypatch.setattr(remote, "SSH_TIMEOUT_S", 1.0)  # no ARP answer: a timeout
     nobody = str(ipaddress.IPv4Network(subnet).network_address + 200)  # on our bridge, unused
     session = SshSession(nobody, LabPaths(workdir))
     agent = AgentClient(SshAgentTransport(session), node="nowhere", timeout=2.0)
