@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -40,6 +41,7 @@ from testbed.spec.cluster_spec import (
 )
 from testbed.verifier import revocation
 from testbed.verifier.hosts import host_marks, host_row, on_failed_host, validate_host_row
+from testbed.verifier.service import VerifierConfig, VerifierService
 from testbed.verifier.store import HOST_CHECK, Outcome, open_store
 
 BRIDGE, SUBNET = "tbk4", "10.213.4.0/24"
@@ -226,3 +228,44 @@ def test_a_host_whose_next_attestation_fails_is_rejected_within_one_interval(
     assert read_verdicts(LabPaths(lab.workdir))["host1"].trusted is False
     decision, _ = revocation.reinstate(lab.paths, "host:host1", "policy restored")
     assert decision.node == "host:host1"
+
+
+def test_the_service_marks_the_vms_of_a_failed_host_and_publishes_their_revocation(
+        lab: Lab, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The service's wiring, in process (no VM runs on a host in this lab): n0 is
+    placed on host2 in memory; host2's failure marks it, publishes its revocation to
+    the cluster's nodes, and keeps its own good quotes failing until host2 passes."""
+    caplog.set_level(logging.INFO, logger="testbed.verifier")
+    store = open_store(str(tmp_path / "db.sqlite"))
+    config = VerifierConfig(lab.workdir, CLUSTER, name="inproc", interval=INTERVAL,
+                            db=str(tmp_path / "db.sqlite"))
+    service = VerifierService(config, store)
+    try:
+        store.sync_nodes(["n0"], hosts=[host_row("host2")])
+        service._spec = _spec({"n0": "host2"})
+        service._placement = {"n0": "host2"}
+        service._record(Outcome("n0", True, "", "", 1.0, 2.0), finished=False)
+        service._record(Outcome(host_row("host2"), False, "policy", "PCR 14", 3.0, 4.0))
+        service._record(Outcome("n0", True, "", "", 5.0, 6.0))  # its own quote: good
+        service._record(Outcome(host_row("host2"), True, "", "", 7.0, 8.0))
+        service._record(Outcome("n0", True, "", "", 9.0, 10.0))
+        service._revoker.shutdown(wait=True)
+        n0 = [e for e in store.events_after(0) if e.node == "n0"]
+    finally:
+        service._pool.shutdown(wait=False)
+        store.close()
+    assert [(e.kind, e.ok, e.check, e.reason, e.mode) for e in n0] == [
+        ("attestation", True, "", "", "pull"),
+        ("state", True, "", "new -> trusted", "pull"),
+        ("attestation", False, "host", "host2 failed policy", "host"),
+        ("state", False, "host", "trusted -> rejected: host2 failed policy", "host"),
+        ("attestation", False, "host", "host2 failed policy (its own attestation: ok)",
+         "pull"),
+        ("attestation", True, "", "", "pull"),  # host2 passed: n0's own verdict counts
+        ("state", True, "", "rejected -> trusted", "pull")]
+    published = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith("revocation of ")]
+    assert any(m.startswith("revocation of host:host2") for m in published)
+    assert any(m.startswith("revocation of n0") and "n0 applied" in m for m in published)
+    # n0 stays revoked with its peers until the explicit decision.
+    revocation.reinstate(lab.paths, "n0", "host2 passes again")

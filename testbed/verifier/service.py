@@ -464,6 +464,7 @@ class VerifierService:
         self._spec: ClusterSpec | None = None  # read at each sync while the lab has hosts
         self._placement: dict[str, str] = {}  # VM -> its host (the spec's `host:`)
         self._failed_hosts: dict[str, str] = {}  # host -> the check it failed
+        self._lab_has_hosts = False  # no second claim per tick without hosts
         # A host's quote crosses SSH and its agent reads the event log: never under
         # HOST_DEADLINE_S, which a host answers well within when it works.
         self._host_deadline = max(config.quote_deadline, HOST_DEADLINE_S)
@@ -528,8 +529,12 @@ class VerifierService:
     def _sync_hosts(self, hosts: list[str]) -> None:
         """Which VM runs on which host, and which hosts are failed, as the store says (a
         restarted verifier keeps the VMs of a failed host untrusted)."""
-        self._spec = load_spec(self.paths) if hosts else None
-        self._placement = placement(self._spec) if self._spec else {}
+        self._lab_has_hosts = bool(hosts)
+        if not hosts:  # a cluster without a lab: nothing to read per interval
+            self._spec, self._placement, self._failed_hosts = None, {}, {}
+            return
+        self._spec = load_spec(self.paths)
+        self._placement = placement(self._spec)
         self._failed_hosts = {
             host: row.last_check for row in self.store.nodes()
             if (host := host_of(row.node)) is not None and row.state in FAILED_STATES}
@@ -551,7 +556,7 @@ class VerifierService:
         free = self.config.workers - len(self._inflight)
         claims = self.store.claim(self.config.name, now, interval=self.config.interval,
                                   lease=self.config.lease, limit=free)
-        if self.config.hosts and len(claims) < free:
+        if self._lab_has_hosts and len(claims) < free:
             claims += self.store.claim(self.config.name, now, interval=self.config.interval,
                                        lease=HOST_LEASE_S + self._host_deadline,
                                        limit=free - len(claims), mode="host")
