@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attestation.files import atomic_write
 from attestation.policy import dump_policy, load_policy
@@ -83,6 +85,21 @@ def test_a_failed_host_marks_exactly_its_vms_with_state_events_naming_it(
                        ("vm3", "host", "trusted -> rejected: host2 failed policy")]
     assert host_marks(spec, replace(failed, ok=True, check="")) == []
     assert host_marks(spec, replace(failed, node="vm1")) == []  # not a host row
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from([f"vm{i}" for i in range(8)]),
+                       st.none() | st.sampled_from(["host1", "host2", "host3"])),
+       st.sampled_from(["host1", "host2", "host3"]), st.sampled_from(["policy", "agent"]))
+def test_exactly_the_vms_on_the_failed_host_are_marked(
+        placed: dict[str, str | None], failed_host: str, check: str) -> None:
+    if not placed:
+        return
+    failed = Outcome(host_row(failed_host), False, check, "why", 1.0, 2.0)
+    marks = host_marks(_spec(placed), failed)
+    assert {m.node for m in marks} == {vm for vm, h in placed.items() if h == failed_host}
+    assert all(m.state == "rejected" and m.reason == f"{failed_host} failed {check}"
+               for m in marks)
 
 
 def test_a_vms_own_good_quote_does_not_clear_its_failed_host() -> None:
