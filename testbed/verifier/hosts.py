@@ -68,7 +68,7 @@ def failed_reason(host: str, check: str) -> str:
 def host_marks(spec: ClusterSpec, failed: Outcome) -> list[Outcome]:
     """The decision when a host fails: one failed outcome per VM placed on it (mode
     ``host``: no quote of the VM was taken), check ``host``, reason naming the host and
-    the check it failed. None for a host that passed or a row that is no host."""
+    the check it failed. Empty for a host that passed or a row that is no host."""
     host = host_of(failed.node)
     if host is None or failed.ok:
         return []
