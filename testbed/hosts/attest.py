@@ -29,8 +29,8 @@ from testbed.hosts.layout import HostsError, LabPaths
 from testbed.hosts.measured import HOST_BOOT, HOST_PCRS, predicted_host_policy, resolve_stack
 from testbed.tpm.localca import LocalCA
 
-__all__ = ["HostVerdict", "attest_host", "host_policy", "read_verdicts", "register_host",
-           "write_host_policy"]
+__all__ = ["HostVerdict", "attest_host", "host_policy", "read_verdicts", "record_failure",
+           "register_host", "write_host_policy"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,15 @@ def attest_host(lab: LabPaths, host: str, agent: AgentClient) -> HostVerdict:
         private_dir(lab.evidence)
         EvidenceLog(lab.evidence).append(host, nonce, evidence, policy, report, utc_now())
     verdict = _verdict(host, policy, report)
+    _record(lab, verdict)
+    return verdict
+
+
+def record_failure(lab: LabPaths, host: str, check: str, message: str) -> HostVerdict:
+    """An attestation that produced no report (the host did not answer over SSH, its
+    agent failed): recorded as the host's latest verdict, untrusted, so that ``hosts
+    status`` and placement stop trusting a host nobody can attest (fail closed)."""
+    verdict = HostVerdict(host, False, check, message[:1000], "", utc_now())
     _record(lab, verdict)
     return verdict
 

@@ -40,6 +40,7 @@ from testbed.roles.revocation import (
     public_key_pem,
     verifier_key_dir,
 )
+from testbed.verifier.hosts import host_of, validate_host_row
 
 __all__ = [
     "DELIVERY_TIMEOUT_S",
@@ -124,7 +125,7 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
 def revoke(paths: ClusterPaths, node: str, check: str, reason: str
            ) -> tuple[RevocationEvent, dict[str, str]]:
     """A node failed ``check``: sign and publish its revocation."""
-    paths.node(node)  # a clear error for a name that is not a node
+    _check_name(paths, node)
     event = RevocationEvent(node, check, reason, utc_now(), next_sequence(paths))
     return event, publish(paths, event)
 
@@ -132,9 +133,17 @@ def revoke(paths: ClusterPaths, node: str, check: str, reason: str
 def reinstate(paths: ClusterPaths, node: str, reason: str = "operator decision"
               ) -> tuple[Reinstate, dict[str, str]]:
     """The explicit policy decision that trusts ``node`` again, published to every node."""
-    paths.node(node)  # a clear error for a name that is not a node
+    _check_name(paths, node)
     decision = Reinstate(node, reason, utc_now(), next_sequence(paths))
     return decision, publish(paths, decision)
+
+
+def _check_name(paths: ClusterPaths, node: str) -> None:
+    """A clear error for a name that is neither a node nor a host row (``host:host1``)."""
+    if host_of(node) is not None:
+        validate_host_row(node)
+    else:
+        paths.node(node)
 
 
 def public_key_file(paths: ClusterPaths) -> Path:

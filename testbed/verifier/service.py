@@ -13,6 +13,9 @@ One process (``python -m testbed.verifier.service``, started detached by
   (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`), with
   their runtime log from where the verifier's last good quote left it: the same
   incremental ``runtime`` check as pull nodes;
+- the lab's hypervisor hosts (``WORKDIR/hosts/``) are rows ``host:NAME`` claimed like
+  pull nodes and attested over their SSH sessions (:mod:`testbed.verifier.hosts`); a
+  host that fails marks every VM placed on it untrusted (check ``host``);
 - each outcome is recorded by the loop's thread alone (events, the node's state), a
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
@@ -64,15 +67,28 @@ from testbed.cluster.runtime import (
     quoting_pcr10,
     slice_reader,
 )
-from testbed.cluster.state import load_node_policy, load_registry
+from testbed.cluster.state import load_node_policy, load_registry, load_spec
 from testbed.cluster.verification import RuntimeInput, attest_node, verify_evidence
 from testbed.core.clock import iso_utc
 from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
+from testbed.hosts.layout import LabPaths
 from testbed.sim.agent_server import AgentServer
+from testbed.spec.cluster_spec import ClusterSpec
 from testbed.verifier import revocation
+from testbed.verifier.hosts import (
+    CONNECT_S,
+    FAILED_STATES,
+    HostAttesters,
+    host_marks,
+    host_of,
+    host_row,
+    lab_hosts,
+    on_failed_host,
+    placement,
+)
 from testbed.verifier.store import (
     UNREACHABLE_CHECK,
     Event,
@@ -95,6 +111,8 @@ RECONNECT_S = 1.0  # between attempts to reopen a database that failed
 MAX_PUSHED_RUNTIME = 1 << 20  # runtime log bytes one push may carry (its frame: 4 MiB)
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
+HOST_DEADLINE_S = 2.0  # per read of a host attestation, at least (over SSH)
+HOST_LEASE_S = CONNECT_S  # + the deadline: a host's lease covers a fresh SSH session
 
 log = logging.getLogger("testbed.verifier")
 
@@ -159,6 +177,7 @@ class VerifierConfig:
     webhook_secret: Path | None = None
     push: tuple[str, ...] = ()
     workers: int = DEFAULT_WORKERS
+    hosts: bool = True  # attest the lab's hypervisor hosts too (docs/verifier.md, "Hosts")
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):
@@ -197,6 +216,8 @@ class VerifierConfig:
             argv += ["--webhook-secret", str(self.webhook_secret)]
         for node in self.push:
             argv += ["--push", node]
+        if not self.hosts:
+            argv.append("--no-hosts")
         return argv
 
 
@@ -438,6 +459,15 @@ class VerifierService:
                                   self.policies, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
                                    max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
+        self.lab = LabPaths(config.workdir)
+        self._hosts = HostAttesters(self.lab)
+        self._spec: ClusterSpec | None = None  # read at each sync while the lab has hosts
+        self._placement: dict[str, str] = {}  # VM -> its host (the spec's `host:`)
+        self._failed_hosts: dict[str, str] = {}  # host -> the check it failed
+        self._lab_has_hosts = False  # no second claim per tick without hosts
+        # A host's quote crosses SSH and its agent reads the event log: never under
+        # HOST_DEADLINE_S, which a host answers well within when it works.
+        self._host_deadline = max(config.quote_deadline, HOST_DEADLINE_S)
 
     def start(self) -> None:
         """Bind the push socket (before the pid file says the verifier is ready)."""
@@ -486,12 +516,28 @@ class VerifierService:
             self.stop()
             return
         nodes = load_registry(self.paths).nodes()
-        self.store.sync_nodes(nodes, self.config.push)
+        hosts = lab_hosts(self.lab) if self.config.hosts else []
+        self.store.sync_nodes(nodes, self.config.push, [host_row(h) for h in hosts])
         self.policies.keep(set(nodes))
+        self._hosts.keep(hosts)
+        self._sync_hosts(hosts)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
                              self.config.interval, now)
         self.store.prune()
         self._push_overdue(now)
+
+    def _sync_hosts(self, hosts: list[str]) -> None:
+        """Which VM runs on which host, and which hosts are failed, as the store says (a
+        restarted verifier keeps the VMs of a failed host untrusted)."""
+        self._lab_has_hosts = bool(hosts)
+        if not hosts:  # a cluster without a lab: nothing to read per interval
+            self._spec, self._placement, self._failed_hosts = None, {}, {}
+            return
+        self._spec = load_spec(self.paths)
+        self._placement = placement(self._spec)
+        self._failed_hosts = {
+            host: row.last_check for row in self.store.nodes()
+            if (host := host_of(row.node)) is not None and row.state in FAILED_STATES}
 
     def _push_overdue(self, now: float) -> None:
         """A push node that sent no evidence for PUSH_GRACE intervals is unreachable:
@@ -508,8 +554,13 @@ class VerifierService:
 
     def _dispatch(self, now: float) -> None:
         free = self.config.workers - len(self._inflight)
-        for claim in self.store.claim(self.config.name, now, interval=self.config.interval,
-                                      lease=self.config.lease, limit=free):
+        claims = self.store.claim(self.config.name, now, interval=self.config.interval,
+                                  lease=self.config.lease, limit=free)
+        if self._lab_has_hosts and len(claims) < free:
+            claims += self.store.claim(self.config.name, now, interval=self.config.interval,
+                                       lease=HOST_LEASE_S + self._host_deadline,
+                                       limit=free - len(claims), mode="host")
+        for claim in claims:
             if claim.node in self._inflight:
                 # Its last quote is still running a lease later (an agent that trickles
                 # bytes defeats a per-read timeout): not a second quote, and not
@@ -523,6 +574,9 @@ class VerifierService:
 
     def _pull(self, node: str) -> None:
         started = time.time()
+        if (host := host_of(node)) is not None:
+            self.outcomes.put(self._hosts.attest(host, self._host_deadline))
+            return
         try:
             agent = self.backend.agent(node, timeout=self.config.quote_deadline)
             policy = self.policies.get(node)
@@ -548,12 +602,28 @@ class VerifierService:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
         if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
+        host = self._placement.get(outcome.node)
+        if host in self._failed_hosts and outcome.mode != "host":
+            outcome = on_failed_host(outcome, str(host), self._failed_hosts[str(host)])
         events = self.store.record(self.config.name, outcome)
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
         if not outcome.ok and (len(events) > 1 or self._redeliver(outcome.node, None)):
             self._revoker.submit(self._publish, events[0])
+        if (failed := host_of(outcome.node)) is not None:
+            self._host_verdict(failed, outcome, changed=len(events) > 1)
+
+    def _host_verdict(self, host: str, outcome: Outcome, *, changed: bool) -> None:
+        """A host's outcome: a host that turned failed marks each VM on it untrusted
+        (each VM's state change, its revocation published as any node's)."""
+        if outcome.ok:
+            self._failed_hosts.pop(host, None)
+            return
+        self._failed_hosts[host] = outcome.check
+        if changed and self._spec is not None:
+            for mark in host_marks(self._spec, outcome):
+                self._record(mark, finished=False)
 
     def _redeliver(self, node: str, failed: bool | None) -> bool:
         """Whether ``node``'s revocation must be published again (a node missed it);
@@ -585,6 +655,7 @@ class VerifierService:
 
     def _close(self) -> None:
         self._server.close()
+        self._hosts.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._revoker.shutdown(wait=True, cancel_futures=False)
         if self._webhooks is not None:
@@ -681,7 +752,8 @@ def verifier_status(paths: ClusterPaths, db: str | None = None) -> dict[str, Any
                        "running": processes.get(n) is not None,
                        **({"heartbeat": beats[n].heartbeat, "interval": beats[n].interval}
                           if n in beats else {})} for n in names],
-        "nodes": [{**n.to_dict(), "stale": _stale(n.last_time, rows)} for n in nodes],
+        "nodes": [{**n.to_dict(), "kind": "node" if host_of(n.node) is None else "host",
+                   "stale": _stale(n.last_time, rows)} for n in nodes],
     }
 
 
@@ -707,6 +779,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", action="append", default=[])
     p.add_argument("--webhook-secret", type=Path, default=None)
     p.add_argument("--push", action="append", default=[])
+    p.add_argument("--no-hosts", dest="hosts", action="store_false")
     return p
 
 
@@ -714,7 +787,7 @@ def config_from_args(args: argparse.Namespace) -> VerifierConfig:
     return VerifierConfig(workdir=args.workdir, cluster=args.cluster, name=args.name,
                           interval=args.interval, deadline=args.deadline, db=args.db,
                           webhooks=tuple(args.webhook), webhook_secret=args.webhook_secret,
-                          push=tuple(args.push), workers=args.workers)
+                          push=tuple(args.push), workers=args.workers, hosts=args.hosts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
