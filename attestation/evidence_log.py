@@ -136,8 +136,7 @@ class EvidenceLog:
         return seq
 
     def _keep_policy(self, policy: ReferencePolicy) -> str:
-        text = dump_policy(policy).encode()
-        digest = hashlib.sha256(text).hexdigest()
+        text, digest = _dumped(policy)
         path = self.directory / _POLICIES / f"{digest}.yaml"
         if not path.exists():
             atomic_write(path, text)
@@ -182,6 +181,7 @@ class EvidenceLog:
             window *= 4
 
     def _write(self, lines: list[bytes]) -> None:
+        created = not self.path.exists()  # appends are serialised: no race here
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                      | os.O_NOFOLLOW, FILE_MODE)
         try:
@@ -189,7 +189,27 @@ class EvidenceLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-        fsync_dir(self.directory)
+        if created:  # an append to an existing file changes no directory entry
+            fsync_dir(self.directory)
+
+
+_DUMPS: dict[ReferencePolicy, tuple[bytes, str]] = {}
+_MAX_DUMPS = 4096
+
+
+def _dumped(policy: ReferencePolicy) -> tuple[bytes, str]:
+    """The policy's YAML and its digest, memoised by the policy's value (policies are
+    frozen and equal only when every field is: the same value always dumps the same
+    text). A verifier appends one entry per attestation; dumping YAML was a fifth of
+    its CPU."""
+    hit = _DUMPS.get(policy)
+    if hit is None:
+        text = dump_policy(policy).encode()
+        hit = (text, hashlib.sha256(text).hexdigest())
+        if len(_DUMPS) >= _MAX_DUMPS:
+            _DUMPS.clear()
+        _DUMPS[policy] = hit
+    return hit
 
 
 def require_seq(value: object) -> int:

@@ -16,6 +16,7 @@ waits for the next quote. A prefix that never matches is a log that lies.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from testbed.core.paths import ClusterPaths
 __all__ = ["RuntimeState", "check_runtime", "ensure_runtime_policy", "explaining_prefix",
            "node_runtime_policy", "quoting_pcr10", "runtime_dir"]
 
+_MAX_PARSED = 4096  # runtime policies kept parsed
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
 
@@ -69,11 +71,29 @@ def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy)
         atomic_write(path, dump_runtime_policy(policy).encode())
 
 
+_parsed: dict[Path, tuple[bytes, RuntimePolicy]] = {}  # path -> (its bytes, parsed)
+_parsed_lock = threading.Lock()
+
+
 def node_runtime_policy(paths: ClusterPaths, node: str) -> RuntimePolicy | None:
-    """The node's runtime policy, or None when it has none (no runtime check)."""
+    """The node's runtime policy, or None when it has none (no runtime check).
+
+    The file is read every time; its YAML is parsed again only when its bytes differ
+    from the last parse's (a verifier attesting hundreds of nodes each interval)."""
     path = _policy_path(paths, node)
     data = read_bounded(path, MAX_POLICY_BYTES, what="runtime policy", missing_ok=True)
-    return None if data is None else load_runtime_policy(data, str(path))
+    if data is None:
+        return None
+    with _parsed_lock:
+        hit = _parsed.get(path)
+    if hit is not None and hit[0] == data:
+        return hit[1]
+    policy = load_runtime_policy(data, str(path))
+    with _parsed_lock:
+        if len(_parsed) >= _MAX_PARSED:
+            _parsed.clear()  # bounded: a verifier of more nodes re-parses some
+        _parsed[path] = (data, policy)
+    return policy
 
 
 def quoting_pcr10(policy: ReferencePolicy) -> ReferencePolicy:
@@ -126,7 +146,9 @@ def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: 
         state = RuntimeState(boot, 0, _ZERO)
     entries, end = explaining_prefix(lambda offset: _read(agent, offset), state, quoted)
     check_entries(policy, entries)
-    RuntimeState(boot, end, quoted).save(paths, node)
+    judged = RuntimeState(boot, end, quoted)
+    if judged != state:  # most quotes find no new entry: nothing to rewrite
+        judged.save(paths, node)
     return (f"{len(entries)} new ima-ng entries (log bytes {state.offset}-{end}) replay to "
             f"the quoted PCR {IMA_PCR} and runtime policy {policy.name!r} allows them")
 

@@ -2,16 +2,17 @@
 node's agent, every check of the verifier against the cluster's AK registry, the node's
 policy and the cluster's clock history, and the result recorded.
 
-The clock history is the last accepted TPMS_ATTEST per AK, persisted and used under the
-cluster's attest lock, so replays and clock rollbacks are caught across commands (and
-concurrent ones). Every verification, accepted or not, is appended under the same lock
-to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), which
-``testbed evidence replay`` re-verifies.
+The clock history is the last accepted TPMS_ATTEST per AK, persisted (a file per AK)
+and used under the cluster's attest lock, so replays and clock rollbacks are caught
+across commands (and concurrent ones). Every verification, accepted or not, is appended
+under the same lock to the cluster's evidence log (:mod:`attestation.evidence_log`,
+``evidence/``), which ``testbed evidence replay`` re-verifies.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,15 +20,17 @@ from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError
 from attestation.evidence import Evidence
 from attestation.evidence_log import EvidenceLog
+from attestation.files import private_dir
 from attestation.ima import IMA_PCR
 from attestation.policy import ReferencePolicy
+from attestation.registrar import AkRegistry
 from attestation.report import NOT_RUN, CheckResult, VerificationReport, run_checks
 from attestation.tpm_types import parse_attest, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import AttestResult
 from testbed.cluster.runtime import check_runtime, node_runtime_policy, quoting_pcr10
-from testbed.cluster.state import load_registry, record_attestation
+from testbed.cluster.state import parse_registry, read_registry_bytes, record_attestation
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
@@ -39,38 +42,88 @@ _HISTORY_FORMAT = "testbed-clock-history"
 
 
 class ClockHistoryStore:
-    """A :class:`ClockHistory` persisted as the last accepted TPMS_ATTEST per AK.
+    """One AK's :class:`ClockHistory`, persisted as its last accepted TPMS_ATTEST in a
+    file of its own (``clock-history/AKNAME.json``): an attestation reads and rewrites
+    its own AK's file only, not every node's (O(1) per attestation, not O(nodes)).
 
-    Only public ClockHistory methods are used: loading re-records each stored quote,
-    which restores exactly the state the verifier had after accepting it.
+    An AK without a file of its own is looked up in the older one-file layout
+    (``clock-history.json``, kept and read, never written). Only public ClockHistory
+    methods are used: loading re-records the stored quote, which restores exactly the
+    state the verifier had after accepting it.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, paths: ClusterPaths, ak_name: bytes) -> None:
+        self.name_hex = ak_name.hex()
+        self.path = paths.clock_history_dir / f"{self.name_hex}.json"
         self.history = ClockHistory()
-        self._attests: dict[str, str] = {}
+        self._attest: str | None = None
         doc = read_json(self.path)
-        if doc is None:
+        if doc is not None:
+            if not isinstance(doc, dict) or doc.get("format") != _HISTORY_FORMAT \
+                    or doc.get("ak") != self.name_hex:
+                raise StateError(f"{self.path} is not this AK's clock history file")
+            self._restore(doc.get("attest"), self.path)
             return
-        if not isinstance(doc, dict) or doc.get("format") != _HISTORY_FORMAT \
-                or not isinstance(doc.get("aks"), dict):
-            raise StateError(f"{path} is not a clock history file")
-        for name_hex, attest_b64 in doc["aks"].items():
-            self._restore(str(name_hex), attest_b64)
+        legacy = read_json(paths.clock_history)
+        if legacy is None:
+            return
+        if not isinstance(legacy, dict) or legacy.get("format") != _HISTORY_FORMAT \
+                or not isinstance(legacy.get("aks"), dict):
+            raise StateError(f"{paths.clock_history} is not a clock history file")
+        if self.name_hex in legacy["aks"]:
+            self._restore(legacy["aks"][self.name_hex], paths.clock_history)
 
-    def _restore(self, name_hex: str, attest_b64: object) -> None:
+    def _restore(self, attest_b64: object, where: Path) -> None:
         try:
             raw = b64decode(attest_b64, "attest")
-            self.history.record(bytes.fromhex(name_hex), parse_attest(raw).clock_info, raw)
+            self.history.record(bytes.fromhex(self.name_hex), parse_attest(raw).clock_info,
+                                raw)
         except (ValueError, EvidenceFormatError) as exc:
-            raise StateError(f"{self.path}: entry {name_hex[:16]} is corrupt: {exc}") from None
-        self._attests[name_hex] = b64encode(raw)
+            raise StateError(f"{where}: entry {self.name_hex[:16]} is corrupt: {exc}") from None
+        self._attest = b64encode(raw)
 
     def remember(self, evidence: Evidence) -> None:
-        self._attests[parse_public(evidence.ak_public).name.hex()] = b64encode(evidence.attest)
+        self._attest = b64encode(evidence.attest)
 
     def save(self) -> None:
-        write_json(self.path, {"format": _HISTORY_FORMAT, "version": 1, "aks": self._attests})
+        private_dir(self.path.parent)
+        write_json(self.path, {"format": _HISTORY_FORMAT, "version": 2, "ak": self.name_hex,
+                               "attest": self._attest})
+
+
+class _RegistryCache:
+    """The parsed AK registry, parsed again only when the file's bytes differ.
+
+    Keyed by the exact bytes read (never by a timestamp): a registry that changed in
+    any way is parsed anew, so a verifier never trusts an AK the file no longer holds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cached: dict[Path, tuple[bytes | None, AkRegistry]] = {}
+
+    def get(self, paths: ClusterPaths) -> AkRegistry:
+        data = read_registry_bytes(paths)
+        with self._lock:
+            hit = self._cached.get(paths.registry)
+        if hit is not None and hit[0] == data:
+            return hit[1]
+        registry = parse_registry(paths, data)
+        with self._lock:
+            self._cached = {paths.registry: (data, registry)}  # one cluster at a time
+        return registry
+
+
+_registries = _RegistryCache()
+
+
+def _ak_name(evidence: Evidence) -> bytes | None:
+    """The name of the AK the evidence claims; None when its public is unparseable
+    (the verifier then fails it: nothing is loaded or saved for it)."""
+    try:
+        return parse_public(evidence.ak_public).name
+    except EvidenceFormatError:
+        return None
 
 
 def evidence_dir(paths: ClusterPaths) -> Path:
@@ -81,16 +134,17 @@ def evidence_dir(paths: ClusterPaths) -> Path:
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
                     policy: ReferencePolicy) -> VerificationReport:
     """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
-    registry = load_registry(paths)
+    registry = _registries.get(paths)
     if node not in registry.nodes():
         raise StateError(f"node {node} is not registered in cluster {paths.name}: its AK was "
                          "never activated (run `testbed up`)")
+    ak_name = _ak_name(evidence)
     with locked(paths.attest_lock):
-        store = ClockHistoryStore(paths.clock_history)
+        store = ClockHistoryStore(paths, ak_name) if ak_name is not None else None
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
-                                 clock_history=store.history)
+                                 clock_history=store.history if store else ClockHistory())
         report = verifier.verify(evidence, nonce)
-        if report.ok:
+        if report.ok and store is not None:
             store.remember(evidence)
             store.save()
         EvidenceLog(evidence_dir(paths)).append(node, nonce, evidence, policy, report,

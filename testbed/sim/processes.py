@@ -204,6 +204,9 @@ def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
             return NodeProcessState(node, "starting", pid, info)
         if info.state == "failed":
             return NodeProcessState(node, "failed", pid, info, info.error or f"see {log}")
+        if info.state == "stopped" and swarm_of(paths, pid) is not None:
+            # One node of a swarm stopped (an agent shutdown): its process hosts others.
+            return NodeProcessState(node, "stopped", None, info)
         if info.state != "ready":
             return NodeProcessState(node, "stopping" if info.state == "stopped" else "starting",
                                     pid, info)

@@ -78,6 +78,7 @@ NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
 RECONNECT_S = 1.0  # between attempts to reopen a database that failed
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
+MAX_BATCH = 512  # outcomes recorded in one transaction
 
 log = logging.getLogger("testbed.verifier")
 
@@ -458,18 +459,30 @@ class VerifierService:
         self.outcomes.put(outcome)
 
     def _drain(self, wait: float) -> None:
-        """Record every outcome that arrived, waiting up to ``wait`` for the first."""
+        """Record every outcome that arrived, waiting up to ``wait`` for the first: in
+        one transaction (a commit per tick, not per attestation)."""
+        arrived: list[Outcome] = []
         with contextlib.suppress(queue.Empty):
-            outcome = self.outcomes.get(timeout=wait)
-            while True:
-                self._record(outcome)
-                outcome = self.outcomes.get_nowait()
+            arrived.append(self.outcomes.get(timeout=wait))
+            while len(arrived) < MAX_BATCH:
+                arrived.append(self.outcomes.get_nowait())
+        if not arrived:
+            return
+        for outcome in arrived:
+            if outcome.mode == "pull":  # a worker's: its node is no longer in flight
+                self._inflight.discard(outcome.node)
+        recorded = self.store.record_all(self.config.name, arrived)
+        for outcome, events in zip(arrived, recorded, strict=True):
+            self._act(outcome, events)
 
     def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
         if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
-        events = self.store.record(self.config.name, outcome)
+        self._act(outcome, self.store.record(self.config.name, outcome))
+
+    def _act(self, outcome: Outcome, events: list[Event]) -> None:
+        """What follows a recorded outcome: webhooks, and revocation of a failed node."""
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
