@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -75,6 +76,16 @@ class Swarm:
             list(pool.map(lambda node: node.stop_hosted(reason), nodes))
 
 
+def _raise_fd_limit() -> None:
+    """The soft descriptor limit up to the hard one: each node holds a few descriptors
+    and up to 16 agent connections, and a client flooding one node's agent must not
+    take the descriptors its siblings need (a soft limit of 1024 is common)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m testbed.sim.swarm",
                                      description="many sim nodes' agents in one process "
@@ -88,6 +99,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     os.umask(0o077)
+    _raise_fd_limit()
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s swarm[%(process)d] %(threadName)s %(levelname)s "
                                "%(message)s")

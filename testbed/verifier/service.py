@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.errors import EvidenceFormatError, FileInputError, TestbedError
 from attestation.evidence import Evidence
-from attestation.files import atomic_write, private_dir, remove_durably
-from attestation.policy import ReferencePolicy
+from attestation.files import atomic_write, private_dir, read_bounded, remove_durably
+from attestation.policy import MAX_POLICY_BYTES, ReferencePolicy, load_policy
 from attestation.report import VerificationReport
 from attestation.tpm_types import PcrSelection
 from testbed.backends import open_backend
@@ -203,34 +203,32 @@ def failed_outcome(node: str, exc: TestbedError, started: float, mode: str) -> O
 
 
 class PolicyCache:
-    """Each node's policy, parsed again only when its file changed.
+    """Each node's policy, parsed again only when its file's bytes changed.
 
     Parsing the YAML policy is most of an attestation's CPU (about 24 ms of 33 ms
-    here): a verifier attesting every node each interval keeps the parsed policy and
-    re-reads the file when its inode, size, mtime or ctime changed, so an edited policy
-    applies from the next attestation on.
+    here): a verifier attesting every node each interval reads the file (a few KiB)
+    and keeps the parsed policy while the bytes are exactly those it parsed, so an
+    edited policy applies from the next attestation on (keyed by content, never by a
+    timestamp an edit might not change).
     """
 
     def __init__(self, paths: ClusterPaths) -> None:
         self.paths = paths
-        self._cached: dict[str, tuple[tuple[int, ...], ReferencePolicy]] = {}
+        self._cached: dict[str, tuple[bytes, ReferencePolicy]] = {}
         self._lock = threading.Lock()
 
     def get(self, node: str) -> ReferencePolicy:
         try:
-            info = os.stat(self.paths.policy(node))
-            key: tuple[int, ...] = (info.st_ino, info.st_size, info.st_mtime_ns,
-                                    info.st_ctime_ns)
-        except OSError:
-            key = ()  # load_node_policy says what is wrong
+            data = read_bounded(self.paths.policy(node), MAX_POLICY_BYTES, what="policy file")
+        except FileInputError:
+            return load_node_policy(self.paths, node)  # it says what is wrong
         with self._lock:
             hit = self._cached.get(node)
-        if key and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == data:
             return hit[1]
-        policy = load_node_policy(self.paths, node)
-        if key:
-            with self._lock:
-                self._cached[node] = (key, policy)
+        policy = load_policy(data)
+        with self._lock:
+            self._cached[node] = (data, policy)
         return policy
 
     def keep(self, nodes: set[str]) -> None:
