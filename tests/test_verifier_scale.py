@@ -5,7 +5,8 @@ One module-scoped cluster of 34 swarm nodes (more than the 32 a spec's node entr
 hold), all hosted by one process: the detached verifier (the real CLI) attests them
 all; a runtime tamper of one is detected while its siblings stay trusted; hostile
 frames on one node's agent socket get the usual one-line errors and harm no sibling;
-the per-AK clock history still catches a replayed and an older quote; an agent
+the per-AK clock history still catches a replayed and an older quote (and reads the
+older one-file layout); an agent
 ``shutdown`` stops that node only. The spec's ``swarm:`` field is checked on its own.
 """
 
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from attestation.agent_wire import recv_frame
+from attestation.tpm_types import parse_public
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport, connect_unix
 from testbed.cluster.state import load_node_policy, read_attestations
@@ -196,6 +198,24 @@ def test_per_ak_clock_history_still_catches_replayed_and_older_quotes(lab: Lab) 
     files = sorted(lab.paths.clock_history_dir.glob("*.json"))
     assert len(files) == SWARM and not lab.paths.clock_history.exists()  # a file per AK
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    # A work directory of the one-file layout: an AK without a file of its own is found
+    # there, so the replay is still caught; the accepted quote then gets its own file.
+    rc, _, err = run_cli(lab.workdir, "verifier", "stop")
+    assert rc == 0, err
+    mine = lab.paths.clock_history_dir / f"{parse_public(newer.ak_public).name.hex()}.json"
+    doc = json.loads(mine.read_text())
+    lab.paths.clock_history.write_text(json.dumps(
+        {"format": doc["format"], "version": 1, "aks": {doc["ak"]: doc["attest"]}}))
+    mine.unlink()
+    try:
+        report = verify_evidence(lab.paths, node, newer, newer_nonce, policy)
+        assert report.failure is not None and report.failure.name == "clock"
+        fresh_nonce = os.urandom(32)
+        fresh = lab.agent(node).quote(fresh_nonce, SIM_PCRS.indices)
+        assert verify_evidence(lab.paths, node, fresh, fresh_nonce, policy).ok
+        assert json.loads(mine.read_text())["version"] == 2
+    finally:
+        lab.paths.clock_history.unlink()
 
 
 def test_agent_shutdown_stops_that_swarm_node_only(lab: Lab) -> None:
