@@ -16,6 +16,9 @@ only whole lines, at most :data:`MAX_CHUNK` bytes at a time, and :func:`replay` 
 from the PCR value the last good quote proved. The runtime policy (YAML, the strict
 loader) allows digests per path, and excludes paths by glob; :func:`check_entries` names
 the first offending entry.
+
+The log format is standard library only (the guest agent runs it with Debian's python3);
+only :func:`load_runtime_policy` needs PyYAML, imported when called.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attestation.errors import EvidenceFormatError, PolicyError, VerificationError
-from attestation.strict_yaml import load_yaml
 
 __all__ = [
     "BOOT_AGGREGATE",
@@ -50,6 +52,9 @@ __all__ = [
 
 IMA_PCR = 10
 TEMPLATE = "ima-ng"
+# Debian's kernels default to ima-sig: ima-ng plus a signature field, empty unless files
+# are signed. Its boot_aggregate starts every VM's log, so it is read (empty signature only).
+SIG_TEMPLATE = "ima-sig"
 ALGORITHM = "sha256"
 BOOT_AGGREGATE = "boot_aggregate"  # the first entry: the kernel's digest of PCRs 0-7
 MAX_CHUNK = 256 * 1024  # bytes parsed per call: a log is read in bounded steps
@@ -69,9 +74,10 @@ class ImaEntry:
     digest: bytes  # the file's SHA-256
     path: str
     offset: int = 0
+    template: str = TEMPLATE
 
     def line(self) -> bytes:
-        return (f"{self.pcr} {self.template_hash.hex()} {TEMPLATE} {ALGORITHM}:"
+        return (f"{self.pcr} {self.template_hash.hex()} {self.template} {ALGORITHM}:"
                 f"{self.digest.hex()} {self.path}\n").encode()
 
     def describe(self) -> str:
@@ -82,20 +88,24 @@ class ImaEntry:
                 "offset": self.offset, "template_hash": self.template_hash.hex()}
 
 
-def template_data(digest: bytes, path: str) -> bytes:
-    """IMA's binary ima-ng template data: the d-ng and n-ng fields, each length-prefixed."""
+def template_data(digest: bytes, path: str, template: str = TEMPLATE) -> bytes:
+    """IMA's binary ima-ng template data: the d-ng and n-ng fields, each length-prefixed
+    (ima-sig: and an empty sig field)."""
     d_ng = f"{ALGORITHM}:".encode() + b"\0" + digest
     n_ng = path.encode() + b"\0"
-    return struct.pack("<I", len(d_ng)) + d_ng + struct.pack("<I", len(n_ng)) + n_ng
+    data = struct.pack("<I", len(d_ng)) + d_ng + struct.pack("<I", len(n_ng)) + n_ng
+    return data + struct.pack("<I", 0) if template == SIG_TEMPLATE else data
 
 
-def make_entry(digest: bytes, path: str, offset: int = 0) -> ImaEntry:
+def make_entry(digest: bytes, path: str, offset: int = 0, template: str = TEMPLATE) -> ImaEntry:
     """The entry IMA records for a file with SHA-256 ``digest`` at ``path``."""
     _check_path(path, EvidenceFormatError)
     if len(digest) != 32:
         raise EvidenceFormatError("an ima-ng sha256 digest is 32 bytes")
-    return ImaEntry(IMA_PCR, hashlib.sha256(template_data(digest, path)).digest(), digest,
-                    path, offset)
+    if template not in (TEMPLATE, SIG_TEMPLATE):
+        raise EvidenceFormatError(f"only {TEMPLATE} and {SIG_TEMPLATE} entries are accepted")
+    return ImaEntry(IMA_PCR, hashlib.sha256(template_data(digest, path, template)).digest(),
+                    digest, path, offset, template)
 
 
 @dataclass(frozen=True)
@@ -140,14 +150,15 @@ def _parse_line(raw: bytes, offset: int) -> ImaEntry:
     if len(fields) != 5:
         raise EvidenceFormatError(f"{where}: expected 'PCR HASH ima-ng sha256:DIGEST PATH'")
     pcr, template_hash, template, digest, path = fields
-    if pcr != str(IMA_PCR) or template != TEMPLATE:
-        raise EvidenceFormatError(f"{where}: only PCR {IMA_PCR} {TEMPLATE} entries are "
-                                  f"accepted, not {pcr[:8]!r} {template[:16]!r}")
+    if pcr != str(IMA_PCR) or template not in (TEMPLATE, SIG_TEMPLATE):
+        raise EvidenceFormatError(f"{where}: only PCR {IMA_PCR} {TEMPLATE} (or {SIG_TEMPLATE} "
+                                  f"without signature) entries are accepted, not {pcr[:8]!r} "
+                                  f"{template[:16]!r}")
     if not _HEX64.fullmatch(template_hash) or not digest.startswith(f"{ALGORITHM}:") \
             or not _HEX64.fullmatch(digest[len(ALGORITHM) + 1:]):
         raise EvidenceFormatError(f"{where}: the template hash and digest are 64 lowercase "
                                   "hex digits (sha256:...)")
-    entry = make_entry(bytes.fromhex(digest[len(ALGORITHM) + 1:]), path, offset)
+    entry = make_entry(bytes.fromhex(digest[len(ALGORITHM) + 1:]), path, offset, template)
     if entry.template_hash.hex() != template_hash:
         raise EvidenceFormatError(f"{where}: the template hash is not that of its digest and "
                                   f"path {path[:80]!r}")
@@ -213,6 +224,9 @@ def load_runtime_policy(text: str | bytes, what: str = "runtime policy") -> Runt
             text = text.decode()
         except UnicodeDecodeError:
             raise PolicyError(f"{what}: not UTF-8") from None
+    # lazy: PyYAML only for policies; the log format stays standard library (guest agent)
+    from attestation.strict_yaml import load_yaml
+
     doc = load_yaml(text, what, PolicyError)
     if not isinstance(doc, dict) or doc.get("format") != _POLICY_FORMAT \
             or doc.get("version") != 1 or set(doc) - {"format", "version", "name", "allow",

@@ -72,7 +72,7 @@ SE_POLICY = 0x01
 CC = {"EvictControl": 0x120, "CreatePrimary": 0x131, "ActivateCredential": 0x147,
       "NV_Read": 0x14E, "PolicySecret": 0x151, "Quote": 0x158, "FlushContext": 0x165,
       "NV_ReadPublic": 0x169, "ReadPublic": 0x173, "StartAuthSession": 0x176,
-      "PCR_Read": 0x17E}
+      "PCR_Read": 0x17E, "PCR_Extend": 0x182}
 RC_HANDLE_MASK = 0x0FF  # format-one error number
 RC_HANDLE = 0x08B
 # TPM_RC_YIELDED, TPM_RC_TESTING, TPM_RC_RETRY: send the same command again (libtpms
@@ -359,6 +359,13 @@ class Tpm:
             digests = [r.tpm2b() for _ in range(count)]
             values.update(zip(got, digests, strict=True))
         return values
+
+    def pcr_extend(self, pcr: int, bank: str, digest: bytes) -> None:
+        """TPM2_PCR_Extend of one bank of ``pcr`` (the guest's runtime log, PCR 10)."""
+        if len(digest) != DIGEST_SIZES[bank]:
+            raise ValueError(f"a {bank} digest is {DIGEST_SIZES[bank]} bytes, not {len(digest)}")
+        values = u32(1) + u16(BANK_ALGS[bank]) + digest  # TPML_DIGEST_VALUES of one TPMT_HA
+        self.command("PCR_Extend", u32(pcr), values, [password_session()])
 
     def quote(self, nonce: bytes, bank: str, pcrs: Sequence[int]) -> tuple[bytes, bytes]:
         """(TPMS_ATTEST, TPMT_SIGNATURE) of the AK over ``pcrs``."""

@@ -1,4 +1,5 @@
-"""The guest agent's raw TPM commands against a real swtpm (no VM needed).
+"""The guest agent's raw TPM commands against a real swtpm (no VM needed), and its
+runtime log of PCR 10 judged by the verifier's incremental ``runtime`` check.
 
 The agent runs inside the guest on /dev/tpmrm0; here the same code drives an
 swtpm's data channel (its unix socket), and the host side (Registrar, QuoteVerifier) checks
@@ -8,25 +9,44 @@ what it produced, exactly as it checks a VM's answers.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from attestation.agent_wire import recv_frame, send_frame
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
+from attestation.ima import (
+    BOOT_AGGREGATE,
+    IMA_PCR,
+    MAX_CHUNK,
+    SIG_TEMPLATE,
+    RuntimePolicy,
+    check_entries,
+    make_entry,
+    parse_log,
+    replay,
+)
 from attestation.registrar import Registrar
 from attestation.tpm import AK_ATTRIBUTES as HOST_AK_ATTRIBUTES
 from attestation.tpm import TpmClient
 from attestation.tpm_raw import AK_ATTRIBUTES, AK_HANDLE, Tpm, UnixSocketTransport
 from attestation.tpm_types import ObjectAttributes, parse_public
 from attestation.verifier import QuoteVerifier
+from testbed.cluster.agent import AgentClient, TcpTransport
+from testbed.cluster.runtime import RuntimeState, check_runtime, explaining_prefix
+from testbed.core.paths import ClusterPaths
 from testbed.qemu.guest import agent as guest_agent
-from testbed.qemu.guest.agent import Agent
+from testbed.qemu.guest.agent import MAX_EXECUTED, Agent, boot_aggregate
 
 
 @pytest.fixture
@@ -118,3 +138,187 @@ def test_tcp_framing_round_trip(agent: Agent) -> None:
         assert json.loads(recv_frame(sock) or b"{}") == {"stopping": True}
     thread.join(5)
     server.close()
+
+
+# --- runtime integrity: the guest's ima-ng log of PCR 10 (docs/runtime.md) ---------------
+
+
+def _pcr10(agent: Agent) -> bytes:
+    return agent.tpm.pcr_read("sha256", [IMA_PCR])[IMA_PCR]
+
+
+def _log(agent: Agent, offset: int = 0) -> bytes:
+    return _b(_call(agent, {"op": "runtime_log", "offset": offset}), "data")
+
+
+def _measure(agent: Agent, path: str, content: bytes) -> dict[str, Any]:
+    return _call(agent, {"op": "runtime_measure", "path": path,
+                         "content": base64.b64encode(content).decode()})
+
+
+def test_runtime_log_starts_with_boot_aggregate_and_the_agents_files(agent: Agent) -> None:
+    agent.start_runtime([guest_agent.__file__])
+    entries = parse_log(_log(agent)).entries
+    assert [e.path for e in entries] == [BOOT_AGGREGATE, guest_agent.__file__]
+    pcrs = agent.tpm.pcr_read("sha256", range(10))
+    assert entries[0].digest == hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
+    with open(guest_agent.__file__, "rb") as f:
+        assert entries[1].digest == hashlib.sha256(f.read()).digest()
+    assert replay(bytes(32), entries)[-1] == _pcr10(agent)
+
+
+def test_kernel_boot_aggregate_is_adopted_not_extended_again(agent: Agent) -> None:
+    """In a VM the guest kernel's IMA has extended PCR 10 with its ima-sig boot_aggregate
+    (Debian's default template) before the agent starts: the log begins with that entry."""
+    aggregate = boot_aggregate(agent.tpm.pcr_read("sha256", range(10)))
+    kernel = make_entry(aggregate, BOOT_AGGREGATE, 0, SIG_TEMPLATE)
+    agent.tpm.pcr_extend(IMA_PCR, "sha256", kernel.template_hash)
+    agent.start_runtime([])
+    (entry,) = parse_log(_log(agent)).entries
+    assert entry == kernel and entry.line().split()[2] == b"ima-sig"
+    assert replay(bytes(32), [entry])[-1] == _pcr10(agent)
+
+
+def test_unexplained_pcr10_fails_the_runtime_check_closed(agent: Agent) -> None:
+    agent.tpm.pcr_extend(IMA_PCR, "sha256", bytes(range(32)))  # not a boot_aggregate
+    agent.start_runtime([])
+    with pytest.raises(VerificationError) as caught:
+        explaining_prefix(lambda offset: _log(agent, offset), RuntimeState((0, 0), 0, bytes(32)),
+                          _pcr10(agent))
+    assert caught.value.check == "runtime"
+
+
+def test_runtime_measure_is_read_incrementally_and_judged(agent: Agent) -> None:
+    agent.start_runtime([guest_agent.__file__])
+    start, pcr = len(_log(agent)), _pcr10(agent)
+    executed = _measure(agent, "/tmp/payload (copy)", b"unlisted binary")
+    assert executed["offset"] == start and executed["path"] == "/tmp/payload (copy)"
+    new = _log(agent, start)
+    (entry,) = parse_log(new, start).entries
+    assert entry.to_dict() == executed and replay(pcr, [entry])[-1] == _pcr10(agent)
+    assert _log(agent, start + len(new)) == b""  # at the end: nothing new
+    entries, end = explaining_prefix(lambda offset: _log(agent, offset),
+                                     RuntimeState((0, 0), start, pcr), _pcr10(agent))
+    assert entries == [entry] and end == start + len(new)
+    policy = RuntimePolicy("vm-runtime", {guest_agent.__file__: frozenset({b"\0" * 32})})
+    with pytest.raises(VerificationError, match=r"'/tmp/payload \(copy\)' is not in runtime"):
+        check_entries(policy, entries)
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "runtime_log", "offset": -1},
+    {"op": "runtime_log", "offset": True},
+    {"op": "runtime_log", "offset": "0"},
+    {"op": "runtime_log", "offset": 1.0},
+    {"op": "runtime_log", "offset": 10**40},
+    {"op": "runtime_log"},
+    {"op": "runtime_log", "offset": 0, "extra": 1},
+    {"op": "runtime_measure", "path": "/x\nforged line", "content": ""},
+    {"op": "runtime_measure", "path": "", "content": ""},
+    {"op": "runtime_measure", "path": "/x\0y", "content": ""},
+    {"op": "runtime_measure", "path": "/" + "a" * 4096, "content": ""},
+    {"op": "runtime_measure", "path": ["/x"], "content": ""},
+    {"op": "runtime_measure", "path": "/x", "content": "not base64!"},
+    {"op": "runtime_measure", "path": "/x", "content": "A" * (4 * (MAX_EXECUTED // 3 + 2))},
+    {"op": "runtime_measure", "path": "/x"},
+    {"op": "runtime_measure", "path": "/x", "content": "", "pcr": 16},
+])
+def test_hostile_runtime_requests_are_refused_and_measure_nothing(agent: Agent,
+                                                                   request_: dict[str, Any]
+                                                                   ) -> None:
+    agent.start_runtime([])
+    log, pcr = _log(agent), _pcr10(agent)
+    response = agent.handle(json.dumps(request_).encode())
+    assert set(response) == {"error"} and len(response["error"]) < 300, response
+    assert _log(agent) == log and _pcr10(agent) == pcr  # refused before PCR 10 moved
+    assert "error" not in agent.handle(b'{"op": "status"}')
+
+
+def test_offset_past_the_end_and_mid_line_offsets(agent: Agent) -> None:
+    agent.start_runtime([])
+    size = len(_log(agent))
+    assert "outside the log" in agent.handle(
+        json.dumps({"op": "runtime_log", "offset": size + 1}).encode())["error"]
+    with pytest.raises(EvidenceFormatError):  # a lying offset gives no entries, an error
+        parse_log(_log(agent, 3) + b"\n", 3)
+
+
+def test_a_full_log_refuses_before_extending(agent: Agent, monkeypatch: Any) -> None:
+    agent.start_runtime([])
+    monkeypatch.setattr(guest_agent, "MAX_RUNTIME_LOG", len(_log(agent)) + 200)
+    _measure(agent, "/bin/a", b"a")
+    log, pcr = _log(agent), _pcr10(agent)
+    response = agent.handle(json.dumps({"op": "runtime_measure", "path": "/bin/b",
+                                        "content": ""}).encode())
+    assert "runtime log is full" in response["error"] and "reboot" in response["error"]
+    assert _log(agent) == log and _pcr10(agent) == pcr
+
+
+def test_large_log_is_served_in_bounded_slices(agent: Agent) -> None:
+    agent.start_runtime([])
+    path = "/usr/lib/" + "x" * 4000
+    for i in range(70):  # ~280 KiB: more than one 256 KiB slice
+        _measure(agent, f"{path}{i}", b"%d" % i)
+    first = _log(agent)
+    assert len(first) == MAX_CHUNK
+    chunk = parse_log(first)
+    rest = parse_log(_log(agent, chunk.end), chunk.end)
+    entries = [*chunk.entries, *rest.entries]
+    assert len(entries) == 71 and replay(bytes(32), entries)[-1] == _pcr10(agent)
+
+
+def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Path) -> None:
+    """The verifier's `runtime` check (testbed/cluster/runtime.py) against the guest agent
+    served over TCP: the baseline passes, an unlisted binary fails, naming it."""
+    agent.start_runtime([guest_agent.__file__])
+    with open(guest_agent.__file__, "rb") as f:
+        policy = RuntimePolicy("vm0-runtime", {guest_agent.__file__: frozenset(
+            {hashlib.sha256(f.read()).digest()})})
+    ports: list[int] = []
+    ready = threading.Event()
+    server = threading.Thread(target=guest_agent.serve, args=(agent, "127.0.0.1", 0),
+                              kwargs={"listening": lambda p: (ports.append(p), ready.set())},
+                              daemon=True)
+    server.start()
+    try:
+        assert ready.wait(10)
+        client = AgentClient(TcpTransport(ports[0]), node="vm0", timeout=10)
+        paths = ClusterPaths(tmp_path, "lab")
+
+        def attest() -> str:
+            evidence = client.quote(os.urandom(32), [0, IMA_PCR])
+            return check_runtime(paths, "vm0", client, evidence, policy)
+
+        assert "2 new ima-ng entries" in attest()
+        assert "0 new ima-ng entries" in attest()  # incremental: nothing new
+        _measure(agent, "/usr/local/bin/cryptominer", b"miner")
+        for _ in range(2):  # the offending entry stays in the window
+            with pytest.raises(VerificationError, match="cryptominer") as caught:
+                attest()
+            assert caught.value.check == "runtime"
+    finally:
+        agent.stopping.set()
+        server.join(5)
+
+
+def test_the_guest_agent_imports_with_the_standard_library_only() -> None:
+    """As the guest runs it (a script beside ``attestation``): no PyYAML, cryptography,
+    pyOpenSSL or tpm2-pytss needed by the agent itself (extensions are optional)."""
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import runpy, sys\n"
+            "for name in ('yaml', 'cryptography', 'OpenSSL', 'tpm2_pytss'):\n"
+            "    sys.modules[name] = None\n"
+            "sys.argv = ['guest_agent.py', '--help']\n"
+            "runpy.run_path('testbed/qemu/guest/agent.py', run_name='__main__')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert run.returncode == 0 and "--tpm" in run.stdout, run.stderr[-2000:]
+
+
+def test_an_unreadable_agent_file_leaves_a_consistent_log(agent: Agent, tmp_path: Path) -> None:
+    """main() reports the error and serves on; what was measured still replays."""
+    with pytest.raises(OSError):
+        agent.start_runtime([str(tmp_path / "missing.py")])
+    entries = parse_log(_log(agent)).entries
+    assert [e.path for e in entries] == [BOOT_AGGREGATE]
+    assert replay(bytes(32), entries)[-1] == _pcr10(agent)

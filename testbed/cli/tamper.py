@@ -2,7 +2,8 @@
 
 The node measures it like Linux IMA does (PCR 10 extended, an ima-ng line appended to its
 runtime log): unless its runtime policy allows that path and digest, the node's next
-attestation fails the ``runtime`` check. Sim nodes only (a VM's IMA is the guest kernel's).
+attestation fails the ``runtime`` check. Both backends: a sim node's agent, or a qemu VM's
+guest agent (which extends the vTPM's PCR 10); the backend gives the node's agent.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def register_tamper_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
     p = sub.add_parser("tamper", help="tamper with a running node: make it execute a file",
                        description="The node measures the file into PCR 10 and its ima-ng "
                        "runtime log; `testbed attest NODE` then judges it (check `runtime`).")
-    p.add_argument("node", help="node name (a running sim node)")
+    p.add_argument("node", help="node name (a running sim node or qemu VM)")
     p.add_argument("--runtime", required=True, metavar="PATH",
                    help="the path of the file the node executes, e.g. /tmp/payload")
     p.add_argument("--content", metavar="TEXT",

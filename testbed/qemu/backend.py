@@ -43,6 +43,7 @@ from testbed.cluster.results import (
     NodeUp,
     OwnedProcess,
 )
+from testbed.cluster.runtime import ensure_runtime_policy
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
@@ -55,6 +56,7 @@ from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connec
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
 from testbed.qemu.predict.events import QUOTED_PCRS
+from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.roles.registry import role
 from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
@@ -308,11 +310,16 @@ class QemuBackend:
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
         progress.expect(4 + len(spec.nodes))
         cache = image_cache(self.paths.workdir)
+        recipe = load_recipe(spec.image) if spec.image else load_recipe()
         with progress.step("guest image (built once, then cached)"):
-            self._image = build_image(cache, load_recipe(spec.image) if spec.image else None)
+            self._image = build_image(cache, recipe)
         with progress.step("libvirt (started if needed, left running)"):
             self._driver = VmDriver(self.paths.workdir, reference_dir=cache / "firmware")
         with progress.step("predicted policies (firmware reference captured once)"):
+            for node in spec.nodes:  # PCR 10: the guest agent's files (docs/runtime.md)
+                ensure_runtime_policy(self.paths, node.name,
+                                      vm_runtime_policy(node.name, recipe),
+                                      replace_same_name=True)
             return {n.name: self._policy(n) for n in spec.nodes}
 
     def _policy(self, node: NodeSpec) -> ReferencePolicy:

@@ -28,6 +28,15 @@ TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per
                         -> an Evidence dict (attestation/evidence.py) with the event log
     {"op": "status"}    -> {"node", "role", "state", "uptime", "tcti", "kernel_cmdline"}
     {"op": "shutdown"}  -> {"stopping": true}; the guest then powers off
+    {"op": "runtime_log", "offset": N} -> {"offset": N, "data": b64, at most 256 KiB}
+    {"op": "runtime_measure", "path": str, "content": b64}
+                        -> the ima-ng entry: {"path", "digest", "offset", "template_hash"}
+
+Runtime integrity (docs/runtime.md): the agent keeps this boot's ima-ng log of PCR 10,
+as a sim node does. It starts with the guest kernel's ``boot_aggregate`` (the kernel's
+IMA extends PCR 10 with it before any user space runs), then the agent's own files;
+``runtime_measure`` is a file the guest "executes": PCR 10 extended, the line appended,
+both under the TPM lock, so a quote never sees a PCR 10 the log does not explain.
 
 Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection, at
 most :data:`MAX_CONNECTIONS` (:class:`attestation.slots.ConnectionSlots`): each request
@@ -50,6 +59,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import os
 import socket
 import sys
 import threading
@@ -63,8 +73,17 @@ from attestation.agent_wire import (  # the wire format every node agent speaks
     recv_frame,
     send_frame,
 )
-from attestation.encoding import b64encode
-from attestation.errors import TestbedError
+from attestation.encoding import b64decode, b64encode, require_int
+from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.ima import (  # the ima-ng format the verifier reads (docs/runtime.md)
+    BOOT_AGGREGATE,
+    IMA_PCR,
+    MAX_CHUNK,
+    SIG_TEMPLATE,
+    TEMPLATE,
+    ImaEntry,
+    make_entry,
+)
 from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_raw import (  # the raw TPM commands, shared with cryptovm/rawtpm.py
     EK_CERT_INDEX,
@@ -81,10 +100,53 @@ IDLE_TIMEOUT_S = 60.0
 MAX_CONNECTIONS = 16
 RANK_IDLE = 0  # waiting for a request: evictable, the longest idle first
 _SWEEP_S = 0.2  # how often deadlines are checked and a shutdown request is noticed
+MAX_EXECUTED = 1 << 20  # bytes of one file a runtime_measure "executes" (as a sim node)
+MAX_RUNTIME_LOG = 64 * MAX_CHUNK  # what one verifier check reads at most; then refuse
+BANK = "sha256"  # the bank quoted and extended
+_ZERO = bytes(32)
+_OP_KEYS = {"runtime_log": {"op", "offset"}, "runtime_measure": {"op", "path", "content"}}
 
 
 def b64(data: bytes | None) -> str | None:
     return None if data is None else b64encode(data)
+
+
+def boot_aggregate(pcrs: dict[int, bytes]) -> bytes:
+    """IMA's boot_aggregate for a TPM 2.0 sha256 bank: SHA-256 over PCRs 0-9 (Linux 5.8+
+    adds PCRs 8 and 9 to every non-SHA-1 aggregate)."""
+    return hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
+
+
+class RuntimeLog:
+    """This boot's ima-ng log of PCR 10, in memory (the guest's root is a RAM disk anyway),
+    at most :data:`MAX_RUNTIME_LOG` bytes: a log the verifier could not read in one check
+    is refused before it grows, not truncated."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def append(self, entry: ImaEntry) -> None:
+        with self._lock:
+            self._data += entry.line()
+
+    def room_for(self, path: str) -> None:
+        """Raise before extending PCR 10 with an entry the log could not keep."""
+        if self.size + len(path.encode()) + 160 > MAX_RUNTIME_LOG:
+            raise ValueError(f"the runtime log is full ({self.size} bytes; at most "
+                             f"{MAX_RUNTIME_LOG}): reboot the VM to start a new one")
+
+    def read(self, offset: int) -> bytes:
+        """At most :data:`MAX_CHUNK` bytes of the log from ``offset``."""
+        with self._lock:
+            if offset > len(self._data):
+                raise ValueError(f"runtime log offset {offset} is outside the log "
+                                 f"(0-{len(self._data)} bytes)")
+            return bytes(self._data[offset : offset + MAX_CHUNK])
 
 
 class Agent:
@@ -99,7 +161,9 @@ class Agent:
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "identity": self.identity, "activate": self.activate, "quote": self.quote,
             "status": self.status, "shutdown": self.shutdown,
+            "runtime_log": self.runtime_log, "runtime_measure": self.runtime_measure,
         }
+        self.runtime = RuntimeLog()
         # op -> handler(request, connection): answers the request and keeps the connection
         self.stream_handlers: dict[str, Callable[[dict[str, Any], socket.socket], None]] = {}
         self.extensions: list[str] = []
@@ -160,6 +224,59 @@ class Agent:
         self.stopping.set()
         return {"stopping": True}
 
+    # --- runtime integrity (docs/runtime.md) ---------------------------------------------
+
+    def start_runtime(self, files: Sequence[str]) -> None:
+        """Begin this boot's log: the kernel's boot_aggregate, then ``files`` (the agent's
+        own code) measured. A PCR 10 the boot_aggregate does not explain (a kernel with an
+        IMA policy, an agent restarted) is left unexplained: the verifier fails closed."""
+        with self.tpm.lock:
+            pcrs = self.tpm.pcr_read(BANK, range(IMA_PCR + 1))
+            aggregate = boot_aggregate(pcrs)
+            if pcrs[IMA_PCR] == _ZERO:  # no IMA in this kernel (or no VM: a host test)
+                self._measure(aggregate, BOOT_AGGREGATE)
+            else:
+                self._adopt_kernel_aggregate(aggregate, pcrs[IMA_PCR])
+        for path in files:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").digest()
+            with self.tpm.lock:
+                self._measure(digest, path)
+
+    def _adopt_kernel_aggregate(self, aggregate: bytes, pcr10: bytes) -> None:
+        """Log the boot_aggregate entry the kernel extended PCR 10 with (ima-sig, Debian's
+        default template, or ima-ng); the kernel's own log is not read."""
+        for template in (SIG_TEMPLATE, TEMPLATE):
+            entry = make_entry(aggregate, BOOT_AGGREGATE, 0, template)
+            if hashlib.sha256(_ZERO + entry.template_hash).digest() == pcr10:
+                self.runtime.append(entry)
+                return
+        print(f"guest agent: PCR {IMA_PCR} is not the kernel's boot_aggregate alone: the "
+              "runtime log cannot explain it", file=sys.stderr, flush=True)
+
+    def _measure(self, digest: bytes, path: str) -> ImaEntry:
+        """Extend PCR 10, then append the line. Call with the TPM lock held."""
+        self.runtime.room_for(path)
+        entry = make_entry(digest, path, self.runtime.size)
+        self.tpm.pcr_extend(IMA_PCR, BANK, entry.template_hash)
+        self.runtime.append(entry)
+        return entry
+
+    def runtime_log(self, request: dict[str, Any]) -> dict[str, Any]:
+        _only_keys(request)
+        offset = require_int(request.get("offset"), "offset", EvidenceFormatError, minimum=0)
+        return {"offset": offset, "data": b64(self.runtime.read(offset))}
+
+    def runtime_measure(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The guest "executes" ``path`` (its bytes: ``content``): measured like IMA does."""
+        _only_keys(request)
+        path = request.get("path")
+        if not isinstance(path, str):
+            raise ValueError("runtime_measure: path must be a string")
+        content = b64decode(request.get("content"), "content", limit=MAX_EXECUTED)
+        with self.tpm.lock:
+            return self._measure(hashlib.sha256(content).digest(), path).to_dict()
+
     def handle(self, body: bytes) -> dict[str, Any]:
         try:
             request = json.loads(body)
@@ -175,6 +292,12 @@ class Agent:
         except Exception as exc:  # a bug must not take the guest (PID 1's child) down
             print(f"guest agent: internal error: {exc!r}", file=sys.stderr, flush=True)
             return {"error": f"internal error: {type(exc).__name__}"}
+
+
+def _only_keys(request: dict[str, Any]) -> None:
+    extra = set(request) - _OP_KEYS[str(request["op"])]
+    if extra:
+        raise ValueError(f"{request['op']}: unknown keys {sorted(extra)[:4]}")
 
 
 def _read_text(path: str) -> str:
@@ -269,8 +392,10 @@ def serve(agent: Agent, host: str, port: int, *, idle_timeout: float = IDLE_TIME
 EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"))
 
 
-def install_extensions(agent: Agent) -> None:
-    """Load the role extensions shipped beside this file (absent in minimal images)."""
+def install_extensions(agent: Agent) -> list[str]:
+    """Load the role extensions shipped beside this file (absent in minimal images);
+    return their files (measured into the runtime log)."""
+    files = []
     for module_name, label in EXTENSIONS:
         try:
             module = importlib.import_module(module_name)
@@ -279,6 +404,8 @@ def install_extensions(agent: Agent) -> None:
             continue
         module.install(agent, send_frame)
         agent.extensions.append(label)
+        files.append(os.path.abspath(str(module.__file__)))
+    return files
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,7 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, _, port = args.listen.rpartition(":")
     tpm = Tpm(open_transport(args.tpm))
     agent = Agent(tpm, args.event_log, args.node, args.role)
-    install_extensions(agent)
+    files = [os.path.abspath(__file__), *install_extensions(agent)]
+    try:
+        agent.start_runtime(files)
+    except (OSError, ValueError, TpmCommandError, TestbedError) as exc:
+        # Still serve: the boot can be attested, and the runtime check fails closed.
+        print(f"guest agent: the runtime log could not be started: {exc}", file=sys.stderr,
+              flush=True)
     print(f"guest agent: serving on {host}:{port} with {tpm.transport.name}", flush=True)
     serve(agent, host, int(port))
     tpm.transport.close()
