@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from testbed.backends import open_backend
+from testbed.cluster.state import read_attestations
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.qemu import backend as qc
@@ -251,8 +252,8 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
 
     r = _cli(workdir, "attest", "client", "--json")
     assert r.returncode == 0 and _json(r)["ok"], r.stdout[-2000:]
-    history = json.loads(paths.attestations.read_text())
-    assert history["client"]["ok"] and history["client"]["policy"] == "client-predicted"
+    history = read_attestations(paths)
+    assert history["client"].ok and history["client"].policy == "client-predicted"
 
     # As after an `up` that crashed before writing it: down finds the domain by name.
     uuids = [record.uuid for n in NODES if (record := VmRecord.load(paths, n))]

@@ -19,6 +19,7 @@ sent with its evidence (:func:`slice_reader`): the same check either way.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "check_runtime",
            "node_runtime_policy", "quoting_pcr10", "runtime_dir", "runtime_window",
            "slice_reader"]
 
+_MAX_PARSED = 4096  # runtime policies kept parsed
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
 
@@ -79,11 +81,29 @@ def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy,
         atomic_write(path, dump_runtime_policy(policy).encode())
 
 
+_parsed: dict[Path, tuple[bytes, RuntimePolicy]] = {}  # path -> (its bytes, parsed)
+_parsed_lock = threading.Lock()
+
+
 def node_runtime_policy(paths: ClusterPaths, node: str) -> RuntimePolicy | None:
-    """The node's runtime policy, or None when it has none (no runtime check)."""
+    """The node's runtime policy, or None when it has none (no runtime check).
+
+    The file is read every time; its YAML is parsed again only when its bytes differ
+    from the last parse's (a verifier attesting hundreds of nodes each interval)."""
     path = _policy_path(paths, node)
     data = read_bounded(path, MAX_POLICY_BYTES, what="runtime policy", missing_ok=True)
-    return None if data is None else load_runtime_policy(data, str(path))
+    if data is None:
+        return None
+    with _parsed_lock:
+        hit = _parsed.get(path)
+    if hit is not None and hit[0] == data:
+        return hit[1]
+    policy = load_runtime_policy(data, str(path))
+    with _parsed_lock:
+        if len(_parsed) >= _MAX_PARSED:
+            _parsed.clear()  # bounded: a verifier of more nodes re-parses some
+        _parsed[path] = (data, policy)
+    return policy
 
 
 def quoting_pcr10(policy: ReferencePolicy) -> ReferencePolicy:

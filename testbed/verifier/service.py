@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from attestation.encoding import b64decode, b64encode, require_int
-from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
+from attestation.errors import EvidenceFormatError, FileInputError, TestbedError, VerificationError
 from attestation.evidence import Evidence
-from attestation.files import atomic_write, private_dir, remove_durably
+from attestation.files import atomic_write, private_dir, read_bounded, remove_durably
 from attestation.ima import IMA_PCR
-from attestation.policy import ReferencePolicy
+from attestation.policy import MAX_POLICY_BYTES, ReferencePolicy, load_policy
 from attestation.report import VerificationReport
 from attestation.tpm_types import PcrSelection, parse_attest
 from testbed.backends import open_backend
@@ -113,6 +113,7 @@ PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreac
 MAX_PUSH_CONNECTIONS = 32
 HOST_DEADLINE_S = 2.0  # per read of a host attestation, at least (over SSH)
 HOST_LEASE_S = CONNECT_S  # + the deadline: a host's lease covers a fresh SSH session
+MAX_BATCH = 512  # outcomes recorded in one transaction
 
 log = logging.getLogger("testbed.verifier")
 
@@ -240,34 +241,32 @@ def failed_outcome(node: str, exc: TestbedError, started: float, mode: str) -> O
 
 
 class PolicyCache:
-    """Each node's policy, parsed again only when its file changed.
+    """Each node's policy, parsed again only when its file's bytes changed.
 
     Parsing the YAML policy is most of an attestation's CPU (about 24 ms of 33 ms
-    here): a verifier attesting every node each interval keeps the parsed policy and
-    re-reads the file when its inode, size, mtime or ctime changed, so an edited policy
-    applies from the next attestation on.
+    here): a verifier attesting every node each interval reads the file (a few KiB)
+    and keeps the parsed policy while the bytes are exactly those it parsed, so an
+    edited policy applies from the next attestation on (keyed by content, never by a
+    timestamp an edit might not change).
     """
 
     def __init__(self, paths: ClusterPaths) -> None:
         self.paths = paths
-        self._cached: dict[str, tuple[tuple[int, ...], ReferencePolicy]] = {}
+        self._cached: dict[str, tuple[bytes, ReferencePolicy]] = {}
         self._lock = threading.Lock()
 
     def get(self, node: str) -> ReferencePolicy:
         try:
-            info = os.stat(self.paths.policy(node))
-            key: tuple[int, ...] = (info.st_ino, info.st_size, info.st_mtime_ns,
-                                    info.st_ctime_ns)
-        except OSError:
-            key = ()  # load_node_policy says what is wrong
+            data = read_bounded(self.paths.policy(node), MAX_POLICY_BYTES, what="policy file")
+        except FileInputError:
+            return load_node_policy(self.paths, node)  # it says what is wrong
         with self._lock:
             hit = self._cached.get(node)
-        if key and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == data:
             return hit[1]
-        policy = load_node_policy(self.paths, node)
-        if key:
-            with self._lock:
-                self._cached[node] = (key, policy)
+        policy = load_policy(data)
+        with self._lock:
+            self._cached[node] = (data, policy)
         return policy
 
     def keep(self, nodes: set[str]) -> None:
@@ -591,21 +590,40 @@ class VerifierService:
         self.outcomes.put(outcome)
 
     def _drain(self, wait: float) -> None:
-        """Record every outcome that arrived, waiting up to ``wait`` for the first."""
+        """Record every outcome that arrived, waiting up to ``wait`` for the first: in
+        one transaction (a commit per tick, not per attestation)."""
+        arrived: list[Outcome] = []
         with contextlib.suppress(queue.Empty):
-            outcome = self.outcomes.get(timeout=wait)
-            while True:
-                self._record(outcome)
-                outcome = self.outcomes.get_nowait()
+            arrived.append(self.outcomes.get(timeout=wait))
+            while len(arrived) < MAX_BATCH:
+                arrived.append(self.outcomes.get_nowait())
+        if not arrived:
+            return
+        for outcome in arrived:
+            if outcome.mode == "pull":  # a worker's: its node is no longer in flight
+                self._inflight.discard(outcome.node)
+        arrived = [self._under_host(outcome) for outcome in arrived]
+        recorded = self.store.record_all(self.config.name, arrived)
+        for outcome, events in zip(arrived, recorded, strict=True):
+            self._act(outcome, events)
 
     def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
         if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
+        outcome = self._under_host(outcome)
+        self._act(outcome, self.store.record(self.config.name, outcome))
+
+    def _under_host(self, outcome: Outcome) -> Outcome:
+        """A VM's outcome while its host is failed counts as a failure (docs/verifier.md)."""
         host = self._placement.get(outcome.node)
         if host in self._failed_hosts and outcome.mode != "host":
-            outcome = on_failed_host(outcome, str(host), self._failed_hosts[str(host)])
-        events = self.store.record(self.config.name, outcome)
+            return on_failed_host(outcome, str(host), self._failed_hosts[str(host)])
+        return outcome
+
+    def _act(self, outcome: Outcome, events: list[Event]) -> None:
+        """What follows a recorded outcome: webhooks, revocation of a failed node, and a
+        host's verdict for the VMs on it."""
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
