@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.agent_wire import recv_frame, send_frame
 from attestation.errors import EvidenceFormatError, VerificationError
@@ -37,16 +39,26 @@ from attestation.ima import (
     replay,
 )
 from attestation.registrar import Registrar
+from attestation.revocation import (
+    Decision,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    encode_decision,
+)
 from attestation.tpm import AK_ATTRIBUTES as HOST_AK_ATTRIBUTES
 from attestation.tpm import TpmClient
 from attestation.tpm_raw import AK_ATTRIBUTES, AK_HANDLE, Tpm, UnixSocketTransport
 from attestation.tpm_types import ObjectAttributes, parse_public
 from attestation.verifier import QuoteVerifier
+from cryptovm.errors import AuthenticationFailed
 from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.runtime import RuntimeState, check_runtime, explaining_prefix
 from testbed.core.paths import ClusterPaths
+from testbed.qemu.domain import free_port
 from testbed.qemu.guest import agent as guest_agent
 from testbed.qemu.guest.agent import MAX_EXECUTED, Agent, boot_aggregate
+from testbed.qemu.guest.cryptovm_extension import GuestCryptoVm
 
 
 @pytest.fixture
@@ -322,3 +334,93 @@ def test_an_unreadable_agent_file_leaves_a_consistent_log(agent: Agent, tmp_path
     entries = parse_log(_log(agent)).entries
     assert [e.path for e in entries] == [BOOT_AGGREGATE]
     assert replay(bytes(32), entries)[-1] == _pcr10(agent)
+
+
+# --- revocation: the verifier's signed decisions, verified as on sim nodes ------------------
+
+
+def _signed(key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    return decision_args(decision, key.sign(encode_decision(decision)))
+
+
+def _decide(agent: Agent, key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    return agent.handle(json.dumps({"op": "role", "action": decision.kind,
+                                    "args": _signed(key, decision)}).encode())
+
+
+def _pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo
+                                         ).decode()
+
+
+def test_forged_replayed_and_stale_decisions_are_refused_by_name(agent: Agent) -> None:
+    verifier, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    first = RevocationEvent("client", "runtime", "ran /tmp/x", "t1", 5)
+    assert "no verifier key" in _decide(agent, verifier, first)["error"]
+
+    assert _call(agent, {"op": "revocation_key", "public_key": _pem(verifier)})["pinned"]
+    assert "another verifier key is pinned" in agent.handle(json.dumps(
+        {"op": "revocation_key", "public_key": _pem(other)}).encode())["error"]
+    forged = _decide(agent, other, first)
+    assert forged["error"] == ("revocation: the decision is not signed by the cluster's "
+                               "verifier key")
+    sent_as = agent.handle(json.dumps({"op": "role", "action": "reinstated",
+                                       "args": _signed(verifier, first)}).encode())
+    assert sent_as["error"].startswith("revocation: a revoked decision sent as")
+    assert not agent.revocations.is_revoked("client")
+
+    applied = _decide(agent, verifier, first)
+    assert applied["applied"] and applied["sequence"] == 5 and applied["effects"] == {}
+    assert agent.revocations.is_revoked("client")
+    replayed = _decide(agent, verifier, first)
+    assert not replayed["applied"] and replayed["refused"].startswith("replay:")
+    stale = _decide(agent, verifier, Reinstate("client", "old decision", "t0", 3))
+    assert not stale["applied"] and stale["refused"].startswith("stale:")
+    assert agent.revocations.is_revoked("client")  # neither changed anything
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "role", "action": "connect", "args": {}},
+    {"op": "role", "action": "revoked", "args": []},
+    {"op": "role", "action": "revoked", "args": {"decision": "!!", "signature": ""}},
+    {"op": "role", "action": "revoked", "args": {"decision": "e30=", "signature": "AA==",
+                                                 "extra": 1}},
+    {"op": "role", "action": "revoked", "args": {}, "more": 1},
+    {"op": "revocation_key", "public_key": "x" * 5000},
+    {"op": "revocation_key", "public_key": 7},
+])
+def test_hostile_revocation_requests_get_one_error(agent: Agent,
+                                                   request_: dict[str, Any]) -> None:
+    answer = agent.handle(json.dumps(request_).encode())
+    assert set(answer) == {"error"} and len(answer["error"]) < 300, answer
+    assert agent.revocations.sequence == 0 and not agent.revocations.revoked
+
+
+def test_guest_cryptovm_refuses_a_revoked_node_until_reinstated(agent: Agent,
+                                                                 tmp_path: Path) -> None:
+    cvm = GuestCryptoVm(lambda: None, agent.tpm, state_dir=tmp_path / "cvm" / "state",
+                        host="127.0.0.1", port=free_port(), revocations=agent.revocations)
+    agent.revocation_listeners["cryptovm"] = cvm
+    verifier = Ed25519PrivateKey.generate()
+    _call(agent, {"op": "revocation_key", "public_key": _pem(verifier)})
+    started = cvm.start({"pcrs": "sha256:0-9"})
+    try:
+        vm = cvm._vm
+        assert started["started"] and vm is not None
+        vm.attested_session("client")  # the node's earlier attested contact: its account
+
+        answer = _decide(agent, verifier, RevocationEvent("client", "runtime", "x", "t", 1))
+        assert answer["effects"]["cryptovm"] == {"account_disabled": True, "running": True}
+        with pytest.raises(AuthenticationFailed, match="disabled"):
+            vm.attested_session("client")  # no release, enrollment or login any more
+        vm.attested_session("server")  # the others are served
+
+        answer = _decide(agent, verifier, Reinstate("client", "re-imaged", "t", 2))
+        assert answer["effects"]["cryptovm"] == {"account_enabled": True}
+        vm.attested_session("client")
+    finally:
+        if cvm._server is not None:
+            cvm._server.stop()
+        if cvm._vm is not None:
+            cvm._vm.close()
