@@ -9,6 +9,7 @@ what it produced, exactly as it checks a VM's answers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from attestation.agent_wire import recv_frame, send_frame
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
 from attestation.ima import (
+    AGGREGATE_PCRS,
     BOOT_AGGREGATE,
     IMA_PCR,
     MAX_CHUNK,
@@ -279,13 +281,9 @@ def test_large_log_is_served_in_bounded_slices(agent: Agent) -> None:
     assert len(entries) == 71 and replay(bytes(32), entries)[-1] == _pcr10(agent)
 
 
-def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Path) -> None:
-    """The verifier's `runtime` check (testbed/cluster/runtime.py) against the guest agent
-    served over TCP: the baseline passes, an unlisted binary fails, naming it."""
-    agent.start_runtime([guest_agent.__file__])
-    with open(guest_agent.__file__, "rb") as f:
-        policy = RuntimePolicy("vm0-runtime", {guest_agent.__file__: frozenset(
-            {hashlib.sha256(f.read()).digest()})})
+@contextlib.contextmanager
+def _serving(agent: Agent) -> Iterator[AgentClient]:
+    """The agent served over TCP, and the host's client for it."""
     ports: list[int] = []
     ready = threading.Event()
     server = threading.Thread(target=guest_agent.serve, args=(agent, "127.0.0.1", 0),
@@ -294,11 +292,24 @@ def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Pat
     server.start()
     try:
         assert ready.wait(10)
-        client = AgentClient(TcpTransport(ports[0]), node="vm0", timeout=10)
+        yield AgentClient(TcpTransport(ports[0]), node="vm0", timeout=10)
+    finally:
+        agent.stopping.set()
+        server.join(5)
+
+
+def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Path) -> None:
+    """The verifier's `runtime` check (testbed/cluster/runtime.py) against the guest agent
+    served over TCP: the baseline passes, an unlisted binary fails, naming it."""
+    agent.start_runtime([guest_agent.__file__])
+    with open(guest_agent.__file__, "rb") as f:
+        policy = RuntimePolicy("vm0-runtime", {guest_agent.__file__: frozenset(
+            {hashlib.sha256(f.read()).digest()})})
+    with _serving(agent) as client:
         paths = ClusterPaths(tmp_path, "lab")
 
         def attest() -> str:
-            evidence = client.quote(os.urandom(32), [0, IMA_PCR])
+            evidence = client.quote(os.urandom(32), [*AGGREGATE_PCRS, IMA_PCR])
             return check_runtime(paths, "vm0", client, evidence, policy)
 
         assert "2 new ima-ng entries" in attest()
@@ -308,9 +319,41 @@ def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Pat
             with pytest.raises(VerificationError, match="cryptominer") as caught:
                 attest()
             assert caught.value.check == "runtime"
-    finally:
-        agent.stopping.set()
-        server.join(5)
+
+
+def test_boot_aggregate_is_recomputed_from_the_quoted_pcrs(agent: Agent, tmp_path: Path
+                                                           ) -> None:
+    """The verifier recomputes the log's boot_aggregate from the quoted PCRs 0-9: a quote
+    without them fails closed, PCRs that moved after the aggregate (or a log that lies
+    about them) fail, and so does a second boot_aggregate later in the log."""
+    for pcr in (0, 4, 8, 9):  # a boot measured into them (firmware, kernel, initrd)
+        agent.tpm.pcr_extend(pcr, "sha256", hashlib.sha256(b"boot %d" % pcr).digest())
+    agent.start_runtime([])
+    policy = RuntimePolicy("vm0-runtime")
+    everything = [*AGGREGATE_PCRS, IMA_PCR]
+    with _serving(agent) as client:
+        def attest(pcrs: list[int], state: str) -> str:
+            evidence = client.quote(os.urandom(32), pcrs)
+            return check_runtime(ClusterPaths(tmp_path, state), "vm0", client, evidence,
+                                 policy)
+
+        with pytest.raises(VerificationError, match=r"does not cover PCRs 8, 9 \(quote") \
+                as caught:
+            attest([0, 1, 2, 3, 4, 5, 6, 7, IMA_PCR], "a")
+        assert caught.value.check == "runtime" and caught.value.data["missing_pcrs"] == [8, 9]
+        assert attest(everything, "a").startswith("1 new ima-ng entries")
+
+        agent.tpm.pcr_extend(4, "sha256", bytes(32))  # PCR 4 is not what was aggregated
+        with pytest.raises(VerificationError, match="does not match the quoted PCRs 0-9") \
+                as caught:
+            attest(everything, "b")  # a verifier that judges this boot's log from its start
+        assert caught.value.data["entry"]["offset"] == 0
+
+        with agent.tpm.lock:  # a file named boot_aggregate, with the aggregate's digest
+            agent._measure(boot_aggregate(agent.tpm.pcr_read("sha256", AGGREGATE_PCRS)),
+                           BOOT_AGGREGATE)
+        with pytest.raises(VerificationError, match="only as the log's first line"):
+            attest(everything, "a")
 
 
 def test_the_guest_agent_imports_with_the_standard_library_only() -> None:

@@ -29,6 +29,7 @@ from attestation.ima import (
     MAX_POLICY_BYTES,
     ImaEntry,
     RuntimePolicy,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -129,6 +130,7 @@ def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: 
     if state is None or state.boot != boot:
         state = RuntimeState(boot, 0, _ZERO)
     entries, end = explaining_prefix(lambda offset: _read(agent, offset), state, quoted)
+    check_boot_aggregate(entries, evidence.pcrs)  # recomputed from the quoted PCRs 0-9
     check_entries(policy, entries)
     RuntimeState(boot, end, quoted).save(paths, node)
     return (f"{len(entries)} new ima-ng entries (log bytes {state.offset}-{end}) replay to "

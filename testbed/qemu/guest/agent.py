@@ -93,6 +93,7 @@ from attestation.ima import (  # the ima-ng format the verifier reads (docs/runt
     SIG_TEMPLATE,
     TEMPLATE,
     ImaEntry,
+    boot_aggregate,
     make_entry,
 )
 from attestation.revocation import (  # the decisions, verified as on sim nodes
@@ -129,12 +130,6 @@ _OP_KEYS = {"runtime_log": {"op", "offset"}, "runtime_measure": {"op", "path", "
 
 def b64(data: bytes | None) -> str | None:
     return None if data is None else b64encode(data)
-
-
-def boot_aggregate(pcrs: dict[int, bytes]) -> bytes:
-    """IMA's boot_aggregate for a TPM 2.0 sha256 bank: SHA-256 over PCRs 0-9 (Linux 5.8+
-    adds PCRs 8 and 9 to every non-SHA-1 aggregate)."""
-    return hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
 
 
 class RevocationListener(Protocol):
