@@ -219,7 +219,6 @@ def test_revocation_closes_the_open_channel_within_1s_and_refuses_the_node(
         answer = server.agent.role("revoked", _decision(verifier, event))
         _wait(lambda: not splice.is_alive(), 5)  # both guests' ends closed
         closed = time.monotonic() - started
-        print(f"revoked -> channel closed on both guests: {closed * 1000:.0f} ms")
         assert answer["effects"]["trusted-passages"] == {"closed_channels": 1}
         assert closed < 1.0 and _open(server) == {} and _open(client) == {}, closed
         assert _result(server.agent, accepted["session"])["ended"] == "revoked"
