@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from attestation.revocation import (
     decision_args,
     encode_decision,
 )
-from testbed.qemu.relay import _splice, configure_guest
+from testbed.qemu.relay import configure_guest, hold_channel
 from testbed.tpm.boot import SIM_PCRS, predicted_policy
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.pytest_plugin import SwtpmFactory
@@ -59,21 +58,16 @@ def one_round(guests: dict[str, GuestProcess], key: Ed25519PrivateKey, sequence:
     started = time.perf_counter()
     server.agent.status()
     status = time.perf_counter() - started
-    server_sock, _ = server.agent.open_stream({"op": "tp_accept"})
-    client_sock, _ = client.agent.open_stream({"op": "tp_connect", "peer": "server",
-                                               "message": "hold", "hold": True})
-    splice = threading.Thread(target=_splice, args=(client_sock, server_sock, 60.0))
-    splice.start()
+    held = hold_channel(client.agent, server.agent, server_node="server", message="hold")
     while server.agent.call({"op": "tp_open"})["open"] != {"client": 1}:
         time.sleep(0.01)
     event = RevocationEvent("client", "runtime", "bench", "t", sequence)
     started = time.perf_counter()
     server.agent.role("revoked", signed(key, event))
     called = time.perf_counter() - started
-    splice.join(10)
+    held.wait_closed(10)
     closed = time.perf_counter() - started
-    server_sock.close()
-    client_sock.close()
+    held.close()
     server.agent.role("reinstated", signed(key, Reinstate("client", "bench", "t",
                                                            sequence + 1)))
     return {"status round trip": status, "role revoked call": called, "channel closed": closed}

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -38,7 +37,7 @@ from attestation.revocation import (
 from attestation.tpm import TpmClient
 from testbed.cluster.agent import AgentClient, AgentError, TcpTransport
 from testbed.qemu.domain import free_port
-from testbed.qemu.relay import RelayError, _result, _splice, configure_guest, relay_channel
+from testbed.qemu.relay import RelayError, configure_guest, hold_channel, relay_channel
 from testbed.spec.cluster_spec import BootSpec
 from testbed.tpm.boot import SIM_PCRS, measure_boot, predicted_policy
 from trusted_passages.pki import make_ca
@@ -198,12 +197,7 @@ def test_revocation_closes_the_open_channel_within_1s_and_refuses_the_node(
     for guest in guests.values():
         guest.agent.call({"op": "revocation_key", "public_key": pem})
     server, client = guests["server"], guests["client"]
-    server_sock, accepted = server.agent.open_stream({"op": "tp_accept"})
-    client_sock, _ = client.agent.open_stream({"op": "tp_connect", "peer": "server",
-                                               "message": "hold", "hold": True})
-    splice = threading.Thread(target=_splice, args=(client_sock, server_sock, 60.0),
-                              daemon=True)
-    splice.start()
+    held = hold_channel(client.agent, server.agent, server_node="server", message="hold")
     try:
         _wait(lambda: _open(server) == {"client": 1} and _open(client) == {"server": 1}, 60)
         assert _open(server) == {"client": 1} and _open(client) == {"server": 1}
@@ -217,16 +211,16 @@ def test_revocation_closes_the_open_channel_within_1s_and_refuses_the_node(
         event = RevocationEvent("client", "runtime", "ran /tmp/x", "t", 1)
         started = time.monotonic()
         answer = server.agent.role("revoked", _decision(verifier, event))
-        _wait(lambda: not splice.is_alive(), 5)  # both guests' ends closed
+        assert held.wait_closed(5)  # both guests' ends closed
         closed = time.monotonic() - started
         assert answer["effects"]["trusted-passages"] == {"closed_channels": 1}
         assert closed < 1.0 and _open(server) == {} and _open(client) == {}, closed
-        assert _result(server.agent, accepted["session"])["ended"] == "revoked"
+        client_view, server_view = held.views()
+        assert server_view["ended"] == "revoked" and client_view["ended"] == "closed"
+        assert client_view["reply"] == "server heard 'hold' from attested node 'client'"
         assert not server.agent.role("revoked", _decision(verifier, event))["applied"]
     finally:
-        server_sock.close()
-        client_sock.close()
-        splice.join(5)
+        held.close()
 
     refused = relay_channel(client.agent, server.agent, client_node="client",
                             server_node="server", message="secret")
