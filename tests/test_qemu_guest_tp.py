@@ -197,6 +197,9 @@ def test_revocation_closes_the_open_channel_within_1s_and_refuses_the_node(
     for guest in guests.values():
         guest.agent.call({"op": "revocation_key", "public_key": pem})
     server, client = guests["server"], guests["client"]
+    with pytest.raises(AgentError, match="hold: true or false"):
+        client.agent.open_stream({"op": "tp_connect", "peer": "server", "message": "m",
+                                  "hold": "yes"})
     held = hold_channel(client.agent, server.agent, server_node="server", message="hold")
     try:
         _wait(lambda: _open(server) == {"client": 1} and _open(client) == {"server": 1}, 60)
