@@ -30,6 +30,10 @@ EXPECTED_CHECK = {
     "sign-forgery": ("cms_signer", "third party"),
     "batch-substitution": ("batch_inclusion", "server"),
     "runtime-tamper": ("runtime", "verifier"),
+    "stolen-disk": ("ak_trust", "cryptovm"),
+    "unattested-host": ("policy", "cryptovm"),
+    "disk-swap": ("ak_trust", "cryptovm"),
+    "tampered-host": ("policy", "verifier"),
 }
 
 

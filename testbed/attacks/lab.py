@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,6 +107,7 @@ class Lab:
         self._lock = threading.Lock()
         self.policies: dict[str, ReferencePolicy] = {}
         self.clock = ClockHistory()
+        self.closers: list[Callable[[], None]] = []  # worlds built on the lab (attacks.svd)
 
     def start(self) -> Lab:
         plan = {"server": (GOOD_BOOT, SERVER_PCRS, None), "client": (GOOD_BOOT, CLIENT_PCRS,
@@ -172,6 +174,10 @@ class Lab:
         return key, issue_certificate(self.provider_ca, common_name, key)
 
     def close(self) -> None:
+        for closer in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                closer()
+        self.closers.clear()
         for node in self.nodes.values():
             with contextlib.suppress(Exception):
                 node.issuer.close()

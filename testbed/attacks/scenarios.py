@@ -33,10 +33,16 @@ from attestation.evidence import Evidence
 from attestation.ima import IMA_PCR, check_entries
 from attestation.tpm_types import PcrSelection
 from attestation.verifier import QuoteVerifier
+from cryptovm.errors import ReleaseDenied
 from testbed.attacks.lab import AV_CURRENT, AV_STALE, GOOD_BOOT, INSECURE_BOOT, Lab
 from testbed.attacks.lab import random_secret as _secret
 from testbed.attacks.plain import PlainProxy, PlainServer, PlainTlsError, exchange
+from testbed.attacks.svd import MARKER, OWNER, SvdWorld, svd_world
 from testbed.cluster.runtime import RuntimeState, explaining_prefix
+from testbed.hosts import lifecycle as hosts
+from testbed.hosts.layout import LabPaths
+from testbed.hosts.network import scratch_network
+from testbed.hosts.remote import libvirt_uri, libvirt_version
 from testbed.roles.revocation import (
     RevocationEvent,
     RevocationGate,
@@ -44,6 +50,7 @@ from testbed.roles.revocation import (
     encode_decision,
     public_key_pem,
 )
+from testbed.svd.volumes import DiskFiles
 from testbed.tpm.runtime import RuntimeLog, default_policy
 from trusted_passages import (
     AttestationRejected,
@@ -612,6 +619,91 @@ def _revoke_and_send(lab: Lab, directory: Path, log: RuntimeLog, last_good: Runt
                    "the server", caught.check, "verifier")
 
 
+# --- the Secure Virtual Device (encrypted disks, docs/svd.md) --------------------------------
+
+
+def _release_refused(world: SvdWorld, files: DiskFiles, requester: str) -> Outcome:
+    """``requester``'s host tries to unlock ``files`` through the CryptoVM."""
+    try:
+        data = world.unlock(files, world.lab.nodes[requester])
+    except ReleaseDenied as exc:
+        return Outcome(False, f"no key: {exc.reason}", exc.check, "cryptovm")
+    return Outcome(MARKER in data, f"{requester} unlocked the disk and read "
+                   f"{'the marker' if MARKER in data else 'something else'}")
+
+
+def stolen_disk(lab: Lab) -> ScenarioResult:
+    """Alice copies Bob's server's disk image off the host and attaches it to her VM."""
+    world = svd_world(lab)
+    plain_image = world.root / "plain-data.img"
+    plain_image.write_bytes(MARKER + bytes(4096))  # the same data on a plain disk
+    stolen = plain_image.read_bytes()
+    plain = Outcome(MARKER in stolen, "the copied plain image holds the customer's data")
+    copy = world.copy_disk("evil")
+    if MARKER in copy.image.read_bytes():
+        return ScenarioResult("stolen-disk", "Disk image copied off the host", plain,
+                              Outcome(True, "the marker is in the encrypted image"))
+    svd = _release_refused(world, copy, "evil")
+    svd = replace(svd, detail="the copied image is LUKS ciphertext (no marker in it); "
+                  f"attached to Alice's VM: {svd.detail}")
+    return ScenarioResult("stolen-disk", "Disk image copied off the host", plain, svd)
+
+
+def unattested_host(lab: Lab) -> ScenarioResult:
+    """Bob's server host boots another kernel and asks for the disk key."""
+    world = svd_world(lab)
+    server = lab.nodes[OWNER]
+    server.reboot(INSECURE_BOOT)
+    try:
+        data = world.open_with(world.files(OWNER), world.plain_release())
+        plain = Outcome(MARKER in data, "a key store without attestation released the key to "
+                        "the tampered host: the disk opened")
+        svd = _release_refused(world, world.files(OWNER), OWNER)
+    finally:
+        server.reboot(GOOD_BOOT)
+    return ScenarioResult("unattested-host", "Disk key asked for by a host failing its policy",
+                          plain, svd)
+
+
+def disk_swap(lab: Lab) -> ScenarioResult:
+    """Alice attaches Bob's server's disk to another VM of the same (good) boot."""
+    world = svd_world(lab)
+    swapped = world.copy_disk("bystander")
+    data = world.open_with(swapped, world.plain_release())
+    plain = Outcome(MARKER in data, "the key store released the disk key by its id: the other "
+                    "VM reads the server's disk")
+    return ScenarioResult("disk-swap", "Another VM's disk attached", plain,
+                          _release_refused(world, swapped, "bystander"))
+
+
+def tampered_host(lab: Lab) -> ScenarioResult:
+    """Alice's hypervisor host runs another QEMU binary (one byte changed) beneath the VMs.
+
+    A real host (namespaces, sshd, libvirtd, host TPM; docs/hosts.md) whose mount
+    namespace shows the modified binary at QEMU's path. Plain: the lab reaches its
+    libvirt over qemu+ssh, host key checked, and would place VMs on it. Attested hosts:
+    the host's quote carries the binary's digest in PCR 14 and its policy refuses it.
+    """
+    workdir = lab.root / "tampered-host"
+    bridge, subnet = scratch_network("tbatk")
+    try:
+        (host,) = hosts.up(workdir, 1, bridge=bridge, subnet=subnet, tamper_qemu=["host1"])
+        version = libvirt_version(libvirt_uri(LabPaths(workdir), host.address))
+        plain = Outcome(True, f"libvirt {version} on the tampered host answered over "
+                        "qemu+ssh (host key checked): a lab without host attestation "
+                        "places VMs there")
+        verdict = host.verdict
+        if verdict is None or verdict.trusted:
+            tp = Outcome(True, "the tampered host was attested as trusted")
+        else:
+            tp = Outcome(False, f"host untrusted: {verdict.message}", verdict.failed_check,
+                         "verifier")
+    finally:
+        hosts.down(workdir)
+    return ScenarioResult("tampered-host", "Tampered hypervisor host: another QEMU binary",
+                          plain, tp)
+
+
 def genuine(lab: Lab) -> tuple[bool, str]:
     """No attack: the customer and Bob's server attest each other and talk."""
     real = lab.tp_config("server", peer="client")
@@ -643,6 +735,10 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "sign-forgery": sign_forgery,
     "batch-substitution": batch_substitution,
     "runtime-tamper": runtime_tamper,
+    "stolen-disk": stolen_disk,
+    "unattested-host": unattested_host,
+    "disk-swap": disk_swap,
+    "tampered-host": tampered_host,
 }
 
 

@@ -11,29 +11,42 @@ to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
-from attestation.evidence_log import EvidenceLog
-from attestation.ima import IMA_PCR
+from attestation.evidence_log import EvidenceLog, LoggedRuntime, RuntimeSlice
+from attestation.ima import IMA_PCR, RuntimePolicy
 from attestation.policy import ReferencePolicy
 from attestation.report import NOT_RUN, CheckResult, VerificationReport, run_checks
 from attestation.tpm_types import parse_attest, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import AttestResult
-from testbed.cluster.runtime import check_runtime, node_runtime_policy, quoting_pcr10
+from testbed.cluster.runtime import (
+    RuntimeState,
+    RuntimeWindow,
+    agent_reader,
+    judge_window,
+    node_runtime_policy,
+    quoting_pcr10,
+    runtime_window,
+)
 from testbed.cluster.state import load_registry, record_attestation
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
+from trusted_passages.batch import BatchProof
+from trusted_passages.tpm import verify_batched
 
-__all__ = ["ClockHistoryStore", "attest_node", "evidence_dir", "verify_evidence"]
+__all__ = ["ClockHistoryStore", "RuntimeInput", "attest_node", "evidence_dir",
+           "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
 
@@ -78,24 +91,79 @@ def evidence_dir(paths: ClusterPaths) -> Path:
     return paths.root / "evidence"
 
 
+@dataclass(frozen=True)
+class RuntimeInput:
+    """The ``runtime`` check's inputs: the node's runtime policy and its log
+    (``read(offset)``: over a pull node's agent, or the slice a push node sent)."""
+
+    policy: RuntimePolicy
+    read: Callable[[int], bytes]
+
+
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
-                    policy: ReferencePolicy) -> VerificationReport:
-    """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
+                    policy: ReferencePolicy, proof: BatchProof | None = None,
+                    runtime: RuntimeInput | None = None) -> VerificationReport:
+    """Verify evidence claimed to come from ``node`` with the cluster's registry and history.
+
+    ``proof``: the quote is a batch's (a node whose quotes are batched) and this is the
+    nonce's inclusion path: checked as ``batch_inclusion``, the leaf being ``nonce``.
+    ``runtime``: also run the incremental ``runtime`` check (``docs/runtime.md``) on a
+    quote that passed every other check. The evidence log records the verdict, the
+    runtime check's included, with what re-verifies it offline.
+    """
     registry = load_registry(paths)
     if node not in registry.nodes():
         raise StateError(f"node {node} is not registered in cluster {paths.name}: its AK was "
                          "never activated (run `testbed up`)")
+    # Read the log before taking the cluster-wide lock (it may be a round trip to the node).
+    window = None if runtime is None else _gather(paths, node, runtime, evidence)
     with locked(paths.attest_lock):
         store = ClockHistoryStore(paths.clock_history)
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
                                  clock_history=store.history)
-        report = verifier.verify(evidence, nonce)
+        report = verifier.verify(evidence, nonce) if proof is None else \
+            verify_batched(verifier, evidence, nonce, proof)
         if report.ok:
             store.remember(evidence)
             store.save()
-        EvidenceLog(evidence_dir(paths)).append(node, nonce, evidence, policy, report,
-                                                utc_now())
+        logged = None
+        if runtime is not None:
+            report, logged = _with_runtime(report, runtime.policy, window)
+        EvidenceLog(evidence_dir(paths)).append(
+            node, nonce, evidence, policy, report, utc_now(),
+            batch=None if proof is None else proof.to_dict(), runtime=logged)
+    if isinstance(window, RuntimeWindow) and report.ok:  # the next check starts after it
+        RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
     return report
+
+
+def _gather(paths: ClusterPaths, node: str, runtime: RuntimeInput,
+            evidence: Evidence) -> RuntimeWindow | VerificationError:
+    try:
+        return runtime_window(paths, node, runtime.read, evidence)
+    except VerificationError as exc:
+        return exc
+    except EvidenceFormatError as exc:  # a malformed log line or slice
+        return VerificationError("runtime", f"the node's runtime log is unusable: {exc}")
+
+
+def _with_runtime(report: VerificationReport, policy: RuntimePolicy,
+                  window: RuntimeWindow | VerificationError | None
+                  ) -> tuple[VerificationReport, LoggedRuntime]:
+    """``report`` plus the runtime check, run only on a quote that passed every check."""
+    if report.failure is not None:
+        checks = (*report.checks, CheckResult("runtime", "skipped", NOT_RUN))
+        return VerificationReport(checks), LoggedRuntime(policy, None, None)
+    logged = LoggedRuntime(policy, None if not isinstance(window, RuntimeWindow) else
+                           RuntimeSlice(window.start, window.end, window.from_pcr, window.data),
+                           False)
+    if not isinstance(window, RuntimeWindow):
+        assert window is not None
+        failed = CheckResult("runtime", "failed", window.reason, window.data)
+        return VerificationReport((*report.checks, failed)), logged
+    result = run_checks([("runtime", lambda: judge_window(window, policy))])
+    return (VerificationReport((*report.checks, *result.checks)),
+            dataclasses.replace(logged, ok=result.ok))
 
 
 def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: ReferencePolicy,
@@ -106,21 +174,13 @@ def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: Refe
     judged: the ``runtime`` check (:mod:`testbed.cluster.runtime`).
     """
     nonce = os.urandom(32)
-    runtime = node_runtime_policy(paths, node)
-    if runtime is not None:
+    runtime_policy = node_runtime_policy(paths, node)
+    runtime = None
+    if runtime_policy is not None:
         pcrs, policy = sorted({*pcrs, IMA_PCR}), quoting_pcr10(policy)
-    evidence = agent.quote(nonce, pcrs)
-    report = verify_evidence(paths, node, evidence, nonce, policy)
-    if runtime is not None:
-        report = _with_runtime(report, lambda: check_runtime(paths, node, agent, evidence,
-                                                             runtime))
+        runtime = RuntimeInput(runtime_policy, agent_reader(agent))
+    evidence, proof = agent.quote_batched(nonce, pcrs)
+    report = verify_evidence(paths, node, evidence, nonce, policy, proof, runtime)
     result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report, evidence)
     record_attestation(paths, node, result.record())
     return result
-
-
-def _with_runtime(report: VerificationReport, check: Callable[[], str]) -> VerificationReport:
-    """``report`` plus the runtime check, run only on a quote that passed every check."""
-    if report.failure is not None:
-        return VerificationReport((*report.checks, CheckResult("runtime", "skipped", NOT_RUN)))
-    return VerificationReport((*report.checks, *run_checks([("runtime", check)]).checks))

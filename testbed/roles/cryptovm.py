@@ -33,28 +33,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from attestation.errors import EvidenceFormatError
+from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.files import atomic_write, private_dir
 from cryptovm.attested import refuse_stream, serve_stream
 from cryptovm.client import CryptoVmClient
+from cryptovm.disks import disk_key_id, ensure_disk_key
 from cryptovm.errors import AccessDenied, AuthenticationFailed, SealedStorageError
-from cryptovm.sealing import format_pcr_selection
+from cryptovm.sealing import TpmSealer, format_pcr_selection
 from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import ServiceEndpoint, ServiceInfo
+from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
 from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
 from testbed.roles.base import InfoRequest, NodeContext, RoleRequest, decode_request
 from testbed.roles.revocation import Reinstate, RevocationEvent, RevocationGate
 from testbed.roles.trust import HOST, PROFILE, ClusterValidator, NodeIssuer, cluster_tls_ca
+from testbed.svd.volumes import DiskFiles, attach_sealed, detach, mount_filesystem
 from testbed.tpm.boot import SIM_PCRS
 from trusted_passages import (
     AttestationRejected,
@@ -75,12 +79,14 @@ __all__ = [
     "CryptoVmService",
     "PublishedCryptoVm",
     "cryptovm_endpoint",
+    "grant_guest_disks",
     "open_store",
     "psk_path",
     "published_service",
     "start_node_service",
     "start_vm_service",
     "state_dir",
+    "store_disk",
 ]
 
 STATE_NAME = "cryptovm"
@@ -88,6 +94,7 @@ PSK_NAME = "cryptovm-root.psk"
 INFO_NAME = "cryptovm.json"
 REVOKED_NAME = "cryptovm-revoked.json"  # the revocation list it publishes (run/)
 IDLE_TIMEOUT_S = 30.0
+log = logging.getLogger("testbed.roles.cryptovm")
 VM_PCRS = "sha256:0-9"  # what OVMF measured: firmware, kernel, initrd, command line
 GUEST_PORTS = {"cvm1": 9302}
 """The guest services a VM of this role forwards to the host (name -> guest port)."""
@@ -174,11 +181,50 @@ def cryptovm_endpoint(paths: ClusterPaths, node: str) -> CryptoVmEndpoint:
 # --- node side: the store and its listeners -------------------------------------------------
 
 
+def store_disk(ctx: NodeContext) -> DiskFiles | None:
+    """The node's store disk (docs/svd.md), if its spec gives it one."""
+    if not ctx.spec.disks:
+        return None
+    return DiskFiles(ctx.name, ctx.spec.disks[0].name, ctx.state_dir, ctx.run_dir)
+
+
+def _open_store_disk(ctx: NodeContext, files: DiskFiles) -> Path:
+    """Unlock the store disk with its passphrase sealed to this node's measured-boot PCRs
+    (nothing below the CryptoVM could release it), and mount its file system."""
+    sealer = TpmSealer(ctx.tcti, SIM_PCRS, tpm_access=ctx.tpm_session)
+    try:
+        new = attach_sealed(files, ctx.spec.disks[0], sealer)
+    except SealedStorageError as exc:
+        raise SealedStorageError(
+            f"node {ctx.name} cannot unlock its store disk: {exc}. Its key is sealed to the "
+            "measured state the disk was created in: boot the node's original chain, or "
+            "start over with `testbed down --purge`") from None
+    try:
+        return mount_filesystem(files, new=new)
+    except BaseException:
+        detach(files)
+        if new:  # no file system yet: the next start formats the disk again
+            for path in (files.image, files.sealed):
+                path.unlink(missing_ok=True)
+        raise
+
+
 def open_store(ctx: NodeContext) -> CryptoVm:
-    """Create the CryptoVM on the first start, unseal it on later ones."""
+    """Create the CryptoVM on the first start, unseal it on later ones; on its store
+    disk when the node has one."""
+    files = store_disk(ctx)
+    base = _open_store_disk(ctx, files) if files is not None else ctx.state_dir
+    try:
+        return _open_store(ctx, state_dir(base))
+    except BaseException:
+        if files is not None:
+            detach(files)
+        raise
+
+
+def _open_store(ctx: NodeContext, path: Path) -> CryptoVm:
     options: dict[str, Any] = {"tpm_access": ctx.tpm_session, "event_log": ctx.event_log,
                                "audit_sync_each": False}
-    path = state_dir(ctx.state_dir)
     if not (path / "cryptovm.json").exists():  # the manifest, written last by initialize
         vm, root_psk = CryptoVm.initialize(path, ctx.tcti, pcrs=format_pcr_selection(SIM_PCRS),
                                            **options)
@@ -220,6 +266,36 @@ class AuditingValidator:
     def claimed(self) -> str | None:
         node = getattr(self._claims, "node", None)
         return node if isinstance(node, str) else None
+
+
+# --- guest-side disks (docs/svd.md) ----------------------------------------------------
+
+
+def grant_guest_disks(vm: CryptoVm, paths: ClusterPaths, node: str) -> list[str]:
+    """Ensure ``node``'s guest-disk keys exist and its account may use them; the key ids."""
+    spec = load_spec(paths)
+    disks = [d for n in spec.nodes if n.name == node for d in n.disks if d.mode == "guest"]
+    if not disks:
+        return []
+    root = vm.local_root()
+
+    def call(op: str, **args: Any) -> dict[str, Any]:
+        result: dict[str, Any] = getattr(root, op)(**args)
+        return result
+
+    account = node_account(node)
+    reference, registry = paths.policy(node).read_text(), paths.registry.read_text()
+    key_ids = []
+    for disk in disks:
+        ensure_disk_key(call, node, disk.name, reference, registry)
+        key_id = disk_key_id(node, disk.name)
+        wanted = [f"key:{key_id}:release", f"key:{key_id}:public"]
+        held = vm.accounts.get(account).privileges
+        if not set(wanted) <= set(held):
+            root.account_grant(account, wanted)
+        key_ids.append(key_id)
+    vm.audit.sync()
+    return key_ids
 
 
 REQUESTS: tuple[type[RoleRequest], ...] = (InfoRequest,)
@@ -278,6 +354,9 @@ class CryptoVmService:
             self.tp.close(timeout=2)
         self.wire.stop()
         self.vm.close()
+        files = store_disk(self.ctx)
+        if files is not None:  # unmounted, then locked: the key dies with its daemon
+            detach(files)
         with contextlib.suppress(FileNotFoundError):
             (self.ctx.run_dir / INFO_NAME).unlink()
 
@@ -301,6 +380,10 @@ class CryptoVmService:
             self.vm.audit.sync()
             refuse_stream(lambda: _recv(channel), channel.send, exc)
             return
+        try:
+            grant_guest_disks(self.vm, self.ctx.cluster_paths, peer.node)
+        except (TestbedError, OSError) as exc:  # its release is then refused (privilege)
+            log.warning("guest disks of %s not prepared: %s", peer.node, exc)
         serve_stream(self.vm, session, lambda: _recv(channel), channel.send)
 
     # --- revocation -------------------------------------------------------------------

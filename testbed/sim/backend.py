@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from attestation.errors import TestbedError
 from attestation.policy import ReferencePolicy
 from attestation.tpm_types import PcrSelection
+from cryptovm.disks import Call, ensure_disk_key
 from testbed.cluster.agent import AgentClient, AgentUnavailable, UnixTransport
 from testbed.cluster.results import (
     DownResult,
@@ -33,6 +34,8 @@ from testbed.core.errors import StateError
 from testbed.core.files import locked
 from testbed.core.paths import ClusterPaths, private_tree
 from testbed.core.progress import Progress
+from testbed.roles.cryptovm import cryptovm_endpoint
+from testbed.roles.disks import UNLOCK_ACTION
 from testbed.roles.registry import role
 from testbed.sim.processes import (
     READY_TIMEOUT_S,
@@ -47,7 +50,8 @@ from testbed.sim.processes import (
     wait_node_gone,
     wait_ready,
 )
-from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
+from testbed.spec.cluster_spec import ClusterSpec, DiskSpec, NodeSpec
+from testbed.svd.volumes import DiskFiles, DiskStatus, attach, detach_all, disk_status
 from testbed.tpm.boot import SIM_PCRS, boot_summary, predicted_policy
 from testbed.tpm.runtime import default_policy
 from testbed.tpm.swtpm import Swtpm
@@ -60,13 +64,27 @@ class SimNodeFacts:
     pid: int | None = None
     swtpm_pid: int | None = None
     tcti: str | None = None
+    disks: tuple[DiskStatus, ...] = ()  # encrypted disks (docs/svd.md): never a key
+    tpm_latency_ms: float | None = None  # the TPM latency model, when the node has one
+    batch_window_ms: float | None = None  # its quotes are batched, within this window
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti}
+        out: dict[str, Any] = {"pid": self.pid, "swtpm_pid": self.swtpm_pid, "tcti": self.tcti,
+                               "tpm_latency_ms": self.tpm_latency_ms,
+                               "batch_window_ms": self.batch_window_ms}
+        if self.disks:
+            out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
-        return [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("tcti", self.tcti or "-")]
+        timing = [(label, f"{value:g} ms") for label, value in (
+            ("tpm latency", self.tpm_latency_ms), ("batch window", self.batch_window_ms))
+            if value is not None]
+        items = [("pid", str(self.pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                 ("tcti", self.tcti or "-"), *timing]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,11 @@ class SimStatusFacts(SimNodeFacts):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "agent_socket": self.agent_socket}
+
+
+def disk_files(paths: ClusterPaths, node: str, disk: str) -> DiskFiles:
+    node_paths = paths.node(node)
+    return DiskFiles(node, disk, node_paths.state, node_paths.run)
 
 
 def node_policy(node: NodeSpec) -> ReferencePolicy:
@@ -105,7 +128,8 @@ class SimBackend:
         # Before any process starts: every artifact must be readable, every policy valid.
         self._boots = {n.name: boot_summary(n.effective_boot) for n in spec.nodes}
         self._has_cryptovm = any(n.role == "cryptovm" for n in spec.nodes)
-        progress.expect(len(spec.nodes) + self._has_cryptovm)
+        has_disks = any(n.disks for n in spec.nodes)
+        progress.expect(len(spec.nodes) + self._has_cryptovm + has_disks)
         for node in spec.nodes:  # sim nodes run their baseline: judged by the runtime check
             ensure_runtime_policy(self.paths, node.name, default_policy(f"{node.name}-runtime"))
         return {node.name: node_policy(node) for node in spec.nodes}
@@ -127,6 +151,10 @@ class SimBackend:
             ensure_exited(self.paths, spec.name, current.pid)
         # clusters/ and nodes/ too: work directories of older versions had them 0755.
         private_tree(self.paths.workdir, self.paths.node(spec.name).root)
+        node_paths = self.paths.node(spec.name)
+        # A node that crashed left its disks open: locked before its run directory goes,
+        # so that the new boot gets them back only by attesting again.
+        detach_all(node_paths.state, node_paths.run, spec.name)
         try:
             prepare_run_dir(self.paths, spec.name)
             node.facts = SimNodeFacts(pid=launch_node(self.paths, spec.name))
@@ -137,7 +165,9 @@ class SimBackend:
     def wait_ready(self, node: NodeUp) -> None:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
         info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
-        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti)
+        node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti,
+                                  tpm_latency_ms=info.tpm_latency_ms,
+                                  batch_window_ms=info.batch_window_ms)
         if node.action == "kept":
             # A running node keeps what it booted; say so when the spec now differs.
             node.tampered = tuple(info.tampered)
@@ -174,6 +204,68 @@ class SimBackend:
                 enroll = role(node.role).enroll
                 if enroll is not None and node.action != "failed":
                     node.enrollment = enroll(self.agent(node.name))
+        self._unlock_disks(nodes, progress)
+
+    def _unlock_disks(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Host-side (transparent) disks: the backend, playing the hypervisor, asks the
+        CryptoVM for each disk's key with the node's fresh quote, only for a node that
+        passed its attestation; the key goes to a qemu-storage-daemon, never to a file."""
+        spec = load_spec(self.paths)
+        host = [(n, d) for n in nodes for d in spec.node(n.name).disks if d.mode == "host"]
+        guest = [n for n in nodes if n.role != "cryptovm"  # its store disk opened at start
+                 and any(d.mode == "guest" for d in spec.node(n.name).disks)]
+        if not host and not guest:
+            return
+        cryptovm = next(n.name for n in spec.nodes if n.role == "cryptovm")
+        with progress.step("encrypted disks: unlocked after attestation (host side by the "
+                           "hypervisor, guest side by the node itself)"):
+            if host:
+                self._unlock_host(host, cryptovm)
+            for node in guest:
+                self._unlock_guest(node)
+
+    def _unlock_guest(self, node: NodeUp) -> None:
+        """The node fetches its own keys over Trusted Passages: the backend sees none."""
+        if node.action == "failed" or node.attested is not True:
+            return
+        try:
+            answer = self.agent(node.name, timeout=60.0).role(UNLOCK_ACTION)
+            disks = tuple(DiskStatus(**d) for d in answer.get("disks", ()))
+        except (TestbedError, TypeError) as exc:
+            node.fail(f"guest disks not unlocked: {exc}")
+            return
+        if isinstance(node.facts, SimNodeFacts):
+            node.facts = replace(node.facts, disks=(*node.facts.disks, *disks))
+
+    def _unlock_host(self, host: list[tuple[NodeUp, DiskSpec]], cryptovm: str) -> None:
+        try:
+            client = cryptovm_endpoint(self.paths, cryptovm).client()
+        except TestbedError as exc:  # e.g. the cryptovm node failed to start
+            for node, disk in host:
+                if node.action != "failed" and node.attested is True:
+                    node.fail(f"disk {disk.name} not unlocked: no CryptoVM to ask ({exc})")
+            return
+        try:
+            for node, disk in host:
+                self._unlock(node, disk, cryptovm, client.call)
+        finally:
+            client.close()
+
+    def _unlock(self, node: NodeUp, disk: DiskSpec, cryptovm: str, call: Call) -> None:
+        if node.action == "failed" or node.attested is not True:
+            return  # fail closed: no key for a node that did not pass its policy
+        agent = self.agent(node.name)
+        try:
+            status = attach(disk_files(self.paths, node.name, disk.name), disk, cryptovm, call,
+                            lambda data: agent.quote(data, list(SIM_PCRS.indices)),
+                            lambda: ensure_disk_key(call, node.name, disk.name,
+                                                    self.paths.policy(node.name).read_text(),
+                                                    self.paths.registry.read_text()))
+        except (TestbedError, OSError) as exc:
+            node.fail(f"disk {disk.name} not unlocked: {exc}")
+            return
+        if isinstance(node.facts, SimNodeFacts):
+            node.facts = replace(node.facts, disks=(*node.facts.disks, status))
 
     def facts(self) -> NoFacts:
         return NoFacts()
@@ -209,8 +301,13 @@ class SimBackend:
                 reason = f"agent answered, but: {exc}"
         live = state.info if state.pid else None  # what the running node says of itself
         spec_tampered = spec.tampered.fields() if spec and spec.tampered else ()
+        disks = tuple(disk_status(disk_files(self.paths, name, d.name), d)
+                      for d in (spec.disks if spec else ()))
         facts = SimStatusFacts(state.pid, live.swtpm_pid if live else None,
-                               live.tcti if live else None, str(self.paths.node(name).socket))
+                               live.tcti if live else None, disks,
+                               live.tpm_latency_ms if live else None,
+                               live.batch_window_ms if live else None,
+                               agent_socket=str(self.paths.node(name).socket))
         role = (live.role if live else None) or (spec.role if spec else "?")
         return NodeStatus(
             name=name, role=role, state=label, reason=reason, agent=agent, service=service,
@@ -245,6 +342,8 @@ class SimBackend:
         swtpm_stopped = False
         with contextlib.suppress(StateError):  # unreadable pid file: the /proc scan finds it
             swtpm_stopped = Swtpm.stop_pidfile(self.paths.node(name).swtpm_pid)
+        node_paths = self.paths.node(name)  # disks locked: the node (VM) is gone
+        detach_all(node_paths.state, node_paths.run, name)
         return NodeDown(name, stopped_by, swtpm_stopped)
 
     def _stop_node_process(self, name: str, pid: int) -> str | None:

@@ -55,8 +55,10 @@ __all__ = [
     "ARTIFACT_NAMES",
     "BACKENDS",
     "DEFAULT_SPEC_RESOURCE",
+    "MAX_BATCH_WINDOW_S",
     "MAX_NODES",
     "MAX_SPEC_BYTES",
+    "MAX_TPM_LATENCY_S",
     "NAME_PATTERN",
     "ROLE_NAMES",
     "SPEC_VERSION",
@@ -65,11 +67,14 @@ __all__ = [
     "BootSpec",
     "ClusterSpec",
     "ClusterSpecError",
+    "DiskSpec",
     "NodeSpec",
     "default_spec_path",
     "dump_cluster_spec",
+    "duration_text",
     "load_cluster_spec",
     "parse_cluster_spec",
+    "parse_duration",
     "parse_tamper",
 ]
 
@@ -82,11 +87,22 @@ ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
 BACKENDS = ("sim", "qemu")
 ARTIFACT_NAMES = ("firmware", "kernel", "initrd")
 DEFAULT_FIRMWARE_VERSION = "edk2-stable202302"  # what the simulated OVMF reports
+DISK_MODES = ("host", "guest")
+MIN_DISK_BYTES = 1 << 20  # LUKS1 headers take ~2 MiB of their own; below 1 MiB is a typo
+MAX_DISK_BYTES = 4 << 30  # sim disks live in the work directory: bounded
+MAX_DISKS = 4
+_SIZE = re.compile(r"([1-9][0-9]{0,12})([KMG]i?B?)?")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
 DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
 
 _TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
-_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered")
+_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks", "tpm_latency",
+              "batch_window")
+_DISK_KEYS = ("name", "size", "mode")
+MAX_TPM_LATENCY_S = 10.0  # a modelled TPM command; hardware quotes take 0.02-0.6 s
+MAX_BATCH_WINDOW_S = 2.0  # a batch waits at most this long for company
+_DURATION = re.compile(r"(\d{1,6}(?:\.\d{1,6})?)(ms|s)")
 _BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
 _ARTIFACT_KEYS = ("content", "file", "sha256")
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -196,6 +212,19 @@ class BootOverride:
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """An encrypted disk of a node (docs/svd.md): ``host`` mode is unlocked by the
+    hypervisor after the node attested, ``guest`` mode by the node itself."""
+
+    name: str
+    size: int  # bytes of payload, a multiple of 1 MiB
+    mode: str = "host"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "mode": self.mode}
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     role: str
@@ -203,6 +232,9 @@ class NodeSpec:
     network: str = "lab0"
     policy: Path | None = None  # None: predicted from the boot chain
     tampered: BootOverride | None = None
+    disks: tuple[DiskSpec, ...] = ()
+    tpm_latency: float = 0.0  # s per signing command (testbed.tpm.latency's model); sim
+    batch_window: float | None = None  # s: the node's quotes share batches (sim)
 
     @property
     def effective_boot(self) -> BootSpec:
@@ -215,6 +247,10 @@ class NodeSpec:
             "boot": self.boot.to_dict(),
             "policy": "predicted" if self.policy is None else str(self.policy),
             "tampered": self.tampered.to_dict() if self.tampered else None,
+            **({"disks": [d.to_dict() for d in self.disks]} if self.disks else {}),
+            **({"tpm_latency": duration_text(self.tpm_latency)} if self.tpm_latency else {}),
+            **({"batch_window": duration_text(self.batch_window)}
+               if self.batch_window is not None else {}),
         }  # fmt: skip
 
 
@@ -243,6 +279,13 @@ class ClusterSpec:
         merged = target.tampered.merged(override) if target.tampered else override
         nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
         return replace(self, nodes=nodes)
+
+    def with_tpm_latency(self, seconds: float) -> ClusterSpec:
+        """The same cluster with every sim node's TPM behind the latency model."""
+        if self.backend != "sim":
+            raise ClusterSpecError("--tpm-latency: only sim nodes' swtpm can sit behind the "
+                                   "latency model")
+        return replace(self, nodes=tuple(replace(n, tpm_latency=seconds) for n in self.nodes))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "name": self.name}
@@ -309,7 +352,25 @@ def _cluster(document: object, base: Path, backend_override: str | None = None) 
         raise ClusterSpecError("image: only a qemu cluster boots a guest image (backend: qemu)")
     image_cmdline = _recipe_cmdline(image) if image is not None else None
     nodes = _nodes(doc.get("nodes"), base, image_cmdline)
+    _check_disks(nodes, str(backend))
     return ClusterSpec(name, nodes, str(backend), description, image=image)
+
+
+def _check_disks(nodes: tuple[NodeSpec, ...], backend: str) -> None:
+    """Disks are keyed by the cluster's CryptoVM, on the sim backend for now."""
+    for i, node in enumerate(nodes):
+        if not node.disks:
+            continue
+        if backend != "sim":
+            raise ClusterSpecError(f"nodes[{i}].disks: encrypted disks run on the sim backend "
+                                   "only so far (docs/svd.md)")
+        if node.role == "cryptovm" and (len(node.disks) > 1 or node.disks[0].mode != "guest"):
+            raise ClusterSpecError(f"nodes[{i}].disks: a cryptovm node has at most one disk, "
+                                   "its store, with mode: guest (its key is sealed to the "
+                                   "node's own TPM; docs/svd.md)")
+        if not any(n.role == "cryptovm" for n in nodes):
+            raise ClusterSpecError(f"nodes[{i}].disks: disks are keyed by a CryptoVM: add a "
+                                   "node with role: cryptovm")
 
 
 def _image(doc: dict[str, object], base: Path) -> Path:
@@ -357,7 +418,71 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
         boot = _boot(doc["boot"], f"{path}.boot", base)
     policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
     tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
-    return NodeSpec(name, str(role), boot, network, policy, tampered)
+    disks = _disks(doc.get("disks", []), f"{path}.disks")
+    if image_cmdline is not None and ("tpm_latency" in doc or "batch_window" in doc):
+        raise ClusterSpecError(f"{path}: tpm_latency and batch_window are for sim nodes "
+                               "(a VM's vTPM is not behind the latency model)")
+    latency = parse_duration(doc["tpm_latency"], f"{path}.tpm_latency",
+                             MAX_TPM_LATENCY_S) if "tpm_latency" in doc else 0.0
+    window = parse_duration(doc["batch_window"], f"{path}.batch_window",
+                            MAX_BATCH_WINDOW_S) if "batch_window" in doc else None
+    return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window)
+
+
+def _disks(value: object, path: str) -> tuple[DiskSpec, ...]:
+    if not isinstance(value, list):
+        raise ClusterSpecError(f"{path}: expected a list of disks, got {_kind(value)}")
+    if len(value) > MAX_DISKS:
+        raise ClusterSpecError(f"{path}: more than {MAX_DISKS} disks")
+    disks = tuple(_disk(item, f"{path}[{i}]") for i, item in enumerate(value))
+    names = [d.name for d in disks]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ClusterSpecError(f"{path}[{i}].name: {name!r} is used by two disks")
+    return disks
+
+
+def _disk(value: object, path: str) -> DiskSpec:
+    doc = _mapping(value, path, _DISK_KEYS)
+    name = _name(doc.get("name"), f"{path}.name")
+    if "size" not in doc:
+        raise ClusterSpecError(f"{path}.size: missing (e.g. 64M)")
+    mode = doc.get("mode", "host")
+    if mode not in DISK_MODES:
+        raise ClusterSpecError(f"{path}.mode: {_show(mode)} is not one of "
+                               f"{', '.join(DISK_MODES)}")
+    return DiskSpec(name, _disk_size(doc["size"], f"{path}.size"), str(mode))
+
+
+def _disk_size(value: object, path: str) -> int:
+    """``64M``, ``1G``, ``16MiB`` or a number of bytes; 1 MiB..4 GiB, whole MiB."""
+    match = _SIZE.fullmatch(str(value)) if isinstance(value, int | str) and not isinstance(
+        value, bool) else None
+    if match is None:
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a size (e.g. 64M, 1G, or bytes)")
+    size = int(match.group(1)) * _UNITS[(match.group(2) or "")[:1]]
+    if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES or size % MIN_DISK_BYTES:
+        raise ClusterSpecError(f"{path}: {_show(value)} must be whole MiB between 1M and 4G")
+    return size
+
+
+def parse_duration(value: object, where: str, limit: float) -> float:
+    """``200ms`` or ``0.2s`` -> seconds, 0..``limit`` (a unit is required: ``200`` is
+    ambiguous)."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ClusterSpecError(f"{where}: {_show(value)} is not a duration: give a number "
+                               "with a unit, e.g. 200ms or 0.2s")
+    seconds = float(match[1]) / (1000 if match[2] == "ms" else 1)
+    if seconds > limit:
+        raise ClusterSpecError(f"{where}: {value} is more than the {limit:g} s allowed")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """What :func:`parse_duration` reads back to ``seconds`` (to the microsecond, its
+    resolution)."""
+    return f"{round(seconds * 1e6) / 1000:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
 def _image_only(value: object, path: str) -> None:

@@ -10,7 +10,9 @@ One process (``python -m testbed.verifier.service``, started detached by
   a quote over a fresh nonce with a per-quote deadline and verifies it with
   :func:`testbed.cluster.verification.attest_node` (registry, policy, clock history);
 - push nodes (``--push NODE``) send their own evidence to the verifier's unix socket
-  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`);
+  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`), with
+  their runtime log from where the verifier's last good quote left it: the same
+  incremental ``runtime`` check as pull nodes;
 - each outcome is recorded by the loop's thread alone (events, the node's state), a
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
@@ -38,18 +40,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.encoding import b64decode, b64encode, require_int
+from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write, private_dir, remove_durably
+from attestation.ima import IMA_PCR
 from attestation.policy import ReferencePolicy
 from attestation.report import VerificationReport
-from attestation.tpm_types import PcrSelection
+from attestation.tpm_types import PcrSelection, parse_attest
 from testbed.backends import open_backend
-from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable, UnixTransport
+from testbed.cluster.agent import (
+    AgentClient,
+    AgentError,
+    AgentUnavailable,
+    BatchedEvidence,
+    UnixTransport,
+    split_batch,
+)
 from testbed.cluster.backend import ClusterBackend
+from testbed.cluster.runtime import (
+    RuntimeState,
+    node_runtime_policy,
+    quoting_pcr10,
+    slice_reader,
+)
 from testbed.cluster.state import load_node_policy, load_registry
-from testbed.cluster.verification import attest_node, verify_evidence
+from testbed.cluster.verification import RuntimeInput, attest_node, verify_evidence
 from testbed.core.clock import iso_utc
 from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
@@ -76,6 +92,7 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WORKERS = 16
 NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
 RECONNECT_S = 1.0  # between attempts to reopen a database that failed
+MAX_PUSHED_RUNTIME = 1 << 20  # runtime log bytes one push may carry (its frame: 4 MiB)
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
 
@@ -250,13 +267,16 @@ class _NotServed(TestbedError):
 class PushEndpoint:
     """The verifier's side of push mode, served on a unix socket by an
     :class:`AgentServer` (its bounded slots and frame limits): role actions ``nonce``
-    (one outstanding nonce per push node, ``NONCE_TTL_S``) and ``evidence`` (verified
-    against that nonce, which is then spent: a replay is refused)."""
+    (one outstanding nonce per push node, ``NONCE_TTL_S``; with the PCRs to quote and
+    where the node's runtime log is to be sent from) and ``evidence`` (verified against
+    that nonce, which is then spent: a replay is refused; its ``runtime`` slice judged
+    like a pull node's log)."""
 
     paths: ClusterPaths
     push_nodes: frozenset[str]
     outcomes: queue.Queue[Outcome]
     policies: PolicyCache
+    pcrs: Sequence[int] = ()  # the boot PCRs every quote covers (the backend's)
     _nonces: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -268,12 +288,24 @@ class PushEndpoint:
             nonce = secrets.token_bytes(32)
             with self._lock:
                 self._nonces[node] = (nonce, time.monotonic() + NONCE_TTL_S)
-            return {"nonce": b64encode(nonce)}
-        if action == "evidence" and set(args) == {"node", "evidence"}:
-            return self._evidence(node, args["evidence"])
+            return {"nonce": b64encode(nonce), **self._wanted(node)}
+        if action == "evidence" and {"node", "evidence"} <= set(args) \
+                <= {"node", "evidence", "runtime"}:
+            return self._evidence(node, args["evidence"], args.get("runtime"))
         raise _NotServed(f"unknown push action {action[:40]!r} or arguments")
 
-    def _evidence(self, node: str, document: object) -> dict[str, Any]:
+    def _wanted(self, node: str) -> dict[str, Any]:
+        """What the node's evidence must cover: the PCRs and, for a node with a runtime
+        policy, its runtime log from where the last good quote left it (``boot``: the
+        TPM's reset and restart counts of that quote; another boot sends from 0)."""
+        if node_runtime_policy(self.paths, node) is None:
+            return {"pcrs": list(self.pcrs), "runtime": None}
+        state = RuntimeState.load(self.paths, node)
+        since = {"offset": 0, "boot": None} if state is None else \
+            {"offset": state.offset, "boot": list(state.boot)}
+        return {"pcrs": sorted({*self.pcrs, IMA_PCR}), "runtime": since}
+
+    def _evidence(self, node: str, document: object, runtime: object) -> dict[str, Any]:
         with self._lock:
             nonce, expiry = self._nonces.pop(node, (b"", 0.0))
         if not nonce or time.monotonic() > expiry:
@@ -282,9 +314,11 @@ class PushEndpoint:
         if not isinstance(document, dict):
             raise EvidenceFormatError("evidence must be a JSON object")
         try:
-            evidence = Evidence.from_dict(document)
+            evidence, proof = split_batch(document)
+            policy, check = self.policies.get(node), _pushed_runtime(self.paths, node, runtime)
             report = verify_evidence(self.paths, node, evidence, nonce,
-                                     self.policies.get(node))
+                                     policy if check is None else quoting_pcr10(policy),
+                                     proof, check)
             outcome = outcome_of(node, report, started, "push")
         except TestbedError as exc:
             outcome = failed_outcome(node, exc, started, "push")
@@ -315,18 +349,63 @@ class PushEndpoint:
         raise _NotServed("a verifier measures nothing")
 
 
+def _pushed_runtime(paths: ClusterPaths, node: str, runtime: object) -> RuntimeInput | None:
+    """The runtime check of pushed evidence: None for a node without a runtime policy;
+    else over the log slice it sent (``{"offset", "data"}``), failing closed without one."""
+    policy = node_runtime_policy(paths, node)
+    if policy is None:
+        return None
+    if runtime is None:
+        def missing(_: int) -> bytes:
+            raise VerificationError("runtime", "the pushed evidence carries no runtime log "
+                                    "(the node has a runtime policy)")
+        return RuntimeInput(policy, missing)
+    if not isinstance(runtime, dict) or set(runtime) != {"offset", "data"}:
+        raise EvidenceFormatError("runtime must be an object with keys ['data', 'offset']")
+    offset = require_int(runtime["offset"], "runtime offset", EvidenceFormatError, minimum=0)
+    data = b64decode(runtime["data"], "runtime data", limit=MAX_PUSHED_RUNTIME)
+    return RuntimeInput(policy, slice_reader(offset, data))
+
+
 def push_attest(paths: ClusterPaths, node: str, agent: AgentClient, *,
                 verifier: str = "verifier", pcrs: Sequence[int] | None = None,
                 timeout: float = 10.0) -> dict[str, Any]:
     """What a push node does (here on a sim node's behalf): fetch a nonce from the
-    verifier, quote it on the node's TPM, send the evidence; returns the verdict."""
+    verifier, quote it on the node's TPM, send the evidence with the runtime log new
+    since the verifier's last good quote; returns the verdict."""
     endpoint = AgentClient(UnixTransport(VerifierFiles(paths).push_socket(verifier)),
                            node=f"verifier {verifier}", timeout=timeout)
     answer = endpoint.role("nonce", {"node": node})
     nonce = b64decode(answer.get("nonce"), "nonce", limit=64)
-    evidence = agent.quote(nonce, list(pcrs) if pcrs is not None
-                           else list(open_backend(paths).pcrs.indices))
-    return endpoint.role("evidence", {"node": node, "evidence": evidence.to_dict()})
+    wanted = answer.get("pcrs")
+    if pcrs is None:
+        pcrs = wanted if isinstance(wanted, list) and wanted else \
+            list(open_backend(paths).pcrs.indices)
+    evidence, proof = agent.quote_batched(nonce, pcrs)
+    document = evidence.to_dict() if proof is None else \
+        BatchedEvidence(evidence, proof).to_dict()
+    request: dict[str, Any] = {"node": node, "evidence": document}
+    since = answer.get("runtime")
+    if isinstance(since, dict):  # read after the quote: the log explains what it covers
+        request["runtime"] = _runtime_since(agent, evidence, since)
+    return endpoint.role("evidence", request)
+
+
+def _runtime_since(agent: AgentClient, evidence: Evidence,
+                   since: dict[str, Any]) -> dict[str, Any]:
+    """The node's log from where the verifier's last good quote left it (from 0 when
+    this quote is of another boot), at most MAX_PUSHED_RUNTIME bytes."""
+    clock = parse_attest(evidence.attest).clock_info
+    same_boot = since.get("boot") == [clock.reset_count, clock.restart_count]
+    offset = require_int(since.get("offset"), "offset", EvidenceFormatError, minimum=0) \
+        if same_boot else 0
+    data = bytearray()
+    while len(data) < MAX_PUSHED_RUNTIME:
+        chunk = agent.runtime_log(offset + len(data))
+        if not chunk:
+            break
+        data += chunk
+    return {"offset": offset, "data": b64encode(bytes(data[:MAX_PUSHED_RUNTIME]))}
 
 
 # --- the service ----------------------------------------------------------------------------
@@ -356,7 +435,7 @@ class VerifierService:
                           if config.webhooks and config.webhook_secret else None)
         self.policies = PolicyCache(self.paths)
         self._push = PushEndpoint(self.paths, frozenset(config.push), self.outcomes,
-                                  self.policies)
+                                  self.policies, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
                                    max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
 
