@@ -56,6 +56,7 @@ from attestation.ima import (
     IMA_PCR,
     MAX_CHUNK,
     RuntimePolicy,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -565,6 +566,7 @@ class _Walker:
             raise _Altered(f"the recorded runtime log slice (bytes "
                                     f"{start}-{end}) does not replay to the quoted PCR "
                                     f"{IMA_PCR}: it was altered")
+        check_boot_aggregate(chunk.entries, evidence.pcrs)  # as the live check does
         check_entries(policy, chunk.entries)
         return (f"{len(chunk.entries)} recorded ima-ng entries (log bytes {start}-{end}) "
                 f"replay to the quoted PCR {IMA_PCR}; runtime policy {policy.name!r} of the "

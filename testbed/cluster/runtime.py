@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from attestation.ima import (
     MAX_POLICY_BYTES,
     ImaEntry,
     RuntimePolicy,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -153,6 +154,7 @@ class RuntimeWindow:
     from_pcr: bytes
     quoted: bytes
     entries: tuple[ImaEntry, ...]
+    pcrs: Mapping[int, bytes]  # every quoted PCR: a boot_aggregate is checked against 0-9
 
     @property
     def data(self) -> bytes:
@@ -174,12 +176,14 @@ def runtime_window(paths: ClusterPaths, node: str, read: Callable[[int], bytes],
     if state is None or state.boot != boot:
         state = RuntimeState(boot, 0, _ZERO)
     entries, end = explaining_prefix(read, state, quoted)
-    return RuntimeWindow(boot, state.offset, end, state.pcr, quoted, tuple(entries))
+    return RuntimeWindow(boot, state.offset, end, state.pcr, quoted, tuple(entries),
+                         dict(evidence.pcrs))
 
 
 def judge_window(window: RuntimeWindow, policy: RuntimePolicy) -> str:
     """Raise the ``runtime`` check's VerificationError for an entry the policy does not
-    allow, or say what was judged."""
+    allow (or a boot_aggregate the quoted PCRs 0-9 do not make), or say what was judged."""
+    check_boot_aggregate(window.entries, window.pcrs)
     check_entries(policy, window.entries)
     return (f"{len(window.entries)} new ima-ng entries (log bytes {window.start}-"
             f"{window.end}) replay to the quoted PCR {IMA_PCR} and runtime policy "
