@@ -7,6 +7,11 @@ cluster's attest lock, so replays and clock rollbacks are caught across commands
 concurrent ones). Every verification, accepted or not, is appended under the same lock
 to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), which
 ``testbed evidence replay`` re-verifies.
+
+A node whose vTPM was made on a hypervisor host is judged on two layers: the quote, and
+the host's latest attestation, by the checks the hosts room registers here
+(:func:`register_host_check`; ``host_attestation``, :mod:`testbed.hosts.deep`): the
+cluster layer sits below the hosts and cannot import them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError, VerificationError
+from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.evidence import Evidence
 from attestation.evidence_log import EvidenceLog, LoggedRuntime, RuntimeSlice
 from attestation.ima import IMA_PCR, RuntimePolicy
@@ -45,10 +50,36 @@ from testbed.core.paths import ClusterPaths
 from trusted_passages.batch import BatchProof
 from trusted_passages.tpm import verify_batched
 
-__all__ = ["ClockHistoryStore", "RuntimeInput", "attest_node", "evidence_dir",
-           "verify_evidence"]
+__all__ = ["ClockHistoryStore", "HostCheck", "RuntimeInput", "attest_node", "evidence_dir",
+           "register_host_check", "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
+
+HostCheck = Callable[[ClusterPaths, str], CheckResult | None]
+"""A check of the layer beneath a node (its host): a result, or None for a node on none."""
+_HOST_CHECKS: list[HostCheck] = []
+
+
+def register_host_check(check: HostCheck) -> None:
+    """Run ``check`` on every verification of a node (idempotent)."""
+    if check not in _HOST_CHECKS:
+        _HOST_CHECKS.append(check)
+
+
+def _with_host_layer(report: VerificationReport, paths: ClusterPaths,
+                     node: str) -> VerificationReport:
+    """The report plus the host checks that apply to ``node``; a check that cannot decide
+    fails (closed)."""
+    extra = []
+    for check in _HOST_CHECKS:
+        try:
+            result = check(paths, node)
+        except TestbedError as exc:
+            result = CheckResult("host_attestation", "failed",
+                                 f"the host layer of node {node} cannot be judged: {exc}")
+        if result is not None:
+            extra.append(result)
+    return VerificationReport((*report.checks, *extra)) if extra else report
 
 
 class ClockHistoryStore:
@@ -134,7 +165,9 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
             batch=None if proof is None else proof.to_dict(), runtime=logged)
     if isinstance(window, RuntimeWindow) and report.ok:  # the next check starts after it
         RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
-    return report
+    # After the evidence log: it records what the quote proves (and replays to that); the
+    # host's own verdicts are in the hosts lab's evidence log.
+    return _with_host_layer(report, paths, node)
 
 
 def _gather(paths: ClusterPaths, node: str, runtime: RuntimeInput,

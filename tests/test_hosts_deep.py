@@ -1,0 +1,237 @@
+"""Deep attestation (docs/hosts.md): a host intermediate CA whose key lives in the host
+TPM, certified by the lab CA only after the host attested; a vTPM's EK certificate issued
+by it over SSH; the chain VM EK -> host intermediate -> lab CA and the host's latest
+attestation checked by the VM's verifier; a rogue vTPM refused.
+
+One lab for the module on K3's own bridge and subnet: host1 good, host2 with a tampered
+QEMU. The vTPM is a real swtpm manufactured here (EK made by swtpm_setup, its certificate
+issued by host1's intermediate and written into its NV like swtpm_setup would).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2B_AUTH, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
+
+from attestation.encoding import b64encode
+from attestation.endorsement import validate_ek
+from attestation.errors import EndorsementError, VerificationError
+from attestation.evidence import Evidence
+from attestation.files import atomic_write, private_dir
+from attestation.policy import dump_policy, policy_from_evidence
+from attestation.registrar import AkRegistry, Registrar, register
+from attestation.tpm import EK_CERT_INDICES, LocalAttester, TpmClient
+from attestation.tpm_types import PcrSelection, marshal_public_key, parse_public
+from testbed.cluster.agent import AgentError
+from testbed.cluster.state import save_registry
+from testbed.cluster.verification import verify_evidence
+from testbed.core.paths import ClusterPaths
+from testbed.hosts import deep, lifecycle
+from testbed.hosts.attest import attest_host, write_host_policy
+from testbed.hosts.layout import LabPaths
+from testbed.hosts.measured import HOST_BOOT, predicted_host_policy, resolve_stack
+from testbed.tpm.localca import LocalCA
+from testbed.tpm.swtpm import Swtpm
+
+BRIDGE, SUBNET = "tbk3", "10.213.3.0/24"
+SELECTION = PcrSelection("sha256", (0, 1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPaths]:
+    workdir = tmp_path_factory.mktemp("deep")
+    try:
+        results = lifecycle.up(workdir, 2, bridge=BRIDGE, subnet=SUBNET,
+                               tamper_qemu=["host2"])
+        assert [r.verdict.trusted for r in results if r.verdict] == [True, False]
+        yield LabPaths(workdir)
+    finally:
+        lifecycle.down(workdir)
+
+
+@pytest.fixture(scope="module")
+def intermediate(lab: LabPaths) -> deep.HostIntermediate:
+    with deep.host_agent(lab, "host1") as agent:
+        return deep.certify_host_intermediate(lab, "host1", agent)
+
+
+def manufacture_vtpm(directory: Path, ca: LocalCA) -> Path:
+    """A vTPM with an EK but no EK certificate yet (as swtpm_setup before its cert tool)."""
+    state = private_dir(directory)
+    subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
+                    "--pcr-banks", "sha256", "--config", str(ca.setup_config_path)],
+                   check=True, capture_output=True, timeout=60)
+    return state
+
+
+def write_ek_certificate(client: TpmClient, der: bytes) -> None:
+    """The certificate at the TCG RSA EK certificate index, readable with its own auth."""
+    public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+        nvIndex=EK_CERT_INDICES["rsa"][0], nameAlg=TPM2_ALG.SHA256,
+        attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+        dataSize=len(der)))
+    esapi = client.esapi
+    handle = esapi.nv_define_space(TPM2B_AUTH(), public, auth_handle=ESYS_TR.OWNER)
+    for offset in range(0, len(der), 512):
+        esapi.nv_write(handle, der[offset:offset + 512], offset, auth_handle=ESYS_TR.OWNER)
+    esapi.tr_close(handle)
+
+
+def _quote(client: TpmClient) -> tuple[bytes, Evidence]:
+    nonce = os.urandom(32)
+    ak = client.attestation_key("ecc")
+    try:
+        result = client.quote(ak, SELECTION, nonce)
+    finally:
+        client.flush(ak)
+    return nonce, Evidence(result.attest, result.signature, ak.public, "sha256", result.pcrs)
+
+
+def test_the_lab_ca_certifies_a_tpm_resident_key_after_the_host_attested(
+        lab: LabPaths, intermediate: deep.HostIntermediate) -> None:
+    cert = intermediate.certificate
+    root = LocalCA(lab.ca_dir).ca_bundle()[0]
+    cert.verify_directly_issued_by(root)
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca and constraints.path_length == 0
+    assert intermediate.verdict is not None and intermediate.verdict.trusted
+    assert stat.S_IMODE(intermediate.path.stat().st_mode) == 0o600
+    assert deep.load_intermediate(lab, "host1") is not None
+    # The certified key is the one host1's TPM signs with, over SSH.
+    digest = hashlib.sha256(b"to be signed").digest()
+    with deep.host_agent(lab, "host1") as agent:
+        answer = agent.call({"op": "intermediate_sign", "digest": b64encode(digest)})
+        with pytest.raises(AgentError, match="32 bytes"):
+            agent.call({"op": "intermediate_sign", "digest": b64encode(b"x" * 5)})
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(deep._ecdsa_signature("host1", answer), digest,
+               ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+
+
+def test_a_tampered_host_gets_no_intermediate(lab: LabPaths) -> None:
+    with deep.host_agent(lab, "host2") as agent, \
+            pytest.raises(VerificationError, match="policy") as refused:
+        deep.certify_host_intermediate(lab, "host2", agent)
+    assert refused.value.check == "host_attestation"
+    assert deep.load_intermediate(lab, "host2") is None
+    with pytest.raises(VerificationError, match="host2 is not trusted"):
+        deep.issue_vtpm_ek_certificate(lab, "host2", ec.generate_private_key(
+            ec.SECP256R1()).public_key(), node="vm-x")
+
+
+def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
+        lab: LabPaths, intermediate: deep.HostIntermediate, tmp_path: Path) -> None:
+    ca = LocalCA(lab.ca_dir)
+    state = manufacture_vtpm(tmp_path / "vtpm", ca)
+    with Swtpm(state) as tpm, TpmClient(tpm.tcti) as client:
+        ek = client.endorsement_key("rsa")
+        assert ek.certificate is None
+        ek_key = parse_public(ek.public).public_key()
+        started = time.monotonic()
+        der = deep.issue_vtpm_ek_certificate(lab, "host1", ek_key, node="vm1")
+        issued_in = time.monotonic() - started
+        write_ek_certificate(client, der)
+        _openssl_verifies(tmp_path, der, ca, intermediate)
+
+        # Registration: the chain VM EK -> host1 intermediate -> lab CA, and only that.
+        with pytest.raises(EndorsementError, match="does not chain"):
+            register(LocalAttester(client), "vm1", Registrar(ca.ca_bundle()), AkRegistry())
+        ak = register(LocalAttester(client), "vm1", Registrar(deep.ek_ca_bundle(lab)),
+                      AkRegistry())
+        assert ak is not None
+        paths = ClusterPaths(lab.workdir, "deep")
+        private_dir(paths.root)
+        registry = AkRegistry()
+        registry.add("vm1", ak)
+        save_registry(paths, registry)
+
+        nonce, evidence = _quote(client)
+        policy = policy_from_evidence(evidence.pcrs, None, name="vm1-good")
+        report = verify_evidence(paths, "vm1", evidence, nonce, policy)
+        assert report.ok, report.to_dict()
+        layer = report.check("host_attestation")
+        assert layer.passed and layer.data["host"] == "host1"
+        assert layer.data["host_verdict"]["trusted"]
+
+        # host1 no longer satisfies its policy (as after an unapproved QEMU update).
+        _host_policy_expects_another_qemu(lab, "host1")
+        try:
+            with deep.host_agent(lab, "host1") as agent:
+                assert not attest_host(lab, "host1", agent).trusted
+            nonce, evidence = _quote(client)
+            report = verify_evidence(paths, "vm1", evidence, nonce, policy)
+            assert not report.ok and report.failure is not None
+            assert report.failure.name == "host_attestation"
+            assert "host host1" in report.failure.detail and "'policy'" in report.failure.detail
+            with pytest.raises(VerificationError, match="host1 is not trusted"):
+                deep.issue_vtpm_ek_certificate(lab, "host1", ek_key, node="vm2")
+            with pytest.raises(EndorsementError):  # its intermediate no longer anchors
+                register(LocalAttester(client), "vm1", Registrar(deep.ek_ca_bundle(lab)),
+                         AkRegistry())
+        finally:
+            write_host_policy(lab, "host1")
+            with deep.host_agent(lab, "host1") as agent:
+                assert attest_host(lab, "host1", agent).trusted
+    assert issued_in < 10
+
+
+def _openssl_verifies(tmp_path: Path, der: bytes, ca: LocalCA,
+                      intermediate: deep.HostIntermediate) -> None:
+    pem = x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "ek.pem").write_bytes(pem)
+    root = ca.ca_bundle()[0].public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "root.pem").write_bytes(root)
+    out = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "root.pem"),
+                          "-untrusted", str(intermediate.path), str(tmp_path / "ek.pem")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def _host_policy_expects_another_qemu(lab: LabPaths, host: str) -> None:
+    stack = [c if c.name != "qemu-system-x86_64" else dataclasses.replace(c, path="/bin/true")
+             for c in resolve_stack()]
+    policy = predicted_host_policy(host, HOST_BOOT, stack)
+    atomic_write(lab.policy(host), dump_policy(policy).encode())
+
+
+def test_a_self_made_intermediate_is_refused(lab: LabPaths,
+                                             intermediate: deep.HostIntermediate) -> None:
+    """rogue-vtpm without the attack lab: same names as host1's intermediate, another key."""
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    rogue = (x509.CertificateBuilder().subject_name(intermediate.certificate.subject)
+             .issuer_name(intermediate.certificate.issuer).public_key(rogue_key.public_key())
+             .serial_number(1).not_valid_before(now).not_valid_after(now + deep.EK_VALIDITY)
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(rogue_key, hashes.SHA256()))
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    tbs = deep._ek_tbs(rogue, ek, deep.DEFAULT_IDENTITY)
+    der = deep._assemble(tbs, rogue_key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    with pytest.raises(EndorsementError, match="does not chain"):
+        validate_ek(der, parse_public(marshal_public_key(ek)), deep.ek_ca_bundle(lab))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.sampled_from(["signature", "other"]),
+                       st.one_of(st.text(max_size=40), st.binary(max_size=80).map(b64encode),
+                                 st.integers(), st.none())))
+def test_a_hostile_signature_answer_is_one_clear_error(answer: dict[str, object]) -> None:
+    with pytest.raises(VerificationError) as refused:
+        deep._ecdsa_signature("hostX", answer)
+    assert refused.value.check == "intermediate_signature"
