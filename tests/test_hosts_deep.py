@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2B_AUTH, TPM2B_NV_PUBLIC, TPMA_NV, TPMS_NV_PUBLIC
 
 from attestation.encoding import b64encode
 from attestation.endorsement import validate_ek
@@ -35,7 +34,7 @@ from attestation.evidence import Evidence
 from attestation.files import atomic_write, private_dir
 from attestation.policy import dump_policy, policy_from_evidence
 from attestation.registrar import AkRegistry, Registrar, register
-from attestation.tpm import EK_CERT_INDICES, LocalAttester, TpmClient
+from attestation.tpm import LocalAttester, TpmClient
 from attestation.tpm_types import PcrSelection, marshal_public_key, parse_public
 from testbed.cluster.agent import AgentError
 from testbed.cluster.state import save_registry
@@ -68,28 +67,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabPaths]:
 def intermediate(lab: LabPaths) -> deep.HostIntermediate:
     with deep.host_agent(lab, "host1") as agent:
         return deep.certify_host_intermediate(lab, "host1", agent)
-
-
-def manufacture_vtpm(directory: Path, ca: LocalCA) -> Path:
-    """A vTPM with an EK but no EK certificate yet (as swtpm_setup before its cert tool)."""
-    state = private_dir(directory)
-    subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(state), "--createek",
-                    "--pcr-banks", "sha256", "--config", str(ca.setup_config_path)],
-                   check=True, capture_output=True, timeout=60)
-    return state
-
-
-def write_ek_certificate(client: TpmClient, der: bytes) -> None:
-    """The certificate at the TCG RSA EK certificate index, readable with its own auth."""
-    public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
-        nvIndex=EK_CERT_INDICES["rsa"][0], nameAlg=TPM2_ALG.SHA256,
-        attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
-        dataSize=len(der)))
-    esapi = client.esapi
-    handle = esapi.nv_define_space(TPM2B_AUTH(), public, auth_handle=ESYS_TR.OWNER)
-    for offset in range(0, len(der), 512):
-        esapi.nv_write(handle, der[offset:offset + 512], offset, auth_handle=ESYS_TR.OWNER)
-    esapi.tr_close(handle)
 
 
 def _quote(client: TpmClient) -> tuple[bytes, Evidence]:
@@ -138,7 +115,7 @@ def test_a_tampered_host_gets_no_intermediate(lab: LabPaths) -> None:
 def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
         lab: LabPaths, intermediate: deep.HostIntermediate, tmp_path: Path) -> None:
     ca = LocalCA(lab.ca_dir)
-    state = manufacture_vtpm(tmp_path / "vtpm", ca)
+    state = deep.manufacture_uncertified_vtpm(tmp_path / "vtpm", ca)
     with Swtpm(state) as tpm, TpmClient(tpm.tcti) as client:
         ek = client.endorsement_key("rsa")
         assert ek.certificate is None
@@ -146,8 +123,10 @@ def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
         started = time.monotonic()
         der = deep.issue_vtpm_ek_certificate(lab, "host1", ek_key, node="vm1")
         issued_in = time.monotonic() - started
-        write_ek_certificate(client, der)
+        deep.write_ek_certificate(client, der)
         _openssl_verifies(tmp_path, der, ca, intermediate)
+        validated = validate_ek(der, parse_public(ek.public), deep.ek_ca_bundle(lab))
+        assert validated.chain[1:] == (intermediate.certificate, ca.ca_bundle()[0])
 
         # Registration: the chain VM EK -> host1 intermediate -> lab CA, and only that.
         with pytest.raises(EndorsementError, match="does not chain"):
@@ -221,8 +200,8 @@ def test_a_self_made_intermediate_is_refused(lab: LabPaths,
              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
              .sign(rogue_key, hashes.SHA256()))
     ek = ec.generate_private_key(ec.SECP256R1()).public_key()
-    tbs = deep._ek_tbs(rogue, ek, deep.DEFAULT_IDENTITY)
-    der = deep._assemble(tbs, rogue_key.sign(tbs, ec.ECDSA(hashes.SHA256())))
+    der = deep.build_ek_certificate(rogue, ek, deep.DEFAULT_IDENTITY,
+                                    lambda tbs: rogue_key.sign(tbs, ec.ECDSA(hashes.SHA256())))
     with pytest.raises(EndorsementError, match="does not chain"):
         validate_ek(der, parse_public(marshal_public_key(ek)), deep.ek_ca_bundle(lab))
 

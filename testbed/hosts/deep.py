@@ -24,7 +24,8 @@ import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,33 +37,57 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+from tpm2_pytss import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2B_AUTH,
+    TPM2B_NV_PUBLIC,
+    TPMA_NV,
+    TPMS_NV_PUBLIC,
+    TSS2_Exception,
+)
 
 from attestation.encoding import b64decode, b64encode
 from attestation.endorsement import TCG_KP_EK_CERTIFICATE
-from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
+from attestation.errors import EvidenceFormatError, TestbedError, TpmError, VerificationError
 from attestation.evidence import KeyCertification
 from attestation.files import atomic_write, private_dir, read_bounded
 from attestation.report import CheckResult
+from attestation.tpm import EK_CERT_INDICES, TpmClient
 from attestation.tpm_types import Alg, EccCurve, ObjectAttributes, parse_public, parse_signature
 from attestation.verifier import QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.verification import register_host_check
 from testbed.core.clock import utc_now
+from testbed.core.errors import SwtpmError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
 from testbed.hosts.attest import HostVerdict, attest_host, load_host_registry, read_verdicts
 from testbed.hosts.layout import HostsError, LabPaths, LabState, host_index
 from testbed.hosts.remote import SshSession, agent_client
-from testbed.tpm.localca import LocalCA
+from testbed.tpm.localca import LocalCA, find_tool
 
-__all__ = ["HostIntermediate", "certify_host_intermediate", "ek_ca_bundle", "host_agent",
-           "host_attestation_check", "issue_vtpm_ek_certificate", "load_intermediate",
-           "vtpm_hosts"]
+__all__ = [
+    "HostIntermediate",
+    "build_ek_certificate",
+    "certify_host_intermediate",
+    "ek_ca_bundle",
+    "host_agent",
+    "host_attestation_check",
+    "intermediate_name",
+    "issue_vtpm_ek_certificate",
+    "load_intermediate",
+    "manufacture_uncertified_vtpm",
+    "vtpm_hosts",
+    "write_ek_certificate",
+]
 
 INTERMEDIATE_VALIDITY = datetime.timedelta(days=30)
 EK_VALIDITY = datetime.timedelta(days=365)
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 MAX_CERT_BYTES = 64 * 1024
+SETUP_TIMEOUT_S = 60.0
+NV_CHUNK = 512  # below every TPM's MAX_NV_BUFFER_SIZE
 # TCG EK Credential Profile: the TPM's identity in the EK certificate's directoryName SAN.
 TPM_ATTRIBUTES = {"tpm-manufacturer": ObjectIdentifier("2.23.133.2.1"),
                   "tpm-model": ObjectIdentifier("2.23.133.2.2"),
@@ -183,7 +208,7 @@ def _sign_intermediate(ca: LocalCA, host: str, key: ec.EllipticCurvePublicKey
     now = datetime.datetime.now(datetime.UTC)
     ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (x509.CertificateBuilder()
-               .subject_name(_intermediate_name(host)).issuer_name(root.subject)
+               .subject_name(intermediate_name(host)).issuer_name(root.subject)
                .public_key(key).serial_number(x509.random_serial_number())
                .not_valid_before(now - CLOCK_SKEW)
                .not_valid_after(now + INTERMEDIATE_VALIDITY)
@@ -196,7 +221,7 @@ def _sign_intermediate(ca: LocalCA, host: str, key: ec.EllipticCurvePublicKey
     return builder.sign(root_key, hashes.SHA256())
 
 
-def _intermediate_name(host: str) -> x509.Name:
+def intermediate_name(host: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "trusted-hypervisor-testbed"),
                       x509.NameAttribute(NameOID.COMMON_NAME, f"host intermediate CA {host}")])
 
@@ -229,14 +254,16 @@ def issue_vtpm_ek_certificate(lab: LabPaths, host: str, ek_public: EkKey, *, nod
     Refused unless the host's latest attestation is good and it has an intermediate.
     """
     intermediate = _usable_intermediate(lab, host)
-    tbs = _ek_tbs(intermediate.certificate, ek_public, dict(identity) or DEFAULT_IDENTITY)
-    digest = hashlib.sha256(tbs).digest()
-    if agent is None:
+
+    def sign_in_host_tpm(tbs: bytes) -> bytes:
+        request = {"op": "intermediate_sign", "digest": b64encode(hashlib.sha256(tbs).digest())}
+        if agent is not None:
+            return _ecdsa_signature(host, agent.call(request))
         with host_agent(lab, host) as own:
-            answer = own.call({"op": "intermediate_sign", "digest": b64encode(digest)})
-    else:
-        answer = agent.call({"op": "intermediate_sign", "digest": b64encode(digest)})
-    der = _assemble(tbs, _ecdsa_signature(host, answer))
+            return _ecdsa_signature(host, own.call(request))
+
+    der = build_ek_certificate(intermediate.certificate, ek_public,
+                               dict(identity) or DEFAULT_IDENTITY, sign_in_host_tpm)
     cert = x509.load_der_x509_certificate(der)
     try:  # a host whose TPM signs with another key is caught before the cert goes out
         cert.verify_directly_issued_by(intermediate.certificate)
@@ -264,7 +291,15 @@ def _usable_intermediate(lab: LabPaths, host: str) -> HostIntermediate:
     return intermediate
 
 
-def _ek_tbs(issuer: x509.Certificate, ek: EkKey, identity: dict[str, str]) -> bytes:
+def build_ek_certificate(issuer: x509.Certificate, ek: EkKey, identity: Mapping[str, str],
+                         sign: Callable[[bytes], bytes]) -> bytes:
+    """An EK certificate (DER) for ``ek`` from ``issuer``: the TBSCertificate built here,
+    ``sign(tbs)`` the issuer key's DER ECDSA-with-SHA-256 signature over it."""
+    tbs = _ek_tbs(issuer, ek, identity)
+    return _assemble(tbs, sign(tbs))
+
+
+def _ek_tbs(issuer: x509.Certificate, ek: EkKey, identity: Mapping[str, str]) -> bytes:
     """The TBSCertificate of an EK certificate (TCG EK Credential Profile shape: empty
     subject, critical directoryName SAN with the TPM's identity, tcg-kp-EKCertificate)."""
     unknown = set(identity) - set(TPM_ATTRIBUTES)
@@ -339,6 +374,44 @@ def vtpm_hosts(lab: LabPaths) -> dict[str, str]:
         return {}
     return {str(n): str(b["host"]) for n, b in doc.items()
             if isinstance(b, dict) and isinstance(b.get("host"), str)}
+
+
+def manufacture_uncertified_vtpm(state: Path, ca: LocalCA) -> Path:
+    """A vTPM state with its EKs but no EK certificate yet (``swtpm_setup --createek``):
+    what swtpm_setup has made when it asks its certificate tool, for
+    :func:`write_ek_certificate` to complete."""
+    private_dir(state)
+    cmd = [find_tool("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--createek",
+           "--pcr-banks", "sha256", "--config", str(ca.setup_config_path)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=SETUP_TIMEOUT_S,
+                             check=False, umask=0o077)
+    except subprocess.TimeoutExpired:
+        raise SwtpmError(f"swtpm_setup timed out after {SETUP_TIMEOUT_S:.0f} s") from None
+    if res.returncode != 0:
+        raise SwtpmError(f"swtpm_setup failed (exit {res.returncode}): "
+                         f"{(res.stdout + res.stderr).strip()[-300:]}")
+    return state
+
+
+def write_ek_certificate(client: TpmClient, der: bytes) -> None:
+    """Put ``der`` at the TCG RSA EK certificate index of a vTPM manufactured without one
+    (``swtpm_setup --createek``), where :meth:`TpmClient.endorsement_key` reads it."""
+    public = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+        nvIndex=EK_CERT_INDICES["rsa"][0], nameAlg=TPM2_ALG.SHA256,
+        attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
+        dataSize=len(der)))
+    esapi = client.esapi
+    try:
+        handle = esapi.nv_define_space(TPM2B_AUTH(), public, auth_handle=ESYS_TR.OWNER)
+        try:
+            for offset in range(0, len(der), NV_CHUNK):
+                esapi.nv_write(handle, der[offset:offset + NV_CHUNK], offset,
+                               auth_handle=ESYS_TR.OWNER)
+        finally:
+            esapi.tr_close(handle)
+    except TSS2_Exception as exc:
+        raise TpmError(f"writing the EK certificate into the vTPM's NV failed: {exc}") from None
 
 
 # --- what verifiers use ----------------------------------------------------------------
