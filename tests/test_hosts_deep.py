@@ -38,7 +38,7 @@ from attestation.tpm import LocalAttester, TpmClient
 from attestation.tpm_types import PcrSelection, marshal_public_key, parse_public
 from testbed.cluster.agent import AgentError
 from testbed.cluster.state import save_registry
-from testbed.cluster.verification import verify_evidence
+from testbed.cluster.verification import ek_ca_bundle, verify_evidence
 from testbed.core.paths import ClusterPaths
 from testbed.hosts import deep, lifecycle
 from testbed.hosts.attest import attest_host, write_host_policy
@@ -131,10 +131,11 @@ def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
         # Registration: the chain VM EK -> host1 intermediate -> lab CA, and only that.
         with pytest.raises(EndorsementError, match="does not chain"):
             register(LocalAttester(client), "vm1", Registrar(ca.ca_bundle()), AkRegistry())
-        ak = register(LocalAttester(client), "vm1", Registrar(deep.ek_ca_bundle(lab)),
+        paths = ClusterPaths(lab.workdir, "deep")
+        # What `testbed up` registers with: the work dir's EK CA and the hosts' links.
+        ak = register(LocalAttester(client), "vm1", Registrar(ek_ca_bundle(paths, ca)),
                       AkRegistry())
         assert ak is not None
-        paths = ClusterPaths(lab.workdir, "deep")
         private_dir(paths.root)
         registry = AkRegistry()
         registry.add("vm1", ak)
@@ -160,8 +161,8 @@ def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
             assert "host host1" in report.failure.detail and "'policy'" in report.failure.detail
             with pytest.raises(VerificationError, match="host1 is not trusted"):
                 deep.issue_vtpm_ek_certificate(lab, "host1", ek_key, node="vm2")
-            with pytest.raises(EndorsementError):  # its intermediate no longer anchors
-                register(LocalAttester(client), "vm1", Registrar(deep.ek_ca_bundle(lab)),
+            with pytest.raises(EndorsementError):  # its intermediate no longer links
+                register(LocalAttester(client), "vm1", Registrar(ek_ca_bundle(paths, ca)),
                          AkRegistry())
         finally:
             write_host_policy(lab, "host1")

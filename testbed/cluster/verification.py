@@ -10,8 +10,9 @@ to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), 
 
 A node whose vTPM was made on a hypervisor host is judged on two layers: the quote, and
 the host's latest attestation, by the checks the hosts room registers here
-(:func:`register_host_check`; ``host_attestation``, :mod:`testbed.hosts.deep`): the
-cluster layer sits below the hosts and cannot import them.
+(:func:`register_host_check`; ``host_attestation``, :mod:`testbed.hosts.deep`), and its
+EK certificate chains through that host's intermediate CA (:func:`register_ek_links`,
+:func:`ek_ca_bundle`): the cluster layer sits below the hosts and cannot import them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
 
 from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
@@ -47,11 +50,13 @@ from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
+from testbed.tpm.localca import LocalCA
 from trusted_passages.batch import BatchProof
 from trusted_passages.tpm import verify_batched
 
-__all__ = ["ClockHistoryStore", "HostCheck", "RuntimeInput", "attest_node", "evidence_dir",
-           "register_host_check", "verify_evidence"]
+__all__ = ["ClockHistoryStore", "EkLinks", "HostCheck", "RuntimeInput", "attest_node",
+           "ek_ca_bundle", "evidence_dir", "register_ek_links", "register_host_check",
+           "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
 
@@ -64,6 +69,26 @@ def register_host_check(check: HostCheck) -> None:
     """Run ``check`` on every verification of a node (idempotent)."""
     if check not in _HOST_CHECKS:
         _HOST_CHECKS.append(check)
+
+
+EkLinks = Callable[[Path], list[x509.Certificate]]
+"""Extra EK path links of a work directory (the intermediates of attested hosts)."""
+_EK_LINKS: list[EkLinks] = []
+
+
+def register_ek_links(provider: EkLinks) -> None:
+    """Offer ``provider``'s certificates as EK path links to every registration."""
+    if provider not in _EK_LINKS:
+        _EK_LINKS.append(provider)
+
+
+def ek_ca_bundle(paths: ClusterPaths, ca: LocalCA) -> list[x509.Certificate]:
+    """What a cluster's registrar validates EK certificates with: the work directory's EK
+    CA (its self-signed root is the only anchor) and the registered path links."""
+    bundle = ca.ca_bundle()
+    for provider in _EK_LINKS:
+        bundle.extend(provider(paths.workdir))
+    return bundle
 
 
 def _with_host_layer(report: VerificationReport, paths: ClusterPaths,

@@ -12,7 +12,10 @@
   ``asn1crypto`` and checked against the intermediate before it is handed out. The lab
   records which host the vTPM's node runs on (``WORKDIR/hosts/vtpms.json``).
 * :func:`ek_ca_bundle`: the EK trust anchors plus the intermediates of the hosts whose
-  latest attestation is good (an untrusted host's vTPMs do not register).
+  latest attestation is good (an untrusted host's vTPMs do not register); the same
+  intermediates are the path links of every cluster registration
+  (:func:`trusted_intermediates`, registered with
+  :func:`testbed.cluster.verification.register_ek_links`).
 * :func:`host_attestation_check`: the verifier's ``host_attestation`` check of a node on
   a host (registered with :func:`testbed.cluster.verification.register_host_check`): the
   host's latest attestation must be good, or the node is not trusted.
@@ -57,7 +60,7 @@ from attestation.tpm import EK_CERT_INDICES, TpmClient
 from attestation.tpm_types import Alg, EccCurve, ObjectAttributes, parse_public, parse_signature
 from attestation.verifier import QuoteVerifier
 from testbed.cluster.agent import AgentClient
-from testbed.cluster.verification import register_host_check
+from testbed.cluster.verification import register_ek_links, register_host_check
 from testbed.core.clock import utc_now
 from testbed.core.errors import SwtpmError
 from testbed.core.files import locked, read_json, write_json
@@ -78,6 +81,7 @@ __all__ = [
     "issue_vtpm_ek_certificate",
     "load_intermediate",
     "manufacture_uncertified_vtpm",
+    "trusted_intermediates",
     "vtpm_hosts",
     "write_ek_certificate",
 ]
@@ -420,12 +424,18 @@ def write_ek_certificate(client: TpmClient, der: bytes) -> None:
 def ek_ca_bundle(lab: LabPaths) -> list[x509.Certificate]:
     """The lab CA and the intermediates of the hosts trusted now (roots are the
     self-signed certificates; intermediates are only path links: see validate_ek)."""
-    bundle = LocalCA(lab.ca_dir).ca_bundle()
+    return [*LocalCA(lab.ca_dir).ca_bundle(), *trusted_intermediates(lab.workdir)]
+
+
+def trusted_intermediates(workdir: Path) -> list[x509.Certificate]:
+    """The intermediate CA certificates of the hosts whose latest attestation is good."""
+    lab = LabPaths(workdir)
+    found = []
     for host, verdict in sorted(read_verdicts(lab).items()):
         intermediate = load_intermediate(lab, host) if verdict.trusted else None
         if intermediate is not None:
-            bundle.append(intermediate.certificate)
-    return bundle
+            found.append(intermediate.certificate)
+    return found
 
 
 def host_attestation_check(paths: ClusterPaths, node: str) -> CheckResult | None:
@@ -450,3 +460,4 @@ def host_attestation_check(paths: ClusterPaths, node: str) -> CheckResult | None
 
 
 register_host_check(host_attestation_check)
+register_ek_links(trusted_intermediates)
