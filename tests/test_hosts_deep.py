@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import io
+import json
 import os
 import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,7 @@ from attestation.policy import dump_policy, policy_from_evidence
 from attestation.registrar import AkRegistry, Registrar, register
 from attestation.tpm import LocalAttester, TpmClient
 from attestation.tpm_types import PcrSelection, marshal_public_key, parse_public
+from testbed.cli import main as cli
 from testbed.cluster.agent import AgentError
 from testbed.cluster.state import save_registry
 from testbed.cluster.verification import ek_ca_bundle, verify_evidence
@@ -49,6 +53,7 @@ from testbed.tpm.swtpm import Swtpm
 
 BRIDGE, SUBNET = "tbk3", "10.213.3.0/24"
 SELECTION = PcrSelection("sha256", (0, 1, 2, 3))
+SIM_CLUSTER = "trusted-passages-lab"  # the default spec's
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +220,42 @@ def test_a_hostile_signature_answer_is_one_clear_error(answer: dict[str, object]
     with pytest.raises(VerificationError) as refused:
         deep._ecdsa_signature("hostX", answer)
     assert refused.value.check == "intermediate_signature"
+
+
+def test_testbed_attest_shows_the_host_layer(lab: LabPaths,
+                                             intermediate: deep.HostIntermediate) -> None:
+    """`testbed attest NODE` (text and --json) for a node recorded on host1: the quote's
+    checks and host1's verdict; exit 1 once host1 fails. (A sim node: its own EK is the
+    project CA's; the record is what placement makes when it issues a vTPM on host1.)"""
+    workdir = lab.workdir
+    rc, out, err = run_cli(workdir, "up", "--json")
+    try:
+        assert rc == 0, out + err
+        deep.issue_vtpm_ek_certificate(lab, "host1", ec.generate_private_key(
+            ec.SECP256R1()).public_key(), node="server")
+        rc, out, err = run_cli(workdir, "attest", "server", "--cluster", SIM_CLUSTER, "--json")
+        assert rc == 0, out + err
+        layer = next(c for c in json.loads(out)["checks"] if c["check"] == "host_attestation")
+        assert layer["state"] == "passed" and layer["host"] == "host1"
+        assert layer["host_verdict"]["verdict"] == "trusted"
+        rc, out, _ = run_cli(workdir, "attest", "server", "--cluster", SIM_CLUSTER)
+        assert rc == 0 and "host_attestation" in out and "host host1 trusted" in out
+        _host_policy_expects_another_qemu(lab, "host1")
+        try:
+            with deep.host_agent(lab, "host1") as agent:
+                attest_host(lab, "host1", agent)
+            rc, out, _ = run_cli(workdir, "attest", "server", "--cluster", SIM_CLUSTER, "--json")
+            assert rc == 1 and json.loads(out)["failed_check"] == "host_attestation"
+        finally:
+            write_host_policy(lab, "host1")
+            with deep.host_agent(lab, "host1") as agent:
+                assert attest_host(lab, "host1", agent).trusted
+    finally:
+        assert run_cli(workdir, "down", "--cluster", SIM_CLUSTER)[0] == 0
+
+
+def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(["--workdir", str(workdir), *argv])
+    return rc, out.getvalue(), err.getvalue()
