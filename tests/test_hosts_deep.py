@@ -94,6 +94,11 @@ def test_the_lab_ca_certifies_a_tpm_resident_key_after_the_host_attested(
     assert intermediate.verdict is not None and intermediate.verdict.trusted
     assert stat.S_IMODE(intermediate.path.stat().st_mode) == 0o600
     assert deep.load_intermediate(lab, "host1") is not None
+    # Certified again, the key stays (EK certificates it issued still chain); rotated, not.
+    with deep.host_agent(lab, "host1") as agent:
+        again = deep.certify_host_intermediate(lab, "host1", agent)
+        assert again.certificate.public_key() == cert.public_key()
+        assert again.certificate.serial_number != cert.serial_number
     # The certified key is the one host1's TPM signs with, over SSH.
     digest = hashlib.sha256(b"to be signed").digest()
     with deep.host_agent(lab, "host1") as agent:
@@ -131,7 +136,9 @@ def test_vm_ek_chains_through_the_host_and_the_vm_falls_with_its_host(
         deep.write_ek_certificate(client, der)
         _openssl_verifies(tmp_path, der, ca, intermediate)
         validated = validate_ek(der, parse_public(ek.public), deep.ek_ca_bundle(lab))
-        assert validated.chain[1:] == (intermediate.certificate, ca.ca_bundle()[0])
+        current = deep.load_intermediate(lab, "host1")
+        assert current is not None
+        assert validated.chain[1:] == (current.certificate, ca.ca_bundle()[0])
 
         # Registration: the chain VM EK -> host1 intermediate -> lab CA, and only that.
         with pytest.raises(EndorsementError, match="does not chain"):
@@ -253,6 +260,22 @@ def test_testbed_attest_shows_the_host_layer(lab: LabPaths,
     finally:
         assert run_cli(workdir, "down", "--cluster", SIM_CLUSTER)[0] == 0
 
+
+
+def test_issuance_certifies_a_missing_intermediate_and_rotation_changes_the_key(
+        lab: LabPaths, intermediate: deep.HostIntermediate) -> None:
+    """Last in the module: it replaces host1's intermediate."""
+    ek = ec.generate_private_key(ec.SECP256R1()).public_key()
+    intermediate.path.unlink()
+    der = deep.issue_vtpm_ek_certificate(lab, "host1", ek, node="vm3")
+    current = deep.load_intermediate(lab, "host1")
+    assert current is not None  # certified on demand, after a fresh host attestation
+    x509.load_der_x509_certificate(der).verify_directly_issued_by(current.certificate)
+    with deep.host_agent(lab, "host1") as agent:
+        rotated = deep.certify_host_intermediate(lab, "host1", agent, rotate=True)
+    assert rotated.certificate.public_key() != current.certificate.public_key()
+    with pytest.raises(EndorsementError, match="does not chain"):
+        validate_ek(der, parse_public(marshal_public_key(ek)), deep.ek_ca_bundle(lab))
 
 def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()

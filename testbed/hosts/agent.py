@@ -3,7 +3,7 @@ channel) inside the host, speaking :mod:`attestation.agent_wire` on stdin/stdout
 
 It serves ``identity``, ``activate``, ``quote`` (with the host's event log),
 ``status``, and for deep attestation (:mod:`testbed.hosts.deep`) ``intermediate_key``
-(a new signing key made in the host TPM, persisted there, certified by the AK) and
+(a signing key made in the host TPM, persisted there, certified by the AK) and
 ``intermediate_sign`` (TPM2_Sign of a certificate's digest with that key) from the host
 TPM, whose unix socket exists only in the host's mount namespace
 (:data:`testbed.hosts.layout.HOST_RUN`): the lab reaches the TPM through SSH or not at all.
@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from tpm2_pytss import ESYS_TR, TSS2_Exception
 
@@ -45,7 +45,7 @@ __all__ = ["StdioStream", "main", "serve"]
 MAX_EVENT_LOG = 1 << 20
 BANK = "sha256"  # the bank of the host's measured boot (testbed.tpm.boot.BANK)
 _KEYS = {"identity": set(), "activate": {"credential_blob", "encrypted_secret"},
-         "quote": {"nonce", "pcrs"}, "status": set(), "intermediate_key": {"nonce"},
+         "quote": {"nonce", "pcrs"}, "status": set(), "intermediate_key": {"nonce", "rotate"},
          "intermediate_sign": {"digest"}}
 INTERMEDIATE_HANDLE = 0x81000020
 """The host intermediate CA's key: persistent in the owner hierarchy of the host TPM
@@ -105,14 +105,20 @@ class HostAttester:
                         ek_public=ek.public, ek_certificate=ek.certificate).to_dict()
 
     def intermediate_key(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A new ECC P-256 signing key (fixedTPM, fixedParent, sensitiveDataOrigin) that
-        replaces the previous one at :data:`INTERMEDIATE_HANDLE`, certified by the AK
-        over the lab's nonce (TPM2_Certify)."""
+        """The intermediate CA's key certified by the AK over the lab's nonce
+        (TPM2_Certify): the one at :data:`INTERMEDIATE_HANDLE`, or with ``rotate`` (or
+        when there is none) a new ECC P-256 signing key (fixedTPM, fixedParent,
+        sensitiveDataOrigin) that replaces it."""
         nonce = b64decode(request.get("nonce"), "nonce", limit=64)
+        rotate = request.get("rotate", False)
+        if not isinstance(rotate, bool):
+            raise TestbedError("intermediate_key: rotate must be true or false")
         with self._client() as client:
-            key = client.create_signing_key("ecc")
-            try:
+            key = None if rotate else _persistent_intermediate(client, missing_ok=True)
+            if key is None:
+                key = client.create_signing_key("ecc")
                 _persist(client, key)
+            try:
                 ak = client.attestation_key("ecc")
                 try:
                     attest, signature = client.certify(key, ak, nonce)
@@ -160,11 +166,21 @@ def _persist(client: TpmClient, key: TpmKey) -> None:
         raise TestbedError(f"persisting the intermediate key failed: {exc}") from None
 
 
-def _persistent_intermediate(client: TpmClient) -> TpmKey:
+@overload
+def _persistent_intermediate(client: TpmClient) -> TpmKey: ...
+
+
+@overload
+def _persistent_intermediate(client: TpmClient, *, missing_ok: bool) -> TpmKey | None: ...
+
+
+def _persistent_intermediate(client: TpmClient, *, missing_ok: bool = False) -> TpmKey | None:
     try:
         handle = client.esapi.tr_from_tpmpublic(INTERMEDIATE_HANDLE)
         public, _, _ = client.esapi.read_public(handle)
     except TSS2_Exception:
+        if missing_ok:
+            return None
         raise TestbedError("this host has no intermediate key: the lab makes one with "
                            "testbed.hosts.deep.certify_host_intermediate") from None
     return TpmKey(handle, bytes(public.marshal())[2:], persistent=True)

@@ -149,12 +149,15 @@ def host_agent(lab: LabPaths, host: str) -> Iterator[AgentClient]:
 # --- the host intermediate CA ----------------------------------------------------------
 
 
-def certify_host_intermediate(lab: LabPaths, host: str, agent: AgentClient
-                              ) -> HostIntermediate:
-    """A new intermediate CA for ``host``: key made in its TPM, certified by its AK,
-    the host attested now; then (only then) the lab CA signs its certificate."""
+def certify_host_intermediate(lab: LabPaths, host: str, agent: AgentClient, *,
+                              rotate: bool = False) -> HostIntermediate:
+    """A certificate for ``host``'s intermediate CA: its key in the host TPM (made there
+    on first use, or anew with ``rotate``) certified by its AK, the host attested now;
+    then (only then) the lab CA signs. Without ``rotate`` the key stays, so the vTPM EK
+    certificates it issued before still chain to the new certificate."""
     nonce = os.urandom(32)
-    answer = agent.call({"op": "intermediate_key", "nonce": b64encode(nonce)})
+    answer = agent.call({"op": "intermediate_key", "nonce": b64encode(nonce),
+                         "rotate": rotate})
     key_public = _check_certified_key(lab, host, answer, nonce)
     verdict = attest_host(lab, host, agent)  # after the key exists: the host is good now
     if not verdict.trusted:
@@ -255,9 +258,10 @@ def issue_vtpm_ek_certificate(lab: LabPaths, host: str, ek_public: EkKey, *, nod
 
     ``identity``: the TPM's (``tpm-manufacturer``, ``tpm-model``, ``tpm-version``) as
     swtpm_setup asks; ``agent``: the host agent to use (else one SSH session for this).
-    Refused unless the host's latest attestation is good and it has an intermediate.
+    Refused unless the host's latest attestation is good; a host without a current
+    intermediate gets one first (:func:`certify_host_intermediate`, a fresh attestation).
     """
-    intermediate = _usable_intermediate(lab, host)
+    intermediate = _usable_intermediate(lab, host, agent)
 
     def sign_in_host_tpm(tbs: bytes) -> bytes:
         request = {"op": "intermediate_sign", "digest": b64encode(hashlib.sha256(tbs).digest())}
@@ -279,7 +283,10 @@ def issue_vtpm_ek_certificate(lab: LabPaths, host: str, ek_public: EkKey, *, nod
     return der
 
 
-def _usable_intermediate(lab: LabPaths, host: str) -> HostIntermediate:
+def _usable_intermediate(lab: LabPaths, host: str,
+                         agent: AgentClient | None) -> HostIntermediate:
+    """The host's intermediate, certified now when it has none or it expired (which
+    attests the host); refused when the host's latest attestation is not good."""
     verdict = read_verdicts(lab).get(host)
     if verdict is None or not verdict.trusted:
         why = "never attested" if verdict is None else \
@@ -287,12 +294,13 @@ def _usable_intermediate(lab: LabPaths, host: str) -> HostIntermediate:
         raise VerificationError("host_attestation", f"host {host} is not trusted ({why}): "
                                 "no vTPM EK certificate is issued on it")
     intermediate = load_intermediate(lab, host)
-    if intermediate is None:
-        raise HostsError(f"host {host} has no intermediate CA: certify one first "
-                         "(testbed.hosts.deep.certify_host_intermediate)")
-    if intermediate.certificate.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
-        raise HostsError(f"host {host}'s intermediate CA expired: certify a new one")
-    return intermediate
+    now = datetime.datetime.now(datetime.UTC)
+    if intermediate is not None and intermediate.certificate.not_valid_after_utc > now:
+        return intermediate
+    if agent is not None:
+        return certify_host_intermediate(lab, host, agent)
+    with host_agent(lab, host) as own:
+        return certify_host_intermediate(lab, host, own)
 
 
 def build_ek_certificate(issuer: x509.Certificate, ek: EkKey, identity: Mapping[str, str],
