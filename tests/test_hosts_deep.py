@@ -247,6 +247,12 @@ def test_testbed_attest_shows_the_host_layer(lab: LabPaths,
         assert layer["host_verdict"]["verdict"] == "trusted"
         rc, out, _ = run_cli(workdir, "attest", "server", "--cluster", SIM_CLUSTER)
         assert rc == 0 and "host_attestation" in out and "host host1 trusted" in out
+        bindings = lab.root / "vtpms.json"  # damaged: fails closed, saying why
+        saved = bindings.read_bytes()
+        bindings.write_bytes(b'{"server": 1}')
+        rc, out, _ = run_cli(workdir, "attest", "server", "--cluster", SIM_CLUSTER, "--json")
+        bindings.write_bytes(saved)
+        assert rc == 1 and "vtpms.json is damaged" in out
         _host_policy_expects_another_qemu(lab, "host1")
         try:
             with deep.host_agent(lab, "host1") as agent:

@@ -52,7 +52,7 @@ from tpm2_pytss import (
 
 from attestation.encoding import b64decode, b64encode
 from attestation.endorsement import TCG_KP_EK_CERTIFICATE
-from attestation.errors import EvidenceFormatError, TestbedError, TpmError, VerificationError
+from attestation.errors import EvidenceFormatError, TpmError, VerificationError
 from attestation.evidence import KeyCertification
 from attestation.files import atomic_write, private_dir, read_bounded
 from attestation.report import CheckResult
@@ -62,9 +62,9 @@ from attestation.verifier import QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.verification import register_ek_links, register_host_check
 from testbed.core.clock import utc_now
-from testbed.core.errors import SwtpmError
+from testbed.core.errors import ArgumentError, SwtpmError
 from testbed.core.files import locked, read_json, write_json
-from testbed.core.paths import ClusterPaths
+from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.hosts.attest import HostVerdict, attest_host, load_host_registry, read_verdicts
 from testbed.hosts.layout import HostsError, LabPaths, LabState, host_index
 from testbed.hosts.remote import SshSession, agent_client
@@ -261,6 +261,8 @@ def issue_vtpm_ek_certificate(lab: LabPaths, host: str, ek_public: EkKey, *, nod
     Refused unless the host's latest attestation is good; a host without a current
     intermediate gets one first (:func:`certify_host_intermediate`, a fresh attestation).
     """
+    if not NAME_PATTERN.fullmatch(node):
+        raise ArgumentError(f"invalid node name {node!r}: 1-32 of a-z, 0-9, '_' and '-'")
     intermediate = _usable_intermediate(lab, host, agent)
 
     def sign_in_host_tpm(tbs: bytes) -> bytes:
@@ -369,8 +371,7 @@ def _assemble(tbs: bytes, signature: bytes) -> bytes:
 def _bind(lab: LabPaths, node: str, host: str, der: bytes) -> None:
     """Record that ``node``'s vTPM was made on ``host``: its verifier checks that host."""
     with locked(lab.attest_lock):
-        doc = read_json(_bindings_path(lab))
-        doc = doc if isinstance(doc, dict) else {}
+        doc = _load_bindings(lab)
         doc[node] = {"host": host, "ek_certificate_sha256": hashlib.sha256(der).hexdigest(),
                      "issued": utc_now()}
         write_json(_bindings_path(lab), doc)
@@ -378,14 +379,20 @@ def _bind(lab: LabPaths, node: str, host: str, der: bytes) -> None:
 
 def vtpm_hosts(lab: LabPaths) -> dict[str, str]:
     """node -> the host its vTPM was made on."""
-    try:
-        doc = read_json(_bindings_path(lab))
-    except TestbedError:
-        doc = None
-    if not isinstance(doc, dict):
+    return {str(n): str(b["host"]) for n, b in _load_bindings(lab).items()}
+
+
+def _load_bindings(lab: LabPaths) -> dict[str, Any]:
+    """``vtpms.json``; damaged or unreadable, a HostsError (the check fails, closed)."""
+    path = _bindings_path(lab)
+    doc = read_json(path)
+    if doc is None:
         return {}
-    return {str(n): str(b["host"]) for n, b in doc.items()
-            if isinstance(b, dict) and isinstance(b.get("host"), str)}
+    if not isinstance(doc, dict) or not all(
+            isinstance(b, dict) and isinstance(b.get("host"), str) for b in doc.values()):
+        raise HostsError(f"{path} is damaged: which host each vTPM was made on is unknown, "
+                         "so no VM of this lab is trusted; restore it or make the vTPMs anew")
+    return doc
 
 
 def manufacture_uncertified_vtpm(state: Path, ca: LocalCA) -> Path:
