@@ -45,6 +45,7 @@ from testbed.cluster.state import save_registry
 from testbed.cluster.verification import ek_ca_bundle, verify_evidence
 from testbed.core.paths import ClusterPaths
 from testbed.hosts import deep, lifecycle
+from testbed.hosts.agent import HostAttester, handle
 from testbed.hosts.attest import attest_host, write_host_policy
 from testbed.hosts.layout import LabPaths
 from testbed.hosts.measured import HOST_BOOT, predicted_host_policy, resolve_stack
@@ -288,3 +289,18 @@ def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         rc = cli.main(["--workdir", str(workdir), *argv])
     return rc, out.getvalue(), err.getvalue()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.fixed_dictionaries({"op": st.sampled_from(["intermediate_key", "intermediate_sign"])},
+                             optional={"nonce": st.one_of(st.binary(max_size=80).map(b64encode),
+                                                          st.integers(), st.text(max_size=8)),
+                                       "digest": st.binary(max_size=80).map(b64encode),
+                                       "rotate": st.one_of(st.booleans(), st.text(max_size=4),
+                                                           st.none()),
+                                       "x": st.integers()}))
+def test_the_host_agent_answers_hostile_intermediate_requests_with_an_error(
+        request: dict[str, object]) -> None:
+    # Outside a host there is no host TPM: a well-formed request is an error there too.
+    answer = handle(HostAttester(), json.dumps(request).encode())
+    assert set(answer) == {"error"} and isinstance(answer["error"], str)
