@@ -304,3 +304,14 @@ def test_the_host_agent_answers_hostile_intermediate_requests_with_an_error(
     # Outside a host there is no host TPM: a well-formed request is an error there too.
     answer = handle(HostAttester(), json.dumps(request).encode())
     assert set(answer) == {"error"} and isinstance(answer["error"], str)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.sampled_from(["attest", "signature", "key_public", "ak_public"]),
+                       st.one_of(st.binary(max_size=120).map(b64encode), st.text(max_size=8),
+                                 st.integers(), st.none())))
+def test_a_hostile_intermediate_key_answer_is_refused_by_a_named_check(
+        lab: LabPaths, answer: dict[str, object]) -> None:
+    with pytest.raises(VerificationError) as refused:
+        deep._check_certified_key(lab, "host1", answer, os.urandom(32))
+    assert refused.value.check in {"structure", "ak_attributes", "ak_trust"}
