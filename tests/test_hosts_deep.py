@@ -3,7 +3,7 @@ TPM, certified by the lab CA only after the host attested; a vTPM's EK certifica
 by it over SSH; the chain VM EK -> host intermediate -> lab CA and the host's latest
 attestation checked by the VM's verifier; a rogue vTPM refused.
 
-One lab for the module on K3's own bridge and subnet: host1 good, host2 with a tampered
+One lab for the module on its own bridge and subnet: host1 good, host2 with a tampered
 QEMU. The vTPM is a real swtpm manufactured here (EK made by swtpm_setup, its certificate
 issued by host1's intermediate and written into its NV like swtpm_setup would).
 """
