@@ -55,8 +55,8 @@ from testbed.spec.cluster_spec import DiskSpec
 from testbed.svd.qcow2 import format_qcow2_luks, qcow2_luks_uuid
 from testbed.svd.volumes import DiskStatus
 
-__all__ = ["HOTPLUG_PORTS", "VmDiskFiles", "attach_host_disk", "attached_serials",
-           "disk_root", "remove_disk_secrets"]
+__all__ = ["HOTPLUG_PORTS", "VmDiskFiles", "attach_host_disk", "attached_serials", "detach",
+           "disk_root", "disk_xml", "hotplug", "remove_disk_secrets", "secret_xml"]
 
 HOTPLUG_PORTS = 4  # one per disk (a spec allows at most 4 per node)
 AFFECT_LIVE = 1  # VIR_DOMAIN_AFFECT_LIVE
@@ -128,8 +128,9 @@ def attach_host_disk(conn: Any, domain: Any, files: VmDiskFiles, spec: DiskSpec,
 
 
 def _status(spec: DiskSpec, target: str) -> DiskStatus:
+    # The guest kernel names its disks itself (vda...): the serial is what identifies it.
     return DiskStatus(spec.name, spec.mode, spec.size, "unlocked",
-                      f"in the VM: /dev/{target} (virtio, serial {spec.name})")
+                      f"in the VM: the virtio disk with serial {spec.name!r} (host {target})")
 
 
 def _bound(files: VmDiskFiles) -> DiskBinding:
@@ -157,12 +158,15 @@ def secret_xml(image: Path) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def disk_xml(image: Path, serial: str, target: str, secret_uuid: str) -> str:
+def disk_xml(image: Path, serial: str, target: str, secret_uuid: str | None) -> str:
+    """A virtio qcow2 disk; encrypted (LUKS, key from the libvirt secret) unless
+    ``secret_uuid`` is None (the benchmark's plain baseline)."""
     root = ET.Element("disk", type="file", device="disk")
     ET.SubElement(root, "driver", name="qemu", type="qcow2")
     source = ET.SubElement(root, "source", file=str(image))
-    encryption = ET.SubElement(source, "encryption", format="luks")
-    ET.SubElement(encryption, "secret", type="passphrase", uuid=secret_uuid)
+    if secret_uuid is not None:
+        encryption = ET.SubElement(source, "encryption", format="luks")
+        ET.SubElement(encryption, "secret", type="passphrase", uuid=secret_uuid)
     ET.SubElement(root, "target", dev=target, bus="virtio")
     ET.SubElement(root, "serial").text = serial
     return ET.tostring(root, encoding="unicode")
@@ -187,14 +191,32 @@ def hotplug(conn: Any, domain: Any, image: Path, serial: str, target: str,
             secret.undefine()
 
 
-def attached_serials(domain: Any) -> set[str]:
-    """Serials of the disks the running domain has (its live XML)."""
+def detach(domain: Any, serial: str) -> bool:
+    """Unplug the disk with ``serial`` from the running domain (the guest acknowledges the
+    PCIe unplug; :func:`attached_serials` shows when it is gone). Whether it was there."""
+    libvirt = load_libvirt()
+    for disk in _live_disks(domain):
+        if disk.findtext("serial") == serial:
+            try:
+                domain.detachDeviceFlags(ET.tostring(disk, encoding="unicode"), AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                raise StateError(f"could not detach disk {serial}: {exc}") from None
+            return True
+    return False
+
+
+def _live_disks(domain: Any) -> list[ET.Element]:
     libvirt = load_libvirt()
     try:
         root = ET.fromstring(domain.XMLDesc(0))  # noqa: S314 - libvirtd's own XML
     except (libvirt.libvirtError, ET.ParseError):
-        return set()
-    return {s.text for s in root.iterfind("./devices/disk/serial") if s.text}
+        return []
+    return root.findall("./devices/disk")
+
+
+def attached_serials(domain: Any) -> set[str]:
+    """Serials of the disks the running domain has (its live XML)."""
+    return {serial for disk in _live_disks(domain) if (serial := disk.findtext("serial"))}
 
 
 def remove_disk_secrets(conn: Any, paths: ClusterPaths) -> list[str]:

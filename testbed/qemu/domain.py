@@ -139,8 +139,10 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
     _sub(devices, "controller", type="usb", model="none")
     _sub(_sub(devices, "video"), "model", type="none")
     _sub(devices, "memballoon", model="none")
-    for _ in range(spec.hotplug_ports):  # q35's root bus takes no hot-plug: a port each
-        _sub(devices, "controller", type="pci", model="pcie-root-port")
+    if spec.hotplug_ports:  # q35's root bus takes no hot-plug: an empty port per disk
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+    for index in range(1, spec.hotplug_ports + 1):
+        _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:
