@@ -168,6 +168,10 @@ def lab() -> Iterator[Lab]:
         spec = workdir / "svd.yaml"
         spec.write_text(SPEC)
         up = _cli(workdir, "up", str(spec), "--json")
+        if up.returncode == 4 and "did not answer within" in up.stderr:
+            # Under heavy load a TCG guest may outlast up's 240 s boot wait; up is
+            # idempotent: it keeps the running VMs and carries on with them.
+            up = _cli(workdir, "up", str(spec), "--json")
         assert up.stdout, up.stderr[-3000:]
         yield Lab(workdir, ClusterPaths(workdir, CLUSTER), json.loads(up.stdout))
     finally:
@@ -183,8 +187,12 @@ def _secrets() -> str:
 @pytest.mark.slow
 def test_vm_host_side_disk_is_plain_in_the_guest_and_ciphertext_on_the_host(lab: Lab) -> None:
     server = next(n for n in lab.up["nodes"] if n["name"] == "server")
-    assert lab.up["all_attested"] and server["action"] == "started", lab.up
-    assert [d["name"] for d in server["disks"]] == ["data"]
+    assert lab.up["all_attested"] and server["action"] in ("started", "kept"), \
+        [(n["name"], n["error"], n["log_tail"]) for n in lab.up["nodes"]]
+    assert [d["name"] for d in server["disks"]] == ["data"], server
+    status = _cli(lab.workdir, "status", "--json")
+    shown = next(n for n in json.loads(status.stdout)["nodes"] if n["name"] == "server")
+    assert [(d["name"], d["state"]) for d in shown["disks"]] == [("data", "unlocked")]
     agent = lab.agent("server")
     listed = agent.call({"op": "disk_list"})["disks"]
     assert [(d["serial"], d["size"]) for d in listed] == [("data", 16 << 20)]

@@ -57,7 +57,9 @@ from testbed.qemu.disks import (
     HOTPLUG_PORTS,
     VmDiskFiles,
     attach_host_disk,
+    attached_serials,
     disk_root,
+    disk_status,
     remove_disk_secrets,
 )
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
@@ -185,15 +187,21 @@ class VmStatusFacts:
     boot_seconds: float | None = None
     cmdline: str | None = None
     image: str | None = None
+    disks: tuple[DiskStatus, ...] = ()  # host-side disks: attached (unlocked) or not
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        return [("domain", self.domain), ("accel", self.accel or "-"),
-                ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("port", str(self.agent_port or "-")), ("boot", boot)]
+        items = [("domain", self.domain), ("accel", self.accel or "-"),
+                 ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                 ("port", str(self.agent_port or "-")), ("boot", boot)]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,7 @@ class QemuBackend:
         self._image: GuestImage | None = None
         self._booted: dict[str, QemuNode] = {}
         self._launched = 0.0
+        self._disk_specs: dict[str, list[DiskSpec]] = {}
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -505,6 +514,7 @@ class QemuBackend:
         spec = load_spec(paths) if paths.spec.is_file() else None
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
+        self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
         if not _vm_nodes(paths) and not procs:  # nothing to ask libvirt about
@@ -513,6 +523,11 @@ class QemuBackend:
             domains = _cluster_domains(conn, paths)
             return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
                     for n in names]
+
+    def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
+        attached = attached_serials(domain) if running and domain is not None else set()
+        return tuple(disk_status(VmDiskFiles(self.paths, name, d.name), d, d.name in attached)
+                     for d in self._disk_specs.get(name, ()))
 
     def _status(self, name: str, role_name: str, domain: Any | None,
                 procs: list[OwnedProcess], last: Any) -> NodeStatus:
@@ -530,7 +545,8 @@ class QemuBackend:
                 record.domain, record.accel, record.firmware,
                 "swtpm (run by libvirt), EK certificate from the work dir's CA",
                 pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
-                record.boot_seconds, record.cmdline, record.image)
+                record.boot_seconds, record.cmdline, record.image,
+                self._disks(name, domain, state == "running"))
         return NodeStatus(name=name, role=role_name, state=state, reason=reason, agent=agent,
                           service=None, tampered=record.tampered if record else (),
                           last_attestation=last, facts=facts)

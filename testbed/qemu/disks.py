@@ -53,10 +53,10 @@ from testbed.core.paths import ClusterPaths
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 from testbed.spec.cluster_spec import DiskSpec
 from testbed.svd.qcow2 import format_qcow2_luks, qcow2_luks_uuid
-from testbed.svd.volumes import DiskStatus
+from testbed.svd.volumes import DiskState, DiskStatus
 
 __all__ = ["HOTPLUG_PORTS", "VmDiskFiles", "attach_host_disk", "attached_serials", "detach",
-           "disk_root", "disk_xml", "hotplug", "remove_disk_secrets", "secret_xml"]
+           "disk_root", "disk_status", "disk_xml", "hotplug", "remove_disk_secrets", "secret_xml"]
 
 HOTPLUG_PORTS = 4  # one per disk (a spec allows at most 4 per node)
 AFFECT_LIVE = 1  # VIR_DOMAIN_AFFECT_LIVE
@@ -107,7 +107,7 @@ def attach_host_disk(conn: Any, domain: Any, files: VmDiskFiles, spec: DiskSpec,
     """Release (or, on first use, make) the disk's passphrase and hot-plug the disk into
     the running, attested ``domain`` as virtio ``target`` (``vdb``...)."""
     if spec.name in attached_serials(domain):
-        return _status(spec, target)  # `up` again: the running VM has it
+        return _status(spec)  # `up` again: the running VM has it
     private_dir(files.binding.parent)
     _image_dir(files)
     if files.binding.is_file():
@@ -124,13 +124,22 @@ def attach_host_disk(conn: Any, domain: Any, files: VmDiskFiles, spec: DiskSpec,
                     spec.size, "host", uuid, fresh.wrapped_key).save(files.binding)
         passphrase = fresh.passphrase
     hotplug(conn, domain, files.image, spec.name, target, passphrase)
-    return _status(spec, target)
+    return _status(spec)
 
 
-def _status(spec: DiskSpec, target: str) -> DiskStatus:
+def _status(spec: DiskSpec) -> DiskStatus:
     # The guest kernel names its disks itself (vda...): the serial is what identifies it.
     return DiskStatus(spec.name, spec.mode, spec.size, "unlocked",
-                      f"in the VM: the virtio disk with serial {spec.name!r} (host {target})")
+                      f"in the VM: the virtio disk with serial {spec.name!r}")
+
+
+def disk_status(files: VmDiskFiles, spec: DiskSpec, attached: bool) -> DiskStatus:
+    """``status``: unlocked while the running VM has it, else locked (or absent when it
+    was never made); never a key."""
+    if attached:
+        return _status(spec)
+    state: DiskState = "locked" if files.binding.is_file() else "absent"
+    return DiskStatus(spec.name, spec.mode, spec.size, state)
 
 
 def _bound(files: VmDiskFiles) -> DiskBinding:
