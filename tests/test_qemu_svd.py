@@ -28,12 +28,14 @@ import pytest
 from attestation.encoding import b64decode, b64encode
 from cryptovm.disks import DiskBinding, DiskBindingError, release_disk_key
 from testbed.cluster.agent import AgentClient
+from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.accel import AccelChoice
 from testbed.qemu.backend import QemuBackend
-from testbed.qemu.disks import VmDiskFiles, disk_xml, secret_xml
+from testbed.qemu.disks import VmDiskFiles, disk_xml, hotplug, secret_xml
 from testbed.qemu.domain import VmSpec, domain_xml
 from testbed.qemu.guest.disk_extension import GuestDisks
+from testbed.qemu.libvirtd import load_libvirt
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
@@ -251,3 +253,47 @@ def test_down_leaves_no_secret_and_keeps_the_ciphertext(lab: Lab) -> None:
     assert down.returncode == 0, down.stderr[-2000:]
     assert str(lab.workdir) not in _secrets()
     assert VmDiskFiles(lab.paths, "server", "data").image.is_file()
+
+
+class _Secret:
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+        self.undefined = False
+
+    def setValue(self, value: bytes, _flags: int) -> None:
+        self.value = value
+
+    def UUIDString(self) -> str:
+        return "0f0f0f0f-0000-4000-8000-000000000000"
+
+    def undefine(self) -> None:
+        self.undefined = True
+
+
+def test_hotplug_undefines_the_secret_whether_or_not_the_attach_worked() -> None:
+    libvirt = load_libvirt()
+    secret = _Secret()
+
+    class Conn:
+        def secretDefineXML(self, xml: str, _flags: int) -> _Secret:
+            assert "ephemeral=\"yes\"" in xml
+            return secret
+
+    class Domain:
+        fail = False
+
+        def attachDeviceFlags(self, xml: str, flags: int) -> None:
+            assert flags == 1 and secret.UUIDString() in xml  # AFFECT_LIVE only
+            if self.fail:
+                raise libvirt.libvirtError("no free PCI slot")
+
+        def name(self) -> str:
+            return "testbed-x"
+
+    hotplug(Conn(), Domain(), Path("/i.qcow2"), "data", "vdb", b"k" * 64)
+    assert secret.value == b"k" * 64 and secret.undefined
+    secret.undefined, domain = False, Domain()
+    domain.fail = True
+    with pytest.raises(StateError, match="could not attach disk data to testbed-x"):
+        hotplug(Conn(), domain, Path("/i.qcow2"), "data", "vdb", b"k" * 64)
+    assert secret.undefined
