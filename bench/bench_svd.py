@@ -175,6 +175,8 @@ def vm_cluster(size_mib: int) -> Iterator[tuple[ClusterPaths, dict[str, Any]]]:
         spec = workdir / "svd.yaml"
         spec.write_text(_vm_spec(size_mib))
         up = _cli(workdir, "up", str(spec), "--json")
+        if up.returncode == 4 and "did not answer within" in up.stderr:
+            up = _cli(workdir, "up", str(spec), "--json")  # a loaded TCG boot: keep going
         if up.returncode != 0:
             raise SystemExit(f"up failed ({up.returncode}): {up.stderr[-3000:]}")
         yield ClusterPaths(workdir, VM_CLUSTER), json.loads(up.stdout)
