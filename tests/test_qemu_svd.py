@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attestation.encoding import b64decode, b64encode
 from cryptovm.disks import DiskBinding, DiskBindingError, release_disk_key
@@ -40,7 +42,7 @@ from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
 from testbed.spec.recipe import REPO_ROOT
-from testbed.svd.qcow2 import format_qcow2_luks, qcow2_luks_uuid
+from testbed.svd.qcow2 import _json, _luks_uuid, format_qcow2_luks, qcow2_luks_uuid
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 CLUSTER = "svdvm"
@@ -297,3 +299,22 @@ def test_hotplug_undefines_the_secret_whether_or_not_the_attach_worked() -> None
     with pytest.raises(StateError, match="could not attach disk data to testbed-x"):
         hotplug(Conn(), domain, Path("/i.qcow2"), "data", "vdb", b"k" * 64)
     assert secret.undefined
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["format-specific", "data", "encrypt",
+                                                        "format", "uuid", "luks", "x"]),
+                                       inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=_JSON)
+def test_hostile_qemu_img_info_is_one_binding_error(doc: object) -> None:
+    """Whatever qemu-img says about an image, the answer is a UUID or a DiskBindingError."""
+    text = json.dumps(doc).encode()
+    try:
+        uuid = _luks_uuid(_json(text, Path("/i.qcow2")), Path("/i.qcow2"))
+    except DiskBindingError:
+        return
+    assert isinstance(uuid, str) and 0 < len(uuid) <= 64
