@@ -34,6 +34,7 @@ from attestation.errors import TestbedError
 from attestation.files import atomic_write, private_dir
 from attestation.policy import ReferencePolicy
 from attestation.tpm_types import PcrSelection
+from cryptovm.disks import Call, ensure_disk_key
 from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.results import (
     DaemonsOutcome,
@@ -52,16 +53,27 @@ from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
 from testbed.core.progress import Progress
 from testbed.qemu.accel import AccelChoice
+from testbed.qemu.disks import (
+    HOTPLUG_PORTS,
+    VmDiskFiles,
+    attach_host_disk,
+    attached_serials,
+    disk_root,
+    disk_status,
+    remove_disk_secrets,
+)
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.vms import QemuNode, VmDriver
+from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.registry import role
 from testbed.roles.revocation import provision_vm
-from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
+from testbed.spec.cluster_spec import ClusterSpec, DiskSpec, NodeSpec
 from testbed.spec.recipe import load_recipe
+from testbed.svd.volumes import DiskStatus
 
 __all__ = ["QemuBackend", "QemuFacts", "VmFacts", "VmRecord", "VmStatusFacts", "domain_name"]
 
@@ -145,13 +157,20 @@ class VmFacts:
     domain: str
     agent_port: int | None = None
     boot_seconds: float | None = None
+    disks: tuple[DiskStatus, ...] = ()  # host-side disks attached after attestation
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        return [("domain", self.domain), ("port", str(self.agent_port or "-")), ("boot", boot)]
+        items = [("domain", self.domain), ("port", str(self.agent_port or "-")),
+                 ("boot", boot)]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -169,15 +188,21 @@ class VmStatusFacts:
     boot_seconds: float | None = None
     cmdline: str | None = None
     image: str | None = None
+    disks: tuple[DiskStatus, ...] = ()  # host-side disks: attached (unlocked) or not
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        return [("domain", self.domain), ("accel", self.accel or "-"),
-                ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("port", str(self.agent_port or "-")), ("boot", boot)]
+        items = [("domain", self.domain), ("accel", self.accel or "-"),
+                 ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                 ("port", str(self.agent_port or "-")), ("boot", boot)]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -294,6 +319,7 @@ class QemuBackend:
         self._image: GuestImage | None = None
         self._booted: dict[str, QemuNode] = {}
         self._launched = 0.0
+        self._disk_specs: dict[str, list[DiskSpec]] = {}
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -376,7 +402,8 @@ class QemuBackend:
         booted = self._driver.boot(spec.name, self._image, cmdline=cmdline,
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
-                                   guest_ports=list(guest_ports.values()))
+                                   guest_ports=list(guest_ports.values()),
+                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0)
         vm = booted.vm.spec
         VmRecord(
             domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
@@ -421,8 +448,49 @@ class QemuBackend:
                                  record.service_ports)
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
-        """Nothing needs the whole cluster: Trusted Passages between guests is provisioned
-        per channel (:mod:`testbed.qemu.relay`)."""
+        """Host-side encrypted disks, once every VM attested and the CryptoVM serves
+        (Trusted Passages between guests is provisioned per channel, testbed.qemu.relay)."""
+        spec = load_spec(self.paths)
+        host = [(n, spec.node(n.name)) for n in nodes if _host_disks(spec.node(n.name))]
+        if not host:
+            return
+        with progress.step("encrypted disks: released after attestation, hot-plugged "
+                           "(QEMU decrypts; docs/svd.md)"):
+            cryptovm = next(n.name for n in spec.nodes if n.role == "cryptovm")
+            try:
+                client = cryptovm_endpoint(self.paths, cryptovm).client()
+            except TestbedError as exc:  # e.g. the CryptoVM VM failed
+                for node, _ in host:
+                    if node.action != "failed" and node.attested is True:
+                        node.fail(f"disks not attached: no CryptoVM to ask ({exc})")
+                return
+            try:
+                for node, node_spec in host:
+                    self._attach_disks(node, node_spec, cryptovm, client.call)
+            finally:
+                client.close()
+
+    def _attach_disks(self, node: NodeUp, spec: NodeSpec, cryptovm: str, call: Call) -> None:
+        """Fail closed: a VM that did not pass its attestation is not even asked for."""
+        if node.action == "failed" or node.attested is not True or self._driver is None:
+            return
+        agent = self.agent(node.name)
+        domain = _lookup(self._driver.conn, domain_name(self.paths, node.name))
+        attached: list[DiskStatus] = []
+        for index, disk in enumerate(_host_disks(spec)):
+            try:
+                attached.append(attach_host_disk(
+                    self._driver.conn, domain, VmDiskFiles(self.paths, node.name, disk.name),
+                    disk, f"vd{chr(ord('b') + index)}", cryptovm, call,
+                    lambda data: agent.quote(data, list(QUOTED_PCRS)),
+                    lambda disk=disk: ensure_disk_key(  # type: ignore[misc]
+                        call, node.name, disk.name, self.paths.policy(node.name).read_text(),
+                        self.paths.registry.read_text())))
+            except (TestbedError, OSError) as exc:
+                node.fail(f"disk {disk.name} not attached: {exc}")
+                return
+        if isinstance(node.facts, VmFacts):
+            node.facts = replace(node.facts, disks=tuple(attached))
 
     def facts(self) -> QemuFacts:
         assert self._driver is not None and self._image is not None
@@ -449,6 +517,7 @@ class QemuBackend:
         spec = load_spec(paths) if paths.spec.is_file() else None
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
+        self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
         if not _vm_nodes(paths) and not procs:  # nothing to ask libvirt about
@@ -457,6 +526,11 @@ class QemuBackend:
             domains = _cluster_domains(conn, paths)
             return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
                     for n in names]
+
+    def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
+        attached = attached_serials(domain) if running and domain is not None else set()
+        return tuple(disk_status(VmDiskFiles(self.paths, name, d.name), d, d.name in attached)
+                     for d in self._disk_specs.get(name, ()))
 
     def _status(self, name: str, role_name: str, domain: Any | None,
                 procs: list[OwnedProcess], last: Any) -> NodeStatus:
@@ -474,7 +548,8 @@ class QemuBackend:
                 record.domain, record.accel, record.firmware,
                 "swtpm (run by libvirt), EK certificate from the work dir's CA",
                 pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
-                record.boot_seconds, record.cmdline, record.image)
+                record.boot_seconds, record.cmdline, record.image,
+                self._disks(name, domain, state == "running"))
         return NodeStatus(name=name, role=role_name, state=state, reason=reason, agent=agent,
                           service=None, tampered=record.tampered if record else (),
                           last_attestation=last, facts=facts)
@@ -507,6 +582,7 @@ class QemuBackend:
             return [], DaemonsOutcome(ours=False)
         with _libvirt(paths) as conn:
             removed = _remove_domains(conn, paths)
+            remove_disk_secrets(conn, paths)  # normally gone right after the hot-plug
             # Running domains only: a stale definition someone left must not pin the daemons.
             remaining = tuple(sorted(d.name() for d in conn.listAllDomains(0) if d.isActive()))
         ours = _our_daemons(paths)
@@ -516,6 +592,10 @@ class QemuBackend:
             return removed, DaemonsOutcome(kept_for=remaining)
         Daemons(paths.libvirt_run, dict(ours)).stop()  # once the connection is closed
         return removed, DaemonsOutcome(stopped=tuple(sorted(ours)))
+
+
+def _host_disks(spec: NodeSpec) -> list[DiskSpec]:
+    return [d for d in spec.disks if d.mode == "host"]
 
 
 def _vm_nodes(paths: ClusterPaths) -> list[str]:
@@ -557,7 +637,8 @@ def _wait_processes_gone(paths: ClusterPaths) -> list[OwnedProcess]:
 
 def _remove_state(paths: ClusterPaths, purge: bool) -> None:
     shutil.rmtree(paths.vm_root, ignore_errors=True)
-    if purge:
+    if purge:  # the disks' ciphertext too (without it their bindings are useless)
+        shutil.rmtree(disk_root(paths), ignore_errors=True)
         shutil.rmtree(paths.root, ignore_errors=True)
         return
     for node in paths.node_names():
