@@ -92,6 +92,8 @@ class VmSpec:
     ovmf_vars: Path = OVMF_VARS
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
+    # Empty PCIe root ports for disks hot-plugged later (an encrypted image's root disk).
+    hotplug_ports: int = 0
 
     @property
     def console_log(self) -> Path:
@@ -134,6 +136,13 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
     _sub(devices, "controller", type="usb", model="none")
     _sub(_sub(devices, "video"), "model", type="none")
     _sub(devices, "memballoon", model="none")
+    _hotplug_ports(devices, spec)
+
+
+def _hotplug_ports(devices: ET.Element, spec: VmSpec) -> None:
+    """Free slots for hot-plugged disks: q35 cannot hot-plug onto the root complex."""
+    for _ in range(spec.hotplug_ports):
+        _sub(devices, "controller", type="pci", model="pcie-root-port")
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:
