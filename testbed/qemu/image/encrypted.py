@@ -234,8 +234,10 @@ def _disk_key(tenant: TenantCryptoVm, node: str) -> bytes:
                            AkRegistry().to_json())
 
 
-def _key_exists(tenant: TenantCryptoVm, directory: Path) -> bool:
+def _usable(directory: Path, tenant: TenantCryptoVm, force: bool) -> bool:
     """A cached image is usable only while its key is in this tenant's CryptoVM."""
+    if force or not (directory / "manifest.json").is_file():
+        return False
     try:
         key_id = DiskBinding.load(directory / "root.svd.json").key_id
         tenant.call("public_key", key_id=key_id)
@@ -277,9 +279,10 @@ def build_encrypted_image(cache: Path, recipe: ImageRecipe, tenant: TenantCrypto
     images.mkdir(parents=True, exist_ok=True)
     digest = encrypted_digest(recipe)
     directory = images / f"encrypted-{digest}"
+    if _usable(directory, tenant, force):  # cached: no need to queue behind other builds
+        return EncryptedImage.load(directory)
     with locked(images / ".build.lock"):  # one build at a time: mmdebstrap is heavy
-        if (directory / "manifest.json").is_file() and not force and \
-                _key_exists(tenant, directory):
+        if _usable(directory, tenant, force):
             return EncryptedImage.load(directory)
         partial = images / f".encrypted-{digest}.partial"
         shutil.rmtree(partial, ignore_errors=True)
