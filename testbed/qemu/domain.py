@@ -141,8 +141,10 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
 
 def _hotplug_ports(devices: ET.Element, spec: VmSpec) -> None:
     """Free slots for hot-plugged disks: q35 cannot hot-plug onto the root complex."""
-    for _ in range(spec.hotplug_ports):
-        _sub(devices, "controller", type="pci", model="pcie-root-port")
+    if spec.hotplug_ports:  # libvirt wants the root complex listed before its ports
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+    for index in range(1, spec.hotplug_ports + 1):
+        _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:

@@ -43,7 +43,7 @@ __all__ = ["ROOT_REFUSED", "RootRefused", "RootRelease", "attach_root_disk", "bo
            "unlock_root", "wait_console"]
 
 AFFECT_LIVE = 1  # VIR_DOMAIN_AFFECT_LIVE
-SWITCH_TIMEOUT_S = 180.0
+BOOT_WAIT_S = 600.0  # each agent start (boot stage, then root) is a Python start under TCG
 ROOT_REFUSED = "testbed-init: REFUSED"
 """What the boot stage prints when it will not go on (no disk, or a disk without key)."""
 
@@ -129,9 +129,9 @@ def _enroll(tenant: Call, node: str, policy: ReferencePolicy, ak_public: bytes) 
 
 
 def unlock_root(driver: VmDriver, node: QemuNode, image: EncryptedImage, tenant: Call,
-                policy: ReferencePolicy, *, timeout: float = SWITCH_TIMEOUT_S) -> RootRelease:
+                policy: ReferencePolicy, *, timeout: float = BOOT_WAIT_S) -> RootRelease:
     """Attest the booted VM, release its root key, plug the disk in, wait for the switch."""
-    driver.wait(node)
+    driver.wait(node, timeout)
     report, evidence = driver.attest(node, policy)
     if not report.ok:
         failure = report.failure
