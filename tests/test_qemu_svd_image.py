@@ -30,6 +30,7 @@ from testbed.qemu.image.encrypted import (
     EncryptedImage,
     TenantCryptoVm,
     build_encrypted_image,
+    encrypted_digest,
     encrypted_recipe,
     tenant_directory,
     tenant_marker,
@@ -74,6 +75,39 @@ def test_boot_stage_recipe_adds_only_the_block_driver() -> None:
     boot = encrypted_recipe(recipe)
     assert boot.modules == (*recipe.modules, "virtio_blk")
     assert replace(boot, modules=recipe.modules) == recipe
+
+
+def test_cli_builds_the_encrypted_image(capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import json
+
+    from testbed.cli.qemu import cmd_image_build
+
+    _require_prerequisites()  # before any VM: the CLI opens the tenant's CryptoVM itself
+    monkeypatch.setenv("TESTBED_IMAGE_CACHE", str(CACHE))
+    args = argparse.Namespace(workdir=str(CACHE), recipe=None, force=False, json=True,
+                              encrypted=True)
+    assert cmd_image_build(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    image = EncryptedImage.load(Path(data["directory"]))
+    assert data["digest"] == image.boot.digest
+    assert data["encrypted"]["key_id"] == "svd-testbed-guest-root"
+    assert data["encrypted"]["luks_uuid"] == image.binding.luks_uuid == luks_uuid(image.root)
+
+
+def test_swapped_or_damaged_root_disk_is_refused_before_any_request(tmp_path: Path) -> None:
+    from cryptovm.disks import DiskBindingError
+
+    image = EncryptedImage.load(CACHE / "images" / f"encrypted-{encrypted_digest(load_recipe())}")
+    copy = tmp_path / "root.luks"
+    with image.root.open("rb") as src, copy.open("wb") as dst:
+        dst.write(src.read(4096))  # truncated: a header, no payload
+    with pytest.raises(DiskBindingError, match="truncated"):
+        image.binding.check_image(copy)
+    copy.write_bytes(b"\0" * (1 << 20))  # not LUKS at all
+    with pytest.raises(DiskBindingError, match="no LUKS1 header"):
+        image.binding.check_image(copy)
 
 
 # --- one honest VM ------------------------------------------------------------------------
@@ -171,3 +205,4 @@ def test_plain_image_reveals_its_root(world: World) -> None:
     plain = build_image(CACHE)
     found = image_reveals([plain.initrd], {"init": load_recipe().init_script.read_bytes()})
     assert found == {"init": ["initrd.img"]}
+

@@ -67,6 +67,7 @@ __all__ = [
     "EncryptedImage",
     "TenantCryptoVm",
     "build_encrypted_image",
+    "encrypted_digest",
     "encrypted_recipe",
     "tenant_directory",
     "tenant_marker",
