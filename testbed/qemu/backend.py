@@ -10,6 +10,8 @@ State, in the work directory's layout (:mod:`testbed.core.paths`)::
 
     clusters/NAME/nodes/NODE/vm.json     the running VM (:class:`VmRecord`)
     vms/NAME/NODE/                       console.log, OVMF_VARS.fd
+    clusters/NAME/network.json           the VM network's members (:mod:`testbed.qemu.network`)
+    bridge tblab<tag>                    the cluster's lab segment (removed by ``down``)
     run/libvirt/{libvirtd,virtlogd}.pid  daemons this work dir started
     /var/lib/libvirt/swtpm/<uuid>/       the vTPM (manufactured by the project)
 
@@ -55,6 +57,8 @@ from testbed.qemu.accel import AccelChoice
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
+from testbed.qemu.network import STATE_FILE as NETWORK_FILE
+from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_bridge
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.vms import QemuNode, VmDriver
@@ -187,14 +191,19 @@ class QemuFacts:
     accel_reason: str
     image: str
     seconds_define_to_all_attested: float
+    network: dict[str, Any] | None = None  # the VM network (testbed/qemu/network.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "seconds_define_to_all_attested":
                 round(self.seconds_define_to_all_attested, 1)}
 
     def summary_items(self) -> list[tuple[str, str]]:
-        return [("accel", f"{self.accel} ({self.accel_reason})"), ("image", self.image[:16]),
-                ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
+        items = [("accel", f"{self.accel} ({self.accel_reason})"), ("image", self.image[:16]),
+                 ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
+        if self.network is not None:
+            members = ", ".join(self.network["members"]) or "none"
+            items.append(("network", f"WireGuard between {members}"))
+        return items
 
 
 # --- processes (/proc) ------------------------------------------------------------------------
@@ -293,6 +302,7 @@ class QemuBackend:
         self._image: GuestImage | None = None
         self._booted: dict[str, QemuNode] = {}
         self._launched = 0.0
+        self._network: dict[str, Any] | None = None
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -335,6 +345,7 @@ class QemuBackend:
         assert self._driver is not None
         names = ", ".join(n.name for n in spec.nodes)
         self._launched = time.monotonic()
+        ensure_bridge(bridge_name(self.paths))
         with progress.step(f"defining and starting VMs ({names}; "
                            f"{self._driver.accel.accel})"):
             return [self._boot_or_keep(node) for node in spec.nodes]
@@ -375,7 +386,8 @@ class QemuBackend:
         booted = self._driver.boot(spec.name, self._image, cmdline=cmdline,
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
-                                   guest_ports=list(guest_ports.values()))
+                                   guest_ports=list(guest_ports.values()),
+                                   lab_bridge=bridge_name(self.paths))
         vm = booted.vm.spec
         VmRecord(
             domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
@@ -418,13 +430,20 @@ class QemuBackend:
                                  record.service_ports)
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
-        """Nothing needs the whole cluster: Trusted Passages between guests is provisioned
-        per channel (:mod:`testbed.qemu.relay`)."""
+        """The VM network between the attested VMs (:mod:`testbed.qemu.network`); Trusted
+        Passages between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
+        with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
+            done = provision(self.paths, {n.name: n.attested is True for n in nodes},
+                             self.agent, [n.name for n in nodes])
+        for node in nodes:
+            if node.name in done.refused and node.attested is True:
+                node.note = f"not on the VM network: {done.refused[node.name]}"
+        self._network = done.to_dict()
 
     def facts(self) -> QemuFacts:
         assert self._driver is not None and self._image is not None
         return QemuFacts(self._driver.accel.accel, self._driver.accel.reason,
-                         self._image.digest, time.monotonic() - self._launched)
+                         self._image.digest, time.monotonic() - self._launched, self._network)
 
     def log_file(self, node: str) -> Path | None:
         with contextlib.suppress(StateError):
@@ -491,6 +510,7 @@ class QemuBackend:
                 _stop(proc, paths)
             leftovers = _wait_processes_gone(paths)
             if not leftovers:
+                remove_bridge(bridge_name(paths))
                 _remove_state(paths, purge)
         nodes = [NodeDown(node, "libvirt") for node in removed]
         return DownResult(self.name, paths.name, nodes, purge and not leftovers, leftovers,
@@ -559,6 +579,7 @@ def _remove_state(paths: ClusterPaths, purge: bool) -> None:
         return
     for node in paths.node_names():
         paths.node(node).vm.unlink(missing_ok=True)
+    (paths.root / NETWORK_FILE).unlink(missing_ok=True)  # the guests' keys died with them
 
 
 def _our_daemons(paths: ClusterPaths) -> dict[str, int]:
