@@ -37,6 +37,7 @@ from testbed.qemu.backend import QemuBackend
 from testbed.qemu.domain import LAB_MAC, VmSpec, domain_xml
 from testbed.qemu.guest.agent import Agent
 from testbed.qemu.guest.net_extension import WG_PORT, GuestNetwork, key_binding_nonce
+from testbed.qemu.image.build import _resolve_inside
 from testbed.qemu.network import (
     Capture,
     NetworkError,
@@ -123,7 +124,8 @@ def test_wireguard_key_is_made_in_the_guest_and_vouched_for_by_its_tpm(
     commands = [argv for argv, _ in recorder.calls]
     assert ["ip", "link", "add", "dev", "wg0", "type", "wireguard"] in commands
     keyed = [(argv, stdin) for argv, stdin in recorder.calls if "private-key" in argv]
-    assert len(keyed) == 1 and keyed[0][0][-1] == "/dev/stdin" and keyed[0][1] is not None
+    assert len(keyed) == 1 and keyed[0][0][-1] == "/proc/self/fd/0"
+    assert keyed[0][1] is not None
     private = keyed[0][1]
     assert all(private.strip().decode() not in " ".join(argv) for argv in commands)
     # Asked again (a kept VM, a new `up`): the same key, a fresh quote, no new interface.
@@ -228,6 +230,18 @@ def test_lab_bridge_lifecycle_and_the_lab_nic_in_the_domain(tmp_path: Path) -> N
     assert f"<source bridge=\"{name}\"" in on_bridge and "type=\"ethernet\"" in alone
     for xml in (on_bridge, alone):  # the firmware sees the same NIC either way
         assert f'<mac address="{LAB_MAC}"' in xml and '<rom enabled="no"' in xml
+
+
+def test_kept_programs_resolve_inside_the_image(tmp_path: Path) -> None:
+    """iproute2's /usr/sbin/ip -> /bin/ip (absolute) in a merged-/usr image: the image's
+    /usr/bin/ip, not the host's."""
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "usr/bin").mkdir(parents=True)
+    (rootfs / "usr/sbin").mkdir()
+    (rootfs / "bin").symlink_to("usr/bin")
+    (rootfs / "usr/bin/ip").write_bytes(b"\x7fELF")
+    (rootfs / "usr/sbin/ip").symlink_to("/bin/ip")
+    assert _resolve_inside(rootfs, rootfs / "usr/sbin/ip") == (rootfs / "usr/bin/ip").resolve()
 
 
 # --- real VMs -------------------------------------------------------------------------------

@@ -130,9 +130,10 @@ class GuestNetwork:
         run(["ip", "addr", "replace", str(lab), "dev", LAB_DEV], None)
         run(["ip", "link", "set", "dev", LAB_DEV, "up"], None)
         run(["ip", "link", "add", "dev", WG_DEV, "type", "wireguard"], None)
-        # The key goes to the kernel through a pipe: no file ever holds it.
-        run(["wg", "set", WG_DEV, "listen-port", str(WG_PORT), "private-key", "/dev/stdin"],
-            base64.b64encode(private) + b"\n")
+        # The key goes to the kernel through a pipe (no /dev/stdin: the guest has no udev):
+        # no file ever holds it.
+        run(["wg", "set", WG_DEV, "listen-port", str(WG_PORT), "private-key",
+             "/proc/self/fd/0"], base64.b64encode(private) + b"\n")
         run(["ip", "addr", "replace", str(wg), "dev", WG_DEV], None)
         run(["ip", "link", "set", "dev", WG_DEV, "up"], None)
 
