@@ -40,13 +40,14 @@ from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.results import (
     DaemonsOutcome,
     DownResult,
+    EnrollmentOutcome,
     NodeDown,
     NodeStatus,
     NodeUp,
     OwnedProcess,
 )
 from testbed.cluster.runtime import ensure_runtime_policy
-from testbed.cluster.state import load_spec, read_attestations, spec_policy
+from testbed.cluster.state import load_registry, load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json
@@ -61,8 +62,10 @@ from testbed.qemu.network import STATE_FILE as NETWORK_FILE
 from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_bridge
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
+from testbed.qemu.relay import configure_guest, enroll_guest
 from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.roles.registry import role
+from testbed.roles.trust import cluster_tls_ca
 from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
 from testbed.spec.recipe import load_recipe
 
@@ -439,6 +442,49 @@ class QemuBackend:
             if node.name in done.refused and node.attested is True:
                 node.note = f"not on the VM network: {done.refused[node.name]}"
         self._network = done.to_dict()
+        self._keyless(nodes, progress)
+
+    def _keyless(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Keyless TLS on VMs, as on sim nodes: each attested server and client guest gets
+        its TLS certificate from the attested CryptoVM guest, over an attested channel
+        (the host relays it), for a key made in the guest (docs/cryptovm.md)."""
+        attested = [n for n in nodes if n.attested is True]
+        cryptovm = next((n for n in attested if n.role == "cryptovm" and n.service), None)
+        enrollees = [n for n in attested if role(n.role).enroll is not None]
+        if cryptovm is None or not enrollees:
+            return
+        with progress.step("keyless TLS: server and client VMs enroll with the CryptoVM VM"):
+            try:
+                self._configure_guests([cryptovm, *enrollees], nodes)
+            except TestbedError as exc:
+                for node in enrollees:
+                    node.enrollment = EnrollmentOutcome(False, error=str(exc))
+                return
+            for node in enrollees:
+                node.enrollment = self._enroll(node.name, cryptovm.name)
+
+    def _configure_guests(self, targets: list[NodeUp], nodes: list[NodeUp]) -> None:
+        """Each guest's bootstrap identity (cluster CA) and trust anchors: the registry
+        ``up`` wrote and every node's policy (the guests validate each other)."""
+        ca = cluster_tls_ca(self.paths)
+        registry = load_registry(self.paths).to_json()
+        policies = {n.name: self.paths.policy(n.name).read_text() for n in nodes
+                    if self.paths.policy(n.name).is_file()}
+        for node in targets:
+            configure_guest(self.agent(node.name), node.name, ca, registry_json=registry,
+                            policies=policies, pcrs=QUOTED_PCRS)
+
+    def _enroll(self, node: str, cryptovm: str) -> EnrollmentOutcome:
+        try:
+            outcome = enroll_guest(self.agent(node, timeout=120), self.agent(cryptovm),
+                                   node_name=node, cryptovm_name=cryptovm)
+        except TestbedError as exc:
+            return EnrollmentOutcome(False, error=str(exc))
+        view = outcome.client_view
+        if not outcome.established:
+            why = view.get("error") or outcome.server_view.get("error") or "no answer"
+            return EnrollmentOutcome(False, error=f"enrollment with {cryptovm} failed: {why}")
+        return EnrollmentOutcome(True, view.get("certificate"), view.get("ca"))
 
     def facts(self) -> QemuFacts:
         assert self._driver is not None and self._image is not None
