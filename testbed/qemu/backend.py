@@ -321,7 +321,7 @@ class QemuBackend:
     def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
-        progress.expect(4 + len(spec.nodes))
+        progress.expect(5 + len(spec.nodes))  # + the VM network (keyless TLS adds its own)
         cache = image_cache(self.paths.workdir)
         recipe = load_recipe(spec.image) if spec.image else load_recipe()
         with progress.step("guest image (built once, then cached)"):
@@ -453,6 +453,7 @@ class QemuBackend:
         enrollees = [n for n in attested if role(n.role).enroll is not None]
         if cryptovm is None or not enrollees:
             return
+        progress.expect(1)
         with progress.step("keyless TLS: server and client VMs enroll with the CryptoVM VM"):
             try:
                 self._configure_guests([cryptovm, *enrollees], nodes)
