@@ -277,6 +277,8 @@ def cluster() -> Iterator[tuple[ClusterPaths, dict[str, Any]]]:
     try:
         started = time.monotonic()
         r = _cli(workdir, "up", "--backend", "qemu", str(spec), "--json")
+        if r.returncode == 4:  # a VM did not come up (TCG on a loaded machine): `up` again
+            r = _cli(workdir, "up", "--backend", "qemu", str(spec), "--json")  # boots it anew
         assert r.stdout, r.stderr[-3000:]
         up = json.loads(r.stdout)
         up["seconds_up"] = time.monotonic() - started
