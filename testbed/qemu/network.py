@@ -228,7 +228,8 @@ def provision(paths: ClusterPaths, attested: Mapping[str, bool],
     """Join every attested node (``attested``: node -> whether it passed), then give
     every member its peers. A node not attested is refused and dropped from the peers."""
     started = time.monotonic()
-    refused = {node: "it failed attestation" for node, ok in attested.items() if not ok}
+    refused = {node: "it is not attested (rejected, or not up)" for node, ok in attested.items()
+               if not ok}
     candidates = [node for node, ok in attested.items() if ok]
 
     def attempt(node: str) -> Member | str:
