@@ -31,6 +31,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -74,6 +75,7 @@ WG_NET = ipaddress.IPv4Network("10.78.0.0/24")  # inside WireGuard
 MAX_MEMBERS = 200
 STATE_FILE = "network.json"
 ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
 CAPTURE_LIMIT = 64 << 20  # bytes a capture inspects at most (the rest is counted only)
 _COMMAND_TIMEOUT_S = 10.0
 
@@ -277,7 +279,9 @@ class CaptureStats:
 
 class Capture:
     """Every frame on ``interface`` (AF_PACKET, ETH_P_ALL) while the context is open,
-    searched for ``marker``; frames are counted, not kept."""
+    searched for ``marker``; frames are counted, not kept. The interface is put in
+    promiscuous mode for the socket's life (as tcpdump does): a bridge passes the frames
+    it forwards between two of its ports up to its own device only then."""
 
     def __init__(self, interface: str, marker: bytes) -> None:
         self.interface, self.marker = interface, marker
@@ -289,10 +293,16 @@ class Capture:
     def __enter__(self) -> Capture:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            sock.bind((self.interface, 0))
         except OSError as exc:
-            raise NetworkError(f"cannot capture on {self.interface}: {exc} (needs root)") \
-                from None
+            raise NetworkError(f"cannot capture: {exc} (AF_PACKET needs root)") from None
+        try:
+            sock.bind((self.interface, 0))
+            membership = struct.pack("iHH8s", socket.if_nametoindex(self.interface),
+                                     PACKET_MR_PROMISC, 0, b"")
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, membership)
+        except OSError as exc:
+            sock.close()
+            raise NetworkError(f"cannot capture on {self.interface}: {exc}") from None
         sock.settimeout(0.2)
         self._sock = sock
         self._thread = threading.Thread(target=self._run, daemon=True, name="capture")
