@@ -204,6 +204,37 @@ def test_capture_sees_a_plain_marker_and_counts_wireguard_frames() -> None:
     assert stats.frames >= 2
 
 
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def test_capture_on_a_bridge_sees_frames_forwarded_between_its_ports() -> None:
+    """Two network namespaces on a bridge (veth ports), as two VMs on the lab bridge: a
+    datagram from one to the other crosses the capture on the bridge device."""
+    tag = f"{os.getpid() % 100000:05d}"
+    bridge, spaces = f"tbcap{tag}", [f"tbcap{tag}a", f"tbcap{tag}b"]
+    marker = os.urandom(8).hex().encode()
+    try:
+        ensure_bridge(bridge)
+        for index, space in enumerate(spaces, start=1):
+            _ip("netns", "add", space)
+            _ip("link", "add", f"tbv{tag}{index}", "type", "veth", "peer", "name", "eth0",
+                "netns", space)
+            _ip("link", "set", f"tbv{tag}{index}", "master", bridge, "up")
+            _ip("-n", space, "addr", "add", f"10.99.0.{index}/24", "dev", "eth0")
+            _ip("-n", space, "link", "set", "eth0", "up")
+        send = ("import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                f".sendto({marker!r}, ('10.99.0.2', 5000))")
+        with Capture(bridge, marker) as capture:
+            subprocess.run(["ip", "netns", "exec", spaces[0], sys.executable, "-c", send],
+                           check=True, timeout=30)
+        assert capture.stats.marker_frames >= 1, capture.stats
+    finally:
+        for space in spaces:
+            subprocess.run(["ip", "netns", "del", space], capture_output=True, check=False)
+        remove_bridge(bridge)
+
+
 def test_capture_on_a_missing_interface_is_one_error() -> None:
     with pytest.raises(NetworkError, match="cannot capture on tbnosuch0"), \
             Capture("tbnosuch0", b"x"):
