@@ -33,6 +33,7 @@ EXPECTED_CHECK = {
     "stolen-disk": ("ak_trust", "cryptovm"),
     "unattested-host": ("policy", "cryptovm"),
     "disk-swap": ("ak_trust", "cryptovm"),
+    "tampered-host": ("policy", "verifier"),
 }
 
 

@@ -99,6 +99,13 @@ MISUSE = [
     (["sign", "verify", "/dev/zero"], 3),
     (["verifier", "status"], 3),
     (["events"], 3),
+    (["hosts"], 2),
+    (["hosts", "up", "0"], 2),
+    (["hosts", "up", "2", "--bridge", "Bad!"], 2),
+    (["hosts", "up", "2", "--subnet", "8.8.8.0/24"], 3),
+    (["hosts", "up", "2", "--tamper-qemu", "host9"], 3),
+    (["hosts", "attest", "nosuch"], 3),
+    (["hosts", "attest", "host1"], 3),
 ]
 
 
@@ -140,7 +147,8 @@ def test_read_commands_create_no_state(tmp_path: Path) -> None:
     home.mkdir()
     here.mkdir()
     env = _clean_env(home)
-    for argv in (["status"], ["down"], ["tpm", "list"], ["attest", "x"], ["status", "--json"]):
+    for argv in (["status"], ["down"], ["tpm", "list"], ["attest", "x"], ["status", "--json"],
+                 ["hosts", "status"], ["hosts", "down"]):
         result = run_process(*argv, cwd=here, env=env)
         assert "Traceback" not in result.stderr, result.stderr
     assert list(here.iterdir()) == [] and list(home.iterdir()) == []

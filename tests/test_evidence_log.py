@@ -5,6 +5,8 @@ copy and a forged head.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import stat
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attestation.encoding import b64encode
 from attestation.evidence import Evidence
@@ -22,13 +26,16 @@ from attestation.evidence_log import (
     MAX_LINE,
     EvidenceLog,
     EvidenceLogError,
+    LoggedRuntime,
+    RuntimeSlice,
     line_hash,
     replay,
 )
 from attestation.files import private_dir
+from attestation.ima import IMA_PCR, make_entry
 from attestation.policy import ReferencePolicy, policy_from_evidence
 from attestation.registrar import AkRegistry, PinnedAk
-from attestation.report import VerificationReport
+from attestation.report import CheckResult, VerificationReport
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
@@ -36,6 +43,7 @@ from testbed.cli import main as cli
 from testbed.cluster.state import save_registry
 from testbed.cluster.verification import evidence_dir, verify_evidence
 from testbed.core.paths import ClusterPaths
+from testbed.tpm.runtime import BASELINE, RuntimeLog, default_policy, file_digest
 from testbed.tpm.swtpm import Swtpm, clone_state
 
 SELECTION = PcrSelection("sha256", (0, 1, 2, 3, 7))
@@ -286,3 +294,125 @@ def test_appends_after_lines_longer_than_the_first_read(material: Material,
     result = replay(log.directory)
     assert result.ok, result.problems
     assert [e.seq for e in result.entries] == [1, 2, 3] and result.heads == 1
+
+
+# --- the runtime check's verdict, logged and re-judged -------------------------------------
+
+RUNTIME_SELECTION = PcrSelection("sha256", (0, 7, IMA_PCR))
+
+
+@dataclass(frozen=True)
+class RuntimeQuote:
+    quote: Quote
+    window: RuntimeSlice
+    ok: bool
+
+
+@pytest.fixture(scope="module")
+def runtime_quotes(swtpm_template: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> list[RuntimeQuote]:
+    """Two quotes of a real PCR 10: after the baseline (allowed), then after an unlisted
+    binary ran (refused by the baseline's runtime policy)."""
+    top = tmp_path_factory.mktemp("evlog-runtime")
+    clone_state(swtpm_template, top / "state")
+    runtime_log, made, start, pcr = RuntimeLog(top / "runtime.log"), [], 0, bytes(32)
+    with Swtpm(top / "state") as tpm, TpmClient(tpm.tcti) as client:
+        ak = client.attestation_key("ecc")
+        for executed, ok in ((BASELINE, True), ((("/usr/bin/miner", b"x"),), False)):
+            for path, content in executed:
+                runtime_log.measure(client, path, content)
+            nonce = os.urandom(32)
+            result = client.quote(ak, RUNTIME_SELECTION, nonce)
+            evidence = Evidence(result.attest, result.signature, ak.public, "sha256",
+                                result.pcrs)
+            data = runtime_log.read(start)
+            made.append(RuntimeQuote(Quote(nonce, evidence),
+                                     RuntimeSlice(start, start + len(data), pcr, data), ok))
+            start, pcr = start + len(data), result.pcrs[IMA_PCR]
+        client.flush(ak)
+    return made
+
+
+def fill_runtime(directory: Path, quotes: list[RuntimeQuote]) -> EvidenceLog:
+    log, history = EvidenceLog(directory), ClockHistory()
+    for i, made in enumerate(quotes):
+        boot = policy_from_evidence(made.quote.evidence.pcrs, None, name=f"boot-{i}")
+        report = _verify(made.quote, boot, history)
+        assert report.ok
+        runtime = default_policy("baseline")
+        check = CheckResult("runtime", "passed" if made.ok else "failed", "as judged live")
+        log.append("node-0", made.quote.nonce, made.quote.evidence, boot,
+                   VerificationReport((*report.checks, check)), stamp(T0 + timedelta(minutes=i)),
+                   runtime=LoggedRuntime(runtime, made.window, made.ok))
+    return log
+
+
+def test_runtime_verdicts_are_logged_and_rejudged_offline(
+        runtime_quotes: list[RuntimeQuote], tmp_path: Path) -> None:
+    log = fill_runtime(tmp_path / "ev", runtime_quotes)
+    entries = [json.loads(line) for line in lines(log)]
+    assert [e["runtime"]["verdict"] for e in entries] == ["passed", "failed"]
+    assert entries[1]["runtime"]["start"] == entries[0]["runtime"]["end"] > 0
+    result = replay(log.directory)
+    assert result.ok, result.problems
+    judged = [e.replayed.check("runtime") for e in result.entries if e.replayed]
+    assert [c.state for c in judged] == ["passed", "failed"]
+    assert "/usr/bin/miner" in judged[1].detail  # the runtime policy of the time names it
+    assert len(list((log.directory / "policies").glob("runtime-*.yaml"))) == 1
+
+
+@pytest.mark.parametrize("alteration", ["slice", "slice-and-digest", "policy"])
+def test_an_altered_runtime_record_is_detected_by_name(
+        runtime_quotes: list[RuntimeQuote], tmp_path: Path, alteration: str) -> None:
+    log = fill_runtime(tmp_path / "ev", runtime_quotes)
+    if alteration == "policy":
+        for path in (log.directory / "policies").glob("runtime-*.yaml"):
+            path.write_text(path.read_text().replace("baseline", "lenient"))
+    else:
+        content = lines(log)
+        doc = json.loads(content[1])
+        honest = base64.b64decode(doc["runtime"]["slice"])
+        forged = honest.replace(b"/usr/bin/miner", b"/usr/bin/gzip")  # hide the binary
+        if alteration == "slice-and-digest":  # a well-formed line, digest and offsets
+            forged = make_entry(file_digest(b"gzip"), "/usr/bin/gzip").line()
+            doc["runtime"].update(sha256=hashlib.sha256(forged).hexdigest(),
+                                  end=doc["runtime"]["start"] + len(forged))
+        doc["runtime"]["slice"] = b64encode(forged)
+        content[1] = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        write_lines(log, content)
+    result = replay(log.directory)
+    assert not result.ok
+    named = [p for p in result.problems if "entry 2: runtime: " in p and "altered" in p]
+    assert named, result.problems
+    if alteration == "slice-and-digest":
+        assert "does not replay to the quoted PCR 10" in named[0]
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["policy", "start", "end", "from_pcr", "sha256", "slice",
+                              "verdict", None]), value=json_values)
+def test_hostile_runtime_records_are_a_problem_or_one_error(
+        runtime_quotes: list[RuntimeQuote], tmp_path: Path, field: str | None,
+        value: object) -> None:
+    directory = tmp_path / f"ev-{os.urandom(4).hex()}"
+    log = fill_runtime(directory, runtime_quotes)
+    content = lines(log)
+    doc = json.loads(content[0])
+    if field is None:
+        doc["runtime"] = value
+    else:
+        doc["runtime"][field] = value
+    content[0] = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    write_lines(log, content)
+    try:
+        result = replay(directory)
+    except EvidenceLogError:
+        return
+    assert not result.ok  # the altered line breaks the chain, at least

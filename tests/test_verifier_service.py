@@ -28,12 +28,16 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attestation.encoding import b64decode, b64encode
+from attestation.errors import EvidenceFormatError, VerificationError
+from attestation.ima import IMA_PCR, make_entry
 from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
 from testbed.core.errors import ArgumentError, StateError
@@ -41,11 +45,13 @@ from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
 from testbed.sim.backend import SimBackend
 from testbed.spec.cluster_spec import default_spec_path
+from testbed.tpm.runtime import default_policy
 from testbed.verifier.service import (
     DEFAULT_INTERVAL_S,
     VerifierConfig,
     VerifierFiles,
     VerifierService,
+    _pushed_runtime,
     _stale,
     push_attest,
 )
@@ -221,8 +227,8 @@ def test_service_attests_detects_signs_and_stops(
     assert wait_until(signed_change)["cluster"] == CLUSTER
     assert all(not json.loads(b)["ok"] or json.loads(b)["kind"] == "state"
                for _, b in received)  # successes are not POSTed, only changes and failures
-    log = files.log("verifier").read_text()
-    assert "revocation of n0" in log  # handed to revocation.publish
+    # handed to revocation.publish (logged once every node has answered)
+    assert wait_until(lambda: "revocation of n0" in files.log("verifier").read_text())
 
     # A push node that goes silent is unreachable after three intervals: fail closed.
     silent = wait_until(lambda: next((e for e in lab.events() if e["node"] == "n2"
@@ -462,3 +468,72 @@ def test_runtime_tamper_under_the_verifier_is_revoked_and_acted_on(
     finally:
         run_cli(workdir, "verifier", "stop")
         assert SimBackend(paths).down(purge=False).ok
+
+
+def _last_logged(lab: Lab, node: str) -> dict[str, Any]:
+    lines = (lab.paths.root / "evidence" / "log.jsonl").read_bytes().splitlines()
+    entries = [json.loads(line) for line in lines]
+    return next(e for e in reversed(entries) if e["kind"] == "entry" and e["node"] == node)
+
+
+def test_push_nodes_send_their_runtime_log_and_a_runtime_tamper_is_rejected(lab: Lab) -> None:
+    rc, _, err = run_cli(lab.workdir, "verifier", "start", "--interval", "5", "--push", "n2")
+    assert rc == 0, err
+    try:
+        endpoint = AgentClient(UnixTransport(VerifierFiles(lab.paths).push_socket("verifier")),
+                               node="v")
+        assert push_attest(lab.paths, "n2", lab.agent("n2"))["ok"]
+        assert _last_logged(lab, "n2")["runtime"]["verdict"] == "passed"
+
+        def send(runtime: dict[str, Any] | None) -> dict[str, Any]:
+            answer = endpoint.role("nonce", {"node": "n2"})
+            assert IMA_PCR in answer["pcrs"] and answer["runtime"]["offset"] > 0
+            evidence = lab.agent("n2").quote(b64decode(answer["nonce"], "nonce"),
+                                             answer["pcrs"])
+            request = {"node": "n2", "evidence": evidence.to_dict()}
+            return endpoint.role("evidence", request if runtime is None
+                                 else {**request, "runtime": runtime})
+
+        rc, _, err = run_cli(lab.workdir, "tamper", "n2", "--runtime",
+                             "/usr/local/bin/cryptominer")
+        assert rc == 0, err
+        # PCR 10 moved. Fail closed: no runtime log, or one that does not explain it.
+        assert send(None)["check"] == "runtime"
+        stranger = make_entry(b"\x07" * 32, "/usr/bin/unknown").line()
+        offset = endpoint.role("nonce", {"node": "n2"})["runtime"]["offset"]
+        lie = send({"offset": offset, "data": b64encode(stranger)})
+        assert lie["check"] == "runtime" and "does not replay" in lie["reason"]
+        assert send({"offset": offset, "data": "!!"})["check"] == "evidence"
+        # The node's own log, sent honestly: the runtime check names the binary.
+        verdict = push_attest(lab.paths, "n2", lab.agent("n2"))
+        assert verdict["ok"] is False and verdict["check"] == "runtime"
+        assert "/usr/local/bin/cryptominer" in verdict["reason"]
+        logged = _last_logged(lab, "n2")
+        assert logged["verdict"] == {"ok": False, "check": "runtime"}
+        assert logged["runtime"]["verdict"] == "failed" and logged["runtime"]["slice"]
+        rc, out, err = run_cli(lab.workdir, "evidence", "replay", "--json")
+        assert rc == 0 and json.loads(out)["ok"], out + err  # runtime verdicts re-judged
+    finally:
+        run_cli(lab.workdir, "verifier", "stop")
+
+
+push_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.sampled_from(["offset", "data", "x"]), inner,
+                                             max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(push_values)
+def test_a_hostile_pushed_runtime_log_is_one_format_error(value: object) -> None:
+    paths = ClusterPaths(Path("/nonexistent-h5"), "c")
+    policy = default_policy("baseline")
+    with mock.patch("testbed.verifier.service.node_runtime_policy", return_value=policy):
+        try:
+            check = _pushed_runtime(paths, "n", value)
+        except EvidenceFormatError:
+            return
+    assert check is not None and check.policy is policy
+    if value is None:  # no log: the check fails closed once it needs one
+        with pytest.raises(VerificationError, match="carries no runtime log"):
+            check.read(0)

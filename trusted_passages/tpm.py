@@ -26,7 +26,7 @@ from attestation.errors import TestbedError, TpmError, VerificationError
 from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.registrar import AkTrust
-from attestation.report import VerificationReport
+from attestation.report import CheckResult, VerificationReport
 from attestation.tpm_types import ClockInfo, PcrSelection, PublicArea, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from trusted_passages.batch import MAX_BATCH, BatchProof, MerkleTree, batch_qualifying_data
@@ -41,7 +41,7 @@ from trusted_passages.interfaces import (
 if TYPE_CHECKING:  # tpm2-pytss is not in Debian 12 guests, which use the rest of the package
     from attestation.tpm import KeyAlgorithm, QuoteResult, TpmClient, TpmKey
 
-__all__ = ["Batcher", "TpmIssuer", "TpmValidator"]
+__all__ = ["Batcher", "TpmIssuer", "TpmValidator", "verify_batched"]
 
 T = TypeVar("T")
 DEFAULT_MAX_BATCH = 256
@@ -140,6 +140,33 @@ class Batcher(Generic[T]):
         if not self.eager or self._signing:
             return deadline
         return min(deadline, max(start, self._idle_since) + self.linger)
+
+
+def verify_batched(verifier: QuoteVerifier, evidence: Evidence, leaf: bytes,
+                   proof: BatchProof) -> VerificationReport:
+    """Verify a batch's quote for the party whose own value is ``leaf`` (a verifier's
+    nonce): every check of ``verifier`` against the root ``leaf``'s path leads to, and
+    ``batch_inclusion`` in place of ``qualifying_data`` (a path for another leaf, or a
+    quote from another batch, fails it by name)."""
+    try:
+        root = proof.root(leaf)
+    except ValueError as exc:
+        return VerificationReport((CheckResult("batch_inclusion", "failed",
+                                               f"the inclusion path is malformed: {exc}"),))
+    report = verifier.verify(evidence, batch_qualifying_data(root))
+    checks: list[CheckResult] = []
+    for check in report.checks:
+        if check.name != "qualifying_data":
+            checks.append(check)
+        elif check.failed:
+            checks.append(CheckResult("batch_inclusion", "failed", (
+                f"the nonce (leaf {proof.index} of {proof.size}) does not lead to the root "
+                "the quote covers (a path for another leaf, or a quote from another batch)")))
+        else:
+            checks += [check, CheckResult("batch_inclusion", "passed", (
+                f"the nonce is leaf {proof.index} of a batch of {proof.size}; its path leads "
+                "to the quoted root"))]
+    return VerificationReport(tuple(checks))
 
 
 class _TpmAccess:

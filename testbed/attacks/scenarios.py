@@ -39,6 +39,10 @@ from testbed.attacks.lab import random_secret as _secret
 from testbed.attacks.plain import PlainProxy, PlainServer, PlainTlsError, exchange
 from testbed.attacks.svd import MARKER, OWNER, SvdWorld, svd_world
 from testbed.cluster.runtime import RuntimeState, explaining_prefix
+from testbed.hosts import lifecycle as hosts
+from testbed.hosts.layout import LabPaths
+from testbed.hosts.network import scratch_network
+from testbed.hosts.remote import libvirt_uri, libvirt_version
 from testbed.roles.revocation import (
     RevocationEvent,
     RevocationGate,
@@ -672,6 +676,34 @@ def disk_swap(lab: Lab) -> ScenarioResult:
                           _release_refused(world, swapped, "bystander"))
 
 
+def tampered_host(lab: Lab) -> ScenarioResult:
+    """Alice's hypervisor host runs another QEMU binary (one byte changed) beneath the VMs.
+
+    A real host (namespaces, sshd, libvirtd, host TPM; docs/hosts.md) whose mount
+    namespace shows the modified binary at QEMU's path. Plain: the lab reaches its
+    libvirt over qemu+ssh, host key checked, and would place VMs on it. Attested hosts:
+    the host's quote carries the binary's digest in PCR 14 and its policy refuses it.
+    """
+    workdir = lab.root / "tampered-host"
+    bridge, subnet = scratch_network("tbatk")
+    try:
+        (host,) = hosts.up(workdir, 1, bridge=bridge, subnet=subnet, tamper_qemu=["host1"])
+        version = libvirt_version(libvirt_uri(LabPaths(workdir), host.address))
+        plain = Outcome(True, f"libvirt {version} on the tampered host answered over "
+                        "qemu+ssh (host key checked): a lab without host attestation "
+                        "places VMs there")
+        verdict = host.verdict
+        if verdict is None or verdict.trusted:
+            tp = Outcome(True, "the tampered host was attested as trusted")
+        else:
+            tp = Outcome(False, f"host untrusted: {verdict.message}", verdict.failed_check,
+                         "verifier")
+    finally:
+        hosts.down(workdir)
+    return ScenarioResult("tampered-host", "Tampered hypervisor host: another QEMU binary",
+                          plain, tp)
+
+
 def genuine(lab: Lab) -> tuple[bool, str]:
     """No attack: the customer and Bob's server attest each other and talk."""
     real = lab.tp_config("server", peer="client")
@@ -706,6 +738,7 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "stolen-disk": stolen_disk,
     "unattested-host": unattested_host,
     "disk-swap": disk_swap,
+    "tampered-host": tampered_host,
 }
 
 

@@ -32,7 +32,14 @@ from testbed.cluster.results import (
 from testbed.core.errors import ArgumentError, UsageError
 from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
-from testbed.spec.cluster_spec import BACKENDS, default_spec_path, load_cluster_spec, parse_tamper
+from testbed.spec.cluster_spec import (
+    BACKENDS,
+    MAX_TPM_LATENCY_S,
+    default_spec_path,
+    load_cluster_spec,
+    parse_duration,
+    parse_tamper,
+)
 from testbed.tpm.quote_files import check_quote_directory, write_quote_files
 from testbed.verifier.service import stop_verifiers
 
@@ -58,6 +65,10 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--tamper", action="append", default=[], metavar="NODE=FIELD:VALUE",
                    help="boot NODE tampered, e.g. client=cmdline:'console=ttyS0 init=/bin/sh' "
                         "or server=kernel:content=evil (repeatable)")
+    p.add_argument("--tpm-latency", metavar="DURATION",
+                   help="put every sim node's swtpm behind the TPM latency model: each quote "
+                        "(signing command) takes this long, e.g. 200ms or 0.2s, at most "
+                        f"{MAX_TPM_LATENCY_S:g}s (a hardware TPM's pace; docs/protocol.md)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("status", help="nodes of a cluster: state, agent, last attestation")
@@ -100,6 +111,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     for text in args.tamper:
         node, change = parse_tamper(text)
         spec = spec.with_tamper(node, change)
+    if args.tpm_latency is not None:
+        spec = spec.with_tpm_latency(parse_duration(args.tpm_latency, "--tpm-latency",
+                                                    MAX_TPM_LATENCY_S))
     if args.cluster is not None:  # the spec's cluster under another name (two side by side)
         if not NAME_PATTERN.fullmatch(args.cluster):
             raise UsageError(f"invalid cluster name {args.cluster!r}: lowercase letters, "

@@ -15,6 +15,7 @@ from testbed.cluster.state import load_registry
 from testbed.cluster.verification import evidence_dir
 from testbed.core.errors import ArgumentError, StateError
 from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from trusted_passages.batch import BatchProof, batch_qualifying_data
 
 __all__ = ["register_evidence_commands"]
 
@@ -60,10 +61,15 @@ def cmd_evidence_replay(args: argparse.Namespace) -> int:
     def trust_for(node: str, _: Evidence) -> AkTrust:
         return registry.for_node(node)
 
-    result = replay(directory, trust_for=trust_for, since=args.since)
+    result = replay(directory, trust_for=trust_for, since=args.since, batch_root=_batch_root)
     emit(args, {"cluster": cluster, "log": str(directory), **result.to_dict()},
          lambda: _print(result, directory))
     return EXIT_OK if result.ok else EXIT_REJECTED
+
+
+def _batch_root(nonce: bytes, batch: object) -> bytes:
+    """A batched entry's quoted value: the root the nonce's recorded path leads to."""
+    return batch_qualifying_data(BatchProof.from_dict(batch).root(nonce))
 
 
 def _print(result: ReplayResult, directory: Path) -> None:

@@ -39,18 +39,40 @@ from attestation.ima import MAX_CHUNK as MAX_RUNTIME_CHUNK
 from attestation.registrar import AttesterIdentity
 from testbed.core.errors import StateError
 from testbed.core.paths import SUN_PATH_MAX
+from trusted_passages.batch import BatchProof
 
 __all__ = [
     "AgentClient",
     "AgentError",
     "AgentTransport",
     "AgentUnavailable",
+    "BatchedEvidence",
     "TcpTransport",
     "UnixTransport",
     "connect_unix",
     "sockaddr",
+    "split_batch",
 ]
 
+
+
+@dataclass(frozen=True)
+class BatchedEvidence:
+    """A quote that covers a batch of nonces (a node whose quotes are batched) and the
+    inclusion path of one of them: on the wire, the evidence with a ``batch`` key."""
+
+    evidence: Evidence
+    proof: BatchProof
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.evidence.to_dict(), "batch": self.proof.to_dict()}
+
+
+def split_batch(doc: Mapping[str, Any]) -> tuple[Evidence, BatchProof | None]:
+    """Evidence as an agent sends it: with its inclusion path when it is batched."""
+    rest = dict(doc)
+    batch = rest.pop("batch", None)
+    return Evidence.from_dict(rest), None if batch is None else BatchProof.from_dict(batch)
 
 
 class AgentError(TestbedError):
@@ -121,7 +143,14 @@ class AgentClient:
         return b64decode(r.get("secret"), "secret", limit=MAX_CREDENTIAL_BYTES)
 
     def quote(self, nonce: bytes, pcrs: Sequence[int]) -> Evidence:
-        return Evidence.from_dict(self.call(quote_request(nonce, list(pcrs))))
+        """The evidence only: a batched node's quote then covers its batch's root, not
+        ``nonce``, and fails verification unless :meth:`quote_batched` is used."""
+        return self.quote_batched(nonce, pcrs)[0]
+
+    def quote_batched(self, nonce: bytes, pcrs: Sequence[int]
+                      ) -> tuple[Evidence, BatchProof | None]:
+        """The evidence and, from a node whose quotes are batched, ``nonce``'s path."""
+        return split_batch(self.call(quote_request(nonce, list(pcrs))))
 
     def status(self) -> dict[str, Any]:
         return self.call({"op": "status"})

@@ -11,12 +11,16 @@ a new boot and a new log: it starts again from offset 0 and a zero PCR 10.
 The log is read after the quote, so it may hold entries the quote does not cover yet:
 the longest prefix whose replay equals the quoted PCR 10 is judged and kept, the rest
 waits for the next quote. A prefix that never matches is a log that lies.
+
+The log comes over a pull node's agent (:func:`agent_reader`) or as the slice a push node
+sent with its evidence (:func:`slice_reader`): the same check either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +30,11 @@ from attestation.evidence import Evidence
 from attestation.files import atomic_write, private_dir, read_bounded
 from attestation.ima import (
     IMA_PCR,
+    MAX_CHUNK,
     MAX_POLICY_BYTES,
     ImaEntry,
     RuntimePolicy,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -42,9 +48,12 @@ from testbed.core.errors import StateError
 from testbed.core.files import read_json, write_json
 from testbed.core.paths import ClusterPaths
 
-__all__ = ["RuntimeState", "check_runtime", "ensure_runtime_policy", "explaining_prefix",
-           "node_runtime_policy", "quoting_pcr10", "runtime_dir"]
+__all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "check_runtime",
+           "ensure_runtime_policy", "explaining_prefix", "judge_window",
+           "node_runtime_policy", "quoting_pcr10", "runtime_dir", "runtime_window",
+           "slice_reader"]
 
+_MAX_PARSED = 4096  # runtime policies kept parsed
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
 
@@ -73,11 +82,29 @@ def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy,
         atomic_write(path, dump_runtime_policy(policy).encode())
 
 
+_parsed: dict[Path, tuple[bytes, RuntimePolicy]] = {}  # path -> (its bytes, parsed)
+_parsed_lock = threading.Lock()
+
+
 def node_runtime_policy(paths: ClusterPaths, node: str) -> RuntimePolicy | None:
-    """The node's runtime policy, or None when it has none (no runtime check)."""
+    """The node's runtime policy, or None when it has none (no runtime check).
+
+    The file is read every time; its YAML is parsed again only when its bytes differ
+    from the last parse's (a verifier attesting hundreds of nodes each interval)."""
     path = _policy_path(paths, node)
     data = read_bounded(path, MAX_POLICY_BYTES, what="runtime policy", missing_ok=True)
-    return None if data is None else load_runtime_policy(data, str(path))
+    if data is None:
+        return None
+    with _parsed_lock:
+        hit = _parsed.get(path)
+    if hit is not None and hit[0] == data:
+        return hit[1]
+    policy = load_runtime_policy(data, str(path))
+    with _parsed_lock:
+        if len(_parsed) >= _MAX_PARSED:
+            _parsed.clear()  # bounded: a verifier of more nodes re-parses some
+        _parsed[path] = (data, policy)
+    return policy
 
 
 def quoting_pcr10(policy: ReferencePolicy) -> ReferencePolicy:
@@ -116,10 +143,30 @@ class RuntimeState:
                                               "pcr": self.pcr.hex()})
 
 
-def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: Evidence,
-                  policy: RuntimePolicy) -> str:
-    """Judge the entries new since the last good quote; raise the ``runtime`` check's
-    VerificationError, or record the new state and say what was judged."""
+@dataclass(frozen=True)
+class RuntimeWindow:
+    """What one quote's runtime check judged: the log entries from ``start`` (where the
+    last good quote left PCR 10 at ``from_pcr``) to ``end``, which replay to ``quoted``."""
+
+    boot: tuple[int, int]
+    start: int
+    end: int
+    from_pcr: bytes
+    quoted: bytes
+    entries: tuple[ImaEntry, ...]
+    pcrs: Mapping[int, bytes]  # every quoted PCR: a boot_aggregate is checked against 0-9
+
+    @property
+    def data(self) -> bytes:
+        """The log's bytes ``start``..``end`` (the parser took them verbatim)."""
+        return b"".join(entry.line() for entry in self.entries)
+
+
+def runtime_window(paths: ClusterPaths, node: str, read: Callable[[int], bytes],
+                   evidence: Evidence) -> RuntimeWindow:
+    """The entries new since the last good quote that explain the quoted PCR 10;
+    ``read(offset)`` gives the node's log from there. Raises the ``runtime`` check's
+    VerificationError when they cannot be had or do not explain it."""
     quoted = evidence.pcrs.get(IMA_PCR)
     if quoted is None:
         raise VerificationError("runtime", f"the quote does not cover PCR {IMA_PCR}")
@@ -128,11 +175,45 @@ def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: 
     state = RuntimeState.load(paths, node)
     if state is None or state.boot != boot:
         state = RuntimeState(boot, 0, _ZERO)
-    entries, end = explaining_prefix(lambda offset: _read(agent, offset), state, quoted)
-    check_entries(policy, entries)
-    RuntimeState(boot, end, quoted).save(paths, node)
-    return (f"{len(entries)} new ima-ng entries (log bytes {state.offset}-{end}) replay to "
-            f"the quoted PCR {IMA_PCR} and runtime policy {policy.name!r} allows them")
+    entries, end = explaining_prefix(read, state, quoted)
+    return RuntimeWindow(boot, state.offset, end, state.pcr, quoted, tuple(entries),
+                         dict(evidence.pcrs))
+
+
+def judge_window(window: RuntimeWindow, policy: RuntimePolicy) -> str:
+    """Raise the ``runtime`` check's VerificationError for an entry the policy does not
+    allow (or a boot_aggregate the quoted PCRs 0-9 do not make), or say what was judged."""
+    check_boot_aggregate(window.entries, window.pcrs)
+    check_entries(policy, window.entries)
+    return (f"{len(window.entries)} new ima-ng entries (log bytes {window.start}-"
+            f"{window.end}) replay to the quoted PCR {IMA_PCR} and runtime policy "
+            f"{policy.name!r} allows them")
+
+
+def check_runtime(paths: ClusterPaths, node: str, agent: AgentClient, evidence: Evidence,
+                  policy: RuntimePolicy) -> str:
+    """The whole check over a node's agent, outside a verification: judge the entries new
+    since the last good quote and record the new state, or raise the ``runtime`` check's
+    VerificationError. (Verifications run it through ``verify_evidence``.)"""
+    window = runtime_window(paths, node, agent_reader(agent), evidence)
+    detail = judge_window(window, policy)
+    RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
+    return detail
+
+
+def agent_reader(agent: AgentClient) -> Callable[[int], bytes]:
+    """A pull node's log, read over its agent (failures are the ``runtime`` check's)."""
+    return lambda offset: _read(agent, offset)
+
+
+def slice_reader(start: int, data: bytes) -> Callable[[int], bytes]:
+    """A log slice a push node sent (its bytes from ``start``), read like an agent's."""
+    def read(offset: int) -> bytes:
+        if not start <= offset <= start + len(data):
+            raise VerificationError("runtime", f"the runtime log sent covers bytes {start}-"
+                                    f"{start + len(data)}, the check needs it from {offset}")
+        return data[offset - start:offset - start + MAX_CHUNK]
+    return read
 
 
 def explaining_prefix(read: Callable[[int], bytes], state: RuntimeState,

@@ -2,44 +2,62 @@
 node's agent, every check of the verifier against the cluster's AK registry, the node's
 policy and the cluster's clock history, and the result recorded.
 
-The clock history is the last accepted TPMS_ATTEST per AK, persisted and used under the
-cluster's attest lock, so replays and clock rollbacks are caught across commands (and
-concurrent ones). Every verification, accepted or not, is appended under the same lock
-to the cluster's evidence log (:mod:`attestation.evidence_log`, ``evidence/``), which
-``testbed evidence replay`` re-verifies.
+The clock history is the last accepted TPMS_ATTEST per AK, persisted (a file per AK)
+and used under the cluster's attest lock, so replays and clock rollbacks are caught
+across commands (and concurrent ones). Every verification, accepted or not, is appended
+under the same lock to the cluster's evidence log (:mod:`attestation.evidence_log`,
+``evidence/``), which ``testbed evidence replay`` re-verifies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError
+from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
-from attestation.evidence_log import EvidenceLog
-from attestation.ima import IMA_PCR
+from attestation.evidence_log import EvidenceLog, LoggedRuntime, RuntimeSlice
+from attestation.files import fsync_dir, private_dir
+from attestation.ima import IMA_PCR, RuntimePolicy
 from attestation.policy import ReferencePolicy
+from attestation.registrar import AkRegistry
 from attestation.report import NOT_RUN, CheckResult, VerificationReport, run_checks
 from attestation.tpm_types import parse_attest, parse_public
 from attestation.verifier import ClockHistory, QuoteVerifier
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.results import AttestResult
-from testbed.cluster.runtime import check_runtime, node_runtime_policy, quoting_pcr10
-from testbed.cluster.state import load_registry, record_attestation
+from testbed.cluster.runtime import (
+    RuntimeState,
+    RuntimeWindow,
+    agent_reader,
+    judge_window,
+    node_runtime_policy,
+    quoting_pcr10,
+    runtime_window,
+)
+from testbed.cluster.state import parse_registry, read_registry_bytes, record_attestation
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
+from trusted_passages.batch import BatchProof
+from trusted_passages.tpm import verify_batched
 
-__all__ = ["ClockHistoryStore", "attest_node", "evidence_dir", "verify_evidence"]
+__all__ = ["AkClockHistory", "ClockHistoryStore", "RuntimeInput", "attest_node", "evidence_dir",
+           "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
 
 
 class ClockHistoryStore:
-    """A :class:`ClockHistory` persisted as the last accepted TPMS_ATTEST per AK.
+    """A :class:`ClockHistory` persisted as the last accepted TPMS_ATTEST per AK, all
+    AKs in one file (what the hosts lab uses; a cluster's verifier uses
+    :class:`AkClockHistory`, a file per AK).
 
     Only public ClockHistory methods are used: loading re-records each stored quote,
     which restores exactly the state the verifier had after accepting it.
@@ -73,29 +91,192 @@ class ClockHistoryStore:
         write_json(self.path, {"format": _HISTORY_FORMAT, "version": 1, "aks": self._attests})
 
 
+class AkClockHistory:
+    """One AK's :class:`ClockHistory`, persisted as its last accepted TPMS_ATTEST in a
+    file of its own (``clock-history/AKNAME.json``): an attestation reads and rewrites
+    its own AK's file only, not every node's (O(1) per attestation, not O(nodes)).
+
+    An AK without a file of its own is looked up in the older one-file layout
+    (``clock-history.json``, kept and read, never written). Only public ClockHistory
+    methods are used: loading re-records the stored quote, which restores exactly the
+    state the verifier had after accepting it.
+    """
+
+    def __init__(self, paths: ClusterPaths, ak_name: bytes) -> None:
+        self.name_hex = ak_name.hex()
+        self.path = paths.clock_history_dir / f"{self.name_hex}.json"
+        self.history = ClockHistory()
+        self._attest: str | None = None
+        doc = read_json(self.path)
+        if doc is not None:
+            if not isinstance(doc, dict) or doc.get("format") != _HISTORY_FORMAT \
+                    or doc.get("ak") != self.name_hex:
+                raise StateError(f"{self.path} is not this AK's clock history file")
+            self._restore(doc.get("attest"), self.path)
+            return
+        legacy = read_json(paths.clock_history)
+        if legacy is None:
+            return
+        if not isinstance(legacy, dict) or legacy.get("format") != _HISTORY_FORMAT \
+                or not isinstance(legacy.get("aks"), dict):
+            raise StateError(f"{paths.clock_history} is not a clock history file")
+        if self.name_hex in legacy["aks"]:
+            self._restore(legacy["aks"][self.name_hex], paths.clock_history)
+
+    def _restore(self, attest_b64: object, where: Path) -> None:
+        try:
+            raw = b64decode(attest_b64, "attest")
+            self.history.record(bytes.fromhex(self.name_hex), parse_attest(raw).clock_info,
+                                raw)
+        except (ValueError, EvidenceFormatError) as exc:
+            raise StateError(f"{where}: entry {self.name_hex[:16]} is corrupt: {exc}") from None
+        self._attest = b64encode(raw)
+
+    def remember(self, evidence: Evidence) -> None:
+        self._attest = b64encode(evidence.attest)
+
+    def save(self, *, durable: bool = True) -> None:
+        """Replace the AK's file; ``durable=False``: :meth:`sync` follows (see
+        :func:`verify_evidence`)."""
+        private_dir(self.path.parent)
+        write_json(self.path, {"format": _HISTORY_FORMAT, "version": 2, "ak": self.name_hex,
+                               "attest": self._attest}, durable=durable)
+
+    def sync(self) -> None:
+        """Make the AK's file as it is now durable (this save's, or a newer one's)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.path.parent)
+
+
+class _RegistryCache:
+    """The parsed AK registry, parsed again only when the file's bytes differ.
+
+    Keyed by the exact bytes read (never by a timestamp): a registry that changed in
+    any way is parsed anew, so a verifier never trusts an AK the file no longer holds.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cached: dict[Path, tuple[bytes | None, AkRegistry]] = {}
+
+    def get(self, paths: ClusterPaths) -> AkRegistry:
+        data = read_registry_bytes(paths)
+        with self._lock:
+            hit = self._cached.get(paths.registry)
+        if hit is not None and hit[0] == data:
+            return hit[1]
+        registry = parse_registry(paths, data)
+        with self._lock:
+            self._cached = {paths.registry: (data, registry)}  # one cluster at a time
+        return registry
+
+
+_registries = _RegistryCache()
+
+
+def _ak_name(evidence: Evidence) -> bytes | None:
+    """The name of the AK the evidence claims; None when its public is unparseable
+    (the verifier then fails it: nothing is loaded or saved for it)."""
+    try:
+        return parse_public(evidence.ak_public).name
+    except EvidenceFormatError:
+        return None
+
+
 def evidence_dir(paths: ClusterPaths) -> Path:
     """Where the cluster's evidence log lives."""
     return paths.root / "evidence"
 
 
+@dataclass(frozen=True)
+class RuntimeInput:
+    """The ``runtime`` check's inputs: the node's runtime policy and its log
+    (``read(offset)``: over a pull node's agent, or the slice a push node sent)."""
+
+    policy: RuntimePolicy
+    read: Callable[[int], bytes]
+
+
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
-                    policy: ReferencePolicy) -> VerificationReport:
-    """Verify evidence claimed to come from ``node`` with the cluster's registry and history."""
-    registry = load_registry(paths)
+                    policy: ReferencePolicy, proof: BatchProof | None = None,
+                    runtime: RuntimeInput | None = None) -> VerificationReport:
+    """Verify evidence claimed to come from ``node`` with the cluster's registry and history.
+
+    ``proof``: the quote is a batch's (a node whose quotes are batched) and this is the
+    nonce's inclusion path: checked as ``batch_inclusion``, the leaf being ``nonce``.
+    ``runtime``: also run the incremental ``runtime`` check (``docs/runtime.md``) on a
+    quote that passed every other check. The evidence log records the verdict, the
+    runtime check's included, with what re-verifies it offline.
+    """
+    registry = _registries.get(paths)
     if node not in registry.nodes():
         raise StateError(f"node {node} is not registered in cluster {paths.name}: its AK was "
                          "never activated (run `testbed up`)")
+    # Read the log before taking the cluster-wide lock (it may be a round trip to the node).
+    window = None if runtime is None else _gather(paths, node, runtime, evidence)
+    ak_name = _ak_name(evidence)
+    log = EvidenceLog(evidence_dir(paths))
     with locked(paths.attest_lock):
-        store = ClockHistoryStore(paths.clock_history)
+        store = AkClockHistory(paths, ak_name) if ak_name is not None else None
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
-                                 clock_history=store.history)
-        report = verifier.verify(evidence, nonce)
-        if report.ok:
+                                 clock_history=store.history if store else ClockHistory())
+        report = verifier.verify(evidence, nonce) if proof is None else \
+            verify_batched(verifier, evidence, nonce, proof)
+        saved = report.ok and store is not None
+        if saved and store is not None:
             store.remember(evidence)
-            store.save()
-        EvidenceLog(evidence_dir(paths)).append(node, nonce, evidence, policy, report,
-                                                utc_now())
+            store.save(durable=False)
+        logged = None
+        if runtime is not None:
+            report, logged = _with_runtime(report, runtime.policy, window)
+        log.append(node, nonce, evidence, policy, report, utc_now(),
+                   batch=None if proof is None else proof.to_dict(), runtime=logged,
+                   durable=False)
+    # Durable before the verdict is returned (before anyone acts on it), but fsync'd
+    # after the lock: concurrent verifications wait for the disk together (one journal
+    # commit for many) instead of queueing for it one by one inside the lock. Within
+    # the lock every reader sees the newest state either way (the page cache).
+    if saved and store is not None:
+        store.sync()
+    log.sync()
+    if isinstance(window, RuntimeWindow) and report.ok and \
+            (window.end, window.quoted) != (window.start, window.from_pcr):
+        # The next check starts after it (most quotes find no new entry: no rewrite).
+        RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
     return report
+
+
+def _gather(paths: ClusterPaths, node: str, runtime: RuntimeInput,
+            evidence: Evidence) -> RuntimeWindow | VerificationError:
+    try:
+        return runtime_window(paths, node, runtime.read, evidence)
+    except VerificationError as exc:
+        return exc
+    except EvidenceFormatError as exc:  # a malformed log line or slice
+        return VerificationError("runtime", f"the node's runtime log is unusable: {exc}")
+
+
+def _with_runtime(report: VerificationReport, policy: RuntimePolicy,
+                  window: RuntimeWindow | VerificationError | None
+                  ) -> tuple[VerificationReport, LoggedRuntime]:
+    """``report`` plus the runtime check, run only on a quote that passed every check."""
+    if report.failure is not None:
+        checks = (*report.checks, CheckResult("runtime", "skipped", NOT_RUN))
+        return VerificationReport(checks), LoggedRuntime(policy, None, None)
+    logged = LoggedRuntime(policy, None if not isinstance(window, RuntimeWindow) else
+                           RuntimeSlice(window.start, window.end, window.from_pcr, window.data),
+                           False)
+    if not isinstance(window, RuntimeWindow):
+        assert window is not None
+        failed = CheckResult("runtime", "failed", window.reason, window.data)
+        return VerificationReport((*report.checks, failed)), logged
+    result = run_checks([("runtime", lambda: judge_window(window, policy))])
+    return (VerificationReport((*report.checks, *result.checks)),
+            dataclasses.replace(logged, ok=result.ok))
 
 
 def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: ReferencePolicy,
@@ -106,21 +287,13 @@ def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: Refe
     judged: the ``runtime`` check (:mod:`testbed.cluster.runtime`).
     """
     nonce = os.urandom(32)
-    runtime = node_runtime_policy(paths, node)
-    if runtime is not None:
+    runtime_policy = node_runtime_policy(paths, node)
+    runtime = None
+    if runtime_policy is not None:
         pcrs, policy = sorted({*pcrs, IMA_PCR}), quoting_pcr10(policy)
-    evidence = agent.quote(nonce, pcrs)
-    report = verify_evidence(paths, node, evidence, nonce, policy)
-    if runtime is not None:
-        report = _with_runtime(report, lambda: check_runtime(paths, node, agent, evidence,
-                                                             runtime))
+        runtime = RuntimeInput(runtime_policy, agent_reader(agent))
+    evidence, proof = agent.quote_batched(nonce, pcrs)
+    report = verify_evidence(paths, node, evidence, nonce, policy, proof, runtime)
     result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report, evidence)
     record_attestation(paths, node, result.record())
     return result
-
-
-def _with_runtime(report: VerificationReport, check: Callable[[], str]) -> VerificationReport:
-    """``report`` plus the runtime check, run only on a quote that passed every check."""
-    if report.failure is not None:
-        return VerificationReport((*report.checks, CheckResult("runtime", "skipped", NOT_RUN)))
-    return VerificationReport((*report.checks, *run_checks([("runtime", check)]).checks))

@@ -10,7 +10,7 @@ the role's own :class:`RoleRequest` type before anything acts on it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from testbed.roles.revocation import RevocationGate
 from testbed.spec.cluster_spec import BootSpec, ClusterSpec, NodeSpec
 from testbed.tpm.boot import BANK, SIM_PCRS
 from testbed.tpm.localca import LocalCA
+from trusted_passages.batch import BatchProof
 
 __all__ = [
     "InfoRequest",
@@ -65,6 +66,9 @@ class NodeContext:
     tcti: str
     stopping: threading.Event  # set when the node begins to shut down
     revocations: RevocationGate  # the verifier's signed decisions this node applied
+    # The node's batched quote (spec ``batch_window``): a leaf in, the quote of its
+    # batch's root and the leaf's path out; None quotes once per request.
+    batched_quote: Callable[[bytes], tuple[Evidence, BatchProof]] | None = None
 
     @property
     def run_dir(self) -> Path:

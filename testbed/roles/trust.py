@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestation.errors import VerificationError
 from attestation.files import atomic_write, private_dir
+from testbed.cluster.runtime import quoting_pcr10
 from testbed.cluster.state import load_node_policy, load_registry, load_spec
 from testbed.core.errors import StateError
 from testbed.core.files import locked
@@ -68,9 +69,13 @@ class NodeIssuer:
         if self._context is None:
             raise StateError("NodeIssuer used without a binding context")
         qualifying = binding_digest(self._context.profile, self._context.role, nonce, user_data)
-        evidence = self._ctx.quote(qualifying, SIM_PCRS)
+        proof = None
+        if self._ctx.batched_quote is None:
+            evidence = self._ctx.quote(qualifying, SIM_PCRS)
+        else:  # one quote with the verifier's challenges and other sessions of the window
+            evidence, proof = self._ctx.batched_quote(qualifying)
         return Envelope(self._ctx.name, self._context.role, self._context.profile, user_data,
-                        evidence.to_dict()).to_json()
+                        evidence.to_dict(), proof).to_json()
 
 
 class ClusterValidator:
@@ -94,5 +99,7 @@ class ClusterValidator:
             raise VerificationError("revocation", f"node {claimed!r} is revoked by the "
                                     "verifier (until an operator reinstates it)")
         registry = load_registry(self._paths).for_node(claimed)
-        policy = load_node_policy(self._paths, claimed)
+        # PCR 10 is the ima-ng log's, judged by the verifier's runtime check: a batched
+        # quote, shared with the verifier's challenge, covers it too.
+        policy = quoting_pcr10(load_node_policy(self._paths, claimed))
         return TpmValidator(registry, policy).validate(evidence, nonce)

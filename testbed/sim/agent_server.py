@@ -6,6 +6,8 @@ node's owner reaches it. Besides the requests every agent serves, it answers ``r
 (``revoked`` and ``reinstated``: the node's revocation gate first), ``runtime_log``
 (``{"offset": int}``: the node's ima-ng log from that byte, base64, at most 256 KiB) and
 ``runtime_measure`` (``{"path": str, "content": base64}``: the node "executes" a file).
+A node whose quotes are batched answers ``quote`` with the evidence plus ``batch`` (the
+nonce's inclusion path, :class:`~testbed.cluster.agent.BatchedEvidence`).
 
 Anything else (oversized or truncated frames, invalid JSON, unknown ops or keys, bad
 values, a failing TPM command) gets ``{"error": "..."}`` and the agent keeps serving.
@@ -43,7 +45,7 @@ from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.evidence import Evidence
 from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_types import PcrSelection
-from testbed.cluster.agent import sockaddr
+from testbed.cluster.agent import BatchedEvidence, sockaddr
 
 __all__ = ["IDLE_TIMEOUT_S", "MAX_CONNECTIONS", "AgentBackend", "AgentServer"]
 
@@ -78,7 +80,7 @@ class AgentBackend(Protocol):
 
     def activate(self, challenge: CredentialChallenge) -> bytes: ...
 
-    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence: ...
+    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence | BatchedEvidence: ...
 
     def status(self) -> dict[str, Any]: ...
 

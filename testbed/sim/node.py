@@ -35,8 +35,10 @@ from attestation.encoding import b64encode
 from attestation.errors import TestbedError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write, private_dir
+from attestation.ima import IMA_PCR
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection
+from testbed.cluster.agent import BatchedEvidence
 from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
@@ -54,15 +56,22 @@ from testbed.roles.revocation import (
 )
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
+from testbed.spec.cluster_spec import ClusterSpec
 from testbed.svd.volumes import detach_all
-from testbed.tpm.boot import boot_summary, measure_boot, restore_clock_safety
+from testbed.tpm.boot import BANK, SIM_PCRS, boot_summary, measure_boot, restore_clock_safety
+from testbed.tpm.latency import LatencyModel, TpmLatencyProxy
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.runtime import BASELINE, RuntimeLog
 from testbed.tpm.swtpm import STATE_FILE, Swtpm, provision
+from trusted_passages.tpm import Batcher
 
 log = logging.getLogger("testbed.sim.node")
 _WATCH_INTERVAL_S = 0.2
 RUNTIME_LOG = "runtime.log"  # the ima-ng log of this boot (run/, 0600)
+# What a batching node's quotes cover: the verifier's selection for a node with a runtime
+# policy (boot PCRs and PCR 10), so its challenges and the channels' bindings share quotes.
+BATCH_SELECTION = PcrSelection(BANK, tuple(sorted({*SIM_PCRS.indices, IMA_PCR})))
+LATENCY_SOCKET = "lat.sock"  # the TPM latency proxy's (+ .ctrl), beside swtpm.sock
 REVOCATIONS = "revocations.json"  # the verifier's decisions applied (state/, kept)
 
 
@@ -73,8 +82,9 @@ class _Terminated(Exception):
 class Node:
     """The node process: its swtpm, its TPM connection, its role and its agent."""
 
-    def __init__(self, paths: ClusterPaths, name: str) -> None:
+    def __init__(self, paths: ClusterPaths, name: str, spec: ClusterSpec | None = None) -> None:
         self.cluster_paths = paths
+        self._spec = spec  # a swarm process parses the spec once for all its nodes
         self.paths = paths.node(name)
         self.name = name
         self.stopping = threading.Event()
@@ -85,6 +95,8 @@ class Node:
         self.quotes = 0
         self.ctx: NodeContext | None = None
         self._swtpm: Swtpm | None = None
+        self._latency: TpmLatencyProxy | None = None
+        self._batcher: Batcher[Evidence] | None = None
         self._client: TpmClient | None = None
         self._role: RoleService | None = None
         self._agent: AgentServer | None = None
@@ -114,6 +126,43 @@ class Node:
         log.info("stopped (%s)", self.stop_reason or "done")
         return 1 if self.failed else 0
 
+    # -- hosted by a swarm process (testbed.sim.swarm): no signals, no loop of its own ----
+
+    def start_hosted(self) -> bool:
+        """Start as one of a swarm process's nodes: whether it is ready. A failure is
+        recorded in node.json (as :meth:`run` does) and what had started is stopped."""
+        try:
+            self._start()
+        except TestbedError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: recorded, and the swarm's other nodes go on
+            log.exception("node %s crashed while starting", self.name)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            self.starting = False
+            self._write_info("ready")
+            return True
+        self._close()
+        return False
+
+    def alive(self) -> bool:
+        """One watch step: false once the node was asked to stop or its swtpm died."""
+        if self.stopping.is_set():
+            return False
+        if self._swtpm is not None and not self._swtpm.running:
+            self.request_stop("swtpm died")
+            self._fail(f"swtpm exited unexpectedly:\n{self._swtpm.log_tail(5)}")
+            return False
+        return True
+
+    def stop_hosted(self, reason: str) -> None:
+        """Stop this node (its agent, role, TPM connection and swtpm) and say so."""
+        self.request_stop(reason)
+        self._close()
+        if not self.failed:
+            self._write_info("stopped")
+        log.info("node %s stopped (%s)", self.name, self.stop_reason)
+
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
             self.stop_reason = reason
@@ -127,12 +176,12 @@ class Node:
         self._write_info("failed", error=error)
 
     def _start(self) -> None:
-        spec = load_spec(self.cluster_paths)
+        spec = self._spec or load_spec(self.cluster_paths)
         node_spec = spec.node(self.name)
         boot = node_spec.effective_boot
         ca = LocalCA.ensure(self.cluster_paths.ca_dir)
         self._ensure_tpm_state(ca)
-        client = self._start_tpm()
+        client = self._start_tpm(node_spec.tpm_latency)
         if restore_clock_safety(client):  # swtpm was stopped without TPM2_Shutdown
             log.info("TPM clock was unsafe after an unorderly stop: advanced to a save point")
         event_log = measure_boot(client, boot)
@@ -143,26 +192,39 @@ class Node:
         if ek.certificate is None:
             raise StateError("the TPM has no RSA EK certificate; was it provisioned?")
         ak = client.attestation_key("ecc")
+        if node_spec.batch_window is not None:
+            # Fixed windows (not eager): every nonce arriving within one shares its quote.
+            self._batcher = Batcher(self._quote_root, node_spec.batch_window, eager=False)
+            self._info.batch_window_ms = round(node_spec.batch_window * 1000, 3)
         self.ctx = NodeContext(
             name=self.name, role=node_spec.role, spec=node_spec, cluster=spec, boot=boot,
             tpm=client, tpm_lock=threading.Lock(), ak=ak, ak_algorithm="ecc", ek=ek,
             event_log=event_log, paths=self.paths, cluster_paths=self.cluster_paths, ca=ca,
             tcti=client.tcti, stopping=self.stopping,
             revocations=RevocationGate(self.paths.state / REVOCATIONS,
-                                       verifier_key_dir(self.cluster_paths) / PUBLIC_KEY))
+                                       verifier_key_dir(self.cluster_paths) / PUBLIC_KEY),
+            batched_quote=None if self._batcher is None else self._batcher.submit)
         self._info.role, self._info.boot = node_spec.role, boot_summary(boot)
         self._info.tampered = list(node_spec.tampered.fields() if node_spec.tampered else ())
         self._role = start_node_service(self.ctx)
         self._agent = AgentServer(self, self.paths.socket)
         self._agent.start()
 
-    def _start_tpm(self) -> TpmClient:
+    def _start_tpm(self, latency: float) -> TpmClient:
         # Assigned before start(): a signal arriving mid-start still gets it stopped.
         self._swtpm = Swtpm(self.paths.state, run_dir=self.paths.run, detached=True)
         self._swtpm.start()
         log.info("swtpm pid %d, %s", self._swtpm.pid, self._swtpm.tcti)
         self._info.swtpm_pid, self._info.tcti = self._swtpm.pid, self._swtpm.tcti
-        self._client = TpmClient(self._swtpm.tcti)
+        tcti = self._swtpm.tcti
+        if latency > 0:  # the spec's tpm_latency: a hardware TPM's pace (docs/protocol.md)
+            # Beside swtpm's own sockets, whose directory fits the longer swtpm.sock.ctrl.
+            listen = self._swtpm.socket_path.parent / LATENCY_SOCKET
+            self._latency = TpmLatencyProxy(self._swtpm, listen, LatencyModel(signing=latency))
+            tcti = self._latency.tcti
+            self._info.tpm_latency_ms = round(latency * 1000, 3)
+            log.info("TPM latency model: %g ms per signing command", latency * 1000)
+        self._client = TpmClient(tcti)
         return self._client
 
     def _ensure_tpm_state(self, ca: LocalCA) -> None:
@@ -201,6 +263,7 @@ class Node:
             ("role", self._role.stop if self._role else None),
             ("disks", self._lock_disks),
             ("TPM connection", self._close_client),
+            ("TPM latency proxy", self._latency.close if self._latency else None),
             ("swtpm", self._swtpm.stop if self._swtpm else None),
         ]
         for what, step in steps:
@@ -251,17 +314,26 @@ class Node:
     def activate(self, challenge: CredentialChallenge) -> bytes:
         return self._context().activate_credential(challenge)
 
-    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence:
-        evidence = self._context().quote(nonce, selection)
+    def quote(self, nonce: bytes, selection: PcrSelection) -> Evidence | BatchedEvidence:
+        """A verifier's challenge. A batching node answers it with its batch's quote and
+        the nonce's path, when the selection is the batch's (the verifier's own)."""
         self.quotes += 1
-        return evidence
+        if self._batcher is not None and selection == BATCH_SELECTION:
+            return BatchedEvidence(*self._batcher.submit(nonce))
+        return self._context().quote(nonce, selection)
+
+    def _quote_root(self, qualifying: bytes) -> Evidence:
+        """A batch's one quote: over the boot PCRs and PCR 10, for verifier and peers."""
+        return self._context().quote(qualifying, BATCH_SELECTION)
 
     def status(self) -> dict[str, Any]:
         # Not its "error": on the agent's wire that key means the request failed.
         info = {k: v for k, v in self._info.to_dict().items() if k != "error"}
         return {**info, "state": "stopping" if self.stopping.is_set() else "ready",
                 "service": self._role.describe().to_dict() if self._role else None,
-                "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes}
+                "uptime_s": round(time.monotonic() - self.started, 1), "quotes": self.quotes,
+                # Signing commands that reached the TPM (known behind the latency model).
+                "tpm_quotes": self._latency.signed if self._latency else None}
 
     def shutdown(self) -> None:
         self.request_stop("agent shutdown request")

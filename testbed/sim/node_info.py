@@ -29,6 +29,8 @@ class NodeInfo:
     tampered: list[str] = field(default_factory=list)
     swtpm_pid: int | None = None
     tcti: str | None = None
+    tpm_latency_ms: float | None = None  # the latency model in front of swtpm, if any
+    batch_window_ms: float | None = None  # its quotes are batched within this window
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

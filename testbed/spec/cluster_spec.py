@@ -55,8 +55,11 @@ __all__ = [
     "ARTIFACT_NAMES",
     "BACKENDS",
     "DEFAULT_SPEC_RESOURCE",
+    "MAX_BATCH_WINDOW_S",
     "MAX_NODES",
     "MAX_SPEC_BYTES",
+    "MAX_SWARM_NODES",
+    "MAX_TPM_LATENCY_S",
     "NAME_PATTERN",
     "ROLE_NAMES",
     "SPEC_VERSION",
@@ -69,14 +72,18 @@ __all__ = [
     "NodeSpec",
     "default_spec_path",
     "dump_cluster_spec",
+    "duration_text",
     "load_cluster_spec",
     "parse_cluster_spec",
+    "parse_duration",
     "parse_tamper",
 ]
 
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a few KiB; this bounds YAML parsing cost
-MAX_NODES = 32
+MAX_NODES = 32  # node entries of a spec (each a process of its own on sim)
+MAX_SWARM_NODES = 1000  # nodes expanded from `swarm: N` entries, in all (sim only)
+SWARM_ROLES = ("generic",)  # a swarm node serves its agent only (no role ports)
 MAX_TEXT_CHARS = 4096  # command lines and stand-in artifact contents
 MAX_FILE_BYTES = 1 << 30  # a kernel or firmware image, hashed in chunks
 ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
@@ -93,8 +100,14 @@ DEFAULT_SPEC_RESOURCE = "examples/sim-cluster.yaml"
 DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-cluster.yaml"}
 
 _TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
-_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks")
+_NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks", "tpm_latency",
+              "batch_window", "host", "swarm")
+_HOST_NAME = re.compile(r"host([1-9][0-9]?)")  # testbed.hosts.layout's names: host1..host16
+MAX_HOST_INDEX = 16
 _DISK_KEYS = ("name", "size", "mode")
+MAX_TPM_LATENCY_S = 10.0  # a modelled TPM command; hardware quotes take 0.02-0.6 s
+MAX_BATCH_WINDOW_S = 2.0  # a batch waits at most this long for company
+_DURATION = re.compile(r"(\d{1,6}(?:\.\d{1,6})?)(ms|s)")
 _BOOT_KEYS = (*ARTIFACT_NAMES, "cmdline", "firmware_version")
 _ARTIFACT_KEYS = ("content", "file", "sha256")
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -225,6 +238,10 @@ class NodeSpec:
     policy: Path | None = None  # None: predicted from the boot chain
     tampered: BootOverride | None = None
     disks: tuple[DiskSpec, ...] = ()
+    tpm_latency: float = 0.0  # s per signing command (testbed.tpm.latency's model); sim
+    batch_window: float | None = None  # s: the node's quotes share batches (sim)
+    host: str | None = None  # the hypervisor host the VM runs on (qemu); None: this machine
+    swarm: str | None = None  # the `swarm:` entry this node was expanded from
 
     @property
     def effective_boot(self) -> BootSpec:
@@ -238,6 +255,11 @@ class NodeSpec:
             "policy": "predicted" if self.policy is None else str(self.policy),
             "tampered": self.tampered.to_dict() if self.tampered else None,
             **({"disks": [d.to_dict() for d in self.disks]} if self.disks else {}),
+            **({"tpm_latency": duration_text(self.tpm_latency)} if self.tpm_latency else {}),
+            **({"batch_window": duration_text(self.batch_window)}
+               if self.batch_window is not None else {}),
+            **({"host": self.host} if self.host is not None else {}),
+            **({"swarm": self.swarm} if self.swarm else {}),
         }  # fmt: skip
 
 
@@ -260,12 +282,23 @@ class ClusterSpec:
     def with_tamper(self, node: str, override: BootOverride) -> ClusterSpec:
         """The same cluster with ``override`` merged into ``node``'s ``tampered`` block."""
         target = self.node(node)
+        if target.swarm is not None:
+            raise ClusterSpecError(f"--tamper {node}: a swarm node boots its swarm's chain; "
+                                   f"tamper the `{target.swarm}` entry of the spec, or at run "
+                                   f"time: `testbed tamper {node} --runtime PATH`")
         if self.backend == "qemu" and override.fields() != ("cmdline",):
             raise ClusterSpecError(f"--tamper {node}: the qemu backend boots the guest image; "
                                    "only its cmdline can be tampered")
         merged = target.tampered.merged(override) if target.tampered else override
         nodes = tuple(replace(n, tampered=merged) if n.name == node else n for n in self.nodes)
         return replace(self, nodes=nodes)
+
+    def with_tpm_latency(self, seconds: float) -> ClusterSpec:
+        """The same cluster with every sim node's TPM behind the latency model."""
+        if self.backend != "sim":
+            raise ClusterSpecError("--tpm-latency: only sim nodes' swtpm can sit behind the "
+                                   "latency model")
+        return replace(self, nodes=tuple(replace(n, tpm_latency=seconds) for n in self.nodes))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "name": self.name}
@@ -274,8 +307,39 @@ class ClusterSpec:
         out["backend"] = self.backend
         if self.image is not None:
             out["image"] = str(self.image)
-        out["nodes"] = [n.to_dict() for n in self.nodes]
+        out["nodes"] = _collapse_swarms(self.nodes)
         return out
+
+    def swarms(self) -> dict[str, tuple[NodeSpec, ...]]:
+        """Each swarm entry's name -> its nodes, in spec order."""
+        groups: dict[str, list[NodeSpec]] = {}
+        for node in self.nodes:
+            if node.swarm is not None:
+                groups.setdefault(node.swarm, []).append(node)
+        return {name: tuple(members) for name, members in groups.items()}
+
+
+def swarm_node_name(swarm: str, index: int) -> str:
+    """The name of a swarm entry's ``index``-th node: ``NAME-000`` ..."""
+    return f"{swarm}-{index:03d}"
+
+
+def _collapse_swarms(nodes: tuple[NodeSpec, ...]) -> list[dict[str, Any]]:
+    """The nodes as spec entries: a swarm's nodes back into their one ``swarm: N`` entry."""
+    entries: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.swarm is None:
+            entries.append(node.to_dict())
+        elif node.swarm not in counts:
+            counts[node.swarm] = 0
+            entries.append({**node.to_dict(), "name": node.swarm})
+        if node.swarm is not None:
+            counts[node.swarm] += 1
+    for entry in entries:
+        if "swarm" in entry:
+            entry["swarm"] = counts[entry["name"]]
+    return entries
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -371,14 +435,40 @@ def _nodes(value: object, base: Path, image_cmdline: str | None) -> tuple[NodeSp
         raise ClusterSpecError(f"nodes: expected a non-empty list of nodes, got {_kind(value)}")
     if len(value) > MAX_NODES:
         raise ClusterSpecError(f"nodes: more than {MAX_NODES} nodes")
-    nodes = tuple(_node(item, f"nodes[{i}]", base, image_cmdline)
-                  for i, item in enumerate(value))
+    nodes: list[NodeSpec] = []
     seen: set[str] = set()
-    for i, node in enumerate(nodes):
-        if node.name in seen:
-            raise ClusterSpecError(f"nodes[{i}].name: {node.name!r} is used by two nodes")
-        seen.add(node.name)
-    return nodes
+    for i, item in enumerate(value):
+        node = _node(item, f"nodes[{i}]", base, image_cmdline)
+        expanded = _swarm(node, item, f"nodes[{i}]", image_cmdline) \
+            if isinstance(item, dict) and "swarm" in item else [node]
+        for each in expanded:
+            if each.name in seen:
+                raise ClusterSpecError(f"nodes[{i}].name: {each.name!r} is used by two nodes")
+            seen.add(each.name)
+        nodes += expanded
+    if sum(n.swarm is not None for n in nodes) > MAX_SWARM_NODES:
+        raise ClusterSpecError(f"nodes: more than {MAX_SWARM_NODES} swarm nodes in all")
+    return tuple(nodes)
+
+
+def _swarm(template: NodeSpec, doc: dict[str, object], path: str,
+           image_cmdline: str | None) -> list[NodeSpec]:
+    """``swarm: N``: N nodes like ``template``, named NAME-000..., hosted many to a
+    process on sim (testbed.sim.swarm), each with its own swtpm, EK and AK."""
+    count = require_int(doc["swarm"], f"{path}.swarm", ClusterSpecError, minimum=1,
+                        maximum=MAX_SWARM_NODES)
+    if image_cmdline is not None:
+        raise ClusterSpecError(f"{path}.swarm: only sim nodes come in swarms (backend: sim)")
+    if template.role not in SWARM_ROLES:
+        raise ClusterSpecError(f"{path}.swarm: a swarm's role must be one of "
+                               f"{', '.join(SWARM_ROLES)}, not {template.role!r}")
+    if template.disks:
+        raise ClusterSpecError(f"{path}.disks: swarm nodes have no encrypted disks")
+    if len(swarm_node_name(template.name, count - 1)) > 32:
+        raise ClusterSpecError(f"{path}.name: {template.name!r} is too long for a swarm "
+                               "(its nodes are named NAME-000...: at most 28 characters)")
+    return [replace(template, name=swarm_node_name(template.name, i), swarm=template.name)
+            for i in range(count)]
 
 
 def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> NodeSpec:
@@ -399,7 +489,28 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
     policy = _policy(doc.get("policy", "predicted"), f"{path}.policy", base)
     tampered = _override(doc.get("tampered"), f"{path}.tampered", base)
     disks = _disks(doc.get("disks", []), f"{path}.disks")
-    return NodeSpec(name, str(role), boot, network, policy, tampered, disks)
+    if image_cmdline is not None and ("tpm_latency" in doc or "batch_window" in doc):
+        raise ClusterSpecError(f"{path}: tpm_latency and batch_window are for sim nodes "
+                               "(a VM's vTPM is not behind the latency model)")
+    latency = parse_duration(doc["tpm_latency"], f"{path}.tpm_latency",
+                             MAX_TPM_LATENCY_S) if "tpm_latency" in doc else 0.0
+    window = parse_duration(doc["batch_window"], f"{path}.batch_window",
+                            MAX_BATCH_WINDOW_S) if "batch_window" in doc else None
+    host = _host(doc["host"], f"{path}.host", image_cmdline) if "host" in doc else None
+    return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window,
+                    host)
+
+
+def _host(value: object, path: str, image_cmdline: str | None) -> str:
+    """A hypervisor host's name (``host1`` .. ``host16``), for qemu nodes only."""
+    if image_cmdline is None:
+        raise ClusterSpecError(f"{path}: only a qemu node runs on a hypervisor host "
+                               "(backend: qemu)")
+    match = _HOST_NAME.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not 1 <= int(match.group(1)) <= MAX_HOST_INDEX:
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a host name "
+                               f"(host1..host{MAX_HOST_INDEX})")
+    return str(value)
 
 
 def _disks(value: object, path: str) -> tuple[DiskSpec, ...]:
@@ -437,6 +548,25 @@ def _disk_size(value: object, path: str) -> int:
     if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES or size % MIN_DISK_BYTES:
         raise ClusterSpecError(f"{path}: {_show(value)} must be whole MiB between 1M and 4G")
     return size
+
+
+def parse_duration(value: object, where: str, limit: float) -> float:
+    """``200ms`` or ``0.2s`` -> seconds, 0..``limit`` (a unit is required: ``200`` is
+    ambiguous)."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ClusterSpecError(f"{where}: {_show(value)} is not a duration: give a number "
+                               "with a unit, e.g. 200ms or 0.2s")
+    seconds = float(match[1]) / (1000 if match[2] == "ms" else 1)
+    if seconds > limit:
+        raise ClusterSpecError(f"{where}: {value} is more than the {limit:g} s allowed")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """What :func:`parse_duration` reads back to ``seconds`` (to the microsecond, its
+    resolution)."""
+    return f"{round(seconds * 1e6) / 1000:.3f}".rstrip("0").rstrip(".") + "ms"
 
 
 def _image_only(value: object, path: str) -> None:

@@ -10,7 +10,12 @@ One process (``python -m testbed.verifier.service``, started detached by
   a quote over a fresh nonce with a per-quote deadline and verifies it with
   :func:`testbed.cluster.verification.attest_node` (registry, policy, clock history);
 - push nodes (``--push NODE``) send their own evidence to the verifier's unix socket
-  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`);
+  (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`), with
+  their runtime log from where the verifier's last good quote left it: the same
+  incremental ``runtime`` check as pull nodes;
+- the lab's hypervisor hosts (``WORKDIR/hosts/``) are rows ``host:NAME`` claimed like
+  pull nodes and attested over their SSH sessions (:mod:`testbed.verifier.hosts`); a
+  host that fails marks every VM placed on it untrusted (check ``host``);
 - each outcome is recorded by the loop's thread alone (events, the node's state), a
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
@@ -38,25 +43,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError, TestbedError
+from attestation.encoding import b64decode, b64encode, require_int
+from attestation.errors import EvidenceFormatError, FileInputError, TestbedError, VerificationError
 from attestation.evidence import Evidence
-from attestation.files import atomic_write, private_dir, remove_durably
-from attestation.policy import ReferencePolicy
+from attestation.files import atomic_write, private_dir, read_bounded, remove_durably
+from attestation.ima import IMA_PCR
+from attestation.policy import MAX_POLICY_BYTES, ReferencePolicy, load_policy
 from attestation.report import VerificationReport
-from attestation.tpm_types import PcrSelection
+from attestation.tpm_types import PcrSelection, parse_attest
 from testbed.backends import open_backend
-from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable, UnixTransport
+from testbed.cluster.agent import (
+    AgentClient,
+    AgentError,
+    AgentUnavailable,
+    BatchedEvidence,
+    UnixTransport,
+    split_batch,
+)
 from testbed.cluster.backend import ClusterBackend
-from testbed.cluster.state import load_node_policy, load_registry
-from testbed.cluster.verification import attest_node, verify_evidence
+from testbed.cluster.runtime import (
+    RuntimeState,
+    node_runtime_policy,
+    quoting_pcr10,
+    slice_reader,
+)
+from testbed.cluster.state import load_node_policy, load_registry, load_spec
+from testbed.cluster.verification import RuntimeInput, attest_node, verify_evidence
 from testbed.core.clock import iso_utc
 from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
+from testbed.hosts.layout import LabPaths
 from testbed.sim.agent_server import AgentServer
+from testbed.spec.cluster_spec import ClusterSpec
 from testbed.verifier import revocation
+from testbed.verifier.hosts import (
+    CONNECT_S,
+    FAILED_STATES,
+    HostAttesters,
+    host_marks,
+    host_of,
+    host_row,
+    lab_hosts,
+    on_failed_host,
+    placement,
+)
 from testbed.verifier.store import (
     UNREACHABLE_CHECK,
     Event,
@@ -76,8 +108,12 @@ DEFAULT_INTERVAL_S = 2.0
 DEFAULT_WORKERS = 16
 NONCE_TTL_S = 30.0  # a push nonce not used within this is refused
 RECONNECT_S = 1.0  # between attempts to reopen a database that failed
+MAX_PUSHED_RUNTIME = 1 << 20  # runtime log bytes one push may carry (its frame: 4 MiB)
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
+HOST_DEADLINE_S = 2.0  # per read of a host attestation, at least (over SSH)
+HOST_LEASE_S = CONNECT_S  # + the deadline: a host's lease covers a fresh SSH session
+MAX_BATCH = 512  # outcomes recorded in one transaction
 
 log = logging.getLogger("testbed.verifier")
 
@@ -142,6 +178,7 @@ class VerifierConfig:
     webhook_secret: Path | None = None
     push: tuple[str, ...] = ()
     workers: int = DEFAULT_WORKERS
+    hosts: bool = True  # attest the lab's hypervisor hosts too (docs/verifier.md, "Hosts")
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):
@@ -180,6 +217,8 @@ class VerifierConfig:
             argv += ["--webhook-secret", str(self.webhook_secret)]
         for node in self.push:
             argv += ["--push", node]
+        if not self.hosts:
+            argv.append("--no-hosts")
         return argv
 
 
@@ -202,34 +241,32 @@ def failed_outcome(node: str, exc: TestbedError, started: float, mode: str) -> O
 
 
 class PolicyCache:
-    """Each node's policy, parsed again only when its file changed.
+    """Each node's policy, parsed again only when its file's bytes changed.
 
     Parsing the YAML policy is most of an attestation's CPU (about 24 ms of 33 ms
-    here): a verifier attesting every node each interval keeps the parsed policy and
-    re-reads the file when its inode, size, mtime or ctime changed, so an edited policy
-    applies from the next attestation on.
+    here): a verifier attesting every node each interval reads the file (a few KiB)
+    and keeps the parsed policy while the bytes are exactly those it parsed, so an
+    edited policy applies from the next attestation on (keyed by content, never by a
+    timestamp an edit might not change).
     """
 
     def __init__(self, paths: ClusterPaths) -> None:
         self.paths = paths
-        self._cached: dict[str, tuple[tuple[int, ...], ReferencePolicy]] = {}
+        self._cached: dict[str, tuple[bytes, ReferencePolicy]] = {}
         self._lock = threading.Lock()
 
     def get(self, node: str) -> ReferencePolicy:
         try:
-            info = os.stat(self.paths.policy(node))
-            key: tuple[int, ...] = (info.st_ino, info.st_size, info.st_mtime_ns,
-                                    info.st_ctime_ns)
-        except OSError:
-            key = ()  # load_node_policy says what is wrong
+            data = read_bounded(self.paths.policy(node), MAX_POLICY_BYTES, what="policy file")
+        except FileInputError:
+            return load_node_policy(self.paths, node)  # it says what is wrong
         with self._lock:
             hit = self._cached.get(node)
-        if key and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == data:
             return hit[1]
-        policy = load_node_policy(self.paths, node)
-        if key:
-            with self._lock:
-                self._cached[node] = (key, policy)
+        policy = load_policy(data)
+        with self._lock:
+            self._cached[node] = (data, policy)
         return policy
 
     def keep(self, nodes: set[str]) -> None:
@@ -250,13 +287,16 @@ class _NotServed(TestbedError):
 class PushEndpoint:
     """The verifier's side of push mode, served on a unix socket by an
     :class:`AgentServer` (its bounded slots and frame limits): role actions ``nonce``
-    (one outstanding nonce per push node, ``NONCE_TTL_S``) and ``evidence`` (verified
-    against that nonce, which is then spent: a replay is refused)."""
+    (one outstanding nonce per push node, ``NONCE_TTL_S``; with the PCRs to quote and
+    where the node's runtime log is to be sent from) and ``evidence`` (verified against
+    that nonce, which is then spent: a replay is refused; its ``runtime`` slice judged
+    like a pull node's log)."""
 
     paths: ClusterPaths
     push_nodes: frozenset[str]
     outcomes: queue.Queue[Outcome]
     policies: PolicyCache
+    pcrs: Sequence[int] = ()  # the boot PCRs every quote covers (the backend's)
     _nonces: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -268,12 +308,24 @@ class PushEndpoint:
             nonce = secrets.token_bytes(32)
             with self._lock:
                 self._nonces[node] = (nonce, time.monotonic() + NONCE_TTL_S)
-            return {"nonce": b64encode(nonce)}
-        if action == "evidence" and set(args) == {"node", "evidence"}:
-            return self._evidence(node, args["evidence"])
+            return {"nonce": b64encode(nonce), **self._wanted(node)}
+        if action == "evidence" and {"node", "evidence"} <= set(args) \
+                <= {"node", "evidence", "runtime"}:
+            return self._evidence(node, args["evidence"], args.get("runtime"))
         raise _NotServed(f"unknown push action {action[:40]!r} or arguments")
 
-    def _evidence(self, node: str, document: object) -> dict[str, Any]:
+    def _wanted(self, node: str) -> dict[str, Any]:
+        """What the node's evidence must cover: the PCRs and, for a node with a runtime
+        policy, its runtime log from where the last good quote left it (``boot``: the
+        TPM's reset and restart counts of that quote; another boot sends from 0)."""
+        if node_runtime_policy(self.paths, node) is None:
+            return {"pcrs": list(self.pcrs), "runtime": None}
+        state = RuntimeState.load(self.paths, node)
+        since = {"offset": 0, "boot": None} if state is None else \
+            {"offset": state.offset, "boot": list(state.boot)}
+        return {"pcrs": sorted({*self.pcrs, IMA_PCR}), "runtime": since}
+
+    def _evidence(self, node: str, document: object, runtime: object) -> dict[str, Any]:
         with self._lock:
             nonce, expiry = self._nonces.pop(node, (b"", 0.0))
         if not nonce or time.monotonic() > expiry:
@@ -282,9 +334,11 @@ class PushEndpoint:
         if not isinstance(document, dict):
             raise EvidenceFormatError("evidence must be a JSON object")
         try:
-            evidence = Evidence.from_dict(document)
+            evidence, proof = split_batch(document)
+            policy, check = self.policies.get(node), _pushed_runtime(self.paths, node, runtime)
             report = verify_evidence(self.paths, node, evidence, nonce,
-                                     self.policies.get(node))
+                                     policy if check is None else quoting_pcr10(policy),
+                                     proof, check)
             outcome = outcome_of(node, report, started, "push")
         except TestbedError as exc:
             outcome = failed_outcome(node, exc, started, "push")
@@ -315,18 +369,63 @@ class PushEndpoint:
         raise _NotServed("a verifier measures nothing")
 
 
+def _pushed_runtime(paths: ClusterPaths, node: str, runtime: object) -> RuntimeInput | None:
+    """The runtime check of pushed evidence: None for a node without a runtime policy;
+    else over the log slice it sent (``{"offset", "data"}``), failing closed without one."""
+    policy = node_runtime_policy(paths, node)
+    if policy is None:
+        return None
+    if runtime is None:
+        def missing(_: int) -> bytes:
+            raise VerificationError("runtime", "the pushed evidence carries no runtime log "
+                                    "(the node has a runtime policy)")
+        return RuntimeInput(policy, missing)
+    if not isinstance(runtime, dict) or set(runtime) != {"offset", "data"}:
+        raise EvidenceFormatError("runtime must be an object with keys ['data', 'offset']")
+    offset = require_int(runtime["offset"], "runtime offset", EvidenceFormatError, minimum=0)
+    data = b64decode(runtime["data"], "runtime data", limit=MAX_PUSHED_RUNTIME)
+    return RuntimeInput(policy, slice_reader(offset, data))
+
+
 def push_attest(paths: ClusterPaths, node: str, agent: AgentClient, *,
                 verifier: str = "verifier", pcrs: Sequence[int] | None = None,
                 timeout: float = 10.0) -> dict[str, Any]:
     """What a push node does (here on a sim node's behalf): fetch a nonce from the
-    verifier, quote it on the node's TPM, send the evidence; returns the verdict."""
+    verifier, quote it on the node's TPM, send the evidence with the runtime log new
+    since the verifier's last good quote; returns the verdict."""
     endpoint = AgentClient(UnixTransport(VerifierFiles(paths).push_socket(verifier)),
                            node=f"verifier {verifier}", timeout=timeout)
     answer = endpoint.role("nonce", {"node": node})
     nonce = b64decode(answer.get("nonce"), "nonce", limit=64)
-    evidence = agent.quote(nonce, list(pcrs) if pcrs is not None
-                           else list(open_backend(paths).pcrs.indices))
-    return endpoint.role("evidence", {"node": node, "evidence": evidence.to_dict()})
+    wanted = answer.get("pcrs")
+    if pcrs is None:
+        pcrs = wanted if isinstance(wanted, list) and wanted else \
+            list(open_backend(paths).pcrs.indices)
+    evidence, proof = agent.quote_batched(nonce, pcrs)
+    document = evidence.to_dict() if proof is None else \
+        BatchedEvidence(evidence, proof).to_dict()
+    request: dict[str, Any] = {"node": node, "evidence": document}
+    since = answer.get("runtime")
+    if isinstance(since, dict):  # read after the quote: the log explains what it covers
+        request["runtime"] = _runtime_since(agent, evidence, since)
+    return endpoint.role("evidence", request)
+
+
+def _runtime_since(agent: AgentClient, evidence: Evidence,
+                   since: dict[str, Any]) -> dict[str, Any]:
+    """The node's log from where the verifier's last good quote left it (from 0 when
+    this quote is of another boot), at most MAX_PUSHED_RUNTIME bytes."""
+    clock = parse_attest(evidence.attest).clock_info
+    same_boot = since.get("boot") == [clock.reset_count, clock.restart_count]
+    offset = require_int(since.get("offset"), "offset", EvidenceFormatError, minimum=0) \
+        if same_boot else 0
+    data = bytearray()
+    while len(data) < MAX_PUSHED_RUNTIME:
+        chunk = agent.runtime_log(offset + len(data))
+        if not chunk:
+            break
+        data += chunk
+    return {"offset": offset, "data": b64encode(bytes(data[:MAX_PUSHED_RUNTIME]))}
 
 
 # --- the service ----------------------------------------------------------------------------
@@ -356,9 +455,18 @@ class VerifierService:
                           if config.webhooks and config.webhook_secret else None)
         self.policies = PolicyCache(self.paths)
         self._push = PushEndpoint(self.paths, frozenset(config.push), self.outcomes,
-                                  self.policies)
+                                  self.policies, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
                                    max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
+        self.lab = LabPaths(config.workdir)
+        self._hosts = HostAttesters(self.lab)
+        self._spec: ClusterSpec | None = None  # read at each sync while the lab has hosts
+        self._placement: dict[str, str] = {}  # VM -> its host (the spec's `host:`)
+        self._failed_hosts: dict[str, str] = {}  # host -> the check it failed
+        self._lab_has_hosts = False  # no second claim per tick without hosts
+        # A host's quote crosses SSH and its agent reads the event log: never under
+        # HOST_DEADLINE_S, which a host answers well within when it works.
+        self._host_deadline = max(config.quote_deadline, HOST_DEADLINE_S)
 
     def start(self) -> None:
         """Bind the push socket (before the pid file says the verifier is ready)."""
@@ -407,12 +515,28 @@ class VerifierService:
             self.stop()
             return
         nodes = load_registry(self.paths).nodes()
-        self.store.sync_nodes(nodes, self.config.push)
+        hosts = lab_hosts(self.lab) if self.config.hosts else []
+        self.store.sync_nodes(nodes, self.config.push, [host_row(h) for h in hosts])
         self.policies.keep(set(nodes))
+        self._hosts.keep(hosts)
+        self._sync_hosts(hosts)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
                              self.config.interval, now)
         self.store.prune()
         self._push_overdue(now)
+
+    def _sync_hosts(self, hosts: list[str]) -> None:
+        """Which VM runs on which host, and which hosts are failed, as the store says (a
+        restarted verifier keeps the VMs of a failed host untrusted)."""
+        self._lab_has_hosts = bool(hosts)
+        if not hosts:  # a cluster without a lab: nothing to read per interval
+            self._spec, self._placement, self._failed_hosts = None, {}, {}
+            return
+        self._spec = load_spec(self.paths)
+        self._placement = placement(self._spec)
+        self._failed_hosts = {
+            host: row.last_check for row in self.store.nodes()
+            if (host := host_of(row.node)) is not None and row.state in FAILED_STATES}
 
     def _push_overdue(self, now: float) -> None:
         """A push node that sent no evidence for PUSH_GRACE intervals is unreachable:
@@ -429,8 +553,13 @@ class VerifierService:
 
     def _dispatch(self, now: float) -> None:
         free = self.config.workers - len(self._inflight)
-        for claim in self.store.claim(self.config.name, now, interval=self.config.interval,
-                                      lease=self.config.lease, limit=free):
+        claims = self.store.claim(self.config.name, now, interval=self.config.interval,
+                                  lease=self.config.lease, limit=free)
+        if self._lab_has_hosts and len(claims) < free:
+            claims += self.store.claim(self.config.name, now, interval=self.config.interval,
+                                       lease=HOST_LEASE_S + self._host_deadline,
+                                       limit=free - len(claims), mode="host")
+        for claim in claims:
             if claim.node in self._inflight:
                 # Its last quote is still running a lease later (an agent that trickles
                 # bytes defeats a per-read timeout): not a second quote, and not
@@ -444,6 +573,9 @@ class VerifierService:
 
     def _pull(self, node: str) -> None:
         started = time.time()
+        if (host := host_of(node)) is not None:
+            self.outcomes.put(self._hosts.attest(host, self._host_deadline))
+            return
         try:
             agent = self.backend.agent(node, timeout=self.config.quote_deadline)
             policy = self.policies.get(node)
@@ -458,23 +590,58 @@ class VerifierService:
         self.outcomes.put(outcome)
 
     def _drain(self, wait: float) -> None:
-        """Record every outcome that arrived, waiting up to ``wait`` for the first."""
+        """Record every outcome that arrived, waiting up to ``wait`` for the first: in
+        one transaction (a commit per tick, not per attestation)."""
+        arrived: list[Outcome] = []
         with contextlib.suppress(queue.Empty):
-            outcome = self.outcomes.get(timeout=wait)
-            while True:
-                self._record(outcome)
-                outcome = self.outcomes.get_nowait()
+            arrived.append(self.outcomes.get(timeout=wait))
+            while len(arrived) < MAX_BATCH:
+                arrived.append(self.outcomes.get_nowait())
+        if not arrived:
+            return
+        for outcome in arrived:
+            if outcome.mode == "pull":  # a worker's: its node is no longer in flight
+                self._inflight.discard(outcome.node)
+        arrived = [self._under_host(outcome) for outcome in arrived]
+        recorded = self.store.record_all(self.config.name, arrived)
+        for outcome, events in zip(arrived, recorded, strict=True):
+            self._act(outcome, events)
 
     def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
         if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
-        events = self.store.record(self.config.name, outcome)
+        outcome = self._under_host(outcome)
+        self._act(outcome, self.store.record(self.config.name, outcome))
+
+    def _under_host(self, outcome: Outcome) -> Outcome:
+        """A VM's outcome while its host is failed counts as a failure (docs/verifier.md)."""
+        host = self._placement.get(outcome.node)
+        if host in self._failed_hosts and outcome.mode != "host":
+            return on_failed_host(outcome, str(host), self._failed_hosts[str(host)])
+        return outcome
+
+    def _act(self, outcome: Outcome, events: list[Event]) -> None:
+        """What follows a recorded outcome: webhooks, revocation of a failed node, and a
+        host's verdict for the VMs on it."""
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
         if not outcome.ok and (len(events) > 1 or self._redeliver(outcome.node, None)):
             self._revoker.submit(self._publish, events[0])
+        if (failed := host_of(outcome.node)) is not None:
+            self._host_verdict(failed, outcome, changed=len(events) > 1)
+
+    def _host_verdict(self, host: str, outcome: Outcome, *, changed: bool) -> None:
+        """A host's outcome: a host that turned failed marks each VM on it untrusted
+        (each VM's state change, its revocation published as any node's)."""
+        if outcome.ok:
+            self._failed_hosts.pop(host, None)
+            return
+        self._failed_hosts[host] = outcome.check
+        if changed and self._spec is not None:
+            for mark in host_marks(self._spec, outcome):
+                self._record(mark, finished=False)
 
     def _redeliver(self, node: str, failed: bool | None) -> bool:
         """Whether ``node``'s revocation must be published again (a node missed it);
@@ -506,6 +673,7 @@ class VerifierService:
 
     def _close(self) -> None:
         self._server.close()
+        self._hosts.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._revoker.shutdown(wait=True, cancel_futures=False)
         if self._webhooks is not None:
@@ -602,7 +770,8 @@ def verifier_status(paths: ClusterPaths, db: str | None = None) -> dict[str, Any
                        "running": processes.get(n) is not None,
                        **({"heartbeat": beats[n].heartbeat, "interval": beats[n].interval}
                           if n in beats else {})} for n in names],
-        "nodes": [{**n.to_dict(), "stale": _stale(n.last_time, rows)} for n in nodes],
+        "nodes": [{**n.to_dict(), "kind": "node" if host_of(n.node) is None else "host",
+                   "stale": _stale(n.last_time, rows)} for n in nodes],
     }
 
 
@@ -628,6 +797,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", action="append", default=[])
     p.add_argument("--webhook-secret", type=Path, default=None)
     p.add_argument("--push", action="append", default=[])
+    p.add_argument("--no-hosts", dest="hosts", action="store_false")
     return p
 
 
@@ -635,7 +805,7 @@ def config_from_args(args: argparse.Namespace) -> VerifierConfig:
     return VerifierConfig(workdir=args.workdir, cluster=args.cluster, name=args.name,
                           interval=args.interval, deadline=args.deadline, db=args.db,
                           webhooks=tuple(args.webhook), webhook_secret=args.webhook_secret,
-                          push=tuple(args.push), workers=args.workers)
+                          push=tuple(args.push), workers=args.workers, hosts=args.hosts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
