@@ -24,9 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.evidence import Evidence
 from attestation.registrar import Registrar
+from attestation.revocation import (
+    Decision,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    encode_decision,
+)
 from attestation.tpm_raw import Tpm, UnixSocketTransport
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
@@ -47,7 +56,7 @@ from testbed.qemu.network import (
     remove_bridge,
     remove_member,
 )
-from testbed.roles.revocation import RevocationEvent
+from testbed.verifier.revocation import revoke
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +87,7 @@ def guest(swtpm: Any) -> Iterator[tuple[Agent, GuestNetwork, Recorder]]:
     recorder = Recorder()
     network = GuestNetwork(agent, recorder)
     agent.handlers.update({"net_init": network.init, "net_peers": network.peers})
+    agent.revocation_listeners["network"] = network
     yield agent, network, recorder
     tpm.transport.close()
 
@@ -145,11 +155,38 @@ def test_peers_are_exactly_the_list_given(guest: tuple[Agent, GuestNetwork, Reco
     answer = _call(agent, {"op": "net_peers", "peers": [
         {"node": "client", "public_key": fresh, "endpoint": "10.77.0.3:51820",
          "allowed_ip": "10.78.0.3/32"}]})
-    assert answer == {"peers": ["client"], "removed": 1}
+    assert answer == {"peers": ["client"], "removed": 1, "refused_revoked": []}
     commands = [argv for argv, _ in recorder.calls]
     assert ["wg", "set", "wg0", "peer", stale, "remove"] in commands
     assert ["wg", "set", "wg0", "peer", fresh, "endpoint", "10.77.0.3:51820", "allowed-ips",
             "10.78.0.3/32", "persistent-keepalive", "off"] in commands
+
+
+def _decide(agent: Agent, key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    """The verifier's signed decision, delivered as `testbed revoke` delivers it."""
+    args = decision_args(decision, key.sign(encode_decision(decision)))
+    return _call(agent, {"op": "role", "action": decision.kind, "args": args})
+
+
+def test_a_revoked_node_leaves_the_peer_table_and_is_not_added_again(
+        guest: tuple[Agent, GuestNetwork, Recorder]) -> None:
+    agent, _, recorder = guest
+    _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
+    assert not _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})["refused_revoked"]
+    verifier = Ed25519PrivateKey.generate()
+    pem = verifier.public_key().public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert _call(agent, {"op": "revocation_key", "public_key": pem.decode()})["pinned"]
+    applied = _decide(agent, verifier, RevocationEvent("client", "runtime", "ran x", "t1", 1))
+    assert applied["applied"] and applied["effects"]["network"] == {"removed_peer": True}
+    assert recorder.calls[-1][0] == ["wg", "set", "wg0", "peer", GOOD_PEER["public_key"],
+                                     "remove"]
+    before = len(recorder.calls)  # the host sends it again: the guest refuses it
+    again = _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})
+    assert again == {"peers": [], "removed": 0, "refused_revoked": ["client"]}
+    assert not any("endpoint" in argv for argv, _ in recorder.calls[before:])
+    _decide(agent, verifier, Reinstate("client", "operator decision", "t2", 2))
+    assert _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})["peers"] == ["client"]
 
 
 GOOD_PEER = {"node": "client", "public_key": base64.b64encode(b"\x02" * 32).decode(),
@@ -383,13 +420,20 @@ def test_marker_crosses_the_lab_bridge_only_as_wireguard(
 @pytest.mark.slow
 def test_revoked_vm_is_dropped_by_its_peers(
         cluster: tuple[ClusterPaths, dict[str, Any]]) -> None:
+    """`testbed revoke client`: the verifier's signed decision reaches the guests, and the
+    server's guest removes the client's WireGuard peer itself."""
     paths, _ = cluster
     backend = QemuBackend(paths)
     members = {m.node: m for m in load_members(paths)}
-    event = RevocationEvent("client", "runtime", "test: revoked", "2026-01-01T00:00:00Z", 1)
+    event, delivered = revoke(paths, "client", "runtime", "test: revoked")
+    deadline = time.monotonic() + 60  # a TCG guest may apply it after the delivery window
+    while _net(backend, "server", {"op": "net_status"})["peers"] and \
+            time.monotonic() < deadline:
+        time.sleep(1)
+    assert _net(backend, "server", {"op": "net_status"})["peers"] == [], delivered
+    # The host's bookkeeping follows: the members without it, pushed again (nothing left).
     answered = remove_member(paths, event, lambda node: backend.agent(node, timeout=120))
-    assert answered == {"server": "0 peers, 1 removed"}
-    assert _net(backend, "server", {"op": "net_status"})["peers"] == []
+    assert answered == {"server": "0 peers, 0 removed"}
     assert [m.node for m in load_members(paths)] == ["server"]
     _net(backend, "server", {"op": "net_listen", "address": members["server"].wg_ip,
                              "port": 7105})

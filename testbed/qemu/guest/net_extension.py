@@ -24,6 +24,11 @@ Ops added to the agent::
         connection, then closes
     {"op": "net_send", "address": IP, "port": N, "message": TEXT, "repeat": N}
         -> {"reply": TEXT, "bytes": N, "seconds": float}
+
+Revocation (docs/runtime.md): the extension listens to the agent's ledger of the
+verifier's signed decisions. A revoked node's peer entry is removed from the kernel at
+once, and ``net_peers`` never adds a peer for a node the ledger holds revoked, whatever
+the host sends; a reinstated node comes back with the next ``net_peers``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from attestation.revocation import Reinstate, RevocationEvent
+
 __all__ = ["KEY_BINDING", "GuestNetwork", "install", "key_binding_nonce"]
 
 LAB_DEV = "eth1"  # the second NIC: the cluster's lab segment (testbed/qemu/domain.py)
@@ -59,10 +66,16 @@ _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 Runner = Callable[[list[str], bytes | None], str]
 
 
+class Ledger(Protocol):
+    def is_revoked(self, node: str | None) -> bool: ...
+
+
 class GuestAgent(Protocol):
     """What this module uses of guest_agent.Agent."""
 
     handlers: dict[str, Any]
+    revocation_listeners: dict[str, Any]
+    revocations: Ledger
 
     def quote(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -92,6 +105,7 @@ class GuestNetwork:
         self._agent = agent
         self._run = run
         self._key: X25519PrivateKey | None = None
+        self._peer_keys: dict[str, str] = {}  # node -> its public key, as net_peers set them
         self._lock = threading.Lock()
 
     # --- keys and peers ----------------------------------------------------------------
@@ -140,7 +154,8 @@ class GuestNetwork:
     def peers(self, request: dict[str, Any]) -> dict[str, Any]:
         """Make the kernel's peer table exactly ``peers`` (a dropped node is removed)."""
         _only(request, {"op", "peers"})
-        wanted = _peer_list(request.get("peers"))
+        given = _peer_list(request.get("peers"))
+        wanted = [p for p in given if not self._agent.revocations.is_revoked(p["node"])]
         with self._lock:
             if self._key is None:
                 raise ValueError("net_peers before net_init: there is no WireGuard interface")
@@ -153,7 +168,20 @@ class GuestNetwork:
                 self._run(["wg", "set", WG_DEV, "peer", peer["public_key"], "endpoint",
                            peer["endpoint"], "allowed-ips", peer["allowed_ip"],
                            "persistent-keepalive", "off"], None)
-        return {"peers": [peer["node"] for peer in wanted], "removed": len(removed)}
+            self._peer_keys = {peer["node"]: peer["public_key"] for peer in wanted}
+        return {"peers": [peer["node"] for peer in wanted], "removed": len(removed),
+                "refused_revoked": sorted({p["node"] for p in given} - {p["node"] for p in wanted})}
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]:
+        """The verifier revoked ``event.node``: its peer entry leaves the kernel now."""
+        with self._lock:
+            key = self._peer_keys.pop(event.node, None)
+            if key is not None:
+                self._run(["wg", "set", WG_DEV, "peer", key, "remove"], None)
+        return {"removed_peer": key is not None}
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]:
+        return {"peer_again": f"{decision.node} with the next net_peers"}
 
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
         _only(request, {"op"})
@@ -301,4 +329,5 @@ def install(agent: GuestAgent, send_frame: Callable[..., None]) -> GuestNetwork:
     agent.handlers.update({"net_init": service.init, "net_peers": service.peers,
                            "net_status": service.status, "net_listen": service.listen,
                            "net_send": service.send})
+    agent.revocation_listeners["network"] = service
     return service
