@@ -7,6 +7,12 @@ and used under the cluster's attest lock, so replays and clock rollbacks are cau
 across commands (and concurrent ones). Every verification, accepted or not, is appended
 under the same lock to the cluster's evidence log (:mod:`attestation.evidence_log`,
 ``evidence/``), which ``testbed evidence replay`` re-verifies.
+
+A node whose vTPM was made on a hypervisor host is judged on two layers: the quote, and
+the host's latest attestation, by the checks the hosts room registers here
+(:func:`register_host_check`; ``host_attestation``, :mod:`testbed.hosts.deep`), and its
+EK certificate chains through that host's intermediate CA (:func:`register_ek_links`,
+:func:`ek_ca_bundle`): the cluster layer sits below the hosts and cannot import them.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from attestation.encoding import b64decode, b64encode
-from attestation.errors import EvidenceFormatError, VerificationError
+from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.evidence import Evidence
 from attestation.evidence_log import EvidenceLog, LoggedRuntime, RuntimeSlice
 from attestation.files import fsync_dir, private_dir
@@ -44,14 +52,67 @@ from testbed.cluster.state import parse_registry, read_registry_bytes, record_at
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
-from testbed.core.paths import ClusterPaths
+from testbed.core.paths import HOST_VTPM_BINDINGS, ClusterPaths
+from testbed.tpm.localca import LocalCA
 from trusted_passages.batch import BatchProof
 from trusted_passages.tpm import verify_batched
 
-__all__ = ["AkClockHistory", "ClockHistoryStore", "RuntimeInput", "attest_node", "evidence_dir",
-           "verify_evidence"]
+__all__ = ["AkClockHistory", "ClockHistoryStore", "EkLinks", "HostCheck", "RuntimeInput",
+           "attest_node", "ek_ca_bundle", "evidence_dir", "register_ek_links",
+           "register_host_check", "verify_evidence"]
 
 _HISTORY_FORMAT = "testbed-clock-history"
+
+HostCheck = Callable[[ClusterPaths, str], CheckResult | None]
+"""A check of the layer beneath a node (its host): a result, or None for a node on none."""
+_HOST_CHECKS: list[HostCheck] = []
+
+
+def register_host_check(check: HostCheck) -> None:
+    """Run ``check`` on every verification of a node (idempotent)."""
+    if check not in _HOST_CHECKS:
+        _HOST_CHECKS.append(check)
+
+
+EkLinks = Callable[[Path], list[x509.Certificate]]
+"""Extra EK path links of a work directory (the intermediates of attested hosts)."""
+_EK_LINKS: list[EkLinks] = []
+
+
+def register_ek_links(provider: EkLinks) -> None:
+    """Offer ``provider``'s certificates as EK path links to every registration."""
+    if provider not in _EK_LINKS:
+        _EK_LINKS.append(provider)
+
+
+def ek_ca_bundle(paths: ClusterPaths, ca: LocalCA) -> list[x509.Certificate]:
+    """What a cluster's registrar validates EK certificates with: the work directory's EK
+    CA (its self-signed root is the only anchor) and the registered path links."""
+    bundle = ca.ca_bundle()
+    for provider in _EK_LINKS:
+        bundle.extend(provider(paths.workdir))
+    return bundle
+
+
+def _with_host_layer(report: VerificationReport, paths: ClusterPaths,
+                     node: str) -> VerificationReport:
+    """The report plus the host checks that apply to ``node``; a check that cannot decide
+    fails (closed)."""
+    extra = []
+    if not _HOST_CHECKS and (paths.workdir / HOST_VTPM_BINDINGS).exists():
+        # vTPMs were made on hosts, but no host check is loaded: fail closed.
+        extra.append(CheckResult("host_attestation", "failed",
+                                 "this work directory has vTPMs made on hypervisor hosts, "
+                                 "but the host layer (testbed.hosts.deep) is not loaded"))
+    for check in _HOST_CHECKS:
+        try:
+            result = check(paths, node)
+        except TestbedError as exc:
+            result = CheckResult("host_attestation", "failed",
+                                 f"the host layer of node {node} cannot be judged: {exc}")
+        if result is not None:
+            extra.append(result)
+    return VerificationReport((*report.checks, *extra)) if extra else report
 
 
 class ClockHistoryStore:
@@ -247,7 +308,9 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
             (window.end, window.quoted) != (window.start, window.from_pcr):
         # The next check starts after it (most quotes find no new entry: no rewrite).
         RuntimeState(window.boot, window.end, window.quoted).save(paths, node)
-    return report
+    # After the evidence log: it records what the quote proves (and replays to that); the
+    # host's own verdicts are in the hosts lab's evidence log.
+    return _with_host_layer(report, paths, node)
 
 
 def _gather(paths: ClusterPaths, node: str, runtime: RuntimeInput,

@@ -45,6 +45,7 @@ from attestation.files import DIR_MODE, private_dir
 from testbed.core.errors import ArgumentError, StateError, UsageError
 
 __all__ = [
+    "HOST_VTPM_BINDINGS",
     "NAME_PATTERN",
     "SUN_PATH_MAX",
     "WORKDIR_NAME",
@@ -232,6 +233,12 @@ class NodePaths:
     @property
     def vm(self) -> Path:
         return self.root / "vm.json"
+
+
+# Which hypervisor host made each node's vTPM (testbed.hosts.deep writes it). Named here
+# because the cluster layer must know, without importing the hosts room, that nodes
+# have a host layer to judge.
+HOST_VTPM_BINDINGS = Path("hosts") / "vtpms.json"
 
 
 @dataclass(frozen=True)

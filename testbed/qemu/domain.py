@@ -24,7 +24,10 @@ A testbed VM is a libvirt domain (``qemu:///system``) with:
   VM without one, a tap connected to nothing. The guest sees the same device either way
   (same slot, same MAC, no option ROM), so the firmware measures the same: the guest
   sets its own MAC and addresses once it is attested (testbed/qemu/guest/net_extension.py);
-* no graphics, video, USB, balloon: fewer devices, faster TCG boot, fewer firmware events.
+* no graphics, video, USB, balloon: fewer devices, faster TCG boot, fewer firmware events;
+* for a VM with host-side encrypted disks, empty ``pcie-root-port`` controllers to
+  hot-plug them into after attestation (:mod:`testbed.qemu.disks`): an empty port has
+  no option ROM and no boot option, so OVMF measures nothing more.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ class VmSpec:
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
     lab_bridge: str | None = None  # the cluster's lab bridge; None: a tap to nothing
+    # Empty pcie-root-ports for disks hot-plugged after attestation (testbed/qemu/disks.py).
+    hotplug_ports: int = 0
 
     @property
     def console_log(self) -> Path:
@@ -143,6 +148,10 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
     _sub(devices, "controller", type="usb", model="none")
     _sub(_sub(devices, "video"), "model", type="none")
     _sub(devices, "memballoon", model="none")
+    if spec.hotplug_ports:  # q35's root bus takes no hot-plug: an empty port per disk
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+    for index in range(1, spec.hotplug_ports + 1):
+        _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
 
 
 def _lab_nic(devices: ET.Element, spec: VmSpec) -> None:

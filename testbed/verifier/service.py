@@ -74,6 +74,7 @@ from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
+from testbed.hosts import deep as _deep  # noqa: F401  # the host_attestation check, host EK links
 from testbed.hosts.layout import LabPaths
 from testbed.sim.agent_server import AgentServer
 from testbed.spec.cluster_spec import ClusterSpec
