@@ -102,7 +102,7 @@ def sign_with(builder: x509.CertificateBuilder, sign: Signer) -> x509.Certificat
         raise CryptoOperationFailed(f"the assembled certificate does not parse: {exc}") from None
 
 
-def _check_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
+def check_issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> None:
     try:
         if hasattr(certificate, "verify_directly_issued_by"):
             certificate.verify_directly_issued_by(issuer)
@@ -128,7 +128,7 @@ def ca_certificate(public_key: ec.EllipticCurvePublicKey, common_name: str,
     """The self-signed CA certificate of the VSM key ``public_key``."""
     builder = pki.ca_certificate_builder(common_name, public_key, validity=CA_VALIDITY)
     certificate = sign_with(builder, sign)
-    _check_issued_by(certificate, certificate)
+    check_issued_by(certificate, certificate)
     return certificate
 
 
@@ -164,7 +164,7 @@ def node_certificate(ca: IssuingCa, csr: x509.CertificateSigningRequest, node: s
     builder = pki.tls_certificate_builder(ca.certificate, node, key,
                                           validity=datetime.timedelta(seconds=validity_s))
     certificate = sign_with(builder, sign)
-    _check_issued_by(certificate, ca.certificate)
+    check_issued_by(certificate, ca.certificate)
     return certificate
 
 
@@ -214,6 +214,7 @@ __all__ = [
     "Signer",
     "ca_certificate",
     "certificate_info",
+    "check_issued_by",
     "load_csr",
     "node_certificate",
     "sign_with",

@@ -229,6 +229,16 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     assert up["ok"] and up["all_attested"] and [n["name"] for n in up["nodes"]] == NODES
     assert all(n["action"] == "started" and n["registered"] for n in up["nodes"])
+    # Keyless TLS (docs/cryptovm.md): the attested server and client VMs got their TLS
+    # certificates from the CryptoVM VM's CA over attested channels, for keys made inside.
+    for node in (n for n in up["nodes"] if n["role"] in ("server", "client")):
+        enrollment = node["enrollment"]
+        assert node["attested"] and enrollment["ok"], enrollment
+        assert enrollment["certificate"]["subject"] == node["name"]
+        assert enrollment["certificate"]["issuer"] == enrollment["ca"]["issuer"]
+        assert enrollment["ca"]["attested_by"] == "cryptovm"
+        assert enrollment["ca"]["key_attestation"] == "verified"
+    assert sorted(up["network"]["members"]) == sorted(NODES)  # the VM network too
     paths = ClusterPaths(workdir, up["cluster"])
     domains = [qc.domain_name(paths, n) for n in NODES]
     assert set(domains) <= set(_virsh_domains())

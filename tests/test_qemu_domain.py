@@ -60,7 +60,9 @@ def test_ovmf_domain_xml(tmp_path: Path) -> None:
     assert backend is not None and backend.attrib == {"type": "emulator", "version": "2.0"}
     serial = root.find("devices/serial/source")
     assert serial is not None and serial.get("path") == str(tmp_path / "run" / "console.log")
-    assert root.find("devices/interface") is None  # no libvirt network at all
+    # No libvirt network: only the lab NIC, on a tap connected to nothing without a bridge.
+    lab = root.find("devices/interface")
+    assert lab is not None and lab.get("type") == "ethernet" and lab.find("source") is None
 
 
 def test_network_is_isolated_user_mode_with_loopback_hostfwd(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ State, in the work directory's layout (:mod:`testbed.core.paths`)::
 
     clusters/NAME/nodes/NODE/vm.json     the running VM (:class:`VmRecord`)
     vms/NAME/NODE/                       console.log, OVMF_VARS.fd
+    clusters/NAME/network.json           the VM network's members (:mod:`testbed.qemu.network`)
+    bridge tblab<tag>                    the cluster's lab segment (removed by ``down``)
     run/libvirt/{libvirtd,virtlogd}.pid  daemons this work dir started
     /var/lib/libvirt/swtpm/<uuid>/       the vTPM (manufactured by the project)
 
@@ -39,13 +41,14 @@ from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.results import (
     DaemonsOutcome,
     DownResult,
+    EnrollmentOutcome,
     NodeDown,
     NodeStatus,
     NodeUp,
     OwnedProcess,
 )
 from testbed.cluster.runtime import ensure_runtime_policy
-from testbed.cluster.state import load_spec, read_attestations, spec_policy
+from testbed.cluster.state import load_registry, load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json
@@ -65,12 +68,16 @@ from testbed.qemu.disks import (
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
+from testbed.qemu.network import STATE_FILE as NETWORK_FILE
+from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_bridge
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
+from testbed.qemu.relay import configure_guest, enroll_guest
 from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.registry import role
 from testbed.roles.revocation import provision_vm
+from testbed.roles.trust import cluster_tls_ca
 from testbed.spec.cluster_spec import ClusterSpec, DiskSpec, NodeSpec
 from testbed.spec.recipe import load_recipe
 from testbed.svd.volumes import DiskStatus
@@ -213,14 +220,19 @@ class QemuFacts:
     accel_reason: str
     image: str
     seconds_define_to_all_attested: float
+    network: dict[str, Any] | None = None  # the VM network (testbed/qemu/network.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "seconds_define_to_all_attested":
                 round(self.seconds_define_to_all_attested, 1)}
 
     def summary_items(self) -> list[tuple[str, str]]:
-        return [("accel", f"{self.accel} ({self.accel_reason})"), ("image", self.image[:16]),
-                ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
+        items = [("accel", f"{self.accel} ({self.accel_reason})"), ("image", self.image[:16]),
+                 ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
+        if self.network is not None:
+            members = ", ".join(self.network["members"]) or "none"
+            items.append(("network", f"WireGuard between {members}"))
+        return items
 
 
 # --- processes (/proc) ------------------------------------------------------------------------
@@ -319,6 +331,7 @@ class QemuBackend:
         self._image: GuestImage | None = None
         self._booted: dict[str, QemuNode] = {}
         self._launched = 0.0
+        self._network: dict[str, Any] | None = None
         self._disk_specs: dict[str, list[DiskSpec]] = {}
 
     @staticmethod
@@ -335,7 +348,7 @@ class QemuBackend:
     def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
-        progress.expect(4 + len(spec.nodes))
+        progress.expect(5 + len(spec.nodes))  # + the VM network (keyless TLS adds its own)
         cache = image_cache(self.paths.workdir)
         recipe = load_recipe(spec.image) if spec.image else load_recipe()
         with progress.step("guest image (built once, then cached)"):
@@ -362,6 +375,7 @@ class QemuBackend:
         assert self._driver is not None
         names = ", ".join(n.name for n in spec.nodes)
         self._launched = time.monotonic()
+        ensure_bridge(bridge_name(self.paths))
         with progress.step(f"defining and starting VMs ({names}; "
                            f"{self._driver.accel.accel})"):
             return [self._boot_or_keep(node) for node in spec.nodes]
@@ -403,7 +417,8 @@ class QemuBackend:
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
                                    guest_ports=list(guest_ports.values()),
-                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0)
+                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0,
+                                   lab_bridge=bridge_name(self.paths))
         vm = booted.vm.spec
         VmRecord(
             domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
@@ -448,8 +463,22 @@ class QemuBackend:
                                  record.service_ports)
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
-        """Host-side encrypted disks, once every VM attested and the CryptoVM serves
-        (Trusted Passages between guests is provisioned per channel, testbed.qemu.relay)."""
+        """Host-side encrypted disks (:mod:`testbed.qemu.disks`), the VM network between
+        the attested VMs (:mod:`testbed.qemu.network`), keyless TLS; Trusted Passages
+        between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
+        self._attach_host_disks(nodes, progress)
+        with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
+            done = provision(self.paths, {n.name: n.attested is True and n.action != "failed"
+                                          for n in nodes},
+                             self.agent, [n.name for n in nodes])
+        for node in nodes:
+            if node.name in done.refused and node.attested is True:
+                node.note = f"not on the VM network: {done.refused[node.name]}"
+        self._network = done.to_dict()
+        self._keyless(nodes, progress)
+
+    def _attach_host_disks(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Host-side encrypted disks, once every VM attested and the CryptoVM serves."""
         spec = load_spec(self.paths)
         host = [(n, spec.node(n.name)) for n in nodes if _host_disks(spec.node(n.name))]
         if not host:
@@ -469,6 +498,49 @@ class QemuBackend:
                     self._attach_disks(node, node_spec, cryptovm, client.call)
             finally:
                 client.close()
+
+    def _keyless(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Keyless TLS on VMs, as on sim nodes: each attested server and client guest gets
+        its TLS certificate from the attested CryptoVM guest, over an attested channel
+        (the host relays it), for a key made in the guest (docs/cryptovm.md)."""
+        attested = [n for n in nodes if n.attested is True and n.action != "failed"]
+        cryptovm = next((n for n in attested if n.role == "cryptovm" and n.service), None)
+        enrollees = [n for n in attested if role(n.role).enroll is not None]
+        if cryptovm is None or not enrollees:
+            return
+        progress.expect(1)
+        with progress.step("keyless TLS: server and client VMs enroll with the CryptoVM VM"):
+            try:
+                self._configure_guests([cryptovm, *enrollees], nodes)
+            except TestbedError as exc:
+                for node in enrollees:
+                    node.enrollment = EnrollmentOutcome(False, error=str(exc))
+                return
+            for node in enrollees:
+                node.enrollment = self._enroll(node.name, cryptovm.name)
+
+    def _configure_guests(self, targets: list[NodeUp], nodes: list[NodeUp]) -> None:
+        """Each guest's bootstrap identity (cluster CA) and trust anchors: the registry
+        ``up`` wrote and every node's policy (the guests validate each other)."""
+        ca = cluster_tls_ca(self.paths)
+        registry = load_registry(self.paths).to_json()
+        policies = {n.name: self.paths.policy(n.name).read_text() for n in nodes
+                    if self.paths.policy(n.name).is_file()}
+        for node in targets:
+            configure_guest(self.agent(node.name), node.name, ca, registry_json=registry,
+                            policies=policies, pcrs=QUOTED_PCRS)
+
+    def _enroll(self, node: str, cryptovm: str) -> EnrollmentOutcome:
+        try:
+            outcome = enroll_guest(self.agent(node, timeout=120), self.agent(cryptovm),
+                                   node_name=node, cryptovm_name=cryptovm)
+        except TestbedError as exc:
+            return EnrollmentOutcome(False, error=str(exc))
+        view = outcome.client_view
+        if not outcome.established:
+            why = view.get("error") or outcome.server_view.get("error") or "no answer"
+            return EnrollmentOutcome(False, error=f"enrollment with {cryptovm} failed: {why}")
+        return EnrollmentOutcome(True, view.get("certificate"), view.get("ca"))
 
     def _attach_disks(self, node: NodeUp, spec: NodeSpec, cryptovm: str, call: Call) -> None:
         """Fail closed: a VM that did not pass its attestation is not even asked for."""
@@ -495,7 +567,7 @@ class QemuBackend:
     def facts(self) -> QemuFacts:
         assert self._driver is not None and self._image is not None
         return QemuFacts(self._driver.accel.accel, self._driver.accel.reason,
-                         self._image.digest, time.monotonic() - self._launched)
+                         self._image.digest, time.monotonic() - self._launched, self._network)
 
     def log_file(self, node: str) -> Path | None:
         with contextlib.suppress(StateError):
@@ -569,6 +641,7 @@ class QemuBackend:
                 _stop(proc, paths)
             leftovers = _wait_processes_gone(paths)
             if not leftovers:
+                remove_bridge(bridge_name(paths))
                 _remove_state(paths, purge)
         nodes = [NodeDown(node, "libvirt") for node in removed]
         return DownResult(self.name, paths.name, nodes, purge and not leftovers, leftovers,
@@ -643,6 +716,7 @@ def _remove_state(paths: ClusterPaths, purge: bool) -> None:
         return
     for node in paths.node_names():
         paths.node(node).vm.unlink(missing_ok=True)
+    (paths.root / NETWORK_FILE).unlink(missing_ok=True)  # the guests' keys died with them
 
 
 def _our_daemons(paths: ClusterPaths) -> dict[str, int]:

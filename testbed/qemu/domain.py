@@ -19,6 +19,11 @@ A testbed VM is a libvirt domain (``qemu:///system``) with:
   cannot forward ports without passt, so the netdev is given as ``qemu:commandline``
   arguments. The NIC's option ROM is off (nothing to PXE boot, and OVMF would
   measure it into PCR 2);
+* a second NIC on the cluster's lab segment (docs/svd.md, "The VM network"): a Linux
+  bridge of the cluster's own with one tap per VM (libvirt's ``type='bridge'``), or, for a
+  VM without one, a tap connected to nothing. The guest sees the same device either way
+  (same slot, same MAC, no option ROM), so the firmware measures the same: the guest
+  sets its own MAC and addresses once it is attested (testbed/qemu/guest/net_extension.py);
 * no graphics, video, USB, balloon: fewer devices, faster TCG boot, fewer firmware events;
 * for a VM with host-side encrypted disks, empty ``pcie-root-port`` controllers to
   hot-plug them into after attestation (:mod:`testbed.qemu.disks`): an empty port has
@@ -66,8 +71,10 @@ SWTPM_STORAGE = Path("/var/lib/libvirt/swtpm")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DOMAIN_PREFIX = "testbed-"
 GUEST_IP = "10.0.2.15"  # QEMU user-mode networking's first DHCP address, set statically
-DEVICE_SET = "q35-crb-virtio-net-norom-v1"
+DEVICE_SET = "q35-crb-virtio-net-norom-lab-v2"
 """Tag of the device set :func:`domain_xml` builds; part of the firmware reference key."""
+LAB_MAC = "52:54:00:7b:00:01"  # what the firmware sees on every VM; the guest sets its own
+LAB_SLOT = "0x04"  # pcie.0 slot of the lab NIC (the agent NIC is at 0x03)
 UNDEFINE_NVRAM = 4  # VIR_DOMAIN_UNDEFINE_NVRAM
 UNDEFINE_TPM = 64  # VIR_DOMAIN_UNDEFINE_TPM (libvirt >= 8.9)
 
@@ -95,6 +102,7 @@ class VmSpec:
     ovmf_vars: Path = OVMF_VARS
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
+    lab_bridge: str | None = None  # the cluster's lab bridge; None: a tap to nothing
     # Empty pcie-root-ports for disks hot-plugged after attestation (testbed/qemu/disks.py).
     hotplug_ports: int = 0
 
@@ -136,6 +144,7 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
     _sub(serial, "target", port="0")
     tpm = _sub(devices, "tpm", model="tpm-crb")
     _sub(tpm, "backend", type="emulator", version="2.0")
+    _lab_nic(devices, spec)
     _sub(devices, "controller", type="usb", model="none")
     _sub(_sub(devices, "video"), "model", type="none")
     _sub(devices, "memballoon", model="none")
@@ -143,6 +152,18 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
         _sub(devices, "controller", type="pci", index="0", model="pcie-root")
     for index in range(1, spec.hotplug_ports + 1):
         _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
+
+
+def _lab_nic(devices: ET.Element, spec: VmSpec) -> None:
+    """The lab NIC: on the cluster's bridge, or on a tap connected to nothing."""
+    nic = _sub(devices, "interface", type="bridge" if spec.lab_bridge else "ethernet")
+    if spec.lab_bridge:
+        _sub(nic, "source", bridge=spec.lab_bridge)
+    _sub(nic, "mac", address=LAB_MAC)
+    _sub(nic, "model", type="virtio")
+    _sub(nic, "rom", enabled="no")
+    _sub(nic, "address", type="pci", domain="0x0000", bus="0x00", slot=LAB_SLOT,
+         function="0x0")
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:

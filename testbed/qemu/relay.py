@@ -35,8 +35,8 @@ from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable
 from testbed.core.errors import StateError
 from trusted_passages.pki import CertificateAuthority, certify_public_key
 
-__all__ = ["ChannelOutcome", "HeldChannel", "RelayError", "configure_guest", "hold_channel",
-           "relay_channel"]
+__all__ = ["ChannelOutcome", "HeldChannel", "RelayError", "configure_guest", "enroll_guest",
+           "hold_channel", "relay_channel"]
 
 RELAY_TIMEOUT_S = 120.0  # two quotes and two validations inside TCG guests
 RESULT_WAIT_S = 10.0
@@ -101,6 +101,26 @@ def relay_channel(client: AgentClient, server: AgentClient, *, client_node: str,
         relayed = _splice(client_sock, server_sock, RELAY_TIMEOUT_S)
     return ChannelOutcome(client_node, server_node, _result(client, client_session),
                           _result(server, server_session), relayed,
+                          time.monotonic() - started)
+
+
+def enroll_guest(node: AgentClient, cryptovm: AgentClient, *, node_name: str,
+                 cryptovm_name: str) -> ChannelOutcome:
+    """Keyless TLS for ``node_name``'s guest: one attested channel to the CryptoVM guest
+    (``tp_enroll`` spliced to ``cvm_attested``), on which the node's guest asks for a
+    certificate for a key it made and checks it (testbed/qemu/guest/tp_extension.py)."""
+    started = time.monotonic()
+    server_sock, server_session = _open_stream(cryptovm, {"op": "cvm_attested"})
+    try:
+        client_sock, client_session = _open_stream(node, {"op": "tp_enroll",
+                                                          "peer": cryptovm_name})
+    except BaseException:
+        server_sock.close()
+        raise
+    with server_sock, client_sock:
+        relayed = _splice(client_sock, server_sock, RELAY_TIMEOUT_S)
+    return ChannelOutcome(node_name, cryptovm_name, _result(node, client_session),
+                          _result(cryptovm, server_session), relayed,
                           time.monotonic() - started)
 
 

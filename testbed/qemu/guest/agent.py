@@ -473,7 +473,7 @@ def serve(agent: Agent, host: str, port: int, *, idle_timeout: float = IDLE_TIME
 
 
 EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"),
-              ("disk_extension", "disks"))
+              ("disk_extension", "disks"), ("net_extension", "network"))
 
 
 def install_extensions(agent: Agent) -> list[str]:

@@ -17,6 +17,12 @@ Ops added to the agent::
             "pcr_selection", "keys"}
     {"op": "cvm_status"} -> {"running", "keys", "port", "pcr_selection"}
 
+Stream op (keyless TLS, docs/cryptovm.md): ``{"op": "cvm_attested"}`` answers
+``{"session": hex}``, then the connection is one Trusted Passages channel (the guest's
+``tp_extension`` configuration: this VM quotes, the peer is validated against the AK
+registry and its policy) on which the attested peer node acts as ``node.<name>`` and
+speaks CVM1 frames (``tls_enroll``, ``attest``), as on a sim CryptoVM node.
+
 Revocation (docs/runtime.md): the extension listens to the agent's ledger of the
 verifier's decisions. A revoked node's VSM account ``node.NAME`` is disabled (no release,
 no enrollment, no login by any means) and its client certificates removed, as on the sim
@@ -33,6 +39,8 @@ from typing import Any
 
 from attestation.revocation import DecisionLedger, Reinstate, RevocationEvent
 from attestation.tpm_raw import Tpm
+from cryptovm.attested import refuse_stream, serve_stream
+from cryptovm.errors import AccessDenied, AuthenticationFailed
 from cryptovm.rawtpm import RawTpm
 from cryptovm.server import ServerThread
 from cryptovm.vsm import CryptoVm, node_account
@@ -87,6 +95,18 @@ class GuestCryptoVm:
                 return {"running": False}
             return self._describe(self._vm)
 
+    def attested(self, _request: dict[str, Any], conn: Any, agent: Any,
+                 send_frame: SendFrame) -> None:
+        """``cvm_attested``: serve one attested node over a Trusted Passages channel."""
+        tp = getattr(agent, "trusted_passages", None)
+        with self._lock:
+            vm = self._vm
+        if vm is None or tp is None:
+            send_frame(conn, {"error": "cvm_attested: the CryptoVM is not started "
+                                       "(cvm_start) or Trusted Passages is missing"})
+            conn.close()
+            return
+        tp.serve_channel(conn, lambda channel: _serve_node(vm, channel))
     def revoked(self, event: RevocationEvent) -> dict[str, Any]:
         """Stop serving the node: its account disabled, its client certificates removed."""
         with self._lock:
@@ -108,6 +128,7 @@ class GuestCryptoVm:
         self._state_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._vm, root_psk = CryptoVm.initialize(self._state_dir, self._raw.name, pcrs=pcrs,
                                                  **options)
+        self._vm.local_root().tls_ca_setup()  # keyless TLS: the CA key generated inside
         return root_psk
 
     def _describe(self, vm: CryptoVm) -> dict[str, Any]:
@@ -134,9 +155,36 @@ def _set_account(vm: CryptoVm, node: str, *, enabled: bool) -> bool:
 SendFrame = Callable[..., None]
 
 
+def _serve_node(vm: CryptoVm, channel: Any) -> dict[str, Any]:
+    """CVM1 frames from the attested peer as ``node.<name>`` (what roles/cryptovm.py does
+    for a sim CryptoVM node)."""
+    peer = channel.peer
+
+    def recv() -> bytes:
+        try:
+            return bytes(channel.recv(timeout=IDLE_TIMEOUT_S))
+        except Exception:  # the channel's end, its timeout or a broken record: stop
+            return b""
+
+    if not peer.node_verified:
+        refuse_stream(recv, channel.send, AccessDenied("ak_trust", "the peer's AK is not "
+                                                       "registered for its node"))
+        return {"role": "cryptovm", "peer": peer.node, "refused": "ak_trust"}
+    try:
+        session = vm.attested_session(peer.node)
+    except AuthenticationFailed as exc:
+        vm.audit.sync()
+        refuse_stream(recv, channel.send, exc)
+        return {"role": "cryptovm", "peer": peer.node, "refused": str(exc)}
+    answered = serve_stream(vm, session, recv, channel.send)
+    return {"role": "cryptovm", "peer": peer.node, "answered": answered}
+
+
 def install(agent: Any, send_frame: SendFrame) -> GuestCryptoVm:
     """Add the CryptoVM ops to the guest agent: its TPM, its event log (securityfs)."""
     service = GuestCryptoVm(agent._event_log, agent.tpm, revocations=agent.revocations)
     agent.handlers.update({"cvm_start": service.start, "cvm_status": service.status})
+    agent.stream_handlers["cvm_attested"] = \
+        lambda request, conn: service.attested(request, conn, agent, send_frame)
     agent.revocation_listeners["cryptovm"] = service
     return service

@@ -28,6 +28,13 @@ records of one channel (the host splices it to the other guest's)::
     {"op": "tp_connect", "peer": NAME, "message": TEXT, "hold": false}
                                              with hold: the channel stays open after
                                              the reply, until the peer closes or is revoked
+    {"op": "tp_enroll", "peer": CRYPTOVM, "validity": seconds}
+        keyless TLS (docs/cryptovm.md): over an attested channel to the CryptoVM guest, a
+        certificate for a fresh key made here; used only once it chains to the CA whose
+        key attestation verified; from then on the channels use it and trust that CA only
+
+:meth:`GuestTrustedPassages.serve_channel` is the server side of one channel for another
+extension (the CryptoVM's ``cvm_attested``).
 
 Revocation (docs/runtime.md): the agent's ledger verifies the verifier's decisions; this
 extension listens. Every open channel is tracked by its peer node; a revocation closes
@@ -39,6 +46,7 @@ before any other check, in both directions, until it is reinstated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -49,14 +57,19 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.policy import ReferencePolicy, load_policy
 from attestation.registrar import AkRegistry
 from attestation.revocation import DecisionLedger, Reinstate, RevocationEvent
+from attestation.verifier import QuoteVerifier
+from cryptovm.attested import StreamClient
+from cryptovm.keyattest import KeyAttestation, verify_key_attestation
+from cryptovm.tlsissuer import certificate_info, check_issued_by, spki_der
 from trusted_passages.blocking import AttestedChannel, establish
 from trusted_passages.config import ChannelConfig
 from trusted_passages.envelope import Envelope, check_node_name, decode_envelope
@@ -71,6 +84,7 @@ TIMEOUT_S = 30.0  # TCG guests are slow: a quote plus a validation take a few se
 MAX_MESSAGE = 4096
 MAX_RESULTS = 64  # finished channels whose summary the host may still fetch
 MAX_CAS = 8
+DEFAULT_VALIDITY_S = 3600
 IDLE_S = 60.0  # an open channel with no message for this long is closed
 POLL_S = 0.2  # how often a channel's thread notices that a revocation closed it
 PROFILE: Final = "tp13"
@@ -138,6 +152,9 @@ class _Ending:
 class _Configured:
     config: ChannelConfig
     node: str
+    registry: AkRegistry
+    policies: dict[str, ReferencePolicy]
+    keyless: dict[str, Any] | None = None  # the enrollment, once the CryptoVM certified
 
 
 class GuestTrustedPassages:
@@ -180,8 +197,8 @@ class GuestTrustedPassages:
         if not isinstance(cas, list) or not 0 < len(cas) <= MAX_CAS:
             raise ValueError(f"ca_certificates: 1 to {MAX_CAS} base64 DER certificates")
         authorities = [_certificate(c, "ca_certificates") for c in cas]
-        validator = PeersValidator(_registry(request), _policies(request),
-                                   self._agent.revocations)
+        registry, policies = _registry(request), _policies(request)
+        validator = PeersValidator(registry, policies, self._agent.revocations)
         pcrs = request.get("pcrs")
         if not isinstance(pcrs, list) or not all(isinstance(p, int) and 0 <= p < 24
                                                  for p in pcrs) or not pcrs:
@@ -193,7 +210,7 @@ class GuestTrustedPassages:
                                issuer=GuestIssuer(self._agent, node, sorted(pcrs)),
                                validator=validator, profile=PROFILE, timeout=TIMEOUT_S)
         with self._lock:
-            self._configured = _Configured(config, node)
+            self._configured = _Configured(config, node, registry, policies)
         return {"configured": True, "node": node}
 
     def result(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +273,54 @@ class GuestTrustedPassages:
                 summary["ended"] = ending.how
             channel.close()
             return summary
+        self._finish(session, run)
+
+    def enroll(self, request: dict[str, Any], conn: socket.socket) -> None:
+        """Keyless TLS: a certificate from the CryptoVM guest ``peer`` for a fresh key."""
+        peer, validity = request.get("peer"), request.get("validity", DEFAULT_VALIDITY_S)
+        if not isinstance(peer, str) or not _valid_node_name(peer) or \
+                not isinstance(validity, int) or isinstance(validity, bool) or validity <= 0:
+            self._answer_error(conn, "tp_enroll needs peer: CRYPTOVM NODE (and validity: "
+                               "seconds)")
+            return
+        configured = self._ready(conn)
+        if configured is None:
+            return
+        session = self._open_session(conn)
+
+        def run() -> dict[str, Any]:
+            config = configured.config.with_expected_peer(peer)
+            channel = establish(conn, config.connection("client"), TIMEOUT_S)
+            try:
+                key, certificate, ca, summary = _enroll(channel, configured, peer, validity)
+            finally:
+                channel.close()
+            keyless = {"certificate": certificate_info(certificate), "ca": summary,
+                       "cryptovm": peer}
+            enrolled = dataclasses.replace(configured.config, certificate=certificate,
+                                           private_key=key, ca_certificates=[ca])
+            with self._lock:  # from now on: the VSM certificate, and only the VSM CA
+                self._key = key
+                self._configured = dataclasses.replace(configured, config=enrolled,
+                                                       keyless=keyless)
+            return {"role": "enroll", **keyless}
+        self._finish(session, run)
+
+    def serve_channel(self, conn: socket.socket,
+                      serve: Callable[[AttestedChannel], dict[str, Any]]) -> None:
+        """The server side of one attested channel for another extension: ``serve`` it
+        once the peer's attestation passed; its summary is kept for ``tp_result``."""
+        configured = self._ready(conn)
+        if configured is None:
+            return
+        session = self._open_session(conn)
+
+        def run() -> dict[str, Any]:
+            channel = establish(conn, configured.config.connection("server"), TIMEOUT_S)
+            try:
+                return serve(channel)
+            finally:
+                channel.close()
         self._finish(session, run)
 
     # --- open channels and revocation ----------------------------------------------------
@@ -341,6 +406,46 @@ class GuestTrustedPassages:
                 self._results.popitem(last=False)
 
 
+def _enroll(channel: AttestedChannel, configured: _Configured, cryptovm: str, validity: int
+            ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, x509.Certificate,
+                       dict[str, Any]]:
+    """tls_enroll and attest over ``channel``; checked as the sim nodes check them
+    (testbed/roles/enrollment.py): the certificate is for this key and name and chains to
+    the CA, and the CA key's attestation verifies against the CryptoVM's AK and policy."""
+    node = configured.node
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+           .sign(key, hashes.SHA256()))
+    nonce = os.urandom(32)
+    vsm = StreamClient(channel.recv, channel.send)
+    issued = vsm.call("tls_enroll", csr=csr.public_bytes(serialization.Encoding.DER),
+                      validity=validity)
+    attested = vsm.call("attest", key_id=issued["ca_key_id"], nonce=nonce)
+    certificate = x509.load_pem_x509_certificate(issued["certificate"])
+    ca = x509.load_pem_x509_certificate(issued["ca_certificate"])
+    check_issued_by(certificate, ca)
+    own = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    if spki_der(certificate) != own or certificate_info(certificate)["subject"] != node:
+        raise VerificationError("certificate", "the CryptoVM certified another key or name")
+    policy = configured.policies.get(cryptovm)
+    if policy is None:
+        raise VerificationError("policy", f"no policy for the CryptoVM node {cryptovm!r}")
+    attestation = KeyAttestation.from_dict(attested["attestation"])
+    verifier = QuoteVerifier(ak_trust=configured.registry.for_node(cryptovm), policy=policy)
+    report = verify_key_attestation(attestation, nonce, verifier,
+                                    expected_key_id=issued["ca_key_id"])
+    if not report.ok or attestation.public != spki_der(ca):
+        failure = report.failure
+        raise VerificationError(failure.name if failure else "key_attestation",
+                                "the CA key's attestation failed: its certificate is not used")
+    return key, certificate, ca, {
+        "issuer": certificate_info(ca)["subject"], "key_id": issued["ca_key_id"],
+        "attested_by": cryptovm, "key_attestation": "verified", "non_exportable": True,
+        "checks": [c.name for c in report.checks if c.passed]}
+
+
 def _valid_node_name(name: str) -> bool:
     try:
         check_node_name(name)
@@ -382,6 +487,8 @@ def install(agent: GuestAgent, send_frame: SendFrame) -> GuestTrustedPassages:
     agent.handlers.update({"tp_init": service.init, "tp_configure": service.configure,
                            "tp_result": service.result,
                            "tp_open": lambda _request: {"open": service.open_channels()}})
-    agent.stream_handlers.update({"tp_accept": service.accept, "tp_connect": service.connect})
+    agent.stream_handlers.update({"tp_accept": service.accept, "tp_connect": service.connect,
+                                  "tp_enroll": service.enroll})
     agent.revocation_listeners["trusted-passages"] = service
+    setattr(agent, "trusted_passages", service)  # noqa: B010 (for cvm_attested)
     return service

@@ -282,6 +282,17 @@ def _needed_libraries(rootfs: Path, files: list[Path], log: Path) -> set[str]:
     return needed
 
 
+def _resolve_inside(rootfs: Path, path: Path) -> Path:
+    """``path`` with its symlinks resolved in the image, not on the host: an absolute link
+    (iproute2's ``/usr/sbin/ip -> /bin/ip``) points into ``rootfs``."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path.resolve()
+        target = Path(os.readlink(path))
+        path = rootfs / target.relative_to("/") if target.is_absolute() else path.parent / target
+    raise ImageBuildError(f"{path}: too many levels of symbolic links")
+
+
 def _prune(rootfs: Path, keep_programs: tuple[str, ...], log: Path) -> None:
     """Delete every program but ``keep_programs`` and every library nothing kept loads."""
     bindirs = [rootfs / "usr/bin", rootfs / "usr/sbin"]
@@ -290,7 +301,7 @@ def _prune(rootfs: Path, keep_programs: tuple[str, ...], log: Path) -> None:
         for path in directory.iterdir():
             if path.name not in keep_programs:
                 path.unlink()
-    programs = [p.resolve() for p in kept]
+    programs = sorted({_resolve_inside(rootfs, p) for p in kept})
     needed = {os.path.realpath(rootfs / name.lstrip("/"))
               for name in _needed_libraries(rootfs, _elf_files(rootfs, programs), log)}
     libdir = rootfs / "usr/lib/x86_64-linux-gnu"
