@@ -92,6 +92,8 @@ class VmSpec:
     ovmf_vars: Path = OVMF_VARS
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
+    # Where the forwards listen: loopback here; a placed VM's host address (docs/hosts.md).
+    forward_address: str = "127.0.0.1"
 
     @property
     def console_log(self) -> Path:
@@ -139,7 +141,7 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
 def _network(root: ET.Element, spec: VmSpec) -> None:
     openings = ((spec.agent_port, spec.guest_port), *spec.forwards)
     netdev = "user,id=agentnet,restrict=on,ipv6=off," + ",".join(
-        f"hostfwd=tcp:127.0.0.1:{host}-{GUEST_IP}:{guest}" for host, guest in openings)
+        f"hostfwd=tcp:{spec.forward_address}:{host}-{GUEST_IP}:{guest}" for host, guest in openings)
     nic = "virtio-net-pci,netdev=agentnet,romfile=,bus=pcie.0,addr=0x3" \
         if spec.machine.startswith(("q35", "pc-q35")) else \
         "virtio-net-pci,netdev=agentnet,romfile=,bus=pci.0,addr=0x3"
@@ -235,6 +237,26 @@ class Vm:
             domain = conn.defineXML(domain_xml(spec))
         except libvirt.libvirtError as exc:
             shutil.rmtree(state.parent, ignore_errors=True)
+            raise LibvirtError(f"defining {spec.name} failed: {exc}") from None
+        vm = cls(conn, spec, domain)
+        try:
+            domain.create()
+        except libvirt.libvirtError as exc:
+            vm.destroy()
+            raise LibvirtError(f"starting {spec.name} failed: {exc}") from None
+        return vm
+
+    @classmethod
+    def start_placed(cls, conn: Any, spec: VmSpec) -> Vm:
+        """Define and start a VM on a host (``conn`` over ``qemu+ssh``) whose files and
+        vTPM state :class:`testbed.hosts.placement.PlacedHost` already made there."""
+        libvirt = load_libvirt()
+
+        if not spec.name.startswith(DOMAIN_PREFIX):
+            raise ValueError(f"testbed domain names start with {DOMAIN_PREFIX!r}")
+        try:
+            domain = conn.defineXML(domain_xml(spec))
+        except libvirt.libvirtError as exc:
             raise LibvirtError(f"defining {spec.name} failed: {exc}") from None
         vm = cls(conn, spec, domain)
         try:

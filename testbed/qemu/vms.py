@@ -80,7 +80,9 @@ class QemuNode:
 
     @property
     def agent(self) -> AgentClient:
-        return AgentClient(TcpTransport(self.vm.spec.agent_port), node=self.name, timeout=60.0)
+        spec = self.vm.spec
+        return AgentClient(TcpTransport(spec.agent_port, spec.forward_address), node=self.name,
+                           timeout=60.0)
 
     @property
     def boot_seconds(self) -> float | None:

@@ -98,7 +98,9 @@ DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-c
 
 _TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
 _NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks", "tpm_latency",
-              "batch_window")
+              "batch_window", "host")
+_HOST_NAME = re.compile(r"host([1-9][0-9]?)")  # a hosts lab's names (testbed.hosts.layout)
+MAX_HOST_INDEX = 16
 _DISK_KEYS = ("name", "size", "mode")
 MAX_TPM_LATENCY_S = 10.0  # a modelled TPM command; hardware quotes take 0.02-0.6 s
 MAX_BATCH_WINDOW_S = 2.0  # a batch waits at most this long for company
@@ -235,6 +237,7 @@ class NodeSpec:
     disks: tuple[DiskSpec, ...] = ()
     tpm_latency: float = 0.0  # s per signing command (testbed.tpm.latency's model); sim
     batch_window: float | None = None  # s: the node's quotes share batches (sim)
+    host: str | None = None  # qemu: the lab host the VM is placed on (docs/hosts.md); None: local
 
     @property
     def effective_boot(self) -> BootSpec:
@@ -251,6 +254,7 @@ class NodeSpec:
             **({"tpm_latency": duration_text(self.tpm_latency)} if self.tpm_latency else {}),
             **({"batch_window": duration_text(self.batch_window)}
                if self.batch_window is not None else {}),
+            **({"host": self.host} if self.host is not None else {}),
         }  # fmt: skip
 
 
@@ -426,7 +430,21 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
                              MAX_TPM_LATENCY_S) if "tpm_latency" in doc else 0.0
     window = parse_duration(doc["batch_window"], f"{path}.batch_window",
                             MAX_BATCH_WINDOW_S) if "batch_window" in doc else None
-    return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window)
+    host = _host(doc["host"], f"{path}.host", image_cmdline) if "host" in doc else None
+    return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window,
+                    host)
+
+
+def _host(value: object, path: str, image_cmdline: str | None) -> str:
+    """A lab host's name (``host1``..``host16``); only a VM can be placed on one."""
+    if image_cmdline is None:
+        raise ClusterSpecError(f"{path}: only a qemu node's VM is placed on a host "
+                               "(backend: qemu; docs/hosts.md)")
+    match = _HOST_NAME.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not 1 <= int(match.group(1)) <= MAX_HOST_INDEX:
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a host name (host1.."
+                               f"host{MAX_HOST_INDEX}, as `testbed hosts up` names them)")
+    return str(value)
 
 
 def _disks(value: object, path: str) -> tuple[DiskSpec, ...]:
