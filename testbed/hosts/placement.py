@@ -158,11 +158,13 @@ class PlacedHost:
         return self._sftp
 
     def prepare(self) -> None:
-        """The placement directories; QEMU's and swtpm's users must traverse them (as on a
-        stock host, whose /var/lib/libvirt is 0755), the contents stay root's."""
+        """The placement directories; QEMU's and swtpm's users (libvirt-qemu, tss) must
+        traverse them and /run/libvirt (the host's private directories are 0700; a stock
+        host has both 0755), the contents stay root's."""
         self.run(["mkdir", "-p", ARTIFACTS, VMS, VTPM_SETUP, SWTPM_STORAGE])
-        self.run(["chmod", "0711", "/var/lib/libvirt", HOST_STATE, ARTIFACTS, VMS,
-                  SWTPM_STORAGE])
+        self.run(["chmod", "0711", "/var/lib/libvirt", "/run/libvirt", "/run/libvirt/qemu",
+                  HOST_STATE, ARTIFACTS,
+                  VMS, SWTPM_STORAGE])
         self.run(["chmod", "0700", VTPM_SETUP])
 
     # --- artifacts ----------------------------------------------------------------------
@@ -210,7 +212,9 @@ class PlacedHost:
         """The VM's vTPM state made on the host, where libvirt's swtpm will find it."""
         exchange = f"{VTPM_SETUP}/{vm_uuid}"
         state = f"{SWTPM_STORAGE}/{vm_uuid}/tpm2"
-        self.run(["mkdir", "-p", "-m", "0700", exchange, state])
+        self.run(["mkdir", "-p", exchange, state])  # sshd's umask is the host init's 077
+        self.run(["chmod", "0711", f"{SWTPM_STORAGE}/{vm_uuid}"])  # swtpm (tss) traverses
+        self.run(["chmod", "0700", exchange, state])  # libvirt chowns state to tss
         try:
             self._write_setup_files(exchange)
             channel = self.session.exec(shlex.join(

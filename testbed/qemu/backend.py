@@ -55,6 +55,7 @@ from testbed.core.processes import process_argv, read_pid, scan_processes, termi
 from testbed.core.progress import Progress
 from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.placement import PlacedHost, require_trusted
+from testbed.hosts.remote import SshTcpTransport
 from testbed.qemu.accel import AccelChoice
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
@@ -121,7 +122,6 @@ class VmRecord:
     boot_seconds: float | None = None  # None until the agent answered
     service_ports: dict[str, int] = field(default_factory=dict)  # role service -> host port
     host: str | None = None  # the lab host it is placed on (docs/hosts.md); None: local
-    agent_address: str = "127.0.0.1"  # where its forwards listen (a placed VM: its host's)
 
     def save(self, paths: ClusterPaths, node: str) -> None:
         doc = {**asdict(self), "tampered": list(self.tampered)}
@@ -322,8 +322,8 @@ class QemuBackend:
     def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
-        progress.expect(4 + len(spec.nodes))
         self._trusted_hosts(spec)  # before anything is built, copied or defined
+        progress.expect(4 + len(spec.nodes) + bool(self._hosts))
         cache = image_cache(self.paths.workdir)
         recipe = load_recipe(spec.image) if spec.image else load_recipe()
         with progress.step("guest image (built once, then cached)"):
@@ -426,8 +426,10 @@ class QemuBackend:
             raise StateError(f"node {node} of cluster {self.paths.name} has no running VM (no "
                              f"{self.paths.node(node).vm}); bring it up with "
                              "`testbed up --backend qemu`")
-        return AgentClient(TcpTransport(record.agent_port, record.agent_address), node=node,
-                           timeout=timeout)
+        if record.host is not None:  # its forward is on the host's loopback: through SSH
+            transport = SshTcpTransport(self._placed(record.host).session, record.agent_port)
+            return AgentClient(transport, node=node, timeout=timeout)
+        return AgentClient(TcpTransport(record.agent_port), node=node, timeout=timeout)
 
     def start_service(self, node: NodeUp) -> None:
         start = role(node.role).vm_service
@@ -483,6 +485,17 @@ class QemuBackend:
             self._artifacts[name] = (host.copy_artifact(self._image.kernel, "the guest kernel"),
                                      host.copy_artifact(self._image.initrd, "the guest initrd"))
 
+    def _placed(self, host: str) -> PlacedHost:
+        """The host's SSH side, kept for this command (``status``, ``attest`` open it here)."""
+        if host not in self._hosts:
+            lab = LabPaths(self.paths.workdir)
+            state = LabState.load(lab)
+            if state is None or host not in state.hosts:
+                raise HostsError(f"host {host} of this cluster's VMs is not in the hosts lab "
+                                 "any more (`testbed hosts status`)")
+            self._hosts[host] = PlacedHost(lab, state.hosts[host])
+        return self._hosts[host]
+
     def _conn(self, host: str | None) -> Any:
         """libvirt here, or on ``host`` over qemu+ssh (one connection per command)."""
         assert self._driver is not None
@@ -511,7 +524,7 @@ class QemuBackend:
                 guest_port=self._image.agent_port, accel=self._driver.accel,
                 firmware=self._driver.firmware, memory_mib=self._driver.memory_mib,
                 forwards=tuple(zip(ports[1:], guest_ports.values(), strict=True)),
-                forward_address=host.address, uuid=str(uuid.uuid4()))
+                uuid=str(uuid.uuid4()))
             host.manufacture_vtpm(self._driver.ca, vm_spec.uuid)
             try:
                 vm = Vm.start_placed(self._conn(spec.host), vm_spec)
@@ -521,8 +534,9 @@ class QemuBackend:
                 if "forwarding" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
                     raise
         self._record(spec, node, vm.spec, spec.host)
+        relay = SshTcpTransport(host.session, vm_spec.agent_port)  # its forward: host loopback
         self._booted[spec.name] = QemuNode(spec.name, vm, self._image,
-                                           spec.effective_boot.cmdline, started)
+                                           spec.effective_boot.cmdline, started, transport=relay)
 
     def _record(self, spec: NodeSpec, node: NodeUp, vm: VmSpec, host: str | None) -> None:
         """``vm.json`` for a VM just started, and the node's facts."""
@@ -536,7 +550,7 @@ class QemuBackend:
             console_log=str(vm.console_log), booted_at=utc_now(),
             service_ports={name: port for name, (port, _) in zip(guest_ports, vm.forwards,
                                                                  strict=True)},
-            host=host, agent_address=vm.forward_address,
+            host=host,
         ).save(self.paths, spec.name)
         node.facts = VmFacts(vm.name, vm.agent_port, host=host)
 

@@ -92,8 +92,6 @@ class VmSpec:
     ovmf_vars: Path = OVMF_VARS
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
-    # Where the forwards listen: loopback here; a placed VM's host address (docs/hosts.md).
-    forward_address: str = "127.0.0.1"
 
     @property
     def console_log(self) -> Path:
@@ -141,7 +139,7 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
 def _network(root: ET.Element, spec: VmSpec) -> None:
     openings = ((spec.agent_port, spec.guest_port), *spec.forwards)
     netdev = "user,id=agentnet,restrict=on,ipv6=off," + ",".join(
-        f"hostfwd=tcp:{spec.forward_address}:{host}-{GUEST_IP}:{guest}" for host, guest in openings)
+        f"hostfwd=tcp:127.0.0.1:{host}-{GUEST_IP}:{guest}" for host, guest in openings)
     nic = "virtio-net-pci,netdev=agentnet,romfile=,bus=pcie.0,addr=0x3" \
         if spec.machine.startswith(("q35", "pc-q35")) else \
         "virtio-net-pci,netdev=agentnet,romfile=,bus=pci.0,addr=0x3"
