@@ -11,6 +11,9 @@ over SSH, registered and attested.
 * ``remote``: the lab's SSH (paramiko) and ``qemu+ssh`` side.
 * ``attest``: registration and attestation of host TPMs.
 * ``lifecycle``: ``testbed hosts up | status | attest | down``.
+* ``placement``: placing qemu VMs on trusted hosts (trust check, artifacts by digest,
+  the vTPM made on the host); ``ekcert``: issuing those vTPMs' EK certificates;
+  ``vtpm_tool``: swtpm_setup's certificate tool, run on the host.
 
 May import ``testbed.core``, ``spec``, ``tpm``, ``cluster`` and ``roles``; never the
 backends (``sim``, ``qemu``), which will place VMs on hosts.
