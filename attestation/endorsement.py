@@ -35,6 +35,7 @@ class ValidatedEk:
     public: PublicArea
     certificate: x509.Certificate
     chain_subjects: tuple[str, ...]
+    chain: tuple[x509.Certificate, ...] = ()  # the validated path, EK certificate first
 
     @property
     def fingerprint(self) -> str:
@@ -95,7 +96,14 @@ def validate_ek(
     *,
     now: datetime.datetime | None = None,
 ) -> ValidatedEk:
-    """Check the EK certificate chains to ``ca_bundle`` and certifies ``ek_public``."""
+    """Check the EK certificate chains to ``ca_bundle`` and certifies ``ek_public``.
+
+    The bundle's self-signed certificates are the anchors; the others (the EK CA's
+    intermediate, a hypervisor host's intermediate CA of deep attestation) only link a
+    path to them, under the anchors' and their own constraints (pathLen, keyUsage):
+    a certificate that is not in the bundle, or a self-made "intermediate" with a
+    trusted name but another key, never completes a path.
+    """
     if not ca_bundle:
         raise EndorsementError("no CA certificates configured: cannot validate any EK")
     cert = parse_certificate(certificate_der)
@@ -122,4 +130,4 @@ def validate_ek(
     if not _same_key(cert, ek_public):
         raise EndorsementError("EK certificate's key does not match the EK public area")
     subjects = tuple(c.subject.rfc4514_string() or "(empty subject)" for c in verified.chain)
-    return ValidatedEk(ek_public, cert, subjects)
+    return ValidatedEk(ek_public, cert, subjects, tuple(verified.chain))

@@ -149,11 +149,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE, *,
+                 durable: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically and durably (``mode``, default 0600).
 
     The temporary file's name is unique per call, so concurrent writers (threads or
     processes) never write into each other's temporary file; the last rename wins.
+    ``durable=False`` skips the two fsyncs: still atomic (readers see the old or the new
+    file whole), but a crash may bring the old one back; for caches only.
     """
     temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -162,7 +165,8 @@ def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -175,7 +179,8 @@ def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def remove_durably(path: Path) -> None:

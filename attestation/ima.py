@@ -35,12 +35,15 @@ from typing import Any
 from attestation.errors import EvidenceFormatError, PolicyError, VerificationError
 
 __all__ = [
+    "AGGREGATE_PCRS",
     "BOOT_AGGREGATE",
     "IMA_PCR",
     "MAX_CHUNK",
     "ImaEntry",
     "LogChunk",
     "RuntimePolicy",
+    "boot_aggregate",
+    "check_boot_aggregate",
     "check_entries",
     "dump_runtime_policy",
     "load_runtime_policy",
@@ -56,7 +59,8 @@ TEMPLATE = "ima-ng"
 # are signed. Its boot_aggregate starts every VM's log, so it is read (empty signature only).
 SIG_TEMPLATE = "ima-sig"
 ALGORITHM = "sha256"
-BOOT_AGGREGATE = "boot_aggregate"  # the first entry: the kernel's digest of PCRs 0-7
+BOOT_AGGREGATE = "boot_aggregate"  # the first entry: the kernel's digest of PCRs 0-9
+AGGREGATE_PCRS = tuple(range(10))  # Linux 5.8+: PCRs 0-9 in every non-SHA-1 aggregate
 MAX_CHUNK = 256 * 1024  # bytes parsed per call: a log is read in bounded steps
 MAX_LINE = 4096 + 160  # PATH_MAX plus the fixed fields
 MAX_POLICY_BYTES = 1 << 20
@@ -213,6 +217,39 @@ def check_entries(policy: RuntimePolicy, entries: Sequence[ImaEntry]) -> None:
         if why is not None:
             raise VerificationError("runtime", f"executed {entry.describe()}: {why}",
                                     {"entry": entry.to_dict(), "policy": policy.name})
+
+
+def boot_aggregate(pcrs: Mapping[int, bytes]) -> bytes:
+    """IMA's boot_aggregate for a TPM 2.0 sha256 bank, as the kernel computes it: SHA-256
+    over the values of PCRs 0-9, in order."""
+    return hashlib.sha256(b"".join(pcrs[i] for i in AGGREGATE_PCRS)).digest()
+
+
+def check_boot_aggregate(entries: Sequence[ImaEntry], quoted: Mapping[int, bytes]) -> None:
+    """Raise the ``runtime`` VerificationError unless every ``boot_aggregate`` entry is
+    the log's first line and its digest is the aggregate of the quoted PCRs 0-9 (a
+    policy allows the entry by name: this is what makes the name safe to allow). Fails
+    closed when the quote does not cover PCRs 0-9."""
+    for entry in entries:
+        if entry.path != BOOT_AGGREGATE:
+            continue
+        data = {"entry": entry.to_dict()}
+        missing = [i for i in AGGREGATE_PCRS if i not in quoted]
+        if missing:
+            raise VerificationError(
+                "runtime", f"the log's {BOOT_AGGREGATE} entry cannot be checked: the quote "
+                f"does not cover PCRs {', '.join(map(str, missing))} (quote PCRs 0-9)",
+                {**data, "missing_pcrs": missing})
+        if entry.offset != 0:
+            raise VerificationError(
+                "runtime", f"a {BOOT_AGGREGATE} entry at log offset {entry.offset}: the "
+                "kernel writes it only as the log's first line", data)
+        expected = boot_aggregate(quoted)
+        if entry.digest != expected:
+            raise VerificationError(
+                "runtime", f"the log's {BOOT_AGGREGATE} sha256:{entry.digest.hex()} does "
+                f"not match the quoted PCRs 0-9 (their aggregate is sha256:{expected.hex()})",
+                {**data, "expected": f"sha256:{expected.hex()}"})
 
 
 def load_runtime_policy(text: str | bytes, what: str = "runtime policy") -> RuntimePolicy:

@@ -34,6 +34,7 @@ EXPECTED_CHECK = {
     "unattested-host": ("policy", "cryptovm"),
     "disk-swap": ("ak_trust", "cryptovm"),
     "tampered-host": ("policy", "verifier"),
+    "rogue-vtpm": ("ek_certificate", "verifier"),
 }
 
 

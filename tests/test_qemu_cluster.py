@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from testbed.backends import open_backend
+from testbed.cluster.state import read_attestations
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.qemu import backend as qc
@@ -251,8 +252,8 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
 
     r = _cli(workdir, "attest", "client", "--json")
     assert r.returncode == 0 and _json(r)["ok"], r.stdout[-2000:]
-    history = json.loads(paths.attestations.read_text())
-    assert history["client"]["ok"] and history["client"]["policy"] == "client-predicted"
+    history = read_attestations(paths)
+    assert history["client"].ok and history["client"].policy == "client-predicted"
 
     # As after an `up` that crashed before writing it: down finds the domain by name.
     uuids = [record.uuid for n in NODES if (record := VmRecord.load(paths, n))]
@@ -278,17 +279,24 @@ def _libvirt_up() -> bool:
 
 
 @pytest.mark.slow
-def test_attack_tampered_boot_with_real_vms(workdir: Path) -> None:
-    r = _cli(workdir, "attack", "tampered-boot", "--backend", "qemu", "--json")
+def test_attack_tampered_boot_and_runtime_tamper_with_real_vms(workdir: Path) -> None:
+    r = _cli(workdir, "attack", "tampered-boot", "runtime-tamper", "--backend", "qemu",
+             "--json")
     out = _json(r)
     assert r.returncode == 0 and out["ok"], r.stderr[-3000:]
     assert out["genuine_channel"].startswith("ACCEPTED")
-    result = out["results"][0]
-    assert result["attack"] == "tampered-boot" and result["as_expected"]
-    caught = result["trusted_passages"]
+    tampered, runtime = out["results"]
+    assert tampered["attack"] == "tampered-boot" and tampered["as_expected"]
+    caught = tampered["trusted_passages"]
     assert caught["caught_by"] == "policy"
     assert "PCR 9: event 1 (kernel command line" in caught["detail"]
     assert out["qemu"]["tampered_cmdline"].endswith("init=/bin/sh")
+    # The honest VM, attested with its runtime log (its kernel's boot_aggregate checked
+    # against the quoted PCRs 0-9), runs a miner: caught, revoked, its channel closed.
+    assert runtime["attack"] == "runtime-tamper" and runtime["as_expected"], runtime
+    assert runtime["trusted_passages"]["caught_by"] == "runtime"
+    assert "/usr/local/bin/cryptominer" in runtime["trusted_passages"]["detail"]
+    assert "closed its channel" in runtime["trusted_passages"]["detail"]
     # Its VMs are gone (the backend tears them down).
     assert not [d for d in (_virsh_domains() if _libvirt_up() else []) if "atk" in d]
 

@@ -9,6 +9,7 @@ what it produced, exactly as it checks a VM's answers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.agent_wire import recv_frame, send_frame
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.evidence import Evidence
 from attestation.ima import (
+    AGGREGATE_PCRS,
     BOOT_AGGREGATE,
     IMA_PCR,
     MAX_CHUNK,
@@ -37,16 +41,26 @@ from attestation.ima import (
     replay,
 )
 from attestation.registrar import Registrar
+from attestation.revocation import (
+    Decision,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    encode_decision,
+)
 from attestation.tpm import AK_ATTRIBUTES as HOST_AK_ATTRIBUTES
 from attestation.tpm import TpmClient
 from attestation.tpm_raw import AK_ATTRIBUTES, AK_HANDLE, Tpm, UnixSocketTransport
 from attestation.tpm_types import ObjectAttributes, parse_public
 from attestation.verifier import QuoteVerifier
+from cryptovm.errors import AuthenticationFailed
 from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.runtime import RuntimeState, check_runtime, explaining_prefix
 from testbed.core.paths import ClusterPaths
+from testbed.qemu.domain import free_port
 from testbed.qemu.guest import agent as guest_agent
 from testbed.qemu.guest.agent import MAX_EXECUTED, Agent, boot_aggregate
+from testbed.qemu.guest.cryptovm_extension import GuestCryptoVm
 
 
 @pytest.fixture
@@ -267,13 +281,9 @@ def test_large_log_is_served_in_bounded_slices(agent: Agent) -> None:
     assert len(entries) == 71 and replay(bytes(32), entries)[-1] == _pcr10(agent)
 
 
-def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Path) -> None:
-    """The verifier's `runtime` check (testbed/cluster/runtime.py) against the guest agent
-    served over TCP: the baseline passes, an unlisted binary fails, naming it."""
-    agent.start_runtime([guest_agent.__file__])
-    with open(guest_agent.__file__, "rb") as f:
-        policy = RuntimePolicy("vm0-runtime", {guest_agent.__file__: frozenset(
-            {hashlib.sha256(f.read()).digest()})})
+@contextlib.contextmanager
+def _serving(agent: Agent) -> Iterator[AgentClient]:
+    """The agent served over TCP, and the host's client for it."""
     ports: list[int] = []
     ready = threading.Event()
     server = threading.Thread(target=guest_agent.serve, args=(agent, "127.0.0.1", 0),
@@ -282,11 +292,24 @@ def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Pat
     server.start()
     try:
         assert ready.wait(10)
-        client = AgentClient(TcpTransport(ports[0]), node="vm0", timeout=10)
+        yield AgentClient(TcpTransport(ports[0]), node="vm0", timeout=10)
+    finally:
+        agent.stopping.set()
+        server.join(5)
+
+
+def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Path) -> None:
+    """The verifier's `runtime` check (testbed/cluster/runtime.py) against the guest agent
+    served over TCP: the baseline passes, an unlisted binary fails, naming it."""
+    agent.start_runtime([guest_agent.__file__])
+    with open(guest_agent.__file__, "rb") as f:
+        policy = RuntimePolicy("vm0-runtime", {guest_agent.__file__: frozenset(
+            {hashlib.sha256(f.read()).digest()})})
+    with _serving(agent) as client:
         paths = ClusterPaths(tmp_path, "lab")
 
         def attest() -> str:
-            evidence = client.quote(os.urandom(32), [0, IMA_PCR])
+            evidence = client.quote(os.urandom(32), [*AGGREGATE_PCRS, IMA_PCR])
             return check_runtime(paths, "vm0", client, evidence, policy)
 
         assert "2 new ima-ng entries" in attest()
@@ -296,9 +319,41 @@ def test_runtime_check_over_tcp_with_the_host_client(agent: Agent, tmp_path: Pat
             with pytest.raises(VerificationError, match="cryptominer") as caught:
                 attest()
             assert caught.value.check == "runtime"
-    finally:
-        agent.stopping.set()
-        server.join(5)
+
+
+def test_boot_aggregate_is_recomputed_from_the_quoted_pcrs(agent: Agent, tmp_path: Path
+                                                           ) -> None:
+    """The verifier recomputes the log's boot_aggregate from the quoted PCRs 0-9: a quote
+    without them fails closed, PCRs that moved after the aggregate (or a log that lies
+    about them) fail, and so does a second boot_aggregate later in the log."""
+    for pcr in (0, 4, 8, 9):  # a boot measured into them (firmware, kernel, initrd)
+        agent.tpm.pcr_extend(pcr, "sha256", hashlib.sha256(b"boot %d" % pcr).digest())
+    agent.start_runtime([])
+    policy = RuntimePolicy("vm0-runtime")
+    everything = [*AGGREGATE_PCRS, IMA_PCR]
+    with _serving(agent) as client:
+        def attest(pcrs: list[int], state: str) -> str:
+            evidence = client.quote(os.urandom(32), pcrs)
+            return check_runtime(ClusterPaths(tmp_path, state), "vm0", client, evidence,
+                                 policy)
+
+        with pytest.raises(VerificationError, match=r"does not cover PCRs 8, 9 \(quote") \
+                as caught:
+            attest([0, 1, 2, 3, 4, 5, 6, 7, IMA_PCR], "a")
+        assert caught.value.check == "runtime" and caught.value.data["missing_pcrs"] == [8, 9]
+        assert attest(everything, "a").startswith("1 new ima-ng entries")
+
+        agent.tpm.pcr_extend(4, "sha256", bytes(32))  # PCR 4 is not what was aggregated
+        with pytest.raises(VerificationError, match="does not match the quoted PCRs 0-9") \
+                as caught:
+            attest(everything, "b")  # a verifier that judges this boot's log from its start
+        assert caught.value.data["entry"]["offset"] == 0
+
+        with agent.tpm.lock:  # a file named boot_aggregate, with the aggregate's digest
+            agent._measure(boot_aggregate(agent.tpm.pcr_read("sha256", AGGREGATE_PCRS)),
+                           BOOT_AGGREGATE)
+        with pytest.raises(VerificationError, match="only as the log's first line"):
+            attest(everything, "a")
 
 
 def test_the_guest_agent_imports_with_the_standard_library_only() -> None:
@@ -322,3 +377,93 @@ def test_an_unreadable_agent_file_leaves_a_consistent_log(agent: Agent, tmp_path
     entries = parse_log(_log(agent)).entries
     assert [e.path for e in entries] == [BOOT_AGGREGATE]
     assert replay(bytes(32), entries)[-1] == _pcr10(agent)
+
+
+# --- revocation: the verifier's signed decisions, verified as on sim nodes ------------------
+
+
+def _signed(key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    return decision_args(decision, key.sign(encode_decision(decision)))
+
+
+def _decide(agent: Agent, key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    return agent.handle(json.dumps({"op": "role", "action": decision.kind,
+                                    "args": _signed(key, decision)}).encode())
+
+
+def _pem(key: Ed25519PrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo
+                                         ).decode()
+
+
+def test_forged_replayed_and_stale_decisions_are_refused_by_name(agent: Agent) -> None:
+    verifier, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    first = RevocationEvent("client", "runtime", "ran /tmp/x", "t1", 5)
+    assert "no verifier key" in _decide(agent, verifier, first)["error"]
+
+    assert _call(agent, {"op": "revocation_key", "public_key": _pem(verifier)})["pinned"]
+    assert "another verifier key is pinned" in agent.handle(json.dumps(
+        {"op": "revocation_key", "public_key": _pem(other)}).encode())["error"]
+    forged = _decide(agent, other, first)
+    assert forged["error"] == ("revocation: the decision is not signed by the cluster's "
+                               "verifier key")
+    sent_as = agent.handle(json.dumps({"op": "role", "action": "reinstated",
+                                       "args": _signed(verifier, first)}).encode())
+    assert sent_as["error"].startswith("revocation: a revoked decision sent as")
+    assert not agent.revocations.is_revoked("client")
+
+    applied = _decide(agent, verifier, first)
+    assert applied["applied"] and applied["sequence"] == 5 and applied["effects"] == {}
+    assert agent.revocations.is_revoked("client")
+    replayed = _decide(agent, verifier, first)
+    assert not replayed["applied"] and replayed["refused"].startswith("replay:")
+    stale = _decide(agent, verifier, Reinstate("client", "old decision", "t0", 3))
+    assert not stale["applied"] and stale["refused"].startswith("stale:")
+    assert agent.revocations.is_revoked("client")  # neither changed anything
+
+
+@pytest.mark.parametrize("request_", [
+    {"op": "role", "action": "connect", "args": {}},
+    {"op": "role", "action": "revoked", "args": []},
+    {"op": "role", "action": "revoked", "args": {"decision": "!!", "signature": ""}},
+    {"op": "role", "action": "revoked", "args": {"decision": "e30=", "signature": "AA==",
+                                                 "extra": 1}},
+    {"op": "role", "action": "revoked", "args": {}, "more": 1},
+    {"op": "revocation_key", "public_key": "x" * 5000},
+    {"op": "revocation_key", "public_key": 7},
+])
+def test_hostile_revocation_requests_get_one_error(agent: Agent,
+                                                   request_: dict[str, Any]) -> None:
+    answer = agent.handle(json.dumps(request_).encode())
+    assert set(answer) == {"error"} and len(answer["error"]) < 300, answer
+    assert agent.revocations.sequence == 0 and not agent.revocations.revoked
+
+
+def test_guest_cryptovm_refuses_a_revoked_node_until_reinstated(agent: Agent,
+                                                                 tmp_path: Path) -> None:
+    cvm = GuestCryptoVm(lambda: None, agent.tpm, state_dir=tmp_path / "cvm" / "state",
+                        host="127.0.0.1", port=free_port(), revocations=agent.revocations)
+    agent.revocation_listeners["cryptovm"] = cvm
+    verifier = Ed25519PrivateKey.generate()
+    _call(agent, {"op": "revocation_key", "public_key": _pem(verifier)})
+    started = cvm.start({"pcrs": "sha256:0-9"})
+    try:
+        vm = cvm._vm
+        assert started["started"] and vm is not None
+        vm.attested_session("client")  # the node's earlier attested contact: its account
+
+        answer = _decide(agent, verifier, RevocationEvent("client", "runtime", "x", "t", 1))
+        assert answer["effects"]["cryptovm"] == {"account_disabled": True, "running": True}
+        with pytest.raises(AuthenticationFailed, match="disabled"):
+            vm.attested_session("client")  # no release, enrollment or login any more
+        vm.attested_session("server")  # the others are served
+
+        answer = _decide(agent, verifier, Reinstate("client", "re-imaged", "t", 2))
+        assert answer["effects"]["cryptovm"] == {"account_enabled": True}
+        vm.attested_session("client")
+    finally:
+        if cvm._server is not None:
+            cvm._server.stop()
+        if cvm._vm is not None:
+            cvm._vm.close()

@@ -16,19 +16,28 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.policy import dump_policy
 from attestation.registrar import AkRegistry, Registrar, register
+from attestation.revocation import (
+    Decision,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    encode_decision,
+)
 from attestation.tpm import TpmClient
 from testbed.cluster.agent import AgentClient, AgentError, TcpTransport
 from testbed.qemu.domain import free_port
-from testbed.qemu.relay import RelayError, configure_guest, relay_channel
+from testbed.qemu.relay import RelayError, configure_guest, hold_channel, relay_channel
 from testbed.spec.cluster_spec import BootSpec
 from testbed.tpm.boot import SIM_PCRS, measure_boot, predicted_policy
 from trusted_passages.pki import make_ca
@@ -159,6 +168,73 @@ def test_unconfigured_or_bad_requests_are_refused(guests: dict[str, GuestProcess
     outcome = relay_channel(agent, guests["server"].agent, client_node="client",
                             server_node="server", message="still here")
     assert outcome.established, outcome.to_dict()
+
+
+# --- revocation: a signed decision closes the guests' channels (docs/runtime.md) -----------
+
+
+def _decision(verifier: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
+    return decision_args(decision, verifier.sign(encode_decision(decision)))
+
+
+def _open(guest: GuestProcess) -> dict[str, int]:
+    opened: dict[str, int] = guest.agent.call({"op": "tp_open"})["open"]
+    return opened
+
+
+def _wait(condition: Callable[[], bool], seconds: float) -> float:
+    started = time.monotonic()
+    while not condition() and time.monotonic() - started < seconds:
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_revocation_closes_the_open_channel_within_1s_and_refuses_the_node(
+        guests: dict[str, GuestProcess]) -> None:
+    verifier = Ed25519PrivateKey.generate()
+    pem = verifier.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    for guest in guests.values():
+        guest.agent.call({"op": "revocation_key", "public_key": pem})
+    server, client = guests["server"], guests["client"]
+    with pytest.raises(AgentError, match="hold: true or false"):
+        client.agent.open_stream({"op": "tp_connect", "peer": "server", "message": "m",
+                                  "hold": "yes"})
+    held = hold_channel(client.agent, server.agent, server_node="server", message="hold")
+    try:
+        _wait(lambda: _open(server) == {"client": 1} and _open(client) == {"server": 1}, 60)
+        assert _open(server) == {"client": 1} and _open(client) == {"server": 1}
+
+        forged = _decision(Ed25519PrivateKey.generate(),
+                           RevocationEvent("client", "runtime", "forged", "t", 1))
+        with pytest.raises(AgentError, match="revocation: the decision is not signed"):
+            server.agent.role("revoked", forged)
+        assert _open(server) == {"client": 1}  # a forgery changes nothing
+
+        event = RevocationEvent("client", "runtime", "ran /tmp/x", "t", 1)
+        started = time.monotonic()
+        answer = server.agent.role("revoked", _decision(verifier, event))
+        assert held.wait_closed(5)  # both guests' ends closed
+        closed = time.monotonic() - started
+        assert answer["effects"]["trusted-passages"] == {"closed_channels": 1}
+        assert closed < 1.0 and _open(server) == {} and _open(client) == {}, closed
+        client_view, server_view = held.views()
+        assert server_view["ended"] == "revoked" and client_view["ended"] == "closed"
+        assert client_view["reply"] == "server heard 'hold' from attested node 'client'"
+        assert not server.agent.role("revoked", _decision(verifier, event))["applied"]
+    finally:
+        held.close()
+
+    refused = relay_channel(client.agent, server.agent, client_node="client",
+                            server_node="server", message="secret")
+    assert not refused.established and "received" not in refused.server_view
+    assert "revocation" in refused.server_view["error"], refused.to_dict()
+
+    server.agent.role("reinstated", _decision(verifier, Reinstate("client", "re-imaged",
+                                                                   "t", 2)))
+    again = relay_channel(client.agent, server.agent, client_node="client",
+                          server_node="server", message="back")
+    assert again.established, again.to_dict()
 
 
 if __name__ == "__main__":

@@ -132,3 +132,10 @@ def test_vm_tampered_at_runtime_fails_the_runtime_check(workdir: Path) -> None:
         "/usr/local/bin/cryptominer"
     assert "vm0-predicted-runtime" in failed["detail"]
     print(f"\nVM runtime tamper -> `testbed attest` verdict: {detected:.2f} s (two CLI runs)")
+
+    # The verifier's signed decisions reach the VM's guest agent, which verifies them with
+    # the key `up` gave it (docs/runtime.md, "Revocation in a VM").
+    for command in ("revoke", "reinstate"):
+        decided = _cli(workdir, command, "vm0", "--json")
+        assert decided.returncode == 0, decided.stderr[-3000:]
+        assert _json(decided)["delivered"] == {"vm0": "applied"}, decided.stdout

@@ -191,3 +191,17 @@ def test_gate_verifies_orders_and_persists_decisions(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"sequence": 1, "revoked": {"a": 1}}')
     with pytest.raises(TestbedError, match="damaged"):
         RevocationGate(tmp_path / "state.json", tmp_path / "verifier.pub")
+
+
+def test_a_file_named_boot_aggregate_is_not_allowed_by_its_name(cluster: ClusterPaths) -> None:
+    """Runtime policies allow ``boot_aggregate`` by name; the verifier recomputes its digest
+    from the quoted PCRs 0-9. A sim node quotes PCRs 0-7 and 9, so a boot_aggregate entry in
+    its log cannot be checked: the runtime check fails closed and says why."""
+    rc, out, err = run_cli(cluster.workdir, "tamper", "server", "--runtime", "boot_aggregate",
+                           "--json")
+    assert rc == 0 and json.loads(out)["executed"]["path"] == "boot_aggregate", err
+    rc, out, _ = run_cli(cluster.workdir, "attest", "server", "--json")
+    result = json.loads(out)
+    assert rc == 1 and result["failed_check"] == "runtime", out
+    detail = result["checks"][-1]["detail"]
+    assert "boot_aggregate entry cannot be checked: the quote does not cover PCRs 8" in detail

@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 
 from attestation.errors import EvidenceFormatError, PolicyError, VerificationError
 from attestation.ima import (
+    BOOT_AGGREGATE,
     MAX_CHUNK,
     RuntimePolicy,
+    boot_aggregate,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -133,3 +136,34 @@ def test_incremental_replay_matches_a_real_swtpm(swtpm: Swtpm, tmp_path: Path) -
     assert replay(quoted_first, new.entries)[-1] == quoted_later
     with pytest.raises(EvidenceFormatError, match="outside the log"):
         log.read(log.size + 1)
+
+
+# --- boot_aggregate: recomputed from the quoted PCRs 0-9 (H7) -------------------------------
+
+pcr_values = st.lists(st.binary(min_size=32, max_size=32), min_size=10, max_size=10)
+
+
+@settings(max_examples=50, deadline=None)
+@given(pcr_values, st.integers(min_value=0, max_value=9), st.binary(min_size=32, max_size=32))
+def test_boot_aggregate_binds_every_pcr_0_to_9(values: list[bytes], moved: int,
+                                                other: bytes) -> None:
+    quoted = dict(enumerate(values))
+    aggregate = boot_aggregate(quoted)
+    assert aggregate == hashlib.sha256(b"".join(values)).digest()  # the kernel's formula
+    entry = make_entry(aggregate, BOOT_AGGREGATE)
+    check_boot_aggregate([entry], {**quoted, 10: bytes(32)})
+    if other != values[moved]:
+        with pytest.raises(VerificationError, match="does not match the quoted PCRs 0-9"):
+            check_boot_aggregate([entry], {**quoted, moved: other})
+    del quoted[moved]
+    with pytest.raises(VerificationError, match=f"does not cover PCRs {moved} "):
+        check_boot_aggregate([entry], quoted)
+    check_boot_aggregate([make_entry(DIGEST, "/usr/bin/true")], quoted)  # nothing to check
+
+
+def test_boot_aggregate_only_as_the_first_line() -> None:
+    quoted = {i: bytes([i]) * 32 for i in range(11)}
+    late = make_entry(boot_aggregate(quoted), BOOT_AGGREGATE, offset=162)
+    with pytest.raises(VerificationError, match="only as the log's first line") as caught:
+        check_boot_aggregate([late], quoted)
+    assert caught.value.check == "runtime" and caught.value.data["entry"]["offset"] == 162

@@ -1,8 +1,8 @@
 """Running the attack lab on a backend: the scenarios, the genuine baseline, the time.
 
 ``sim``: every scenario of the Trusted Passages paper, on five machines of swtpm
-processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenario real VMs can show without
-Trusted Passages inside the guests, a tampered boot (:mod:`testbed.attacks.qemu`).
+processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenarios real VMs show, a tampered
+boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.attacks.lab import Lab
-from testbed.attacks.qemu import tampered_boot
+from testbed.attacks.qemu import QEMU_SCENARIOS, run_qemu_attacks
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
 from testbed.core.errors import StateError
 from testbed.core.progress import Progress
@@ -22,7 +22,7 @@ from testbed.core.progress import Progress
 __all__ = ["SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
 
 SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {"sim": tuple(SCENARIOS),
-                                                       "qemu": ("tampered-boot",)}
+                                                       "qemu": QEMU_SCENARIOS}
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,11 @@ def run_attacks(names: Sequence[str], backend: str, workdir: Path,
                                                   else ""))
     started = time.monotonic()
     if backend == "qemu":
-        attack = tampered_boot(workdir, progress=progress)
+        attack = run_qemu_attacks(workdir, names, progress=progress)
         baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
             (attack.baseline.failure.detail if attack.baseline.failure else
              "an honest VM of the same image satisfies the predicted policy")
-        return AttackRun("qemu", [attack.result], baseline, attack.baseline.ok,
+        return AttackRun("qemu", attack.results, baseline, attack.baseline.ok,
                          time.monotonic() - started, attack.details)
     results, ok, baseline = _run_lab(names, progress)
     return AttackRun("sim", results, baseline, ok, time.monotonic() - started)

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from OpenSSL import SSL
 
-from attestation.errors import TestbedError, VerificationError
+from attestation.errors import EndorsementError, TestbedError, VerificationError
 from attestation.evidence import Evidence
 from attestation.ima import IMA_PCR, check_entries
-from attestation.tpm_types import PcrSelection
+from attestation.registrar import AkRegistry, register
+from attestation.tpm import LocalAttester, TpmClient
+from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import QuoteVerifier
 from cryptovm.errors import ReleaseDenied
 from testbed.attacks.lab import AV_CURRENT, AV_STALE, GOOD_BOOT, INSECURE_BOOT, Lab
@@ -39,6 +41,7 @@ from testbed.attacks.lab import random_secret as _secret
 from testbed.attacks.plain import PlainProxy, PlainServer, PlainTlsError, exchange
 from testbed.attacks.svd import MARKER, OWNER, SvdWorld, svd_world
 from testbed.cluster.runtime import RuntimeState, explaining_prefix
+from testbed.hosts import deep
 from testbed.hosts import lifecycle as hosts
 from testbed.hosts.layout import LabPaths
 from testbed.hosts.network import scratch_network
@@ -52,6 +55,7 @@ from testbed.roles.revocation import (
 )
 from testbed.svd.volumes import DiskFiles
 from testbed.tpm.runtime import RuntimeLog, default_policy
+from testbed.tpm.swtpm import Swtpm
 from trusted_passages import (
     AttestationRejected,
     AttestedChannel,
@@ -704,6 +708,73 @@ def tampered_host(lab: Lab) -> ScenarioResult:
                           plain, tp)
 
 
+def rogue_vtpm(lab: Lab) -> ScenarioResult:
+    """Alice manufactures a vTPM outside any attested host and makes its EK certificate
+    herself: signed by a self-made "host intermediate" with the name of a real one under
+    the lab CA's name, or by a self-made root named like the lab CA (docs/hosts.md, deep
+    attestation). Plain libvirt/mTLS never looks at a VM's EK: her VM gets a CA-valid
+    certificate like any other and the client's secret. The verifier validates the EK
+    chain (lab CA, and the intermediates of attested hosts only) before any AK of it is
+    activated."""
+    key, cert = lab.certificate_for("server")
+    secret = _secret()
+    received, _ = _plain_run(lab.tp_config("evil", peer="client", certificate=cert, key=key),
+                             lab.tp_config("client", peer="server"), secret)
+    plain = Outcome(secret in received, "the VM on the rogue vTPM got a CA-valid certificate "
+                    "and the client's secret: nobody checked its EK")
+    state = deep.manufacture_uncertified_vtpm(
+        Path(tempfile.mkdtemp(prefix="rogue-vtpm-", dir=lab.root)), lab.ek_ca)
+    refusals = []
+    with Swtpm(state) as tpm, TpmClient(tpm.tcti) as client:
+        ek = client.endorsement_key("rsa")
+        intermediate, self_made_root = _rogue_ek_certificates(lab, ek.public)
+        deep.write_ek_certificate(client, intermediate)
+        for label, attempt in (
+                ("self-made host intermediate", lambda: register(
+                    LocalAttester(client), "rogue", lab.registrar, AkRegistry())),
+                ("self-made root", lambda: lab.registrar.challenge(
+                    self_made_root, ek.public, client.attestation_key("ecc").public))):
+            try:
+                attempt()
+                return ScenarioResult("rogue-vtpm", ROGUE_TITLE, plain, Outcome(
+                    True, f"the rogue vTPM's EK ({label}) was accepted"))
+            except EndorsementError as exc:
+                refusals.append(f"{label}: {exc}")
+    return ScenarioResult("rogue-vtpm", ROGUE_TITLE, plain, Outcome(
+        False, "; ".join(refusals), "ek_certificate", "verifier"))
+
+
+ROGUE_TITLE = "Rogue vTPM: made outside any attested host, EK certificate self-made"
+
+
+def _rogue_ek_certificates(lab: Lab, ek_public: bytes) -> tuple[bytes, bytes]:
+    """Alice's two EK certificates: under a fake host intermediate, and a fake root."""
+    root = lab.ek_ca.ca_bundle()[0]
+    ek = parse_public(ek_public).public_key()
+    certificates = []
+    for subject, issuer, path_length in (
+            (deep.intermediate_name("host1"), root.subject, 0),
+            (root.subject, root.subject, None)):
+        alice = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.now(UTC)
+        fake = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(alice.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=5))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=path_length),
+                               critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(alice.public_key()),
+                               critical=False)
+                .sign(alice, hashes.SHA256()))
+        certificates.append(deep.build_ek_certificate(fake, ek, deep.DEFAULT_IDENTITY,
+                                                      _signer(alice)))
+    return certificates[0], certificates[1]
+
+
+def _signer(key: ec.EllipticCurvePrivateKey) -> Callable[[bytes], bytes]:
+    return lambda tbs: key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+
+
 def genuine(lab: Lab) -> tuple[bool, str]:
     """No attack: the customer and Bob's server attest each other and talk."""
     real = lab.tp_config("server", peer="client")
@@ -739,6 +810,7 @@ SCENARIOS: dict[str, Callable[[Lab], ScenarioResult]] = {
     "unattested-host": unattested_host,
     "disk-swap": disk_swap,
     "tampered-host": tampered_host,
+    "rogue-vtpm": rogue_vtpm,
 }
 
 

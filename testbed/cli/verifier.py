@@ -51,6 +51,9 @@ def register_verifier_commands(sub: argparse._SubParsersAction[argparse.Argument
                    help="HMAC-SHA256 key of the webhook signatures (a 0600 file)")
     p.add_argument("--push", action="append", default=[], metavar="NODE",
                    help="NODE sends its own evidence (push mode) instead of being polled")
+    p.add_argument("--no-hosts", dest="hosts", action="store_false",
+                   help="do not attest the lab's hypervisor hosts (default: attest them, as "
+                        "rows host:NAME; docs/verifier.md)")
     p.set_defaults(func=cmd_verifier_start)
     p = vsub.add_parser("status", help="the verifiers and each node's last verdict")
     p.add_argument("--db", default=None, metavar="URL", help="the database (default: the "
@@ -84,7 +87,7 @@ def cmd_verifier_start(args: argparse.Namespace) -> int:
         workdir=paths.workdir, cluster=paths.name, name=args.name, interval=args.interval,
         deadline=args.deadline, db=args.db, webhooks=tuple(args.webhook),
         webhook_secret=args.webhook_secret.absolute() if args.webhook_secret else None,
-        push=tuple(args.push), workers=args.workers)
+        push=tuple(args.push), workers=args.workers, hosts=args.hosts)
     pid = start_verifier(config)
     files = VerifierFiles(paths)
     emit(args, {"ok": True, "cluster": paths.name, "name": config.name, "pid": pid,
@@ -109,7 +112,8 @@ def cmd_verifier_status(args: argparse.Namespace) -> int:
             when = iso_utc(n["last_time"]) if n["last_time"] else "-"
             check = f" ({n['last_check']})" if n["last_check"] else ""
             stale = "  STALE (no verifier keeps it current)" if n["stale"] else ""
-            print(f"  {n['node']:<12} {n['mode']:<5} {n['state']:<12}{check:<16} {when}{stale}")
+            print(f"  {n['node']:<12} {n['kind']:<5} {n['mode']:<5} {n['state']:<12}"
+                  f"{check:<16} {when}{stale}")
     emit(args, status, human)
     return EXIT_OK
 

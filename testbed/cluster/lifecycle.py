@@ -29,7 +29,7 @@ from testbed.cluster.state import (
     save_registry,
     write_spec_and_policies,
 )
-from testbed.cluster.verification import attest_node
+from testbed.cluster.verification import attest_node, ek_ca_bundle
 from testbed.core.files import locked
 from testbed.core.progress import Progress
 from testbed.spec.cluster_spec import ClusterSpec
@@ -56,7 +56,7 @@ def up(backend: ClusterBackend, spec: ClusterSpec, progress: Progress) -> UpResu
     policies = backend.prepare(spec, progress)
     with locked(paths.lock):
         write_spec_and_policies(paths, spec, policies)
-        registrar = Registrar(LocalCA.ensure(paths.ca_dir).ca_bundle())
+        registrar = Registrar(ek_ca_bundle(paths, LocalCA.ensure(paths.ca_dir)))
         run = _Run(backend, policies, registrar)
         nodes = backend.launch(spec, progress)
         _bring_up_all(run, nodes, progress)

@@ -19,7 +19,8 @@ sent with its evidence (:func:`slice_reader`): the same check either way.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from attestation.ima import (
     MAX_POLICY_BYTES,
     ImaEntry,
     RuntimePolicy,
+    check_boot_aggregate,
     check_entries,
     dump_runtime_policy,
     load_runtime_policy,
@@ -51,6 +53,7 @@ __all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "check_runtime",
            "node_runtime_policy", "quoting_pcr10", "runtime_dir", "runtime_window",
            "slice_reader"]
 
+_MAX_PARSED = 4096  # runtime policies kept parsed
 MAX_READS = 64  # chunks per check: 64 x 256 KiB of new entries, then the check fails
 _ZERO = bytes(32)
 
@@ -79,11 +82,29 @@ def ensure_runtime_policy(paths: ClusterPaths, node: str, policy: RuntimePolicy,
         atomic_write(path, dump_runtime_policy(policy).encode())
 
 
+_parsed: dict[Path, tuple[bytes, RuntimePolicy]] = {}  # path -> (its bytes, parsed)
+_parsed_lock = threading.Lock()
+
+
 def node_runtime_policy(paths: ClusterPaths, node: str) -> RuntimePolicy | None:
-    """The node's runtime policy, or None when it has none (no runtime check)."""
+    """The node's runtime policy, or None when it has none (no runtime check).
+
+    The file is read every time; its YAML is parsed again only when its bytes differ
+    from the last parse's (a verifier attesting hundreds of nodes each interval)."""
     path = _policy_path(paths, node)
     data = read_bounded(path, MAX_POLICY_BYTES, what="runtime policy", missing_ok=True)
-    return None if data is None else load_runtime_policy(data, str(path))
+    if data is None:
+        return None
+    with _parsed_lock:
+        hit = _parsed.get(path)
+    if hit is not None and hit[0] == data:
+        return hit[1]
+    policy = load_runtime_policy(data, str(path))
+    with _parsed_lock:
+        if len(_parsed) >= _MAX_PARSED:
+            _parsed.clear()  # bounded: a verifier of more nodes re-parses some
+        _parsed[path] = (data, policy)
+    return policy
 
 
 def quoting_pcr10(policy: ReferencePolicy) -> ReferencePolicy:
@@ -133,6 +154,7 @@ class RuntimeWindow:
     from_pcr: bytes
     quoted: bytes
     entries: tuple[ImaEntry, ...]
+    pcrs: Mapping[int, bytes]  # every quoted PCR: a boot_aggregate is checked against 0-9
 
     @property
     def data(self) -> bytes:
@@ -154,12 +176,14 @@ def runtime_window(paths: ClusterPaths, node: str, read: Callable[[int], bytes],
     if state is None or state.boot != boot:
         state = RuntimeState(boot, 0, _ZERO)
     entries, end = explaining_prefix(read, state, quoted)
-    return RuntimeWindow(boot, state.offset, end, state.pcr, quoted, tuple(entries))
+    return RuntimeWindow(boot, state.offset, end, state.pcr, quoted, tuple(entries),
+                         dict(evidence.pcrs))
 
 
 def judge_window(window: RuntimeWindow, policy: RuntimePolicy) -> str:
     """Raise the ``runtime`` check's VerificationError for an entry the policy does not
-    allow, or say what was judged."""
+    allow (or a boot_aggregate the quoted PCRs 0-9 do not make), or say what was judged."""
+    check_boot_aggregate(window.entries, window.pcrs)
     check_entries(policy, window.entries)
     return (f"{len(window.entries)} new ima-ng entries (log bytes {window.start}-"
             f"{window.end}) replay to the quoted PCR {IMA_PCR} and runtime policy "

@@ -16,8 +16,8 @@ from attestation.policy import ReferencePolicy, dump_policy, load_policy
 from attestation.registrar import AkRegistry
 from testbed.cluster.results import AttestationRecord
 from testbed.core.errors import StateError
-from testbed.core.files import MAX_STATE_BYTES, locked, read_json, write_json
-from testbed.core.paths import ClusterPaths
+from testbed.core.files import MAX_STATE_BYTES, read_json, write_json
+from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.spec.cluster_spec import (
     ClusterSpec,
     ClusterSpecError,
@@ -75,11 +75,22 @@ def load_node_policy(paths: ClusterPaths, node: str, explicit: Path | None = Non
 
 
 def load_registry(paths: ClusterPaths) -> AkRegistry:
+    return parse_registry(paths, read_registry_bytes(paths))
+
+
+def read_registry_bytes(paths: ClusterPaths) -> bytes | None:
+    """The registry file's bytes (None: no registry yet)."""
     try:
-        data = read_bounded(paths.registry, MAX_STATE_BYTES, what="AK registry",
+        return read_bounded(paths.registry, MAX_STATE_BYTES, what="AK registry",
                             missing_ok=True)
+    except FileInputError as exc:
+        raise StateError(f"{paths.registry}: {exc}; `testbed down --purge` starts over") from None
+
+
+def parse_registry(paths: ClusterPaths, data: bytes | None) -> AkRegistry:
+    try:
         return AkRegistry() if data is None else AkRegistry.from_json(data)
-    except (FileInputError, EvidenceFormatError) as exc:
+    except EvidenceFormatError as exc:
         raise StateError(f"{paths.registry}: {exc}; `testbed down --purge` starts over") from None
 
 
@@ -88,19 +99,27 @@ def save_registry(paths: ClusterPaths, registry: AkRegistry) -> None:
 
 
 def read_attestations(paths: ClusterPaths) -> dict[str, AttestationRecord]:
-    """The last attestation of each node (nodes never attested are absent)."""
+    """The last attestation of each node (nodes never attested are absent): a file per
+    node (``attestations/NODE.json``), over the older one-file ``attestations.json``."""
     doc = read_json(paths.attestations)
     if doc is None:
-        return {}
+        doc = {}
     if not isinstance(doc, dict):
         raise StateError(f"{paths.attestations} is not a JSON object")
-    return {str(node): AttestationRecord.from_dict(record, f"{paths.attestations}: {node}")
-            for node, record in doc.items()}
+    records = {str(node): AttestationRecord.from_dict(record, f"{paths.attestations}: {node}")
+               for node, record in doc.items()}
+    directory = paths.attestations_dir
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+        if NAME_PATTERN.fullmatch(path.stem):
+            records[path.stem] = AttestationRecord.from_dict(read_json(path), str(path))
+    return records
 
 
 def record_attestation(paths: ClusterPaths, node: str, record: AttestationRecord) -> None:
-    with locked(paths.attest_lock):
-        doc = read_json(paths.attestations)
-        doc = doc if isinstance(doc, dict) else {}
-        doc[node] = record.to_dict()
-        write_json(paths.attestations, doc)
+    """Replace ``node``'s record: its own file, so recording costs the same with 500
+    nodes as with 5 (the one shared file was rewritten whole each time)."""
+    paths.node(node)  # a valid node name: it becomes a file name
+    private_dir(paths.attestations_dir)
+    # Not fsync'd: what `status` shows, not evidence (that is the evidence log, fsync'd);
+    # a crash may leave a node's previous record, never half a record.
+    write_json(paths.attestations_dir / f"{node}.json", record.to_dict(), durable=False)

@@ -38,9 +38,11 @@ def read_json(path: Path) -> Any:
         raise StateError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
 
 
-def write_json(path: Path, document: object) -> None:
-    """Replace ``path`` with ``document`` as JSON, atomically and durably (0600)."""
-    atomic_write(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+def write_json(path: Path, document: object, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``document`` as JSON, atomically and durably (0600;
+    ``durable=False``: atomically only, see :func:`atomic_write`)."""
+    atomic_write(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode(),
+                 durable=durable)
 
 
 @contextlib.contextmanager

@@ -9,8 +9,10 @@ Layout (``docs/testbed.md``)::
     WORKDIR/clusters/NAME/               0700
         cluster.yaml                     the spec as brought up (tampering included)
         registry.json                    AkRegistry: node -> activated AK (0600)
-        clock-history.json               last accepted quote per AK (0600)
-        attestations.json                last attestation result per node
+        clock-history.json               last accepted quote per AK (older layout;
+                                         still read, migrated per AK on the next save)
+        attestations.json                last attestation result per node (older layout;
+                                         still read, a per-node file wins)
         policies/NODE.yaml               each node's reference policy
         tls-ca/                          the cluster's TLS CA (key 0600)
         nodes/NODE/state/                sim: swtpm state; both: role state (kept by `down`)
@@ -18,6 +20,10 @@ Layout (``docs/testbed.md``)::
                                          swtpm.pid swtpm.log swtpm.sock(.ctrl); roles'
                                          port files
         nodes/NODE/vm.json               qemu: the running VM
+        swarms/FIRST.log                 sim: the log of the swarm process hosting the
+                                         agents of nodes FIRST... (testbed.sim.swarm)
+        clock-history/AKNAME.json        the last accepted quote of each AK (0600)
+        attestations/NODE.json           the last attestation result of each node
     WORKDIR/vms/NAME/NODE/               qemu: console.log, OVMF_VARS.fd (reachable by QEMU)
     WORKDIR/run/libvirt/                 qemu: libvirtd/virtlogd this work dir started
 
@@ -39,6 +45,7 @@ from attestation.files import DIR_MODE, private_dir
 from testbed.core.errors import ArgumentError, StateError, UsageError
 
 __all__ = [
+    "HOST_VTPM_BINDINGS",
     "NAME_PATTERN",
     "SUN_PATH_MAX",
     "WORKDIR_NAME",
@@ -228,6 +235,12 @@ class NodePaths:
         return self.root / "vm.json"
 
 
+# Which hypervisor host made each node's vTPM (testbed.hosts.deep writes it). Named here
+# because the cluster layer must know, without importing the hosts room, that nodes
+# have a host layer to judge.
+HOST_VTPM_BINDINGS = Path("hosts") / "vtpms.json"
+
+
 @dataclass(frozen=True)
 class ClusterPaths:
     """One cluster's files under a work directory."""
@@ -259,6 +272,20 @@ class ClusterPaths:
     @property
     def attestations(self) -> Path:
         return self.root / "attestations.json"
+
+    @property
+    def clock_history_dir(self) -> Path:
+        """One file per AK: an attestation rewrites its own node's, not every node's."""
+        return self.root / "clock-history"
+
+    @property
+    def attestations_dir(self) -> Path:
+        """One file per node: the last attestation result of each."""
+        return self.root / "attestations"
+
+    def swarm_log(self, first: str) -> Path:
+        """The log of the swarm process whose first hosted node is ``first``."""
+        return self.root / "swarms" / f"{first}.log"
 
     @property
     def lock(self) -> Path:

@@ -10,6 +10,8 @@ over SSH, registered and attested.
 * ``agent``: the host agent, run by the lab over SSH.
 * ``remote``: the lab's SSH (paramiko) and ``qemu+ssh`` side.
 * ``attest``: registration and attestation of host TPMs.
+* ``deep``: deep attestation: each host's intermediate CA (key in its TPM), vTPM EK
+  certificates it issues, the verifier's ``host_attestation`` check.
 * ``lifecycle``: ``testbed hosts up | status | attest | down``.
 * ``placement``: placing qemu VMs on trusted hosts (trust check, artifacts by digest,
   the vTPM made on the host); ``ekcert``: issuing those vTPMs' EK certificates;

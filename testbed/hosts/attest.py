@@ -29,8 +29,8 @@ from testbed.hosts.layout import HostsError, LabPaths
 from testbed.hosts.measured import HOST_BOOT, HOST_PCRS, predicted_host_policy, resolve_stack
 from testbed.tpm.localca import LocalCA
 
-__all__ = ["HostVerdict", "attest_host", "host_policy", "read_verdicts", "register_host",
-           "write_host_policy"]
+__all__ = ["HostVerdict", "attest_host", "host_policy", "load_host_registry", "read_verdicts",
+           "record_failure", "register_host", "write_host_policy"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def host_policy(lab: LabPaths, host: str) -> ReferencePolicy:
     return load_policy(lab.policy(host))
 
 
-def _load_registry(lab: LabPaths) -> AkRegistry:
+def load_host_registry(lab: LabPaths) -> AkRegistry:
     data = read_bounded(lab.registry, MAX_STATE_BYTES, what="AK registry", missing_ok=True)
     return AkRegistry() if data is None else AkRegistry.from_json(data)
 
@@ -89,7 +89,7 @@ def register_host(lab: LabPaths, host: str, agent: AgentClient) -> HostVerdict |
     registrar = Registrar(LocalCA(lab.ca_dir).ca_bundle())
     try:
         with locked(lab.attest_lock):
-            registry = _load_registry(lab)
+            registry = load_host_registry(lab)
         ak = register(agent, host, registrar, registry)
     except VerificationError as exc:
         return _refused(lab, host, exc.check, exc.reason)
@@ -97,7 +97,7 @@ def register_host(lab: LabPaths, host: str, agent: AgentClient) -> HostVerdict |
         return _refused(lab, host, "ek_certificate", str(exc))
     if ak is not None:
         with locked(lab.attest_lock):
-            registry = _load_registry(lab)
+            registry = load_host_registry(lab)
             registry.add(host, ak)
             atomic_write(lab.registry, (registry.to_json() + "\n").encode())
     return None
@@ -116,7 +116,7 @@ def attest_host(lab: LabPaths, host: str, agent: AgentClient) -> HostVerdict:
     nonce = os.urandom(32)
     evidence = agent.quote(nonce, HOST_PCRS.indices)
     with locked(lab.attest_lock):
-        registry = _load_registry(lab)
+        registry = load_host_registry(lab)
         if host not in registry.nodes():
             raise HostsError(f"host {host} is not registered: its AK was never activated "
                              "(`testbed hosts up` registers it)")
@@ -129,6 +129,15 @@ def attest_host(lab: LabPaths, host: str, agent: AgentClient) -> HostVerdict:
         private_dir(lab.evidence)
         EvidenceLog(lab.evidence).append(host, nonce, evidence, policy, report, utc_now())
     verdict = _verdict(host, policy, report)
+    _record(lab, verdict)
+    return verdict
+
+
+def record_failure(lab: LabPaths, host: str, check: str, message: str) -> HostVerdict:
+    """An attestation that produced no report (the host did not answer over SSH, its
+    agent failed): recorded as the host's latest verdict, untrusted, so that ``hosts
+    status`` and placement stop trusting a host nobody can attest (fail closed)."""
+    verdict = HostVerdict(host, False, check, message[:1000], "", utc_now())
     _record(lab, verdict)
     return verdict
 

@@ -31,6 +31,7 @@ from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import private_tree
 from testbed.core.processes import launch_detached, process_argv, terminate
 from testbed.core.progress import Progress
+from testbed.hosts import deep as _deep  # noqa: F401  # registers the host_attestation check
 from testbed.hosts import network
 from testbed.hosts.attest import (
     HostVerdict,

@@ -64,6 +64,7 @@ from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
 from testbed.roles.registry import role
+from testbed.roles.revocation import provision_vm
 from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
 from testbed.spec.recipe import load_recipe
 
@@ -432,6 +433,8 @@ class QemuBackend:
         return AgentClient(TcpTransport(record.agent_port), node=node, timeout=timeout)
 
     def start_service(self, node: NodeUp) -> None:
+        # Every guest takes the verifier's revocation decisions (docs/runtime.md).
+        provision_vm(self.paths, node.name, self.agent(node.name))
         start = role(node.role).vm_service
         record = VmRecord.load(self.paths, node.name)
         if start is not None and record is not None:

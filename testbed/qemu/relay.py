@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from testbed.cluster.agent import AgentClient, AgentError, AgentUnavailable
 from testbed.core.errors import StateError
 from trusted_passages.pki import CertificateAuthority, certify_public_key
 
-__all__ = ["ChannelOutcome", "RelayError", "configure_guest", "relay_channel"]
+__all__ = ["ChannelOutcome", "HeldChannel", "RelayError", "configure_guest", "hold_channel",
+           "relay_channel"]
 
 RELAY_TIMEOUT_S = 120.0  # two quotes and two validations inside TCG guests
 RESULT_WAIT_S = 10.0
@@ -100,6 +102,53 @@ def relay_channel(client: AgentClient, server: AgentClient, *, client_node: str,
     return ChannelOutcome(client_node, server_node, _result(client, client_session),
                           _result(server, server_session), relayed,
                           time.monotonic() - started)
+
+
+@dataclass
+class HeldChannel:
+    """A channel the client guest holds open (``tp_connect`` with ``hold``), relayed by a
+    thread until one of the guests closes it (e.g. on a revocation)."""
+
+    client: AgentClient
+    server: AgentClient
+    client_session: str
+    server_session: str
+    sockets: tuple[socket.socket, socket.socket]
+    relay: threading.Thread
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Whether both guests closed their ends within ``timeout``."""
+        self.relay.join(timeout)
+        return not self.relay.is_alive()
+
+    def views(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The client's and the server's account, once they closed the channel."""
+        return _result(self.client, self.client_session), _result(self.server,
+                                                                  self.server_session)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.relay.join(5)
+
+
+def hold_channel(client: AgentClient, server: AgentClient, *, server_node: str,
+                 message: str) -> HeldChannel:
+    """An attested channel from ``client``'s guest to ``server_node``'s that stays open;
+    the host relays it in a thread (close it with :meth:`HeldChannel.close`)."""
+    server_sock, server_session = _open_stream(server, {"op": "tp_accept"})
+    try:
+        client_sock, client_session = _open_stream(
+            client, {"op": "tp_connect", "peer": server_node, "message": message,
+                     "hold": True})
+    except BaseException:
+        server_sock.close()
+        raise
+    relay = threading.Thread(target=_splice, args=(client_sock, server_sock, RELAY_TIMEOUT_S),
+                             daemon=True, name=f"relay-{server_node}")
+    relay.start()
+    return HeldChannel(client, server, client_session, server_session,
+                       (client_sock, server_sock), relay)
 
 
 def _open_stream(agent: AgentClient, request: dict[str, Any]) -> tuple[socket.socket, str]:

@@ -14,22 +14,30 @@ serving) implement :class:`RevocationAware`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import threading
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from attestation.encoding import b64decode, b64encode, require_int
-from attestation.errors import EvidenceFormatError, VerificationError
+from attestation.encoding import require_int
+from attestation.errors import TestbedError
+from attestation.files import atomic_write, private_dir, read_bounded
+from attestation.revocation import (  # the decisions and their verification, one definition
+    ACTIONS,
+    MAX_DECISION,
+    MAX_KEY_PEM,
+    Decision,
+    DecisionLedger,
+    Reinstate,
+    RevocationEvent,
+    decision_args,
+    decode_decision,
+    encode_decision,
+)
+from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
-from testbed.core.files import read_json, write_json
+from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
 
 __all__ = [
@@ -43,16 +51,15 @@ __all__ = [
     "decision_args",
     "decode_decision",
     "encode_decision",
+    "provision_vm",
     "public_key_pem",
+    "signing_key",
     "verifier_key_dir",
 ]
 
-FORMAT = "testbed-revocation"
-MAX_DECISION = 4096  # bytes of one signed decision
-MAX_TEXT = 1024
-ACTIONS = ("revoked", "reinstated")  # the role actions a node's agent routes to the gate
-Kind = Literal["revoked", "reinstated"]
 PUBLIC_KEY = "revocation-key.pub"
+PRIVATE_KEY = "revocation-key.pem"
+MAX_KEY_BYTES = 4096
 
 
 def verifier_key_dir(paths: ClusterPaths) -> Path:
@@ -60,69 +67,40 @@ def verifier_key_dir(paths: ClusterPaths) -> Path:
     return paths.root / "verifier"
 
 
-@dataclass(frozen=True)
-class RevocationEvent:
-    """``node`` failed ``check`` (why: ``reason``) at ``time``: its peers stop trusting it."""
-
-    kind: ClassVar[Kind] = "revoked"
-    node: str
-    check: str
-    reason: str
-    time: str
-    sequence: int
-
-
-@dataclass(frozen=True)
-class Reinstate:
-    """An explicit policy decision: ``node`` is trusted again (it must still attest)."""
-
-    kind: ClassVar[Kind] = "reinstated"
-    node: str
-    reason: str
-    time: str
-    sequence: int
-
-
-Decision = RevocationEvent | Reinstate
-
-
-def encode_decision(decision: Decision) -> bytes:
-    """The canonical bytes that are signed: sorted-key compact JSON."""
-    body = {"format": FORMAT, "version": 1, "kind": decision.kind, **asdict(decision)}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def decode_decision(data: bytes) -> Decision:
-    """Parse signed bytes back; EvidenceFormatError for anything not exactly a decision."""
-    if len(data) > MAX_DECISION:
-        raise EvidenceFormatError(f"a revocation decision is at most {MAX_DECISION} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        raise EvidenceFormatError("a revocation decision is JSON") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != 1:
-        raise EvidenceFormatError(f"not a {FORMAT} version 1 document")
-    kind = doc.get("kind")
-    cls: type[Decision] = RevocationEvent if kind == "revoked" else Reinstate
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if kind not in ACTIONS or set(doc) != fields | {"format", "version", "kind"}:
-        raise EvidenceFormatError(f"a {FORMAT} document has exactly the fields of its kind "
-                                  "(revoked: node check reason time sequence; reinstated: "
-                                  "node reason time sequence)")
-    for name in fields - {"sequence"}:
-        if not isinstance(doc[name], str) or len(doc[name]) > MAX_TEXT:
-            raise EvidenceFormatError(f"{name}: a text of at most {MAX_TEXT} characters")
-    sequence = require_int(doc["sequence"], "sequence", EvidenceFormatError, minimum=1)
-    values = {name: doc[name] for name in fields - {"sequence"}}
-    decision = cls(sequence=sequence, **values)
-    if encode_decision(decision) != data:
-        raise EvidenceFormatError("a revocation decision is in canonical form")
-    return decision
-
-
 def public_key_pem(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.PEM,
                             serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def signing_key(paths: ClusterPaths) -> Ed25519PrivateKey:
+    """The verifier's revocation key, created once (under the directory's lock)."""
+    directory = private_dir(verifier_key_dir(paths))
+    with locked(directory / ".lock"):
+        path = directory / PRIVATE_KEY
+        if not path.exists():
+            key = Ed25519PrivateKey.generate()
+            atomic_write(path, key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+            atomic_write(directory / PUBLIC_KEY, public_key_pem(key.public_key()).encode(),
+                         mode=0o644)
+        loaded = serialization.load_pem_private_key(
+            read_bounded(path, MAX_KEY_BYTES, what="verifier key"), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise StateError(f"{path} is not an Ed25519 private key")
+    return loaded
+
+
+def provision_vm(paths: ClusterPaths, node: str, agent: AgentClient) -> None:
+    """Give a VM's guest agent the verifier's public key when it starts (a sim node reads
+    it from the cluster directory; a guest cannot). The guest pins the first key it gets."""
+    pem = public_key_pem(signing_key(paths).public_key())
+    try:
+        agent.call({"op": "revocation_key", "public_key": pem})
+    except TestbedError as exc:
+        raise StateError(f"node {node}: its guest agent did not take the verifier's key "
+                         f"({exc}); `testbed down` then `testbed up --backend qemu` boots "
+                         "the current image") from None
 
 
 @runtime_checkable
@@ -134,75 +112,35 @@ class RevocationAware(Protocol):
     def reinstated(self, decision: Reinstate) -> dict[str, Any]: ...
 
 
-class RevocationGate:
-    """A node's view of the verifier's decisions: verified, in order, persisted."""
+class RevocationGate(DecisionLedger):
+    """A sim node's ledger, kept in ``state/revocations.json`` (a restarted node still
+    refuses the nodes revoked before); the verifier key is read from the cluster at the
+    first decision, then pinned."""
 
     def __init__(self, state_file: Path, verifier_key_file: Path) -> None:
         self._file = state_file
-        self._key_file = verifier_key_file  # read once, at the first decision: then pinned
-        self._lock = threading.Lock()
+        self._key_file = verifier_key_file
         doc = read_json(state_file) or {}
         damaged = StateError(f"{state_file} is damaged: remove it (the node then trusts the "
                              "verifier key it next sees)")
         try:
-            self.sequence = require_int(doc.get("sequence", 0), "sequence", StateError)
-            self._pinned: str | None = doc.get("verifier_key")
-            self.revoked: dict[str, dict[str, Any]] = dict(doc.get("revoked", {}))
+            sequence = require_int(doc.get("sequence", 0), "sequence", StateError)
+            pinned = doc.get("verifier_key")
+            revoked = dict(doc.get("revoked", {}))
         except (AttributeError, TypeError, ValueError):
             raise damaged from None
-        if not isinstance(self._pinned, str | None) or not all(
+        if not isinstance(pinned, str | None) or not all(
                 isinstance(event, dict) and {"time", "sequence", "check"} <= set(event)
-                for event in self.revoked.values()):
+                for event in revoked.values()):
             raise damaged
-
-    def is_revoked(self, node: str | None) -> bool:
-        return node is not None and node in self.revoked
-
-    def receive(self, action: str, args: Mapping[str, Any]) -> Decision | None:
-        """The decision in ``args`` once verified and recorded; None for a replay."""
-        if set(args) != {"decision", "signature"}:
-            raise StateError(f"{action} takes args {{decision: base64, signature: base64}}")
-        data = b64decode(args["decision"], "decision", limit=MAX_DECISION)
-        signature = b64decode(args["signature"], "signature", limit=64)
-        with self._lock:
-            self._verify(data, signature)
-            decision = decode_decision(data)
-            if decision.kind != action:
-                raise VerificationError("revocation", f"a {decision.kind} decision sent as "
-                                        f"{action!r}")
-            if decision.sequence <= self.sequence:
-                return None  # replayed or stale: the node already applied a later one
-            self._apply(decision)
-        return decision
-
-    def _verify(self, data: bytes, signature: bytes) -> None:
-        pem = self._pinned or self._read_key()
-        key = serialization.load_pem_public_key(pem.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise VerificationError("revocation", "the verifier key is not Ed25519")
-        try:
-            key.verify(signature, data)
-        except InvalidSignature:
-            raise VerificationError("revocation", "the decision is not signed by the "
-                                    "cluster's verifier key") from None
-        self._pinned = pem
+        super().__init__(self._read_key, pinned=pinned, sequence=sequence, revoked=revoked)
 
     def _read_key(self) -> str:
         try:
-            return self._key_file.read_text()[:MAX_DECISION]
+            return self._key_file.read_text()[:MAX_KEY_PEM]
         except (OSError, UnicodeDecodeError) as exc:
             raise StateError(f"the verifier's public key is unreadable: {exc}") from None
 
-    def _apply(self, decision: Decision) -> None:
-        self.sequence = decision.sequence
-        if isinstance(decision, RevocationEvent):
-            self.revoked[decision.node] = asdict(decision)
-        else:
-            self.revoked.pop(decision.node, None)
-        write_json(self._file, {"sequence": self.sequence, "verifier_key": self._pinned,
+    def _record(self) -> None:
+        write_json(self._file, {"sequence": self.sequence, "verifier_key": self.pinned_key,
                                 "revoked": self.revoked})
-
-
-def decision_args(decision: Decision, signature: bytes) -> dict[str, Any]:
-    """The role-action args that carry a signed decision."""
-    return {"decision": b64encode(encode_decision(decision)), "signature": b64encode(signature)}

@@ -1,7 +1,9 @@
 """The ``sim`` backend: a cluster of node processes, each with its own swtpm.
 
 Each node is ``python -m testbed.sim.node`` (:mod:`testbed.sim.node`), started detached
-and reached over its agent socket. Its boot is simulated (:mod:`testbed.tpm.boot`): the
+and reached over its agent socket; the nodes of a spec's ``swarm: N`` entry are hosted
+many to a process (:mod:`testbed.sim.swarm`), each still with its own swtpm and agent
+socket. Its boot is simulated (:mod:`testbed.tpm.boot`): the
 policy it must satisfy is predicted from its spec's honest boot chain, without any TPM.
 Its role service runs inside the node process from the start.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,20 +36,28 @@ from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.errors import StateError
 from testbed.core.files import locked
 from testbed.core.paths import ClusterPaths, private_tree
+from testbed.core.processes import terminate
 from testbed.core.progress import Progress
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.disks import UNLOCK_ACTION
 from testbed.roles.registry import role
 from testbed.sim.processes import (
+    AGENTS_PER_PROCESS,
     READY_TIMEOUT_S,
     STOP_TIMEOUT_S,
+    SWARM_POLL_S,
+    SWARM_READY_S_PER_NODE,
+    SWARM_STOP_TIMEOUT_S,
     cluster_processes,
     ensure_exited,
+    hosting_swarm,
     inspect_node,
     launch_node,
+    launch_swarm,
     node_pid,
     prepare_run_dir,
     stop_process,
+    swarm_of,
     wait_node_gone,
     wait_ready,
 )
@@ -136,8 +147,42 @@ class SimBackend:
 
     def launch(self, spec: ClusterSpec, progress: Progress) -> list[NodeUp]:
         """Launch every node that is not up yet, all at once: they come up in parallel."""
-        nodes = [self._launch(node) for node in spec.nodes]
-        self._deadline = time.monotonic() + READY_TIMEOUT_S
+        swarmed = {n.name: n for n in spec.nodes if n.swarm is not None}
+        launched = self._launch_swarms(list(swarmed.values())) if swarmed else {}
+        nodes = [launched[node.name] if node.name in swarmed else self._launch(node)
+                 for node in spec.nodes]
+        fresh = sum(n.action != "kept" for n in launched.values())
+        self._deadline = time.monotonic() + READY_TIMEOUT_S + SWARM_READY_S_PER_NODE * fresh
+        return nodes
+
+    def _launch_swarms(self, specs: list[NodeSpec]) -> dict[str, NodeUp]:
+        """Swarm nodes: those running are kept, the others started
+        :data:`AGENTS_PER_PROCESS` to a swarm process (one /proc scan for them all)."""
+        nodes = {spec.name: NodeUp(spec.name, spec.role, SimNodeFacts(),
+                                   tampered=spec.tampered.fields() if spec.tampered else ())
+                 for spec in specs}
+        processes = cluster_processes(self.paths)
+        start = []
+        for name, node in nodes.items():
+            current = inspect_node(self.paths, name) if hosting_swarm(self.paths, name) \
+                else None
+            if current is not None and current.state in ("running", "starting") \
+                    and current.pid is not None:
+                node.action, node.facts = "kept", SimNodeFacts(pid=current.pid)
+                continue
+            private_tree(self.paths.workdir, self.paths.node(name).root)
+            prepare_run_dir(self.paths, name, processes)
+            start.append(name)
+        for first in range(0, len(start), AGENTS_PER_PROCESS):
+            chunk = start[first:first + AGENTS_PER_PROCESS]
+            try:
+                pid = launch_swarm(self.paths, chunk)
+            except TestbedError as exc:
+                for name in chunk:
+                    nodes[name].fail(f"could not start its swarm process: {exc}")
+                continue
+            for name in chunk:
+                nodes[name].facts = SimNodeFacts(pid=pid)
         return nodes
 
     def _launch(self, spec: NodeSpec) -> NodeUp:
@@ -164,7 +209,10 @@ class SimBackend:
 
     def wait_ready(self, node: NodeUp) -> None:
         assert isinstance(node.facts, SimNodeFacts) and node.facts.pid is not None
-        info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline)
+        swarm = self.paths.node(node.name).pid_file.exists() and \
+            hosting_swarm(self.paths, node.name) is not None
+        info = wait_ready(self.paths, node.name, node.facts.pid, self._deadline,
+                          SWARM_POLL_S if swarm else 0.02)
         node.facts = SimNodeFacts(node.facts.pid, info.swtpm_pid, info.tcti,
                                   tpm_latency_ms=info.tpm_latency_ms,
                                   batch_window_ms=info.batch_window_ms)
@@ -271,7 +319,9 @@ class SimBackend:
         return NoFacts()
 
     def log_file(self, node: str) -> Path:
-        return self.paths.node(node).log
+        """The node's log; a swarm node's is its swarm process's."""
+        members = hosting_swarm(self.paths, node)
+        return self.paths.swarm_log(members[0]) if members else self.paths.node(node).log
 
     def close(self) -> None:
         """Nothing to release: the nodes outlive the command by design."""
@@ -326,8 +376,9 @@ class SimBackend:
         # Even with the cluster directory deleted, its processes are still found in /proc.
         lock = locked(paths.lock) if paths.root.is_dir() else contextlib.nullcontext()
         with lock:
+            swarms = self._stop_swarms()
             names = sorted(set(paths.node_names()) | {p.node for p in cluster_processes(paths)})
-            nodes = [self._stop_node(name) for name in names]
+            nodes = [self._stop_node(name, swarms.get(name)) for name in names]
             for proc in cluster_processes(paths):  # anything not found through its pid file
                 with contextlib.suppress(StateError):
                     stop_process(paths, proc.pid, proc.kind, proc.node)  # type: ignore[arg-type]
@@ -336,9 +387,27 @@ class SimBackend:
                 self._remove_state(names, purge)
         return DownResult(self.name, paths.name, nodes, purge and not leftovers, leftovers)
 
-    def _stop_node(self, name: str) -> NodeDown:
+    def _stop_swarms(self) -> dict[str, str | None]:
+        """Stop every swarm process at once (each stops its nodes and their swtpms):
+        node -> the signal its swarm process took."""
+        swarms = {proc.pid: swarm_of(self.paths, proc.pid)
+                  for proc in cluster_processes(self.paths) if proc.kind == "swarm"}
+
+        def stop(pid: int) -> str | None:
+            members = swarms[pid] or []
+            with contextlib.suppress(StateError):
+                return terminate(pid, lambda: swarm_of(self.paths, pid) == members,
+                                 SWARM_STOP_TIMEOUT_S)
+            return None
+
+        with ThreadPoolExecutor(max(1, len(swarms))) as pool:
+            signals = dict(zip(swarms, pool.map(stop, swarms), strict=True))
+        return {node: signals[pid] for pid, members in swarms.items()
+                for node in members or ()}
+
+    def _stop_node(self, name: str, swarm_signal: str | None = None) -> NodeDown:
         pid = node_pid(self.paths, name)
-        stopped_by = self._stop_node_process(name, pid) if pid is not None else None
+        stopped_by = self._stop_node_process(name, pid) if pid is not None else swarm_signal
         swtpm_stopped = False
         with contextlib.suppress(StateError):  # unreadable pid file: the /proc scan finds it
             swtpm_stopped = Swtpm.stop_pidfile(self.paths.node(name).swtpm_pid)

@@ -56,6 +56,7 @@ from testbed.roles.revocation import (
 )
 from testbed.sim.agent_server import AgentServer
 from testbed.sim.node_info import NodeInfo, NodeInfoState
+from testbed.spec.cluster_spec import ClusterSpec
 from testbed.svd.volumes import detach_all
 from testbed.tpm.boot import BANK, SIM_PCRS, boot_summary, measure_boot, restore_clock_safety
 from testbed.tpm.latency import LatencyModel, TpmLatencyProxy
@@ -81,8 +82,9 @@ class _Terminated(Exception):
 class Node:
     """The node process: its swtpm, its TPM connection, its role and its agent."""
 
-    def __init__(self, paths: ClusterPaths, name: str) -> None:
+    def __init__(self, paths: ClusterPaths, name: str, spec: ClusterSpec | None = None) -> None:
         self.cluster_paths = paths
+        self._spec = spec  # a swarm process parses the spec once for all its nodes
         self.paths = paths.node(name)
         self.name = name
         self.stopping = threading.Event()
@@ -124,6 +126,43 @@ class Node:
         log.info("stopped (%s)", self.stop_reason or "done")
         return 1 if self.failed else 0
 
+    # -- hosted by a swarm process (testbed.sim.swarm): no signals, no loop of its own ----
+
+    def start_hosted(self) -> bool:
+        """Start as one of a swarm process's nodes: whether it is ready. A failure is
+        recorded in node.json (as :meth:`run` does) and what had started is stopped."""
+        try:
+            self._start()
+        except TestbedError as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: recorded, and the swarm's other nodes go on
+            log.exception("node %s crashed while starting", self.name)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            self.starting = False
+            self._write_info("ready")
+            return True
+        self._close()
+        return False
+
+    def alive(self) -> bool:
+        """One watch step: false once the node was asked to stop or its swtpm died."""
+        if self.stopping.is_set():
+            return False
+        if self._swtpm is not None and not self._swtpm.running:
+            self.request_stop("swtpm died")
+            self._fail(f"swtpm exited unexpectedly:\n{self._swtpm.log_tail(5)}")
+            return False
+        return True
+
+    def stop_hosted(self, reason: str) -> None:
+        """Stop this node (its agent, role, TPM connection and swtpm) and say so."""
+        self.request_stop(reason)
+        self._close()
+        if not self.failed:
+            self._write_info("stopped")
+        log.info("node %s stopped (%s)", self.name, self.stop_reason)
+
     def request_stop(self, reason: str) -> None:
         if not self.stopping.is_set():
             self.stop_reason = reason
@@ -137,7 +176,7 @@ class Node:
         self._write_info("failed", error=error)
 
     def _start(self) -> None:
-        spec = load_spec(self.cluster_paths)
+        spec = self._spec or load_spec(self.cluster_paths)
         node_spec = spec.node(self.name)
         boot = node_spec.effective_boot
         ca = LocalCA.ensure(self.cluster_paths.ca_dir)

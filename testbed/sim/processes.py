@@ -1,9 +1,11 @@
 """The sim backend's processes: node processes and their swtpms, found again by pid
 file or by their command line in /proc, started detached and stopped by PID.
 
-A node is ``python -m testbed.sim.node --workdir W --cluster C --node N``; its swtpm is
-recognised by its ``--pid file=<cluster>/nodes/<node>/run/swtpm.pid`` argument. Both are
-found even when a crashed ``up`` never wrote their pid files.
+A node is ``python -m testbed.sim.node --workdir W --cluster C --node N``, or one of the
+nodes of a swarm process, ``python -m testbed.sim.swarm ... --nodes N1,N2,...``
+(:mod:`testbed.sim.swarm`); its swtpm is recognised by its
+``--pid file=<cluster>/nodes/<node>/run/swtpm.pid`` argument. All are found even when a
+crashed ``up`` never wrote their pid files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,22 +39,31 @@ from testbed.sim.node_info import NodeInfo
 from testbed.tpm.swtpm import Swtpm
 
 __all__ = [
+    "AGENTS_PER_PROCESS",
     "NODE_MODULE",
+    "SWARM_MODULE",
     "NodeProcessState",
     "cluster_processes",
     "ensure_exited",
     "inspect_node",
     "launch_node",
+    "launch_swarm",
     "prepare_run_dir",
     "stop_process",
+    "swarm_of",
     "wait_ready",
 ]
 
 NODE_MODULE = "testbed.sim.node"
+SWARM_MODULE = "testbed.sim.swarm"
+AGENTS_PER_PROCESS = 128  # swarm nodes per process: bounds its threads and descriptors
 READY_TIMEOUT_S = 60.0
+SWARM_READY_S_PER_NODE = 1.5  # more for swarms: first starts provision TPMs one by one
 STOP_TIMEOUT_S = 5.0
+SWARM_STOP_TIMEOUT_S = 30.0  # a swarm stops its nodes 8 at a time
 _POLL_S = 0.02
-Kind = Literal["node", "swtpm"]
+SWARM_POLL_S = 0.5  # hundreds of nodes polled by up: each node.json less often
+Kind = Literal["node", "swtpm", "swarm"]
 
 
 def node_command(paths: ClusterPaths, node: str) -> list[str]:
@@ -59,10 +71,29 @@ def node_command(paths: ClusterPaths, node: str) -> list[str]:
             "--cluster", paths.name, "--node", node]
 
 
+def swarm_command(paths: ClusterPaths, nodes: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", SWARM_MODULE, "--workdir", str(paths.workdir),
+            "--cluster", paths.name, "--nodes", ",".join(nodes)]
+
+
+def swarm_members(argv: list[str], paths: ClusterPaths) -> list[str] | None:
+    """The nodes a swarm process of this cluster hosts, from its command line."""
+    if argv[1:3] != ["-m", SWARM_MODULE] or len(argv) != 9:
+        return None
+    opts = dict(zip(argv[3::2], argv[4::2], strict=True))
+    if opts.get("--workdir") != str(paths.workdir) or opts.get("--cluster") != paths.name:
+        return None
+    members = opts.get("--nodes", "").split(",")
+    return members if all(NAME_PATTERN.fullmatch(m) for m in members) else None
+
+
 def _classify(argv: list[str], paths: ClusterPaths) -> tuple[Kind, str] | None:
-    """(kind, node) if ``argv`` is one of this cluster's node or swtpm processes."""
+    """(kind, node) if ``argv`` is one of this cluster's node, swarm (named by its first
+    node) or swtpm processes."""
     if not argv:
         return None
+    if (members := swarm_members(argv, paths)) is not None:
+        return "swarm", members[0]
     if argv[1:3] == ["-m", NODE_MODULE] and len(argv) == 9:
         opts = dict(zip(argv[3::2], argv[4::2], strict=True))
         if (opts.get("--workdir") == str(paths.workdir) and opts.get("--cluster") == paths.name
@@ -86,8 +117,31 @@ def cluster_processes(paths: ClusterPaths) -> list[OwnedProcess]:
 
 
 def _is_ours(pid: int, paths: ClusterPaths, kind: Kind, node: str) -> bool:
+    """Whether ``pid`` is ``node``'s process of ``kind``; a swarm process hosting
+    ``node`` is its "node" process too."""
     argv = process_argv(pid)
-    return argv is not None and _classify(argv, paths) == (kind, node)
+    if argv is None:
+        return False
+    if kind == "node" and node in (swarm_members(argv, paths) or ()):
+        return True
+    return _classify(argv, paths) == (kind, node)
+
+
+def swarm_of(paths: ClusterPaths, pid: int) -> list[str] | None:
+    """The nodes ``pid`` hosts if it is a swarm process of this cluster."""
+    argv = process_argv(pid)
+    return swarm_members(argv, paths) if argv else None
+
+
+def hosting_swarm(paths: ClusterPaths, node: str) -> list[str] | None:
+    """The nodes of the swarm process ``node``'s pid file names, if that is a live
+    swarm process hosting ``node``."""
+    with contextlib.suppress(StateError):
+        pid = read_pid(paths.node(node).pid_file)
+        members = swarm_of(paths, pid) if pid is not None else None
+        if members is not None and node in members:
+            return members
+    return None
 
 
 def stop_process(paths: ClusterPaths, pid: int, kind: Kind, node: str) -> StopSignal | None:
@@ -150,6 +204,9 @@ def inspect_node(paths: ClusterPaths, node: str) -> NodeProcessState:
             return NodeProcessState(node, "starting", pid, info)
         if info.state == "failed":
             return NodeProcessState(node, "failed", pid, info, info.error or f"see {log}")
+        if info.state == "stopped" and swarm_of(paths, pid) is not None:
+            # One node of a swarm stopped (an agent shutdown): its process hosts others.
+            return NodeProcessState(node, "stopped", None, info)
         if info.state != "ready":
             return NodeProcessState(node, "stopping" if info.state == "stopped" else "starting",
                                     pid, info)
@@ -202,12 +259,25 @@ def launch_node(paths: ClusterPaths, node: str) -> int:
     return pid
 
 
-def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
-    """Before a (re)start: stop a leftover swtpm and drop the previous run's files."""
+def launch_swarm(paths: ClusterPaths, nodes: Sequence[str]) -> int:
+    """Start a swarm process hosting ``nodes`` detached; every node's pid file names it."""
+    log = paths.swarm_log(nodes[0])
+    private_dir(log.parent)
+    pid = launch_detached(swarm_command(paths, nodes), log, cwd=log.parent)
+    for node in nodes:
+        atomic_write(paths.node(node).pid_file, f"{pid}\n".encode())
+    return pid
+
+
+def prepare_run_dir(paths: ClusterPaths, node: str,
+                    processes: Sequence[OwnedProcess] | None = None) -> None:
+    """Before a (re)start: stop a leftover swtpm and drop the previous run's files.
+    ``processes``: the cluster's processes when the caller scanned /proc already (a
+    swarm's hundreds of nodes share one scan)."""
     node_paths = paths.node(node)
     with contextlib.suppress(StateError):  # a corrupt pid file: the swtpm is found by scan
         Swtpm.stop_pidfile(node_paths.swtpm_pid)
-    for proc in cluster_processes(paths):
+    for proc in cluster_processes(paths) if processes is None else processes:
         if proc.node == node and proc.kind == "swtpm":
             stop_process(paths, proc.pid, "swtpm", node)
     if node_paths.run.exists():
@@ -215,7 +285,8 @@ def prepare_run_dir(paths: ClusterPaths, node: str) -> None:
     private_dir(node_paths.run)
 
 
-def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> NodeInfo:
+def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float,
+               poll: float = _POLL_S) -> NodeInfo:
     """node.json once the node says ``ready``; :class:`NodeFailed` if it never will."""
     while True:
         info = read_node_info(paths, node)
@@ -230,5 +301,5 @@ def wait_ready(paths: ClusterPaths, node: str, pid: int, deadline: float) -> Nod
             raise NodeFailed("the node process exited before becoming ready")
         if time.monotonic() > deadline:
             stop_process(paths, pid, "node", node)
-            raise NodeFailed(f"not ready after {READY_TIMEOUT_S:.0f} s; stopped it")
-        time.sleep(_POLL_S)
+            raise NodeFailed("not ready in time; stopped it")
+        time.sleep(poll)

@@ -58,6 +58,7 @@ __all__ = [
     "MAX_BATCH_WINDOW_S",
     "MAX_NODES",
     "MAX_SPEC_BYTES",
+    "MAX_SWARM_NODES",
     "MAX_TPM_LATENCY_S",
     "NAME_PATTERN",
     "ROLE_NAMES",
@@ -80,7 +81,9 @@ __all__ = [
 
 SPEC_VERSION = 1
 MAX_SPEC_BYTES = 64 * 1024  # a spec is a few KiB; this bounds YAML parsing cost
-MAX_NODES = 32
+MAX_NODES = 32  # node entries of a spec (each a process of its own on sim)
+MAX_SWARM_NODES = 1000  # nodes expanded from `swarm: N` entries, in all (sim only)
+SWARM_ROLES = ("generic",)  # a swarm node serves its agent only (no role ports)
 MAX_TEXT_CHARS = 4096  # command lines and stand-in artifact contents
 MAX_FILE_BYTES = 1 << 30  # a kernel or firmware image, hashed in chunks
 ROLE_NAMES = ("verifier", "server", "client", "cryptovm", "generic")
@@ -98,8 +101,8 @@ DEFAULT_SPEC_RESOURCES = {"sim": DEFAULT_SPEC_RESOURCE, "qemu": "examples/qemu-c
 
 _TOP_KEYS = ("version", "name", "description", "backend", "image", "nodes")
 _NODE_KEYS = ("name", "role", "network", "boot", "policy", "tampered", "disks", "tpm_latency",
-              "batch_window", "host")
-_HOST_NAME = re.compile(r"host([1-9][0-9]?)")  # a hosts lab's names (testbed.hosts.layout)
+              "batch_window", "host", "swarm")
+_HOST_NAME = re.compile(r"host([1-9][0-9]?)")  # testbed.hosts.layout's names: host1..host16
 MAX_HOST_INDEX = 16
 _DISK_KEYS = ("name", "size", "mode")
 MAX_TPM_LATENCY_S = 10.0  # a modelled TPM command; hardware quotes take 0.02-0.6 s
@@ -237,7 +240,8 @@ class NodeSpec:
     disks: tuple[DiskSpec, ...] = ()
     tpm_latency: float = 0.0  # s per signing command (testbed.tpm.latency's model); sim
     batch_window: float | None = None  # s: the node's quotes share batches (sim)
-    host: str | None = None  # qemu: the lab host the VM is placed on (docs/hosts.md); None: local
+    host: str | None = None  # the hypervisor host the VM runs on (qemu); None: this machine
+    swarm: str | None = None  # the `swarm:` entry this node was expanded from
 
     @property
     def effective_boot(self) -> BootSpec:
@@ -255,6 +259,7 @@ class NodeSpec:
             **({"batch_window": duration_text(self.batch_window)}
                if self.batch_window is not None else {}),
             **({"host": self.host} if self.host is not None else {}),
+            **({"swarm": self.swarm} if self.swarm else {}),
         }  # fmt: skip
 
 
@@ -277,6 +282,10 @@ class ClusterSpec:
     def with_tamper(self, node: str, override: BootOverride) -> ClusterSpec:
         """The same cluster with ``override`` merged into ``node``'s ``tampered`` block."""
         target = self.node(node)
+        if target.swarm is not None:
+            raise ClusterSpecError(f"--tamper {node}: a swarm node boots its swarm's chain; "
+                                   f"tamper the `{target.swarm}` entry of the spec, or at run "
+                                   f"time: `testbed tamper {node} --runtime PATH`")
         if self.backend == "qemu" and override.fields() != ("cmdline",):
             raise ClusterSpecError(f"--tamper {node}: the qemu backend boots the guest image; "
                                    "only its cmdline can be tampered")
@@ -298,8 +307,39 @@ class ClusterSpec:
         out["backend"] = self.backend
         if self.image is not None:
             out["image"] = str(self.image)
-        out["nodes"] = [n.to_dict() for n in self.nodes]
+        out["nodes"] = _collapse_swarms(self.nodes)
         return out
+
+    def swarms(self) -> dict[str, tuple[NodeSpec, ...]]:
+        """Each swarm entry's name -> its nodes, in spec order."""
+        groups: dict[str, list[NodeSpec]] = {}
+        for node in self.nodes:
+            if node.swarm is not None:
+                groups.setdefault(node.swarm, []).append(node)
+        return {name: tuple(members) for name, members in groups.items()}
+
+
+def swarm_node_name(swarm: str, index: int) -> str:
+    """The name of a swarm entry's ``index``-th node: ``NAME-000`` ..."""
+    return f"{swarm}-{index:03d}"
+
+
+def _collapse_swarms(nodes: tuple[NodeSpec, ...]) -> list[dict[str, Any]]:
+    """The nodes as spec entries: a swarm's nodes back into their one ``swarm: N`` entry."""
+    entries: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for node in nodes:
+        if node.swarm is None:
+            entries.append(node.to_dict())
+        elif node.swarm not in counts:
+            counts[node.swarm] = 0
+            entries.append({**node.to_dict(), "name": node.swarm})
+        if node.swarm is not None:
+            counts[node.swarm] += 1
+    for entry in entries:
+        if "swarm" in entry:
+            entry["swarm"] = counts[entry["name"]]
+    return entries
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -395,14 +435,40 @@ def _nodes(value: object, base: Path, image_cmdline: str | None) -> tuple[NodeSp
         raise ClusterSpecError(f"nodes: expected a non-empty list of nodes, got {_kind(value)}")
     if len(value) > MAX_NODES:
         raise ClusterSpecError(f"nodes: more than {MAX_NODES} nodes")
-    nodes = tuple(_node(item, f"nodes[{i}]", base, image_cmdline)
-                  for i, item in enumerate(value))
+    nodes: list[NodeSpec] = []
     seen: set[str] = set()
-    for i, node in enumerate(nodes):
-        if node.name in seen:
-            raise ClusterSpecError(f"nodes[{i}].name: {node.name!r} is used by two nodes")
-        seen.add(node.name)
-    return nodes
+    for i, item in enumerate(value):
+        node = _node(item, f"nodes[{i}]", base, image_cmdline)
+        expanded = _swarm(node, item, f"nodes[{i}]", image_cmdline) \
+            if isinstance(item, dict) and "swarm" in item else [node]
+        for each in expanded:
+            if each.name in seen:
+                raise ClusterSpecError(f"nodes[{i}].name: {each.name!r} is used by two nodes")
+            seen.add(each.name)
+        nodes += expanded
+    if sum(n.swarm is not None for n in nodes) > MAX_SWARM_NODES:
+        raise ClusterSpecError(f"nodes: more than {MAX_SWARM_NODES} swarm nodes in all")
+    return tuple(nodes)
+
+
+def _swarm(template: NodeSpec, doc: dict[str, object], path: str,
+           image_cmdline: str | None) -> list[NodeSpec]:
+    """``swarm: N``: N nodes like ``template``, named NAME-000..., hosted many to a
+    process on sim (testbed.sim.swarm), each with its own swtpm, EK and AK."""
+    count = require_int(doc["swarm"], f"{path}.swarm", ClusterSpecError, minimum=1,
+                        maximum=MAX_SWARM_NODES)
+    if image_cmdline is not None:
+        raise ClusterSpecError(f"{path}.swarm: only sim nodes come in swarms (backend: sim)")
+    if template.role not in SWARM_ROLES:
+        raise ClusterSpecError(f"{path}.swarm: a swarm's role must be one of "
+                               f"{', '.join(SWARM_ROLES)}, not {template.role!r}")
+    if template.disks:
+        raise ClusterSpecError(f"{path}.disks: swarm nodes have no encrypted disks")
+    if len(swarm_node_name(template.name, count - 1)) > 32:
+        raise ClusterSpecError(f"{path}.name: {template.name!r} is too long for a swarm "
+                               "(its nodes are named NAME-000...: at most 28 characters)")
+    return [replace(template, name=swarm_node_name(template.name, i), swarm=template.name)
+            for i in range(count)]
 
 
 def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> NodeSpec:
@@ -436,14 +502,14 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
 
 
 def _host(value: object, path: str, image_cmdline: str | None) -> str:
-    """A lab host's name (``host1``..``host16``); only a VM can be placed on one."""
+    """A hypervisor host's name (``host1`` .. ``host16``), for qemu nodes only."""
     if image_cmdline is None:
-        raise ClusterSpecError(f"{path}: only a qemu node's VM is placed on a host "
-                               "(backend: qemu; docs/hosts.md)")
+        raise ClusterSpecError(f"{path}: only a qemu node runs on a hypervisor host "
+                               "(backend: qemu)")
     match = _HOST_NAME.fullmatch(value) if isinstance(value, str) else None
     if match is None or not 1 <= int(match.group(1)) <= MAX_HOST_INDEX:
-        raise ClusterSpecError(f"{path}: {_show(value)} is not a host name (host1.."
-                               f"host{MAX_HOST_INDEX}, as `testbed hosts up` names them)")
+        raise ClusterSpecError(f"{path}: {_show(value)} is not a host name "
+                               f"(host1..host{MAX_HOST_INDEX})")
     return str(value)
 
 

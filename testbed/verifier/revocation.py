@@ -20,26 +20,24 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from attestation.errors import TestbedError
-from attestation.files import atomic_write, private_dir, read_bounded
+from attestation.files import private_dir
 from testbed.backends import open_backend
 from testbed.core.clock import utc_now
 from testbed.core.errors import StateError
 from testbed.core.files import locked, read_json, write_json
 from testbed.core.paths import ClusterPaths
-from testbed.roles.revocation import (
+from testbed.roles.revocation import (  # the key lives there: VMs get it at `up`
     PUBLIC_KEY,
     Decision,
     Reinstate,
     RevocationEvent,
     decision_args,
     encode_decision,
-    public_key_pem,
+    signing_key,
     verifier_key_dir,
 )
+from testbed.verifier.hosts import host_of, validate_host_row
 
 __all__ = [
     "DELIVERY_TIMEOUT_S",
@@ -54,28 +52,7 @@ __all__ = [
 ]
 
 DELIVERY_TIMEOUT_S = 1.0
-PRIVATE_KEY = "revocation-key.pem"
 SEQUENCE = "sequence.json"
-MAX_KEY_BYTES = 4096
-
-
-def signing_key(paths: ClusterPaths) -> Ed25519PrivateKey:
-    """The verifier's revocation key, created once (under the directory's lock)."""
-    directory = private_dir(verifier_key_dir(paths))
-    with locked(directory / ".lock"):
-        path = directory / PRIVATE_KEY
-        if not path.exists():
-            key = Ed25519PrivateKey.generate()
-            atomic_write(path, key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
-            atomic_write(directory / PUBLIC_KEY, public_key_pem(key.public_key()).encode(),
-                         mode=0o644)
-        loaded = serialization.load_pem_private_key(
-            read_bounded(path, MAX_KEY_BYTES, what="verifier key"), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise StateError(f"{path} is not an Ed25519 private key")
-    return loaded
 
 
 def next_sequence(paths: ClusterPaths) -> int:
@@ -124,7 +101,7 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
 def revoke(paths: ClusterPaths, node: str, check: str, reason: str
            ) -> tuple[RevocationEvent, dict[str, str]]:
     """A node failed ``check``: sign and publish its revocation."""
-    paths.node(node)  # a clear error for a name that is not a node
+    _check_name(paths, node)
     event = RevocationEvent(node, check, reason, utc_now(), next_sequence(paths))
     return event, publish(paths, event)
 
@@ -132,9 +109,17 @@ def revoke(paths: ClusterPaths, node: str, check: str, reason: str
 def reinstate(paths: ClusterPaths, node: str, reason: str = "operator decision"
               ) -> tuple[Reinstate, dict[str, str]]:
     """The explicit policy decision that trusts ``node`` again, published to every node."""
-    paths.node(node)  # a clear error for a name that is not a node
+    _check_name(paths, node)
     decision = Reinstate(node, reason, utc_now(), next_sequence(paths))
     return decision, publish(paths, decision)
+
+
+def _check_name(paths: ClusterPaths, node: str) -> None:
+    """A clear error for a name that is neither a node nor a host row (``host:host1``)."""
+    if host_of(node) is not None:
+        validate_host_row(node)
+    else:
+        paths.node(node)
 
 
 def public_key_file(paths: ClusterPaths) -> Path:

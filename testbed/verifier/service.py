@@ -13,6 +13,9 @@ One process (``python -m testbed.verifier.service``, started detached by
   (the agent wire: role actions ``nonce`` then ``evidence``, :func:`push_attest`), with
   their runtime log from where the verifier's last good quote left it: the same
   incremental ``runtime`` check as pull nodes;
+- the lab's hypervisor hosts (``WORKDIR/hosts/``) are rows ``host:NAME`` claimed like
+  pull nodes and attested over their SSH sessions (:mod:`testbed.verifier.hosts`); a
+  host that fails marks every VM placed on it untrusted (check ``host``);
 - each outcome is recorded by the loop's thread alone (events, the node's state), a
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
@@ -41,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from attestation.encoding import b64decode, b64encode, require_int
-from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
+from attestation.errors import EvidenceFormatError, FileInputError, TestbedError, VerificationError
 from attestation.evidence import Evidence
-from attestation.files import atomic_write, private_dir, remove_durably
+from attestation.files import atomic_write, private_dir, read_bounded, remove_durably
 from attestation.ima import IMA_PCR
-from attestation.policy import ReferencePolicy
+from attestation.policy import MAX_POLICY_BYTES, ReferencePolicy, load_policy
 from attestation.report import VerificationReport
 from attestation.tpm_types import PcrSelection, parse_attest
 from testbed.backends import open_backend
@@ -64,15 +67,29 @@ from testbed.cluster.runtime import (
     quoting_pcr10,
     slice_reader,
 )
-from testbed.cluster.state import load_node_policy, load_registry
+from testbed.cluster.state import load_node_policy, load_registry, load_spec
 from testbed.cluster.verification import RuntimeInput, attest_node, verify_evidence
 from testbed.core.clock import iso_utc
 from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
 from testbed.core.paths import NAME_PATTERN, ClusterPaths
 from testbed.core.processes import launch_detached, process_argv, read_pid, terminate
+from testbed.hosts import deep as _deep  # noqa: F401  # the host_attestation check, host EK links
+from testbed.hosts.layout import LabPaths
 from testbed.sim.agent_server import AgentServer
+from testbed.spec.cluster_spec import ClusterSpec
 from testbed.verifier import revocation
+from testbed.verifier.hosts import (
+    CONNECT_S,
+    FAILED_STATES,
+    HostAttesters,
+    host_marks,
+    host_of,
+    host_row,
+    lab_hosts,
+    on_failed_host,
+    placement,
+)
 from testbed.verifier.store import (
     UNREACHABLE_CHECK,
     Event,
@@ -95,6 +112,9 @@ RECONNECT_S = 1.0  # between attempts to reopen a database that failed
 MAX_PUSHED_RUNTIME = 1 << 20  # runtime log bytes one push may carry (its frame: 4 MiB)
 PUSH_GRACE = 3  # intervals without pushed evidence before a push node is unreachable
 MAX_PUSH_CONNECTIONS = 32
+HOST_DEADLINE_S = 2.0  # per read of a host attestation, at least (over SSH)
+HOST_LEASE_S = CONNECT_S  # + the deadline: a host's lease covers a fresh SSH session
+MAX_BATCH = 512  # outcomes recorded in one transaction
 
 log = logging.getLogger("testbed.verifier")
 
@@ -159,6 +179,7 @@ class VerifierConfig:
     webhook_secret: Path | None = None
     push: tuple[str, ...] = ()
     workers: int = DEFAULT_WORKERS
+    hosts: bool = True  # attest the lab's hypervisor hosts too (docs/verifier.md, "Hosts")
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):
@@ -197,6 +218,8 @@ class VerifierConfig:
             argv += ["--webhook-secret", str(self.webhook_secret)]
         for node in self.push:
             argv += ["--push", node]
+        if not self.hosts:
+            argv.append("--no-hosts")
         return argv
 
 
@@ -219,34 +242,32 @@ def failed_outcome(node: str, exc: TestbedError, started: float, mode: str) -> O
 
 
 class PolicyCache:
-    """Each node's policy, parsed again only when its file changed.
+    """Each node's policy, parsed again only when its file's bytes changed.
 
     Parsing the YAML policy is most of an attestation's CPU (about 24 ms of 33 ms
-    here): a verifier attesting every node each interval keeps the parsed policy and
-    re-reads the file when its inode, size, mtime or ctime changed, so an edited policy
-    applies from the next attestation on.
+    here): a verifier attesting every node each interval reads the file (a few KiB)
+    and keeps the parsed policy while the bytes are exactly those it parsed, so an
+    edited policy applies from the next attestation on (keyed by content, never by a
+    timestamp an edit might not change).
     """
 
     def __init__(self, paths: ClusterPaths) -> None:
         self.paths = paths
-        self._cached: dict[str, tuple[tuple[int, ...], ReferencePolicy]] = {}
+        self._cached: dict[str, tuple[bytes, ReferencePolicy]] = {}
         self._lock = threading.Lock()
 
     def get(self, node: str) -> ReferencePolicy:
         try:
-            info = os.stat(self.paths.policy(node))
-            key: tuple[int, ...] = (info.st_ino, info.st_size, info.st_mtime_ns,
-                                    info.st_ctime_ns)
-        except OSError:
-            key = ()  # load_node_policy says what is wrong
+            data = read_bounded(self.paths.policy(node), MAX_POLICY_BYTES, what="policy file")
+        except FileInputError:
+            return load_node_policy(self.paths, node)  # it says what is wrong
         with self._lock:
             hit = self._cached.get(node)
-        if key and hit is not None and hit[0] == key:
+        if hit is not None and hit[0] == data:
             return hit[1]
-        policy = load_node_policy(self.paths, node)
-        if key:
-            with self._lock:
-                self._cached[node] = (key, policy)
+        policy = load_policy(data)
+        with self._lock:
+            self._cached[node] = (data, policy)
         return policy
 
     def keep(self, nodes: set[str]) -> None:
@@ -438,6 +459,15 @@ class VerifierService:
                                   self.policies, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
                                    max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
+        self.lab = LabPaths(config.workdir)
+        self._hosts = HostAttesters(self.lab)
+        self._spec: ClusterSpec | None = None  # read at each sync while the lab has hosts
+        self._placement: dict[str, str] = {}  # VM -> its host (the spec's `host:`)
+        self._failed_hosts: dict[str, str] = {}  # host -> the check it failed
+        self._lab_has_hosts = False  # no second claim per tick without hosts
+        # A host's quote crosses SSH and its agent reads the event log: never under
+        # HOST_DEADLINE_S, which a host answers well within when it works.
+        self._host_deadline = max(config.quote_deadline, HOST_DEADLINE_S)
 
     def start(self) -> None:
         """Bind the push socket (before the pid file says the verifier is ready)."""
@@ -486,12 +516,28 @@ class VerifierService:
             self.stop()
             return
         nodes = load_registry(self.paths).nodes()
-        self.store.sync_nodes(nodes, self.config.push)
+        hosts = lab_hosts(self.lab) if self.config.hosts else []
+        self.store.sync_nodes(nodes, self.config.push, [host_row(h) for h in hosts])
         self.policies.keep(set(nodes))
+        self._hosts.keep(hosts)
+        self._sync_hosts(hosts)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
                              self.config.interval, now)
         self.store.prune()
         self._push_overdue(now)
+
+    def _sync_hosts(self, hosts: list[str]) -> None:
+        """Which VM runs on which host, and which hosts are failed, as the store says (a
+        restarted verifier keeps the VMs of a failed host untrusted)."""
+        self._lab_has_hosts = bool(hosts)
+        if not hosts:  # a cluster without a lab: nothing to read per interval
+            self._spec, self._placement, self._failed_hosts = None, {}, {}
+            return
+        self._spec = load_spec(self.paths)
+        self._placement = placement(self._spec)
+        self._failed_hosts = {
+            host: row.last_check for row in self.store.nodes()
+            if (host := host_of(row.node)) is not None and row.state in FAILED_STATES}
 
     def _push_overdue(self, now: float) -> None:
         """A push node that sent no evidence for PUSH_GRACE intervals is unreachable:
@@ -508,8 +554,13 @@ class VerifierService:
 
     def _dispatch(self, now: float) -> None:
         free = self.config.workers - len(self._inflight)
-        for claim in self.store.claim(self.config.name, now, interval=self.config.interval,
-                                      lease=self.config.lease, limit=free):
+        claims = self.store.claim(self.config.name, now, interval=self.config.interval,
+                                  lease=self.config.lease, limit=free)
+        if self._lab_has_hosts and len(claims) < free:
+            claims += self.store.claim(self.config.name, now, interval=self.config.interval,
+                                       lease=HOST_LEASE_S + self._host_deadline,
+                                       limit=free - len(claims), mode="host")
+        for claim in claims:
             if claim.node in self._inflight:
                 # Its last quote is still running a lease later (an agent that trickles
                 # bytes defeats a per-read timeout): not a second quote, and not
@@ -523,6 +574,9 @@ class VerifierService:
 
     def _pull(self, node: str) -> None:
         started = time.time()
+        if (host := host_of(node)) is not None:
+            self.outcomes.put(self._hosts.attest(host, self._host_deadline))
+            return
         try:
             agent = self.backend.agent(node, timeout=self.config.quote_deadline)
             policy = self.policies.get(node)
@@ -537,23 +591,58 @@ class VerifierService:
         self.outcomes.put(outcome)
 
     def _drain(self, wait: float) -> None:
-        """Record every outcome that arrived, waiting up to ``wait`` for the first."""
+        """Record every outcome that arrived, waiting up to ``wait`` for the first: in
+        one transaction (a commit per tick, not per attestation)."""
+        arrived: list[Outcome] = []
         with contextlib.suppress(queue.Empty):
-            outcome = self.outcomes.get(timeout=wait)
-            while True:
-                self._record(outcome)
-                outcome = self.outcomes.get_nowait()
+            arrived.append(self.outcomes.get(timeout=wait))
+            while len(arrived) < MAX_BATCH:
+                arrived.append(self.outcomes.get_nowait())
+        if not arrived:
+            return
+        for outcome in arrived:
+            if outcome.mode == "pull":  # a worker's: its node is no longer in flight
+                self._inflight.discard(outcome.node)
+        arrived = [self._under_host(outcome) for outcome in arrived]
+        recorded = self.store.record_all(self.config.name, arrived)
+        for outcome, events in zip(arrived, recorded, strict=True):
+            self._act(outcome, events)
 
     def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""
         if finished and outcome.mode == "pull":
             self._inflight.discard(outcome.node)
-        events = self.store.record(self.config.name, outcome)
+        outcome = self._under_host(outcome)
+        self._act(outcome, self.store.record(self.config.name, outcome))
+
+    def _under_host(self, outcome: Outcome) -> Outcome:
+        """A VM's outcome while its host is failed counts as a failure (docs/verifier.md)."""
+        host = self._placement.get(outcome.node)
+        if host in self._failed_hosts and outcome.mode != "host":
+            return on_failed_host(outcome, str(host), self._failed_hosts[str(host)])
+        return outcome
+
+    def _act(self, outcome: Outcome, events: list[Event]) -> None:
+        """What follows a recorded outcome: webhooks, revocation of a failed node, and a
+        host's verdict for the VMs on it."""
         for event in events:
             if self._webhooks is not None and (event.kind == "state" or not event.ok):
                 self._webhooks.send(event)
         if not outcome.ok and (len(events) > 1 or self._redeliver(outcome.node, None)):
             self._revoker.submit(self._publish, events[0])
+        if (failed := host_of(outcome.node)) is not None:
+            self._host_verdict(failed, outcome, changed=len(events) > 1)
+
+    def _host_verdict(self, host: str, outcome: Outcome, *, changed: bool) -> None:
+        """A host's outcome: a host that turned failed marks each VM on it untrusted
+        (each VM's state change, its revocation published as any node's)."""
+        if outcome.ok:
+            self._failed_hosts.pop(host, None)
+            return
+        self._failed_hosts[host] = outcome.check
+        if changed and self._spec is not None:
+            for mark in host_marks(self._spec, outcome):
+                self._record(mark, finished=False)
 
     def _redeliver(self, node: str, failed: bool | None) -> bool:
         """Whether ``node``'s revocation must be published again (a node missed it);
@@ -585,6 +674,7 @@ class VerifierService:
 
     def _close(self) -> None:
         self._server.close()
+        self._hosts.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._revoker.shutdown(wait=True, cancel_futures=False)
         if self._webhooks is not None:
@@ -681,7 +771,8 @@ def verifier_status(paths: ClusterPaths, db: str | None = None) -> dict[str, Any
                        "running": processes.get(n) is not None,
                        **({"heartbeat": beats[n].heartbeat, "interval": beats[n].interval}
                           if n in beats else {})} for n in names],
-        "nodes": [{**n.to_dict(), "stale": _stale(n.last_time, rows)} for n in nodes],
+        "nodes": [{**n.to_dict(), "kind": "node" if host_of(n.node) is None else "host",
+                   "stale": _stale(n.last_time, rows)} for n in nodes],
     }
 
 
@@ -707,6 +798,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", action="append", default=[])
     p.add_argument("--webhook-secret", type=Path, default=None)
     p.add_argument("--push", action="append", default=[])
+    p.add_argument("--no-hosts", dest="hosts", action="store_false")
     return p
 
 
@@ -714,7 +806,7 @@ def config_from_args(args: argparse.Namespace) -> VerifierConfig:
     return VerifierConfig(workdir=args.workdir, cluster=args.cluster, name=args.name,
                           interval=args.interval, deadline=args.deadline, db=args.db,
                           webhooks=tuple(args.webhook), webhook_secret=args.webhook_secret,
-                          push=tuple(args.push), workers=args.workers)
+                          push=tuple(args.push), workers=args.workers, hosts=args.hosts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from attestation.files import private_dir
 from testbed.core.errors import StateError
 
 __all__ = [
+    "HOST_CHECK",
     "NODE_STATES",
     "Claim",
     "Event",
@@ -48,6 +49,7 @@ NODE_STATES = ("new", "trusted", "rejected", "unreachable")
 KEEP_EVENTS = 100_000  # older events are pruned: the table's size is bounded
 MAX_TEXT = 2000  # reasons are truncated: a hostile agent's error text stays small
 UNREACHABLE_CHECK = "agent"  # the check an outcome names when no quote could be had
+HOST_CHECK = "host"  # the check of a VM whose hypervisor host failed (testbed.verifier.hosts)
 
 
 class StoreError(StateError):
@@ -245,14 +247,16 @@ class Store:
 
     # --- nodes and leases ----------------------------------------------------------------
 
-    def sync_nodes(self, names: Iterable[str], push: Sequence[str] = ()) -> None:
+    def sync_nodes(self, names: Iterable[str], push: Sequence[str] = (),
+                   hosts: Sequence[str] = ()) -> None:
         """Every node in ``names`` has a row (new ones due now); ``push`` nodes send their
-        own evidence and are never claimed for pull; rows of other nodes are dropped."""
-        wanted = sorted(set(names))
+        own evidence and are never claimed for pull; ``hosts`` are claimed apart (mode
+        ``host``: a lease of their own); rows of other nodes are dropped."""
+        wanted = sorted({*names, *hosts})
         with self._transaction() as cur:
             known = {row[0] for row in self._all(cur, "SELECT node FROM nodes")}
             for node in wanted:
-                mode = "push" if node in push else "pull"
+                mode = "push" if node in push else "host" if node in hosts else "pull"
                 if node in known:
                     self._run(cur, "UPDATE nodes SET mode = ? WHERE node = ?", (mode, node))
                 else:
@@ -261,38 +265,51 @@ class Store:
                 self._run(cur, "DELETE FROM nodes WHERE node = ?", (node,))
 
     def claim(self, owner: str, now: float, *, interval: float, lease: float,
-              limit: int) -> list[Claim]:
-        """Lease up to ``limit`` due pull nodes to ``owner`` for ``lease`` seconds; each
-        is next due one interval from now, so no verifier attests it again before."""
+              limit: int, mode: str = "pull") -> list[Claim]:
+        """Lease up to ``limit`` due nodes of ``mode`` (``pull`` or ``host``) to ``owner``
+        for ``lease`` seconds; each is next due one interval from now, so no verifier
+        attests it again before."""
         if limit <= 0:
             return []
         # S608: the SQL is constant but for the dialect's words; values are parameters.
         sql = ("UPDATE nodes SET owner = ?, lease_until = ?, next_due = ? WHERE node IN ("  # noqa: S608
-               "SELECT node FROM nodes WHERE mode = 'pull' AND next_due <= ? AND "
+               "SELECT node FROM nodes WHERE mode = ? AND next_due <= ? AND "
                f"lease_until < ? ORDER BY next_due LIMIT ? {self.dialect.skip_locked}) "
                "RETURNING node")
         with self._transaction() as cur:
-            rows = self._all(cur, sql, (owner, now + lease, now + interval, now, now, limit))
+            rows = self._all(cur, sql, (owner, now + lease, now + interval, mode, now, now,
+                                        limit))
         return [Claim(str(row[0]), now) for row in rows]
 
     def record(self, verifier: str, outcome: Outcome) -> list[Event]:
         """Record ``outcome``: the node's row (its lease released if ``verifier`` held it)
         and its events: the attestation, and a state change when the state changed."""
+        return self.record_all(verifier, [outcome])[0]
+
+    def record_all(self, verifier: str, outcomes: Sequence[Outcome]) -> list[list[Event]]:
+        """:meth:`record` each outcome, all in one transaction (one commit, one fsync of
+        the WAL, per tick instead of per attestation); the events of each, in order."""
         with self._transaction() as cur:
-            rows = self._all(cur, "SELECT state FROM nodes WHERE node = ?", (outcome.node,))
-            before = str(rows[0][0]) if rows else "new"
-            reason = outcome.reason[:MAX_TEXT]
-            self._run(cur, "UPDATE nodes SET state = ?, last_time = ?, last_check = ?, "
-                      "last_reason = ?, attested_by = ? WHERE node = ?",
-                      (outcome.state, outcome.finished, outcome.check, reason, verifier,
-                       outcome.node))
-            self._run(cur, "UPDATE nodes SET lease_until = 0, owner = '' "
-                      "WHERE node = ? AND owner = ?", (outcome.node, verifier))
-            events = [self._event(cur, outcome, "attestation", outcome.check, reason,
-                                  verifier)]
-            if before != outcome.state:
-                events.append(self._event(cur, outcome, "state", outcome.check,
-                                          f"{before} -> {outcome.state}", verifier))
+            return [self._record(cur, verifier, outcome) for outcome in outcomes]
+
+    def _record(self, cur: Any, verifier: str, outcome: Outcome) -> list[Event]:
+        rows = self._all(cur, "SELECT state FROM nodes WHERE node = ?", (outcome.node,))
+        before = str(rows[0][0]) if rows else "new"
+        reason = outcome.reason[:MAX_TEXT]
+        self._run(cur, "UPDATE nodes SET state = ?, last_time = ?, last_check = ?, "
+                  "last_reason = ?, attested_by = ? WHERE node = ?",
+                  (outcome.state, outcome.finished, outcome.check, reason, verifier,
+                   outcome.node))
+        self._run(cur, "UPDATE nodes SET lease_until = 0, owner = '' "
+                  "WHERE node = ? AND owner = ?", (outcome.node, verifier))
+        events = [self._event(cur, outcome, "attestation", outcome.check, reason,
+                              verifier)]
+        if before != outcome.state:
+            change = f"{before} -> {outcome.state}"
+            if outcome.check == HOST_CHECK:  # name the host and its check: the cause
+                change += f": {reason}"
+            events.append(self._event(cur, outcome, "state", outcome.check, change,
+                                      verifier))
         return events
 
     def _event(self, cur: Any, outcome: Outcome, kind: str, check: str, reason: str,

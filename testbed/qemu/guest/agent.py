@@ -31,12 +31,23 @@ TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per
     {"op": "runtime_log", "offset": N} -> {"offset": N, "data": b64, at most 256 KiB}
     {"op": "runtime_measure", "path": str, "content": b64}
                         -> the ima-ng entry: {"path", "digest", "offset", "template_hash"}
+    {"op": "revocation_key", "public_key": PEM}
+                        -> {"pinned": true}: the verifier's Ed25519 key, given at `up`
+    {"op": "role", "action": "revoked" | "reinstated",
+     "args": {"decision": b64, "signature": b64}}
+                        -> {"node", "applied", "sequence", "effects" | "refused"}
 
 Runtime integrity (docs/runtime.md): the agent keeps this boot's ima-ng log of PCR 10,
 as a sim node does. It starts with the guest kernel's ``boot_aggregate`` (the kernel's
 IMA extends PCR 10 with it before any user space runs), then the agent's own files;
 ``runtime_measure`` is a file the guest "executes": PCR 10 extended, the line appended,
 both under the TPM lock, so a quote never sees a PCR 10 the log does not explain.
+
+Revocation (docs/runtime.md): the host gives the verifier's public key when the VM
+starts (``revocation_key``; the first key is pinned for the boot). ``role`` hands a
+signed decision to the agent's :class:`attestation.revocation.DecisionLedger`, the same
+verification as a sim node's gate; the role extensions then act on it (Trusted Passages
+closes the channels to or from the revoked node, the CryptoVM disables its account).
 
 Errors are ``{"error": "..."}``; the agent keeps serving. One thread per connection, at
 most :data:`MAX_CONNECTIONS` (:class:`attestation.slots.ConnectionSlots`): each request
@@ -64,7 +75,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from attestation.agent_wire import (  # the wire format every node agent speaks
     FrameError,
@@ -82,7 +93,16 @@ from attestation.ima import (  # the ima-ng format the verifier reads (docs/runt
     SIG_TEMPLATE,
     TEMPLATE,
     ImaEntry,
+    boot_aggregate,
     make_entry,
+)
+from attestation.revocation import (  # the decisions, verified as on sim nodes
+    ACTIONS,
+    MAX_KEY_PEM,
+    Decision,
+    DecisionLedger,
+    Reinstate,
+    RevocationEvent,
 )
 from attestation.slots import ConnectionSlots, Slot, shutdown
 from attestation.tpm_raw import (  # the raw TPM commands, shared with cryptovm/rawtpm.py
@@ -104,17 +124,20 @@ MAX_EXECUTED = 1 << 20  # bytes of one file a runtime_measure "executes" (as a s
 MAX_RUNTIME_LOG = 64 * MAX_CHUNK  # what one verifier check reads at most; then refuse
 BANK = "sha256"  # the bank quoted and extended
 _ZERO = bytes(32)
-_OP_KEYS = {"runtime_log": {"op", "offset"}, "runtime_measure": {"op", "path", "content"}}
+_OP_KEYS = {"runtime_log": {"op", "offset"}, "runtime_measure": {"op", "path", "content"},
+            "revocation_key": {"op", "public_key"}, "role": {"op", "action", "args"}}
 
 
 def b64(data: bytes | None) -> str | None:
     return None if data is None else b64encode(data)
 
 
-def boot_aggregate(pcrs: dict[int, bytes]) -> bytes:
-    """IMA's boot_aggregate for a TPM 2.0 sha256 bank: SHA-256 over PCRs 0-9 (Linux 5.8+
-    adds PCRs 8 and 9 to every non-SHA-1 aggregate)."""
-    return hashlib.sha256(b"".join(pcrs[i] for i in range(10))).digest()
+class RevocationListener(Protocol):
+    """A role extension that acts on the verifier's decisions."""
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]: ...
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]: ...
 
 
 class RuntimeLog:
@@ -162,8 +185,13 @@ class Agent:
             "identity": self.identity, "activate": self.activate, "quote": self.quote,
             "status": self.status, "shutdown": self.shutdown,
             "runtime_log": self.runtime_log, "runtime_measure": self.runtime_measure,
+            "revocation_key": self.revocation_key, "role": self.role_call,
         }
         self.runtime = RuntimeLog()
+        self._verifier_key: str | None = None  # given by the host at `up`
+        self._key_lock = threading.Lock()
+        self.revocations = DecisionLedger(self._provisioned_key)  # this boot's decisions
+        self.revocation_listeners: dict[str, RevocationListener] = {}  # by extension
         # op -> handler(request, connection): answers the request and keeps the connection
         self.stream_handlers: dict[str, Callable[[dict[str, Any], socket.socket], None]] = {}
         self.extensions: list[str] = []
@@ -277,6 +305,48 @@ class Agent:
         with self.tpm.lock:
             return self._measure(hashlib.sha256(content).digest(), path).to_dict()
 
+    # --- revocation (docs/runtime.md) ----------------------------------------------------
+
+    def revocation_key(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The verifier's public key, pinned for this boot: a later, different key (the
+        host is not trusted to change it) is refused."""
+        _only_keys(request)
+        pem = request.get("public_key")
+        if not isinstance(pem, str) or len(pem) > MAX_KEY_PEM or \
+                not pem.startswith("-----BEGIN PUBLIC KEY-----"):
+            raise ValueError("revocation_key: public_key is the verifier's Ed25519 public "
+                             f"key in PEM (at most {MAX_KEY_PEM} bytes)")
+        with self._key_lock:
+            pinned = self.revocations.pinned_key or self._verifier_key
+            if pinned is not None and pinned != pem:
+                raise ValueError("revocation_key: another verifier key is pinned for this "
+                                 "boot; reboot the VM to change it")
+            self._verifier_key = pem
+        return {"pinned": True}
+
+    def _provisioned_key(self) -> str:
+        if self._verifier_key is None:
+            raise ValueError("no verifier key: the host gives it when the VM starts "
+                             "(`testbed up --backend qemu`, op revocation_key)")
+        return self._verifier_key
+
+    def role_call(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A signed decision from the verifier: verified, applied, acted on."""
+        _only_keys(request)
+        action, args = request.get("action"), request.get("args")
+        if action not in ACTIONS or not isinstance(args, dict):
+            raise ValueError(f"role: a guest takes the verifier's decisions "
+                             f"({' or '.join(ACTIONS)}) with args {{decision, signature}}")
+        decision, applied = self.revocations.receive_verified(str(action), args)
+        answer: dict[str, Any] = {"node": self.node, "applied": applied,
+                                  "sequence": self.revocations.sequence}
+        if not applied:
+            answer["refused"] = _refusal(decision, self.revocations.sequence)
+            return answer
+        answer["effects"] = {label: _act(listener, decision)
+                             for label, listener in list(self.revocation_listeners.items())}
+        return answer
+
     def handle(self, body: bytes) -> dict[str, Any]:
         try:
             request = json.loads(body)
@@ -292,6 +362,19 @@ class Agent:
         except Exception as exc:  # a bug must not take the guest (PID 1's child) down
             print(f"guest agent: internal error: {exc!r}", file=sys.stderr, flush=True)
             return {"error": f"internal error: {type(exc).__name__}"}
+
+
+def _refusal(decision: Decision, last: int) -> str:
+    """Why an authentic decision changes nothing: the same one again, or an older one."""
+    if decision.sequence == last:
+        return f"replay: decision {decision.sequence} was applied already"
+    return f"stale: decision {decision.sequence} is older than {last}, the last applied"
+
+
+def _act(listener: RevocationListener, decision: Decision) -> dict[str, Any]:
+    if isinstance(decision, RevocationEvent):
+        return listener.revoked(decision)
+    return listener.reinstated(decision)
 
 
 def _only_keys(request: dict[str, Any]) -> None:

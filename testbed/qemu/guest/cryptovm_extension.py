@@ -16,6 +16,12 @@ Ops added to the agent::
         -> {"started": bool, "root_psk": hex (first start only), "ca_pem", "port",
             "pcr_selection", "keys"}
     {"op": "cvm_status"} -> {"running", "keys", "port", "pcr_selection"}
+
+Revocation (docs/runtime.md): the extension listens to the agent's ledger of the
+verifier's decisions. A revoked node's VSM account ``node.NAME`` is disabled (no release,
+no enrollment, no login by any means) and its client certificates removed, as on the sim
+side; a CryptoVM started later applies the decisions received before it started.
+Reinstatement enables the account again.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attestation.revocation import DecisionLedger, Reinstate, RevocationEvent
 from attestation.tpm_raw import Tpm
 from cryptovm.rawtpm import RawTpm
 from cryptovm.server import ServerThread
-from cryptovm.vsm import CryptoVm
+from cryptovm.vsm import CryptoVm, node_account
 
 __all__ = ["CVM1_PORT", "GuestCryptoVm", "install"]
 
@@ -44,11 +51,12 @@ class GuestCryptoVm:
 
     def __init__(self, event_log: Callable[[], bytes | None], tpm: Tpm, *,
                  state_dir: Path = STATE_DIR, host: str = GUEST_IP,
-                 port: int = CVM1_PORT) -> None:
+                 port: int = CVM1_PORT, revocations: DecisionLedger | None = None) -> None:
         # The agent's /dev/tpmrm0 connection and its lock, shared (RawTpm flushes what
         # it creates, so the agent never sees the CryptoVM's transient objects).
         self._event_log, self._state_dir, self._raw = event_log, state_dir, RawTpm(tpm)
         self._host, self._port = host, port
+        self._revocations = revocations
         self._vm: CryptoVm | None = None
         self._server: ServerThread | None = None
         self._lock = threading.Lock()
@@ -62,6 +70,8 @@ class GuestCryptoVm:
                 return {**self._describe(self._vm), "started": False}
             root_psk = self._open_or_create(pcrs)
             assert self._vm is not None
+            for node in list(self._revocations.revoked if self._revocations else ()):
+                _set_account(self._vm, node, enabled=False)  # decided before this start
             server = ServerThread(self._vm, self._host, self._port, IDLE_TIMEOUT_S,
                                   start_timeout=START_TIMEOUT_S)
             server.start()  # a ServerError is answered in words by the agent
@@ -76,6 +86,19 @@ class GuestCryptoVm:
             if self._vm is None:
                 return {"running": False}
             return self._describe(self._vm)
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]:
+        """Stop serving the node: its account disabled, its client certificates removed."""
+        with self._lock:
+            vm = self._vm
+            disabled = vm is not None and _set_account(vm, event.node, enabled=False)
+        return {"account_disabled": disabled, "running": vm is not None}
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]:
+        with self._lock:
+            vm = self._vm
+            enabled = vm is not None and _set_account(vm, decision.node, enabled=True)
+        return {"account_enabled": enabled}
 
     def _open_or_create(self, pcrs: str) -> bytes | None:
         options: dict[str, Any] = {**self._raw.options(), "event_log": self._event_log()}
@@ -93,11 +116,27 @@ class GuestCryptoVm:
                 "keys": len(vm.keys.ids()), "state": "RAM (the guest has no disk)"}
 
 
+def _set_account(vm: CryptoVm, node: str, *, enabled: bool) -> bool:
+    """Enable or disable ``node``'s account (audited, in the sealed config); False when
+    the node never had one (nothing to refuse through: its account cannot be made by
+    anyone but an attested contact)."""
+    name = node_account(node)
+    if name not in vm.accounts.names():
+        return False
+    root = vm.local_root()
+    root.account_enable(name, enabled)
+    if not enabled:
+        root.account_revoke_certificates(name)
+    vm.audit.sync()
+    return True
+
+
 SendFrame = Callable[..., None]
 
 
 def install(agent: Any, send_frame: SendFrame) -> GuestCryptoVm:
     """Add the CryptoVM ops to the guest agent: its TPM, its event log (securityfs)."""
-    service = GuestCryptoVm(agent._event_log, agent.tpm)
+    service = GuestCryptoVm(agent._event_log, agent.tpm, revocations=agent.revocations)
     agent.handlers.update({"cvm_start": service.start, "cvm_status": service.status})
+    agent.revocation_listeners["cryptovm"] = service
     return service

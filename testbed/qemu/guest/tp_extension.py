@@ -18,12 +18,22 @@ Ops added to the agent::
      "registry": AkRegistry JSON text, "policies": {node: policy YAML},
      "pcrs": [int], "profile": "tp13"}       -> {"configured": true}
     {"op": "tp_result", "session": hex}      -> what that channel verified (or its error)
+    {"op": "tp_open"}                        -> {"open": {peer node: open channels}}
 
 Stream ops: answered with ``{"session": hex}``, then the connection carries the TLS
 records of one channel (the host splices it to the other guest's)::
 
-    {"op": "tp_accept"}                      server side: answers one request
-    {"op": "tp_connect", "peer": NAME, "message": TEXT}
+    {"op": "tp_accept"}                      server side: answers each message until
+                                             the peer closes, idles or is revoked
+    {"op": "tp_connect", "peer": NAME, "message": TEXT, "hold": false}
+                                             with hold: the channel stays open after
+                                             the reply, until the peer closes or is revoked
+
+Revocation (docs/runtime.md): the agent's ledger verifies the verifier's decisions; this
+extension listens. Every open channel is tracked by its peer node; a revocation closes
+those to or from the revoked node (a served channel's thread notices within
+:data:`POLL_S`), and the validator refuses a revoked node with check ``revocation``
+before any other check, in both directions, until it is reinstated.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -45,9 +56,11 @@ from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from attestation.policy import ReferencePolicy, load_policy
 from attestation.registrar import AkRegistry
-from trusted_passages.blocking import establish
+from attestation.revocation import DecisionLedger, Reinstate, RevocationEvent
+from trusted_passages.blocking import AttestedChannel, establish
 from trusted_passages.config import ChannelConfig
 from trusted_passages.envelope import Envelope, check_node_name, decode_envelope
+from trusted_passages.errors import ProtocolError as ChannelError
 from trusted_passages.interfaces import BindingContext, Issuer, PeerEvidence, binding_digest
 from trusted_passages.summary import summarize
 from trusted_passages.tpm import TpmValidator
@@ -58,6 +71,8 @@ TIMEOUT_S = 30.0  # TCG guests are slow: a quote plus a validation take a few se
 MAX_MESSAGE = 4096
 MAX_RESULTS = 64  # finished channels whose summary the host may still fetch
 MAX_CAS = 8
+IDLE_S = 60.0  # an open channel with no message for this long is closed
+POLL_S = 0.2  # how often a channel's thread notices that a revocation closed it
 PROFILE: Final = "tp13"
 
 
@@ -69,6 +84,8 @@ class GuestAgent(Protocol):
 
     stream_handlers: dict[str, Any]
     handlers: dict[str, Any]
+    revocations: DecisionLedger
+    revocation_listeners: dict[str, Any]
 
     def quote(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -93,17 +110,28 @@ class GuestIssuer:
 
 
 class PeersValidator:
-    """Validates a peer against *its* registry entry and policy (the claim only selects)."""
+    """Validates a peer against *its* registry entry and policy (the claim only selects);
+    a node the verifier revoked is refused first."""
 
-    def __init__(self, registry: AkRegistry, policies: dict[str, ReferencePolicy]) -> None:
+    def __init__(self, registry: AkRegistry, policies: dict[str, ReferencePolicy],
+                 revocations: DecisionLedger) -> None:
         self._registry, self._policies = registry, policies
+        self._revocations = revocations
 
     def validate(self, evidence: bytes, nonce: bytes) -> PeerEvidence:
         claimed = decode_envelope(evidence).node
+        if self._revocations.is_revoked(claimed):
+            raise VerificationError("revocation", f"node {claimed!r} is revoked by the "
+                                    "verifier")
         policy = self._policies.get(claimed)
         if policy is None:
             raise VerificationError("ak_trust", f"{claimed!r} is not a node this guest knows")
         return TpmValidator(self._registry.for_node(claimed), policy).validate(evidence, nonce)
+
+
+@dataclass
+class _Ending:
+    how: str = "closed"  # or "revoked": a revocation closed the channel
 
 
 @dataclass
@@ -123,6 +151,9 @@ class GuestTrustedPassages:
         self._configured: _Configured | None = None
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
+        # Every open channel by its peer node: a revocation closes them.
+        self._open: dict[str, set[AttestedChannel]] = {}
+        self._closed: set[int] = set()  # ids of the channels a revocation closed
 
     # --- request ops -----------------------------------------------------------------------
 
@@ -149,7 +180,8 @@ class GuestTrustedPassages:
         if not isinstance(cas, list) or not 0 < len(cas) <= MAX_CAS:
             raise ValueError(f"ca_certificates: 1 to {MAX_CAS} base64 DER certificates")
         authorities = [_certificate(c, "ca_certificates") for c in cas]
-        validator = PeersValidator(_registry(request), _policies(request))
+        validator = PeersValidator(_registry(request), _policies(request),
+                                   self._agent.revocations)
         pcrs = request.get("pcrs")
         if not isinstance(pcrs, list) or not all(isinstance(p, int) and 0 <= p < 24
                                                  for p in pcrs) or not pcrs:
@@ -182,19 +214,28 @@ class GuestTrustedPassages:
 
         def run() -> dict[str, Any]:
             channel = establish(conn, configured.config.connection("server"), TIMEOUT_S)
-            text = channel.recv().decode(errors="replace")[:MAX_MESSAGE]
-            channel.send(f"{configured.node} heard {text!r} from attested node "
-                         f"{channel.peer.node!r}".encode())
-            summary = {"role": "server", "received": text, "evidence": summarize(channel.peer)}
-            channel.close()
+            peer = channel.peer.node
+            summary: dict[str, Any] = {"role": "server", "evidence": summarize(channel.peer)}
+            received = []
+            with self._tracked(peer, channel) as ending:
+                while data := self._next_message(channel):
+                    text = data.decode(errors="replace")[:MAX_MESSAGE]
+                    received.append(text)
+                    channel.send(f"{configured.node} heard {text!r} from attested node "
+                                 f"{peer!r}".encode())
+            summary.update(received=received[0] if received else None,
+                           messages=len(received), ended=ending.how)
             return summary
         self._finish(session, run)
 
     def connect(self, request: dict[str, Any], conn: socket.socket) -> None:
         peer, message = request.get("peer"), request.get("message", "hello")
+        hold = request.get("hold", False)
         if not isinstance(peer, str) or not isinstance(message, str) or \
-                len(message) > MAX_MESSAGE or not _valid_node_name(peer):
-            self._answer_error(conn, "tp_connect needs peer: NODE and a short message")
+                len(message) > MAX_MESSAGE or not _valid_node_name(peer) or \
+                not isinstance(hold, bool):
+            self._answer_error(conn, "tp_connect needs peer: NODE, a short message and "
+                               "hold: true or false")
             return
         configured = self._ready(conn)
         if configured is None:
@@ -208,9 +249,69 @@ class GuestTrustedPassages:
             reply = channel.recv().decode(errors="replace")
             summary = {"role": "client", "peer": peer, "sent": message, "reply": reply,
                        "evidence": summarize(channel.peer)}
+            if hold:  # open until the peer closes, idles out, or is revoked
+                with self._tracked(peer, channel) as ending:
+                    while self._next_message(channel):
+                        pass  # a held channel is not asked anything
+                summary["ended"] = ending.how
             channel.close()
             return summary
         self._finish(session, run)
+
+    # --- open channels and revocation ----------------------------------------------------
+
+    def open_channels(self) -> dict[str, int]:
+        with self._lock:
+            return {peer: len(channels) for peer, channels in self._open.items() if channels}
+
+    @contextlib.contextmanager
+    def _tracked(self, peer: str, channel: AttestedChannel) -> Iterator[_Ending]:
+        """Track ``channel`` while it is open; at the end, closed, with how it ended."""
+        ending = _Ending()
+        with self._lock:
+            if self._agent.revocations.is_revoked(peer):  # revoked during the handshake
+                self._closed.add(id(channel))
+            self._open.setdefault(peer, set()).add(channel)
+        try:
+            yield ending
+        finally:
+            with self._lock:
+                self._open.get(peer, set()).discard(channel)
+                if id(channel) in self._closed:
+                    self._closed.discard(id(channel))
+                    ending.how = "revoked"
+            with contextlib.suppress(ChannelError, OSError):
+                channel.close()
+
+    def revoked(self, event: RevocationEvent) -> dict[str, Any]:
+        """Close every channel to or from the revoked node (new ones: the validator
+        refuses it from now on)."""
+        with self._lock:
+            channels = list(self._open.pop(event.node, set()))
+            self._closed.update(id(c) for c in channels)
+        for channel in channels:
+            with contextlib.suppress(ChannelError, OSError):  # the peer may be gone
+                channel.close()
+        return {"closed_channels": len(channels)}
+
+    def reinstated(self, decision: Reinstate) -> dict[str, Any]:
+        return {"accepts": decision.node}
+
+    def _next_message(self, channel: AttestedChannel) -> bytes:
+        """The next message; b"" at the channel's end, after IDLE_S, or once a
+        revocation closed it (noticed within POLL_S)."""
+        deadline = time.monotonic() + IDLE_S
+        while time.monotonic() < deadline:
+            with self._lock:
+                if id(channel) in self._closed:
+                    return b""
+            try:
+                return channel.recv(timeout=POLL_S)
+            except (ChannelError, OSError) as exc:
+                # blocking.py's wording for "no data yet": poll again; else it is over.
+                if not str(exc).startswith("timeout waiting"):
+                    return b""
+        return b""
 
     def _ready(self, conn: socket.socket) -> _Configured | None:
         with self._lock:
@@ -279,6 +380,8 @@ def install(agent: GuestAgent, send_frame: SendFrame) -> GuestTrustedPassages:
     """Add the Trusted Passages ops to ``agent``; ``send_frame`` is the agent's framing."""
     service = GuestTrustedPassages(agent, send_frame)
     agent.handlers.update({"tp_init": service.init, "tp_configure": service.configure,
-                           "tp_result": service.result})
+                           "tp_result": service.result,
+                           "tp_open": lambda _request: {"open": service.open_channels()}})
     agent.stream_handlers.update({"tp_accept": service.accept, "tp_connect": service.connect})
+    agent.revocation_listeners["trusted-passages"] = service
     return service
