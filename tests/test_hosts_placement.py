@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from testbed.hosts import lifecycle
+from testbed.hosts.deep import vtpm_hosts
 from testbed.hosts.ekcert import EkRequestError, parse_ek_request
 from testbed.hosts.layout import LabPaths, LabState
 from testbed.hosts.placement import HostNotTrusted, require_trusted
@@ -127,6 +128,7 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
     fs = _host_fs(lab, "host2")
     assert (fs / "swtpm" / record["uuid"] / "tpm2" / "tpm2-00.permall").is_file()
     assert not Path("/var/lib/libvirt/swtpm", record["uuid"]).exists()
+    assert vtpm_hosts(LabPaths(lab)).get("vm1") == "host2"  # EK cert from host2's intermediate
     assert len(list((fs / "testbed" / "artifacts").iterdir())) == 2  # kernel, initrd
 
     status = _json(_cli(lab, "status", "--json"))

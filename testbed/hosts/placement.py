@@ -12,9 +12,10 @@ domain there over ``qemu+ssh``:
    SFTP only when missing, then the host's ``sha256sum`` must give the lab's digest, or
    the host is refused (check ``artifact_digest``).
 3. :meth:`PlacedHost.manufacture_vtpm`: ``swtpm_setup`` run on the host (over SSH) into
-   libvirt's vTPM directory there; its EK certificate is issued by the lab
-   (:func:`testbed.hosts.ekcert.issue_vtpm_ek_certificate`) for the request the host's
-   :mod:`testbed.hosts.vtpm_tool` makes.
+   libvirt's vTPM directory there; its EK certificate is issued by the host's
+   intermediate CA (deep attestation, :func:`testbed.hosts.deep.issue_vtpm_ek_certificate`:
+   the key signs in the host TPM) for the request the host's :mod:`testbed.hosts.vtpm_tool`
+   makes, checked by the lab first (:func:`testbed.hosts.ekcert.parse_ek_request`).
 4. :meth:`PlacedHost.remove_vm`: after the domain is undefined, its run directory and
    vTPM state go; the artifacts stay (by digest: the next VM of that image reuses them).
 """
@@ -22,6 +23,7 @@ domain there over ``qemu+ssh``:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import posixpath
 import shlex
 import sys
@@ -31,15 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from attestation.errors import VerificationError
 from attestation.files import hash_file
 from testbed.hosts.attest import read_verdicts
-from testbed.hosts.ekcert import MAX_REQUEST_BYTES, issue_vtpm_ek_certificate, parse_ek_request
+from testbed.hosts.deep import (
+    TPM_ATTRIBUTES,
+    certify_host_intermediate,
+    issue_vtpm_ek_certificate,
+    load_intermediate,
+)
+from testbed.hosts.ekcert import MAX_REQUEST_BYTES, EkRequest, parse_ek_request
 from testbed.hosts.layout import HostRecord, HostsError, LabPaths, LabState
-from testbed.hosts.remote import HostUnreachable, SshSession, libvirt_uri
+from testbed.hosts.remote import HostUnreachable, SshSession, agent_client, libvirt_uri
 from testbed.hosts.vtpm_tool import REFUSED, REQUEST, RESPONSE
-from testbed.tpm.localca import LocalCA
 
 __all__ = [
     "HOST_STATE",
@@ -58,6 +66,7 @@ COMMAND_TIMEOUT_S = 60.0
 SETUP_TIMEOUT_S = 60.0
 MAX_OUTPUT_BYTES = 64 * 1024
 MAX_ARTIFACT_BYTES = 1 << 30  # a guest kernel or initrd
+INTERMEDIATE_MARGIN = datetime.timedelta(hours=1)  # renewed before, not during, an `up`
 _POLL_S = 0.05
 
 
@@ -167,6 +176,15 @@ class PlacedHost:
                   VMS, SWTPM_STORAGE])
         self.run(["chmod", "0700", VTPM_SETUP])
 
+    def ensure_intermediate(self) -> None:
+        """The host's intermediate CA certified (the host attested now) unless a current
+        one exists: before ``up`` makes its registrar, whose EK path links are the
+        intermediates of trusted hosts at that moment."""
+        intermediate = load_intermediate(self.lab, self.name)
+        soon = datetime.datetime.now(datetime.UTC) + INTERMEDIATE_MARGIN
+        if intermediate is None or intermediate.certificate.not_valid_after_utc < soon:
+            certify_host_intermediate(self.lab, self.name, agent_client(self.session, self.name))
+
     # --- artifacts ----------------------------------------------------------------------
 
     def copy_artifact(self, local: Path, what: str) -> str:
@@ -208,8 +226,8 @@ class PlacedHost:
         self.run(["chmod", "0711", path])
         return path
 
-    def manufacture_vtpm(self, ca: LocalCA, vm_uuid: str) -> None:
-        """The VM's vTPM state made on the host, where libvirt's swtpm will find it."""
+    def manufacture_vtpm(self, node: str, vm_uuid: str) -> None:
+        """``node``'s vTPM state made on the host, where libvirt's swtpm will find it."""
         exchange = f"{VTPM_SETUP}/{vm_uuid}"
         state = f"{SWTPM_STORAGE}/{vm_uuid}/tpm2"
         self.run(["mkdir", "-p", exchange, state])  # sshd's umask is the host init's 077
@@ -221,7 +239,7 @@ class PlacedHost:
                 ["swtpm_setup", "--tpm2", "--tpmstate", state, "--create-ek-cert",
                  "--lock-nvram", "--pcr-banks", "sha256", "--config",
                  f"{exchange}/swtpm_setup.conf"]), SETUP_TIMEOUT_S)
-            self._answer_ek_request(ca, exchange, channel)
+            self._answer_ek_request(node, exchange, channel)
             code, out = self._finish(channel, SETUP_TIMEOUT_S)
             if code != 0:
                 raise HostsError(f"{self.name}: swtpm_setup failed (exit {code}): "
@@ -255,7 +273,7 @@ class PlacedHost:
         except (OSError, paramiko.SSHException) as exc:
             raise HostUnreachable(f"{self.name}: writing swtpm_setup's files: {exc}") from None
 
-    def _answer_ek_request(self, ca: LocalCA, exchange: str, channel: paramiko.Channel) -> None:
+    def _answer_ek_request(self, node: str, exchange: str, channel: paramiko.Channel) -> None:
         """Wait for the host's EK request; issue the certificate, or refuse it."""
         deadline = time.monotonic() + SETUP_TIMEOUT_S
         while not self._exists(f"{exchange}/{REQUEST}"):
@@ -268,15 +286,22 @@ class PlacedHost:
         try:
             with self.sftp().open(f"{exchange}/{REQUEST}", "r") as handle:
                 data = handle.read(MAX_REQUEST_BYTES + 1)
-            cert = issue_vtpm_ek_certificate(ca, parse_ek_request(data, self.name),
-                                             host=self.name)
-        except HostsError:
+            cert = self._issue(node, parse_ek_request(data, self.name))
+        except (HostsError, VerificationError):
             with self.sftp().open(f"{exchange}/{REFUSED}", "w") as handle:
                 handle.write(b"refused\n")
             raise
         with self.sftp().open(f"{exchange}/{RESPONSE}.part", "w") as handle:
             handle.write(cert)
         self.sftp().posix_rename(f"{exchange}/{RESPONSE}.part", f"{exchange}/{RESPONSE}")
+
+    def _issue(self, node: str, request: EkRequest) -> bytes:
+        """The EK certificate from this host's intermediate CA (refused unless the host's
+        latest attestation is good), the node recorded as running on this host."""
+        ek = rsa.RSAPublicNumbers(65537, int(request.modulus_hex, 16)).public_key()
+        identity = [(k, v) for k, v in request.identity if k in TPM_ATTRIBUTES]
+        return issue_vtpm_ek_certificate(self.lab, self.name, ek, node=node, identity=identity,
+                                         agent=agent_client(self.session, self.name))
 
     def remove_vm(self, domain: str, vm_uuid: str) -> None:
         """A VM's run directory (console log, NVRAM) and vTPM state on the host."""

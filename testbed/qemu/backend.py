@@ -332,8 +332,8 @@ class QemuBackend:
         with progress.step("libvirt (started if needed, left running)"):
             self._driver = VmDriver(self.paths.workdir, reference_dir=cache / "firmware")
         if self._hosts:
-            with progress.step(f"guest image on {', '.join(sorted(self._hosts))} "
-                               "(copied by digest over SFTP, verified there)"):
+            with progress.step(f"hosts {', '.join(sorted(self._hosts))}: intermediate CA, "
+                               "guest image (copied by digest over SFTP, verified there)"):
                 self._copy_artifacts()
         with progress.step("predicted policies (firmware reference captured once)"):
             for node in spec.nodes:  # PCR 10: the guest agent's files (docs/runtime.md)
@@ -485,6 +485,7 @@ class QemuBackend:
         assert self._image is not None
         for name, host in sorted(self._hosts.items()):
             host.prepare()
+            host.ensure_intermediate()  # deep attestation: issues the VMs' EK certificates
             self._artifacts[name] = (host.copy_artifact(self._image.kernel, "the guest kernel"),
                                      host.copy_artifact(self._image.initrd, "the guest initrd"))
 
@@ -528,7 +529,7 @@ class QemuBackend:
                 firmware=self._driver.firmware, memory_mib=self._driver.memory_mib,
                 forwards=tuple(zip(ports[1:], guest_ports.values(), strict=True)),
                 uuid=str(uuid.uuid4()))
-            host.manufacture_vtpm(self._driver.ca, vm_spec.uuid)
+            host.manufacture_vtpm(spec.name, vm_spec.uuid)
             try:
                 vm = Vm.start_placed(self._conn(spec.host), vm_spec)
                 break
