@@ -55,6 +55,8 @@ def test_predicted_policy_allows_exactly_the_guest_agents_files() -> None:
                                                  "testbed/qemu/guest/tp_extension.py")},
         "/opt/testbed/cryptovm_extension.py": {
             _sha256(REPO_ROOT / "testbed/qemu/guest/cryptovm_extension.py")},
+        "/opt/testbed/disk_extension.py": {
+            _sha256(REPO_ROOT / "testbed/qemu/guest/disk_extension.py")},
     }
     check_entries(policy, [make_entry(b"\1" * 32, BOOT_AGGREGATE),
                            make_entry(next(iter(policy.allow[AGENT])), AGENT)])

@@ -36,6 +36,7 @@ from attestation.errors import TestbedError
 from attestation.files import atomic_write, private_dir
 from attestation.policy import ReferencePolicy
 from attestation.tpm_types import PcrSelection
+from cryptovm.disks import Call, ensure_disk_key
 from testbed.cluster.agent import AgentClient, TcpTransport
 from testbed.cluster.results import (
     DaemonsOutcome,
@@ -48,7 +49,7 @@ from testbed.cluster.results import (
 from testbed.cluster.runtime import ensure_runtime_policy
 from testbed.cluster.state import load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError, StateError
 from testbed.core.files import locked, read_json
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
@@ -57,16 +58,27 @@ from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.placement import PlacedHost, require_trusted
 from testbed.hosts.remote import SshTcpTransport
 from testbed.qemu.accel import AccelChoice
+from testbed.qemu.disks import (
+    HOTPLUG_PORTS,
+    VmDiskFiles,
+    attach_host_disk,
+    attached_serials,
+    disk_root,
+    disk_status,
+    remove_disk_secrets,
+)
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons, load_libvirt
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
+from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.registry import role
 from testbed.roles.revocation import provision_vm
-from testbed.spec.cluster_spec import ClusterSpec, NodeSpec
+from testbed.spec.cluster_spec import ClusterSpec, DiskSpec, NodeSpec
 from testbed.spec.recipe import load_recipe
+from testbed.svd.volumes import DiskStatus
 
 __all__ = ["QemuBackend", "QemuFacts", "VmFacts", "VmRecord", "VmStatusFacts", "domain_name"]
 
@@ -153,14 +165,20 @@ class VmFacts:
     agent_port: int | None = None
     boot_seconds: float | None = None
     host: str | None = None  # the lab host it runs on; None: the local libvirt
+    disks: tuple[DiskStatus, ...] = ()  # host-side disks attached after attestation
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        return [("domain", self.domain), ("host", self.host or "local"),
-                ("port", str(self.agent_port or "-")), ("boot", boot)]
+        items = [("domain", self.domain), ("host", self.host or "local"),
+                 ("port", str(self.agent_port or "-")), ("boot", boot)]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -179,16 +197,22 @@ class VmStatusFacts:
     cmdline: str | None = None
     image: str | None = None
     host: str | None = None  # the lab host it runs on; None: the local libvirt
+    disks: tuple[DiskStatus, ...] = ()  # host-side disks: attached (unlocked) or not
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        return out
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        return [("domain", self.domain), ("host", self.host or "local"),
-                ("accel", self.accel or "-"),
-                ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
-                ("port", str(self.agent_port or "-")), ("boot", boot)]
+        items = [("domain", self.domain), ("host", self.host or "local"),
+                 ("accel", self.accel or "-"),
+                 ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
+                 ("port", str(self.agent_port or "-")), ("boot", boot)]
+        if self.disks:
+            items.append(("disks", ", ".join(d.summary() for d in self.disks)))
+        return items
 
 
 @dataclass(frozen=True)
@@ -308,6 +332,7 @@ class QemuBackend:
         self._hosts: dict[str, PlacedHost] = {}  # placement: host -> its SSH side
         self._host_conns: dict[str, Any] = {}  # host -> libvirt over qemu+ssh
         self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
+        self._disk_specs: dict[str, list[DiskSpec]] = {}
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -403,7 +428,8 @@ class QemuBackend:
         booted = self._driver.boot(spec.name, self._image, cmdline=cmdline,
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
-                                   guest_ports=list(guest_ports.values()))
+                                   guest_ports=list(guest_ports.values()),
+                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0)
         self._record(spec, node, booted.vm.spec, None)
         self._booted[spec.name] = booted
 
@@ -442,8 +468,49 @@ class QemuBackend:
                                  record.service_ports)
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
-        """Nothing needs the whole cluster: Trusted Passages between guests is provisioned
-        per channel (:mod:`testbed.qemu.relay`)."""
+        """Host-side encrypted disks, once every VM attested and the CryptoVM serves
+        (Trusted Passages between guests is provisioned per channel, testbed.qemu.relay)."""
+        spec = load_spec(self.paths)
+        host = [(n, spec.node(n.name)) for n in nodes if _host_disks(spec.node(n.name))]
+        if not host:
+            return
+        with progress.step("encrypted disks: released after attestation, hot-plugged "
+                           "(QEMU decrypts; docs/svd.md)"):
+            cryptovm = next(n.name for n in spec.nodes if n.role == "cryptovm")
+            try:
+                client = cryptovm_endpoint(self.paths, cryptovm).client()
+            except TestbedError as exc:  # e.g. the CryptoVM VM failed
+                for node, _ in host:
+                    if node.action != "failed" and node.attested is True:
+                        node.fail(f"disks not attached: no CryptoVM to ask ({exc})")
+                return
+            try:
+                for node, node_spec in host:
+                    self._attach_disks(node, node_spec, cryptovm, client.call)
+            finally:
+                client.close()
+
+    def _attach_disks(self, node: NodeUp, spec: NodeSpec, cryptovm: str, call: Call) -> None:
+        """Fail closed: a VM that did not pass its attestation is not even asked for."""
+        if node.action == "failed" or node.attested is not True or self._driver is None:
+            return
+        agent = self.agent(node.name)
+        domain = _lookup(self._driver.conn, domain_name(self.paths, node.name))
+        attached: list[DiskStatus] = []
+        for index, disk in enumerate(_host_disks(spec)):
+            try:
+                attached.append(attach_host_disk(
+                    self._driver.conn, domain, VmDiskFiles(self.paths, node.name, disk.name),
+                    disk, f"vd{chr(ord('b') + index)}", cryptovm, call,
+                    lambda data: agent.quote(data, list(QUOTED_PCRS)),
+                    lambda disk=disk: ensure_disk_key(  # type: ignore[misc]
+                        call, node.name, disk.name, self.paths.policy(node.name).read_text(),
+                        self.paths.registry.read_text())))
+            except (TestbedError, OSError) as exc:
+                node.fail(f"disk {disk.name} not attached: {exc}")
+                return
+        if isinstance(node.facts, VmFacts):
+            node.facts = replace(node.facts, disks=tuple(attached))
 
     def facts(self) -> QemuFacts:
         assert self._driver is not None and self._image is not None
@@ -477,6 +544,11 @@ class QemuBackend:
         named = [n.host for n in spec.nodes if n.host is not None]
         if not named:
             return
+        for node in spec.nodes:
+            if node.host is not None and _host_disks(node):
+                raise ArgumentError(f"node {node.name}: host-side encrypted disks are not "
+                                    "placed on hosts yet (docs/hosts.md); use mode: guest "
+                                    "or run the node on the local libvirt")
         lab = LabPaths(self.paths.workdir)
         for name, record in require_trusted(self.paths.workdir, named).items():
             self._hosts[name] = PlacedHost(lab, record)
@@ -566,6 +638,7 @@ class QemuBackend:
         spec = load_spec(paths) if paths.spec.is_file() else None
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
+        self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
         with _placed_domains(paths) as placed:
@@ -576,6 +649,11 @@ class QemuBackend:
                 domains = {**_cluster_domains(conn, paths), **placed}
                 return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
                         for n in names]
+
+    def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
+        attached = attached_serials(domain) if running and domain is not None else set()
+        return tuple(disk_status(VmDiskFiles(self.paths, name, d.name), d, d.name in attached)
+                     for d in self._disk_specs.get(name, ()))
 
     def _status(self, name: str, role_name: str, domain: Any | None,
                 procs: list[OwnedProcess], last: Any) -> NodeStatus:
@@ -594,7 +672,8 @@ class QemuBackend:
                 record.domain, record.accel, record.firmware,
                 f"swtpm ({where}run by libvirt), EK certificate from the work dir's CA",
                 pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
-                record.boot_seconds, record.cmdline, record.image, record.host)
+                record.boot_seconds, record.cmdline, record.image, record.host,
+                self._disks(name, domain, state == "running"))
         return NodeStatus(name=name, role=role_name, state=state, reason=reason, agent=agent,
                           service=None, tampered=record.tampered if record else (),
                           last_attestation=last, facts=facts)
@@ -628,6 +707,7 @@ class QemuBackend:
             return placed, DaemonsOutcome(ours=False)
         with _libvirt(paths) as conn:
             removed = sorted({*placed, *_remove_domains(conn, paths)})
+            remove_disk_secrets(conn, paths)  # normally gone right after the hot-plug
             # Running domains only: a stale definition someone left must not pin the daemons.
             remaining = tuple(sorted(d.name() for d in conn.listAllDomains(0) if d.isActive()))
         ours = _our_daemons(paths)
@@ -637,6 +717,10 @@ class QemuBackend:
             return removed, DaemonsOutcome(kept_for=remaining)
         Daemons(paths.libvirt_run, dict(ours)).stop()  # once the connection is closed
         return removed, DaemonsOutcome(stopped=tuple(sorted(ours)))
+
+
+def _host_disks(spec: NodeSpec) -> list[DiskSpec]:
+    return [d for d in spec.disks if d.mode == "host"]
 
 
 def _vm_nodes(paths: ClusterPaths) -> list[str]:
@@ -762,7 +846,8 @@ def _wait_processes_gone(paths: ClusterPaths) -> list[OwnedProcess]:
 
 def _remove_state(paths: ClusterPaths, purge: bool) -> None:
     shutil.rmtree(paths.vm_root, ignore_errors=True)
-    if purge:
+    if purge:  # the disks' ciphertext too (without it their bindings are useless)
+        shutil.rmtree(disk_root(paths), ignore_errors=True)
         shutil.rmtree(paths.root, ignore_errors=True)
         return
     for node in paths.node_names():

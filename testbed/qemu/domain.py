@@ -19,7 +19,10 @@ A testbed VM is a libvirt domain (``qemu:///system``) with:
   cannot forward ports without passt, so the netdev is given as ``qemu:commandline``
   arguments. The NIC's option ROM is off (nothing to PXE boot, and OVMF would
   measure it into PCR 2);
-* no graphics, video, USB, balloon: fewer devices, faster TCG boot, fewer firmware events.
+* no graphics, video, USB, balloon: fewer devices, faster TCG boot, fewer firmware events;
+* for a VM with host-side encrypted disks, empty ``pcie-root-port`` controllers to
+  hot-plug them into after attestation (:mod:`testbed.qemu.disks`): an empty port has
+  no option ROM and no boot option, so OVMF measures nothing more.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ class VmSpec:
     ovmf_vars: Path = OVMF_VARS
     # More (host port on 127.0.0.1, guest port) openings, e.g. a CryptoVM's service port.
     forwards: tuple[tuple[int, int], ...] = ()
+    # Empty pcie-root-ports for disks hot-plugged after attestation (testbed/qemu/disks.py).
+    hotplug_ports: int = 0
 
     @property
     def console_log(self) -> Path:
@@ -134,6 +139,10 @@ def _devices(root: ET.Element, spec: VmSpec) -> None:
     _sub(devices, "controller", type="usb", model="none")
     _sub(_sub(devices, "video"), "model", type="none")
     _sub(devices, "memballoon", model="none")
+    if spec.hotplug_ports:  # q35's root bus takes no hot-plug: an empty port per disk
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+    for index in range(1, spec.hotplug_ports + 1):
+        _sub(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
 
 
 def _network(root: ET.Element, spec: VmSpec) -> None:

@@ -146,13 +146,14 @@ class VmDriver:
 
     def boot(self, name: str, image: GuestImage, *, cmdline: str | None = None,
              domain: str | None = None, run_dir: Path | None = None,
-             guest_ports: Sequence[int] = ()) -> QemuNode:
+             guest_ports: Sequence[int] = (), hotplug_ports: int = 0) -> QemuNode:
         """Define and start a VM (returns at once; :meth:`wait` for its agent).
 
         ``domain`` (default ``testbed-<name>``) and ``run_dir`` (default
         ``<workdir>/qemu/<name>``, console log and NVRAM) let clusters keep
         their VMs apart from other testbed runs. Each of ``guest_ports`` gets a
-        forward from a free port on 127.0.0.1 (``node.vm.spec.forwards``).
+        forward from a free port on 127.0.0.1 (``node.vm.spec.forwards``);
+        ``hotplug_ports`` empty PCIe ports take disks attached later.
         """
         if not _NAME.fullmatch(name):
             raise ValueError(f"node name {name!r} must match {_NAME.pattern}")
@@ -166,7 +167,7 @@ class VmDriver:
                     initrd=image.initrd, cmdline=image.cmdline if cmdline is None else cmdline,
                     run_dir=run_dir or self.workdir / "qemu" / name, agent_port=self._port(),
                     guest_port=image.agent_port, accel=self.accel, firmware=self.firmware,
-                    memory_mib=self.memory_mib,
+                    memory_mib=self.memory_mib, hotplug_ports=hotplug_ports,
                     forwards=tuple((self._port(), port) for port in guest_ports))  # fmt: skip
                 try:
                     vm = Vm.start(self.conn, spec, self.ca,

@@ -247,6 +247,26 @@ class StorageDaemon:
         finally:
             qmp.close()
 
+    def create_qcow2_luks(self, image: Path, size: int, key: bytes) -> None:
+        """Format ``image`` (created) as a qcow2 of ``size`` bytes with QEMU's built-in
+        LUKS encryption (``encrypt.format=luks``): what a VM's host-side disk is
+        (docs/svd.md, "VMs"); QEMU itself opens it with the key libvirt hands over."""
+        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        qmp = self.qmp()
+        try:
+            qmp.execute("blockdev-add", driver="file", filename=str(image),
+                        **{"node-name": "svd-create-file"})
+            _add_secret(qmp, key)
+            qmp.execute("blockdev-create", **{"job-id": "svd-format", "options": {
+                "driver": "qcow2", "file": "svd-create-file", "size": size,
+                "encrypt": {"format": "luks", "key-secret": SECRET_ID, "iter-time": 10}}})
+            qmp.wait_job("svd-format")
+            qmp.execute("object-del", id=SECRET_ID)
+            qmp.execute("blockdev-del", **{"node-name": "svd-create-file"})
+        finally:
+            qmp.close()
+
     def open_luks(self, image: Path, key: bytes, node_name: str = "svd") -> None:
         """Open the volume with ``key``; the secret object is deleted at once."""
         luks_uuid(image)  # a truncated or non-LUKS image: one clear error, not a key error

@@ -472,7 +472,8 @@ def serve(agent: Agent, host: str, port: int, *, idle_timeout: float = IDLE_TIME
         slots.drop_all()
 
 
-EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"))
+EXTENSIONS = (("tp_extension", "trusted-passages"), ("cryptovm_extension", "cryptovm"),
+              ("disk_extension", "disks"))
 
 
 def install_extensions(agent: Agent) -> list[str]:
