@@ -305,5 +305,5 @@ def test_attack_qemu_refuses_other_scenarios(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(tmp_path),
                         "attack", "mitm", "--backend", "qemu"], capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 4 and "only tampered-boot" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 3 and "mitm (runs on sim)" in r.stderr and "Traceback" not in r.stderr
 

@@ -2,7 +2,8 @@
 
 ``sim``: every scenario of the Trusted Passages paper, on five machines of swtpm
 processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenarios real VMs show, a tampered
-boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`).
+boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), and an
+encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.attacks.image_theft import IMAGE_THEFT, image_theft
 from testbed.attacks.lab import Lab
 from testbed.attacks.qemu import QEMU_SCENARIOS, run_qemu_attacks
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError
 from testbed.core.progress import Progress
 
-__all__ = ["SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
+__all__ = ["ONLY_ON_VMS", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
 
+ONLY_ON_VMS: Mapping[str, str] = {
+    IMAGE_THEFT: "an encrypted guest image copied off the host and booted without a key "
+                 "release reveals no part of its root filesystem"}
+"""Scenarios with no sim version, and what each shows."""
 SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {"sim": tuple(SCENARIOS),
-                                                       "qemu": QEMU_SCENARIOS}
+                                                       "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS)}
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,25 @@ def run_attacks(names: Sequence[str], backend: str, workdir: Path,
     allowed = SCENARIOS_BY_BACKEND[backend]
     other = [n for n in names if n not in allowed]
     if other:
-        raise StateError(f"with --backend {backend} only {', '.join(allowed)} can run: drop "
-                         f"{', '.join(other)}" + (", or use --backend sim" if backend != "sim"
-                                                  else ""))
+        where = {n: [b for b, known in SCENARIOS_BY_BACKEND.items() if n in known] for n in other}
+        raise ArgumentError(
+            f"not on --backend {backend}: " + ", ".join(
+                f"{n} (runs on {', '.join(where[n]) or 'no backend'})" for n in other)
+            + f"; {backend} runs {', '.join(allowed)} (`testbed attack --list`)")
     started = time.monotonic()
     if backend == "qemu":
-        attack = run_qemu_attacks(workdir, names, progress=progress)
+        attack = run_qemu_attacks(workdir, [n for n in names if n in QEMU_SCENARIOS],
+                                  progress=progress)
+        results, details = list(attack.results), dict(attack.details)
+        if IMAGE_THEFT in names:
+            theft = image_theft(workdir, progress=progress)
+            results.append(theft.result)
+            details["image_theft"] = theft.details
         baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
             (attack.baseline.failure.detail if attack.baseline.failure else
              "an honest VM of the same image satisfies the predicted policy")
-        return AttackRun("qemu", attack.results, baseline, attack.baseline.ok,
-                         time.monotonic() - started, attack.details)
+        return AttackRun("qemu", results, baseline, attack.baseline.ok,
+                         time.monotonic() - started, details)
     results, ok, baseline = _run_lab(names, progress)
     return AttackRun("sim", results, baseline, ok, time.monotonic() - started)
 

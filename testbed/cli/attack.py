@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from testbed.attacks.report import print_table
-from testbed.attacks.runs import SCENARIOS_BY_BACKEND, AttackRun, run_attacks
+from testbed.attacks.runs import ONLY_ON_VMS, SCENARIOS_BY_BACKEND, AttackRun, run_attacks
 from testbed.attacks.scenarios import SCENARIOS
 from testbed.cli.render import emit
 from testbed.core.errors import ArgumentError, UsageError
@@ -14,6 +14,8 @@ from testbed.core.paths import resolve_workdir
 from testbed.core.progress import Progress
 
 __all__ = ["register_attack_commands"]
+
+_KNOWN = (*SCENARIOS, *ONLY_ON_VMS)  # every scenario name, of either backend
 
 
 def register_attack_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,7 +25,7 @@ def register_attack_commands(sub: argparse._SubParsersAction[argparse.ArgumentPa
                     "certificates, and against Trusted Passages. Exit 0 when every attack "
                     "succeeds against plain mTLS and is caught by Trusted Passages.")
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"scenario(s): {', '.join(SCENARIOS)}")
+                   help=f"scenario(s): {', '.join(_KNOWN)}")
     p.add_argument("--all", action="store_true", help="run every scenario of the backend")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--backend", choices=tuple(SCENARIOS_BY_BACKEND), default="sim",
@@ -37,15 +39,17 @@ def cmd_attack(args: argparse.Namespace) -> int:
         listing = [{"name": name, "summary": _summary(scenario.__doc__),
                     "backends": [b for b, names in SCENARIOS_BY_BACKEND.items() if name in names]}
                    for name, scenario in SCENARIOS.items()]
+        listing += [{"name": name, "summary": summary, "backends": ["qemu"]}
+                    for name, summary in ONLY_ON_VMS.items()]
         emit(args, {"scenarios": listing}, lambda: _print_list(listing))
         return 0
     names = list(SCENARIOS_BY_BACKEND[args.backend]) if args.all else list(args.names)
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in _KNOWN]
     if not names:
         raise UsageError("name a scenario or pass --all (see `testbed attack --list`)")
     if unknown:
         raise ArgumentError(f"unknown scenario(s) {', '.join(map(repr, unknown))}: choose from "
-                            f"{', '.join(SCENARIOS)} (`testbed attack --list`), or pass --all")
+                            f"{', '.join(_KNOWN)} (`testbed attack --list`), or pass --all")
     attack = run_attacks(names, args.backend, resolve_workdir(args.workdir),
                          Progress(quiet=args.json))
     emit(args, attack.to_dict(), lambda: _print(attack))

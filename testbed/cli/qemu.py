@@ -18,6 +18,12 @@ from testbed.core.errors import ArgumentError
 from testbed.core.paths import resolve_workdir
 from testbed.qemu.domain import connect, remove_leftovers
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
+from testbed.qemu.image.encrypted import (
+    EncryptedImage,
+    TenantCryptoVm,
+    build_encrypted_image,
+    tenant_directory,
+)
 from testbed.qemu.libvirtd import ensure_daemons
 from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.spec.recipe import DEFAULT_RECIPE, load_recipe
@@ -38,6 +44,10 @@ def register_image_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p = isub.add_parser("build", help="build the guest image (cached by a hash of its inputs)")
     _recipe_flag(p)
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--encrypted", action="store_true",
+                   help="put the root filesystem on a LUKS disk whose key is generated in "
+                        "the tenant's CryptoVM; only kernel and initrd stay in clear "
+                        "(docs/svd.md)")
     p.set_defaults(func=cmd_image_build)
 
 
@@ -72,20 +82,37 @@ def _driver(args: argparse.Namespace) -> VmDriver:
     return VmDriver(workdir, reference_dir=image_cache(workdir) / "firmware")
 
 
+def _encrypted_image(args: argparse.Namespace) -> EncryptedImage:
+    recipe = load_recipe(args.recipe or DEFAULT_RECIPE)
+    cache = image_cache(resolve_workdir(args.workdir))
+    with TenantCryptoVm(tenant_directory(cache)) as tenant:
+        return build_encrypted_image(cache, recipe, tenant, force=args.force)
+
+
 def cmd_image_build(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    image = _image(args, force=args.force)
+    encrypted = _encrypted_image(args) if getattr(args, "encrypted", False) else None
+    image = encrypted.boot if encrypted else _image(args, force=args.force)
     m = image.manifest
     data = {"directory": str(image.directory), "digest": image.digest,
             "kernel_version": m["kernel_version"], "cmdline": image.cmdline,
             "kernel_bytes": m["kernel"]["size"], "initrd_bytes": m["initrd"]["size"],
             "build_seconds": m["build_seconds"],
             "this_run_seconds": round(time.monotonic() - started, 1)}
+    if encrypted is not None:
+        data["encrypted"] = {"root_disk": str(encrypted.root),
+                             "root_bytes": m["root"]["luks_bytes"],
+                             "key_id": encrypted.binding.key_id,
+                             "luks_uuid": encrypted.binding.luks_uuid}
 
     def human() -> None:
         print(f"image {image.digest[:16]} in {image.directory}")
         print(f"  kernel {m['kernel_version']} ({m['kernel']['size'] >> 20} MiB), initrd "
               f"{m['initrd']['size'] >> 20} MiB, built in {m['build_seconds']} s")
+        if encrypted is not None:
+            print(f"  root filesystem encrypted: {encrypted.root.name} "
+                  f"({m['root']['luks_bytes'] >> 20} MiB, LUKS1), key "
+                  f"{encrypted.binding.key_id} in the tenant's CryptoVM")
 
     emit(args, data, human)
     return EXIT_OK

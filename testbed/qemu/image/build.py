@@ -46,11 +46,15 @@ __all__ = [
     "BUILDER_VERSION",
     "GuestImage",
     "ImageBuildError",
+    "RootTree",
+    "base_manifest",
     "build_image",
     "cached_image",
     "host_debian_sources",
     "image_cache",
     "image_digest",
+    "pack_initrd",
+    "prepare_rootfs",
 ]
 
 BUILDER_VERSION = 1
@@ -340,8 +344,19 @@ def _sha256(path: Path) -> str:
     return hash_file(path, MAX_IMAGE_FILE_BYTES, what="image file")[0].hex()
 
 
-def _build(recipe: ImageRecipe, digest: str, out: Path, scratch: Path) -> dict[str, Any]:
-    started = time.monotonic()
+@dataclass
+class RootTree:
+    """A prepared root filesystem tree (bootstrapped, trimmed, project installed) and
+    what the manifest says about it; packing it is up to the caller."""
+
+    rootfs: Path
+    kernel_version: str
+    packages: dict[str, str]
+    modules: list[str]
+
+
+def prepare_rootfs(recipe: ImageRecipe, out: Path, scratch: Path) -> RootTree:
+    """Every build step but packing: the tree under ``scratch``, ``vmlinuz`` into ``out``."""
     rootfs, log = scratch / "rootfs", out / "build.log"
     _bootstrap(recipe, rootfs, log)
     version = _kernel_version(rootfs)
@@ -354,17 +369,35 @@ def _build(recipe: ImageRecipe, digest: str, out: Path, scratch: Path) -> dict[s
     _remove(rootfs, (*recipe.remove, "var/lib/dpkg"))
     if recipe.keep_programs:
         _prune(rootfs, recipe.keep_programs, log)
-    _pack(rootfs, out / "initrd.img", recipe.compression, int(time.time()))
+    return RootTree(rootfs, version, packages, modules)
+
+
+def base_manifest(recipe: ImageRecipe, digest: str, out: Path, tree: RootTree,
+                  started: float) -> dict[str, Any]:
+    """The manifest of a packed image in ``out`` (vmlinuz and initrd.img written)."""
     return {
         "digest": digest, "name": recipe.name, "recipe": recipe.to_dict(),
-        "sources": _sources(recipe), "kernel_version": version, "modules": modules,
-        "packages": packages, "cmdline": recipe.cmdline, "agent_port": recipe.agent_port,
+        "sources": _sources(recipe), "kernel_version": tree.kernel_version,
+        "modules": tree.modules, "packages": tree.packages, "cmdline": recipe.cmdline,
+        "agent_port": recipe.agent_port,
         "kernel": {"sha256": _sha256(out / "vmlinuz"), "size": (out / "vmlinuz").stat().st_size},
         "initrd": {"sha256": _sha256(out / "initrd.img"),
                    "size": (out / "initrd.img").stat().st_size},
         "build_seconds": round(time.monotonic() - started, 1),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def pack_initrd(rootfs: Path, target: Path, compression: str) -> None:
+    """``rootfs`` as the compressed initramfs ``target`` (mtimes clamped to now)."""
+    _pack(rootfs, target, compression, int(time.time()))
+
+
+def _build(recipe: ImageRecipe, digest: str, out: Path, scratch: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    tree = prepare_rootfs(recipe, out, scratch)
+    pack_initrd(tree.rootfs, out / "initrd.img", recipe.compression)
+    return base_manifest(recipe, digest, out, tree, started)
 
 
 def cached_image(workdir: Path, recipe: ImageRecipe) -> GuestImage | None:
