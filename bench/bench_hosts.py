@@ -9,15 +9,24 @@ In one run, each in a fresh work directory sharing one EK CA (made first, timed 
   connection and its host agent process kept);
 - libvirt over qemu+ssh: open + getLibVersion + close.
 
-Run: .venv/bin/python bench/bench_hosts.py [--rounds 10]
+With ``--placement HOSTSxVMS`` (e.g. ``2x2``, goal <= 90 s under TCG; ``1x1`` on a
+loaded machine) instead: VMs placed on attested hosts (fresh hosts: the image artifacts
+are copied), ``testbed up SPEC --backend qemu`` until every VM is attested, beside the
+same number of VMs on the local libvirt in the same run (the single-host baseline).
+The guest image comes from ``$TESTBED_IMAGE_CACHE`` (default /var/cache/trusted-testbed),
+built beforehand.
+
+Run: .venv/bin/python bench/bench_hosts.py [--rounds 10] [--placement 1x1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,10 +97,72 @@ def latencies(root: Path, rounds: int) -> dict[str, list[float]]:
     return out
 
 
+CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
+
+
+def placement_spec(hosts: int, vms: int, placed: bool) -> str:
+    nodes = "".join(f"  - {{name: vm{h}{v}, role: generic"
+                    f"{f', host: host{h}' if placed else ''}}}\n"
+                    for h in range(1, hosts + 1) for v in range(1, vms + 1))
+    return f"version: 1\nname: bench\nbackend: qemu\nimage: default\nnodes:\n{nodes}"
+
+
+def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
+    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
+                           *args], capture_output=True, text=True, env=env, check=False)
+
+
+def up_attested(workdir: Path, spec: str) -> tuple[float, list[float]]:
+    """Wall time of `testbed up` until every VM is attested, and each VM's boot time."""
+    path = workdir / "spec.yaml"
+    path.write_text(spec)
+    started = time.perf_counter()
+    r = cli(workdir, "up", str(path), "--json")
+    seconds = time.perf_counter() - started
+    if r.returncode != 0:
+        raise SystemExit(f"up failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+    nodes = json.loads(r.stdout)["nodes"]
+    return seconds, [float(n.get("boot_seconds") or 0) for n in nodes]
+
+
+def placement(hosts: int, vms: int) -> int:
+    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    root = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="bench-placement-"))
+    try:
+        bridge, subnet = scratch_network("tbb")
+        hosts_s = timed(lambda: check(lifecycle.up(root, hosts, bridge=bridge, subnet=subnet)))
+        placed_s, placed_boot = up_attested(root, placement_spec(hosts, vms, placed=True))
+        placed_down = timed(lambda: cli(root, "down"))
+        lifecycle.down(root)
+        local_s, local_boot = up_attested(root, placement_spec(hosts, vms, placed=False))
+        cli(root, "down", "--purge")
+    finally:
+        cli(root, "down", "--purge")
+        lifecycle.down(root)
+        shutil.rmtree(root, ignore_errors=True)
+    load_after = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f} (1 min); TCG")
+    print(f"{hosts} host(s) up + attested: {hosts_s:.1f} s (not in the figures below)")
+    print(f"{hosts} host(s) x {vms} VM(s) placed, up + attested: {placed_s:.1f} s (artifacts "
+          f"copied to fresh hosts); VM boot "
+          f"{', '.join(f'{b:.1f}' for b in placed_boot)} s; down {placed_down:.1f} s")
+    print(f"the same {hosts * vms} VM(s) on the local libvirt (baseline): {local_s:.1f} s; "
+          f"VM boot {', '.join(f'{b:.1f}' for b in local_boot)} s")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--placement", metavar="HOSTSxVMS",
+                        help="VMs placed on hosts (e.g. 2x2) beside the same VMs local")
     args = parser.parse_args()
+    if args.placement:
+        hosts, _, vms = args.placement.partition("x")
+        return placement(int(hosts), int(vms))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         root = Path(tmp)

@@ -13,6 +13,9 @@ over SSH, registered and attested.
 * ``deep``: deep attestation: each host's intermediate CA (key in its TPM), vTPM EK
   certificates it issues, the verifier's ``host_attestation`` check.
 * ``lifecycle``: ``testbed hosts up | status | attest | down``.
+* ``placement``: placing qemu VMs on trusted hosts (trust check, artifacts by digest,
+  the vTPM made on the host); ``ekcert``: issuing those vTPMs' EK certificates;
+  ``vtpm_tool``: swtpm_setup's certificate tool, run on the host.
 
 May import ``testbed.core``, ``spec``, ``tpm``, ``cluster`` and ``roles``; never the
 backends (``sim``, ``qemu``), which will place VMs on hosts.

@@ -35,6 +35,7 @@ __all__ = [
     "PooledChannel",
     "SshAgentTransport",
     "SshSession",
+    "SshTcpTransport",
     "libvirt_uri",
     "libvirt_version",
 ]
@@ -193,6 +194,75 @@ class SshAgentTransport:
 
     def describe(self) -> str:
         return f"ssh root@{self.session.address} {shlex.join(self.command)}"
+
+
+# What a host runs to relay one TCP connection to a port on its loopback (stdin/stdout):
+# only the standard library, so that it starts fast.
+_RELAY = """\
+import os, select, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
+i, o = sys.stdin.fileno(), sys.stdout.fileno()
+while True:
+    ready = select.select([i, s], [], [])[0]
+    if i in ready:
+        data = os.read(i, 65536)
+        if not data:
+            break
+        s.sendall(data)
+    if s in ready:
+        data = s.recv(65536)
+        if not data:
+            break
+        while data:
+            data = data[os.write(o, data):]
+"""
+
+
+class ChannelSocket:
+    """An SSH channel used as a one-request socket: ``with`` closes it."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+
+    def __enter__(self) -> ChannelSocket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.channel.close()
+
+    def sendall(self, data: bytes) -> None:
+        self.channel.sendall(data)
+
+    def recv(self, size: int) -> bytes:
+        return self.channel.recv(size)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.channel.settimeout(timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@dataclass(frozen=True)
+class SshTcpTransport:
+    """An :class:`~testbed.cluster.agent.AgentTransport` to a TCP port on a host's
+    loopback (a placed VM's guest agent, forwarded there by QEMU): each connection is an
+    SSH ``exec`` channel running a relay on the host. Nothing of the VM listens on the
+    lab network; the lab key is the only way in."""
+
+    session: SshSession
+    port: int
+
+    def connect(self, timeout: float) -> socket.socket:
+        command = shlex.join([sys.executable, "-c", _RELAY, str(self.port)])
+        try:
+            channel = self.session.exec(command, timeout)
+        except HostUnreachable as exc:
+            raise ConnectionError(str(exc)) from None
+        return cast(socket.socket, ChannelSocket(channel))
+
+    def describe(self) -> str:
+        return f"ssh root@{self.session.address} -> 127.0.0.1:{self.port}"
 
 
 def agent_client(session: SshSession, host: str, timeout: float = 30.0) -> AgentClient:

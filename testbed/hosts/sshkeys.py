@@ -99,6 +99,8 @@ AllowAgentForwarding no
 X11Forwarding no
 PermitTunnel no
 PermitUserEnvironment no
+# SFTP (in-process, no helper binary): the lab copies image artifacts and vTPM files
+Subsystem sftp internal-sftp
 LoginGraceTime 15
 MaxStartups 20:50:60
 LogLevel INFO

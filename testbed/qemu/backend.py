@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -50,11 +52,14 @@ from testbed.cluster.results import (
 from testbed.cluster.runtime import ensure_runtime_policy
 from testbed.cluster.state import load_registry, load_spec, read_attestations, spec_policy
 from testbed.core.clock import utc_now
-from testbed.core.errors import StateError
+from testbed.core.errors import ArgumentError, StateError
 from testbed.core.files import locked, read_json
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
 from testbed.core.progress import Progress
+from testbed.hosts.layout import HostsError, LabPaths, LabState
+from testbed.hosts.placement import PlacedHost, require_trusted
+from testbed.hosts.remote import SshTcpTransport
 from testbed.qemu.accel import AccelChoice
 from testbed.qemu.disks import (
     HOTPLUG_PORTS,
@@ -67,13 +72,13 @@ from testbed.qemu.disks import (
 )
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
-from testbed.qemu.libvirtd import Daemons, ensure_daemons, load_libvirt
+from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons, load_libvirt
 from testbed.qemu.network import STATE_FILE as NETWORK_FILE
 from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_bridge
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.relay import configure_guest, enroll_guest
-from testbed.qemu.vms import QemuNode, VmDriver
+from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.registry import role
 from testbed.roles.revocation import provision_vm
@@ -91,6 +96,7 @@ _STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting 
            5: "shut off", 6: "crashed", 7: "suspended"}
 _NODE = r"([a-z0-9][a-z0-9_-]{0,31})"
 _NO_ACCEL = AccelChoice("tcg", "teardown")  # a VmSpec field that teardown does not use
+HOST_PORTS = (20000, 40000)  # a placed VM's forwards on its host's address (its own netns)
 
 
 # --- names and vm.json ------------------------------------------------------------------------
@@ -135,6 +141,7 @@ class VmRecord:
     booted_at: str
     boot_seconds: float | None = None  # None until the agent answered
     service_ports: dict[str, int] = field(default_factory=dict)  # role service -> host port
+    host: str | None = None  # the lab host it is placed on (docs/hosts.md); None: local
 
     def save(self, paths: ClusterPaths, node: str) -> None:
         doc = {**asdict(self), "tampered": list(self.tampered)}
@@ -164,6 +171,7 @@ class VmFacts:
     domain: str
     agent_port: int | None = None
     boot_seconds: float | None = None
+    host: str | None = None  # the lab host it runs on; None: the local libvirt
     disks: tuple[DiskStatus, ...] = ()  # host-side disks attached after attestation
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,8 +181,8 @@ class VmFacts:
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        items = [("domain", self.domain), ("port", str(self.agent_port or "-")),
-                 ("boot", boot)]
+        items = [("domain", self.domain), ("host", self.host or "local"),
+                 ("port", str(self.agent_port or "-")), ("boot", boot)]
         if self.disks:
             items.append(("disks", ", ".join(d.summary() for d in self.disks)))
         return items
@@ -195,6 +203,7 @@ class VmStatusFacts:
     boot_seconds: float | None = None
     cmdline: str | None = None
     image: str | None = None
+    host: str | None = None  # the lab host it runs on; None: the local libvirt
     disks: tuple[DiskStatus, ...] = ()  # host-side disks: attached (unlocked) or not
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +213,8 @@ class VmStatusFacts:
 
     def summary_items(self) -> list[tuple[str, str]]:
         boot = f"{self.boot_seconds:.1f} s" if self.boot_seconds is not None else "-"
-        items = [("domain", self.domain), ("accel", self.accel or "-"),
+        items = [("domain", self.domain), ("host", self.host or "local"),
+                 ("accel", self.accel or "-"),
                  ("qemu", str(self.qemu_pid or "-")), ("swtpm", str(self.swtpm_pid or "-")),
                  ("port", str(self.agent_port or "-")), ("boot", boot)]
         if self.disks:
@@ -332,6 +342,9 @@ class QemuBackend:
         self._booted: dict[str, QemuNode] = {}
         self._launched = 0.0
         self._network: dict[str, Any] | None = None
+        self._hosts: dict[str, PlacedHost] = {}  # placement: host -> its SSH side
+        self._host_conns: dict[str, Any] = {}  # host -> libvirt over qemu+ssh
+        self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
         self._disk_specs: dict[str, list[DiskSpec]] = {}
 
     @staticmethod
@@ -348,13 +361,19 @@ class QemuBackend:
     def prepare(self, spec: ClusterSpec, progress: Progress) -> dict[str, ReferencePolicy]:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
-        progress.expect(5 + len(spec.nodes))  # + the VM network (keyless TLS adds its own)
+        self._trusted_hosts(spec)  # before anything is built, copied or defined
+        # + the VM network (keyless TLS adds its own) + copying artifacts to hosts
+        progress.expect(5 + len(spec.nodes) + bool(self._hosts))
         cache = image_cache(self.paths.workdir)
         recipe = load_recipe(spec.image) if spec.image else load_recipe()
         with progress.step("guest image (built once, then cached)"):
             self._image = build_image(cache, recipe)
         with progress.step("libvirt (started if needed, left running)"):
             self._driver = VmDriver(self.paths.workdir, reference_dir=cache / "firmware")
+        if self._hosts:
+            with progress.step(f"hosts {', '.join(sorted(self._hosts))}: intermediate CA, "
+                               "guest image (copied by digest over SFTP, verified there)"):
+                self._copy_artifacts()
         with progress.step("predicted policies (firmware reference captured once)"):
             for node in spec.nodes:  # PCR 10: the guest agent's files (docs/runtime.md)
                 ensure_runtime_policy(self.paths, node.name,
@@ -386,12 +405,17 @@ class QemuBackend:
         tampered = spec.tampered.fields() if spec.tampered else ()
         node = NodeUp(spec.name, spec.role, VmFacts(domain_name(self.paths, spec.name)),
                       tampered=tampered)
-        domain = _lookup(self._driver.conn, domain_name(self.paths, spec.name))
         record = VmRecord.load(self.paths, spec.name)
+        if record is not None and record.host != spec.host:  # the spec moved the node
+            _remove_recorded_vm(self.paths, spec.name, record, self._driver.conn)
+            record = None
+        conn = self._conn(spec.host)
+        domain = _lookup(conn, domain_name(self.paths, spec.name))
         if domain is not None and domain.isActive() and record is not None \
                 and record.uuid == domain.UUIDString():
             node.action, node.tampered = "kept", record.tampered
-            node.facts = VmFacts(record.domain, record.agent_port, record.boot_seconds)
+            node.facts = VmFacts(record.domain, record.agent_port, record.boot_seconds,
+                                 record.host)
             changed = [what for what, now, then in (
                 ("command line", spec.effective_boot.cmdline, record.cmdline),
                 ("guest image", self._image.digest, record.image)) if now != then]
@@ -400,9 +424,12 @@ class QemuBackend:
                              "`testbed down` then `testbed up --backend qemu` to apply the spec")
             return node
         if domain is not None:  # stopped, crashed, or not the VM our vm.json describes
-            _remove_domain(self._driver.conn, domain)
+            _remove_domain(conn, domain)
         try:
-            self._boot(spec, node)
+            if spec.host is not None:
+                self._boot_placed(spec, node)
+            else:
+                self._boot(spec, node)
         except TestbedError as exc:
             node.fail(f"could not start the VM: {exc}")
         return node
@@ -419,17 +446,7 @@ class QemuBackend:
                                    guest_ports=list(guest_ports.values()),
                                    hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0,
                                    lab_bridge=bridge_name(self.paths))
-        vm = booted.vm.spec
-        VmRecord(
-            domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
-            accel_reason=vm.accel.reason, firmware=vm.firmware, image=self._image.digest,
-            image_dir=str(self._image.directory), cmdline=cmdline, tampered=node.tampered,
-            memory_mib=vm.memory_mib, run_dir=str(vm.run_dir),
-            console_log=str(vm.console_log), booted_at=utc_now(),
-            service_ports={name: host for name, (host, _) in zip(guest_ports, vm.forwards,
-                                                                 strict=True)},
-        ).save(self.paths, spec.name)
-        node.facts = VmFacts(vm.name, vm.agent_port)
+        self._record(spec, node, booted.vm.spec, None)
         self._booted[spec.name] = booted
 
     def wait_ready(self, node: NodeUp) -> None:
@@ -442,7 +459,8 @@ class QemuBackend:
         record = VmRecord.load(self.paths, node.name)
         if record is not None:
             replace(record, boot_seconds=seconds).save(self.paths, node.name)
-        node.facts = VmFacts(booted.vm.spec.name, booted.vm.spec.agent_port, seconds)
+        host = record.host if record is not None else None
+        node.facts = VmFacts(booted.vm.spec.name, booted.vm.spec.agent_port, seconds, host)
 
     def agent(self, node: str, *, timeout: float = 60.0) -> AgentClient:
         """The guest agent of ``node``'s running VM (its port from vm.json)."""
@@ -451,6 +469,9 @@ class QemuBackend:
             raise StateError(f"node {node} of cluster {self.paths.name} has no running VM (no "
                              f"{self.paths.node(node).vm}); bring it up with "
                              "`testbed up --backend qemu`")
+        if record.host is not None:  # its forward is on the host's loopback: through SSH
+            transport = SshTcpTransport(self._placed(record.host).session, record.agent_port)
+            return AgentClient(transport, node=node, timeout=timeout)
         return AgentClient(TcpTransport(record.agent_port), node=node, timeout=timeout)
 
     def start_service(self, node: NodeUp) -> None:
@@ -467,13 +488,18 @@ class QemuBackend:
         the attested VMs (:mod:`testbed.qemu.network`), keyless TLS; Trusted Passages
         between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
         self._attach_host_disks(nodes, progress)
+        placed = {n.name: n.host for n in load_spec(self.paths).nodes if n.host is not None}
+        local = [n for n in nodes if n.name not in placed]
         with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
             done = provision(self.paths, {n.name: n.attested is True and n.action != "failed"
-                                          for n in nodes},
-                             self.agent, [n.name for n in nodes])
+                                          for n in local},
+                             self.agent, [n.name for n in local])
         for node in nodes:
             if node.name in done.refused and node.attested is True:
                 node.note = f"not on the VM network: {done.refused[node.name]}"
+            elif node.name in placed and node.attested is True:  # docs/hosts.md
+                node.note = (f"not on the VM network: it runs on {placed[node.name]}, and the "
+                             "VM network is this machine's lab bridge only")
         self._network = done.to_dict()
         self._keyless(nodes, progress)
 
@@ -576,10 +602,111 @@ class QemuBackend:
         return None
 
     def close(self) -> None:
-        """The VMs and daemons stay up; only this command's libvirt connection closes."""
+        """The VMs and daemons stay up; only this command's libvirt connections close."""
         if self._driver is not None:
             self._driver.release()
             self._driver = None
+        for conn in self._host_conns.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        for host in self._hosts.values():
+            host.close()
+        self._host_conns.clear()
+        self._hosts.clear()
+
+    # --- placement on the lab's hosts (docs/hosts.md) -------------------------------------
+
+    def _trusted_hosts(self, spec: ClusterSpec) -> None:
+        """Every host the spec names is up and attested (HostNotTrusted names one that is
+        not, and its check); their SSH sides are kept for this command."""
+        named = [n.host for n in spec.nodes if n.host is not None]
+        if not named:
+            return
+        for node in spec.nodes:
+            if node.host is not None and _host_disks(node):
+                raise ArgumentError(f"node {node.name}: host-side encrypted disks are not "
+                                    "placed on hosts yet (docs/hosts.md); use mode: guest "
+                                    "or run the node on the local libvirt")
+        lab = LabPaths(self.paths.workdir)
+        for name, record in require_trusted(self.paths.workdir, named).items():
+            self._hosts[name] = PlacedHost(lab, record)
+
+    def _copy_artifacts(self) -> None:
+        assert self._image is not None
+        for name, host in sorted(self._hosts.items()):
+            host.prepare()
+            host.ensure_intermediate()  # deep attestation: issues the VMs' EK certificates
+            self._artifacts[name] = (host.copy_artifact(self._image.kernel, "the guest kernel"),
+                                     host.copy_artifact(self._image.initrd, "the guest initrd"))
+
+    def _placed(self, host: str) -> PlacedHost:
+        """The host's SSH side, kept for this command (``status``, ``attest`` open it here)."""
+        if host not in self._hosts:
+            lab = LabPaths(self.paths.workdir)
+            state = LabState.load(lab)
+            if state is None or host not in state.hosts:
+                raise HostsError(f"host {host} of this cluster's VMs is not in the hosts lab "
+                                 "any more (`testbed hosts status`)")
+            self._hosts[host] = PlacedHost(lab, state.hosts[host])
+        return self._hosts[host]
+
+    def _conn(self, host: str | None) -> Any:
+        """libvirt here, or on ``host`` over qemu+ssh (one connection per command)."""
+        assert self._driver is not None
+        if host is None:
+            return self._driver.conn
+        if host not in self._host_conns:
+            self._host_conns[host] = connect(self._hosts[host].libvirt_uri)
+        return self._host_conns[host]
+
+    def _boot_placed(self, spec: NodeSpec, node: NodeUp) -> None:
+        """Define and start the node's VM on its host: files and vTPM made there over SSH,
+        the domain over qemu+ssh, its forwards on the host's address (the lab bridge)."""
+        assert self._driver is not None and self._image is not None and spec.host
+        host, (kernel, initrd) = self._hosts[spec.host], self._artifacts[spec.host]
+        started = time.monotonic()
+        name = domain_name(self.paths, spec.name)
+        private_dir(self.paths.node(spec.name).root)
+        self.paths.node(spec.name).vm.unlink(missing_ok=True)
+        guest_ports = role(spec.role).guest_ports
+        run_dir = Path(host.make_run_dir(name))
+        for attempt in range(PORT_ATTEMPTS):
+            ports = random.sample(range(*HOST_PORTS), 1 + len(guest_ports))
+            vm_spec = VmSpec(
+                name=name, kernel=Path(kernel), initrd=Path(initrd),
+                cmdline=spec.effective_boot.cmdline, run_dir=run_dir, agent_port=ports[0],
+                guest_port=self._image.agent_port, accel=self._driver.accel,
+                firmware=self._driver.firmware, memory_mib=self._driver.memory_mib,
+                forwards=tuple(zip(ports[1:], guest_ports.values(), strict=True)),
+                uuid=str(uuid.uuid4()))
+            host.manufacture_vtpm(spec.name, vm_spec.uuid)
+            try:
+                vm = Vm.start_placed(self._conn(spec.host), vm_spec)
+                break
+            except LibvirtError as exc:  # lost the race for a forwarded port: retry
+                host.remove_vm(name, vm_spec.uuid)
+                if "forwarding" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+        self._record(spec, node, vm.spec, spec.host)
+        relay = SshTcpTransport(host.session, vm_spec.agent_port)  # its forward: host loopback
+        self._booted[spec.name] = QemuNode(spec.name, vm, self._image,
+                                           spec.effective_boot.cmdline, started, transport=relay)
+
+    def _record(self, spec: NodeSpec, node: NodeUp, vm: VmSpec, host: str | None) -> None:
+        """``vm.json`` for a VM just started, and the node's facts."""
+        assert self._image is not None
+        guest_ports = role(spec.role).guest_ports
+        VmRecord(
+            domain=vm.name, uuid=vm.uuid, agent_port=vm.agent_port, accel=vm.accel.accel,
+            accel_reason=vm.accel.reason, firmware=vm.firmware, image=self._image.digest,
+            image_dir=str(self._image.directory), cmdline=vm.cmdline, tampered=node.tampered,
+            memory_mib=vm.memory_mib, run_dir=str(vm.run_dir),
+            console_log=str(vm.console_log), booted_at=utc_now(),
+            service_ports={name: port for name, (port, _) in zip(guest_ports, vm.forwards,
+                                                                 strict=True)},
+            host=host,
+        ).save(self.paths, spec.name)
+        node.facts = VmFacts(vm.name, vm.agent_port, host=host)
 
     # --- status ---------------------------------------------------------------------------
 
@@ -592,12 +719,14 @@ class QemuBackend:
         self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
-        if not _vm_nodes(paths) and not procs:  # nothing to ask libvirt about
-            return [self._status(n, roles.get(n, "?"), None, procs, last.get(n)) for n in names]
-        with _libvirt(paths) as conn:
-            domains = _cluster_domains(conn, paths)
-            return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
-                    for n in names]
+        with _placed_domains(paths) as placed:
+            if not _local_vm_nodes(paths) and all(p.node in placed for p in procs):
+                return [self._status(n, roles.get(n, "?"), placed.get(n), procs, last.get(n))
+                        for n in names]  # nothing to ask the local libvirt about
+            with _libvirt(paths) as conn:
+                domains = {**_cluster_domains(conn, paths), **placed}
+                return [self._status(n, roles.get(n, "?"), domains.get(n), procs, last.get(n))
+                        for n in names]
 
     def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
         attached = attached_serials(domain) if running and domain is not None else set()
@@ -616,11 +745,12 @@ class QemuBackend:
                 reason = (f"the guest agent (relay port {record.agent_port}) did not answer "
                           "within 3 s; see the console log")
         if record is not None:
+            where = f"on {record.host}, " if record.host else ""
             facts = VmStatusFacts(
                 record.domain, record.accel, record.firmware,
-                "swtpm (run by libvirt), EK certificate from the work dir's CA",
+                f"swtpm ({where}run by libvirt), EK certificate from the work dir's CA",
                 pids.get("qemu"), pids.get("swtpm"), record.agent_port, record.booted_at,
-                record.boot_seconds, record.cmdline, record.image,
+                record.boot_seconds, record.cmdline, record.image, record.host,
                 self._disks(name, domain, state == "running"))
         return NodeStatus(name=name, role=role_name, state=state, reason=reason, agent=agent,
                           service=None, tampered=record.tampered if record else (),
@@ -650,11 +780,12 @@ class QemuBackend:
     def _teardown_libvirt(self) -> tuple[list[str], DaemonsOutcome]:
         """Remove the cluster's domains; libvirt is only started if anything may need it."""
         paths = self.paths
-        if not (_vm_nodes(paths) or vm_processes(paths) or _defined_domains(paths)
-                or _our_daemons(paths)):
-            return [], DaemonsOutcome(ours=False)
+        placed = _remove_placed(paths)
+        if not (_local_vm_nodes(paths) or _defined_domains(paths) or _our_daemons(paths)
+                or any(p.node not in placed for p in vm_processes(paths))):
+            return placed, DaemonsOutcome(ours=False)
         with _libvirt(paths) as conn:
-            removed = _remove_domains(conn, paths)
+            removed = sorted({*placed, *_remove_domains(conn, paths)})
             remove_disk_secrets(conn, paths)  # normally gone right after the hot-plug
             # Running domains only: a stale definition someone left must not pin the daemons.
             remaining = tuple(sorted(d.name() for d in conn.listAllDomains(0) if d.isActive()))
@@ -673,6 +804,90 @@ def _host_disks(spec: NodeSpec) -> list[DiskSpec]:
 
 def _vm_nodes(paths: ClusterPaths) -> list[str]:
     return [n for n in paths.node_names() if paths.node(n).vm.is_file()]
+
+
+def _placed_records(paths: ClusterPaths) -> dict[str, VmRecord]:
+    """node -> vm.json, for the nodes whose VM is placed on a lab host."""
+    found = {}
+    for node in _vm_nodes(paths):
+        with contextlib.suppress(StateError):
+            record = VmRecord.load(paths, node)
+            if record is not None and record.host is not None:
+                found[node] = record
+    return found
+
+
+def _local_vm_nodes(paths: ClusterPaths) -> list[str]:
+    placed = _placed_records(paths)
+    return [n for n in _vm_nodes(paths) if n not in placed]
+
+
+@contextlib.contextmanager
+def _host_libvirt(paths: ClusterPaths, host: str) -> Iterator[tuple[PlacedHost, Any] | None]:
+    """The lab host's SSH side and libvirt (qemu+ssh); None if the host is gone."""
+    lab = LabPaths(paths.workdir)
+    state = LabState.load(lab)
+    if state is None or host not in state.hosts:
+        yield None
+        return
+    placed = PlacedHost(lab, state.hosts[host])
+    try:
+        conn = connect(placed.libvirt_uri)
+    except LibvirtError:
+        placed.close()
+        yield None
+        return
+    try:
+        yield placed, conn
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+        placed.close()
+
+
+@contextlib.contextmanager
+def _placed_domains(paths: ClusterPaths) -> Iterator[dict[str, Any | None]]:
+    """node -> its domain on its host (None if gone or the host does not answer)."""
+    by_host: dict[str, list[tuple[str, VmRecord]]] = {}
+    for node, record in _placed_records(paths).items():
+        by_host.setdefault(str(record.host), []).append((node, record))
+    with contextlib.ExitStack() as stack:
+        found: dict[str, Any | None] = {}
+        for host, records in sorted(by_host.items()):
+            remote = stack.enter_context(_host_libvirt(paths, host))
+            for node, record in records:
+                found[node] = _lookup(remote[1], record.domain) if remote else None
+        yield found
+
+
+def _remove_placed_vm(paths: ClusterPaths, record: VmRecord) -> bool:
+    """Destroy and undefine a placed VM, then its run directory and vTPM on the host
+    (the guest image's artifacts stay there, by digest). False if the host is gone."""
+    assert record.host is not None
+    with _host_libvirt(paths, record.host) as remote:
+        if remote is None:
+            return False
+        placed, conn = remote
+        domain = _lookup(conn, record.domain)
+        if domain is not None:
+            _remove_domain(conn, domain)
+        with contextlib.suppress(HostsError):
+            placed.remove_vm(record.domain, record.uuid)
+        return True
+
+
+def _remove_placed(paths: ClusterPaths) -> list[str]:
+    return sorted(node for node, record in _placed_records(paths).items()
+                  if _remove_placed_vm(paths, record))
+
+
+def _remove_recorded_vm(paths: ClusterPaths, node: str, record: VmRecord, conn: Any) -> None:
+    """The VM ``vm.json`` describes, wherever it runs (before the node moves)."""
+    if record.host is not None:
+        _remove_placed_vm(paths, record)
+    elif (domain := _lookup(conn, record.domain)) is not None:
+        _remove_domain(conn, domain)
+    paths.node(node).vm.unlink(missing_ok=True)
 
 
 def _defined_domains(paths: ClusterPaths) -> list[Path]:

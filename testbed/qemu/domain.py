@@ -274,6 +274,26 @@ class Vm:
             raise LibvirtError(f"starting {spec.name} failed: {exc}") from None
         return vm
 
+    @classmethod
+    def start_placed(cls, conn: Any, spec: VmSpec) -> Vm:
+        """Define and start a VM on a host (``conn`` over ``qemu+ssh``) whose files and
+        vTPM state :class:`testbed.hosts.placement.PlacedHost` already made there."""
+        libvirt = load_libvirt()
+
+        if not spec.name.startswith(DOMAIN_PREFIX):
+            raise ValueError(f"testbed domain names start with {DOMAIN_PREFIX!r}")
+        try:
+            domain = conn.defineXML(domain_xml(spec))
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(f"defining {spec.name} failed: {exc}") from None
+        vm = cls(conn, spec, domain)
+        try:
+            domain.create()
+        except libvirt.libvirtError as exc:
+            vm.destroy()
+            raise LibvirtError(f"starting {spec.name} failed: {exc}") from None
+        return vm
+
     @property
     def active(self) -> bool:
         libvirt = load_libvirt()

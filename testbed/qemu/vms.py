@@ -37,7 +37,7 @@ from attestation.registrar import AkRegistry, Registrar, register
 from attestation.report import VerificationReport
 from attestation.tpm_types import PublicArea
 from attestation.verifier import QuoteVerifier
-from testbed.cluster.agent import AgentClient, TcpTransport
+from testbed.cluster.agent import AgentClient, AgentTransport, TcpTransport
 from testbed.cluster.backend import NodeFailed
 from testbed.core.errors import StateError
 from testbed.qemu.accel import AccelChoice, detect_accel
@@ -77,10 +77,12 @@ class QemuNode:
     started: float  # time.monotonic() before the domain was defined
     ready: float | None = None
     status: dict[str, Any] = field(default_factory=dict)
+    transport: AgentTransport | None = None  # None: the agent's forward on 127.0.0.1
 
     @property
     def agent(self) -> AgentClient:
-        return AgentClient(TcpTransport(self.vm.spec.agent_port), node=self.name, timeout=60.0)
+        transport = self.transport or TcpTransport(self.vm.spec.agent_port)
+        return AgentClient(transport, node=self.name, timeout=60.0)
 
     @property
     def boot_seconds(self) -> float | None:

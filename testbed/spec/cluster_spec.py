@@ -481,6 +481,7 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
     if role not in ROLE_NAMES:
         raise ClusterSpecError(f"{path}.role: {_show(role)} is not one of {', '.join(ROLE_NAMES)}")
     network = _name(doc.get("network", "lab0"), f"{path}.network")
+    host = _host(doc["host"], f"{path}.host", image_cmdline) if "host" in doc else None
     if image_cmdline is not None:
         boot = _image_boot(doc.get("boot"), f"{path}.boot", image_cmdline)
         _image_only(doc.get("tampered"), f"{path}.tampered")
@@ -498,7 +499,6 @@ def _node(value: object, path: str, base: Path, image_cmdline: str | None) -> No
                              MAX_TPM_LATENCY_S) if "tpm_latency" in doc else 0.0
     window = parse_duration(doc["batch_window"], f"{path}.batch_window",
                             MAX_BATCH_WINDOW_S) if "batch_window" in doc else None
-    host = _host(doc["host"], f"{path}.host", image_cmdline) if "host" in doc else None
     return NodeSpec(name, str(role), boot, network, policy, tampered, disks, latency, window,
                     host)
 
