@@ -325,7 +325,7 @@ class Vm:
             except libvirt.libvirtError:
                 continue
         shutil.rmtree(SWTPM_STORAGE / self.spec.uuid, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.spec.nvram.unlink()
 
 
