@@ -35,6 +35,10 @@ def b64decode(value: object, what: str, *, limit: int | None = None) -> bytes:
         raise EvidenceFormatError(f"{what} is not valid base64") from None
     if limit is not None and len(data) > limit:
         raise EvidenceFormatError(f"{what} is {len(data)} bytes; at most {limit} are allowed")
+    if base64.b64encode(data).decode("ascii") != value:
+        # The last character's unused bits are ignored by decoders: one value, many
+        # spellings. Only the canonical one is accepted, so a document is not malleable.
+        raise EvidenceFormatError(f"{what} is not canonical base64 (unused bits set)")
     return data
 
 

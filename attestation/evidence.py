@@ -145,6 +145,8 @@ def _decode_pcrs(value: object, size: int) -> dict[int, bytes]:
             pcrs[int(key)] = bytes.fromhex(digest)
         except ValueError:
             raise EvidenceFormatError(f"pcrs.{key}: not hexadecimal") from None
+        if pcrs[int(key)].hex() != digest:  # one spelling per value: not malleable
+            raise EvidenceFormatError(f"pcrs.{key}: hex digits must be lowercase")
     return pcrs
 
 

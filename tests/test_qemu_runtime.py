@@ -57,6 +57,8 @@ def test_predicted_policy_allows_exactly_the_guest_agents_files() -> None:
             _sha256(REPO_ROOT / "testbed/qemu/guest/cryptovm_extension.py")},
         "/opt/testbed/disk_extension.py": {
             _sha256(REPO_ROOT / "testbed/qemu/guest/disk_extension.py")},
+        "/opt/testbed/net_extension.py": {
+            _sha256(REPO_ROOT / "testbed/qemu/guest/net_extension.py")},
     }
     check_entries(policy, [make_entry(b"\1" * 32, BOOT_AGGREGATE),
                            make_entry(next(iter(policy.allow[AGENT])), AGENT)])

@@ -238,10 +238,8 @@ class StorageDaemon:
             qmp.execute("blockdev-add", driver="file", filename=str(image),
                         **{"node-name": "svd-create-file"})
             _add_secret(qmp, key)
-            qmp.execute("blockdev-create", **{"job-id": "svd-format", "options": {
-                "driver": "luks", "file": "svd-create-file", "size": size,
-                "key-secret": SECRET_ID, "iter-time": 10}})
-            qmp.wait_job("svd-format")
+            _format(qmp, {"driver": "luks", "file": "svd-create-file", "size": size,
+                          "key-secret": SECRET_ID, "iter-time": 10})
             qmp.execute("object-del", id=SECRET_ID)
             qmp.execute("blockdev-del", **{"node-name": "svd-create-file"})
         finally:
@@ -258,10 +256,9 @@ class StorageDaemon:
             qmp.execute("blockdev-add", driver="file", filename=str(image),
                         **{"node-name": "svd-create-file"})
             _add_secret(qmp, key)
-            qmp.execute("blockdev-create", **{"job-id": "svd-format", "options": {
-                "driver": "qcow2", "file": "svd-create-file", "size": size,
-                "encrypt": {"format": "luks", "key-secret": SECRET_ID, "iter-time": 10}}})
-            qmp.wait_job("svd-format")
+            _format(qmp, {"driver": "qcow2", "file": "svd-create-file", "size": size,
+                          "encrypt": {"format": "luks", "key-secret": SECRET_ID,
+                                      "iter-time": 10}})
             qmp.execute("object-del", id=SECRET_ID)
             qmp.execute("blockdev-del", **{"node-name": "svd-create-file"})
         finally:
@@ -308,3 +305,21 @@ class StorageDaemon:
 def _add_secret(qmp: _Qmp, key: bytes) -> None:
     qmp.execute("object-add", **{"qom-type": "secret", "id": SECRET_ID,
                                  "data": base64.b64encode(key).decode(), "format": "base64"})
+
+
+FORMAT_ATTEMPTS = 3
+_COARSE_CLOCK = "accurate CPU usage"
+
+
+def _format(qmp: _Qmp, options: dict[str, Any]) -> None:
+    """``blockdev-create`` with ``options``; again when QEMU's PBKDF2 benchmark read no
+    CPU time at all ("Unable to get accurate CPU usage": a per-thread CPU clock coarser
+    than the benchmark's first round, seen on loaded machines)."""
+    for attempt in range(1, FORMAT_ATTEMPTS + 1):
+        qmp.execute("blockdev-create", **{"job-id": "svd-format", "options": options})
+        try:
+            qmp.wait_job("svd-format")
+            return
+        except QmpError as exc:
+            if _COARSE_CLOCK not in str(exc) or attempt == FORMAT_ATTEMPTS:
+                raise
