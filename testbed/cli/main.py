@@ -31,6 +31,7 @@ from testbed.cli.exitcodes import (
     EXIT_USAGE,
 )
 from testbed.cli.hosts import register_hosts_commands
+from testbed.cli.migrate import register_migrate_commands
 from testbed.cli.mux import register_mux_commands
 from testbed.cli.options import spread_global_options
 from testbed.cli.qemu import register_image_commands, register_qemu_commands
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_tamper_commands(sub)
     register_revocation_commands(sub)
     register_hosts_commands(sub)
+    register_migrate_commands(sub)
     register_completion_command(sub, parser)
     spread_global_options(parser)
     return parser

@@ -81,6 +81,7 @@ __all__ = [
     "issue_vtpm_ek_certificate",
     "load_intermediate",
     "manufacture_uncertified_vtpm",
+    "move_vtpm",
     "trusted_intermediates",
     "vtpm_hosts",
     "write_ek_certificate",
@@ -374,6 +375,21 @@ def _bind(lab: LabPaths, node: str, host: str, der: bytes) -> None:
         doc = _load_bindings(lab)
         doc[node] = {"host": host, "ek_certificate_sha256": hashlib.sha256(der).hexdigest(),
                      "issued": utc_now()}
+        write_json(_bindings_path(lab), doc)
+
+
+def move_vtpm(lab: LabPaths, node: str, host: str) -> None:
+    """``node``'s vTPM now runs on ``host`` (a migration): its verifier checks that host
+    from now on. The EK certificate stays the one issued where the vTPM was made
+    (``made_on``): the EK is the same key, and the certificate says who made it."""
+    with locked(lab.attest_lock):
+        doc = _load_bindings(lab)
+        if node not in doc:
+            raise HostsError(f"node {node} has no vTPM made on a host of this lab "
+                             f"({_bindings_path(lab)})")
+        binding = doc[node]
+        binding.setdefault("made_on", binding["host"])
+        binding.update(host=host, moved=utc_now())
         write_json(_bindings_path(lab), doc)
 
 

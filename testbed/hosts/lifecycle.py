@@ -54,7 +54,7 @@ from testbed.hosts.layout import (
     validate_bridge,
     validate_subnet,
 )
-from testbed.hosts.machine import BINDS
+from testbed.hosts.machine import BINDS, MIGRATE_TLS_DIR
 from testbed.hosts.measured import StackComponent, resolve_stack
 from testbed.hosts.remote import SshSession, agent_client, libvirt_uri, libvirt_version
 from testbed.hosts.sshkeys import (
@@ -240,6 +240,20 @@ def _libvirt_config(host: HostPaths, record: HostRecord) -> None:
         host_uuid = uuid.uuid5(uuid.NAMESPACE_DNS, f"{record.name}.{host.root}")
         atomic_write(conf, f'{text}\n# testbed host {record.name}\nhost_uuid = "{host_uuid}"\n'
                      .encode())
+    _migration_tls_config(etc)
+
+
+def _migration_tls_config(etc: Path) -> None:
+    """TLS migration with the host's own credentials, the peer's certificate verified
+    (docs/hosts.md, "Migration"); the directory (libvirtd refuses to start without it)
+    stays empty until the host attested."""
+    private_dir(etc / Path(MIGRATE_TLS_DIR).relative_to("/etc/libvirt"))
+    qemu_conf = etc / "qemu.conf"
+    text = qemu_conf.read_text() if qemu_conf.is_file() else ""
+    if "\nmigrate_tls_x509_cert_dir" not in text:
+        atomic_write(qemu_conf, f'{text}\n# testbed: attested TLS migration\n'
+                     f'migrate_tls_x509_cert_dir = "{MIGRATE_TLS_DIR}"\n'
+                     'migrate_tls_x509_verify = 1\n'.encode())
 
 
 def _tampered_copy(host: HostPaths, binary: Path) -> Path:

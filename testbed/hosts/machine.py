@@ -48,7 +48,7 @@ from testbed.hosts.measured import HOST_BOOT, StackComponent, measure_host
 from testbed.tpm.boot import restore_clock_safety
 from testbed.tpm.swtpm import Swtpm
 
-__all__ = ["BINDS", "main"]
+__all__ = ["BINDS", "MIGRATE_TLS_DIR", "main"]
 
 BINDS = (
     ("run-libvirt", "/run/libvirt"),
@@ -60,6 +60,9 @@ BINDS = (
 )
 """(directory under ``fs/``, where the host sees it)."""
 LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
+MIGRATE_TLS_DIR = "/etc/libvirt/migrate-tls"
+"""Inside a host: its x509 migration credentials (``migrate_tls_x509_cert_dir`` in its
+qemu.conf), issued by the lab only after the host attested (testbed.hosts.migration)."""
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _SUPERVISE_S = 0.5
