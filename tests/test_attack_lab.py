@@ -35,6 +35,7 @@ EXPECTED_CHECK = {
     "disk-swap": ("ak_trust", "cryptovm"),
     "tampered-host": ("policy", "verifier"),
     "rogue-vtpm": ("ek_certificate", "verifier"),
+    "migrate-to-tampered-host": ("policy", "verifier"),
 }
 
 

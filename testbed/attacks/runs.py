@@ -3,7 +3,8 @@
 ``sim``: every scenario of the Trusted Passages paper, on five machines of swtpm
 processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenarios real VMs show, a tampered
 boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), and an
-encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`).
+encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`),
+and a live migration to a tampered host (:mod:`testbed.attacks.migration`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from testbed.attacks.image_theft import IMAGE_THEFT, image_theft
 from testbed.attacks.lab import Lab
+from testbed.attacks.migration import MIGRATE_TO_TAMPERED_HOST, migrate_to_tampered_host
 from testbed.attacks.qemu import QEMU_SCENARIOS, run_qemu_attacks
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
 from testbed.core.errors import ArgumentError
@@ -25,7 +27,10 @@ __all__ = ["ONLY_ON_VMS", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
 
 ONLY_ON_VMS: Mapping[str, str] = {
     IMAGE_THEFT: "an encrypted guest image copied off the host and booted without a key "
-                 "release reveals no part of its root filesystem"}
+                 "release reveals no part of its root filesystem",
+    MIGRATE_TO_TAMPERED_HOST: "a live migration to a host with a tampered QEMU is refused "
+                              "(the destination attests first: policy, PCR 14); plain "
+                              "libvirt migrates the VM there"}
 """Scenarios with no sim version, and what each shows."""
 SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {"sim": tuple(SCENARIOS),
                                                        "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS)}
@@ -73,6 +78,8 @@ def run_attacks(names: Sequence[str], backend: str, workdir: Path,
             theft = image_theft(workdir, progress=progress)
             results.append(theft.result)
             details["image_theft"] = theft.details
+        if MIGRATE_TO_TAMPERED_HOST in names:
+            results.append(migrate_to_tampered_host(workdir, progress=progress))
         baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
             (attack.baseline.failure.detail if attack.baseline.failure else
              "an honest VM of the same image satisfies the predicted policy")

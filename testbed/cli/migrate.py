@@ -52,7 +52,9 @@ def _print(result: MigrationResult) -> None:
     print(f"{result.node}: {result.source} -> {result.destination} ({how}): migrated in "
           f"{result.migration_seconds:.1f} s (downtime {downtime}; {result.seconds:.1f} s "
           f"with attestation and credentials)")
-    print(f"  {result.destination}: attested now, {result.destination_attestation['message']}")
+    if result.destination_attestation is not None:
+        print(f"  {result.destination}: attested now, "
+              f"{result.destination_attestation['message']}")
     if result.capture is not None:
         seen = result.capture["marker_frames"]
         print(f"  capture on {result.capture['bridge']}: {result.capture['frames']} frames, "

@@ -24,6 +24,7 @@ from testbed.cluster.agent import AgentClient
 from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.core.progress import Progress
+from testbed.hosts.attest import HostVerdict
 from testbed.hosts.deep import move_vtpm
 from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.migration import (
@@ -40,7 +41,8 @@ from testbed.qemu.image.build import GuestImage
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 from testbed.qemu.network import Capture, CaptureStats
 
-__all__ = ["MigrationFailed", "MigrationResult", "migrate"]
+__all__ = ["MigrationFailed", "MigrationResult", "migrate", "plain_libvirt_migration",
+           "random_marker"]
 
 MARKER_COPIES = 4096  # 32-byte marker x 4096 = 128 KiB of guest RAM (32 pages)
 
@@ -60,7 +62,7 @@ class MigrationResult:
     migration_seconds: float  # libvirt's migrate3 call
     downtime_ms: int | None  # libvirt's completed-job statistics
     data_bytes: int | None
-    destination_attestation: dict[str, Any]
+    destination_attestation: dict[str, Any] | None  # None: the plain baseline
     source_left: list[str]
     capture: dict[str, Any] | None = None  # with a marker: what the bridge showed
 
@@ -81,23 +83,28 @@ def migrate(paths: ClusterPaths, node: str, destination: str, *, tls: bool = Tru
     ``tls=False`` is the lab's control for the capture proof only (docs/hosts.md).
     ``marker``: put copies of it in the guest's RAM first and capture the lab bridge
     during the migration (``capture`` in the result counts frames that carry it)."""
-    progress = progress or Progress(quiet=True)
-    progress.expect(5)
+    return _move(paths, node, destination, attested=True, tls=tls, marker=marker,
+                 progress=progress or Progress(quiet=True))
+
+
+def plain_libvirt_migration(paths: ClusterPaths, node: str, destination: str
+                            ) -> MigrationResult:
+    """What a lab without host attestation does (the attack lab's baseline): the
+    destination prepared and the VM migrated, no attestation, no TLS."""
+    return _move(paths, node, destination, attested=False, tls=False, marker=None,
+                 progress=Progress(quiet=True))
+
+
+def _move(paths: ClusterPaths, node: str, destination: str, *, attested: bool, tls: bool,
+          marker: bytes | None, progress: Progress) -> MigrationResult:
+    progress.expect(3 + attested + (attested and tls))
     started = time.monotonic()
     record = VmRecord.load(paths, node)
     if record is None:
         raise ArgumentError(f"node {node} of cluster {paths.name} has no running VM")
     lab = LabPaths(paths.workdir)
     with _ends(lab, node, record, destination) as ends:
-        with progress.step(f"attest {destination} now (and {ends.source.name})"):
-            verdict = attest_now(lab, ends.destination)  # refused here: nothing started
-            source_verdict = attest_now(lab, ends.source) if tls else None
-        if tls:
-            assert source_verdict is not None
-            with progress.step("migration credentials: keys made on both hosts, "
-                               "certificates from the lab's migration CA"):
-                issue_migration_credentials(lab, ends.source, source_verdict)
-                issue_migration_credentials(lab, ends.destination, verdict)
+        verdict = _attested_ends(lab, ends, tls, progress) if attested else None
         image = GuestImage.load(Path(record.image_dir))
         with progress.step(f"{destination}: guest image, run directory, vTPM directory"):
             prepare_destination(ends.destination, record.domain, record.uuid,
@@ -115,7 +122,22 @@ def migrate(paths: ClusterPaths, node: str, destination: str, *, tls: bool = Tru
         node, record.domain, ends.source.name, destination, tls,
         round(time.monotonic() - started, 2), round(seconds, 2),
         _int(stats.get("downtime")), _int(stats.get("data_total")),
-        verdict.to_dict(), left, capture)
+        None if verdict is None else verdict.to_dict(), left, capture)
+
+
+def _attested_ends(lab: LabPaths, ends: _Ends, tls: bool, progress: Progress) -> HostVerdict:
+    """The destination attests now, or nothing starts; with TLS the source too, and both
+    get fresh migration credentials."""
+    with progress.step(f"attest {ends.destination.name} now"
+                       + (f" (and {ends.source.name})" if tls else "")):
+        verdict = attest_now(lab, ends.destination)
+        source_verdict = attest_now(lab, ends.source) if tls else None
+    if source_verdict is not None:
+        with progress.step("migration credentials: keys made on both hosts, "
+                           "certificates from the lab's migration CA"):
+            issue_migration_credentials(lab, ends.source, source_verdict)
+            issue_migration_credentials(lab, ends.destination, verdict)
+    return verdict
 
 
 @contextlib.contextmanager

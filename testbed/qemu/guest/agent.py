@@ -36,6 +36,8 @@ TCP: a big-endian u32 length, then one UTF-8 JSON object; one response frame per
     {"op": "role", "action": "revoked" | "reinstated",
      "args": {"decision": b64, "signature": b64}}
                         -> {"node", "applied", "sequence", "effects" | "refused"}
+    {"op": "hold_marker", "marker": b64 (8-64 bytes), "copies": N}
+                        -> {"held": bytes}: the copies kept in RAM (migration proof)
 
 Runtime integrity (docs/runtime.md): the agent keeps this boot's ima-ng log of PCR 10,
 as a sim node does. It starts with the guest kernel's ``boot_aggregate`` (the kernel's
@@ -125,7 +127,9 @@ MAX_RUNTIME_LOG = 64 * MAX_CHUNK  # what one verifier check reads at most; then 
 BANK = "sha256"  # the bank quoted and extended
 _ZERO = bytes(32)
 _OP_KEYS = {"runtime_log": {"op", "offset"}, "runtime_measure": {"op", "path", "content"},
-            "revocation_key": {"op", "public_key"}, "role": {"op", "action", "args"}}
+            "revocation_key": {"op", "public_key"}, "role": {"op", "action", "args"},
+            "hold_marker": {"op", "marker", "copies"}}
+MAX_HELD = 8 << 20  # bytes of marker copies held in RAM at most (the migration proof)
 
 
 def b64(data: bytes | None) -> str | None:
@@ -186,6 +190,7 @@ class Agent:
             "status": self.status, "shutdown": self.shutdown,
             "runtime_log": self.runtime_log, "runtime_measure": self.runtime_measure,
             "revocation_key": self.revocation_key, "role": self.role_call,
+            "hold_marker": self.hold_marker,
         }
         self.runtime = RuntimeLog()
         self._verifier_key: str | None = None  # given by the host at `up`
@@ -195,6 +200,7 @@ class Agent:
         # op -> handler(request, connection): answers the request and keeps the connection
         self.stream_handlers: dict[str, Callable[[dict[str, Any], socket.socket], None]] = {}
         self.extensions: list[str] = []
+        self._held = b""  # hold_marker's copies (replaced by the next call)
 
     def identity(self, _request: dict[str, Any]) -> dict[str, Any]:
         with self.tpm.lock:
@@ -346,6 +352,19 @@ class Agent:
         answer["effects"] = {label: _act(listener, decision)
                              for label, listener in list(self.revocation_listeners.items())}
         return answer
+
+    def hold_marker(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``copies`` copies of ``marker`` in this process's RAM (the guest's memory)
+        until the next call: a known pattern a capture of the VM's migration looks for."""
+        _only_keys(request)
+        marker = b64decode(request.get("marker"), "marker", limit=64)
+        copies = request.get("copies")
+        if len(marker) < 8 or not isinstance(copies, int) or isinstance(copies, bool) \
+                or not 1 <= copies <= MAX_HELD // len(marker):
+            raise ValueError(f"hold_marker: a marker of 8-64 bytes and 1-{MAX_HELD} bytes "
+                             "of copies")
+        self._held = marker * copies
+        return {"held": len(self._held)}
 
     def handle(self, body: bytes) -> dict[str, Any]:
         try:

@@ -1,0 +1,190 @@
+"""Attested, TLS-encrypted live migration between the lab's hosts (docs/hosts.md,
+"Migration"): a real run.
+
+One lab for the module (bridge tbm1, 10.213.11.0/24): host1 and host2 trusted, host3
+with a tampered QEMU. One small VM (TCG) placed on host1 (vm1) and one on host2 (vm2).
+vm1 migrates to host2 over TLS while a capture on the lab bridge looks for a marker the
+guest holds in RAM (not seen); it attests afterwards with the same AK, its
+``host_attestation`` layer naming host2, and nothing of it is left on host1. The
+control without TLS (back to host1) shows the marker on the wire. vm2 is refused on its
+way to host3 (``policy``, PCR 14) while plain libvirt takes it there (the attack lab's
+``migrate-to-tampered-host``, on this lab).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.attacks.migration import migrate_to_tampered_host_on
+from testbed.core.paths import ClusterPaths
+from testbed.hosts import lifecycle
+from testbed.hosts.deep import vtpm_hosts
+from testbed.hosts.layout import LabPaths, LabState
+from testbed.hosts.remote import libvirt_uri
+from testbed.qemu.domain import connect
+from testbed.qemu.guest.agent import Agent
+
+CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
+BRIDGE, SUBNET = "tbm1", "10.213.11.0/24"
+SPEC = """\
+version: 1
+name: mig
+backend: qemu
+image: default
+nodes:
+  - name: vm1
+    role: generic
+    host: host1
+  - name: vm2
+    role: generic
+    host: host2
+"""
+
+
+def _cli(workdir: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
+    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
+                           *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          check=False)
+
+
+def _json(r: subprocess.CompletedProcess[str]) -> Any:
+    assert r.stdout, r.stderr
+    return json.loads(r.stdout)
+
+
+def _host_fs(workdir: Path, host: str) -> Path:
+    return LabPaths(workdir).host(host).fs / "var-lib-libvirt"
+
+
+def _domains(workdir: Path, host: str) -> list[str]:
+    lab = LabPaths(workdir)
+    state = LabState.load(lab)
+    assert state is not None
+    conn = connect(libvirt_uri(lab, state.hosts[host].address))
+    try:
+        return [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
+
+
+def _record(workdir: Path, node: str) -> dict[str, Any]:
+    return json.loads((workdir / "clusters" / "mig" / "nodes" / node / "vm.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("virsh") is None:
+        pytest.fail("the migration tests need root and libvirt (docs/qemu.md)", pytrace=False)
+    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="migration-"))
+    started = time.monotonic()
+    try:
+        r = _cli(workdir, "hosts", "up", "3", "--bridge", BRIDGE, "--subnet", SUBNET,
+                 "--tamper-qemu", "host3", "--json", timeout=120)
+        assert r.returncode == 1, r.stderr  # host3 is untrusted, as meant
+        spec = workdir / "spec.yaml"
+        spec.write_text(SPEC)
+        r = _cli(workdir, "up", str(spec), "--json", timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert {n["name"]: n["host"] for n in _json(r)["nodes"]} == {"vm1": "host1",
+                                                                    "vm2": "host2"}
+        print(f"\nthree hosts and a VM on host1 and host2 up in "
+              f"{time.monotonic() - started:.1f} s")
+        yield workdir
+    finally:
+        _cli(workdir, "down", "--purge")
+        lifecycle.down(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -> None:
+    before = _record(lab, "vm1")
+    registry = (lab / "clusters" / "mig" / "registry.json").read_bytes()
+    r = _cli(lab, "migrate", "vm1", "--to", "host2", "--prove-encryption", "--json")
+    assert r.returncode == 0, r.stderr
+    result = _json(r)
+    assert (result["source"], result["destination"], result["tls"]) == ("host1", "host2", True)
+    assert result["destination_attestation"]["trusted"] is True
+    capture = result["capture"]
+    assert capture["held_bytes"] >= 64 * 1024, capture
+    assert capture["bytes"] > 8 << 20, capture  # the stream crossed the bridge we watched
+    assert capture["marker_frames"] == 0, capture
+    assert result["source_left"] == [] and result["downtime_ms"] is not None, result
+    print(f"\nTLS migration: {result['migration_seconds']} s, downtime "
+          f"{result['downtime_ms']} ms, {result['seconds']} s in all")
+
+    domain, uuid = before["domain"], before["uuid"]
+    assert domain in _domains(lab, "host2") and domain not in _domains(lab, "host1")
+    assert _record(lab, "vm1")["host"] == "host2"
+    assert vtpm_hosts(LabPaths(lab))["vm1"] == "host2"
+    assert (_host_fs(lab, "host2") / "swtpm" / uuid / "tpm2" / "tpm2-00.permall").is_file()
+    assert not (_host_fs(lab, "host1") / "swtpm" / uuid).exists()
+    assert not (_host_fs(lab, "host1") / "testbed" / "vms" / domain).exists()
+    key = LabPaths(lab).host("host2").fs / "etc-libvirt" / "migrate-tls" / "server-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+    r = _cli(lab, "attest", "vm1", "--json")
+    assert r.returncode == 0, r.stderr
+    checks = {c["check"]: c for c in _json(r)["checks"]}
+    assert checks["host_attestation"]["host"] == "host2", checks["host_attestation"]
+    assert checks["ak_trust"]["state"] == "passed"
+    assert (lab / "clusters" / "mig" / "registry.json").read_bytes() == registry  # same AK
+
+
+def test_control_without_tls_shows_the_marker(lab: Path) -> None:
+    assert _record(lab, "vm1")["host"] == "host2", "runs after the TLS migration"
+    r = _cli(lab, "migrate", "vm1", "--to", "host1", "--no-tls", "--prove-encryption",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    result = _json(r)
+    assert result["tls"] is False and result["capture"]["marker_frames"] > 0, result
+    assert _record(lab, "vm1")["host"] == "host1"
+
+
+def test_migration_to_the_tampered_host_is_refused(lab: Path) -> None:
+    r = _cli(lab, "migrate", "vm2", "--to", "host3")
+    assert r.returncode == 1, r.stderr
+    assert "host3: policy (" in r.stderr and "PCR 14" in r.stderr, r.stderr
+    assert not any(".vm2." in d for d in _domains(lab, "host3"))
+    assert not (_host_fs(lab, "host3") / "testbed").exists()  # nothing prepared there
+
+    result = migrate_to_tampered_host_on(ClusterPaths(lab, "mig"), "vm2", "host3")
+    assert result.as_expected, result
+    assert (result.trusted_passages.caught_by, result.trusted_passages.caught_at) == (
+        "policy", "verifier")
+    assert _record(lab, "vm2")["host"] == "host2"  # back where it was
+
+
+def test_misuse_is_one_clear_error(lab: Path) -> None:
+    r = _cli(lab, "migrate", "vm2", "--to", "host2")
+    assert r.returncode == 3 and "already runs on host2" in r.stderr, r.stderr
+    r = _cli(lab, "migrate", "vm2", "--to", "host7")
+    assert r.returncode == 1 and "host7: host_up" in r.stderr, r.stderr
+    r = _cli(lab, "migrate", "nosuch", "--to", "host1")
+    assert r.returncode == 3 and "no running VM" in r.stderr, r.stderr
+
+
+def test_hold_marker_is_bounded() -> None:
+    """The guest agent's one op for the proof (run on the host: it needs no TPM)."""
+    agent = Agent(None, None, "n", "generic")  # type: ignore[arg-type]
+    ok = agent.handle(json.dumps({"op": "hold_marker", "marker": "QUJDREVGR0hJSg==",
+                                  "copies": 100}).encode())
+    assert ok == {"held": 1000}
+    for bad in ({"marker": "QUJD", "copies": 1}, {"marker": "QUJDREVGR0hJSg==", "copies": 0},
+                {"marker": "QUJDREVGR0hJSg==", "copies": 1 << 30},
+                {"marker": "QUJDREVGR0hJSg==", "copies": True}, {"marker": 5, "copies": 1},
+                {"marker": "QUJDREVGR0hJSg==", "copies": 1, "extra": 1}):
+        answer = agent.handle(json.dumps({"op": "hold_marker", **bad}).encode())
+        assert set(answer) == {"error"}, (bad, answer)
