@@ -106,6 +106,9 @@ MISUSE = [
     (["hosts", "up", "2", "--tamper-qemu", "host9"], 3),
     (["hosts", "attest", "nosuch"], 3),
     (["hosts", "attest", "host1"], 3),
+    (["migrate"], 2),
+    (["migrate", "vm1"], 2),
+    (["migrate", "nosuch", "--to", "host1"], 3),
 ]
 
 
