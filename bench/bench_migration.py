@@ -50,6 +50,7 @@ def figures(result: MigrationResult) -> dict[str, object]:
     return {"tls": result.tls, "from": result.source, "to": result.destination,
             "migrate3_s": result.migration_seconds, "downtime_ms": result.downtime_ms,
             "data_mib": None if result.data_bytes is None else round(result.data_bytes / 2**20, 1),
+            "page_mib": None if result.page_bytes is None else round(result.page_bytes / 2**20, 1),
             "command_s": result.seconds}
 
 

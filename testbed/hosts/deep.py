@@ -470,24 +470,46 @@ def trusted_intermediates(workdir: Path) -> list[x509.Certificate]:
 
 
 def host_attestation_check(paths: ClusterPaths, node: str) -> CheckResult | None:
-    """``host_attestation`` for a node whose vTPM was made on a host: that host's latest
-    attestation must be good. None for a node on no host."""
+    """``host_attestation`` for a node whose vTPM was made on a host: the latest
+    attestation of the host it runs on must be good, and so must that of the host that
+    made its vTPM (a migrated VM: ``made_on`` in ``vtpms.json``; it held the vTPM's
+    seeds), whose intermediate CA its EK certificate chains through. None for a node on
+    no host."""
     lab = LabPaths(paths.workdir)
-    host = vtpm_hosts(lab).get(node)
-    if host is None:
+    binding = _load_bindings(lab).get(node)
+    if binding is None:
         return None
-    verdict = read_verdicts(lab).get(host)
+    host = str(binding["host"])
+    made_on = str(binding.get("made_on", host))
+    verdicts = read_verdicts(lab)
+    verdict = verdicts.get(host)
     layer = {"host": host, "host_verdict": None if verdict is None else verdict.to_dict()}
-    if verdict is None or not verdict.trusted:
-        why = "was never attested" if verdict is None else \
-            f"failed check {verdict.failed_check!r} ({verdict.message})"
-        return CheckResult("host_attestation", "failed", f"node {node} runs on host {host}, "
-                           f"whose latest attestation {why}: the VM is not trusted", layer)
-    if load_intermediate(lab, host) is None:
-        return CheckResult("host_attestation", "failed", f"host {host} has no intermediate "
-                           f"CA: node {node}'s EK certificate no longer chains", layer)
+    if made_on != host:
+        maker = verdicts.get(made_on)
+        layer.update(made_on=made_on, made_on_verdict=None if maker is None else maker.to_dict())
+    for where, role in ((host, "runs on"), (made_on, "had its vTPM made on")):
+        failed = _untrusted(verdicts.get(where))
+        if failed is not None:
+            return CheckResult("host_attestation", "failed", f"node {node} {role} host "
+                               f"{where}, whose latest attestation {failed}: the VM is not "
+                               "trusted", layer)
+    if load_intermediate(lab, made_on) is None:
+        return CheckResult("host_attestation", "failed", f"host {made_on} has no "
+                           f"intermediate CA: node {node}'s EK certificate no longer chains",
+                           layer)
+    assert verdict is not None
+    moved = f"; its vTPM was made on {made_on}" if made_on != host else ""
     return CheckResult("host_attestation", "passed", f"host {host} trusted (attested "
-                       f"{verdict.time}, policy {verdict.policy!r})", layer)
+                       f"{verdict.time}, policy {verdict.policy!r}){moved}", layer)
+
+
+def _untrusted(verdict: HostVerdict | None) -> str | None:
+    """Why a host's latest verdict is not good (None when it is)."""
+    if verdict is None:
+        return "was never attested"
+    if not verdict.trusted:
+        return f"failed check {verdict.failed_check!r} ({verdict.message})"
+    return None
 
 
 register_host_check(host_attestation_check)

@@ -45,6 +45,7 @@ __all__ = ["MigrationFailed", "MigrationResult", "migrate", "plain_libvirt_migra
            "random_marker"]
 
 MARKER_COPIES = 4096  # 32-byte marker x 4096 = 128 KiB of guest RAM (32 pages)
+CAPTURE_LIMIT = 4 << 30  # every byte of a migration stream is searched (a 512 MiB guest)
 
 
 class MigrationFailed(HostsError):
@@ -61,7 +62,8 @@ class MigrationResult:
     seconds: float  # the whole command: attestation, credentials, migration, cleanup
     migration_seconds: float  # libvirt's migrate3 call
     downtime_ms: int | None  # libvirt's completed-job statistics
-    data_bytes: int | None
+    data_bytes: int | None  # what the stream carried (data_processed)
+    page_bytes: int | None  # of which whole guest pages (memory_normal_bytes)
     destination_attestation: dict[str, Any] | None  # None: the plain baseline
     source_left: list[str]
     capture: dict[str, Any] | None = None  # with a marker: what the bridge showed
@@ -121,7 +123,8 @@ def _move(paths: ClusterPaths, node: str, destination: str, *, attested: bool, t
     return MigrationResult(
         node, record.domain, ends.source.name, destination, tls,
         round(time.monotonic() - started, 2), round(seconds, 2),
-        _int(stats.get("downtime")), _int(stats.get("data_total")),
+        _int(stats.get("downtime")), _int(stats.get("data_processed")),
+        _int(stats.get("memory_normal_bytes")),
         None if verdict is None else verdict.to_dict(), left, capture)
 
 
@@ -173,7 +176,7 @@ def _migrate_watched(paths: ClusterPaths, ends: _Ends, record: VmRecord, tls: bo
                        "copies": MARKER_COPIES})
     state = LabState.load(LabPaths(paths.workdir))
     assert state is not None
-    with Capture(state.bridge, marker) as capture:
+    with Capture(state.bridge, marker, limit=CAPTURE_LIMIT) as capture:
         stats, seconds = _migrate(ends, record, tls)
     return stats, seconds, {"bridge": state.bridge, "held_bytes": held.get("held"),
                             **_capture_dict(capture.stats)}

@@ -283,8 +283,8 @@ class Capture:
     promiscuous mode for the socket's life (as tcpdump does): a bridge passes the frames
     it forwards between two of its ports up to its own device only then."""
 
-    def __init__(self, interface: str, marker: bytes) -> None:
-        self.interface, self.marker = interface, marker
+    def __init__(self, interface: str, marker: bytes, limit: int = CAPTURE_LIMIT) -> None:
+        self.interface, self.marker, self.limit = interface, marker, limit
         self.stats = CaptureStats()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -332,7 +332,7 @@ class Capture:
         stats = self.stats
         stats.frames += 1
         stats.bytes += len(frame)
-        if stats.bytes > CAPTURE_LIMIT:
+        if stats.bytes > self.limit:
             return
         if _is_wireguard(frame):
             stats.wireguard_frames += 1
