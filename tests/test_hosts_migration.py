@@ -13,6 +13,7 @@ way to host3 (``policy``, PCR 14) while plain libvirt takes it there (the attack
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -25,12 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from testbed.attacks.migration import migrate_to_tampered_host_on
 from testbed.core.paths import ClusterPaths
 from testbed.hosts import lifecycle
-from testbed.hosts.deep import vtpm_hosts
-from testbed.hosts.layout import LabPaths, LabState
+from testbed.hosts.deep import host_attestation_check, move_vtpm, vtpm_hosts
+from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.remote import libvirt_uri
 from testbed.qemu.domain import connect
 from testbed.qemu.guest.agent import Agent
@@ -79,7 +84,7 @@ def _domains(workdir: Path, host: str) -> list[str]:
         conn.close()
 
 
-def _record(workdir: Path, node: str) -> dict[str, Any]:
+def _record(workdir: Path, node: str) -> Any:
     return json.loads((workdir / "clusters" / "mig" / "nodes" / node / "vm.json").read_text())
 
 
@@ -192,3 +197,50 @@ def test_hold_marker_is_bounded() -> None:
                 {"marker": "QUJDREVGR0hJSg==", "copies": 1, "extra": 1}):
         answer = agent.handle(json.dumps({"op": "hold_marker", **bad}).encode())
         assert set(answer) == {"error"}, (bad, answer)
+
+
+def _self_signed(name: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_host_attestation_after_a_move_checks_both_hosts(tmp_path: Path) -> None:
+    """A migrated VM's check: the host it runs on, and the one that made its vTPM (whose
+    intermediate its EK certificate chains through). No hosts needed: the lab's files."""
+    lab = LabPaths(tmp_path)
+    (lab.root / "intermediates").mkdir(parents=True)
+    (lab.root / "intermediates" / "host1.pem").write_bytes(_self_signed("host1"))
+    (lab.root / "vtpms.json").write_text(json.dumps({"vm1": {"host": "host1"}}))
+    paths = ClusterPaths(tmp_path, "mig")
+
+    def verdicts(host1: bool, host2: bool) -> None:
+        (lab.attestations).write_text(json.dumps({h: {
+            "host": h, "trusted": ok, "failed_check": None if ok else "policy",
+            "message": "m", "policy": "p", "time": "t"} for h, ok in
+            (("host1", host1), ("host2", host2))}))
+
+    verdicts(True, True)
+    move_vtpm(lab, "vm1", "host2")
+    result = host_attestation_check(paths, "vm1")
+    assert result is not None and result.state == "passed", result
+    assert (result.data["host"], result.data["made_on"]) == ("host2", "host1")
+    verdicts(True, False)
+    result = host_attestation_check(paths, "vm1")
+    assert result is not None and result.state == "failed" and "runs on host host2" in \
+        result.detail, result
+    verdicts(False, True)
+    result = host_attestation_check(paths, "vm1")
+    assert result is not None and result.state == "failed" and \
+        "had its vTPM made on host host1" in result.detail, result
+    verdicts(True, True)
+    (lab.root / "intermediates" / "host1.pem").unlink()
+    result = host_attestation_check(paths, "vm1")
+    assert result is not None and result.state == "failed" and "host1 has no intermediate" \
+        in result.detail, result
+    with pytest.raises(HostsError, match="no vTPM made on a host"):
+        move_vtpm(lab, "nosuch", "host2")

@@ -28,7 +28,7 @@ from testbed.core.progress import Progress
 from testbed.hosts import lifecycle as hosts
 from testbed.hosts.network import scratch_network
 from testbed.qemu.backend import QemuBackend, VmRecord
-from testbed.qemu.migration import migrate, plain_libvirt_migration
+from testbed.qemu.migration import MigrationFailed, migrate, plain_libvirt_migration
 from testbed.spec.cluster_spec import parse_cluster_spec
 
 __all__ = ["MIGRATE_TO_TAMPERED_HOST", "migrate_to_tampered_host",
@@ -60,10 +60,13 @@ def migrate_to_tampered_host_on(paths: ClusterPaths, node: str, tampered: str
         tp = Outcome(True, f"testbed migrate moved {node} to {tampered}")
     except VerificationError as exc:
         tp = Outcome(False, f"refused before anything started: {exc}", exc.check, "verifier")
-    if tp.attack_succeeded:
-        home_again = plain_libvirt_migration(paths, node, home)
-        del home_again
-    moved = plain_libvirt_migration(paths, node, tampered)
+    if tp.attack_succeeded:  # back home, so that the baseline starts where it should
+        plain_libvirt_migration(paths, node, home)
+    try:
+        moved = plain_libvirt_migration(paths, node, tampered)
+    except MigrationFailed as exc:  # the scenario is wrong then, not the testbed
+        return ScenarioResult(MIGRATE_TO_TAMPERED_HOST, TITLE,
+                              Outcome(False, f"plain libvirt did not migrate: {exc}"), tp)
     plain = Outcome(True, f"plain libvirt migrated {node} {home} -> {tampered} in "
                     f"{moved.migration_seconds:.1f} s (downtime {moved.downtime_ms} ms): its "
                     "memory and vTPM state now sit on the tampered host")
