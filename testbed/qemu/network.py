@@ -77,6 +77,8 @@ STATE_FILE = "network.json"
 ETH_P_ALL = 0x0003
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 263, 1, 1
 CAPTURE_LIMIT = 64 << 20  # bytes a capture inspects at most (the rest is counted only)
+CAPTURE_BUFFER = 64 << 20  # the capture socket's receive buffer: frames queue, not drop
+SO_RCVBUFFORCE = 33  # linux: SO_RCVBUF beyond rmem_max, for root
 _COMMAND_TIMEOUT_S = 10.0
 
 
@@ -303,6 +305,8 @@ class Capture:
         except OSError as exc:
             sock.close()
             raise NetworkError(f"cannot capture on {self.interface}: {exc}") from None
+        with contextlib.suppress(OSError):  # root: room for bursts (a migration stream)
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
         sock.settimeout(0.2)
         self._sock = sock
         self._thread = threading.Thread(target=self._run, daemon=True, name="capture")
