@@ -32,13 +32,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from testbed.attacks.migration import migrate_to_tampered_host_on
+from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.hosts import lifecycle
 from testbed.hosts.deep import host_attestation_check, move_vtpm, vtpm_hosts
 from testbed.hosts.layout import HostsError, LabPaths, LabState
+from testbed.hosts.placement import HostNotTrusted
 from testbed.hosts.remote import libvirt_uri
 from testbed.qemu.domain import connect
 from testbed.qemu.guest.agent import Agent
+from testbed.qemu.migration import migrate
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 BRIDGE, SUBNET = "tbm1", "10.213.11.0/24"
@@ -126,7 +129,7 @@ def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -
     assert capture["held_bytes"] >= 64 * 1024, capture
     # The capture saw the stream: most of the guest pages libvirt says it sent in full
     # (where a marker would be) crossed the bridge while it watched.
-    assert capture["bytes"] > 8 << 20 and capture["bytes"] >= result["page_bytes"] // 2, \
+    assert capture["bytes"] > 8 << 20 and capture["bytes"] >= result["page_bytes"] * 3 // 4, \
         (capture, result["page_bytes"])
     assert capture["marker_frames"] == 0, capture
     assert result["source_left"] == [] and result["downtime_ms"] is not None, result
@@ -177,12 +180,14 @@ def test_migration_to_the_tampered_host_is_refused(lab: Path) -> None:
 
 
 def test_misuse_is_one_clear_error(lab: Path) -> None:
-    r = _cli(lab, "migrate", "vm2", "--to", "host2")
-    assert r.returncode == 3 and "already runs on host2" in r.stderr, r.stderr
-    r = _cli(lab, "migrate", "vm2", "--to", "host7")
-    assert r.returncode == 1 and "host7: host_up" in r.stderr, r.stderr
-    r = _cli(lab, "migrate", "nosuch", "--to", "host1")
-    assert r.returncode == 3 and "no running VM" in r.stderr, r.stderr
+    """(The CLI's exit codes for these errors: tests/test_cli_contract.py's battery.)"""
+    paths = ClusterPaths(lab, "mig")
+    with pytest.raises(ArgumentError, match="already runs on host2"):
+        migrate(paths, "vm2", "host2")
+    with pytest.raises(HostNotTrusted, match="host7: host_up"):
+        migrate(paths, "vm2", "host7")
+    with pytest.raises(ArgumentError, match="no running VM"):
+        migrate(paths, "nosuch", "host1")
 
 
 def test_hold_marker_is_bounded() -> None:
