@@ -5,7 +5,8 @@ One lab for the module (bridge tbm1, 10.213.11.0/24): host1 and host2 trusted, h
 with a tampered QEMU. One small VM (TCG) placed on host1 (vm1) and one on host2 (vm2).
 vm1 migrates to host2 over TLS while a capture on the lab bridge looks for a marker the
 guest holds in RAM (not seen); it attests afterwards with the same AK, its
-``host_attestation`` layer naming host2, and nothing of it is left on host1. The
+``host_attestation`` layer naming host2, nothing of it is left on host1, and a Trusted
+Passages channel from vm2 to it establishes. The
 control without TLS (back to host1) shows the marker on the wire. vm2 is refused on its
 way to host3 (``policy``, PCR 14) while plain libvirt takes it there (the attack lab's
 ``migrate-to-tampered-host``, on this lab).
@@ -34,11 +35,13 @@ from cryptography.x509.oid import NameOID
 from testbed.attacks.migration import migrate_to_tampered_host_on
 from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
+from testbed.demo.qemu import configure_cluster_guests, guest_channel
 from testbed.hosts import lifecycle
 from testbed.hosts.deep import host_attestation_check, move_vtpm, vtpm_hosts
 from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.placement import HostNotTrusted
 from testbed.hosts.remote import libvirt_uri
+from testbed.qemu.backend import QemuBackend
 from testbed.qemu.domain import connect
 from testbed.qemu.guest.agent import Agent
 from testbed.qemu.migration import migrate
@@ -153,6 +156,20 @@ def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -
     assert checks["host_attestation"]["host"] == "host2", checks["host_attestation"]
     assert checks["ak_trust"]["state"] == "passed"
     assert (lab / "clusters" / "mig" / "registry.json").read_bytes() == registry  # same AK
+
+
+def test_an_attested_channel_to_the_moved_vm_re_establishes(lab: Path) -> None:
+    """Trusted Passages between the guests (the qemu demo's path, relayed by the lab over
+    each VM's host): vm2 (host2) to vm1, which just came from host1."""
+    assert _record(lab, "vm1")["host"] == "host2", "runs after the TLS migration"
+    backend = QemuBackend(ClusterPaths(lab, "mig"))
+    try:
+        configure_cluster_guests(backend, ["vm1", "vm2"])
+        outcome = guest_channel(backend, "vm2", "vm1", "after the move")
+    finally:
+        backend.close()
+    assert outcome.established, outcome.to_dict()
+    print(f"\nchannel vm2 -> vm1 after the migration: {outcome.seconds:.1f} s")
 
 
 def test_control_without_tls_shows_the_marker(lab: Path) -> None:

@@ -83,6 +83,22 @@ class PooledChannel:
     def close(self) -> None:
         self.channel.close()
 
+    # What a relay splicing two streams uses (testbed.qemu.relay: a placed VM's channel).
+    def fileno(self) -> int:
+        return self.channel.fileno()  # paramiko's pipe: for select, not for reading
+
+    def setblocking(self, flag: bool) -> None:
+        self.channel.setblocking(flag)
+
+    def send(self, data: bytes) -> int:
+        return self.channel.send(data)  # socket.timeout when its window is full
+
+    def shutdown(self, how: int) -> None:
+        self.channel.shutdown(how)
+
+    def setsockopt(self, *_args: object) -> None:
+        """No TCP here: the host's end of the relay is the TCP socket."""
+
 
 @dataclass
 class SshSession:
@@ -241,6 +257,22 @@ class ChannelSocket:
 
     def close(self) -> None:
         self.channel.close()
+
+    # What a relay splicing two streams uses (testbed.qemu.relay: a placed VM's channel).
+    def fileno(self) -> int:
+        return self.channel.fileno()  # paramiko's pipe: for select, not for reading
+
+    def setblocking(self, flag: bool) -> None:
+        self.channel.setblocking(flag)
+
+    def send(self, data: bytes) -> int:
+        return self.channel.send(data)  # socket.timeout when its window is full
+
+    def shutdown(self, how: int) -> None:
+        self.channel.shutdown(how)
+
+    def setsockopt(self, *_args: object) -> None:
+        """No TCP here: the host's end of the relay is the TCP socket."""
 
 
 @dataclass(frozen=True)
