@@ -2,8 +2,8 @@
 VM between the lab's hosts (docs/hosts.md, "Migration").
 
 The host side (fresh attestation, migration credentials, the destination's files) is
-:mod:`testbed.hosts.migration`; this module moves the VM: libvirt's peer-to-peer-less
-migration driven from the lab with both hosts' connections (``qemu+ssh``), then the
+:mod:`testbed.hosts.migration`; this module moves the VM: libvirt's managed migration
+(not peer-to-peer: the lab holds both hosts' connections, ``qemu+ssh``), then the
 cluster's record (``vm.json``), the vTPM's binding (``vtpms.json``), and the source's
 leftovers. Nothing starts until the destination attested good *now*.
 """
