@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,11 @@ from attestation.ima import (
     template_data,
 )
 from attestation.tpm import TpmClient
+from attestation.tpm_types import parse_public
+from testbed.cluster import lifecycle
+from testbed.cluster.runtime import RuntimeState
+from testbed.cluster.state import load_registry
+from testbed.core.paths import ClusterPaths
 from testbed.tpm.runtime import BASELINE, RuntimeLog, default_policy, file_digest
 from testbed.tpm.swtpm import Swtpm
 
@@ -167,3 +173,25 @@ def test_boot_aggregate_only_as_the_first_line() -> None:
     with pytest.raises(VerificationError, match="only as the log's first line") as caught:
         check_boot_aggregate([late], quoted)
     assert caught.value.check == "runtime" and caught.value.data["entry"]["offset"] == 162
+
+
+# --- a node registered anew is judged from its log's start -----------------------------------
+
+def test_a_node_registered_with_a_new_ak_forgets_its_old_runtime_state(
+        swtpm: Swtpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM brought up again gets a new vTPM whose reset and restart counts may equal the
+    old one's: the offset its predecessor's last good quote proved must not be kept."""
+    client = TpmClient(swtpm.tcti)
+    try:
+        ak_public = client.attestation_key().public
+    finally:
+        client.close()
+    paths = ClusterPaths(tmp_path, "lab")
+    paths.root.mkdir(parents=True)
+    RuntimeState((0, 0), 1051, bytes(32)).save(paths, "vm1")
+    monkeypatch.setattr(lifecycle, "register", lambda *_args: parse_public(ak_public))
+    run = lifecycle._Run(backend=SimpleNamespace(paths=paths), policies={},  # type: ignore[arg-type]
+                         registrar=None)  # type: ignore[arg-type]
+    lifecycle._register(run, "vm1", None)  # type: ignore[arg-type]
+    assert RuntimeState.load(paths, "vm1") is None
+    assert load_registry(paths).nodes() == ["vm1"]

@@ -22,6 +22,7 @@ from attestation.registrar import Registrar, register
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.backend import ClusterBackend, NodeFailed
 from testbed.cluster.results import AttestResult, NodeUp, UpResult
+from testbed.cluster.runtime import forget_runtime_state
 from testbed.cluster.state import (
     load_node_policy,
     load_registry,
@@ -118,6 +119,7 @@ def _register(run: _Run, node: str, agent: AgentClient) -> None:
             registry = load_registry(paths)
             registry.add(node, ak)  # replaces the AK of an earlier incarnation of this node
             save_registry(paths, registry)
+            forget_runtime_state(paths, node)
 
 
 def attest(backend: ClusterBackend, node: str, policy_path: Path | None = None

@@ -49,7 +49,7 @@ from testbed.core.files import read_json, write_json
 from testbed.core.paths import ClusterPaths
 
 __all__ = ["RuntimeState", "RuntimeWindow", "agent_reader", "check_runtime",
-           "ensure_runtime_policy", "explaining_prefix", "judge_window",
+           "ensure_runtime_policy", "explaining_prefix", "forget_runtime_state", "judge_window",
            "node_runtime_policy", "quoting_pcr10", "runtime_dir", "runtime_window",
            "slice_reader"]
 
@@ -141,6 +141,13 @@ class RuntimeState:
         private_dir(runtime_dir(paths))
         write_json(_state_path(paths, node), {"boot": list(self.boot), "offset": self.offset,
                                               "pcr": self.pcr.hex()})
+
+
+def forget_runtime_state(paths: ClusterPaths, node: str) -> None:
+    """Drop what the last good quote of an earlier incarnation of ``node`` proved: a node
+    registered with a new AK has a new TPM, whose reset and restart counts may equal the
+    old one's, so its log must be judged from its start."""
+    _state_path(paths, node).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
