@@ -83,6 +83,7 @@ from testbed.qemu.store_disk import (
     discard_store_image,
     reboot_domain,
     store_disk,
+    store_status,
 )
 from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
 from testbed.roles.cryptovm import cryptovm_endpoint
@@ -352,6 +353,7 @@ class QemuBackend:
         self._host_conns: dict[str, Any] = {}  # host -> libvirt over qemu+ssh
         self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
         self._disk_specs: dict[str, list[DiskSpec]] = {}
+        self._store_specs: dict[str, DiskSpec | None] = {}
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -773,6 +775,7 @@ class QemuBackend:
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
         self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
+        self._store_specs = {n.name: store_disk(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
         with _placed_domains(paths) as placed:
@@ -786,8 +789,10 @@ class QemuBackend:
 
     def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
         attached = attached_serials(domain) if running and domain is not None else set()
+        store = self._store_specs.get(name)
         return tuple(disk_status(VmDiskFiles(self.paths, name, d.name), d, d.name in attached)
-                     for d in self._disk_specs.get(name, ()))
+                     for d in self._disk_specs.get(name, ())) + (
+            (store_status(self.paths, name, store, store.name in attached),) if store else ())
 
     def _status(self, name: str, role_name: str, domain: Any | None,
                 procs: list[OwnedProcess], last: Any) -> NodeStatus:

@@ -31,9 +31,10 @@ from testbed.core.paths import ClusterPaths
 from testbed.qemu.disks import AFFECT_LIVE, attached_serials, disk_root, disk_xml
 from testbed.qemu.libvirtd import load_libvirt
 from testbed.spec.cluster_spec import DiskSpec, NodeSpec
+from testbed.svd.volumes import DiskState, DiskStatus
 
 __all__ = ["attach_store_disk", "discard_store_image", "reboot_domain", "store_disk",
-           "store_image"]
+           "store_image", "store_status"]
 
 QEMU_IMG_TIMEOUT_S = 60.0
 STOP_WAIT_S = 30.0
@@ -82,6 +83,16 @@ def attach_store_disk(domain: Any, paths: ClusterPaths, node: str, disk: DiskSpe
         raise StateError(f"could not attach the store disk {disk.name} to {domain.name()}: "
                          f"{exc}") from None
     return image
+
+
+def store_status(paths: ClusterPaths, node: str, disk: DiskSpec, attached: bool) -> DiskStatus:
+    """``status``: unlocked while the running VM has it (its CryptoVM opens it right after
+    the hot-plug), locked when the image exists, else absent; never a key."""
+    if attached:
+        return DiskStatus(disk.name, disk.mode, disk.size, "unlocked",
+                          "in the VM: LUKS2 opened by the guest at /run/cryptovm/store")
+    state: DiskState = "locked" if store_image(paths, node, disk.name).exists() else "absent"
+    return DiskStatus(disk.name, disk.mode, disk.size, state)
 
 
 def discard_store_image(paths: ClusterPaths, spec: NodeSpec) -> bool:
