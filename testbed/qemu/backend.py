@@ -78,6 +78,13 @@ from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_b
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.relay import configure_guest, enroll_guest
+from testbed.qemu.store_disk import (
+    attach_store_disk,
+    discard_store_image,
+    reboot_domain,
+    store_disk,
+    store_status,
+)
 from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.registry import role
@@ -346,6 +353,7 @@ class QemuBackend:
         self._host_conns: dict[str, Any] = {}  # host -> libvirt over qemu+ssh
         self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
         self._disk_specs: dict[str, list[DiskSpec]] = {}
+        self._store_specs: dict[str, DiskSpec | None] = {}
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -440,11 +448,13 @@ class QemuBackend:
         private_dir(self.paths.node(spec.name).root)
         self.paths.node(spec.name).vm.unlink(missing_ok=True)
         guest_ports = role(spec.role).guest_ports
+        discard_store_image(self.paths, spec)  # sealed to the vTPM of a domain now gone
         booted = self._driver.boot(spec.name, self._image, cmdline=cmdline,
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
                                    guest_ports=list(guest_ports.values()),
-                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec) else 0,
+                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec)
+                                   or store_disk(spec) else 0,
                                    lab_bridge=bridge_name(self.paths))
         self._record(spec, node, booted.vm.spec, None)
         self._booted[spec.name] = booted
@@ -477,11 +487,59 @@ class QemuBackend:
     def start_service(self, node: NodeUp) -> None:
         # Every guest takes the verifier's revocation decisions (docs/runtime.md).
         provision_vm(self.paths, node.name, self.agent(node.name))
+        self._attach_store_disk(node)  # the CryptoVM VM's store, before it starts on it
         start = role(node.role).vm_service
         record = VmRecord.load(self.paths, node.name)
         if start is not None and record is not None:
             node.service = start(self.paths, node.name, self.agent(node.name),
                                  record.service_ports)
+
+    def _attach_store_disk(self, node: NodeUp) -> None:
+        """Hot-plug the CryptoVM VM's store disk (testbed/qemu/store_disk.py): plain to
+        the host, LUKS2 inside the guest, which opens it with its vTPM."""
+        spec = load_spec(self.paths).node(node.name)
+        disk = store_disk(spec)
+        if disk is None or self._driver is None:
+            return
+        if spec.host is not None:
+            raise StateError(f"node {node.name}: the CryptoVM's store disk is for VMs on this "
+                             "machine only so far (docs/svd.md)")
+        domain = _lookup(self._driver.conn, domain_name(self.paths, node.name))
+        if domain is None:
+            raise StateError(f"node {node.name}: its domain is gone")
+        attach_store_disk(domain, self.paths, node.name, disk)
+
+    def reboot(self, node: str, timeout: float = 300.0) -> float:
+        """Power-cycle ``node``'s VM: the same domain and vTPM state, a fresh measured boot
+        (the CryptoVM closes its store first); returns when its agent answers again, the
+        seconds it took. ``up`` then attests it and starts its service again."""
+        record = VmRecord.load(self.paths, node)
+        if record is None or record.host is not None:
+            raise StateError(f"node {node}: no VM of this machine to reboot; "
+                             "`testbed up --backend qemu` first")
+        is_cryptovm = load_spec(self.paths).node(node).role == "cryptovm"
+
+        def stop_guest() -> None:
+            if is_cryptovm:
+                with contextlib.suppress(TestbedError):
+                    self.agent(node, timeout=60).call({"op": "cvm_stop"})
+
+        started = time.monotonic()
+        with _libvirt(self.paths) as conn:
+            domain = _lookup(conn, record.domain)
+            if domain is None or not domain.isActive():
+                raise StateError(f"node {node}: its VM is not running; `testbed up` starts it")
+            reboot_domain(domain, stop_guest)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.agent(node, timeout=10).call({"op": "status"})
+                return time.monotonic() - started
+            except TestbedError:
+                if time.monotonic() > deadline:
+                    raise StateError(f"node {node}: its agent did not answer within "
+                                     f"{timeout:.0f} s of the reboot") from None
+                time.sleep(1.0)
 
     def finish(self, nodes: list[NodeUp], progress: Progress) -> None:
         """Host-side encrypted disks (:mod:`testbed.qemu.disks`), the VM network between
@@ -717,6 +775,7 @@ class QemuBackend:
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
         self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
+        self._store_specs = {n.name: store_disk(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
         with _placed_domains(paths) as placed:
@@ -730,8 +789,10 @@ class QemuBackend:
 
     def _disks(self, name: str, domain: Any | None, running: bool) -> tuple[DiskStatus, ...]:
         attached = attached_serials(domain) if running and domain is not None else set()
+        store = self._store_specs.get(name)
         return tuple(disk_status(VmDiskFiles(self.paths, name, d.name), d, d.name in attached)
-                     for d in self._disk_specs.get(name, ()))
+                     for d in self._disk_specs.get(name, ())) + (
+            (store_status(self.paths, name, store, store.name in attached),) if store else ())
 
     def _status(self, name: str, role_name: str, domain: Any | None,
                 procs: list[OwnedProcess], last: Any) -> NodeStatus:
@@ -931,6 +992,9 @@ def _remove_state(paths: ClusterPaths, purge: bool) -> None:
         return
     for node in paths.node_names():
         paths.node(node).vm.unlink(missing_ok=True)
+    with contextlib.suppress(TestbedError):  # the CryptoVM's store: its vTPM is gone too
+        for spec in load_spec(paths).nodes:
+            discard_store_image(paths, spec)
     (paths.root / NETWORK_FILE).unlink(missing_ok=True)  # the guests' keys died with them
 
 

@@ -489,7 +489,12 @@ def start_vm_service(paths: ClusterPaths, node: str, agent: AgentClient,
     if port is None:
         raise StateError(f"node {node}: its VM has no CryptoVM port forward; "
                          "`testbed down` then `testbed up --backend qemu` to recreate it")
-    answer = agent.call({"op": "cvm_start", "pcrs": VM_PCRS})
+    # Its store disk (hot-plugged by the backend just before): the guest unseals it with
+    # its vTPM; without one, the store lives in the guest's RAM (docs/svd.md).
+    disks = load_spec(paths).node(node).disks
+    request = {"op": "cvm_start", "pcrs": VM_PCRS,
+               **({"store_disk": disks[0].name} if disks else {})}
+    answer = agent.call(request)
     psk, ca_pem = answer.get("root_psk"), answer.get("ca_pem")
     if not isinstance(ca_pem, str):
         raise StateError(f"node {node}: the guest's CryptoVM gave no CA certificate")
@@ -500,4 +505,5 @@ def start_vm_service(paths: ClusterPaths, node: str, agent: AgentClient,
     PublishedCryptoVm(node, "127.0.0.1", port, ca_pem,
                       str(answer.get("pcr_selection") or VM_PCRS), in_vm=True).save(paths)
     return ServiceInfo("cryptovm", (ServiceEndpoint("cvm1", "127.0.0.1", port),), {},
-                       {"runs_in": "vm", "sealed_to": VM_PCRS})
+                       {"runs_in": "vm", "sealed_to": VM_PCRS,
+                        "store": str(answer.get("state") or "RAM")})

@@ -406,10 +406,13 @@ def _check_disks(nodes: tuple[NodeSpec, ...], backend: str) -> None:
     for i, node in enumerate(nodes):
         if not node.disks:
             continue
-        if backend != "sim" and (node.role == "cryptovm"
-                                 or any(d.mode != "host" for d in node.disks)):
+        if backend != "sim" and node.role != "cryptovm" \
+                and any(d.mode != "host" for d in node.disks):
             raise ClusterSpecError(f"nodes[{i}].disks: on the qemu backend only mode: host "
                                    "disks of non-cryptovm nodes so far (docs/svd.md)")
+        if backend != "sim" and node.role == "cryptovm" and node.disks[0].size < 32 << 20:
+            raise ClusterSpecError(f"nodes[{i}].disks[0].size: the CryptoVM VM's store disk "
+                                   "needs at least 32M (LUKS2's header takes 16M)")
         if node.role == "cryptovm" and (len(node.disks) > 1 or node.disks[0].mode != "guest"):
             raise ClusterSpecError(f"nodes[{i}].disks: a cryptovm node has at most one disk, "
                                    "its store, with mode: guest (its key is sealed to the "
