@@ -35,7 +35,8 @@ def _device_mapper() -> bool:
 
 
 needs_dm = pytest.mark.skipif(not _device_mapper(),
-                              reason="needs root, cryptsetup and device-mapper (dm-crypt)")
+                              reason="the host kernel has no device-mapper (dm-crypt); "
+                              "this path runs in a guest in test_qemu_cryptovm_store.py")
 pytestmark = pytest.mark.skipif(shutil.which("cryptsetup") is None,
                                 reason="needs cryptsetup (apt-get install cryptsetup-bin)")
 
