@@ -29,9 +29,11 @@ from testbed.cluster.results import (
     NodeStatus,
     UpResult,
 )
+from testbed.cluster.state import load_spec
 from testbed.core.errors import ArgumentError, UsageError
 from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
 from testbed.core.progress import Progress
+from testbed.qemu.backend import QemuBackend
 from testbed.spec.cluster_spec import (
     BACKENDS,
     MAX_TPM_LATENCY_S,
@@ -47,7 +49,7 @@ __all__ = ["register_cluster_commands"]
 
 
 def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``up``, ``status``, ``attest`` and ``down`` to the ``testbed`` subparsers."""
+    """Add ``up``, ``status``, ``attest``, ``reboot`` and ``down`` to the ``testbed`` subparsers."""
     p = sub.add_parser("up", help="bring a cluster of sim nodes or VMs up, register and "
                                   "attest every node (idempotent)",
                        description="Start every node of a cluster spec (sim: each a process with "
@@ -86,6 +88,16 @@ def register_cluster_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--force", action="store_true",
                    help="with -o: replace the files of an earlier attestation or quote")
     p.set_defaults(func=cmd_attest)
+
+    p = sub.add_parser("reboot", help="power-cycle a node's VM and attest it again (qemu)",
+                       description="Power-cycle NODE's VM (the same domain and vTPM state, a "
+                                   "fresh measured boot; a CryptoVM closes its store first), "
+                                   "then bring the cluster up again: the node registers, "
+                                   "attests and starts its service (a CryptoVM with a store "
+                                   "disk unseals it and has its keys again). Exit codes as "
+                                   "`up`; 3: no such node, or not a VM of this machine.")
+    p.add_argument("node", help="node name")
+    p.set_defaults(func=cmd_reboot)
 
     p = sub.add_parser("down", help="stop every node of a cluster; verify nothing is left")
     p.add_argument("--purge", action="store_true",
@@ -241,6 +253,31 @@ def cmd_attest(args: argparse.Namespace) -> int:
     emit(args, {**result.to_dict(), "written": [str(p) for p in written]},
          lambda: _print_attest(result, title, written))
     return EXIT_OK if result.report.ok else EXIT_REJECTED
+
+
+def cmd_reboot(args: argparse.Namespace) -> int:
+    workdir = resolve_workdir(args.workdir, create=False)
+    cluster = select_cluster(workdir, args.cluster)
+    if cluster is None:
+        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
+                            "up with `testbed up`")
+    paths = ClusterPaths(workdir, cluster)
+    spec = load_spec(paths)
+    spec.node(args.node)  # a clear error for a node the cluster does not have
+    progress = Progress(quiet=args.json)
+    with _closing(open_backend(paths)) as backend:
+        if not isinstance(backend, QemuBackend):
+            raise ArgumentError(f"node {args.node} is a sim node: only VMs (qemu backend) "
+                                "reboot; `testbed down` and `testbed up` restart sim nodes")
+        with progress.step(f"rebooting {args.node}"):
+            seconds = backend.reboot(args.node)
+        result = lifecycle.up(backend, spec, progress)
+    emit(args, {"node": args.node, "reboot_s": round(seconds, 3), "up": result.to_dict()},
+         lambda: _print_up(result))
+    _print_problems(result)
+    if not result.ok:
+        return EXIT_ENVIRONMENT
+    return EXIT_REJECTED if result.rejected else EXIT_OK
 
 
 def _write_evidence(directory: Path, result: AttestResult) -> list[Path]:
