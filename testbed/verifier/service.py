@@ -483,6 +483,8 @@ class VerifierService:
         self._records: dict[str, AttestationRecord] = {}  # each node's latest, for status
         self._records_lock = threading.Lock()
         self._recorded_at: dict[str, float] = {}  # node -> when its record was written
+        self._agents: dict[str, AgentClient] = {}  # node -> its agent (see _agent)
+        self._agents_lock = threading.Lock()
         self._push = PushEndpoint(self.paths, frozenset(config.push), self.outcomes,
                                   self.policies, self.clocks, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
@@ -547,6 +549,9 @@ class VerifierService:
         hosts = lab_hosts(self.lab) if self.config.hosts else []
         self.store.sync_nodes(nodes, self.config.push, [host_row(h) for h in hosts])
         self.policies.keep(set(nodes))
+        with self._agents_lock:  # nodes no longer registered
+            for gone in set(self._agents) - set(nodes):
+                del self._agents[gone]
         self._hosts.keep(hosts)
         self._sync_hosts(hosts)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
@@ -608,7 +613,7 @@ class VerifierService:
             self.outcomes.put(self._hosts.attest(host, self._host_deadline))
             return
         try:
-            agent = self.backend.agent(node, timeout=self.config.quote_deadline)
+            agent = self._agent(node)
             policy = self.policies.get(node)
             result = attest_node(self.paths, node, agent, policy, self.pcrs,
                                  clocks=self.clocks, durable=False, record=False)
@@ -621,7 +626,25 @@ class VerifierService:
             log.exception("attestation of %s failed", node)
             outcome = Outcome(node, False, "verifier", f"internal error: {exc!r}"[:500],
                               started, time.time())
+        if outcome.check == UNREACHABLE_CHECK:  # ask the backend again: it says why
+            with self._agents_lock:
+                self._agents.pop(node, None)
         self.outcomes.put(outcome)
+
+    def _agent(self, node: str) -> AgentClient:
+        """The node's agent client, asked of the backend once (which inspects the node's
+        processes: a node found down is refused at once, with the reason) and reused
+        while its quotes arrive. Only a unix socket's: its path is the node's own, so a
+        reused client never reaches another node (a VM's forwarded port might)."""
+        with self._agents_lock:
+            known = self._agents.get(node)
+        if known is not None:
+            return known
+        agent = self.backend.agent(node, timeout=self.config.quote_deadline)
+        if isinstance(agent.transport, UnixTransport):
+            with self._agents_lock:
+                self._agents[node] = agent
+        return agent
 
     def _drain(self, wait: float) -> None:
         """Record every outcome that arrived, waiting up to ``wait`` for the first: in
