@@ -2,7 +2,8 @@
 swtpm, EK and AK) under one verifier.
 
 One module-scoped cluster of 34 swarm nodes (more than the 32 a spec's node entries may
-hold), all hosted by one process: the detached verifier (the real CLI) attests them
+hold), all hosted by one process, their TPMs provisioned several at once, each with its
+own EK certificate: the detached verifier (the real CLI) attests them
 all; a runtime tamper of one is detected while its siblings stay trusted; hostile
 frames on one node's agent socket get the usual one-line errors and harm no sibling;
 the per-AK clock history still catches a replayed and an older quote (and reads the
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +33,7 @@ from unittest import mock
 
 import pytest
 import yaml
+from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,6 +57,7 @@ from testbed.spec.cluster_spec import (
     parse_tamper,
 )
 from testbed.tpm.boot import SIM_PCRS
+from testbed.tpm.localca import LocalCA
 from testbed.verifier.clocks import ClockRow, StoreClocks
 from testbed.verifier.service import (
     VerifierConfig,
@@ -148,6 +152,24 @@ def test_swarm_hosts_34_nodes_in_one_process_each_with_its_own_tpm(lab: Lab) -> 
     assert set(read_attestations(lab.paths)) == set(NODES)
     assert {p.kind for p in cluster_processes(lab.paths)} == {"swarm", "swtpm"}
 
+
+
+def test_concurrently_provisioned_tpms_each_have_their_own_ek_certificate(lab: Lab) -> None:
+    """The swarm's TPMs were made several at once (the CA lock shared around swtpm_setup,
+    swtpm_localca serialising each issuance): every EK certificate is the node's own
+    (its own serial and key) and signed by the cluster's CA."""
+    root, intermediate = LocalCA(lab.paths.ca_dir).ca_bundle()
+    certificates = [x509.load_der_x509_certificate(lab.agent(n).identity().ek_certificate)
+                    for n in NODES]
+    assert len({c.serial_number for c in certificates}) == SWARM
+    assert len({c.public_key().public_numbers() for c in certificates}) == SWARM
+    for certificate in certificates:
+        assert certificate.issuer == intermediate.subject
+        certificate.verify_directly_issued_by(intermediate)
+    intermediate.verify_directly_issued_by(root)
+    assert stat.S_IMODE(lab.paths.ca_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600
+               for f in lab.paths.ca_dir.iterdir() if f.is_file())
 
 def test_verifier_attests_every_swarm_node_and_catches_a_runtime_tamper(lab: Lab) -> None:
     rc, out, err = run_cli(lab.workdir, "verifier", "start", "--interval", str(INTERVAL),
