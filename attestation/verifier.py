@@ -33,6 +33,7 @@ from attestation.evidence import Evidence, KeyCertification
 from attestation.policy import (
     EventCountMismatch,
     EventMismatch,
+    PolicyMismatch,
     ReferencePolicy,
     evaluate_policy,
 )
@@ -293,14 +294,35 @@ class QuoteVerifier:
                                     f"{self.policy.bank} bank, the quote is {evidence.pcr_bank}")
         # Event-level mismatches say *what* changed (which kernel, which command line),
         # so they lead; whole-PCR mismatches follow.
-        mismatches = sorted(evaluate_policy(self.policy, evidence.pcrs, p.log),
-                            key=lambda m: not isinstance(m, EventMismatch | EventCountMismatch))
+        mismatches = _policy_mismatches(self.policy, evidence, p.log)
         if mismatches:
             more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
             raise VerificationError("policy", f"policy {self.policy.name!r}: "
                                     f"{mismatches[0].describe()}{more}",
                                     {"mismatches": [m.to_dict() for m in mismatches]})
         return f"satisfies policy {self.policy.name!r}"
+
+
+def _policy_mismatches(policy: ReferencePolicy, evidence: Evidence,
+                       log: EventLog | None) -> tuple[PolicyMismatch, ...]:
+    """Every way the evidence differs from ``policy``, event-level mismatches first (they
+    say *what* changed: which kernel, which command line). Memoized, like the replay, by
+    the policy's value, the quoted PCRs and the log's exact bytes (``log`` is their parse)."""
+    event_log = evidence.event_log
+    if log is None or event_log is None or len(event_log) > CACHED_LOG_BYTES:
+        return _ordered(evaluate_policy(policy, evidence.pcrs, log))
+    return _policy_mismatches_cached(policy, tuple(sorted(evidence.pcrs.items())), event_log)
+
+
+@lru_cache(maxsize=CACHED_LOGS)
+def _policy_mismatches_cached(policy: ReferencePolicy, pcrs: tuple[tuple[int, bytes], ...],
+                              event_log: bytes) -> tuple[PolicyMismatch, ...]:
+    return _ordered(evaluate_policy(policy, dict(pcrs), parse_event_log_cached(event_log)))
+
+
+def _ordered(mismatches: list[PolicyMismatch]) -> tuple[PolicyMismatch, ...]:
+    return tuple(sorted(mismatches,
+                        key=lambda m: not isinstance(m, EventMismatch | EventCountMismatch)))
 
 
 def _a(p: _Parsed) -> Attest:

@@ -1,13 +1,15 @@
 """The verifier's caches serve only what did not change (real swtpm quotes).
 
-An unchanged boot event log is parsed and replayed once (keyed by its exact bytes and
-the quoted PCR values): a changed log, or the same log against other PCR values, is
-judged anew; the caches are bounded in entries and in the size of what they keep; the
-cached parse agrees with the plain one on any input (hypothesis).
+An unchanged boot event log is parsed, replayed and held against the policy once (keyed
+by its exact bytes, the quoted PCR values and the policy's value): a changed log, the same
+log against other PCR values, or another policy, is judged anew; the caches are bounded
+in entries and in the size of what they keep; the cached parse agrees with the plain one
+on any input (hypothesis).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -63,6 +65,11 @@ def test_a_changed_log_or_changed_pcrs_are_not_served_from_the_cache(
     again = quote_evidence(client, ak, nonce + b"2", SELECTION, event_log=genuine)
     assert QuoteVerifier(ak_trust=trust, policy=policy).verify(again, nonce + b"2").ok
     assert _replayed_cached.cache_info().hits >= 1  # the unchanged log: replayed once
+    # The same evidence against another policy (PCR 4 expected otherwise): judged anew.
+    other = dataclasses.replace(policy, name="other", pcrs={**policy.pcrs, 4: b"\x01" * 32})
+    report = QuoteVerifier(ak_trust=trust, policy=other).verify(again, nonce + b"2")
+    assert report.failure is not None and report.failure.name == "policy", report.to_dict()
+    assert QuoteVerifier(ak_trust=trust, policy=policy).verify(again, nonce + b"2").ok
     # One byte of the log changed (the kernel's digest): judged anew, and refused.
     tampered = bytearray(genuine)
     tampered[-11] ^= 1  # the last byte of its digest (then a size, 6 bytes of data)
