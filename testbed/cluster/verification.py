@@ -4,9 +4,11 @@ policy and the cluster's clock history, and the result recorded.
 
 The clock history is the last accepted TPMS_ATTEST per AK, persisted (a file per AK)
 and used under the cluster's attest lock, so replays and clock rollbacks are caught
-across commands (and concurrent ones). Every verification, accepted or not, is appended
-under the same lock to the cluster's evidence log (:mod:`attestation.evidence_log`,
-``evidence/``), which ``testbed evidence replay`` re-verifies.
+across commands (and concurrent ones); the verifier service passes its own histories
+(:class:`ClockSource`, kept in its database). Every verification, accepted or not, is
+appended under the same lock to the cluster's evidence log
+(:mod:`attestation.evidence_log`, ``evidence/``), which ``testbed evidence replay``
+re-verifies.
 
 A node whose vTPM was made on a hypervisor host is judged on two layers: the quote, and
 the host's latest attestation, by the checks the hosts room registers here
@@ -301,29 +303,44 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
     window = None if runtime is None else _gather(paths, node, runtime, evidence)
     ak_name = _ak_name(evidence)
     log = EvidenceLog(evidence_dir(paths))
-    with locked(paths.attest_lock):
+
+    def judge() -> tuple[VerificationReport, LoggedRuntime | None, AkClockHistory | None]:
+        """The verdict, the runtime check's record, and the AK's file history if saved."""
         store, history = _clock_history(paths, ak_name, clocks)
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
                                  clock_history=history)
         report = verifier.verify(evidence, nonce) if proof is None else \
             verify_batched(verifier, evidence, nonce, proof)
-        saved = report.ok and store is not None
-        if saved and store is not None:
-            store.remember(evidence)
-            store.save(durable=False)
+        saved = store if report.ok and store is not None else None
+        if saved is not None:
+            saved.remember(evidence)
+            saved.save(durable=False)
         if report.ok and clocks is not None and ak_name is not None:
             clocks.accepted(node, ak_name, evidence)
-        logged = None
-        if runtime is not None:
-            report, logged = _with_runtime(report, runtime.policy, window)
+        if runtime is None:
+            return report, None, saved
+        return (*_with_runtime(report, runtime.policy, window), saved)
+
+    def append(report: VerificationReport, logged: LoggedRuntime | None) -> None:
         log.append(node, nonce, evidence, policy, report, utc_now(),
                    batch=None if proof is None else proof.to_dict(), runtime=logged,
                    durable=False)
+
+    if clocks is None:  # the AK's file: read, checked and written under the lock
+        with locked(paths.attest_lock):
+            report, logged, store = judge()
+            append(report, logged)
+    else:
+        # The caller's clock histories (the service: one attestation of a node at a time,
+        # by its leases): only the evidence log's hash chain needs the cluster's lock.
+        report, logged, store = judge()
+        with locked(paths.attest_lock):
+            append(report, logged)
     # Durable before the verdict is returned (before anyone acts on it), but fsync'd
     # after the lock: concurrent verifications wait for the disk together (one journal
     # commit for many) instead of queueing for it one by one inside the lock. Within
     # the lock every reader sees the newest state either way (the page cache).
-    if saved and store is not None:
+    if store is not None:
         store.sync()
     if durable:
         log.sync()
