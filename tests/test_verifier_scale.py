@@ -316,6 +316,28 @@ def test_verifier_killed_mid_tick_keeps_its_committed_clock_history(lab: Lab) ->
     wait_until(lambda: process_argv(restarted) is None)
 
 
+
+def test_an_ak_the_store_does_not_know_is_read_from_its_file_once(lab: Lab) -> None:
+    """Migration: a verifier's database without a row for an AK reads the AK's
+    clock-history file (what `testbed attest` keeps), so a quote older than the one
+    the CLI accepted is still refused; the file is never written by the service."""
+    node = "w-022"
+    policy = load_node_policy(lab.paths, node)
+    older_nonce = os.urandom(32)
+    older = lab.agent(node).quote(older_nonce, SIM_PCRS.indices)
+    rc, _, err = run_cli(lab.workdir, "attest", node)
+    assert rc == 0, err
+    file = lab.paths.clock_history_dir / f"{parse_public(older.ak_public).name.hex()}.json"
+    written = file.read_bytes()
+    clocks = StoreClocks(lab.paths)  # an empty database: no row for this AK
+    report = verify_evidence(lab.paths, node, older, older_nonce, policy, clocks=clocks)
+    assert report.failure is not None and report.failure.name == "clock", report.to_dict()
+    fresh_nonce = os.urandom(32)
+    fresh = lab.agent(node).quote(fresh_nonce, SIM_PCRS.indices)
+    assert verify_evidence(lab.paths, node, fresh, fresh_nonce, policy, clocks=clocks).ok
+    assert [row.node for row in clocks.take_pending()] == [node]  # for the tick's commit
+    assert file.read_bytes() == written
+
 def test_a_failed_commit_publishes_nothing_and_keeps_the_history_staged(lab: Lab,
                                                                       tmp_path: Path) -> None:
     """Fail closed: the tick's transaction failed, so no event exists and no revocation
