@@ -28,6 +28,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 from attestation.errors import EventLogError
@@ -289,6 +290,25 @@ class _Reader:
 
 def _fail(offset: int, message: str) -> EventLogError:
     return EventLogError(f"byte offset {offset}: {message}")
+
+
+CACHED_LOG_BYTES = 1 << 16  # larger logs are parsed each time: the cache holds <= 64 MiB
+CACHED_LOGS = 1024
+
+
+def parse_event_log_cached(data: bytes) -> EventLog:
+    """:func:`parse_event_log`, memoized by the exact bytes (a bounded LRU of logs up to
+    :data:`CACHED_LOG_BYTES`): a verifier sees each node's unchanged boot log at every
+    attestation. Safe because an EventLog is immutable and fully determined by its bytes;
+    a log that changed in any byte is parsed anew, and errors are never cached."""
+    if not isinstance(data, bytes) or len(data) > CACHED_LOG_BYTES:
+        return parse_event_log(data)
+    return _parse_cached(data)
+
+
+@lru_cache(maxsize=CACHED_LOGS)
+def _parse_cached(data: bytes) -> EventLog:
+    return parse_event_log(data)
 
 
 def parse_event_log(data: bytes) -> EventLog:

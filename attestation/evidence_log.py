@@ -35,6 +35,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -325,6 +326,13 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()))
         return key
+    return _parsed_key(path, data)
+
+
+@lru_cache(maxsize=16)
+def _parsed_key(path: Path, data: bytes) -> Ed25519PrivateKey:
+    """The key in ``data`` (the file's bytes, read at each append), parsed once: keyed by
+    the exact bytes, so a replaced key file is parsed anew. Errors are not cached."""
     try:
         loaded = serialization.load_pem_private_key(data, password=None)
     except ValueError:

@@ -13,17 +13,27 @@ import hashlib
 import hmac
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from attestation.errors import EventLogError, VerificationError
-from attestation.eventlog import EventLog, compare_with_pcrs, parse_event_log
+from attestation.eventlog import (
+    CACHED_LOG_BYTES,
+    CACHED_LOGS,
+    EventLog,
+    PcrMismatch,
+    compare_with_pcrs,
+    parse_event_log,
+    parse_event_log_cached,
+)
 from attestation.evidence import Evidence, KeyCertification
 from attestation.policy import (
     EventCountMismatch,
     EventMismatch,
+    PolicyMismatch,
     ReferencePolicy,
     evaluate_policy,
 )
@@ -284,14 +294,35 @@ class QuoteVerifier:
                                     f"{self.policy.bank} bank, the quote is {evidence.pcr_bank}")
         # Event-level mismatches say *what* changed (which kernel, which command line),
         # so they lead; whole-PCR mismatches follow.
-        mismatches = sorted(evaluate_policy(self.policy, evidence.pcrs, p.log),
-                            key=lambda m: not isinstance(m, EventMismatch | EventCountMismatch))
+        mismatches = _policy_mismatches(self.policy, evidence, p.log)
         if mismatches:
             more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
             raise VerificationError("policy", f"policy {self.policy.name!r}: "
                                     f"{mismatches[0].describe()}{more}",
                                     {"mismatches": [m.to_dict() for m in mismatches]})
         return f"satisfies policy {self.policy.name!r}"
+
+
+def _policy_mismatches(policy: ReferencePolicy, evidence: Evidence,
+                       log: EventLog | None) -> tuple[PolicyMismatch, ...]:
+    """Every way the evidence differs from ``policy``, event-level mismatches first (they
+    say *what* changed: which kernel, which command line). Memoized, like the replay, by
+    the policy's value, the quoted PCRs and the log's exact bytes (``log`` is their parse)."""
+    event_log = evidence.event_log
+    if log is None or event_log is None or len(event_log) > CACHED_LOG_BYTES:
+        return _ordered(evaluate_policy(policy, evidence.pcrs, log))
+    return _policy_mismatches_cached(policy, tuple(sorted(evidence.pcrs.items())), event_log)
+
+
+@lru_cache(maxsize=CACHED_LOGS)
+def _policy_mismatches_cached(policy: ReferencePolicy, pcrs: tuple[tuple[int, bytes], ...],
+                              event_log: bytes) -> tuple[PolicyMismatch, ...]:
+    return _ordered(evaluate_policy(policy, dict(pcrs), parse_event_log_cached(event_log)))
+
+
+def _ordered(mismatches: list[PolicyMismatch]) -> tuple[PolicyMismatch, ...]:
+    return tuple(sorted(mismatches,
+                        key=lambda m: not isinstance(m, EventMismatch | EventCountMismatch)))
 
 
 def _a(p: _Parsed) -> Attest:
@@ -341,15 +372,32 @@ def _check_pcr_digest(attest: Attest, sig: Signature, evidence: Evidence) -> str
     return "reported PCR values hash to the quoted pcrDigest"
 
 
+def _replayed(event_log: bytes, bank: str, pcrs: tuple[tuple[int, bytes], ...],
+              unlogged: tuple[int, ...]) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+    """The parsed log and the quoted PCRs it does not reproduce, memoized by every input
+    (the log's exact bytes, the quoted values): attesting an unchanged node again costs
+    no replay. Both results are immutable; a log up to CACHED_LOG_BYTES is cached."""
+    if len(event_log) > CACHED_LOG_BYTES:
+        log = parse_event_log(event_log)
+        return log, tuple(compare_with_pcrs(log, dict(pcrs), bank, unlogged=unlogged))
+    return _replayed_cached(event_log, bank, pcrs, unlogged)
+
+
+@lru_cache(maxsize=CACHED_LOGS)
+def _replayed_cached(event_log: bytes, bank: str, pcrs: tuple[tuple[int, bytes], ...],
+                     unlogged: tuple[int, ...]) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+    log = parse_event_log_cached(event_log)
+    return log, tuple(compare_with_pcrs(log, dict(pcrs), bank, unlogged=unlogged))
+
+
 def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) -> str:
     """The log must explain every quoted PCR, except those the policy exempts."""
     if evidence.event_log is None:
         raise CheckSkipped("no event log supplied: what the quoted PCR values measure is not "
                            "explained")
     try:
-        p.log = parse_event_log(evidence.event_log)
-        mismatches = compare_with_pcrs(p.log, evidence.pcrs, evidence.pcr_bank,
-                                       unlogged=unlogged)
+        p.log, mismatches = _replayed(evidence.event_log, evidence.pcr_bank,
+                                      tuple(sorted(evidence.pcrs.items())), unlogged)
     except EventLogError as exc:
         raise VerificationError("event_log", f"event log unusable: {exc}") from None
     if mismatches:

@@ -2,11 +2,14 @@
 swtpm, EK and AK) under one verifier.
 
 One module-scoped cluster of 34 swarm nodes (more than the 32 a spec's node entries may
-hold), all hosted by one process: the detached verifier (the real CLI) attests them
+hold), all hosted by one process, their TPMs provisioned several at once, each with its
+own EK certificate: the detached verifier (the real CLI) attests them
 all; a runtime tamper of one is detected while its siblings stay trusted; hostile
 frames on one node's agent socket get the usual one-line errors and harm no sibling;
 the per-AK clock history still catches a replayed and an older quote (and reads the
-older one-file layout); an agent
+older one-file layout), and the service's clock histories in its database survive a
+SIGKILL mid-tick and still catch an older quote, a failed commit publishes nothing; an
+agent
 ``shutdown`` stops that node only. The spec's ``swarm:`` field is checked on its own.
 """
 
@@ -15,17 +18,24 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
+import sqlite3
+import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attestation.agent_wire import recv_frame
 from attestation.tpm_types import parse_public
@@ -33,6 +43,7 @@ from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport, connect_unix
 from testbed.cluster.state import load_node_policy, read_attestations
 from testbed.cluster.verification import verify_evidence
+from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
 from testbed.sim.processes import AGENTS_PER_PROCESS, cluster_processes
@@ -46,7 +57,15 @@ from testbed.spec.cluster_spec import (
     parse_tamper,
 )
 from testbed.tpm.boot import SIM_PCRS
-from testbed.verifier.store import open_store
+from testbed.tpm.localca import LocalCA
+from testbed.verifier.clocks import ClockRow, StoreClocks
+from testbed.verifier.service import (
+    VerifierConfig,
+    VerifierService,
+    start_verifier,
+    stop_verifiers,
+)
+from testbed.verifier.store import SQLITE, Event, Outcome, Store, StoreError, open_store
 
 CLUSTER = "swarm-lab"
 SWARM = 34  # more than a spec's 32 node entries; each TPM is provisioned (~0.7 s)
@@ -134,6 +153,24 @@ def test_swarm_hosts_34_nodes_in_one_process_each_with_its_own_tpm(lab: Lab) -> 
     assert {p.kind for p in cluster_processes(lab.paths)} == {"swarm", "swtpm"}
 
 
+
+def test_concurrently_provisioned_tpms_each_have_their_own_ek_certificate(lab: Lab) -> None:
+    """The swarm's TPMs were made several at once (the CA lock shared around swtpm_setup,
+    swtpm_localca serialising each issuance): every EK certificate is the node's own
+    (its own serial and key) and signed by the cluster's CA."""
+    root, intermediate = LocalCA(lab.paths.ca_dir).ca_bundle()
+    certificates = [x509.load_der_x509_certificate(lab.agent(n).identity().ek_certificate)
+                    for n in NODES]
+    assert len({c.serial_number for c in certificates}) == SWARM
+    assert len({c.public_key().public_numbers() for c in certificates}) == SWARM
+    for certificate in certificates:
+        assert certificate.issuer == intermediate.subject
+        certificate.verify_directly_issued_by(intermediate)
+    intermediate.verify_directly_issued_by(root)
+    assert stat.S_IMODE(lab.paths.ca_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600
+               for f in lab.paths.ca_dir.iterdir() if f.is_file())
+
 def test_verifier_attests_every_swarm_node_and_catches_a_runtime_tamper(lab: Lab) -> None:
     rc, out, err = run_cli(lab.workdir, "verifier", "start", "--interval", str(INTERVAL),
                            "--json")
@@ -216,6 +253,134 @@ def test_per_ak_clock_history_still_catches_replayed_and_older_quotes(lab: Lab) 
         assert json.loads(mine.read_text())["version"] == 2
     finally:
         lab.paths.clock_history.unlink()
+
+
+def _db(lab: Lab) -> str:
+    return str(lab.paths.root / "verifier" / "verifier.db")
+
+
+def _ok_attestations(lab: Lab, after: int) -> dict[str, int]:
+    store = open_store(_db(lab))
+    try:
+        events = store.events_after(after, limit=100_000)
+    finally:
+        store.close()
+    counts: dict[str, int] = {}
+    for event in events:
+        if event.kind == "attestation" and event.ok:
+            counts[event.node] = counts.get(event.node, 0) + 1
+    return counts
+
+
+def test_verifier_killed_mid_tick_keeps_its_committed_clock_history(lab: Lab) -> None:
+    """The service keeps clock histories in its database, committed with the tick's
+    outcomes: after a SIGKILL every published verdict has its AK's row, a quote older
+    than the committed one is still refused (rolled back), and a new verifier goes on."""
+    node = "w-020"
+    policy = load_node_policy(lab.paths, node)
+    older_nonce = os.urandom(32)
+    older = lab.agent(node).quote(older_nonce, SIM_PCRS.indices)
+    store = open_store(_db(lab))
+    after = store.last_seq()
+    store.close()
+    config = VerifierConfig(lab.workdir, CLUSTER, interval=INTERVAL)
+    pid = start_verifier(config)
+    try:
+        wait_until(lambda: _ok_attestations(lab, after).get(node, 0) >= 2)
+        time.sleep(INTERVAL * 0.3)  # somewhere in a tick, outcomes in flight
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_argv(pid) is None)
+    published = _ok_attestations(lab, after)
+    store = open_store(_db(lab))
+    try:
+        rows = store.clocks_of(sorted(published))
+    finally:
+        store.close()
+    assert {row.node for row in rows} >= set(published)  # no verdict without its history
+    clocks = StoreClocks(lab.paths)
+    clocks.refresh([row for row in rows if row.node == node])
+    report = verify_evidence(lab.paths, node, older, older_nonce, policy, clocks=clocks)
+    assert report.failure is not None and report.failure.name == "clock", report.to_dict()
+    assert "went back" in report.failure.detail
+    # A verifier started after the kill takes the nodes over (the dead one's leases
+    # run out) and attests them from the committed history.
+    restarted = start_verifier(config)
+    try:
+        since = open_store(_db(lab)).last_seq()
+        wait_until(lambda: _ok_attestations(lab, since).get(node, 0) >= 1,
+                   timeout=INTERVAL * 4 + 10)
+        assert lab.states()[node] == "trusted"
+    finally:
+        assert stop_verifiers(lab.paths)["verifier"] is not None
+    wait_until(lambda: process_argv(restarted) is None)
+
+
+
+def test_an_ak_the_store_does_not_know_is_read_from_its_file_once(lab: Lab) -> None:
+    """Migration: a verifier's database without a row for an AK reads the AK's
+    clock-history file (what `testbed attest` keeps), so a quote older than the one
+    the CLI accepted is still refused; the file is never written by the service."""
+    node = "w-022"
+    policy = load_node_policy(lab.paths, node)
+    older_nonce = os.urandom(32)
+    older = lab.agent(node).quote(older_nonce, SIM_PCRS.indices)
+    rc, _, err = run_cli(lab.workdir, "attest", node)
+    assert rc == 0, err
+    file = lab.paths.clock_history_dir / f"{parse_public(older.ak_public).name.hex()}.json"
+    written = file.read_bytes()
+    clocks = StoreClocks(lab.paths)  # an empty database: no row for this AK
+    report = verify_evidence(lab.paths, node, older, older_nonce, policy, clocks=clocks)
+    assert report.failure is not None and report.failure.name == "clock", report.to_dict()
+    fresh_nonce = os.urandom(32)
+    fresh = lab.agent(node).quote(fresh_nonce, SIM_PCRS.indices)
+    assert verify_evidence(lab.paths, node, fresh, fresh_nonce, policy, clocks=clocks).ok
+    assert [row.node for row in clocks.take_pending()] == [node]  # for the tick's commit
+    assert file.read_bytes() == written
+
+def test_a_failed_commit_publishes_nothing_and_keeps_the_history_staged(lab: Lab,
+                                                                      tmp_path: Path) -> None:
+    """Fail closed: the tick's transaction failed, so no event exists and no revocation
+    or webhook ran; the accepted quotes' histories go with the next commit."""
+
+    class Refusing(Store):
+        def record_all(self, verifier: str, outcomes: Sequence[Outcome],
+                       clocks: Sequence[ClockRow] = ()) -> list[list[Event]]:
+            raise StoreError("disk full (simulated)")
+
+    url = str(tmp_path / "refusing.db")
+    open_store(url).close()
+    refusing = Refusing(sqlite3.connect(url, isolation_level=None, check_same_thread=False),
+                        SQLITE)
+    service = VerifierService(VerifierConfig(lab.workdir, CLUSTER, name="refusing",
+                                             interval=INTERVAL, db=url), refusing)
+    nonce = os.urandom(32)
+    evidence = lab.agent("w-021").quote(nonce, SIM_PCRS.indices)
+    name = parse_public(evidence.ak_public).name
+    service.clocks.accepted("w-021", name, evidence)
+    service.outcomes.put(Outcome("w-021", True, "", "", time.time(), time.time()))
+    with mock.patch.object(service, "_act") as act, pytest.raises(StoreError):
+        service._drain(0.1)
+    act.assert_not_called()
+    assert [row.attest for row in service.clocks.take_pending()] == [evidence.attest]
+    assert refusing.last_seq() == 0
+    refusing.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(attest=st.binary(max_size=300), ak=st.binary(min_size=1, max_size=40))
+def test_a_corrupt_clock_row_fails_its_node_only(tmp_path_factory: pytest.TempPathFactory,
+                                                 attest: bytes, ak: bytes) -> None:
+    """Whatever a clock_history row holds, its AK's history is usable or the one clear
+    StateError (that node's attestations fail), never another exception."""
+    clocks = StoreClocks(ClusterPaths(tmp_path_factory.getbasetemp(), "nowhere"))
+    clocks.refresh([ClockRow(ak.hex(), "n", attest)])
+    try:
+        history = clocks.history(ak)
+    except StateError as exc:
+        assert "corrupt" in str(exc)
+    else:
+        assert history is clocks.history(ak)
 
 
 def test_agent_shutdown_stops_that_swarm_node_only(lab: Lab) -> None:

@@ -4,9 +4,11 @@ policy and the cluster's clock history, and the result recorded.
 
 The clock history is the last accepted TPMS_ATTEST per AK, persisted (a file per AK)
 and used under the cluster's attest lock, so replays and clock rollbacks are caught
-across commands (and concurrent ones). Every verification, accepted or not, is appended
-under the same lock to the cluster's evidence log (:mod:`attestation.evidence_log`,
-``evidence/``), which ``testbed evidence replay`` re-verifies.
+across commands (and concurrent ones); the verifier service passes its own histories
+(:class:`ClockSource`, kept in its database). Every verification, accepted or not, is
+appended under the same lock to the cluster's evidence log
+(:mod:`attestation.evidence_log`, ``evidence/``), which ``testbed evidence replay``
+re-verifies.
 
 A node whose vTPM was made on a hypervisor host is judged on two layers: the quote, and
 the host's latest attestation, by the checks the hosts room registers here
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
@@ -57,7 +60,8 @@ from testbed.tpm.localca import LocalCA
 from trusted_passages.batch import BatchProof
 from trusted_passages.tpm import verify_batched
 
-__all__ = ["AkClockHistory", "ClockHistoryStore", "EkLinks", "HostCheck", "RuntimeInput",
+__all__ = ["AkClockHistory", "ClockHistoryStore", "ClockSource", "EkLinks", "HostCheck",
+           "RuntimeInput",
            "attest_node", "ek_ca_bundle", "evidence_dir", "register_ek_links",
            "register_host_check", "verify_evidence"]
 
@@ -213,6 +217,20 @@ class AkClockHistory:
         fsync_dir(self.path.parent)
 
 
+class ClockSource(Protocol):
+    """Where :func:`verify_evidence` keeps clock histories instead of the per-AK files:
+    the verifier service's database, made durable in its tick's transaction before any
+    verdict of that tick is published (:mod:`testbed.verifier.clocks`)."""
+
+    def history(self, ak_name: bytes) -> ClockHistory:
+        """The AK's history (its last accepted quote); the verifier records into it."""
+        ...
+
+    def accepted(self, node: str, ak_name: bytes, evidence: Evidence) -> None:
+        """``evidence`` passed: it is the AK's last accepted quote from now on."""
+        ...
+
+
 class _RegistryCache:
     """The parsed AK registry, parsed again only when the file's bytes differ.
 
@@ -264,11 +282,15 @@ class RuntimeInput:
 
 def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: bytes,
                     policy: ReferencePolicy, proof: BatchProof | None = None,
-                    runtime: RuntimeInput | None = None) -> VerificationReport:
+                    runtime: RuntimeInput | None = None, *, clocks: ClockSource | None = None,
+                    durable: bool = True) -> VerificationReport:
     """Verify evidence claimed to come from ``node`` with the cluster's registry and history.
 
     ``proof``: the quote is a batch's (a node whose quotes are batched) and this is the
     nonce's inclusion path: checked as ``batch_inclusion``, the leaf being ``nonce``.
+    ``clocks``: the clock histories to use instead of the per-AK files (kept durable by
+    whoever passes them). ``durable=False``: the caller runs ``EvidenceLog.sync`` on
+    :func:`evidence_dir` before it publishes the verdict (once for many verifications).
     ``runtime``: also run the incremental ``runtime`` check (``docs/runtime.md``) on a
     quote that passed every other check. The evidence log records the verdict, the
     runtime check's included, with what re-verifies it offline.
@@ -281,29 +303,47 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
     window = None if runtime is None else _gather(paths, node, runtime, evidence)
     ak_name = _ak_name(evidence)
     log = EvidenceLog(evidence_dir(paths))
-    with locked(paths.attest_lock):
-        store = AkClockHistory(paths, ak_name) if ak_name is not None else None
+
+    def judge() -> tuple[VerificationReport, LoggedRuntime | None, AkClockHistory | None]:
+        """The verdict, the runtime check's record, and the AK's file history if saved."""
+        store, history = _clock_history(paths, ak_name, clocks)
         verifier = QuoteVerifier(ak_trust=registry.for_node(node), policy=policy,
-                                 clock_history=store.history if store else ClockHistory())
+                                 clock_history=history)
         report = verifier.verify(evidence, nonce) if proof is None else \
             verify_batched(verifier, evidence, nonce, proof)
-        saved = report.ok and store is not None
-        if saved and store is not None:
-            store.remember(evidence)
-            store.save(durable=False)
-        logged = None
-        if runtime is not None:
-            report, logged = _with_runtime(report, runtime.policy, window)
+        saved = store if report.ok and store is not None else None
+        if saved is not None:
+            saved.remember(evidence)
+            saved.save(durable=False)
+        if report.ok and clocks is not None and ak_name is not None:
+            clocks.accepted(node, ak_name, evidence)
+        if runtime is None:
+            return report, None, saved
+        return (*_with_runtime(report, runtime.policy, window), saved)
+
+    def append(report: VerificationReport, logged: LoggedRuntime | None) -> None:
         log.append(node, nonce, evidence, policy, report, utc_now(),
                    batch=None if proof is None else proof.to_dict(), runtime=logged,
                    durable=False)
+
+    if clocks is None:  # the AK's file: read, checked and written under the lock
+        with locked(paths.attest_lock):
+            report, logged, store = judge()
+            append(report, logged)
+    else:
+        # The caller's clock histories (the service: one attestation of a node at a time,
+        # by its leases): only the evidence log's hash chain needs the cluster's lock.
+        report, logged, store = judge()
+        with locked(paths.attest_lock):
+            append(report, logged)
     # Durable before the verdict is returned (before anyone acts on it), but fsync'd
     # after the lock: concurrent verifications wait for the disk together (one journal
     # commit for many) instead of queueing for it one by one inside the lock. Within
     # the lock every reader sees the newest state either way (the page cache).
-    if saved and store is not None:
+    if store is not None:
         store.sync()
-    log.sync()
+    if durable:
+        log.sync()
     if isinstance(window, RuntimeWindow) and report.ok and \
             (window.end, window.quoted) != (window.start, window.from_pcr):
         # The next check starts after it (most quotes find no new entry: no rewrite).
@@ -311,6 +351,18 @@ def verify_evidence(paths: ClusterPaths, node: str, evidence: Evidence, nonce: b
     # After the evidence log: it records what the quote proves (and replays to that); the
     # host's own verdicts are in the hosts lab's evidence log.
     return _with_host_layer(report, paths, node)
+
+
+def _clock_history(paths: ClusterPaths, ak_name: bytes | None, clocks: ClockSource | None
+                   ) -> tuple[AkClockHistory | None, ClockHistory]:
+    """The AK's clock history: from ``clocks`` when given, else its own file (returned
+    too: saved when the quote passes). An unparseable AK has none (its quote fails)."""
+    if ak_name is None:
+        return None, ClockHistory()
+    if clocks is not None:
+        return None, clocks.history(ak_name)
+    store = AkClockHistory(paths, ak_name)
+    return store, store.history
 
 
 def _gather(paths: ClusterPaths, node: str, runtime: RuntimeInput,
@@ -343,8 +395,11 @@ def _with_runtime(report: VerificationReport, policy: RuntimePolicy,
 
 
 def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: ReferencePolicy,
-                pcrs: Sequence[int]) -> AttestResult:
-    """Quote ``node`` with a fresh nonce over its agent, verify it, record the outcome.
+                pcrs: Sequence[int], *, clocks: ClockSource | None = None,
+                durable: bool = True, record: bool = True) -> AttestResult:
+    """Quote ``node`` with a fresh nonce over its agent, verify it, record the outcome
+    (``record=False``: the caller keeps it; ``clocks``, ``durable``: as
+    :func:`verify_evidence`).
 
     A node with a runtime policy also has PCR 10 quoted and its new ima-ng entries
     judged: the ``runtime`` check (:mod:`testbed.cluster.runtime`).
@@ -356,7 +411,9 @@ def attest_node(paths: ClusterPaths, node: str, agent: AgentClient, policy: Refe
         pcrs, policy = sorted({*pcrs, IMA_PCR}), quoting_pcr10(policy)
         runtime = RuntimeInput(runtime_policy, agent_reader(agent))
     evidence, proof = agent.quote_batched(nonce, pcrs)
-    report = verify_evidence(paths, node, evidence, nonce, policy, proof, runtime)
+    report = verify_evidence(paths, node, evidence, nonce, policy, proof, runtime,
+                             clocks=clocks, durable=durable)
     result = AttestResult(paths.name, node, policy.name, nonce, utc_now(), report, evidence)
-    record_attestation(paths, node, result.record())
+    if record:
+        record_attestation(paths, node, result.record())
     return result

@@ -114,6 +114,10 @@ class LocalCA:
         ca = cls(directory)
         validate_pcr_banks(pcr_banks)
         ca._prepare_directory()
+        if ca._ready(pcr_banks):
+            # Nothing to write: no exclusive lock, which would wait for every provisioning
+            # under way (each node start ensures the CA: starts run concurrently).
+            return ca
         with ca.lock():
             ca._write_configs(pcr_banks)
             if not ca.root_cert_path.exists():
@@ -166,16 +170,18 @@ class LocalCA:
     # -- public operations ---------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold an exclusive flock on the CA for the duration of the block.
+    def lock(self, *, shared: bool = False) -> Iterator[None]:
+        """Hold a flock on the CA for the duration of the block: exclusive, or
+        ``shared`` with other shared holders.
 
-        swtpm_localca takes its own lock around the serial counter, but not
-        around first-time CA creation or our permission fix-ups; holding this
-        lock across a whole provisioning covers both.
+        swtpm_localca takes its own lock around the serial counter and each
+        certificate it issues, but not around first-time CA creation or our
+        permission fix-ups: those hold this lock exclusively, while provisionings
+        (which only issue certificates) hold it shared, so that many run at once.
         """
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the flock
@@ -217,23 +223,42 @@ class LocalCA:
             raise StateError(f"CA directory {self.directory} is owned by uid {info.st_uid}")
         os.chmod(self.directory, 0o700)
 
-    def _write_configs(self, pcr_banks: str) -> None:
+    def _configs(self, pcr_banks: str) -> dict[Path, str]:
         d = self.directory
-        _write_atomic(
-            self.ca_config_path,
-            f"statedir = {d}\n"
+        return {
+            self.ca_config_path: f"statedir = {d}\n"
             f"signingkey = {self.signing_key_path}\n"
             f"issuercert = {self.intermediate_cert_path}\n"
             f"certserial = {d / 'certserial'}\n",
-        )
-        _write_atomic(self.options_path, _OPTIONS)
-        _write_atomic(
-            self.setup_config_path,
-            f"create_certs_tool = {find_tool('swtpm_localca')}\n"
+            self.options_path: _OPTIONS,
+            self.setup_config_path: f"create_certs_tool = {find_tool('swtpm_localca')}\n"
             f"create_certs_tool_config = {self.ca_config_path}\n"
             f"create_certs_tool_options = {self.options_path}\n"
             f"active_pcr_banks = {pcr_banks}\n",
-        )
+        }
+
+    def _write_configs(self, pcr_banks: str) -> None:
+        for path, text in self._configs(pcr_banks).items():
+            _write_atomic(path, text)
+
+    def _ready(self, pcr_banks: str) -> bool:
+        """Whether the CA is complete and its configs are exactly these (read without
+        the lock: files are replaced atomically, and anything else takes the lock)."""
+        try:
+            return all(p.is_file() for p in (self.root_cert_path, self.intermediate_cert_path,
+                                              *self.private_key_paths)) and \
+                all(path.read_text() == text for path, text in self._configs(pcr_banks).items()) \
+                and self._private()
+        except OSError:
+            return False
+
+    def _private(self) -> bool:
+        """The directory 0700 and every file in it 0600 (what tighten_permissions makes)."""
+        if stat.S_IMODE(self.directory.stat().st_mode) != 0o700:
+            return False
+        return all(stat.S_IMODE(entry.lstat().st_mode) & 0o077 == 0
+                   for entry in self.directory.iterdir()
+                   if entry.is_file() and not entry.is_symlink())
 
     def _bootstrap(self) -> None:
         """Make swtpm_localca create root + intermediate by issuing one throwaway cert."""

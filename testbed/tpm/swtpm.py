@@ -92,8 +92,10 @@ def provision(
 ) -> None:
     """Manufacture a new TPM (fresh seeds, EKs, certificates) in ``state_dir``.
 
-    Takes ~1 s. Holds the CA lock throughout so concurrent provisionings do
-    not race on the CA. Refuses to replace existing state unless ``overwrite``.
+    Takes ~1 s, mostly waiting (about 45 ms of CPU): provisionings run concurrently.
+    They hold the CA lock shared (CA creation holds it exclusively) and swtpm_localca
+    serialises the issuance of each certificate itself (its own lock around the serial
+    counter). Refuses to replace existing state unless ``overwrite``.
     """
     validate_pcr_banks(pcr_banks)
     state_dir = _prepare_private_dir(Path(state_dir).absolute())
@@ -105,8 +107,9 @@ def provision(
         "--pcr-banks", pcr_banks, "--config", str(ca.setup_config_path),
         *(["--overwrite"] if overwrite else []),
     ]  # fmt: skip
-    with ca.lock():
+    with ca.lock(shared=True):
         _run_setup(cmd)
+    with ca.lock():  # the files swtpm_localca rewrote (its serial): 0600, whatever made them
         ca.tighten_permissions()
 
 

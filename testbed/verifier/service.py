@@ -20,6 +20,15 @@ One process (``python -m testbed.verifier.service``, started detached by
   failure is handed to :func:`testbed.verifier.revocation.publish`, and state changes
   and failures go to the webhooks.
 
+Durability costs one fsync per tick, not several per attestation: workers verify with
+the clock histories in memory (:class:`~testbed.verifier.clocks.StoreClocks`) and append
+to the evidence log without fsync; the loop then makes the evidence log durable and
+commits the tick's outcomes with the clock history of every quote they accepted in one
+transaction, and only then publishes (events, revocations, webhooks, the per-node
+record ``testbed status`` shows, written when a node's state changes). A verifier killed
+mid-tick published nothing of that tick, and its next attestation of each node starts
+from the last committed history.
+
 A stuck agent holds one worker until its deadline, never the loop; a node whose lease
 ran out is claimed again (by this verifier or another sharing the database).
 """
@@ -46,6 +55,7 @@ from typing import Any
 from attestation.encoding import b64decode, b64encode, require_int
 from attestation.errors import EvidenceFormatError, FileInputError, TestbedError, VerificationError
 from attestation.evidence import Evidence
+from attestation.evidence_log import EvidenceLog
 from attestation.files import atomic_write, private_dir, read_bounded, remove_durably
 from attestation.ima import IMA_PCR
 from attestation.policy import MAX_POLICY_BYTES, ReferencePolicy, load_policy
@@ -61,14 +71,25 @@ from testbed.cluster.agent import (
     split_batch,
 )
 from testbed.cluster.backend import ClusterBackend
+from testbed.cluster.results import AttestationRecord
 from testbed.cluster.runtime import (
     RuntimeState,
     node_runtime_policy,
     quoting_pcr10,
     slice_reader,
 )
-from testbed.cluster.state import load_node_policy, load_registry, load_spec
-from testbed.cluster.verification import RuntimeInput, attest_node, verify_evidence
+from testbed.cluster.state import (
+    load_node_policy,
+    load_registry,
+    load_spec,
+    record_attestation,
+)
+from testbed.cluster.verification import (
+    RuntimeInput,
+    attest_node,
+    evidence_dir,
+    verify_evidence,
+)
 from testbed.core.clock import iso_utc
 from testbed.core.errors import ArgumentError, StateError, UsageError
 from testbed.core.files import read_json, tail, write_json
@@ -79,6 +100,7 @@ from testbed.hosts.layout import LabPaths
 from testbed.sim.agent_server import AgentServer
 from testbed.spec.cluster_spec import ClusterSpec
 from testbed.verifier import revocation
+from testbed.verifier.clocks import StoreClocks
 from testbed.verifier.hosts import (
     CONNECT_S,
     FAILED_STATES,
@@ -115,6 +137,7 @@ MAX_PUSH_CONNECTIONS = 32
 HOST_DEADLINE_S = 2.0  # per read of a host attestation, at least (over SSH)
 HOST_LEASE_S = CONNECT_S  # + the deadline: a host's lease covers a fresh SSH session
 MAX_BATCH = 512  # outcomes recorded in one transaction
+RECORD_EVERY_S = 30.0  # a node's status record rewritten at least this often
 
 log = logging.getLogger("testbed.verifier")
 
@@ -297,6 +320,7 @@ class PushEndpoint:
     push_nodes: frozenset[str]
     outcomes: queue.Queue[Outcome]
     policies: PolicyCache
+    clocks: StoreClocks
     pcrs: Sequence[int] = ()  # the boot PCRs every quote covers (the backend's)
     _nonces: dict[str, tuple[bytes, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -339,7 +363,7 @@ class PushEndpoint:
             policy, check = self.policies.get(node), _pushed_runtime(self.paths, node, runtime)
             report = verify_evidence(self.paths, node, evidence, nonce,
                                      policy if check is None else quoting_pcr10(policy),
-                                     proof, check)
+                                     proof, check, clocks=self.clocks, durable=False)
             outcome = outcome_of(node, report, started, "push")
         except TestbedError as exc:
             outcome = failed_outcome(node, exc, started, "push")
@@ -455,8 +479,14 @@ class VerifierService:
                                         load_secret(config.webhook_secret))
                           if config.webhooks and config.webhook_secret else None)
         self.policies = PolicyCache(self.paths)
+        self.clocks = StoreClocks(self.paths)
+        self._records: dict[str, AttestationRecord] = {}  # each node's latest, for status
+        self._records_lock = threading.Lock()
+        self._recorded_at: dict[str, float] = {}  # node -> when its record was written
+        self._agents: dict[str, AgentClient] = {}  # node -> its agent (see _agent)
+        self._agents_lock = threading.Lock()
         self._push = PushEndpoint(self.paths, frozenset(config.push), self.outcomes,
-                                  self.policies, tuple(self.pcrs))
+                                  self.policies, self.clocks, tuple(self.pcrs))
         self._server = AgentServer(self._push, self.files.push_socket(config.name),
                                    max_connections=MAX_PUSH_CONNECTIONS, idle_timeout=10.0)
         self.lab = LabPaths(config.workdir)
@@ -519,6 +549,9 @@ class VerifierService:
         hosts = lab_hosts(self.lab) if self.config.hosts else []
         self.store.sync_nodes(nodes, self.config.push, [host_row(h) for h in hosts])
         self.policies.keep(set(nodes))
+        with self._agents_lock:  # nodes no longer registered
+            for gone in set(self._agents) - set(nodes):
+                del self._agents[gone]
         self._hosts.keep(hosts)
         self._sync_hosts(hosts)
         self.store.heartbeat(self.config.name, os.getpid(), self.started,
@@ -560,6 +593,8 @@ class VerifierService:
             claims += self.store.claim(self.config.name, now, interval=self.config.interval,
                                        lease=HOST_LEASE_S + self._host_deadline,
                                        limit=free - len(claims), mode="host")
+        if claims:  # the newest committed clock history, whoever attested them last
+            self.clocks.refresh(self.store.clocks_of([c.node for c in claims]))
         for claim in claims:
             if claim.node in self._inflight:
                 # Its last quote is still running a lease later (an agent that trickles
@@ -578,9 +613,12 @@ class VerifierService:
             self.outcomes.put(self._hosts.attest(host, self._host_deadline))
             return
         try:
-            agent = self.backend.agent(node, timeout=self.config.quote_deadline)
+            agent = self._agent(node)
             policy = self.policies.get(node)
-            result = attest_node(self.paths, node, agent, policy, self.pcrs)
+            result = attest_node(self.paths, node, agent, policy, self.pcrs,
+                                 clocks=self.clocks, durable=False, record=False)
+            with self._records_lock:
+                self._records[node] = result.record()
             outcome = outcome_of(node, result.report, started, "pull")
         except TestbedError as exc:
             outcome = failed_outcome(node, exc, started, "pull")
@@ -588,7 +626,25 @@ class VerifierService:
             log.exception("attestation of %s failed", node)
             outcome = Outcome(node, False, "verifier", f"internal error: {exc!r}"[:500],
                               started, time.time())
+        if outcome.check == UNREACHABLE_CHECK:  # ask the backend again: it says why
+            with self._agents_lock:
+                self._agents.pop(node, None)
         self.outcomes.put(outcome)
+
+    def _agent(self, node: str) -> AgentClient:
+        """The node's agent client, asked of the backend once (which inspects the node's
+        processes: a node found down is refused at once, with the reason) and reused
+        while its quotes arrive. Only a unix socket's: its path is the node's own, so a
+        reused client never reaches another node (a VM's forwarded port might)."""
+        with self._agents_lock:
+            known = self._agents.get(node)
+        if known is not None:
+            return known
+        agent = self.backend.agent(node, timeout=self.config.quote_deadline)
+        if isinstance(agent.transport, UnixTransport):
+            with self._agents_lock:
+                self._agents[node] = agent
+        return agent
 
     def _drain(self, wait: float) -> None:
         """Record every outcome that arrived, waiting up to ``wait`` for the first: in
@@ -604,9 +660,43 @@ class VerifierService:
             if outcome.mode == "pull":  # a worker's: its node is no longer in flight
                 self._inflight.discard(outcome.node)
         arrived = [self._under_host(outcome) for outcome in arrived]
-        recorded = self.store.record_all(self.config.name, arrived)
+        recorded = self._commit(arrived)
         for outcome, events in zip(arrived, recorded, strict=True):
+            self._status_record(outcome.node, changed=len(events) > 1)
             self._act(outcome, events)
+
+    def _commit(self, outcomes: list[Outcome]) -> list[list[Event]]:
+        """Make the tick durable before anything of it is published: the evidence log
+        the workers appended to (one fsync for them all), then the outcomes with the
+        clock history of every quote accepted (one transaction). A failure publishes
+        nothing: the staged histories go with the next commit, the nodes are attested
+        again at their next turn."""
+        try:
+            EvidenceLog(evidence_dir(self.paths)).sync()
+        except FileNotFoundError:
+            pass  # no verification appended yet (unreachable nodes only): nothing to sync
+        except OSError as exc:
+            raise StateError(f"cannot make the evidence log durable: {exc}") from None
+        clocks = self.clocks.take_pending()
+        try:
+            return self.store.record_all(self.config.name, outcomes, clocks)
+        except StoreError:
+            self.clocks.restage(clocks)
+            raise
+
+    def _status_record(self, node: str, *, changed: bool) -> None:
+        """The node's record for ``testbed status`` (a file per node, not evidence):
+        rewritten when its state changed or its record is RECORD_EVERY_S old, not at
+        every attestation (a rename each)."""
+        with self._records_lock:
+            record = self._records.pop(node, None)
+        now, last = time.monotonic(), self._recorded_at.get(node)
+        fresh = last is not None and now - last < RECORD_EVERY_S
+        if record is None or (fresh and not changed):
+            return
+        self._recorded_at[node] = now
+        with contextlib.suppress(TestbedError, OSError):  # status only: never the loop's end
+            record_attestation(self.paths, node, record)
 
     def _record(self, outcome: Outcome, *, finished: bool = True) -> None:
         """Record ``outcome``; ``finished``: a worker's, so its node is no longer in flight."""

@@ -1,13 +1,16 @@
 """The verifier's state in a real database: SQLite by default (a file in the cluster's
 ``verifier/`` directory, WAL), PostgreSQL as the option for several verifiers.
 
-Three tables, the same SQL on both engines but for the few words in :class:`Dialect`:
+Four tables, the same SQL on both engines but for the few words in :class:`Dialect`:
 
 - ``nodes``: one row per registered node: its schedule (``next_due``), its lease
   (``owner`` + ``lease_until``: the verifier attesting it right now, until when) and its
   last verdict and state (``new``, ``trusted``, ``rejected``, ``unreachable``).
 - ``events``: the stream of attestation results and state changes, ``seq`` increasing.
 - ``verifiers``: each running verifier's pid and heartbeat, for ``status``.
+- ``clock_history``: per AK, the last accepted quote (TPMS_ATTEST, hex) and its node:
+  what catches a rolled-back or replayed quote (:mod:`testbed.verifier.clocks`), written
+  in the same transaction as the outcomes that accepted it.
 
 Leases are how verifiers share nodes: a verifier claims the nodes that are due and whose
 lease expired (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, one writer at a time
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from typing import Any, Protocol
 
 from attestation.files import private_dir
 from testbed.core.errors import StateError
+from testbed.verifier.clocks import ClockRow
 
 __all__ = [
     "HOST_CHECK",
@@ -165,10 +170,22 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS verifiers (
         name TEXT PRIMARY KEY, pid INTEGER NOT NULL, started DOUBLE PRECISION NOT NULL,
         heartbeat DOUBLE PRECISION NOT NULL, interval_s DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS clock_history (
+        ak TEXT PRIMARY KEY, node TEXT NOT NULL, attest TEXT NOT NULL,
+        time DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS clock_history_node ON clock_history (node)",
 )
 _NODE_COLUMNS = ("node, mode, state, owner, lease_until, next_due, last_time, last_check, "
                  "last_reason, attested_by")
 _EVENT_COLUMNS = "seq, time, node, kind, ok, check_name, reason, verifier, mode"
+
+
+def _clock_row(row: Sequence[Any]) -> ClockRow:
+    try:
+        attest = bytes.fromhex(str(row[2]))
+    except ValueError:
+        attest = b""  # judged corrupt where it is used: that node fails, not the tick
+    return ClockRow(str(row[0]), str(row[1]), attest)
 
 
 class _Connection(Protocol):
@@ -198,7 +215,9 @@ def _connect_sqlite(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=10.0, isolation_level=None,
                                check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: each commit fsyncs the WAL (NORMAL would lose the last commits to a power
+        # cut). Commits are per tick, and they carry the clock history (security state).
+        conn.execute("PRAGMA synchronous=FULL")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open the verifier database {path}: {exc}") from None
     path.chmod(0o600)
@@ -286,11 +305,29 @@ class Store:
         and its events: the attestation, and a state change when the state changed."""
         return self.record_all(verifier, [outcome])[0]
 
-    def record_all(self, verifier: str, outcomes: Sequence[Outcome]) -> list[list[Event]]:
-        """:meth:`record` each outcome, all in one transaction (one commit, one fsync of
-        the WAL, per tick instead of per attestation); the events of each, in order."""
+    def record_all(self, verifier: str, outcomes: Sequence[Outcome],
+                   clocks: Sequence[ClockRow] = ()) -> list[list[Event]]:
+        """:meth:`record` each outcome and keep each accepted quote in ``clocks`` as its
+        AK's clock history, all in one transaction (one commit, one fsync of the WAL, per
+        tick instead of per attestation); the events of each outcome, in order."""
         with self._transaction() as cur:
+            for row in clocks:
+                self._run(cur, "INSERT INTO clock_history (ak, node, attest, time) "
+                          "VALUES (?, ?, ?, ?) ON CONFLICT (ak) DO UPDATE SET "
+                          "node = excluded.node, attest = excluded.attest, "
+                          "time = excluded.time",
+                          (row.ak, row.node, row.attest.hex(), time.time()))
             return [self._record(cur, verifier, outcome) for outcome in outcomes]
+
+    def clocks_of(self, nodes: Sequence[str]) -> list[ClockRow]:
+        """The clock history rows of ``nodes``' AKs (a node re-provisioned has several)."""
+        if not nodes:
+            return []
+        marks = ", ".join("?" * len(nodes))
+        with self._transaction() as cur:
+            rows = self._all(cur, "SELECT ak, node, attest FROM clock_history "  # noqa: S608
+                             f"WHERE node IN ({marks})", tuple(nodes))
+        return [_clock_row(r) for r in rows]
 
     def _record(self, cur: Any, verifier: str, outcome: Outcome) -> list[Event]:
         rows = self._all(cur, "SELECT state FROM nodes WHERE node = ?", (outcome.node,))
