@@ -16,6 +16,7 @@ from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
 from testbed.verifier.events import describe, follow
 from testbed.verifier.service import (
     DEFAULT_INTERVAL_S,
+    DEFAULT_WORKERS,
     VerifierConfig,
     VerifierFiles,
     start_verifier,
@@ -38,7 +39,7 @@ def register_verifier_commands(sub: argparse._SubParsersAction[argparse.Argument
                    help="how often each node is attested (default: %(default)s)")
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                    help="per-quote deadline (default: half the interval)")
-    p.add_argument("--workers", type=int, default=16,
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="attestations in flight at most (default: %(default)s)")
     p.add_argument("--db", default=None, metavar="URL",
                    help="postgresql://... to share nodes between verifiers (default: SQLite "
