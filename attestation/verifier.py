@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from attestation.cache import BoundedCache
 from attestation.errors import EventLogError, VerificationError
-from attestation.eventlog import EventLog, compare_with_pcrs, parse_event_log
+from attestation.eventlog import EventLog, PcrMismatch, compare_with_pcrs, parse_event_log
 from attestation.evidence import Evidence, KeyCertification
 from attestation.policy import (
     EventCountMismatch,
@@ -347,9 +349,8 @@ def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) 
         raise CheckSkipped("no event log supplied: what the quoted PCR values measure is not "
                            "explained")
     try:
-        p.log = parse_event_log(evidence.event_log)
-        mismatches = compare_with_pcrs(p.log, evidence.pcrs, evidence.pcr_bank,
-                                       unlogged=unlogged)
+        p.log, mismatches = replayed_log(evidence.event_log, evidence.pcrs, evidence.pcr_bank,
+                                         unlogged)
     except EventLogError as exc:
         raise VerificationError("event_log", f"event log unusable: {exc}") from None
     if mismatches:
@@ -359,6 +360,31 @@ def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) 
     note = f" (PCRs {', '.join(map(str, exempt))} not logged, per the policy)" if exempt else ""
     return (f"replay of {len(p.log.events)} events explains all {len(evidence.pcrs)} quoted "
             f"PCRs{note}")
+
+
+# --- the event-log replay, cached ------------------------------------------------------
+
+# A peer sends the same log on every handshake: parsing and replaying it again costs
+# more than the signature check. The key is every input of the replay (the log's
+# SHA-256, the bank, the quoted values, the exemptions), so a changed log or PCR value
+# is replayed afresh; an unusable log raises and is never stored.
+REPLAY_CACHE_SIZE = 256
+_REPLAYS: BoundedCache[tuple[bytes, str, tuple[tuple[int, bytes], ...], tuple[int, ...]],
+                       tuple[EventLog, tuple[PcrMismatch, ...]]] = BoundedCache(REPLAY_CACHE_SIZE)
+
+
+def replayed_log(log: bytes, pcrs: Mapping[int, bytes], bank: str, unlogged: Iterable[int]
+                 ) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+    """``log`` parsed, and the quoted PCRs it does not explain (cached; EventLogError)."""
+    quoted = tuple(sorted(pcrs.items()))
+    exempt = tuple(sorted(set(unlogged)))
+    key = (hashlib.sha256(log).digest(), bank, quoted, exempt)
+
+    def replay() -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+        parsed = parse_event_log(log)
+        return parsed, tuple(compare_with_pcrs(parsed, dict(quoted), bank, unlogged=exempt))
+
+    return _REPLAYS.get_or_compute(key, replay)
 
 
 def _check_certified_name(attest: Attest, key: PublicArea) -> str:

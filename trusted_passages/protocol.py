@@ -32,9 +32,11 @@ from enum import Enum
 from typing import Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from attestation.cache import BoundedCache
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from trusted_passages.envelope import PROFILES, ROLES, Profile, Role
 from trusted_passages.errors import ProtocolError
@@ -56,7 +58,6 @@ from trusted_passages.frames import (
     parse_error_payload,
 )
 from trusted_passages.interfaces import (
-    BindableIssuer,
     BindingContext,
     Issuer,
     PeerEvidence,
@@ -108,7 +109,9 @@ class TrustedPassagesConnection:
         self.peer_certificate: x509.Certificate | None = None
         self._peer_role: Role = "client" if role == "server" else "server"
         context = BindingContext(profile, role)
-        self._issuer = issuer.bound(context) if isinstance(issuer, BindableIssuer) else issuer
+        # BindableIssuer's test, without typing's slow runtime protocol check per connection.
+        bound = getattr(issuer, "bound", None)
+        self._issuer: Issuer = bound(context) if callable(bound) else issuer
         self._validator = validator
         self._state = State.HANDSHAKING
         self._decoder = FrameDecoder()
@@ -263,7 +266,8 @@ class TrustedPassagesConnection:
         own_cert = own_certificate(self._tls)
         assert own_cert is not None  # the handshake completed with it
         self.peer_certificate = peer_cert
-        self._own_spki, self._peer_spki = spki_digest(own_cert), spki_digest(peer_cert)
+        self._own_spki, self._peer_spki = cached_spki_digest(own_cert), \
+            cached_spki_digest(peer_cert)
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
         if self.role == "server":
@@ -448,7 +452,7 @@ class TrustedPassagesConnection:
         if peer.node != self.expected_peer:
             raise VerificationError("expected_peer", f"the attested node is {peer.node!r}, "
                                     f"expected {self.expected_peer!r}")
-        names = certificate_names(self.peer_certificate)
+        names = cached_certificate_names(self.peer_certificate)
         if self.expected_peer not in names:
             raise VerificationError("expected_peer", f"the TLS certificate names "
                                     f"{sorted(names)}, not {self.expected_peer!r}")
@@ -502,6 +506,26 @@ class TrustedPassagesConnection:
         else:
             self._fail("protocol", f"the peer closed TLS while waiting for {self.waiting_for}",
                        events, notify=False)
+
+
+# The same peers come back handshake after handshake: what is derived from their
+# certificate is cached by the certificate's exact DER bytes (another certificate,
+# even for the same key or name, is another key).
+CERTIFICATE_CACHE_SIZE: Final = 256
+_SPKI_DIGESTS: BoundedCache[bytes, bytes] = BoundedCache(CERTIFICATE_CACHE_SIZE)
+_NAMES: BoundedCache[bytes, frozenset[str]] = BoundedCache(CERTIFICATE_CACHE_SIZE)
+
+
+def cached_spki_digest(certificate: x509.Certificate) -> bytes:
+    """:func:`~trusted_passages.interfaces.spki_digest`, cached by the DER bytes."""
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return _SPKI_DIGESTS.get_or_compute(der, lambda: spki_digest(certificate))
+
+
+def cached_certificate_names(certificate: x509.Certificate) -> frozenset[str]:
+    """:func:`certificate_names`, cached by the DER bytes."""
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return _NAMES.get_or_compute(der, lambda: frozenset(certificate_names(certificate)))
 
 
 def certificate_names(certificate: x509.Certificate) -> set[str]:
