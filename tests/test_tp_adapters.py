@@ -171,6 +171,26 @@ def test_policy_rejection_through_the_blocking_adapter(pki: Pki) -> None:
     assert failures and failures[0].check == "policy" and not failures[0].by_peer
 
 
+def test_a_pipelined_first_message_is_served_and_a_refused_ones_never_is(pki: Pki) -> None:
+    seen: list[bytes] = []
+
+    def handler(channel: AttestedChannel) -> None:
+        request = channel.recv()
+        seen.append(request)
+        channel.send(b"re: " + request)
+
+    failures: list[AttestationRejected] = []
+    with serve(LOCALHOST, 0, config(pki, "server"), handler,
+               on_failure=failures.append) as server:
+        with connect(*server.address, config(pki, "client"), first_message=b"GET /") as ch:
+            assert ch.recv() == b"re: GET /"
+        with pytest.raises(AttestationRejected) as caught:
+            connect(*server.address, config(pki, "client", state="tampered"),
+                    first_message=b"GET /secret")
+    assert caught.value.check == "policy" and failures[0].check == "policy"
+    assert seen == [b"GET /"]  # the refused client's request reached no handler
+
+
 # --- asyncio ------------------------------------------------------------------------------------
 
 
@@ -193,6 +213,9 @@ def test_asyncio_round_trip_and_expected_peer(pki: Pki) -> None:
             with pytest.raises(AttestationRejected) as caught:
                 await open_channel(LOCALHOST, port, config(pki, "client", expected_peer="db"))
             assert caught.value.check == "expected_peer"
+            async with await open_channel(LOCALHOST, port, config(pki, "client"),
+                                          first_message=b"pipelined") as ch:
+                assert await ch.recv() == b"pipelined"
         finally:
             server.close()
             await server.wait_closed()

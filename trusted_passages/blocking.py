@@ -39,6 +39,8 @@ __all__ = ["AttestedChannel", "FailureHandler", "Handler", "Server", "connect", 
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 32  # handlers running at once; more established channels wait their turn
+# Clients' own quotes, off the thread that receives and validates the server's evidence.
+_QUOTES = ThreadPoolExecutor(8, thread_name_prefix="tp-quote")
 
 class AttestedChannel:
     """An established, mutually attested channel. One reader and one writer at most."""
@@ -89,15 +91,22 @@ class AttestedChannel:
         self.close()
 
 
-def connect(host: str, port: int, config: ChannelConfig) -> AttestedChannel:
-    """Open an attested channel to a Trusted Passages server; raises AttestationRejected."""
+def connect(host: str, port: int, config: ChannelConfig, *,
+            first_message: bytes | None = None) -> AttestedChannel:
+    """Open an attested channel to a Trusted Passages server; raises AttestationRejected.
+
+    ``first_message`` (a request) rides right behind this client's evidence when the
+    server allows it (TrustedPassagesConnection.send_first): a round trip saved."""
     try:
         sock = socket.create_connection((host, port), timeout=config.timeout)
     except OSError as exc:
         raise ProtocolError(f"cannot connect to {host}:{port}: {exc}") from None
     no_delay(sock)
     try:
-        return establish(sock, config.connection("client"), config.timeout)
+        core = config.connection("client")
+        if first_message is not None:
+            core.send_first(first_message)
+        return establish(sock, core, config.timeout)
     except BaseException:
         sock.close()
         raise
@@ -120,7 +129,9 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
-            core.prepare_evidence()  # after the flush: quote while the server quotes
+            # After the flush: quote while the server quotes, in a thread, so that the
+            # server's evidence is validated meanwhile.
+            core.prepare_evidence(submit=_QUOTES.submit)
             raise_failure(events)
             arrived = established(events)
             if arrived is not None:
