@@ -34,6 +34,7 @@ from testbed.roles.revocation import (  # the key lives there: VMs get it at `up
     RevocationEvent,
     decision_args,
     encode_decision,
+    record_decision,
     signing_key,
     verifier_key_dir,
 )
@@ -77,6 +78,7 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
     (``applied``, ``replay``, or the error), by node."""
     signature = signing_key(paths).sign(encode_decision(event))
     _bump(paths, event.sequence)
+    record_decision(paths, event, signature)  # re-sent to a VM when it (re)starts
     args = decision_args(event, signature)
     nodes = paths.node_names()
     if not nodes:
