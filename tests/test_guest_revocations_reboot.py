@@ -92,3 +92,7 @@ def test_a_damaged_decisions_file_is_one_clear_error(tmp_path: Path) -> None:
     (verifier_key_dir(paths) / DECISIONS).write_text('{"client": {"decision": "!!"}}')
     with pytest.raises(StateError, match="is damaged"):
         revocations_in_force(paths)
+    # A new decision is still delivered to the running nodes (none here), and the
+    # error says it is not kept.
+    with pytest.raises(StateError, match=r"delivered to the running nodes .* not kept"):
+        publish(paths, RevocationEvent("other", "runtime", "y", "t", next_sequence(paths)))
