@@ -31,11 +31,11 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
@@ -304,8 +304,8 @@ class TrustedPassagesConnection:
         assert own_cert is not None  # the handshake completed with it
         self.peer_certificate = peer_cert
         self.pipelined = self._tls.get_alpn_proto_negotiated() == PIPELINING_ALPN
-        self._own_spki, self._peer_spki = cached_spki_digest(own_cert), \
-            cached_spki_digest(peer_cert)
+        self._own_spki = certificate_facts(own_cert).spki_digest
+        self._peer_spki = certificate_facts(peer_cert).spki_digest
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
         if self.role == "server":
@@ -503,7 +503,7 @@ class TrustedPassagesConnection:
         if peer.node != self.expected_peer:
             raise VerificationError("expected_peer", f"the attested node is {peer.node!r}, "
                                     f"expected {self.expected_peer!r}")
-        names = cached_certificate_names(self.peer_certificate)
+        names = certificate_facts(self.peer_certificate).names
         if self.expected_peer not in names:
             raise VerificationError("expected_peer", f"the TLS certificate names "
                                     f"{sorted(names)}, not {self.expected_peer!r}")
@@ -566,23 +566,26 @@ class TrustedPassagesConnection:
 
 
 # The same peers come back handshake after handshake: what is derived from their
-# certificate is cached by the certificate's exact DER bytes (another certificate,
-# even for the same key or name, is another key).
+# certificate is cached, keyed by the certificate itself (cryptography hashes and
+# compares certificates by their parsed DER, so another certificate, even for the same
+# key or name, is another key; cheaper than serializing the DER again).
 CERTIFICATE_CACHE_SIZE: Final = 256
-_SPKI_DIGESTS: BoundedCache[bytes, bytes] = BoundedCache(CERTIFICATE_CACHE_SIZE)
-_NAMES: BoundedCache[bytes, frozenset[str]] = BoundedCache(CERTIFICATE_CACHE_SIZE)
 
 
-def cached_spki_digest(certificate: x509.Certificate) -> bytes:
-    """:func:`~trusted_passages.interfaces.spki_digest`, cached by the DER bytes."""
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return _SPKI_DIGESTS.get_or_compute(der, lambda: spki_digest(certificate))
+@dataclass(frozen=True)
+class CertificateFacts:
+    spki_digest: bytes  # interfaces.spki_digest
+    names: frozenset[str]  # certificate_names
 
 
-def cached_certificate_names(certificate: x509.Certificate) -> frozenset[str]:
-    """:func:`certificate_names`, cached by the DER bytes."""
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return _NAMES.get_or_compute(der, lambda: frozenset(certificate_names(certificate)))
+_CERTIFICATES: BoundedCache[x509.Certificate, CertificateFacts] = BoundedCache(
+    CERTIFICATE_CACHE_SIZE)
+
+
+def certificate_facts(certificate: x509.Certificate) -> CertificateFacts:
+    """The SPKI digest and names of ``certificate``, cached."""
+    return _CERTIFICATES.get_or_compute(certificate, lambda: CertificateFacts(
+        spki_digest(certificate), frozenset(certificate_names(certificate))))
 
 
 def certificate_names(certificate: x509.Certificate) -> set[str]:
