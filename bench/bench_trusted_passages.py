@@ -313,13 +313,14 @@ def profile(n: int) -> None:
         client_cfg = lab.tp_config("client", peer="server")
         server = ServerProcess(lab, 1, stamps=True)
         with server as (_, tp_port):
-            stamps.install()  # after the fork: the server patches its own copy
+            restore = stamps.install()  # after the fork: the server patches its own copy
             for _ in range(n + 5):
                 start = time.perf_counter()
                 with connect(HOST, tp_port, client_cfg, first_message=b"ping") as channel:
                     channel.recv()
                     channel._core._stamps.update(connect=start, reply=time.perf_counter())
         print_timeline(stamps.handshakes[5:], server.stamps[5:])
+    restore()
     with Lab() as lab:
         profile_cores(lab, n)
 
@@ -406,7 +407,8 @@ class Stamps:
         self.handshakes: list[dict[str, float]] = []
         self._local = threading.local()
 
-    def install(self) -> None:
+    def install(self) -> Callable[[], None]:
+        """Patch; returns what undoes it."""
         from trusted_passages import protocol, tpm  # lazy: only --profile patches them
 
         stamps = self
@@ -457,6 +459,12 @@ class Stamps:
                 return submit(run)
             return prepare(self, submit=traced)
         core.prepare_evidence = patched_prepare  # type: ignore[method-assign]
+
+        def restore() -> None:
+            core.__init__ = init  # type: ignore[method-assign]
+            core.receive_data, core.prepare_evidence = receive, prepare  # type: ignore[method-assign]
+            tpm.TpmIssuer.issue, tpm.TpmValidator.validate = issue, validate  # type: ignore[method-assign]
+        return restore
 
     def mark(self, label: str) -> None:
         """Stamp ``label`` on the handshake this thread last worked on."""
