@@ -30,6 +30,7 @@ import io
 import multiprocessing
 import os
 import pstats
+import random
 import resource
 import socket
 import ssl
@@ -105,8 +106,8 @@ def main() -> None:
 
 def side_by_side(lab: Lab, plain_port: int, tp_port: int, client_cfg,  # type: ignore[no-untyped-def]
                  n: int) -> dict[str, list[float]]:
-    """Figure 1, interleaved (one sample of each per round, so that a change of the
-    machine's load hits them all alike): plain mTLS, tp13 with the request pipelined
+    """Figure 1, interleaved (one sample of each per round, in a shuffled order, so that
+    a change of the machine's load hits them all alike): plain mTLS, tp13 with the request pipelined
     behind the client's evidence, tp13 sending it after Established, and the floor's
     parts: one quote (the client's TPM, through its issuer) and one validation."""
     plain_ctx = client_cfg.ssl_context("client")
@@ -131,10 +132,13 @@ def side_by_side(lab: Lab, plain_port: int, tp_port: int, client_cfg,  # type: i
         "verify": lambda: validator.validate(envelope, nonce),
     }
     samples: dict[str, list[float]] = {name: [] for name in parts}
+    order = list(parts)
+    shuffle = random.Random(14).shuffle  # a new order each round: no part always follows another
     for round_ in range(n + 3):
-        for name, fn in parts.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            parts[name]()
             if round_ >= 3:  # warm-up rounds
                 samples[name].append((time.perf_counter() - start) * 1000)
     return {name: sorted(values) for name, values in samples.items()}
