@@ -249,12 +249,10 @@ def _receive(sock: socket.socket, core: TrustedPassagesConnection, data: bytes,
     take at once is returned, for the loop to send."""
     events = core.receive_data(data)
     answer = core.data_to_send()
-    sent = 0
-    with contextlib.suppress(BlockingIOError, InterruptedError):
-        try:
-            sent = sock.send(answer) if answer else 0
-        except OSError:  # the loop's send meets the same error and reports it
-            sent = 0
+    try:
+        sent = sock.send(answer) if answer else 0
+    except OSError:  # would block, or broken: the loop sends it all, and meets any error
+        sent = 0
     _report(events, on_failure)
     return events, answer[sent:]
 
