@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
@@ -39,8 +40,29 @@ __all__ = ["AttestedChannel", "FailureHandler", "Handler", "Server", "connect", 
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 32  # handlers running at once; more established channels wait their turn
-# Clients' own quotes, off the thread that receives and validates the server's evidence.
-_QUOTES = ThreadPoolExecutor(8, thread_name_prefix="tp-quote")
+
+
+class _QuotePool:
+    """Clients' own quotes, off the thread that receives and validates the server's
+    evidence. Made at first use in each process: a forked child has none of its
+    parent's threads, and a pool copied from the parent would wait for them forever."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def submit(self, issue: Callable[[], bytes]) -> Future[bytes]:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self._size, thread_name_prefix="tp-quote")
+                self._pid = os.getpid()
+            return self._pool.submit(issue)
+
+
+_QUOTES = _QuotePool(8)
+
 
 class AttestedChannel:
     """An established, mutually attested channel. One reader and one writer at most."""
