@@ -28,9 +28,9 @@ import hashlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Literal
 
+from attestation.cache import BoundedCache
 from attestation.errors import EventLogError
 
 __all__ = [
@@ -303,12 +303,10 @@ def parse_event_log_cached(data: bytes) -> EventLog:
     a log that changed in any byte is parsed anew, and errors are never cached."""
     if not isinstance(data, bytes) or len(data) > CACHED_LOG_BYTES:
         return parse_event_log(data)
-    return _parse_cached(data)
+    return PARSED_LOGS.get_or_compute(data, lambda: parse_event_log(data))
 
 
-@lru_cache(maxsize=CACHED_LOGS)
-def _parse_cached(data: bytes) -> EventLog:
-    return parse_event_log(data)
+PARSED_LOGS: BoundedCache[bytes, EventLog] = BoundedCache(CACHED_LOGS)
 
 
 def parse_event_log(data: bytes) -> EventLog:

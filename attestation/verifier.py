@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from attestation.cache import BoundedCache
 from attestation.errors import EventLogError, VerificationError
 from attestation.eventlog import (
     CACHED_LOG_BYTES,
@@ -26,7 +27,6 @@ from attestation.eventlog import (
     EventLog,
     PcrMismatch,
     compare_with_pcrs,
-    parse_event_log,
     parse_event_log_cached,
 )
 from attestation.evidence import Evidence, KeyCertification
@@ -314,10 +314,15 @@ def _policy_mismatches(policy: ReferencePolicy, evidence: Evidence,
     return _policy_mismatches_cached(policy, tuple(sorted(evidence.pcrs.items())), event_log)
 
 
-@lru_cache(maxsize=CACHED_LOGS)
+_POLICY_MISMATCHES: BoundedCache[tuple[ReferencePolicy, tuple[tuple[int, bytes], ...], bytes],
+                                 tuple[PolicyMismatch, ...]] = BoundedCache(CACHED_LOGS)
+
+
 def _policy_mismatches_cached(policy: ReferencePolicy, pcrs: tuple[tuple[int, bytes], ...],
                               event_log: bytes) -> tuple[PolicyMismatch, ...]:
-    return _ordered(evaluate_policy(policy, dict(pcrs), parse_event_log_cached(event_log)))
+    return _POLICY_MISMATCHES.get_or_compute(
+        (policy, pcrs, event_log),
+        lambda: _ordered(evaluate_policy(policy, dict(pcrs), parse_event_log_cached(event_log))))
 
 
 def _ordered(mismatches: list[PolicyMismatch]) -> tuple[PolicyMismatch, ...]:
@@ -372,32 +377,14 @@ def _check_pcr_digest(attest: Attest, sig: Signature, evidence: Evidence) -> str
     return "reported PCR values hash to the quoted pcrDigest"
 
 
-def _replayed(event_log: bytes, bank: str, pcrs: tuple[tuple[int, bytes], ...],
-              unlogged: tuple[int, ...]) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
-    """The parsed log and the quoted PCRs it does not reproduce, memoized by every input
-    (the log's exact bytes, the quoted values): attesting an unchanged node again costs
-    no replay. Both results are immutable; a log up to CACHED_LOG_BYTES is cached."""
-    if len(event_log) > CACHED_LOG_BYTES:
-        log = parse_event_log(event_log)
-        return log, tuple(compare_with_pcrs(log, dict(pcrs), bank, unlogged=unlogged))
-    return _replayed_cached(event_log, bank, pcrs, unlogged)
-
-
-@lru_cache(maxsize=CACHED_LOGS)
-def _replayed_cached(event_log: bytes, bank: str, pcrs: tuple[tuple[int, bytes], ...],
-                     unlogged: tuple[int, ...]) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
-    log = parse_event_log_cached(event_log)
-    return log, tuple(compare_with_pcrs(log, dict(pcrs), bank, unlogged=unlogged))
-
-
 def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) -> str:
     """The log must explain every quoted PCR, except those the policy exempts."""
     if evidence.event_log is None:
         raise CheckSkipped("no event log supplied: what the quoted PCR values measure is not "
                            "explained")
     try:
-        p.log, mismatches = _replayed(evidence.event_log, evidence.pcr_bank,
-                                      tuple(sorted(evidence.pcrs.items())), unlogged)
+        p.log, mismatches = replayed_log(evidence.event_log, evidence.pcrs, evidence.pcr_bank,
+                                         unlogged)
     except EventLogError as exc:
         raise VerificationError("event_log", f"event log unusable: {exc}") from None
     if mismatches:
@@ -407,6 +394,33 @@ def _check_event_log(evidence: Evidence, p: _Parsed, unlogged: tuple[int, ...]) 
     note = f" (PCRs {', '.join(map(str, exempt))} not logged, per the policy)" if exempt else ""
     return (f"replay of {len(p.log.events)} events explains all {len(evidence.pcrs)} quoted "
             f"PCRs{note}")
+
+
+# --- the event-log replay, cached ------------------------------------------------------
+
+# A peer sends the same log on every handshake: parsing and replaying it again costs
+# more than the signature check. The key is every input of the replay (the log's
+# SHA-256, the bank, the quoted values, the exemptions), so a changed log or PCR value
+# is replayed afresh; an unusable log raises and is never stored.
+REPLAY_CACHE_SIZE = 256
+_REPLAYS: BoundedCache[tuple[bytes, str, tuple[tuple[int, bytes], ...], tuple[int, ...]],
+                       tuple[EventLog, tuple[PcrMismatch, ...]]] = BoundedCache(REPLAY_CACHE_SIZE)
+
+
+def replayed_log(log: bytes, pcrs: Mapping[int, bytes], bank: str, unlogged: Iterable[int]
+                 ) -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+    """``log`` parsed, and the quoted PCRs it does not explain (cached for logs up to
+    CACHED_LOG_BYTES, which bounds what the cache holds; EventLogError)."""
+    quoted = tuple(sorted(pcrs.items()))
+    exempt = tuple(sorted(set(unlogged)))
+
+    def replay() -> tuple[EventLog, tuple[PcrMismatch, ...]]:
+        parsed = parse_event_log_cached(log)
+        return parsed, tuple(compare_with_pcrs(parsed, dict(quoted), bank, unlogged=exempt))
+
+    if len(log) > CACHED_LOG_BYTES:
+        return replay()
+    return _REPLAYS.get_or_compute((hashlib.sha256(log).digest(), bank, quoted, exempt), replay)
 
 
 def _check_certified_name(attest: Attest, key: PublicArea) -> str:

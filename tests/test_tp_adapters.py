@@ -5,6 +5,8 @@ attester: timeouts, silent and vanishing peers, concurrency, large application d
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import socket
 import threading
 import time
@@ -171,6 +173,45 @@ def test_policy_rejection_through_the_blocking_adapter(pki: Pki) -> None:
     assert failures and failures[0].check == "policy" and not failures[0].by_peer
 
 
+def test_a_pipelined_first_message_is_served_and_a_refused_ones_never_is(pki: Pki) -> None:
+    seen: list[bytes] = []
+
+    def handler(channel: AttestedChannel) -> None:
+        request = channel.recv()
+        seen.append(request)
+        channel.send(b"re: " + request)
+
+    failures: list[AttestationRejected] = []
+    with serve(LOCALHOST, 0, config(pki, "server"), handler,
+               on_failure=failures.append) as server:
+        with connect(*server.address, config(pki, "client"), first_message=b"GET /") as ch:
+            assert ch.recv() == b"re: GET /"
+        with pytest.raises(AttestationRejected) as caught:
+            connect(*server.address, config(pki, "client", state="tampered"),
+                    first_message=b"GET /secret")
+    assert caught.value.check == "policy" and failures[0].check == "policy"
+    assert seen == [b"GET /"]  # the refused client's request reached no handler
+
+
+def test_a_forked_child_quotes_in_threads_of_its_own(pki: Pki) -> None:
+    """The client's quote thread pool is per process: a child forked after the parent
+    connected (its pool's threads left behind) still connects."""
+    with serve(LOCALHOST, 0, config(pki, "server"), echo_handler) as server:
+        with connect(*server.address, config(pki, "client"), first_message=b"a") as ch:
+            assert ch.recv() == b"a"
+
+        def child() -> None:
+            with connect(*server.address, config(pki, "client"), first_message=b"b") as c:
+                os._exit(0 if c.recv() == b"b" else 1)
+
+        process = multiprocessing.get_context("fork").Process(target=child)
+        process.start()
+        process.join(20)
+        if process.exitcode is None:
+            process.kill()
+        assert process.exitcode == 0
+
+
 # --- asyncio ------------------------------------------------------------------------------------
 
 
@@ -193,6 +234,9 @@ def test_asyncio_round_trip_and_expected_peer(pki: Pki) -> None:
             with pytest.raises(AttestationRejected) as caught:
                 await open_channel(LOCALHOST, port, config(pki, "client", expected_peer="db"))
             assert caught.value.check == "expected_peer"
+            async with await open_channel(LOCALHOST, port, config(pki, "client"),
+                                          first_message=b"pipelined") as ch:
+                assert await ch.recv() == b"pipelined"
         finally:
             server.close()
             await server.wait_closed()

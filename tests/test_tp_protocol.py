@@ -102,9 +102,12 @@ def pki() -> Pki:
 class RawTls:
     """A TLS endpoint with no Trusted Passages logic: the misbehaving peer of the tests."""
 
-    def __init__(self, config: ChannelConfig, role: str) -> None:
+    def __init__(self, config: ChannelConfig, role: str, *,
+                 alpn: list[bytes] | None = None) -> None:
         self.config = config
         self.tls = SSL.Connection(config.ssl_context(role), None)  # type: ignore[arg-type]
+        if alpn is not None:  # instead of the context's offer (tpv1.1)
+            self.tls.set_alpn_protos(alpn)
         if role == "client":
             self.tls.set_connect_state()
             self._handshake()
@@ -205,10 +208,11 @@ def handshake_raw_server(pki: Pki) -> tuple[TrustedPassagesConnection, RawTls]:
     return core, raw
 
 
-def handshake_raw_client(pki: Pki) -> tuple[TrustedPassagesConnection, RawTls, bytes]:
+def handshake_raw_client(pki: Pki, *, alpn: list[bytes] | None = None
+                         ) -> tuple[TrustedPassagesConnection, RawTls, bytes]:
     """A server core and a raw TLS client that received the server's evidence frame."""
     core = pki.config("server").connection("server")
-    raw = RawTls(pki.config("client"), "client")
+    raw = RawTls(pki.config("client"), "client", alpn=alpn)
     _, server_events = pump(raw, core)
     assert kinds(server_events) == ["HandshakeComplete"]
     assert core.state is State.AWAIT_EVIDENCE
@@ -499,13 +503,64 @@ def test_application_data_before_established_is_a_violation_on_the_server(pki: P
     assert b"attestation failed: protocol: bytes b'GET ' are not a TPv1 frame" in raw.plaintext
 
 
-def test_data_after_client_evidence_is_a_violation(pki: Pki) -> None:
-    core, raw, _ = handshake_raw_client(pki)
+@pytest.mark.parametrize("alpn", [[b"h2"], [b"tpv1.0"]])
+def test_data_after_client_evidence_is_a_violation_without_tpv1_1(
+        pki: Pki, alpn: list[bytes]) -> None:
+    core, raw, _ = handshake_raw_client(pki, alpn=alpn)
+    assert not core.pipelined
     raw.send(encode_frame(FrameType.EVIDENCE, raw.own_evidence("client", "client"))
              + b"piggybacked")
     _, events = pump(raw, core)
     assert kinds(events)[:1] == ["PeerVerified"] and failure(events).check == "protocol"
+    assert "allowed only with ALPN tpv1.1" in failure(events).reason
     assert not core.established
+
+
+def test_pipelined_data_reaches_the_application_only_after_the_evidence_passed(
+        pki: Pki) -> None:
+    core, raw, _ = handshake_raw_client(pki)  # offers tpv1.1, as ChannelConfig does
+    assert core.pipelined
+    raw.send(encode_frame(FrameType.EVIDENCE, raw.own_evidence("client", "client"))
+             + b"piggybacked")
+    _, events = pump(raw, core)
+    assert events == [events[0], events[1], ApplicationData(b"piggybacked")]
+    assert kinds(events) == ["PeerVerified", "Established", "ApplicationData"]
+
+
+def test_pipelined_data_of_a_refused_client_is_dropped_unread(pki: Pki) -> None:
+    core, raw, _ = handshake_raw_client(pki)
+    forged = FakeIssuer(b"another key, not the verifier's!", "client").bound(
+        BindingContext("tp13", "client"))
+    cert = raw.tls.get_certificate(as_cryptography=True)
+    assert cert is not None
+    raw.send(encode_frame(FrameType.EVIDENCE, forged.issue(spki_digest(cert), raw.exporter()))
+             + b"secret request")
+    _, events = pump(raw, core)
+    assert failure(events) and "ApplicationData" not in kinds(events) and core.closed
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_send_first_goes_behind_the_evidence_or_after_finished(pki: Pki,
+                                                               pipelined: bool) -> None:
+    client = pki.config("client").connection("client")
+    server_config = pki.config("server")
+    context = server_config._build_context("server")
+    if not pipelined:  # a TPv1 server: it selects no ALPN
+        context.set_alpn_select_callback(lambda _c, _o: SSL.NO_OVERLAPPING_PROTOCOLS)
+    server = TrustedPassagesConnection("server", "tp13", context, server_config.issuer,
+                                       server_config.validator)
+    client.send_first(b"GET /")
+    with pytest.raises(ProtocolError, match="once"):
+        client.send_first(b"again")
+    client_events, server_events = pump(client, server)
+    assert client.pipelined is server.pipelined is pipelined
+    assert kinds(client_events) == ["HandshakeComplete", "PeerVerified", "Established"]
+    # Pipelined: it came with the evidence; else after FINISHED: the same events either way.
+    assert server_events[-1] == ApplicationData(b"GET /")
+    assert kinds(server_events) == ["HandshakeComplete", "PeerVerified", "Established",
+                                    "ApplicationData"]
+    with pytest.raises(ProtocolError, match="send_first is for a client"):
+        server.send_first(b"x")
 
 
 def test_a_second_evidence_frame_is_out_of_order(pki: Pki) -> None:

@@ -16,12 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attestation import verifier as verifier_module
 from attestation.errors import EventLogError
 from attestation.eventlog import (
     CACHED_LOG_BYTES,
     CACHED_LOGS,
+    PARSED_LOGS,
     EventLogBuilder,
-    _parse_cached,
     parse_event_log,
     parse_event_log_cached,
 )
@@ -29,7 +30,7 @@ from attestation.policy import policy_from_evidence
 from attestation.registrar import PinnedAk
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
-from attestation.verifier import QuoteVerifier, _replayed_cached
+from attestation.verifier import QuoteVerifier
 from tests.attestation_helpers import quote_evidence
 
 EV_SEPARATOR = 0x4
@@ -60,11 +61,11 @@ def test_a_changed_log_or_changed_pcrs_are_not_served_from_the_cache(
     first = quote_evidence(client, ak, nonce, SELECTION, event_log=genuine)
     policy = policy_from_evidence(first.pcrs, None, name="pinned")
     verifier = QuoteVerifier(ak_trust=trust, policy=policy)
-    _replayed_cached.cache_clear()
+    verifier_module._REPLAYS.clear()
     assert verifier.verify(first, nonce).ok
     again = quote_evidence(client, ak, nonce + b"2", SELECTION, event_log=genuine)
     assert QuoteVerifier(ak_trust=trust, policy=policy).verify(again, nonce + b"2").ok
-    assert _replayed_cached.cache_info().hits >= 1  # the unchanged log: replayed once
+    assert verifier_module._REPLAYS.hits >= 1  # the unchanged log: replayed once
     # The same evidence against another policy (PCR 4 expected otherwise): judged anew.
     other = dataclasses.replace(policy, name="other", pcrs={**policy.pcrs, 4: b"\x01" * 32})
     report = QuoteVerifier(ak_trust=trust, policy=other).verify(again, nonce + b"2")
@@ -92,15 +93,15 @@ def _one_event_log(i: int, size: int = 4) -> bytes:
 
 
 def test_the_parse_cache_is_bounded_and_keeps_no_large_log() -> None:
-    _parse_cached.cache_clear()
+    PARSED_LOGS.clear()
     for i in range(CACHED_LOGS + 50):
         parse_event_log_cached(_one_event_log(i))
-    assert _parse_cached.cache_info().currsize == CACHED_LOGS
-    _parse_cached.cache_clear()
+    assert len(PARSED_LOGS) == CACHED_LOGS
+    PARSED_LOGS.clear()
     large = _one_event_log(1, CACHED_LOG_BYTES)
     assert len(large) > CACHED_LOG_BYTES
     assert parse_event_log_cached(large) == parse_event_log(large)
-    assert _parse_cached.cache_info().currsize == 0
+    assert len(PARSED_LOGS) == 0
 
 
 def _outcome(parse: object, data: bytes) -> object:

@@ -81,15 +81,20 @@ class AsyncAttestedChannel:
         await self.close()
 
 
-async def open_channel(host: str, port: int, config: ChannelConfig) -> AsyncAttestedChannel:
-    """Open an attested channel; raises AttestationRejected."""
+async def open_channel(host: str, port: int, config: ChannelConfig, *,
+                       first_message: bytes | None = None) -> AsyncAttestedChannel:
+    """Open an attested channel; raises AttestationRejected. ``first_message``: as for
+    :func:`trusted_passages.blocking.connect`."""
     try:
         async with asyncio.timeout(config.timeout):
             reader, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as exc:
         raise ProtocolError(f"cannot connect to {host}:{port}: {exc}") from None
     try:
-        return await establish(reader, writer, config.connection("client"), config.timeout)
+        core = config.connection("client")
+        if first_message is not None:
+            core.send_first(first_message)
+        return await establish(reader, writer, core, config.timeout)
     except BaseException:
         await _close(writer)
         raise

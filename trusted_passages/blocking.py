@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
@@ -39,6 +40,29 @@ __all__ = ["AttestedChannel", "FailureHandler", "Handler", "Server", "connect", 
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 32  # handlers running at once; more established channels wait their turn
+
+
+class _QuotePool:
+    """Clients' own quotes, off the thread that receives and validates the server's
+    evidence. Made at first use in each process: a forked child has none of its
+    parent's threads, and a pool copied from the parent would wait for them forever."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def submit(self, issue: Callable[[], bytes]) -> Future[bytes]:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(self._size, thread_name_prefix="tp-quote")
+                self._pid = os.getpid()
+            return self._pool.submit(issue)
+
+
+_QUOTES = _QuotePool(8)
+
 
 class AttestedChannel:
     """An established, mutually attested channel. One reader and one writer at most."""
@@ -89,15 +113,22 @@ class AttestedChannel:
         self.close()
 
 
-def connect(host: str, port: int, config: ChannelConfig) -> AttestedChannel:
-    """Open an attested channel to a Trusted Passages server; raises AttestationRejected."""
+def connect(host: str, port: int, config: ChannelConfig, *,
+            first_message: bytes | None = None) -> AttestedChannel:
+    """Open an attested channel to a Trusted Passages server; raises AttestationRejected.
+
+    ``first_message`` (a request) rides right behind this client's evidence when the
+    server allows it (TrustedPassagesConnection.send_first): a round trip saved."""
     try:
         sock = socket.create_connection((host, port), timeout=config.timeout)
     except OSError as exc:
         raise ProtocolError(f"cannot connect to {host}:{port}: {exc}") from None
     no_delay(sock)
     try:
-        return establish(sock, config.connection("client"), config.timeout)
+        core = config.connection("client")
+        if first_message is not None:
+            core.send_first(first_message)
+        return establish(sock, core, config.timeout)
     except BaseException:
         sock.close()
         raise
@@ -120,7 +151,9 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
-            core.prepare_evidence()  # after the flush: quote while the server quotes
+            # After the flush: quote while the server quotes, in a thread, so that the
+            # server's evidence is validated meanwhile.
+            core.prepare_evidence(submit=_QUOTES.submit)
             raise_failure(events)
             arrived = established(events)
             if arrived is not None:

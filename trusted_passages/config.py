@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +21,11 @@ from trusted_passages.envelope import PROFILES, Profile, Role
 from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator
 from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
-from trusted_passages.protocol import CLASSIC_CIPHERS, TrustedPassagesConnection
+from trusted_passages.protocol import (
+    CLASSIC_CIPHERS,
+    PIPELINING_ALPN,
+    TrustedPassagesConnection,
+)
 
 DEFAULT_TIMEOUT = 10.0
 _TLS_VERSION = {"tp13": SSL.TLS1_3_VERSION, "classic": SSL.TLS1_2_VERSION}
@@ -103,7 +108,17 @@ class ChannelConfig:
                 add_client_ca(context, ca)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         context.set_verify_depth(_VERIFY_DEPTH)
+        # Offer / accept the pipelined first message (TrustedPassagesConnection.send_first).
+        if role == "client":
+            context.set_alpn_protos([PIPELINING_ALPN])
+        else:
+            context.set_alpn_select_callback(_select_pipelining)
         return context
+
+
+def _select_pipelining(_connection: SSL.Connection, offered: list[bytes]) -> Any:
+    # Any: pyOpenSSL types its "no overlap" sentinel with a private class.
+    return PIPELINING_ALPN if PIPELINING_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _spki(key: object) -> bytes:

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from attestation.slots import ConnectionSlots, Slot, has_data
 from trusted_passages.config import ChannelConfig
@@ -219,17 +220,41 @@ async def _step(sock: socket.socket, core: TrustedPassagesConnection, deadline: 
         if data and on_data is not None:
             on_data()
             on_data = None
-        events = await asyncio.to_thread(_receive, core, data, on_failure)
-        await _send_quietly(sock, core, max(deadline, loop.time() + SEND_GRACE_S))
+        events, unsent = await _in_thread(_receive, sock, core, data, on_failure)
+        await _send_bytes(sock, unsent, max(deadline, loop.time() + SEND_GRACE_S))
         if core.state is not waiting or events:
             return events
 
 
-def _receive(core: TrustedPassagesConnection, data: bytes,
-             on_failure: FailureHandler | None) -> list[Event]:
+async def _in_thread(receive: Callable[[socket.socket, TrustedPassagesConnection, bytes,
+                                         FailureHandler | None], tuple[list[Event], bytes]],
+                     *args: Any) -> tuple[list[Event], bytes]:
+    """``asyncio.to_thread``, except that a cancelled caller (an evicted connection)
+    still waits for the thread: it may be sending on the socket, which must stay open
+    (its descriptor not reused) until it is done."""
+    work = asyncio.ensure_future(asyncio.to_thread(receive, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
+
+
+def _receive(sock: socket.socket, core: TrustedPassagesConnection, data: bytes,
+             on_failure: FailureHandler | None) -> tuple[list[Event], bytes]:
+    """In a worker thread: feed the core, and send what it answers right from here (the
+    socket is non-blocking, and the loop does not touch it while it awaits this call):
+    the answer leaves without waiting for the loop to wake up. What the kernel does not
+    take at once is returned, for the loop to send."""
     events = core.receive_data(data)
+    answer = core.data_to_send()
+    try:
+        sent = sock.send(answer) if answer else 0
+    except OSError:  # would block, or broken: the loop sends it all, and meets any error
+        sent = 0
     _report(events, on_failure)
-    return events
+    return events, answer[sent:]
 
 
 def _report(events: list[Event], on_failure: FailureHandler | None) -> None:
@@ -245,7 +270,16 @@ def _report(events: list[Event], on_failure: FailureHandler | None) -> None:
 
 
 async def _send(sock: socket.socket, core: TrustedPassagesConnection, deadline: float) -> None:
-    data = core.data_to_send()
+    await _send_all(sock, core.data_to_send(), deadline)
+
+
+async def _send_bytes(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """Send ``data`` quietly (a failure shows up as EOF on the next read)."""
+    with contextlib.suppress(ProtocolError):
+        await _send_all(sock, data, deadline)
+
+
+async def _send_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     if not data:
         return
     try:

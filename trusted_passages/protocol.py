@@ -26,8 +26,12 @@ the receiver compares with the certificate the TLS handshake verified.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
@@ -35,6 +39,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from attestation.cache import BoundedCache
 from attestation.errors import EvidenceFormatError, TestbedError, VerificationError
 from trusted_passages.envelope import PROFILES, ROLES, Profile, Role
 from trusted_passages.errors import ProtocolError
@@ -56,7 +61,6 @@ from trusted_passages.frames import (
     parse_error_payload,
 )
 from trusted_passages.interfaces import (
-    BindableIssuer,
     BindingContext,
     Issuer,
     PeerEvidence,
@@ -72,12 +76,19 @@ from trusted_passages.records import (
 )
 
 EXPORTER_LABEL: Final = b"EXPORTER-trusted-passages-v1"
+# ALPN of TPv1 with the client's first application bytes allowed right behind its
+# EVIDENCE (docs/protocol.md, "Pipelined first message"); without it, such bytes are a
+# protocol error, as in plain TPv1.
+PIPELINING_ALPN: Final = b"tpv1.1"
 BINDING_BYTES: Final = 32
 TLS_VERSIONS: Final[dict[str, str]] = {"tp13": "TLSv1.3", "classic": "TLSv1.2"}
 # RSA key transport only: the classic binding needs an EncryptedPreMasterSecret.
 CLASSIC_CIPHERS: Final = ("AES128-GCM-SHA256", "AES256-GCM-SHA384")
 RECV_CHUNK: Final = 16384
 _OUT_CHUNK: Final = 65536
+
+
+Submit = Callable[[Callable[[], bytes]], Future[bytes]]  # an executor's submit
 
 
 class State(Enum):
@@ -108,7 +119,9 @@ class TrustedPassagesConnection:
         self.peer_certificate: x509.Certificate | None = None
         self._peer_role: Role = "client" if role == "server" else "server"
         context = BindingContext(profile, role)
-        self._issuer = issuer.bound(context) if isinstance(issuer, BindableIssuer) else issuer
+        # BindableIssuer's test, without typing's slow runtime protocol check per connection.
+        bound = getattr(issuer, "bound", None)
+        self._issuer: Issuer = bound(context) if callable(bound) else issuer
         self._validator = validator
         self._state = State.HANDSHAKING
         self._decoder = FrameDecoder()
@@ -119,7 +132,10 @@ class TrustedPassagesConnection:
         # until the server's evidence has passed (fail closed).
         self._prepared: bytes | None = None
         self._prepare_error: TestbedError | None = None
+        self._preparing: Future[bytes] | None = None  # prepare_evidence(submit=...)
         self._scan_error: str | None = None
+        self._first: bytes | None = None  # the client's first message, see send_first()
+        self.pipelined = False  # the peer negotiated PIPELINING_ALPN
         self._tls = SSL.Connection(ssl_context, None)
         # Mutual verification is not optional, whatever the context says.
         self._tls.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
@@ -151,9 +167,10 @@ class TrustedPassagesConnection:
     def evidence_wanted(self) -> bool:
         """True when :meth:`prepare_evidence` would do work (client, after the handshake)."""
         return (self.role == "client" and self._state is State.AWAIT_EVIDENCE
-                and self._prepared is None and self._prepare_error is None)
+                and self._prepared is None and self._prepare_error is None
+                and self._preparing is None)
 
-    def prepare_evidence(self) -> None:
+    def prepare_evidence(self, submit: Submit | None = None) -> None:
         """Produce this client's evidence now, to send once the server's has passed.
 
         The client's quote binds only the session and its own key, both fixed when
@@ -161,11 +178,20 @@ class TrustedPassagesConnection:
         client's TLS Finished, so the client's TPM quotes while the server's does
         (a round of quote latency saved); nothing is sent before the server is
         verified. Calling it is optional: without it the evidence is made on demand.
+
+        ``submit`` (an executor's ``submit``) runs the issuer in another thread, so that
+        the server's evidence can be received and validated while this quote runs; the
+        thread sees only the issuer and two byte strings, never the connection, and
+        the connection waits for its result when the evidence is due.
         """
         if not self.evidence_wanted:
             return
+        issue = functools.partial(self._issuer.issue, self._own_spki, self._own_binding)
+        if submit is not None:
+            self._preparing = submit(issue)
+            return
         try:
-            self._prepared = self._issuer.issue(self._own_spki, self._own_binding)
+            self._prepared = issue()
         except TestbedError as exc:
             self._prepare_error = exc  # reported when the evidence would be sent
 
@@ -216,6 +242,20 @@ class TrustedPassagesConnection:
             raise ProtocolError(f"the TLS session is broken: {_ssl_reason(exc)}") from None
         self._pump_out()
 
+    def send_first(self, app_data: bytes) -> None:
+        """Client, before Established: the first application bytes, sent right behind this
+        client's EVIDENCE when the server negotiated it (ALPN ``tpv1.1``), else as soon
+        as the channel is Established. Either way they go only to a server whose
+        evidence passed, and the server hands them to its application only once the
+        client's evidence has passed too (a refused client's bytes are dropped unread).
+        Saves the round trip of waiting for FINISHED before a request."""
+        if self.role != "client" or self._first is not None or \
+                self._state in (State.ESTABLISHED, State.CLOSED):
+            raise ProtocolError("send_first is for a client, once, before it is established "
+                                "(then use send)")
+        self._first = bytes(app_data)
+        self._release_first()
+
     def close(self) -> None:
         """Send TLS close_notify and stop; data_to_send() then holds the last bytes."""
         if self._state is not State.CLOSED:
@@ -263,7 +303,9 @@ class TrustedPassagesConnection:
         own_cert = own_certificate(self._tls)
         assert own_cert is not None  # the handshake completed with it
         self.peer_certificate = peer_cert
-        self._own_spki, self._peer_spki = spki_digest(own_cert), spki_digest(peer_cert)
+        self.pipelined = self._tls.get_alpn_proto_negotiated() == PIPELINING_ALPN
+        self._own_spki = certificate_facts(own_cert).spki_digest
+        self._peer_spki = certificate_facts(peer_cert).spki_digest
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
         if self.role == "server":
@@ -414,9 +456,13 @@ class TrustedPassagesConnection:
             # Only now, with the server verified, does the client reveal its evidence.
             if self._send_evidence(events):
                 self._state = State.AWAIT_FINISHED
+                self._release_first()  # pipelined: right behind the evidence
             return
-        if self._decoder.buffered:
-            raise ProtocolError("the client sent data after its evidence, before FINISHED")
+        if self._decoder.buffered and not self.pipelined:
+            raise ProtocolError("the client sent data after its evidence, before FINISHED "
+                                f"(allowed only with ALPN {PIPELINING_ALPN.decode()})")
+        # Pipelined bytes stay in the decoder until now, and go to the application only
+        # as the ApplicationData after Established (_on_plaintext).
         self._send_frame(FrameType.FINISHED)
         self._state = State.ESTABLISHED
         events.append(Established(peer))
@@ -426,7 +472,16 @@ class TrustedPassagesConnection:
             raise ProtocolError("FINISHED carries no payload")
         assert self.peer is not None  # AWAIT_FINISHED is only entered after PeerVerified
         self._state = State.ESTABLISHED
+        self._release_first()
         events.append(Established(self.peer))
+
+    def _release_first(self) -> None:
+        """Send the client's first message once it may go (see send_first)."""
+        ready = self._state is State.ESTABLISHED or (
+            self._state is State.AWAIT_FINISHED and self.pipelined)
+        if self._first is not None and ready:
+            self._tls.sendall(self._first)
+            self._first = None
 
     def _verify_peer(self, payload: bytes) -> PeerEvidence:
         peer = self._validator.validate(payload, self._peer_binding)
@@ -448,12 +503,18 @@ class TrustedPassagesConnection:
         if peer.node != self.expected_peer:
             raise VerificationError("expected_peer", f"the attested node is {peer.node!r}, "
                                     f"expected {self.expected_peer!r}")
-        names = certificate_names(self.peer_certificate)
+        names = certificate_facts(self.peer_certificate).names
         if self.expected_peer not in names:
             raise VerificationError("expected_peer", f"the TLS certificate names "
                                     f"{sorted(names)}, not {self.expected_peer!r}")
 
     def _send_evidence(self, events: list[Event]) -> bool:
+        if self._preparing is not None:
+            preparing, self._preparing = self._preparing, None
+            try:
+                self._prepared = preparing.result()
+            except TestbedError as exc:
+                self._prepare_error = exc
         try:
             if self._prepare_error is not None:
                 raise self._prepare_error
@@ -502,6 +563,29 @@ class TrustedPassagesConnection:
         else:
             self._fail("protocol", f"the peer closed TLS while waiting for {self.waiting_for}",
                        events, notify=False)
+
+
+# The same peers come back handshake after handshake: what is derived from their
+# certificate is cached, keyed by the certificate itself (cryptography hashes and
+# compares certificates by their parsed DER, so another certificate, even for the same
+# key or name, is another key; cheaper than serializing the DER again).
+CERTIFICATE_CACHE_SIZE: Final = 256
+
+
+@dataclass(frozen=True)
+class CertificateFacts:
+    spki_digest: bytes  # interfaces.spki_digest
+    names: frozenset[str]  # certificate_names
+
+
+_CERTIFICATES: BoundedCache[x509.Certificate, CertificateFacts] = BoundedCache(
+    CERTIFICATE_CACHE_SIZE)
+
+
+def certificate_facts(certificate: x509.Certificate) -> CertificateFacts:
+    """The SPKI digest and names of ``certificate``, cached."""
+    return _CERTIFICATES.get_or_compute(certificate, lambda: CertificateFacts(
+        spki_digest(certificate), frozenset(certificate_names(certificate))))
 
 
 def certificate_names(certificate: x509.Certificate) -> set[str]:

@@ -27,7 +27,7 @@ from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.registrar import AkTrust
 from attestation.report import CheckResult, VerificationReport
-from attestation.tpm_types import ClockInfo, PcrSelection, PublicArea, parse_public
+from attestation.tpm_types import ClockInfo, PcrSelection, PublicArea, parse_public_cached
 from attestation.verifier import ClockHistory, QuoteVerifier
 from trusted_passages.batch import MAX_BATCH, BatchProof, MerkleTree, batch_qualifying_data
 from trusted_passages.envelope import Envelope, check_node_name, decode_envelope
@@ -331,7 +331,7 @@ class TpmValidator:
     def _node(self, envelope: Envelope, bundle: Evidence) -> tuple[str, bool]:
         if not isinstance(self._ak_trust, _NodeDirectory):
             return envelope.node, False
-        registered = self._ak_trust.node_of(parse_public(bundle.ak_public))
+        registered = self._ak_trust.node_of(parse_public_cached(bundle.ak_public))
         if registered is None:
             return envelope.node, False
         if registered != envelope.node:

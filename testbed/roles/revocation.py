@@ -10,6 +10,12 @@ decision whose sequence is not above the last one it applied (a replay), and kee
 set of revoked nodes in ``state/revocations.json`` so a restarted node still refuses them.
 Role services that act on it (Trusted Passages closes channels, the CryptoVM stops
 serving) implement :class:`RevocationAware`.
+
+A VM's guest keeps its ledger in RAM, for one boot. So the verifier keeps the latest
+signed decision about each node (:func:`record_decision`, ``decisions.json`` beside its
+key) and :func:`provision_vm`, run whenever a VM's agent comes up, hands it the
+revocations still in force, in sequence order: a rebooted VM refuses the same peers as
+before. The guest verifies each one as it would a fresh decision.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from attestation.encoding import require_int
+from attestation.encoding import b64decode, require_int
 from attestation.errors import TestbedError
 from attestation.files import atomic_write, private_dir, read_bounded
 from attestation.revocation import (  # the decisions and their verification, one definition
@@ -53,12 +59,15 @@ __all__ = [
     "encode_decision",
     "provision_vm",
     "public_key_pem",
+    "record_decision",
+    "revocations_in_force",
     "signing_key",
     "verifier_key_dir",
 ]
 
 PUBLIC_KEY = "revocation-key.pub"
 PRIVATE_KEY = "revocation-key.pem"
+DECISIONS = "decisions.json"  # the latest signed decision about each node
 MAX_KEY_BYTES = 4096
 
 
@@ -93,7 +102,8 @@ def signing_key(paths: ClusterPaths) -> Ed25519PrivateKey:
 
 def provision_vm(paths: ClusterPaths, node: str, agent: AgentClient) -> None:
     """Give a VM's guest agent the verifier's public key when it starts (a sim node reads
-    it from the cluster directory; a guest cannot). The guest pins the first key it gets."""
+    it from the cluster directory; a guest cannot), then the signed revocations still in
+    force (a guest forgets them when it reboots). The guest pins the first key it gets."""
     pem = public_key_pem(signing_key(paths).public_key())
     try:
         agent.call({"op": "revocation_key", "public_key": pem})
@@ -101,6 +111,63 @@ def provision_vm(paths: ClusterPaths, node: str, agent: AgentClient) -> None:
         raise StateError(f"node {node}: its guest agent did not take the verifier's key "
                          f"({exc}); `testbed down` then `testbed up --backend qemu` boots "
                          "the current image") from None
+    for args in revocations_in_force(paths):
+        try:  # "applied", or a replay when the guest had it already: both are fine
+            agent.role("revoked", args)
+        except TestbedError as exc:
+            raise StateError(f"node {node}: its guest agent did not take a revocation still "
+                             f"in force ({exc}); it would trust a revoked node") from None
+
+
+def record_decision(paths: ClusterPaths, decision: Decision, signature: bytes) -> None:
+    """Keep ``decision`` (signed) as the latest about its node, unless a later one is
+    kept already (under the verifier directory's lock)."""
+    directory = private_dir(verifier_key_dir(paths))
+    with locked(directory / ".lock"):
+        kept = _read_decisions(directory)
+        last = kept.get(decision.node)
+        if last is None or decision_sequence(last) < decision.sequence:
+            kept[decision.node] = decision_args(decision, signature)
+            write_json(directory / DECISIONS, kept)
+
+
+def revocations_in_force(paths: ClusterPaths) -> list[dict[str, Any]]:
+    """The signed revocations not superseded by a reinstatement, as role-action args,
+    in sequence order (the order a receiver's ledger applies them in)."""
+    directory = private_dir(verifier_key_dir(paths))
+    with locked(directory / ".lock"):
+        kept = _read_decisions(directory)
+    in_force = [args for args in kept.values()
+                if _decision_of(args, directory).kind == "revoked"]
+    return sorted(in_force, key=decision_sequence)
+
+
+def decision_sequence(args: dict[str, Any]) -> int:
+    return _decision_of(args, None).sequence
+
+
+def _read_decisions(directory: Path) -> dict[str, dict[str, Any]]:
+    doc = read_json(directory / DECISIONS) or {}
+    if not isinstance(doc, dict) or not all(
+            isinstance(args, dict) and set(args) == {"decision", "signature"}
+            for args in doc.values()):
+        raise _damaged(directory)
+    for args in doc.values():
+        _decision_of(args, directory)
+    return doc
+
+
+def _decision_of(args: dict[str, Any], directory: Path | None) -> Decision:
+    try:
+        return decode_decision(b64decode(args["decision"], "decision", limit=MAX_DECISION))
+    except (TestbedError, KeyError, TypeError):
+        raise _damaged(directory) from None
+
+
+def _damaged(directory: Path | None) -> StateError:
+    where = "the verifier's decisions" if directory is None else str(directory / DECISIONS)
+    return StateError(f"{where} is damaged: restore it from a backup (removing it makes "
+                      "rebooted VMs forget the revocations in force)")
 
 
 @runtime_checkable

@@ -34,6 +34,7 @@ from testbed.roles.revocation import (  # the key lives there: VMs get it at `up
     RevocationEvent,
     decision_args,
     encode_decision,
+    record_decision,
     signing_key,
     verifier_key_dir,
 )
@@ -77,6 +78,16 @@ def publish(paths: ClusterPaths, event: Decision) -> dict[str, str]:
     (``applied``, ``replay``, or the error), by node."""
     signature = signing_key(paths).sign(encode_decision(event))
     _bump(paths, event.sequence)
+    try:
+        record_decision(paths, event, signature)  # re-sent to a VM when it (re)starts
+    except StateError as exc:  # deliver all the same: the running nodes must act now
+        answers = _deliver(paths, event, signature)
+        raise StateError(f"{exc}; the decision was delivered to the running nodes "
+                         f"({answers}) but is not kept for VMs that restart") from None
+    return _deliver(paths, event, signature)
+
+
+def _deliver(paths: ClusterPaths, event: Decision, signature: bytes) -> dict[str, str]:
     args = decision_args(event, signature)
     nodes = paths.node_names()
     if not nodes:
