@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 
 from attestation.encoding import b64decode, b64encode
 from cryptovm.disks import DiskBinding, DiskBindingError, disk_key_id, release_disk_key
-from testbed.attacks.vm_disks import stolen_disk_on_vms
+from testbed.attacks.runs import SCENARIOS_BY_BACKEND
+from testbed.attacks.vm_disks import LAB_SPEC, STOLEN_DISK, stolen_disk_on_vms
 from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
@@ -237,6 +238,12 @@ def test_host_keeps_only_a_binding_of_the_right_disk(tmp_path: Path) -> None:
 
 def test_qemu_spec_takes_guest_disks_of_vms() -> None:
     parse_cluster_spec(SPEC, Path("/"))
+    parse_cluster_spec(LAB_SPEC, Path("/"))  # the attack lab's stolen-disk cluster
+
+
+def test_stolen_disk_runs_on_both_backends() -> None:
+    assert STOLEN_DISK in SCENARIOS_BY_BACKEND["sim"]
+    assert STOLEN_DISK in SCENARIOS_BY_BACKEND["qemu"]
 
 
 # --- one real cluster -----------------------------------------------------------------------
@@ -322,7 +329,7 @@ def test_vm_guest_reopen_refetches_the_key_after_attestation(lab: Lab) -> None:
         # A quote that does not show the predicted state (PCRs 4-9 missing): refused by
         # the CryptoVM's release check, by name; the disk stays locked.
         assert agent.call({"op": "svd_lock", "disk": "data"}) == {"locked": True}
-        with pytest.raises(StateError, match="policy"):
+        with pytest.raises(StateError, match=r"ReleaseDenied: policy"):
             unlock_guest_disks(agent, cryptovm, node="server", cryptovm="cryptovm",
                                disks=[(files, spec)], keys=keys, pcrs=(0, 1, 2, 3))
         listed = {d["serial"]: d["device"] for d in agent.call({"op": "disk_list"})["disks"]}

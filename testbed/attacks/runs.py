@@ -2,8 +2,10 @@
 
 ``sim``: every scenario of the Trusted Passages paper, on five machines of swtpm
 processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenarios real VMs show, a tampered
-boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), and an
-encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`).
+boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), an
+encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`),
+and a guest-side disk copied off the host (``stolen-disk`` on a cluster of VMs,
+:mod:`testbed.attacks.vm_disks`).
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from testbed.attacks.image_theft import IMAGE_THEFT, image_theft
 from testbed.attacks.lab import Lab
 from testbed.attacks.qemu import QEMU_SCENARIOS, run_qemu_attacks
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
+from testbed.attacks.vm_disks import STOLEN_DISK, stolen_disk_cluster
 from testbed.core.errors import ArgumentError
 from testbed.core.progress import Progress
 
-__all__ = ["ONLY_ON_VMS", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
+__all__ = ["ONLY_ON_VMS", "ON_VMS_TOO", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
 
 ONLY_ON_VMS: Mapping[str, str] = {
     IMAGE_THEFT: "an encrypted guest image copied off the host and booted without a key "
                  "release reveals no part of its root filesystem"}
 """Scenarios with no sim version, and what each shows."""
-SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {"sim": tuple(SCENARIOS),
-                                                       "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS)}
+ON_VMS_TOO = (STOLEN_DISK,)
+"""Sim scenarios that also run on VMs (a cluster of their own)."""
+SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {
+    "sim": tuple(SCENARIOS), "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS, *ON_VMS_TOO)}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,9 @@ def run_attacks(names: Sequence[str], backend: str, workdir: Path,
             theft = image_theft(workdir, progress=progress)
             results.append(theft.result)
             details["image_theft"] = theft.details
+        if STOLEN_DISK in names:
+            progress.expect(1)
+            results.append(stolen_disk_cluster(workdir, progress))
         baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
             (attack.baseline.failure.detail if attack.baseline.failure else
              "an honest VM of the same image satisfies the predicted policy")

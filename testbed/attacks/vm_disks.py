@@ -2,8 +2,10 @@
 encrypted disk's qcow2 copied off the host is ciphertext, and the copy attached to
 another VM gets no key.
 
-Runs on a cluster that is up (``tests/test_qemu_svd_guest.py`` uses its own VMs): the
-owner VM has a guest-side disk holding ``marker``; the thief is another attested VM of
+:func:`stolen_disk_on_vms` runs on a cluster that is up (``tests/test_qemu_svd_guest.py``
+uses its own VMs); :func:`stolen_disk_cluster` brings one up for ``testbed attack
+--backend qemu stolen-disk`` and takes it down again. The owner VM has a guest-side disk
+holding ``marker``; the thief is another attested VM of
 the cluster. *Baseline:* the same marker written by the owner VM to a plain qcow2
 (the disk without the SVD) is in the copied file. *With the SVD:* the copy has no
 marker; attached to the thief's VM, the thief's guest asks the CryptoVM for the key over
@@ -15,9 +17,11 @@ bound to the owner's AK).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from attestation.encoding import b64encode
@@ -25,21 +29,61 @@ from attestation.errors import TestbedError
 from cryptovm.disks import DiskBinding, release_disk_key
 from cryptovm.errors import ReleaseDenied
 from testbed.attacks.scenarios import Outcome, ScenarioResult
+from testbed.cluster import lifecycle
 from testbed.core.paths import ClusterPaths
+from testbed.core.progress import Progress
 from testbed.qemu.backend import QemuBackend, domain_name
 from testbed.qemu.disks import AFFECT_LIVE, VmDiskFiles, detach, disk_root, disk_xml
 from testbed.qemu.domain import connect
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.relay import relay_to_cryptovm
 from testbed.roles.cryptovm import cryptovm_endpoint
+from testbed.spec.cluster_spec import parse_cluster_spec
 
-__all__ = ["STOLEN_DISK", "stolen_disk_on_vms"]
+__all__ = ["STOLEN_DISK", "stolen_disk_cluster", "stolen_disk_on_vms"]
 
 STOLEN_DISK = "stolen-disk"
 TITLE = "Disk image copied off the host (VMs, guest-side disk)"
 BASELINE_SERIAL = "plainbaseline"
 BASELINE_SIZE = 4 << 20
 _OFFSET = 1 << 20
+LAB_CLUSTER = "stolendisk"
+LAB_SPEC = f"""version: 1
+name: {LAB_CLUSTER}
+backend: qemu
+image: default
+nodes:
+  - {{name: cryptovm, role: cryptovm}}
+  - name: server
+    role: server
+    disks:
+      - {{name: data, size: 20M, mode: guest}}
+"""
+
+
+def stolen_disk_cluster(workdir: Path, progress: Progress) -> ScenarioResult:
+    """``up`` a CryptoVM VM and a server VM with a guest-side disk in ``workdir``, write a
+    random marker through the server's plain view, run the scenario, ``down --purge``."""
+    paths = ClusterPaths(workdir, LAB_CLUSTER)
+    backend = QemuBackend(paths)
+    try:
+        up = lifecycle.up(backend, parse_cluster_spec(LAB_SPEC, workdir), progress)
+        failed = [f"{n.name}: {n.error}" for n in up.nodes if n.action == "failed"
+                  or n.attested is not True]
+        if failed:
+            raise TestbedError(f"the stolen-disk cluster did not come up: {'; '.join(failed)}")
+        marker = b"stolen-disk-marker-" + os.urandom(8).hex().encode()
+        with progress.step("stolen-disk: the server VM writes a marker to its guest-side "
+                           "disk; the disk copied, attached to the CryptoVM VM"):
+            backend.agent("server", timeout=60).call(
+                {"op": "disk_write", "disk": "data", "offset": _OFFSET,
+                 "data": b64encode(marker)})
+            return stolen_disk_on_vms(paths, owner="server", disk="data", thief="cryptovm",
+                                      marker=marker)
+    finally:
+        with contextlib.suppress(TestbedError, OSError):
+            backend.down(purge=True)
+        backend.close()
 
 
 def stolen_disk_on_vms(paths: ClusterPaths, *, owner: str, disk: str, thief: str,

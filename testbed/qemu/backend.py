@@ -349,6 +349,9 @@ class QemuBackend:
         self._host_conns: dict[str, Any] = {}  # host -> libvirt over qemu+ssh
         self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
         self._disk_specs: dict[str, list[DiskSpec]] = {}
+        # A cluster with disks gives every VM the empty hot-plug ports (no firmware event):
+        # a disk can then be attached to any of its VMs (stolen-disk attaches a copy).
+        self._hotplug_ports = 0
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -365,6 +368,7 @@ class QemuBackend:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
         self._trusted_hosts(spec)  # before anything is built, copied or defined
+        self._hotplug_ports = HOTPLUG_PORTS if any(n.disks for n in spec.nodes) else 0
         # + the VM network (keyless TLS adds its own) + copying artifacts to hosts
         progress.expect(5 + len(spec.nodes) + bool(self._hosts))
         cache = image_cache(self.paths.workdir)
@@ -447,7 +451,7 @@ class QemuBackend:
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
                                    guest_ports=list(guest_ports.values()),
-                                   hotplug_ports=HOTPLUG_PORTS if spec.disks else 0,
+                                   hotplug_ports=self._hotplug_ports,
                                    lab_bridge=bridge_name(self.paths))
         self._record(spec, node, booted.vm.spec, None)
         self._booted[spec.name] = booted
