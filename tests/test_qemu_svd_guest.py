@@ -299,6 +299,8 @@ def test_vm_guest_side_disk_is_plain_only_inside_the_guest(lab: Lab) -> None:
         [(n["name"], n["error"], n["log_tail"]) for n in lab.up["nodes"]]
     assert [(d["name"], d["mode"], d["state"]) for d in server["disks"]] == [
         ("data", "guest", "unlocked")], server
+    # Keyless TLS still works after the guest's cluster-CA channel to the CryptoVM.
+    assert server["enrollment"]["ok"], server["enrollment"]
     agent = lab.agent("server")
     listed = {d["serial"]: d for d in agent.call({"op": "disk_list"})["disks"]}
     assert listed["data"]["device"] == "/dev/mapper/svd-data"
