@@ -199,8 +199,12 @@ def test_first_use_formats_and_binds_then_refuses_swaps_before_asking(tmp_path: 
         assert op == "public_key" and args == {"key_id": "svd-server-data"}
         return {"public_key": spki}
 
-    order = parse_unlock(_request())
-    answer = guest._unlock(call, order, order.disks[0])
+    order = parse_unlock(_request(disks=[{"name": "data", "binding": None},
+                                         {"name": "other", "binding": None}]))
+    answers = guest.unlock_with(call, order)["disks"]  # each disk answers on its own
+    assert answers[1] == {"name": "other", "error": "DiskBindingError: no disk 'other' "
+                                                    "attached to this guest"}
+    answer = answers[0]
     assert answer["formatted"] and answer["device"].endswith("/svd-data")
     assert calls == ["public_key"]
     binding = DiskBinding.from_doc(answer["binding"], "answer")

@@ -249,8 +249,13 @@ def unlock_guest_disks(node_agent: AgentClient, cryptovm_agent: AgentClient, *, 
     answers = relay(with_disks=True).client_view.get("disks")
     if not isinstance(answers, list) or len(answers) != len(disks):
         raise StateError(f"guest disks of {node}: the guest's answer lists no disks")
+    refused = []
     for (files, spec), answer in zip(disks, answers, strict=True):
-        _keep_binding(files, spec, answer)
+        _keep_binding(files, spec, answer)  # also when another disk was refused
+        if isinstance(answer, dict) and "error" in answer:
+            refused.append(f"disk {spec.name}: {str(answer['error'])[:300]}")
+    if refused:
+        raise StateError(f"guest disks of {node} not unlocked: {'; '.join(refused)}")
     return [_status(spec) for _, spec in disks]
 
 

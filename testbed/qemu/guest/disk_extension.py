@@ -33,7 +33,8 @@ never in a file, on a command line, in a log or in an answer.
             "disks": [{"name": SERIAL, "binding": binding doc | null}]}
         -> {"session": hex}; then the channel; its result (``tp_result``):
            {"role": "svd", "disks": [{"name", "device", "luks_uuid", "fetched",
-            "formatted", "seconds", "binding" (public; first use only)}]}
+            "formatted", "seconds", "binding" (public; first use only)}
+                                     or {"name", "error"}]}
     {"op": "svd_lock", "disk": SERIAL}   -> {"locked": bool}   (cryptsetup close)
 """
 
@@ -358,15 +359,20 @@ class GuestSideDisks:
                 send_frame(conn, {"error": str(exc)})
             conn.close()
             return
-        tp.client_channel(conn, order.cryptovm,
-                          lambda channel: self.unlock_over(channel.recv, channel.send, order))
+        tp.client_channel(conn, order.cryptovm, lambda channel: self.unlock_with(
+            StreamClient(channel.recv, channel.send).call, order))
 
-    def unlock_over(self, recv: Callable[[], bytes], send: Callable[[bytes], None],
-                    order: UnlockOrder) -> dict[str, Any]:
-        """Unlock each disk with CVM1 calls over an attested channel (recv/send)."""
-        vsm = StreamClient(recv, send)
-        return {"role": "svd", "cryptovm": order.cryptovm,
-                "disks": [self._unlock(vsm.call, order, disk) for disk in order.disks]}
+    def unlock_with(self, call: Callable[..., dict[str, Any]], order: UnlockOrder
+                    ) -> dict[str, Any]:
+        """Unlock each disk with CVM1 ``call``s over the attested channel. Each disk
+        answers on its own: a refusal of one must not lose another's new binding."""
+        answers = []
+        for disk in order.disks:
+            try:
+                answers.append(self._unlock(call, order, disk))
+            except Exception as exc:  # its refusal, in words (never a key): the host reports
+                answers.append({"name": disk.name, "error": f"{type(exc).__name__}: {exc}"})
+        return {"role": "svd", "cryptovm": order.cryptovm, "disks": answers}
 
     def _unlock(self, call: Callable[..., dict[str, Any]], order: UnlockOrder,
                 disk: DiskOrder) -> dict[str, Any]:
