@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from attestation.encoding import b64decode, b64encode
 from cryptovm.disks import DiskBinding, DiskBindingError, disk_key_id, release_disk_key
 from testbed.attacks.runs import SCENARIOS_BY_BACKEND
-from testbed.attacks.vm_disks import LAB_SPEC, STOLEN_DISK, stolen_disk_on_vms
+from testbed.attacks.vm_disks import LAB_SPEC, STOLEN_DISK, guest_answer, stolen_disk_on_vms
 from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
@@ -250,6 +250,16 @@ def test_stolen_disk_runs_on_both_backends() -> None:
     assert STOLEN_DISK in SCENARIOS_BY_BACKEND["qemu"]
 
 
+def test_thief_guest_answer_is_read_per_disk() -> None:
+    """The channel itself may succeed while the disk is refused: the disk's answer counts."""
+    refused = {"role": "svd", "disks": [{"name": "data", "error": "AccessDenied: privilege"}]}
+    assert guest_answer(refused) == (False, "refused (AccessDenied: privilege)")
+    assert guest_answer({"error": "VerificationError: policy"})[0] is False
+    assert guest_answer({"disks": []}) == (False, "refused (no disk answer)")
+    opened = {"disks": [{"name": "data", "device": "/dev/mapper/svd-data"}]}
+    assert guest_answer(opened) == (True, "opened as /dev/mapper/svd-data")
+
+
 # --- one real cluster -----------------------------------------------------------------------
 
 
@@ -374,6 +384,8 @@ def test_vm_stolen_disk(lab: Lab) -> None:
     assert result.plain.attack_succeeded, result.plain.detail
     assert not result.trusted_passages.attack_succeeded, result.trusted_passages.detail
     assert result.trusted_passages.caught_by == "ak_trust"
+    # The thief VM's own guest, over its own attested channel, is refused too.
+    assert "its guest's own request: refused" in result.trusted_passages.detail
 
 
 def _files(root: Path) -> Iterator[Path]:

@@ -40,7 +40,7 @@ from testbed.qemu.relay import relay_to_cryptovm
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.spec.cluster_spec import parse_cluster_spec
 
-__all__ = ["STOLEN_DISK", "stolen_disk_cluster", "stolen_disk_on_vms"]
+__all__ = ["STOLEN_DISK", "guest_answer", "stolen_disk_cluster", "stolen_disk_on_vms"]
 
 STOLEN_DISK = "stolen-disk"
 TITLE = "Disk image copied off the host (VMs, guest-side disk)"
@@ -135,15 +135,17 @@ def _with_svd(paths: ClusterPaths, conn: Any, backend: QemuBackend, owner: str, 
         domain.attachDeviceFlags(disk_xml(copy, disk, "vdz", None), AFFECT_LIVE)
         try:
             _wait_for_disk(backend.agent(thief, timeout=60), disk)
-            in_guest = _thief_guest_asks(paths, backend, owner, disk, thief, cryptovm)
+            guest_released, in_guest = _thief_guest_asks(paths, backend, owner, disk, thief,
+                                                         cryptovm)
             check, why = _thief_host_asks(paths, backend, files, thief, cryptovm)
         finally:
             with contextlib.suppress(TestbedError):
                 detach(domain, disk)
     finally:
         copy.unlink(missing_ok=True)
-    if check is None:
-        return Outcome(True, "the CryptoVM released the key to the thief's VM")
+    if guest_released or check is None:
+        return Outcome(True, f"the CryptoVM released the key to the thief's VM ({in_guest}; "
+                       f"its host: {why})")
     return Outcome(False, "the copied qcow2 is LUKS2 ciphertext (no marker in it); attached "
                    f"to the {thief} VM: its guest's own request: {in_guest}; its host's "
                    f"request with the {thief} VM's quote: refused, {check}: {why}",
@@ -151,7 +153,7 @@ def _with_svd(paths: ClusterPaths, conn: Any, backend: QemuBackend, owner: str, 
 
 
 def _thief_guest_asks(paths: ClusterPaths, backend: QemuBackend, owner: str, disk: str,
-                      thief: str, cryptovm: str) -> str:
+                      thief: str, cryptovm: str) -> tuple[bool, str]:
     """The thief's guest unlocks "its" disk over its own attested channel."""
     binding = DiskBinding.load(VmDiskFiles(paths, owner, disk).binding)
     request = {"op": "svd_unlock", "cryptovm": cryptovm, "node": owner,
@@ -159,9 +161,20 @@ def _thief_guest_asks(paths: ClusterPaths, backend: QemuBackend, owner: str, dis
     outcome = relay_to_cryptovm(backend.agent(thief, timeout=120),
                                 backend.agent(cryptovm, timeout=120), request,
                                 node_name=thief, cryptovm_name=cryptovm)
-    if outcome.established:
-        return "the key was released (the attack worked)"
-    return f"refused ({str(outcome.client_view.get('error'))[:200]})"
+    return guest_answer(outcome.client_view)
+
+
+def guest_answer(view: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the thief's guest opened the disk, and its own words: a channel error, or
+    the one disk's answer (``svd_unlock`` answers each disk on its own)."""
+    if "error" in view:
+        return False, f"refused ({str(view['error'])[:200]})"
+    answers = view.get("disks")
+    if not isinstance(answers, list) or len(answers) != 1 or not isinstance(answers[0], dict):
+        return False, "refused (no disk answer)"
+    if "error" in answers[0]:
+        return False, f"refused ({str(answers[0]['error'])[:200]})"
+    return True, f"opened as {answers[0].get('device')}"
 
 
 def _thief_host_asks(paths: ClusterPaths, backend: QemuBackend, files: VmDiskFiles,
