@@ -104,11 +104,11 @@ def test_libvirt_xml_secret_is_ephemeral_private_and_disk_names_it() -> None:
 
 @pytest.mark.parametrize(("node", "disks", "ok"), [
     ("server", "{name: d, size: 16M}", True),
-    ("server", "{name: d, size: 16M, mode: guest}", False),
+    ("server", "{name: d, size: 16M, mode: guest}", True),
     ("cryptovm", "{name: store, size: 64M, mode: guest}", True),  # its store disk
     ("cryptovm", "{name: store, size: 16M, mode: guest}", "needs at least 32M"),
 ])
-def test_qemu_spec_takes_host_disks_of_vms_only(node: str, disks: str, ok: bool | str) -> None:
+def test_qemu_spec_takes_disks_of_vms(node: str, disks: str, ok: bool | str) -> None:
     text = SPEC.replace("      - {name: data, size: 16M}\n", "")
     text = text.replace(f"    role: {node}\n", f"    role: {node}\n    disks: [{disks}]\n")
     text = text.replace("    disks:\n  -", "  -").rstrip("\n").removesuffix("    disks:") + "\n"

@@ -2,9 +2,11 @@
 
 ``sim``: every scenario of the Trusted Passages paper, on five machines of swtpm
 processes (:mod:`testbed.attacks.lab`). ``qemu``: the scenarios real VMs show, a tampered
-boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), and an
+boot and a runtime tamper acted on by a revocation (:mod:`testbed.attacks.qemu`), an
 encrypted image stolen and booted without a release (:mod:`testbed.attacks.image_theft`),
-and a live migration to a tampered host (:mod:`testbed.attacks.migration`).
+a live migration to a tampered host (:mod:`testbed.attacks.migration`), and a guest-side
+disk copied off the host (``stolen-disk`` on a cluster of VMs,
+:mod:`testbed.attacks.vm_disks`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from testbed.attacks.lab import Lab
 from testbed.attacks.migration import MIGRATE_TO_TAMPERED_HOST, migrate_to_tampered_host
 from testbed.attacks.qemu import QEMU_SCENARIOS, run_qemu_attacks
 from testbed.attacks.scenarios import SCENARIOS, ScenarioResult, genuine, run
+from testbed.attacks.vm_disks import STOLEN_DISK, stolen_disk_cluster
 from testbed.core.errors import ArgumentError
 from testbed.core.progress import Progress
 
-__all__ = ["ONLY_ON_VMS", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
+__all__ = ["ONLY_ON_VMS", "ON_VMS_TOO", "SCENARIOS_BY_BACKEND", "AttackRun", "run_attacks"]
 
 ONLY_ON_VMS: Mapping[str, str] = {
     IMAGE_THEFT: "an encrypted guest image copied off the host and booted without a key "
@@ -32,8 +35,10 @@ ONLY_ON_VMS: Mapping[str, str] = {
                               "(the destination attests first: policy, PCR 14); plain "
                               "libvirt migrates the VM there"}
 """Scenarios with no sim version, and what each shows."""
-SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {"sim": tuple(SCENARIOS),
-                                                       "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS)}
+ON_VMS_TOO = (STOLEN_DISK,)
+"""Sim scenarios that also run on VMs (a cluster of their own)."""
+SCENARIOS_BY_BACKEND: Mapping[str, tuple[str, ...]] = {
+    "sim": tuple(SCENARIOS), "qemu": (*QEMU_SCENARIOS, *ONLY_ON_VMS, *ON_VMS_TOO)}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ def run_attacks(names: Sequence[str], backend: str, workdir: Path,
             details["image_theft"] = theft.details
         if MIGRATE_TO_TAMPERED_HOST in names:
             results.append(migrate_to_tampered_host(workdir, progress=progress))
+        if STOLEN_DISK in names:
+            progress.expect(1)
+            results.append(stolen_disk_cluster(workdir, progress))
         baseline = ("ACCEPTED: " if attack.baseline.ok else "REJECTED: ") + \
             (attack.baseline.failure.detail if attack.baseline.failure else
              "an honest VM of the same image satisfies the predicted policy")

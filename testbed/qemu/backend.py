@@ -63,12 +63,15 @@ from testbed.hosts.remote import SshTcpTransport
 from testbed.qemu.accel import AccelChoice
 from testbed.qemu.disks import (
     HOTPLUG_PORTS,
+    GuestDiskKeys,
     VmDiskFiles,
     attach_host_disk,
+    attach_plain_disk,
     attached_serials,
     disk_root,
     disk_status,
     remove_disk_secrets,
+    unlock_guest_disks,
 )
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
@@ -354,6 +357,9 @@ class QemuBackend:
         self._artifacts: dict[str, tuple[str, str]] = {}  # host -> (kernel, initrd) there
         self._disk_specs: dict[str, list[DiskSpec]] = {}
         self._store_specs: dict[str, DiskSpec | None] = {}
+        # A cluster with disks gives every VM the empty hot-plug ports (no firmware event):
+        # a disk can then be attached to any of its VMs (stolen-disk attaches a copy).
+        self._hotplug_ports = 0
 
     @staticmethod
     def has_traces(paths: ClusterPaths) -> bool:
@@ -370,6 +376,7 @@ class QemuBackend:
         if spec.backend != "qemu":
             raise StateError(f"cluster {spec.name} has backend {spec.backend}, not qemu")
         self._trusted_hosts(spec)  # before anything is built, copied or defined
+        self._hotplug_ports = HOTPLUG_PORTS if any(n.disks for n in spec.nodes) else 0
         # + the VM network (keyless TLS adds its own) + copying artifacts to hosts
         progress.expect(5 + len(spec.nodes) + bool(self._hosts))
         cache = image_cache(self.paths.workdir)
@@ -453,8 +460,7 @@ class QemuBackend:
                                    domain=domain_name(self.paths, spec.name),
                                    run_dir=self.paths.vm_root / spec.name,
                                    guest_ports=list(guest_ports.values()),
-                                   hotplug_ports=HOTPLUG_PORTS if _host_disks(spec)
-                                   or store_disk(spec) else 0,
+                                   hotplug_ports=self._hotplug_ports,
                                    lab_bridge=bridge_name(self.paths))
         self._record(spec, node, booted.vm.spec, None)
         self._booted[spec.name] = booted
@@ -546,6 +552,7 @@ class QemuBackend:
         the attested VMs (:mod:`testbed.qemu.network`), keyless TLS; Trusted Passages
         between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
         self._attach_host_disks(nodes, progress)
+        self._guest_disks(nodes, progress)
         placed = {n.name: n.host for n in load_spec(self.paths).nodes if n.host is not None}
         local = [n for n in nodes if n.name not in placed]
         with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
@@ -582,6 +589,59 @@ class QemuBackend:
                     self._attach_disks(node, node_spec, cryptovm, client.call)
             finally:
                 client.close()
+
+    def _guest_disks(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """Guest-side encrypted disks (docs/svd.md, "VMs: guest-side disks"): each attested
+        VM gets its plain qcow2 hot-plugged and unlocks it itself, with the key it fetches
+        from the CryptoVM VM over an attested channel; the host relays, never holds it."""
+        spec = load_spec(self.paths)
+        owners = [n for n in nodes if _guest_disks(spec.node(n.name))
+                  and n.action != "failed" and n.attested is True]
+        cryptovm = next((n for n in nodes if n.role == "cryptovm" and n.service
+                         and n.attested is True and n.action != "failed"), None)
+        if not owners:
+            return
+        progress.expect(1)
+        with progress.step("guest-side disks: each VM fetches its key from the CryptoVM VM "
+                           "over Trusted Passages"):
+            if cryptovm is None or self._driver is None:
+                for node in owners:
+                    node.fail("guest disks not unlocked: no attested CryptoVM VM to ask")
+                return
+            try:
+                self._configure_guests([cryptovm, *owners], nodes)
+                client = cryptovm_endpoint(self.paths, cryptovm.name).client()
+            except TestbedError as exc:
+                for node in owners:
+                    node.fail(f"guest disks not unlocked: {exc}")
+                return
+            try:
+                for node in owners:
+                    self._unlock_guest_disks(node, spec.node(node.name), cryptovm.name,
+                                             client.call)
+            finally:
+                client.close()
+
+    def _unlock_guest_disks(self, node: NodeUp, spec: NodeSpec, cryptovm: str,
+                            call: Call) -> None:
+        assert self._driver is not None
+        domain = _lookup(self._driver.conn, domain_name(self.paths, node.name))
+        first = len(_host_disks(spec))  # the host-side disks' targets come first
+        disks = [(VmDiskFiles(self.paths, node.name, d.name), d) for d in _guest_disks(spec)]
+        keys = GuestDiskKeys(call, self.paths.policy(node.name).read_text(),
+                             self.paths.registry.read_text())
+        try:
+            for index, (files, disk) in enumerate(disks):
+                attach_plain_disk(domain, files, disk, f"vd{chr(ord('b') + first + index)}")
+            unlocked = unlock_guest_disks(
+                self.agent(node.name, timeout=120), self.agent(cryptovm, timeout=120),
+                node=node.name, cryptovm=cryptovm, disks=disks, keys=keys,
+                pcrs=QUOTED_PCRS)
+        except (TestbedError, OSError) as exc:
+            node.fail(f"guest disks not unlocked: {exc}")
+            return
+        if isinstance(node.facts, VmFacts):
+            node.facts = replace(node.facts, disks=(*node.facts.disks, *unlocked))
 
     def _keyless(self, nodes: list[NodeUp], progress: Progress) -> None:
         """Keyless TLS on VMs, as on sim nodes: each attested server and client guest gets
@@ -681,10 +741,10 @@ class QemuBackend:
         if not named:
             return
         for node in spec.nodes:
-            if node.host is not None and _host_disks(node):
-                raise ArgumentError(f"node {node.name}: host-side encrypted disks are not "
-                                    "placed on hosts yet (docs/hosts.md); use mode: guest "
-                                    "or run the node on the local libvirt")
+            if node.host is not None and node.disks:
+                raise ArgumentError(f"node {node.name}: encrypted disks are not placed on "
+                                    "hosts yet (docs/hosts.md); run the node on the local "
+                                    "libvirt")
         lab = LabPaths(self.paths.workdir)
         for name, record in require_trusted(self.paths.workdir, named).items():
             self._hosts[name] = PlacedHost(lab, record)
@@ -774,7 +834,8 @@ class QemuBackend:
         spec = load_spec(paths) if paths.spec.is_file() else None
         roles = {n.name: n.role for n in spec.nodes} if spec else {}
         names = [*roles, *(n for n in paths.node_names() if n not in roles)]
-        self._disk_specs = {n.name: _host_disks(n) for n in spec.nodes} if spec else {}
+        self._disk_specs = {n.name: [] if store_disk(n) else list(n.disks)
+                            for n in spec.nodes} if spec else {}
         self._store_specs = {n.name: store_disk(n) for n in spec.nodes} if spec else {}
         last = read_attestations(paths)
         procs = vm_processes(paths)
@@ -861,6 +922,12 @@ class QemuBackend:
 
 def _host_disks(spec: NodeSpec) -> list[DiskSpec]:
     return [d for d in spec.disks if d.mode == "host"]
+
+
+def _guest_disks(spec: NodeSpec) -> list[DiskSpec]:
+    """A VM's guest-side disks, which it unlocks with a key of the CryptoVM (the CryptoVM
+    VM's own store disk is guest-side too, but sealed to its vTPM: store_disk)."""
+    return [] if store_disk(spec) else [d for d in spec.disks if d.mode == "guest"]
 
 
 def _vm_nodes(paths: ClusterPaths) -> list[str]:

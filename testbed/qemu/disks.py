@@ -25,14 +25,25 @@ guest sees a plain virtio disk whose serial is the disk's name.
 Files: ``WORKDIR/vm-disks/<cluster>/<node>/<disk>.qcow2`` (ciphertext; outside the 0700
 cluster tree because QEMU runs as ``libvirt-qemu``; kept by ``down``, removed by
 ``--purge``) and its binding ``nodes/NODE/state/disks/<disk>.svd.json`` (public).
+
+**Guest-side mode** (docs/svd.md, "VMs: guest-side disks"; :func:`unlock_guest_disks`):
+the image is a *plain* qcow2, hot-plugged after the VM attested like the host-side ones
+(a disk present at boot would add firmware boot-option events, which the predicted
+policy does not have) but with no secret at all. The guest formats it with LUKS2 itself
+and opens it with ``cryptsetup``; the key comes to the guest from the CryptoVM guest over
+an attested Trusted Passages channel that the host only relays (TLS records). The host
+creates the disk key as CryptoVM root, grants the node's account ``node.<name>`` its
+``release`` and ``public`` privileges, and keeps the binding the guest made (public: the
+passphrase wrapped under the CryptoVM's key). It never holds the passphrase.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,22 +56,29 @@ from cryptovm.disks import (
     DiskBindingError,
     Quote,
     disk_key_id,
+    ensure_disk_key,
     new_passphrase,
     release_disk_key,
 )
+from cryptovm.errors import NotFound
+from cryptovm.vsm import node_account
+from testbed.cluster.agent import AgentClient
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
+from testbed.qemu.relay import ChannelOutcome, relay_to_cryptovm
 from testbed.spec.cluster_spec import DiskSpec
 from testbed.svd.qcow2 import format_qcow2_luks, qcow2_luks_uuid
 from testbed.svd.volumes import DiskState, DiskStatus
 
-__all__ = ["HOTPLUG_PORTS", "VmDiskFiles", "attach_host_disk", "attached_serials", "detach",
-           "disk_root", "disk_status", "disk_xml", "hotplug", "remove_disk_secrets", "secret_xml"]
+__all__ = ["HOTPLUG_PORTS", "GuestDiskKeys", "VmDiskFiles", "attach_host_disk",
+           "attach_plain_disk", "attached_serials", "detach", "disk_root", "disk_status",
+           "disk_xml", "hotplug", "remove_disk_secrets", "secret_xml", "unlock_guest_disks"]
 
 HOTPLUG_PORTS = 4  # one per disk (a spec allows at most 4 per node)
 AFFECT_LIVE = 1  # VIR_DOMAIN_AFFECT_LIVE
 USAGE_VOLUME = 1  # VIR_SECRET_USAGE_TYPE_VOLUME
+QEMU_IMG_TIMEOUT_S = 30.0
 
 
 def disk_root(paths: ClusterPaths) -> Path:
@@ -129,6 +147,9 @@ def attach_host_disk(conn: Any, domain: Any, files: VmDiskFiles, spec: DiskSpec,
 
 def _status(spec: DiskSpec) -> DiskStatus:
     # The guest kernel names its disks itself (vda...): the serial is what identifies it.
+    if spec.mode == "guest":
+        return DiskStatus(spec.name, spec.mode, spec.size, "unlocked",
+                          f"in the VM: /dev/mapper/svd-{spec.name} (the guest's dm-crypt)")
     return DiskStatus(spec.name, spec.mode, spec.size, "unlocked",
                       f"in the VM: the virtio disk with serial {spec.name!r}")
 
@@ -154,6 +175,109 @@ def _bound(files: VmDiskFiles) -> DiskBinding:
                                f"{files.node!r}: its LUKS UUID {found} is not the bound "
                                f"{binding.luks_uuid} (an image swapped in?)")
     return binding
+
+
+# --- guest-side mode: a plain qcow2, keyed inside the guest -------------------------------
+
+
+def attach_plain_disk(domain: Any, files: VmDiskFiles, spec: DiskSpec, target: str) -> None:
+    """Create (on first use) and hot-plug a guest-side disk's plain qcow2: no secret; the
+    guest puts LUKS2 on it, so the host only ever stores ciphertext."""
+    if spec.name in attached_serials(domain):
+        return
+    private_dir(files.binding.parent)
+    _image_dir(files)
+    if not files.image.exists():
+        try:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(files.image),
+                            str(spec.size)], check=True, capture_output=True,
+                           timeout=QEMU_IMG_TIMEOUT_S)
+        except (subprocess.SubprocessError, OSError) as exc:
+            files.image.unlink(missing_ok=True)
+            raise StateError(f"cannot create disk image {files.image}: {exc}") from None
+        os.chmod(files.image, 0o600)
+    libvirt = load_libvirt()
+    try:
+        domain.attachDeviceFlags(disk_xml(files.image, spec.name, target, None), AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise StateError(f"could not attach disk {spec.name} to {domain.name()}: {exc}"
+                         ) from None
+
+
+@dataclass(frozen=True)
+class GuestDiskKeys:
+    """What the host, as CryptoVM root, needs to prepare a node's guest-disk keys."""
+
+    call: Call  # CVM1 as root to the CryptoVM VM
+    reference_policy: str  # the node's (YAML)
+    registry_json: str  # the cluster's AK registry
+
+    def grant(self, node: str, disk: str) -> None:
+        """The key (created inside the CryptoVM on first use) and the node's account's
+        privileges for it; NotFound while the account does not exist yet (it is made at
+        the node's first attested contact, never by root)."""
+        ensure_disk_key(self.call, node, disk, self.reference_policy, self.registry_json)
+        key_id = disk_key_id(node, disk)
+        self.call("account_grant", name=node_account(node),
+                  privileges=[f"key:{key_id}:release", f"key:{key_id}:public"])
+
+
+def unlock_guest_disks(node_agent: AgentClient, cryptovm_agent: AgentClient, *, node: str,
+                       cryptovm: str, disks: Sequence[tuple[VmDiskFiles, DiskSpec]],
+                       keys: GuestDiskKeys, pcrs: Sequence[int]) -> list[DiskStatus]:
+    """Have ``node``'s guest unlock its (attached) guest-side disks with keys it fetches
+    from the CryptoVM guest over an attested channel; keep the bindings it made."""
+    def relay(with_disks: bool) -> ChannelOutcome:
+        request = {"op": "svd_unlock", "cryptovm": cryptovm, "node": node,
+                   "pcrs": sorted(pcrs), "disks": [_order(f, s) for f, s in disks]
+                   if with_disks else []}
+        outcome = relay_to_cryptovm(node_agent, cryptovm_agent, request, node_name=node,
+                                    cryptovm_name=cryptovm)
+        if not outcome.established:
+            why = outcome.client_view.get("error") or outcome.server_view.get("error") \
+                or outcome.server_view.get("refused") or "no answer"
+            raise StateError(f"guest disks of {node} not unlocked: {why}")
+        return outcome
+
+    try:
+        for _, spec in disks:
+            keys.grant(node, spec.name)
+    except NotFound:  # no attested contact yet: one empty channel makes the account
+        relay(with_disks=False)
+        for _, spec in disks:
+            keys.grant(node, spec.name)
+    answers = relay(with_disks=True).client_view.get("disks")
+    if not isinstance(answers, list) or len(answers) != len(disks):
+        raise StateError(f"guest disks of {node}: the guest's answer lists no disks")
+    refused = []
+    for (files, spec), answer in zip(disks, answers, strict=True):
+        _keep_binding(files, spec, answer)  # also when another disk was refused
+        if isinstance(answer, dict) and "error" in answer:
+            refused.append(f"disk {spec.name}: {str(answer['error'])[:300]}")
+    if refused:
+        raise StateError(f"guest disks of {node} not unlocked: {'; '.join(refused)}")
+    return [_status(spec) for _, spec in disks]
+
+
+def _order(files: VmDiskFiles, spec: DiskSpec) -> dict[str, Any]:
+    binding = DiskBinding.load(files.binding) if files.binding.is_file() else None
+    if binding is not None and (binding.node, binding.disk, binding.mode) != (
+            files.node, files.disk, "guest"):
+        raise DiskBindingError(f"{files.binding} binds {binding.mode} disk {binding.disk!r} "
+                               f"of node {binding.node!r}, not guest disk {files.disk!r}")
+    return {"name": spec.name, "binding": binding.to_doc() if binding else None}
+
+
+def _keep_binding(files: VmDiskFiles, spec: DiskSpec, answer: object) -> None:
+    """The binding a guest made on first use (public), checked before it is kept."""
+    if not isinstance(answer, dict) or answer.get("name") != spec.name:
+        raise StateError(f"guest disk {spec.name}: the guest answered another disk")
+    if "binding" not in answer:
+        return
+    binding = DiskBinding.from_doc(answer["binding"], f"the guest's binding of {spec.name}")
+    if (binding.node, binding.disk, binding.mode) != (files.node, files.disk, "guest"):
+        raise DiskBindingError(f"the guest's binding of {spec.name} names another disk")
+    binding.save(files.binding)
 
 
 # --- libvirt: the ephemeral secret and the hot-plug -----------------------------------------

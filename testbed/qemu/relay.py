@@ -36,7 +36,7 @@ from testbed.core.errors import StateError
 from trusted_passages.pki import CertificateAuthority, certify_public_key
 
 __all__ = ["ChannelOutcome", "HeldChannel", "RelayError", "configure_guest", "enroll_guest",
-           "hold_channel", "relay_channel"]
+           "hold_channel", "relay_channel", "relay_to_cryptovm"]
 
 RELAY_TIMEOUT_S = 120.0  # two quotes and two validations inside TCG guests
 RESULT_WAIT_S = 10.0
@@ -109,11 +109,18 @@ def enroll_guest(node: AgentClient, cryptovm: AgentClient, *, node_name: str,
     """Keyless TLS for ``node_name``'s guest: one attested channel to the CryptoVM guest
     (``tp_enroll`` spliced to ``cvm_attested``), on which the node's guest asks for a
     certificate for a key it made and checks it (testbed/qemu/guest/tp_extension.py)."""
+    return relay_to_cryptovm(node, cryptovm, {"op": "tp_enroll", "peer": cryptovm_name},
+                             node_name=node_name, cryptovm_name=cryptovm_name)
+
+
+def relay_to_cryptovm(node: AgentClient, cryptovm: AgentClient, request: dict[str, Any], *,
+                      node_name: str, cryptovm_name: str) -> ChannelOutcome:
+    """One attested channel from ``node_name``'s guest (its stream op ``request``, e.g.
+    ``tp_enroll`` or ``svd_unlock``) to the CryptoVM guest's ``cvm_attested``."""
     started = time.monotonic()
     server_sock, server_session = _open_stream(cryptovm, {"op": "cvm_attested"})
     try:
-        client_sock, client_session = _open_stream(node, {"op": "tp_enroll",
-                                                          "peer": cryptovm_name})
+        client_sock, client_session = _open_stream(node, request)
     except BaseException:
         server_sock.close()
         raise

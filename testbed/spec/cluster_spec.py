@@ -401,15 +401,11 @@ def _cluster(document: object, base: Path, backend_override: str | None = None) 
 
 
 def _check_disks(nodes: tuple[NodeSpec, ...], backend: str) -> None:
-    """Disks are keyed by the cluster's CryptoVM; a qemu VM has host-side disks only so
-    far (guest-side disks and the CryptoVM's store disk: sim backend)."""
+    """Disks are keyed by the cluster's CryptoVM; a qemu VM has host-side and guest-side
+    disks, the CryptoVM (node or VM) at most its store disk, sealed to its own TPM."""
     for i, node in enumerate(nodes):
         if not node.disks:
             continue
-        if backend != "sim" and node.role != "cryptovm" \
-                and any(d.mode != "host" for d in node.disks):
-            raise ClusterSpecError(f"nodes[{i}].disks: on the qemu backend only mode: host "
-                                   "disks of non-cryptovm nodes so far (docs/svd.md)")
         if backend != "sim" and node.role == "cryptovm" and node.disks[0].size < 32 << 20:
             raise ClusterSpecError(f"nodes[{i}].disks[0].size: the CryptoVM VM's store disk "
                                    "needs at least 32M (LUKS2's header takes 16M)")

@@ -155,6 +155,9 @@ class _Configured:
     registry: AkRegistry
     policies: dict[str, ReferencePolicy]
     keyless: dict[str, Any] | None = None  # the enrollment, once the CryptoVM certified
+    # The cluster-CA identity of tp_configure, kept after a keyless enrollment: the
+    # CryptoVM guest's own certificate is a cluster-CA one (guest-side disks use it).
+    bootstrap: ChannelConfig | None = None
 
 
 class GuestTrustedPassages:
@@ -210,7 +213,7 @@ class GuestTrustedPassages:
                                issuer=GuestIssuer(self._agent, node, sorted(pcrs)),
                                validator=validator, profile=PROFILE, timeout=TIMEOUT_S)
         with self._lock:
-            self._configured = _Configured(config, node, registry, policies)
+            self._configured = _Configured(config, node, registry, policies, bootstrap=config)
         return {"configured": True, "node": node}
 
     def result(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -319,6 +322,26 @@ class GuestTrustedPassages:
             channel = establish(conn, configured.config.connection("server"), TIMEOUT_S)
             try:
                 return serve(channel)
+            finally:
+                channel.close()
+        self._finish(session, run)
+
+    def client_channel(self, conn: socket.socket, peer: str,
+                       use: Callable[[AttestedChannel], dict[str, Any]]) -> None:
+        """The client side of one attested channel to ``peer`` (the CryptoVM guest) with the
+        cluster-CA identity, for another extension (guest-side disks): ``use`` it once the
+        peer's attestation passed; its summary is kept for ``tp_result``."""
+        configured = self._ready(conn)
+        if configured is None:
+            return
+        bootstrap = configured.bootstrap or configured.config
+        session = self._open_session(conn)
+
+        def run() -> dict[str, Any]:
+            config = bootstrap.with_expected_peer(peer)
+            channel = establish(conn, config.connection("client"), TIMEOUT_S)
+            try:
+                return use(channel)
             finally:
                 channel.close()
         self._finish(session, run)
