@@ -13,10 +13,14 @@ With ``--placement HOSTSxVMS`` (e.g. ``2x2``, goal <= 90 s under TCG; ``1x1`` on
 loaded machine) instead: VMs placed on attested hosts (fresh hosts: the image artifacts
 are copied), ``testbed up SPEC --backend qemu`` until every VM is attested, beside the
 same number of VMs on the local libvirt in the same run (the single-host baseline).
+Then the demo across hosts (``testbed demo --backend qemu --spec
+testbed/examples/two-hosts.yaml``: three VMs on two hosts brought up, channels both ways,
+the CryptoVM through SSH, down) beside the plain qemu demo (the same three VMs local),
+unless ``--no-demo``. ``--bridge/--subnet`` choose the lab network (default: a scratch one).
 The guest image comes from ``$TESTBED_IMAGE_CACHE`` (default /var/cache/trusted-testbed),
 built beforehand.
 
-Run: .venv/bin/python bench/bench_hosts.py [--rounds 10] [--placement 1x1]
+Run: .venv/bin/python bench/bench_hosts.py [--rounds 10] [--placement 2x2 [--no-demo]]
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def latencies(root: Path, rounds: int) -> dict[str, list[float]]:
 
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
+EXAMPLE = Path(__file__).resolve().parent.parent / "testbed" / "examples" / "two-hosts.yaml"
 
 
 def placement_spec(hosts: int, vms: int, placed: bool) -> str:
@@ -126,18 +131,33 @@ def up_attested(workdir: Path, spec: str) -> tuple[float, list[float]]:
     return seconds, [float(n.get("boot_seconds") or 0) for n in nodes]
 
 
-def placement(hosts: int, vms: int) -> int:
+def demo(workdir: Path, *spec: str) -> float:
+    """Wall time of one `testbed demo --backend qemu` (brought up, demo, down)."""
+    started = time.perf_counter()
+    r = cli(workdir, "demo", "--backend", "qemu", *spec, "--json")
+    seconds = time.perf_counter() - started
+    if r.returncode != 0:
+        raise SystemExit(f"demo {' '.join(spec)} failed ({r.returncode}): "
+                         f"{(r.stderr or r.stdout).strip()[-800:]}")
+    return seconds
+
+
+def placement(hosts: int, vms: int, network: tuple[str, str] | None, with_demo: bool) -> int:
     (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="bench-placement-"))
+    demo_s: dict[str, float] = {}
     try:
-        bridge, subnet = scratch_network("tbb")
-        hosts_s = timed(lambda: check(lifecycle.up(root, hosts, bridge=bridge, subnet=subnet)))
+        bridge, subnet = network or scratch_network("tbb")
+        hosts_s = timed(lambda: check(lifecycle.up(root, max(hosts, 2 if with_demo else 1),
+                                                   bridge=bridge, subnet=subnet)))
         placed_s, placed_boot = up_attested(root, placement_spec(hosts, vms, placed=True))
-        placed_down = timed(lambda: cli(root, "down"))
-        lifecycle.down(root)
+        placed_down = timed(lambda: cli(root, "down", "--purge"))
         local_s, local_boot = up_attested(root, placement_spec(hosts, vms, placed=False))
         cli(root, "down", "--purge")
+        if with_demo:
+            demo_s["hosts"] = demo(root, "--spec", str(EXAMPLE))
+            demo_s["local"] = demo(root)
     finally:
         cli(root, "down", "--purge")
         lifecycle.down(root)
@@ -145,12 +165,16 @@ def placement(hosts: int, vms: int) -> int:
     load_after = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores; load average before {load_before[0]:.2f}, "
           f"after {load_after[0]:.2f} (1 min); TCG")
-    print(f"{hosts} host(s) up + attested: {hosts_s:.1f} s (not in the figures below)")
+    print(f"hosts up + attested: {hosts_s:.1f} s (not in the figures below)")
     print(f"{hosts} host(s) x {vms} VM(s) placed, up + attested: {placed_s:.1f} s (artifacts "
           f"copied to fresh hosts); VM boot "
           f"{', '.join(f'{b:.1f}' for b in placed_boot)} s; down {placed_down:.1f} s")
     print(f"the same {hosts * vms} VM(s) on the local libvirt (baseline): {local_s:.1f} s; "
           f"VM boot {', '.join(f'{b:.1f}' for b in local_boot)} s")
+    if demo_s:
+        print(f"demo across hosts (two-hosts.yaml: 3 VMs on 2 hosts, up to down): "
+              f"{demo_s['hosts']:.1f} s; the plain qemu demo (3 local VMs): "
+              f"{demo_s['local']:.1f} s")
     return 0
 
 
@@ -159,10 +183,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--placement", metavar="HOSTSxVMS",
                         help="VMs placed on hosts (e.g. 2x2) beside the same VMs local")
+    parser.add_argument("--no-demo", action="store_true",
+                        help="with --placement: skip the demo across hosts and its baseline")
+    parser.add_argument("--bridge", help="the lab bridge (with --subnet; default: scratch)")
+    parser.add_argument("--subnet", help="the lab subnet, e.g. 10.213.12.0/24")
     args = parser.parse_args()
+    if bool(args.bridge) != bool(args.subnet):
+        parser.error("--bridge and --subnet go together")
     if args.placement:
         hosts, _, vms = args.placement.partition("x")
-        return placement(int(hosts), int(vms))
+        network = (args.bridge, args.subnet) if args.bridge else None
+        return placement(int(hosts), int(vms), network, not args.no_demo)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         root = Path(tmp)
