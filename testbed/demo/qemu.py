@@ -18,8 +18,9 @@ With ``--spec SPEC`` (:func:`run_spec_demo`) the cluster is the spec's, in the u
 work directory, and may place its VMs on the lab's hosts (docs/hosts.md): the same steps
 across the hosts (the channel records relayed by the lab over each VM's SSH relay, the
 CryptoVM reached through SSH). A cluster of that spec that is already up is used as it
-is (each VM attested afresh instead of brought up) and left up; one the demo brought up
-is taken down (its state kept, as `testbed down`) unless ``--keep``.
+is (each VM attested afresh instead of brought up) and left up; one that was partly up
+(a node with a VM) is brought up and left up; one the demo brought up from nothing is
+taken down (its state kept, as `testbed down`) unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -123,8 +124,10 @@ def run_spec_demo(workdir: Path, spec_path: Path, json_output: bool = False, *,
     backend = QemuBackend(paths)
     _searchable_by_qemu(workdir)
     reused = _running_as_spec(backend, spec)
+    # A cluster of the spec that was there, even partly, is the user's: left up after.
+    leave_up = keep or reused or any(paths.node(n).vm.is_file() for n in paths.node_names())
     cryptovms = sum(n.role == "cryptovm" for n in spec.nodes)
-    progress = Progress(total=2 + len(CHANNELS) + cryptovms + (not reused and not keep),
+    progress = Progress(total=2 + len(CHANNELS) + cryptovms + (not leave_up),
                         quiet=json_output)
     summary: dict[str, Any] = {"backend": "qemu", "cluster": spec.name,
                                "nodes": [n.name for n in spec.nodes],
@@ -140,13 +143,13 @@ def run_spec_demo(workdir: Path, spec_path: Path, json_output: bool = False, *,
             _bring_up(backend, spec, summary, progress)
         _demo_steps(backend, spec, summary, progress)
     finally:
-        if not keep and not reused:
+        if not leave_up:
             with progress.step("tearing down (no domain, QEMU or swtpm may be left, here "
                                "or on the hosts)"):
                 torn = backend.down(purge=False)
             summary["teardown_clean"] = not torn.leftovers
         backend.close()
-    return _report(summary, started, json_output, keep or reused, cryptovm=bool(cryptovms))
+    return _report(summary, started, json_output, leave_up, cryptovm=bool(cryptovms))
 
 
 def _bring_up(backend: QemuBackend, spec: ClusterSpec, summary: dict[str, Any],
