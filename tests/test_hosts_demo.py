@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
@@ -35,7 +38,7 @@ from testbed.hosts import lifecycle
 from testbed.hosts.layout import HostsError
 from testbed.hosts.placement import forward_to_host
 from testbed.qemu.backend import QemuBackend
-from testbed.qemu.network import Capture, bridge_name, load_members
+from testbed.qemu.network import Capture, bridge_name, load_members, segment_port
 from testbed.roles.cryptovm import PublishedCryptoVm, cryptovm_endpoint
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
@@ -217,3 +220,15 @@ def test_demo_spec_usage_and_bad_values(tmp_path: Path) -> None:
         "lab_host": ["host1"]}))
     with pytest.raises(StateError, match="damaged"):
         PublishedCryptoVm.load(damaged, "cvm")
+
+
+@given(st.from_regex(r"[a-z][a-z0-9-]{0,29}", fullmatch=True))
+@settings(max_examples=50, deadline=None)
+def test_segment_ports_fit_and_differ_per_host(cluster: str) -> None:
+    paths = ClusterPaths(Path("/tmp/w"), cluster)
+    ports = [segment_port(paths, f"host{n}") for n in range(1, 17)]
+    assert len({p.vni for p in ports}) == 16 and all(0 < p.vni < 1 << 24 for p in ports)
+    assert len({p.lab_device for p in ports}) == 16
+    for port in ports:  # interface names: at most 15 characters, what the hosts accept
+        for name in (port.lab_device, port.host_device, bridge_name(paths)):
+            assert len(name) <= 15 and re.fullmatch(r"tb[a-z0-9]{1,13}", name), name
