@@ -20,7 +20,8 @@ unless ``--no-demo``. ``--bridge/--subnet`` choose the lab network (default: a s
 The guest image comes from ``$TESTBED_IMAGE_CACHE`` (default /var/cache/trusted-testbed),
 built beforehand.
 
-Run: .venv/bin/python bench/bench_hosts.py [--rounds 10] [--placement 2x2 [--no-demo]]
+Run: .venv/bin/python bench/bench_hosts.py [--rounds 10]
+     [--placement 2x2 [--baseline VMS] [--no-demo] [--bridge B --subnet S]]
 """
 
 from __future__ import annotations
@@ -118,6 +119,20 @@ def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                            *args], capture_output=True, text=True, env=env, check=False)
 
 
+class FigureFailed(Exception):
+    """One figure could not be measured (said in its place; the others go on)."""
+
+
+def attempt(label: str, measure: Callable[[], str]) -> bool:
+    """Print ``label: measure()``, or why it failed, as soon as it is known."""
+    try:
+        print(f"{label}: {measure()}; load now {os.getloadavg()[0]:.2f}", flush=True)
+    except FigureFailed as exc:
+        print(f"{label}: FAILED: {exc}", flush=True)
+        return False
+    return True
+
+
 def up_attested(workdir: Path, spec: str) -> tuple[float, list[float], str]:
     """Wall time of `testbed up` until every VM is attested, each VM's boot time, and a
     note: a VM that did not come up in time (TCG on a loaded machine) gets one more `up`
@@ -132,7 +147,7 @@ def up_attested(workdir: Path, spec: str) -> tuple[float, list[float], str]:
         r = cli(workdir, "up", str(path), "--json")
     seconds = time.perf_counter() - started
     if r.returncode != 0:
-        raise SystemExit(f"up failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+        raise FigureFailed(f"up failed ({r.returncode}): {r.stderr.strip()[-300:]}")
     nodes = json.loads(r.stdout)["nodes"]
     return seconds, [float(n.get("boot_seconds") or 0) for n in nodes], note
 
@@ -143,41 +158,43 @@ def demo(workdir: Path, *spec: str) -> float:
     r = cli(workdir, "demo", "--backend", "qemu", *spec, "--json")
     seconds = time.perf_counter() - started
     if r.returncode != 0:
-        raise SystemExit(f"demo {' '.join(spec)} failed ({r.returncode}): "
-                         f"{(r.stderr or r.stdout).strip()[-800:]}")
+        raise FigureFailed(f"demo {' '.join(spec)} failed ({r.returncode}): "
+                           f"{(r.stderr or r.stdout).strip()[-300:]}")
     return seconds
 
 
-def placement(hosts: int, vms: int, network: tuple[str, str] | None, with_demo: bool) -> int:
-    """Each figure printed as soon as it is measured (a later failure keeps it)."""
+def placement(hosts: int, vms: int, network: tuple[str, str] | None, with_demo: bool,
+              baseline: int) -> int:
+    """Each figure printed as soon as it is measured (a failed one says why)."""
     (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} cores; load average at the start {load[0]:.2f} "
           "(1 min); TCG", flush=True)
     root = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="bench-placement-"))
+
+    def up_down(placed: bool, count_hosts: int, count_vms: int) -> str:
+        seconds, boot, note = up_attested(root, placement_spec(count_hosts, count_vms, placed))
+        down = timed(lambda: cli(root, "down", "--purge"))
+        return (f"{seconds:.1f} s{note}; VM boot {', '.join(f'{b:.1f}' for b in boot)} s; "
+                f"down {down:.1f} s")
+
     try:
         bridge, subnet = network or scratch_network("tbb")
         hosts_s = timed(lambda: check(lifecycle.up(root, max(hosts, 2 if with_demo else 1),
                                                    bridge=bridge, subnet=subnet)))
         print(f"hosts up + attested: {hosts_s:.1f} s (not in the figures below)", flush=True)
-        placed_s, boot, note = up_attested(root, placement_spec(hosts, vms, placed=True))
-        placed_down = timed(lambda: cli(root, "down", "--purge"))
-        print(f"{hosts} host(s) x {vms} VM(s) placed, up + attested: {placed_s:.1f} s"
-              f"{note} (artifacts copied to fresh hosts); VM boot "
-              f"{', '.join(f'{b:.1f}' for b in boot)} s; down {placed_down:.1f} s; "
-              f"load now {os.getloadavg()[0]:.2f}", flush=True)
-        local_s, boot, note = up_attested(root, placement_spec(hosts, vms, placed=False))
-        cli(root, "down", "--purge")
-        print(f"the same {hosts * vms} VM(s) on the local libvirt (baseline): {local_s:.1f} s"
-              f"{note}; VM boot {', '.join(f'{b:.1f}' for b in boot)} s; "
-              f"load now {os.getloadavg()[0]:.2f}", flush=True)
+        attempt(f"{hosts} host(s) x {vms} VM(s) placed, up + attested (artifacts copied to "
+                "fresh hosts)", lambda: up_down(True, hosts, vms))
+        if not attempt(f"{baseline} VM(s) on the local libvirt, up + attested (baseline)",
+                       lambda: up_down(False, 1, baseline)) and baseline > 1:
+            cli(root, "down", "--purge")
+            attempt("1 VM on the local libvirt, up + attested (the smaller baseline)",
+                    lambda: up_down(False, 1, 1))
         if with_demo:
-            across = demo(root, "--spec", str(EXAMPLE))
-            print(f"demo across hosts (two-hosts.yaml: 3 VMs on 2 hosts, up to down): "
-                  f"{across:.1f} s; load now {os.getloadavg()[0]:.2f}", flush=True)
-            local = demo(root)
-            print(f"the plain qemu demo (the same 3 VMs local, up to down): {local:.1f} s; "
-                  f"load now {os.getloadavg()[0]:.2f}", flush=True)
+            attempt("demo across hosts (two-hosts.yaml: 3 VMs on 2 hosts, up to down)",
+                    lambda: f"{demo(root, '--spec', str(EXAMPLE)):.1f} s")
+            attempt("the plain qemu demo (3 local VMs, up to down)",
+                    lambda: f"{demo(root):.1f} s")
     finally:
         cli(root, "down", "--purge")
         lifecycle.down(root)
@@ -192,6 +209,9 @@ def main() -> int:
                         help="VMs placed on hosts (e.g. 2x2) beside the same VMs local")
     parser.add_argument("--no-demo", action="store_true",
                         help="with --placement: skip the demo across hosts and its baseline")
+    parser.add_argument("--baseline", type=int, metavar="VMS",
+                        help="with --placement: how many local VMs the baseline has "
+                             "(default: as many as placed)")
     parser.add_argument("--bridge", help="the lab bridge (with --subnet; default: scratch)")
     parser.add_argument("--subnet", help="the lab subnet, e.g. 10.213.12.0/24")
     args = parser.parse_args()
@@ -200,7 +220,8 @@ def main() -> int:
     if args.placement:
         hosts, _, vms = args.placement.partition("x")
         network = (args.bridge, args.subnet) if args.bridge else None
-        return placement(int(hosts), int(vms), network, not args.no_demo)
+        return placement(int(hosts), int(vms), network, not args.no_demo,
+                         args.baseline or int(hosts) * int(vms))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         root = Path(tmp)
