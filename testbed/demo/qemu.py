@@ -155,7 +155,8 @@ def run_spec_demo(workdir: Path, spec_path: Path, json_output: bool = False, *,
 def _bring_up(backend: QemuBackend, spec: ClusterSpec, summary: dict[str, Any],
               progress: Progress) -> None:
     placed = sorted({n.host for n in spec.nodes if n.host})
-    where = f" (on {', '.join(placed)} and here)" if placed else ""
+    here = " and here" if any(n.host is None for n in spec.nodes) else ""
+    where = f" (on {', '.join(placed)}{here})" if placed else ""
     with progress.step(f"bringing up {len(spec.nodes)} VMs in parallel{where} (OVMF "
                        "measured boot, vTPM, AK activation, attestation against predicted "
                        "policies)"):
