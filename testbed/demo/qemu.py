@@ -13,6 +13,14 @@
    the demo generates a key in it, signs, and verifies the key attestation (a quote by
    the VM's AK over the key) on the host against the VM's predicted policy;
 5. tear down: no domain, QEMU, swtpm or daemon of the demo left.
+
+With ``--spec SPEC`` (:func:`run_spec_demo`) the cluster is the spec's, in the user's
+work directory, and may place its VMs on the lab's hosts (docs/hosts.md): the same steps
+across the hosts (the channel records relayed by the lab over each VM's SSH relay, the
+CryptoVM reached through SSH). A cluster of that spec that is already up is used as it
+is (each VM attested afresh instead of brought up) and left up; one that was partly up
+(a node with a VM) is brought up and left up; one the demo brought up from nothing is
+taken down (its state kept, as `testbed down`) unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from attestation.errors import TestbedError
 from attestation.verifier import QuoteVerifier
 from cryptovm.keyattest import KeyAttestation, verify_key_attestation
 from testbed.cluster import lifecycle
 from testbed.cluster.state import load_node_policy, load_registry, load_spec
+from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.core.progress import Progress
 from testbed.qemu.backend import QemuBackend
@@ -38,9 +48,9 @@ from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.relay import ChannelOutcome, configure_guest, relay_channel
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.roles.trust import cluster_tls_ca
-from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
+from testbed.spec.cluster_spec import ClusterSpec, default_spec_path, load_cluster_spec
 
-__all__ = ["TP_ROLES", "configure_cluster_guests", "run_qemu_demo"]
+__all__ = ["TP_ROLES", "configure_cluster_guests", "run_qemu_demo", "run_spec_demo"]
 
 EXAMPLE = "qemu-cluster.yaml"
 TP_ROLES = ("server", "client")
@@ -74,7 +84,10 @@ def guest_channel(backend: QemuBackend, client: str, server: str, message: str
                          server_node=server, message=message)
 
 
-def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = False) -> int:
+def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = False,
+                  spec_path: Path | None = None) -> int:
+    if spec_path is not None:
+        return run_spec_demo(workdir, spec_path, json_output, keep=keep)
     started = time.monotonic()
     root = workdir / "demo-qemu"  # its own work dir: the user's clusters are never touched
     spec = load_cluster_spec(default_spec_path().parent / EXAMPLE)
@@ -85,28 +98,8 @@ def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = Fals
     summary: dict[str, Any] = {"backend": "qemu", "cluster": spec.name,
                                "nodes": [n.name for n in spec.nodes]}
     try:
-        with progress.step(f"bringing up {len(spec.nodes)} VMs in parallel (OVMF measured "
-                           "boot, vTPM, AK activation, attestation against predicted "
-                           "policies)"):
-            try:
-                result = lifecycle.up(backend, spec, Progress(quiet=True))
-            finally:
-                backend.close()
-        summary["up"] = result.to_dict()
-        summary["up_ok"] = result.ok and not result.rejected
-        tp_nodes = [n.name for n in spec.nodes if n.role in TP_ROLES]
-        with progress.step("TLS keys generated inside the guests, certified by the cluster "
-                           "CA; trust anchors delivered"):
-            summary["certificates"] = configure_cluster_guests(backend, tp_nodes)
-        summary["channels"] = []
-        for client, server in CHANNELS:
-            with progress.step(f"attested channel {client} -> {server} (inside the VMs)"):
-                summary["channels"].append(_channel(backend, client, server))
-        cryptovms = [n.name for n in spec.nodes if n.role == "cryptovm"]
-        for node in cryptovms:
-            with progress.step(f"CryptoVM in VM {node}: a key generated inside, used, and "
-                               "attested by the VM's vTPM"):
-                summary["cryptovm"] = _cryptovm(paths, node)
+        _bring_up(backend, spec, summary, progress)
+        _demo_steps(backend, spec, summary, progress)
     finally:
         if not keep:
             with progress.step("tearing down (no domain, QEMU or swtpm may be left)"):
@@ -114,11 +107,133 @@ def run_qemu_demo(workdir: Path, json_output: bool = False, *, keep: bool = Fals
             summary["teardown_clean"] = not torn.leftovers
             if not torn.leftovers:
                 shutil.rmtree(root, ignore_errors=True)
+    return _report(summary, started, json_output, keep, cryptovm=True)
+
+
+def run_spec_demo(workdir: Path, spec_path: Path, json_output: bool = False, *,
+                  keep: bool = False) -> int:
+    """The demo on ``spec_path``'s cluster in ``workdir`` (placement-aware), which must
+    have a server and a client node; a cryptovm node adds the CryptoVM step."""
+    started = time.monotonic()
+    spec = load_cluster_spec(spec_path, "qemu")
+    roles = {n.role for n in spec.nodes}
+    if not set(TP_ROLES) <= roles:
+        raise ArgumentError(f"{spec_path}: the demo needs a node of role server and one of "
+                            f"role client (it has {', '.join(sorted(roles))})")
+    paths = ClusterPaths(workdir, spec.name)
+    backend = QemuBackend(paths)
+    _searchable_by_qemu(workdir)
+    reused = _running_as_spec(backend, spec)
+    # A cluster of the spec that was there, even partly, is the user's: left up after.
+    leave_up = keep or reused or any(paths.node(n).vm.is_file() for n in paths.node_names())
+    cryptovms = sum(n.role == "cryptovm" for n in spec.nodes)
+    progress = Progress(total=2 + len(CHANNELS) + cryptovms + (not leave_up),
+                        quiet=json_output)
+    summary: dict[str, Any] = {"backend": "qemu", "cluster": spec.name,
+                               "nodes": [n.name for n in spec.nodes],
+                               "hosts": {n.name: n.host for n in spec.nodes},
+                               "reused": reused}
+    try:
+        if reused:
+            with progress.step(f"cluster {spec.name} is up: each VM attested afresh "
+                               "(used as it is, left up)"):
+                summary["up"] = _attest_all(backend, spec)
+            summary["up_ok"] = summary["up"]["ok"]
+        else:
+            _bring_up(backend, spec, summary, progress)
+        _demo_steps(backend, spec, summary, progress)
+    finally:
+        if not leave_up:
+            with progress.step("tearing down (no domain, QEMU or swtpm may be left, here "
+                               "or on the hosts)"):
+                torn = backend.down(purge=False)
+            summary["teardown_clean"] = not torn.leftovers
+        backend.close()
+    return _report(summary, started, json_output, leave_up, cryptovm=bool(cryptovms))
+
+
+def _bring_up(backend: QemuBackend, spec: ClusterSpec, summary: dict[str, Any],
+              progress: Progress) -> None:
+    placed = sorted({n.host for n in spec.nodes if n.host})
+    here = " and here" if any(n.host is None for n in spec.nodes) else ""
+    where = f" (on {', '.join(placed)}{here})" if placed else ""
+    with progress.step(f"bringing up {len(spec.nodes)} VMs in parallel{where} (OVMF "
+                       "measured boot, vTPM, AK activation, attestation against predicted "
+                       "policies)"):
+        try:
+            result = lifecycle.up(backend, spec, Progress(quiet=True))
+        finally:
+            backend.close()
+    summary["up"] = result.to_dict()
+    summary["up_ok"] = result.ok and not result.rejected
+
+
+def _demo_steps(backend: QemuBackend, spec: ClusterSpec, summary: dict[str, Any],
+                progress: Progress) -> None:
+    """TLS keys certified, attested channels both ways, the CryptoVM (if any)."""
+    by_role = {n.role: n.name for n in reversed(spec.nodes)}  # the first node of each role
+    tp_nodes = [n.name for n in spec.nodes if n.role in TP_ROLES]
+    with progress.step("TLS keys generated inside the guests, certified by the cluster "
+                       "CA; trust anchors delivered"):
+        summary["certificates"] = configure_cluster_guests(backend, tp_nodes)
+    summary["channels"] = []
+    for client_role, server_role in CHANNELS:
+        client, server = by_role[client_role], by_role[server_role]
+        with progress.step(f"attested channel {client} -> {server} (inside the VMs)"):
+            summary["channels"].append(_channel(backend, client, server))
+    cryptovms = [n.name for n in spec.nodes if n.role == "cryptovm"]
+    for node in cryptovms:
+        with progress.step(f"CryptoVM in VM {node}: a key generated inside, used, and "
+                           "attested by the VM's vTPM"):
+            summary["cryptovm"] = _cryptovm(backend.paths, node)
+
+
+def _running_as_spec(backend: QemuBackend, spec: ClusterSpec) -> bool:
+    """Whether ``spec``'s cluster is up as the spec says: the same nodes (each on its
+    host), every VM running with its agent answering."""
+    paths = backend.paths
+    if not paths.spec.is_file():
+        return False
+    try:
+        current = load_spec(paths)
+        rows = {s.name: s for s in backend.status()}
+    except TestbedError:
+        return False
+    finally:
+        backend.close()
+    same = {(n.name, n.role, n.host) for n in current.nodes} == \
+        {(n.name, n.role, n.host) for n in spec.nodes}
+    return same and all(n.name in rows and rows[n.name].state == "running"
+                        and rows[n.name].agent == "answering" for n in spec.nodes)
+
+
+def _attest_all(backend: QemuBackend, spec: ClusterSpec) -> dict[str, Any]:
+    """A fresh attestation of each running VM, in the shape of ``up``'s nodes."""
+    nodes = []
+    for node in spec.nodes:
+        try:
+            result = lifecycle.attest(backend, node.name)
+            record = result.record()
+            nodes.append({"name": node.name, "role": node.role, "host": node.host,
+                          "action": "kept", "attested": record.ok,
+                          "detail": record.detail})
+        except TestbedError as exc:
+            nodes.append({"name": node.name, "role": node.role, "host": node.host,
+                          "action": "kept", "attested": False, "detail": str(exc)})
+    backend.close()
+    ok = all(n["attested"] for n in nodes)
+    return {"ok": ok, "backend": "qemu", "cluster": spec.name,
+            "directory": str(backend.paths.root), "all_attested": ok, "rejected": [],
+            "nodes": nodes}
+
+
+def _report(summary: dict[str, Any], started: float, json_output: bool, kept: bool, *,
+            cryptovm: bool) -> int:
     summary["seconds"] = round(time.monotonic() - started, 1)
     summary["ok"] = bool(summary.get("up_ok") and summary.get("channels")
                          and all(c["established"] for c in summary["channels"])
-                         and summary.get("cryptovm", {}).get("ok")
-                         and summary.get("teardown_clean", keep))
+                         and (not cryptovm or summary.get("cryptovm", {}).get("ok"))
+                         and summary.get("teardown_clean", kept))
     if json_output:
         print(json.dumps(summary, indent=2))
     else:

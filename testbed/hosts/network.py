@@ -1,6 +1,14 @@
 """The lab network: one bridge in the machine's own namespace, one network namespace per
 host joined to it by a veth pair. Everything through ``ip`` (iproute2).
 
+Over it, the VM network of a cluster whose VMs are placed on hosts (docs/hosts.md, "The
+VM network across hosts"): the cluster's VM bridge on the lab (``tblab<tag>``) gets one
+VXLAN port per host (:func:`add_segment_port`, a VNI of its own per host and cluster),
+whose other end is in that host's namespace on a bridge of the same name that the
+placed VMs' lab NICs join (:meth:`testbed.hosts.placement.PlacedHost.join_vm_segment`):
+one layer-2 segment, a star through the lab's bridge (which forwards between its
+ports; a VXLAN device never forwards back out of itself).
+
 The lab never touches an interface or namespace it did not make: a bridge that exists
 before ``up`` and is not recorded as ours is refused, and so is a subnet that already
 has an address on another interface of this machine.
@@ -17,10 +25,13 @@ from pathlib import Path
 from testbed.hosts.layout import HostsError
 
 __all__ = [
+    "VXLAN_PORT",
     "add_bridge",
     "add_host_link",
+    "add_segment_port",
     "bridge_exists",
     "delete_link",
+    "delete_links",
     "delete_netns",
     "netns_exists",
     "netns_pids",
@@ -29,6 +40,7 @@ __all__ = [
 ]
 
 IP_TIMEOUT_S = 15.0
+VXLAN_PORT = 4789  # IANA's; the kernel shares one UDP socket among the VNIs
 _SYS_NET = Path("/sys/class/net")
 _NETNS_DIR = Path("/run/netns")
 
@@ -117,3 +129,22 @@ def delete_netns(name: str) -> bool:
         return False
     _ip("netns", "del", name)
     return True
+
+
+def add_segment_port(device: str, vni: int, local: str, remote: str, underlay: str,
+                     bridge: str) -> None:
+    """The lab's end of a host's part of a VM segment: ``device``, a VXLAN (``vni``) from
+    ``local`` to ``remote`` over ``underlay`` (the lab bridge), a port of ``bridge``
+    (made again if it exists: the host may have another address now)."""
+    delete_link(device)
+    _ip("link", "add", device, "type", "vxlan", "id", str(vni), "local", local,
+        "remote", remote, "dstport", str(VXLAN_PORT), "dev", underlay)
+    with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as knob:
+        knob.write("1\n")  # the lab speaks nothing on the VM segment
+    _ip("link", "set", device, "master", bridge, "up")
+
+
+def delete_links(prefix: str) -> list[str]:
+    """Every link whose name starts with ``prefix`` (this cluster's segment ports)."""
+    gone = [p.name for p in sorted(_SYS_NET.glob(f"{prefix}*")) if delete_link(p.name)]
+    return gone

@@ -16,8 +16,16 @@ domain there over ``qemu+ssh``:
    intermediate CA (deep attestation, :func:`testbed.hosts.deep.issue_vtpm_ek_certificate`:
    the key signs in the host TPM) for the request the host's :mod:`testbed.hosts.vtpm_tool`
    makes, checked by the lab first (:func:`testbed.hosts.ekcert.parse_ek_request`).
-4. :meth:`PlacedHost.remove_vm`: after the domain is undefined, its run directory and
+4. :meth:`PlacedHost.join_vm_segment`: the host's end of the cluster's VM network (a
+   bridge the VMs' lab NICs join, a VXLAN to the lab's VM bridge; no address on either:
+   the host takes no part).
+5. :meth:`PlacedHost.remove_vm`: after the domain is undefined, its run directory and
    vTPM state go; the artifacts stay (by digest: the next VM of that image reuses them).
+
+And, once the VMs run, :func:`forward_to_host`: a placed VM's role service (the
+CryptoVM's CVM1 port, forwarded to its host's loopback) reached from the lab through a
+one-connection listener on the lab's loopback and an SSH relay (registered with
+:func:`testbed.roles.cryptovm.register_host_forward`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import posixpath
+import re
 import shlex
 import sys
 import time
@@ -46,13 +55,23 @@ from testbed.hosts.deep import (
 )
 from testbed.hosts.ekcert import MAX_REQUEST_BYTES, EkRequest, parse_ek_request
 from testbed.hosts.layout import HostRecord, HostsError, LabPaths, LabState
-from testbed.hosts.remote import HostUnreachable, SshSession, agent_client, libvirt_uri
+from testbed.hosts.network import VXLAN_PORT
+from testbed.hosts.remote import (
+    HostUnreachable,
+    SshSession,
+    SshTcpTransport,
+    agent_client,
+    forward_once,
+    libvirt_uri,
+)
 from testbed.hosts.vtpm_tool import REFUSED, REQUEST, RESPONSE
+from testbed.roles.cryptovm import register_host_forward
 
 __all__ = [
     "HOST_STATE",
     "HostNotTrusted",
     "PlacedHost",
+    "forward_to_host",
     "require_trusted",
 ]
 
@@ -303,9 +322,57 @@ class PlacedHost:
         return issue_vtpm_ek_certificate(self.lab, self.name, ek, node=node, identity=identity,
                                          agent=agent_client(self.session, self.name))
 
+    # --- the VM network across hosts -----------------------------------------------------
+
+    def join_vm_segment(self, bridge: str, device: str, vni: int, lab_address: str) -> None:
+        """On the host: ``bridge`` (the VMs' lab NICs join it) with ``device``, a VXLAN
+        (``vni``) to the lab's end at ``lab_address``, as its one uplink; made again if
+        either exists. One SSH command."""
+        _check_link_names(self.name, bridge, device)
+        link = ["link", "add", device, "type", "vxlan", "id", str(vni), "local", self.address,
+                "remote", lab_address, "dstport", str(VXLAN_PORT), "dev", "eth0"]
+        script = "\n".join([
+            f"ip link del {device} 2>/dev/null || true",
+            f"{{ [ -e /sys/class/net/{bridge} ] || ip link add {bridge} type bridge; }}",
+            f"echo 1 > /proc/sys/net/ipv6/conf/{bridge}/disable_ipv6",
+            f"ip link set {bridge} up",
+            "ip " + shlex.join(link),
+            f"echo 1 > /proc/sys/net/ipv6/conf/{device}/disable_ipv6",
+            f"ip link set {device} master {bridge} up",
+        ])
+        self.run(["sh", "-ec", script])
+
+    def leave_vm_segment(self, bridge: str, device: str) -> None:
+        """The host's end of the segment removed (nothing of it is left on the host)."""
+        _check_link_names(self.name, bridge, device)
+        self.run(["sh", "-c", f"ip link del {device} 2>/dev/null; "
+                              f"ip link del {bridge} 2>/dev/null; true"])
+
     def remove_vm(self, domain: str, vm_uuid: str) -> None:
         """A VM's run directory (console log, NVRAM) and vTPM state on the host."""
         if "/" in domain or not domain or "/" in vm_uuid or not vm_uuid:
             raise HostsError(f"{self.name}: refusing to remove {domain!r}/{vm_uuid!r}")
         self.run(["rm", "-rf", posixpath.join(VMS, domain),
                   posixpath.join(SWTPM_STORAGE, vm_uuid)])
+
+
+def _check_link_names(host: str, *names: str) -> None:
+    """Interface names go into a shell command on the host: only what the lab makes."""
+    for name in names:
+        if not re.fullmatch(r"tb[a-z0-9]{1,13}", name):
+            raise HostsError(f"{host}: refusing the interface name {name!r}")
+
+
+def forward_to_host(workdir: Path, host: str, port: int) -> tuple[str, int]:
+    """An address on the lab's loopback for one connection to ``port`` on ``host``'s
+    loopback, over an SSH session of its own (closed when that connection ends)."""
+    lab = LabPaths(workdir)
+    state = LabState.load(lab)
+    if state is None or host not in state.hosts:
+        raise HostsError(f"{host} is not in the hosts lab of {workdir} any more "
+                         "(`testbed hosts status`)")
+    session = SshSession(state.hosts[host].address, lab)
+    return forward_once(SshTcpTransport(session, port), on_close=session.close)
+
+
+register_host_forward(forward_to_host)

@@ -14,11 +14,14 @@ inside the host.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import select
 import shlex
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import quote, urlencode
@@ -36,6 +39,7 @@ __all__ = [
     "SshAgentTransport",
     "SshSession",
     "SshTcpTransport",
+    "forward_once",
     "libvirt_uri",
     "libvirt_version",
 ]
@@ -217,14 +221,18 @@ class SshAgentTransport:
 _RELAY = """\
 import os, select, socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), 10)
+s.settimeout(None)
 i, o = sys.stdin.fileno(), sys.stdout.fileno()
+reading = [i, s]
 while True:
-    ready = select.select([i, s], [], [])[0]
+    ready = select.select(reading, [], [])[0]
     if i in ready:
         data = os.read(i, 65536)
-        if not data:
-            break
-        s.sendall(data)
+        if data:
+            s.sendall(data)
+        else:
+            reading.remove(i)
+            s.shutdown(socket.SHUT_WR)
     if s in ready:
         data = s.recv(65536)
         if not data:
@@ -232,31 +240,8 @@ while True:
         while data:
             data = data[os.write(o, data):]
 """
-
-
-class ChannelSocket:
-    """An SSH channel used as a one-request socket: ``with`` closes it."""
-
-    def __init__(self, channel: paramiko.Channel) -> None:
-        self.channel = channel
-
-    def __enter__(self) -> ChannelSocket:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.channel.close()
-
-    def sendall(self, data: bytes) -> None:
-        self.channel.sendall(data)
-
-    def recv(self, size: int) -> bytes:
-        return self.channel.recv(size)
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.channel.settimeout(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
+# (stdin's end is passed on as a half-close: the service may still answer; the relay
+# ends with the service's end.)
 
     # What a relay splicing two streams uses (testbed.qemu.relay: a placed VM's channel).
     def fileno(self) -> int:
@@ -280,21 +265,136 @@ class SshTcpTransport:
     """An :class:`~testbed.cluster.agent.AgentTransport` to a TCP port on a host's
     loopback (a placed VM's guest agent, forwarded there by QEMU): each connection is an
     SSH ``exec`` channel running a relay on the host. Nothing of the VM listens on the
-    lab network; the lab key is the only way in."""
+    lab network; the lab key is the only way in. What the caller gets is one end of a
+    TCP socket pair on the lab's loopback whose other end a thread copies to and from
+    the channel: a real TCP socket (timeouts, TCP_NODELAY, non-blocking use, selectors:
+    the host's relay of Trusted Passages records between two guests splices two of
+    them), reachable by no other process."""
 
     session: SshSession
     port: int
 
-    def connect(self, timeout: float) -> socket.socket:
+    def open_channel(self, timeout: float) -> paramiko.Channel:
         command = shlex.join([sys.executable, "-c", _RELAY, str(self.port)])
         try:
-            channel = self.session.exec(command, timeout)
+            return self.session.exec(command, timeout)
         except HostUnreachable as exc:
             raise ConnectionError(str(exc)) from None
-        return cast(socket.socket, ChannelSocket(channel))
+
+    def connect(self, timeout: float) -> socket.socket:
+        channel = self.open_channel(timeout)
+        try:
+            ours, theirs = _tcp_pair(timeout)
+        except OSError as exc:
+            channel.close()
+            raise ConnectionError(f"no loopback socket pair: {exc}") from None
+        threading.Thread(target=_relay_and_close, args=(theirs, channel), daemon=True,
+                         name=f"ssh-relay-{self.port}").start()
+        return ours
 
     def describe(self) -> str:
         return f"ssh root@{self.session.address} -> 127.0.0.1:{self.port}"
+
+
+def _tcp_pair(timeout: float) -> tuple[socket.socket, socket.socket]:
+    """Two connected TCP sockets on the loopback (Linux has no AF_INET socketpair). The
+    listener lives for this call only, and only our own connection is taken: another
+    process that connects meanwhile is closed, never relayed."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(timeout)
+        ours = socket.create_connection(listener.getsockname(), timeout)
+        try:
+            while True:
+                theirs, peer = listener.accept()
+                if peer == ours.getsockname():
+                    return ours, theirs
+                theirs.close()
+        except OSError:
+            ours.close()
+            raise
+
+
+def _relay_and_close(local: socket.socket, channel: paramiko.Channel,
+                     on_close: Callable[[], None] | None = None) -> None:
+    try:
+        with local, contextlib.closing(channel), \
+                contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            _pump(local, channel)
+    finally:
+        if on_close is not None:
+            with contextlib.suppress(Exception):
+                on_close()
+
+
+FORWARD_ACCEPT_S = 15.0  # the lab-side listener waits this long for its one connection
+_PUMP_BYTES = 65536
+HALF_CLOSE_GRACE_S = 30.0  # after our end, how long the service may take to end its own
+
+
+def forward_once(transport: SshTcpTransport, timeout: float = FORWARD_ACCEPT_S,
+                 *, on_close: Callable[[], None] | None = None) -> tuple[str, int]:
+    """A listener on the lab's loopback (an ephemeral port) for **one** connection,
+    relayed to ``transport``'s port on its host (an SSH ``exec`` channel running the
+    relay, opened first: a host that does not answer is a HostUnreachable here, not a
+    reset connection later): what a client that can only dial TCP (the CVM1 client)
+    uses to reach a service of a placed VM. The listener closes after its one accept or
+    ``timeout``; the relay ends when either side closes, then ``on_close`` runs (e.g.
+    closing the SSH session). Returns the listener's (address, port)."""
+    try:
+        channel = transport.open_channel(timeout)
+    except ConnectionError as exc:
+        if on_close is not None:
+            on_close()
+        raise HostUnreachable(str(exc)) from None
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(timeout)
+    address = listener.getsockname()
+    threading.Thread(target=_serve_once, args=(listener, channel, on_close),
+                     name=f"forward-{address[1]}", daemon=True).start()
+    return address[0], address[1]
+
+
+def _serve_once(listener: socket.socket, channel: paramiko.Channel,
+                on_close: Callable[[], None] | None) -> None:
+    with listener:
+        try:
+            local, _ = listener.accept()
+        except OSError:  # nobody came in time: nothing to relay
+            local = None
+    if local is None:
+        channel.close()
+        if on_close is not None:
+            with contextlib.suppress(Exception):
+                on_close()
+        return
+    _relay_and_close(local, channel, on_close)
+
+
+def _pump(local: socket.socket, channel: paramiko.Channel) -> None:
+    """Bytes both ways (no timeout: the client sets its own), ends passed on as
+    half-closes, until the host's side ends (or, once ours ended, a grace period)."""
+    local.settimeout(None)
+    channel.settimeout(None)
+    ours, theirs = local.fileno(), channel.fileno()  # a Channel's fileno: a pipe it signals
+    reading = [ours, theirs]
+    grace: float | None = None
+    while True:
+        ready = select.select(reading, [], [], grace)[0]
+        if not ready:
+            return  # we ended long ago and the service never did
+        if ours in ready:
+            data = local.recv(_PUMP_BYTES)
+            if data:
+                channel.sendall(data)
+            else:
+                reading.remove(ours)
+                channel.shutdown_write()
+                grace = HALF_CLOSE_GRACE_S
+        if theirs in ready:
+            data = channel.recv(_PUMP_BYTES)
+            if not data:
+                return
+            local.sendall(data)
 
 
 def agent_client(session: SshSession, host: str, timeout: float = 30.0) -> AgentClient:

@@ -48,6 +48,7 @@ from testbed.cluster.results import (
     NodeStatus,
     NodeUp,
     OwnedProcess,
+    ServiceInfo,
 )
 from testbed.cluster.runtime import ensure_runtime_policy
 from testbed.cluster.state import load_registry, load_spec, read_attestations, spec_policy
@@ -58,6 +59,7 @@ from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, read_pid, scan_processes, terminate
 from testbed.core.progress import Progress
 from testbed.hosts.layout import HostsError, LabPaths, LabState
+from testbed.hosts.network import add_segment_port, delete_links
 from testbed.hosts.placement import PlacedHost, require_trusted
 from testbed.hosts.remote import SshTcpTransport
 from testbed.qemu.accel import AccelChoice
@@ -77,7 +79,14 @@ from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connec
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons, load_libvirt
 from testbed.qemu.network import STATE_FILE as NETWORK_FILE
-from testbed.qemu.network import bridge_name, ensure_bridge, provision, remove_bridge
+from testbed.qemu.network import (
+    bridge_name,
+    ensure_bridge,
+    provision,
+    remove_bridge,
+    segment_port,
+    segment_prefix,
+)
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.relay import configure_guest, enroll_guest
@@ -89,7 +98,7 @@ from testbed.qemu.store_disk import (
     store_status,
 )
 from testbed.qemu.vms import PORT_ATTEMPTS, QemuNode, VmDriver
-from testbed.roles.cryptovm import cryptovm_endpoint
+from testbed.roles.cryptovm import cryptovm_endpoint, publish_on_host
 from testbed.roles.registry import role
 from testbed.roles.revocation import provision_vm
 from testbed.roles.trust import cluster_tls_ca
@@ -410,6 +419,7 @@ class QemuBackend:
         names = ", ".join(n.name for n in spec.nodes)
         self._launched = time.monotonic()
         ensure_bridge(bridge_name(self.paths))
+        self._join_hosts_to_vm_network()
         with progress.step(f"defining and starting VMs ({names}; "
                            f"{self._driver.accel.accel})"):
             return [self._boot_or_keep(node) for node in spec.nodes]
@@ -499,6 +509,13 @@ class QemuBackend:
         if start is not None and record is not None:
             node.service = start(self.paths, node.name, self.agent(node.name),
                                  record.service_ports)
+            if record.host is not None:
+                node.service = self._placed_service(node.name, record.host) or node.service
+
+    def _placed_service(self, node: str, host: str) -> ServiceInfo | None:
+        """A placed VM's service port is on its host's loopback: published as such, so
+        that the lab reaches it through SSH (docs/hosts.md)."""
+        return publish_on_host(self.paths, node, host)
 
     def _attach_store_disk(self, node: NodeUp) -> None:
         """Hot-plug the CryptoVM VM's store disk (testbed/qemu/store_disk.py): plain to
@@ -553,18 +570,14 @@ class QemuBackend:
         between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
         self._attach_host_disks(nodes, progress)
         self._guest_disks(nodes, progress)
-        placed = {n.name: n.host for n in load_spec(self.paths).nodes if n.host is not None}
-        local = [n for n in nodes if n.name not in placed]
+        # Placed VMs too: their hosts' bridges are ports of the lab's (docs/hosts.md).
         with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
             done = provision(self.paths, {n.name: n.attested is True and n.action != "failed"
-                                          for n in local},
-                             self.agent, [n.name for n in local])
+                                          for n in nodes},
+                             self.agent, [n.name for n in nodes])
         for node in nodes:
             if node.name in done.refused and node.attested is True:
                 node.note = f"not on the VM network: {done.refused[node.name]}"
-            elif node.name in placed and node.attested is True:  # docs/hosts.md
-                node.note = (f"not on the VM network: it runs on {placed[node.name]}, and the "
-                             "VM network is this machine's lab bridge only")
         self._network = done.to_dict()
         self._keyless(nodes, progress)
 
@@ -749,6 +762,25 @@ class QemuBackend:
         for name, record in require_trusted(self.paths.workdir, named).items():
             self._hosts[name] = PlacedHost(lab, record)
 
+    def _join_hosts_to_vm_network(self) -> None:
+        """Each host of the spec joins the cluster's VM segment (docs/hosts.md)."""
+        for name in sorted(self._hosts):
+            self.join_host_to_vm_network(name)
+
+    def join_host_to_vm_network(self, host: str) -> None:
+        """``host`` joins the cluster's VM segment: a bridge of the cluster bridge's name
+        in its namespace (a placed VM's lab NIC needs it: before placing or migrating a
+        VM there), a VXLAN of its own to the lab's bridge. Idempotent."""
+        state = LabState.load(LabPaths(self.paths.workdir))
+        placed = self._placed(host)
+        assert state is not None  # _placed found the host in it
+        bridge = bridge_name(self.paths)
+        ensure_bridge(bridge)
+        port = segment_port(self.paths, host)
+        placed.join_vm_segment(bridge, port.host_device, port.vni, state.lab_address)
+        add_segment_port(port.lab_device, port.vni, state.lab_address, placed.address,
+                         state.bridge, bridge)
+
     def _copy_artifacts(self) -> None:
         assert self._image is not None
         for name, host in sorted(self._hosts.items()):
@@ -796,7 +828,7 @@ class QemuBackend:
                 guest_port=self._image.agent_port, accel=self._driver.accel,
                 firmware=self._driver.firmware, memory_mib=self._driver.memory_mib,
                 forwards=tuple(zip(ports[1:], guest_ports.values(), strict=True)),
-                uuid=str(uuid.uuid4()))
+                uuid=str(uuid.uuid4()), lab_bridge=bridge_name(self.paths))  # host's end
             host.manufacture_vtpm(spec.name, vm_spec.uuid)
             try:
                 vm = Vm.start_placed(self._conn(spec.host), vm_spec)
@@ -893,6 +925,7 @@ class QemuBackend:
                 _stop(proc, paths)
             leftovers = _wait_processes_gone(paths)
             if not leftovers:
+                _leave_vm_network(paths)
                 remove_bridge(bridge_name(paths))
                 _remove_state(paths, purge)
         nodes = [NodeDown(node, "libvirt") for node in removed]
@@ -1002,6 +1035,24 @@ def _remove_placed_vm(paths: ClusterPaths, record: VmRecord) -> bool:
         with contextlib.suppress(HostsError):
             placed.remove_vm(record.domain, record.uuid)
         return True
+
+
+def _leave_vm_network(paths: ClusterPaths) -> None:
+    """The VM segment's ends on the hosts that ran this cluster's VMs (over SSH; a host
+    that is gone took its end with it), then the lab's ports of it (by name)."""
+    lab = LabPaths(paths.workdir)
+    state = LabState.load(lab)
+    hosts = {r.host for r in _placed_records(paths).values() if r.host is not None}
+    for host in sorted(hosts & set(state.hosts if state else ())):
+        assert state is not None
+        placed = PlacedHost(lab, state.hosts[host])
+        port = segment_port(paths, host)
+        try:
+            with contextlib.suppress(HostsError):
+                placed.leave_vm_segment(bridge_name(paths), port.host_device)
+        finally:
+            placed.close()
+    delete_links(segment_prefix(paths))
 
 
 def _remove_placed(paths: ClusterPaths) -> list[str]:

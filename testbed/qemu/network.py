@@ -62,12 +62,15 @@ __all__ = [
     "CaptureStats",
     "Member",
     "NetworkError",
+    "SegmentPort",
     "bridge_name",
     "ensure_bridge",
     "load_members",
     "provision",
     "remove_bridge",
     "remove_member",
+    "segment_port",
+    "segment_prefix",
 ]
 
 LAB_NET = ipaddress.IPv4Network("10.77.0.0/24")  # the lab segment (plain)
@@ -93,6 +96,30 @@ def bridge_name(paths: ClusterPaths) -> str:
     """``tblab`` and 8 hex digits of the work directory and cluster (at most 15 chars)."""
     tag = hashlib.sha256(f"{paths.workdir}\0{paths.name}".encode()).hexdigest()[:8]
     return f"tblab{tag}"
+
+
+@dataclass(frozen=True)
+class SegmentPort:
+    """A lab host's part of the cluster's VM segment (docs/hosts.md): a VXLAN with its own
+    VNI between ``lab_device`` (a port of the lab's bridge) and ``host_device`` (the
+    uplink of the bridge of the same name in the host's namespace)."""
+
+    lab_device: str
+    host_device: str
+    vni: int
+
+
+def segment_prefix(paths: ClusterPaths) -> str:
+    return f"tbvx{bridge_name(paths)[5:]}"
+
+
+def segment_port(paths: ClusterPaths, host: str) -> SegmentPort:
+    """``hostN``'s port: VNI = 24 bits of the cluster's tag XOR N (one per host and
+    cluster, never 0), the lab's device ``tbvx<tag><N>`` (at most 15 characters)."""
+    index = int(host.removeprefix("host"))
+    tag = bridge_name(paths)[5:]
+    vni = (int(tag[:6], 16) ^ index) or 0xFFFFFF
+    return SegmentPort(f"{segment_prefix(paths)}{index}", segment_prefix(paths), vni)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

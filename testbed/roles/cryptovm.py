@@ -26,7 +26,10 @@ the guest agent to start it, keeps the root PSK it returns on first start (the s
 as a sim node's) and publishes the CVM1 endpoint, the VM's forwarded port.
 
 Either way the node's ``run/cryptovm.json`` (:class:`PublishedCryptoVm`) says where its
-CVM1 endpoint is; :func:`cryptovm_endpoint` reaches it as root.
+CVM1 endpoint is; :func:`cryptovm_endpoint` reaches it as root. A VM placed on a lab host
+(docs/hosts.md) has its forwarded port on *that host's* loopback (``lab_host``): its
+endpoint's client dials a one-connection listener on the lab's loopback that the hosts
+room relays over SSH (:func:`register_host_forward`; this layer cannot import it).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -82,7 +85,9 @@ __all__ = [
     "grant_guest_disks",
     "open_store",
     "psk_path",
+    "publish_on_host",
     "published_service",
+    "register_host_forward",
     "start_node_service",
     "start_vm_service",
     "state_dir",
@@ -122,6 +127,7 @@ class PublishedCryptoVm:
     pcr_selection: str  # what the store is sealed to
     in_vm: bool
     tp_port: int | None = None  # the attested listener for nodes (sim nodes)
+    lab_host: str | None = None  # a placed VM's host: wire_port is on that host's loopback
 
     def save(self, paths: ClusterPaths) -> None:
         run = private_dir(paths.node(self.node).run)
@@ -142,7 +148,8 @@ class PublishedCryptoVm:
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the "
                              "node") from None
         if (not isinstance(published.wire_port, int) or not isinstance(published.ca_pem, str)
-                or "-----BEGIN CERTIFICATE-----" not in published.ca_pem):
+                or "-----BEGIN CERTIFICATE-----" not in published.ca_pem
+                or not isinstance(published.lab_host, str | None)):
             raise StateError(f"{path} is damaged: `testbed down` and `testbed up` the node")
         return published
 
@@ -151,19 +158,60 @@ def published_service(paths: ClusterPaths, node: str) -> PublishedCryptoVm:
     return PublishedCryptoVm.load(paths, node)
 
 
+def publish_on_host(paths: ClusterPaths, node: str, lab_host: str) -> ServiceInfo | None:
+    """Record that ``node``'s CryptoVM runs in a VM placed on ``lab_host`` (its forwarded
+    port is on that host's loopback); what ``status`` shows of it, None if it runs none."""
+    try:
+        published = PublishedCryptoVm.load(paths, node)
+    except StateError:
+        return None
+    replace(published, lab_host=lab_host).save(paths)
+    return ServiceInfo("cryptovm", (ServiceEndpoint("cvm1", f"{lab_host}:127.0.0.1",
+                                                    published.wire_port),), {},
+                       {"runs_in": "vm", "sealed_to": published.pcr_selection,
+                        "reached": "through SSH to its host"})
+
+
+HostForward = Callable[[Path, str, int], tuple[str, int]]
+"""(work directory, lab host, port on that host's loopback) -> an address on the lab's
+loopback that accepts one connection and relays it there."""
+_HOST_FORWARDS: list[HostForward] = []
+
+
+def register_host_forward(forward: HostForward) -> None:
+    """The hosts room's relay to a placed VM's port (idempotent; the last one counts)."""
+    if forward not in _HOST_FORWARDS:
+        _HOST_FORWARDS.append(forward)
+
+
 @dataclass(frozen=True)
 class CryptoVmEndpoint:
-    """How the host reaches a node's CryptoVM as root: CVM1 on loopback, the root PSK."""
+    """How the host reaches a node's CryptoVM as root: CVM1 on loopback, the root PSK.
+
+    For a VM placed on a lab host (``lab_host``), ``port`` is on that host's loopback and
+    each client goes through a relay of its own (:data:`HostForward`)."""
 
     node: str
     host: str
     port: int
     ca_pem: bytes
     psk: bytes = field(repr=False)
+    lab_host: str | None = None
+    workdir: Path | None = None
 
     def client(self, **options: Any) -> CryptoVmClient:
-        return CryptoVmClient(self.host, self.port, ca_pem=self.ca_pem, account="root",
+        address, port = self.host, self.port
+        if self.lab_host is not None:
+            if not _HOST_FORWARDS or self.workdir is None:
+                raise StateError(f"node {self.node}'s CryptoVM runs on {self.lab_host}, and "
+                                 "the hosts room (which reaches it) is not loaded")
+            address, port = _HOST_FORWARDS[-1](self.workdir, self.lab_host, self.port)
+        return CryptoVmClient(address, port, ca_pem=self.ca_pem, account="root",
                               psk=self.psk, **options)
+
+    def describe(self) -> str:
+        where = f"{self.host}:{self.port}"
+        return f"{where} on {self.lab_host} (through SSH)" if self.lab_host else where
 
 
 def cryptovm_endpoint(paths: ClusterPaths, node: str) -> CryptoVmEndpoint:
@@ -175,7 +223,7 @@ def cryptovm_endpoint(paths: ClusterPaths, node: str) -> CryptoVmEndpoint:
         raise StateError(f"node {node}: its root PSK is unreadable ({exc}); was the CryptoVM "
                          "created by this work directory?") from None
     return CryptoVmEndpoint(node, published.host, published.wire_port,
-                            published.ca_pem.encode(), psk)
+                            published.ca_pem.encode(), psk, published.lab_host, paths.workdir)
 
 
 # --- node side: the store and its listeners -------------------------------------------------
