@@ -87,22 +87,6 @@ class PooledChannel:
     def close(self) -> None:
         self.channel.close()
 
-    # What a relay splicing two streams uses (testbed.qemu.relay: a placed VM's channel).
-    def fileno(self) -> int:
-        return self.channel.fileno()  # paramiko's pipe: for select, not for reading
-
-    def setblocking(self, flag: bool) -> None:
-        self.channel.setblocking(flag)
-
-    def send(self, data: bytes) -> int:
-        return self.channel.send(data)  # socket.timeout when its window is full
-
-    def shutdown(self, how: int) -> None:
-        self.channel.shutdown(how)
-
-    def setsockopt(self, *_args: object) -> None:
-        """No TCP here: the host's end of the relay is the TCP socket."""
-
 
 @dataclass
 class SshSession:
@@ -242,22 +226,6 @@ while True:
 """
 # (stdin's end is passed on as a half-close: the service may still answer; the relay
 # ends with the service's end.)
-
-    # What a relay splicing two streams uses (testbed.qemu.relay: a placed VM's channel).
-    def fileno(self) -> int:
-        return self.channel.fileno()  # paramiko's pipe: for select, not for reading
-
-    def setblocking(self, flag: bool) -> None:
-        self.channel.setblocking(flag)
-
-    def send(self, data: bytes) -> int:
-        return self.channel.send(data)  # socket.timeout when its window is full
-
-    def shutdown(self, how: int) -> None:
-        self.channel.shutdown(how)
-
-    def setsockopt(self, *_args: object) -> None:
-        """No TCP here: the host's end of the relay is the TCP socket."""
 
 
 @dataclass(frozen=True)

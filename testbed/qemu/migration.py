@@ -35,7 +35,7 @@ from testbed.hosts.migration import (
 )
 from testbed.hosts.placement import HostNotTrusted, PlacedHost
 from testbed.hosts.remote import SshTcpTransport
-from testbed.qemu.backend import VmRecord
+from testbed.qemu.backend import QemuBackend, VmRecord
 from testbed.qemu.domain import connect
 from testbed.qemu.image.build import GuestImage
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
@@ -108,10 +108,12 @@ def _move(paths: ClusterPaths, node: str, destination: str, *, attested: bool, t
     with _ends(lab, node, record, destination) as ends:
         verdict = _attested_ends(lab, ends, tls, progress) if attested else None
         image = GuestImage.load(Path(record.image_dir))
-        with progress.step(f"{destination}: guest image, run directory, vTPM directory"):
+        with progress.step(f"{destination}: guest image, run directory, vTPM directory, "
+                           "VM network"):
             prepare_destination(ends.destination, record.domain, record.uuid,
                                 [(image.kernel, "the guest kernel"),
                                  (image.initrd, "the guest initrd")])
+            _join_vm_network(paths, destination)
         label = "TLS" if tls else "NO TLS (lab control)"
         with progress.step(f"live migration {ends.source.name} -> {destination} ({label})"):
             stats, seconds, capture = _migrate_watched(paths, ends, record, tls, marker)
@@ -126,6 +128,16 @@ def _move(paths: ClusterPaths, node: str, destination: str, *, attested: bool, t
         _int(stats.get("downtime")), _int(stats.get("data_processed")),
         _int(stats.get("memory_normal_bytes")),
         None if verdict is None else verdict.to_dict(), left, capture)
+
+
+def _join_vm_network(paths: ClusterPaths, host: str) -> None:
+    """A placed VM's lab NIC is on its host's bridge of the cluster's VM segment: the
+    destination needs that bridge before the VM arrives (idempotent)."""
+    backend = QemuBackend(paths)
+    try:
+        backend.join_host_to_vm_network(host)
+    finally:
+        backend.close()
 
 
 def _attested_ends(lab: LabPaths, ends: _Ends, tls: bool, progress: Progress) -> HostVerdict:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -204,7 +204,8 @@ def _splice(a: socket.socket, b: socket.socket, timeout: float) -> int:
             selector.register(sock, selectors.EVENT_READ)
         while open_reads and time.monotonic() < deadline:
             for key, _ in selector.select(timeout=1.0):
-                source = cast(socket.socket, key.fileobj)  # or a placed VM's SSH channel
+                source = key.fileobj
+                assert isinstance(source, socket.socket)
                 data = _read(source)
                 if data is None:
                     continue
@@ -223,7 +224,7 @@ def _read(sock: socket.socket) -> bytes | None:
     """Data, b"" at end of stream (or reset), None when nothing is there after all."""
     try:
         return sock.recv(_CHUNK)
-    except (BlockingIOError, TimeoutError):  # TimeoutError: an SSH channel's "no data"
+    except BlockingIOError:
         return None
     except OSError:
         return b""
@@ -234,7 +235,7 @@ def _write_all(sock: socket.socket, data: bytes, deadline: float) -> None:
     while view:
         try:
             sent = sock.send(view)
-        except (BlockingIOError, TimeoutError):
+        except BlockingIOError:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.001)
