@@ -13,6 +13,7 @@ rather than the example's three). The inventory command is also checked without 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from attestation.files import private_dir
 from testbed.hosts import lifecycle
-from testbed.hosts.layout import LabPaths, LabState
+from testbed.hosts.layout import HostRecord, LabPaths, LabState
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
@@ -157,6 +160,40 @@ def test_inventory_of_no_lab_is_empty(tmp_path: Path) -> None:
     data = json.loads(proc.stdout)
     assert data["testbed_hosts"]["hosts"] == [] and data["_meta"]["hostvars"] == {}
     assert not (tmp_path / "none").exists()  # a read command creates no work directory
+
+
+def test_inventory_of_a_stopped_lab_lists_its_hosts_untrusted(tmp_path: Path) -> None:
+    """A lab whose hosts do not run (a lab.json only): both hosts listed, none trusted;
+    the YAML form (without --json) is a static inventory Ansible reads the same way."""
+    workdir = tmp_path / "wd"
+    lab = LabPaths(workdir)
+    private_dir(lab.root)
+    state = LabState(BRIDGE, ipaddress.IPv4Network(SUBNET))
+    for index in (1, 2):
+        name = f"host{index}"
+        state.hosts[name] = HostRecord(name, index, state.address_of(index),
+                                       state.netns_of(name), state.veth_of(index),
+                                       machine_pid=None, tampered=["qemu"] * (index == 2))
+    state.save(lab)
+    data = lifecycle.inventory(workdir)
+    assert data["testbed_hosts"]["hosts"] == ["host1", "host2"]
+    assert data["testbed_hosts_trusted"]["hosts"] == []
+    host2 = data["_meta"]["hostvars"]["host2"]
+    assert host2["ansible_host"] == "10.213.13.12" and host2["testbed_host_state"] == "stopped"
+    assert host2["testbed_host_tampered"] == ["qemu"] and not host2["testbed_host_trusted"]
+
+    human = subprocess.run([_tool("testbed"), "--workdir", str(workdir), "hosts", "inventory"],
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    static = tmp_path / "hosts.yml"
+    static.write_text(human)
+    assert yaml.safe_load(human)["all"]["children"]["testbed_hosts"]["hosts"]["host1"][
+        "ansible_host"] == "10.213.13.11"
+    listed = json.loads(subprocess.run(
+        [_tool("ansible-inventory"), "-i", str(static), "--list"], env=_env(tmp_path, workdir),
+        capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert listed["_meta"]["hostvars"]["host1"]["ansible_ssh_common_args"] == (
+        f"-F {lab.ssh_config}")
+    assert sorted(listed["testbed_hosts"]["hosts"]) == ["host1", "host2"]
 
 
 def test_playbook_over_ssh_twice_then_teardown(tmp_path: Path, workdir: Path) -> None:
