@@ -109,6 +109,7 @@ MISUSE = [
     (["migrate"], 2),
     (["migrate", "vm1"], 2),
     (["migrate", "nosuch", "--to", "host1"], 3),
+    (["hosts", "inventory", "extra"], 2),
 ]
 
 
@@ -151,7 +152,7 @@ def test_read_commands_create_no_state(tmp_path: Path) -> None:
     here.mkdir()
     env = _clean_env(home)
     for argv in (["status"], ["down"], ["tpm", "list"], ["attest", "x"], ["status", "--json"],
-                 ["hosts", "status"], ["hosts", "down"]):
+                 ["hosts", "status"], ["hosts", "down"], ["hosts", "inventory"]):
         result = run_process(*argv, cwd=here, env=env)
         assert "Traceback" not in result.stderr, result.stderr
     assert list(here.iterdir()) == [] and list(home.iterdir()) == []

@@ -5,6 +5,9 @@ and attested (docs/hosts.md)."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+import yaml
 
 from testbed.cli.exitcodes import EXIT_OK, EXIT_REJECTED
 from testbed.cli.render import emit
@@ -40,6 +43,10 @@ def register_hosts_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     p = hsub.add_parser("attest", help="re-attest HOST over SSH (exit 1 when rejected)")
     p.add_argument("host", help="host name (host1, host2, ...)")
     p.set_defaults(func=cmd_attest)
+    p = hsub.add_parser("inventory", help="the hosts as an Ansible inventory (--json: an "
+                        "inventory script's --list; else YAML), connecting over the lab's "
+                        "ssh_config (its known_hosts only, strict host key checking)")
+    p.set_defaults(func=cmd_inventory)
     p = hsub.add_parser("down", help="stop every host by PID; remove namespaces, veths and "
                         "the bridge the lab made")
     p.set_defaults(func=cmd_down)
@@ -87,6 +94,23 @@ def cmd_attest(args: argparse.Namespace) -> int:
     verdict = lifecycle.attest(resolve_workdir(args.workdir, create=False), args.host)
     emit(args, verdict.to_dict(), lambda: print(f"{args.host}: {_verdict(verdict)}"))
     return EXIT_OK if verdict.trusted else EXIT_REJECTED
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    data = lifecycle.inventory(resolve_workdir(args.workdir, create=False))
+    emit(args, data, lambda: print(yaml.safe_dump(_inventory_yaml(data), sort_keys=False),
+                                   end=""))
+    return EXIT_OK
+
+
+def _inventory_yaml(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``--list`` JSON as a static YAML inventory (``hosts`` as mappings)."""
+    hostvars = data["_meta"]["hostvars"]
+    children = {name: {"hosts": {h: hostvars[h] if name == lifecycle.INVENTORY_GROUP else None
+                                 for h in group["hosts"]},
+                       **({"vars": group["vars"]} if "vars" in group else {})}
+                for name, group in data.items() if name not in ("all", "_meta")}
+    return {"all": {"children": children}}
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ the veths and the bridge it made.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import shutil
 import sys
 import time
@@ -43,6 +44,7 @@ from testbed.hosts.attest import (
 from testbed.hosts.layout import (
     DEFAULT_BRIDGE,
     DEFAULT_SUBNET,
+    HOST_RUN,
     MAX_HOSTS,
     HostPaths,
     HostRecord,
@@ -69,7 +71,7 @@ from testbed.hosts.sshkeys import (
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import STATE_FILE, provision
 
-__all__ = ["HostStatus", "HostUp", "attest", "down", "status", "up"]
+__all__ = ["HostStatus", "HostUp", "attest", "down", "inventory", "status", "up"]
 
 BOOT_TIMEOUT_S = 60.0
 PROBE_TIMEOUT_S = 10.0  # `status`: a host that does not answer within this is unresponsive
@@ -440,6 +442,53 @@ def _probe_over_ssh(sessions: Sessions, record: HostRecord, components: dict[str
         tpm = f"unresponsive: the host agent did not answer ({exc})"
     if components["swtpm"] == "running" and tpm != "answers":
         components["swtpm"] = tpm if tpm.startswith("unresponsive") else f"unresponsive: {tpm}"
+
+
+# --- inventory -------------------------------------------------------------------------
+
+INVENTORY_GROUP = "testbed_hosts"
+TRUSTED_GROUP = "testbed_hosts_trusted"
+ANSIBLE_REMOTE_TMP = str(HOST_RUN / "ansible")
+"""A host's own tmpfs: its /root is this machine's (only /root/.ssh is private)."""
+
+
+def inventory(workdir: Path) -> dict[str, Any]:
+    """The lab's hosts as an Ansible inventory, in the JSON form of an inventory script's
+    ``--list`` (with ``_meta``). Read-only: no SSH, nothing written; a host counts as
+    trusted when its init runs, is ready, and its latest attestation passed.
+
+    Connection: OpenSSH (Ansible's ``ssh`` plugin) as root with the lab key and the lab's
+    own ssh_config, i.e. its known_hosts only and strict host key checking: a host key
+    is never learned."""
+    lab = LabPaths(workdir)
+    state = LabState.load(lab)
+    records = sorted(state.hosts.values(), key=lambda r: r.index) if state else []
+    verdicts = read_verdicts(lab) if records else {}
+    hostvars = {r.name: _inventory_vars(lab, r, verdicts.get(r.name)) for r in records}
+    return {
+        "all": {"children": [INVENTORY_GROUP, TRUSTED_GROUP]},
+        INVENTORY_GROUP: {"hosts": list(hostvars), "vars": {
+            "ansible_connection": "ssh", "ansible_user": "root", "ansible_port": 22,
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_remote_tmp": ANSIBLE_REMOTE_TMP,
+            "ansible_ssh_private_key_file": str(lab.lab_key),
+            "ansible_ssh_common_args": f"-F {shlex.quote(str(lab.ssh_config))}",
+        }},
+        TRUSTED_GROUP: {"hosts": [n for n, v in hostvars.items() if v["testbed_host_trusted"]]},
+        "_meta": {"hostvars": hostvars},
+    }
+
+
+def _inventory_vars(lab: LabPaths, record: HostRecord, verdict: HostVerdict | None
+                    ) -> dict[str, Any]:
+    ready = (_machine_alive(record) is not None
+             and _machine_info(lab.host(record.name)).get("state") == "ready")
+    return {"ansible_host": record.address,
+            "testbed_host_state": "running" if ready else "stopped",
+            "testbed_host_trusted": bool(ready and verdict and verdict.trusted),
+            "testbed_host_failed_check": verdict.failed_check if verdict else None,
+            "testbed_host_tampered": list(record.tampered),
+            "testbed_host_libvirt_uri": libvirt_uri(lab, record.address)}
 
 
 # --- down ------------------------------------------------------------------------------
