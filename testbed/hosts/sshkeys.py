@@ -103,6 +103,10 @@ PermitUserEnvironment no
 Subsystem sftp internal-sftp
 LoginGraceTime 15
 MaxStartups 20:50:60
+# The lab multiplexes one connection: the host agent, SFTP, a relay per connection to
+# each placed VM's agent or service. OpenSSH's default of 10 sessions refused the 11th
+# ("open failed: Connect failed") while two VMs of one host registered at once.
+MaxSessions 64
 LogLevel INFO
 """
     atomic_write(host.sshd_config, config.encode())
