@@ -143,7 +143,8 @@ def test_keys_survive_a_reboot_and_the_store_disk_is_ciphertext(lab: Lab) -> Non
     again = rebooted_doc["up"]
     if reboot.returncode == 4 and "did not answer within" in reboot.stdout + reboot.stderr:
         again = _up(lab.workdir, lab.spec)  # as in _up: a slow TCG agent under heavy load
-    assert again["all_attested"], (reboot.returncode, again, reboot.stderr[-3000:])
+    assert again["all_attested"], (reboot.returncode, json.dumps(again["nodes"])[:4000],
+                                   reboot.stderr[-2000:])
     client = cryptovm_endpoint(lab.paths, "cryptovm").client()
     try:
         signature = bytes(client.call("sign", key_id=TENANT_KEY, data=b"after the reboot")
