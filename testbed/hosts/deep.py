@@ -206,13 +206,7 @@ def _check_certified_key(lab: LabPaths, host: str, answer: dict[str, Any],
 def _sign_intermediate(ca: LocalCA, host: str, key: ec.EllipticCurvePublicKey
                        ) -> x509.Certificate:
     """The lab CA root's certificate for a host's TPM-resident intermediate key."""
-    with ca.lock():
-        root = x509.load_pem_x509_certificate(
-            read_bounded(ca.root_cert_path, MAX_CERT_BYTES, what="lab CA certificate"))
-        root_key = serialization.load_pem_private_key(
-            read_bounded(ca.root_key_path, MAX_CERT_BYTES, what="lab CA key"), None)
-    if not isinstance(root_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise HostsError(f"the lab CA key in {ca.directory} is neither RSA nor EC")
+    root, root_key = ca.root_signer()
     now = datetime.datetime.now(datetime.UTC)
     ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (x509.CertificateBuilder()

@@ -26,7 +26,7 @@ from pathlib import Path
 import paramiko
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from attestation.files import atomic_write, private_dir, read_bounded
@@ -105,13 +105,7 @@ def migration_ca(lab: LabPaths) -> MigrationCa:
 
 
 def _sign_ca(ca: LocalCA, key: ec.EllipticCurvePublicKey) -> x509.Certificate:
-    with ca.lock():
-        root = x509.load_pem_x509_certificate(
-            read_bounded(ca.root_cert_path, MAX_PEM_BYTES, what="lab CA certificate"))
-        root_key = serialization.load_pem_private_key(
-            read_bounded(ca.root_key_path, MAX_PEM_BYTES, what="lab CA key"), None)
-    if not isinstance(root_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise HostsError(f"the lab CA key in {ca.directory} is neither RSA nor EC")
+    root, root_key = ca.root_signer()
     now = datetime.datetime.now(datetime.UTC)
     ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORG),

@@ -44,9 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from attestation.files import atomic_write
+from attestation.files import atomic_write, read_bounded
 from testbed.core.errors import StateError, SwtpmError
 
 __all__ = ["BOOTSTRAP_HINT", "DEFAULT_PCR_BANKS", "LocalCA", "find_tool", "validate_pcr_banks"]
@@ -56,6 +57,8 @@ DEFAULT_PCR_BANKS = "sha256"
 _BANK = r"(?:sha1|sha256|sha384|sha512)"
 _PCR_BANKS_RE = re.compile(rf"{_BANK}(?:,{_BANK})*")
 _LOCALCA_TIMEOUT_S = 60.0
+MAX_ROOT_PEM = 64 * 1024  # the root certificate or key file, at most
+RootKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 # Arbitrary but valid TPM identity for the one throwaway bootstrap certificate;
 # swtpm_localca refuses to issue an EK certificate without them.
@@ -192,6 +195,22 @@ class LocalCA:
             x509.load_pem_x509_certificate(self.root_cert_path.read_bytes()),
             x509.load_pem_x509_certificate(self.intermediate_cert_path.read_bytes()),
         ]
+
+    def root_signer(self) -> tuple[x509.Certificate, RootKey]:
+        """The root's certificate and private key, read under the CA lock, for what the lab
+        CA certifies itself (a host's intermediate, the migration CA); StateError if either
+        is unusable."""
+        try:
+            with self.lock():
+                cert = x509.load_pem_x509_certificate(
+                    read_bounded(self.root_cert_path, MAX_ROOT_PEM, what="lab CA certificate"))
+                key = serialization.load_pem_private_key(
+                    read_bounded(self.root_key_path, MAX_ROOT_PEM, what="lab CA key"), None)
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"the lab CA root in {self.directory} is unusable: {exc}") from None
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise StateError(f"the lab CA key in {self.directory} is neither RSA nor EC")
+        return cert, key
 
     def tighten_permissions(self) -> None:
         """Make the directory 0700 and every file in it 0600.
