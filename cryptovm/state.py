@@ -6,6 +6,7 @@
     ca.pem               the CA certificate (public; what clients trust)
     keys/<id>/vNNNNNNNN.key   encrypted key versions (see keystore.py)
     records/<name>.rec   encrypted data records
+    network.enc          encrypted: the lab network's members (cryptovm/network.py)
     audit.log            the hash-chained audit log
     lock                 flock: one CryptoVM process per state directory
 """

@@ -58,6 +58,8 @@ from cryptovm.keystore import (
     make_version,
     secret_bytes,
 )
+from cryptovm.network import STATE_NAME as NETWORK_STATE
+from cryptovm.network import NetworkRegistry, parse_join
 from cryptovm.release import (
     NonceBook,
     ReleasePolicy,
@@ -161,6 +163,7 @@ class CryptoVm:
         self.tls_ca = IssuingCa.from_doc(config.get("tls_ca"))
         self.keys = KeyStore(state.keys, cipher)
         self.keys.load()
+        self.network = NetworkRegistry(state.path / NETWORK_STATE, cipher)
         self.audit = AuditLog(state.audit, cipher.audit_key, sync_each=audit_sync_each)
         self.nonces = NonceBook(nonce_ttl)
         self.clock_history = ClockHistory()
@@ -738,6 +741,35 @@ class VsmSession:
             return {"envelope": wrapping.seal_envelope(recipient, result["plaintext"], context),
                     "context": context, "version": result["version"]}
         return self._key_op("release", key_id, version, action)
+
+    # --- the lab network (cryptovm/network.py) ----------------------------------------------
+
+    def _attested(self, op: str) -> str:
+        """The node this session's attestation proved (enabled now), or AccessDenied."""
+        self._current()
+        if self.attested_node is None:
+            raise AccessDenied("attestation", f"{op} is only for a testbed node over its "
+                               "attested (Trusted Passages) channel")
+        return self.attested_node
+
+    def net_join(self, public_key: str, wg_address: str, endpoint: str) -> dict[str, Any]:
+        """Register this attested node's WireGuard public key, address and endpoint."""
+        def action() -> dict[str, Any]:
+            node = self._attested("net_join")
+            return self._vm.network.join(parse_join(node, public_key, wg_address, endpoint))
+        return self._op("net_join", action, target=self.attested_node or self.account)
+
+    def net_peers(self) -> dict[str, Any]:
+        """The other members whose node accounts are enabled (a revoked node drops out)."""
+        def action() -> dict[str, Any]:
+            return self._vm.network.peers(self._attested("net_peers"), self._node_enabled)
+        return self._op("net_peers", action, target=self.attested_node or self.account)
+
+    def _node_enabled(self, node: str) -> bool:
+        try:
+            return self._vm.accounts.get(node_account(node)).enabled
+        except (NotFound, BadRequest):
+            return False
 
     # --- data records ---------------------------------------------------------------------
 

@@ -123,6 +123,8 @@ OPS: dict[str, dict[str, _A]] = {
     "tls_ca_setup": {"key_id": ("s", False), "common_name": ("s", False)},
     "tls_ca_certificate": {},
     "tls_enroll": {"csr": ("b", True), "validity": ("i", False)},
+    "net_join": {"public_key": ("s", True), "wg_address": ("s", True), "endpoint": ("s", True)},
+    "net_peers": {},
 }
 _TYPE_NAMES = {"b": "bytes", "s": "a string", "i": "an integer", "f": "a boolean",
                "l": "a list of strings"}
