@@ -2,10 +2,13 @@
 
 Host side, fast: the guest's network extension inside the real guest agent on an swtpm
 (its key quote verified as the host verifies it; the ``ip``/``wg`` commands recorded,
-since this host's kernel has no wireguard module), hostile requests, the AF_PACKET
-capture on real sockets, the lab bridge. Then one module of real VMs (server and
-client): the capture on the lab bridge shows the marker in plain text over the plain
-lab addresses and never over WireGuard, and a revoked VM is dropped by its peer.
+since this host's kernel has no wireguard module), its ``net_sync`` against a real
+CryptoVm on a second swtpm over a CVM1 stream (the peers are what the CryptoVM
+releases), hostile requests, the AF_PACKET capture on real sockets, the lab bridge.
+Then one module of real VMs (cryptovm, server, client): the peers each guest has are
+what the CryptoVM serves, the capture on the lab bridge shows the marker in plain text
+over the plain lab addresses and never over WireGuard, and a revoked VM is dropped by
+its peer and by the CryptoVM, which refuses its own sync.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,8 @@ from attestation.revocation import (
 from attestation.tpm_raw import Tpm, UnixSocketTransport
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
+from cryptovm.attested import StreamClient, serve_stream
+from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentError
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.accel import AccelChoice
@@ -46,11 +54,13 @@ from testbed.qemu.backend import QemuBackend
 from testbed.qemu.domain import LAB_MAC, VmSpec, domain_xml
 from testbed.qemu.guest.agent import Agent
 from testbed.qemu.guest.net_extension import WG_PORT, GuestNetwork, key_binding_nonce
+from testbed.qemu.guest.net_extension import install as net_install
 from testbed.qemu.image.build import _resolve_inside
 from testbed.qemu.network import (
     Capture,
     NetworkError,
     bridge_name,
+    cryptovm_sync,
     ensure_bridge,
     load_members,
     remove_bridge,
@@ -86,7 +96,7 @@ def guest(swtpm: Any) -> Iterator[tuple[Agent, GuestNetwork, Recorder]]:
     agent = Agent(tpm, None, "vm0", "server")
     recorder = Recorder()
     network = GuestNetwork(agent, recorder)
-    agent.handlers.update({"net_init": network.init, "net_peers": network.peers})
+    agent.handlers.update({"net_init": network.init})
     agent.revocation_listeners["network"] = network
     yield agent, network, recorder
     tpm.transport.close()
@@ -145,21 +155,77 @@ def test_wireguard_key_is_made_in_the_guest_and_vouched_for_by_its_tpm(
                (a for a, _ in recorder.calls)) == 1
 
 
-def test_peers_are_exactly_the_list_given(guest: tuple[Agent, GuestNetwork, Recorder]) -> None:
-    agent, _, recorder = guest
-    assert "net_peers before net_init" in _call(agent, {"op": "net_peers", "peers": []})["error"]
-    _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
+@pytest.fixture
+def cryptovm(swtpm_factory: Any, tmp_path: Path) -> Iterator[CryptoVm]:
+    """A real CryptoVm on its own swtpm (the guest agent holds the first)."""
+    vm, _ = CryptoVm.initialize(tmp_path / "cvm", swtpm_factory().tcti, pcrs="sha256:0-7")
+    try:
+        yield vm
+    finally:
+        vm.close()
+
+
+@contextmanager
+def attested_stream(vm: CryptoVm, node: str) -> Iterator[Any]:
+    """What the CryptoVM guest serves to ``node`` on its attested channel (CVM1 frames
+    as node.<name>), over a socket pair: the guest's ``call``."""
+    near, far = socket.socketpair()
+    near.settimeout(10)
+    session = vm.attested_session(node)
+
+    def serve() -> None:
+        with far:
+            serve_stream(vm, session, lambda: far.recv(65536), far.sendall)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        yield StreamClient(lambda: near.recv(65536), near.sendall).call
+    finally:
+        near.close()
+        worker.join(5)
+
+
+OTHER = base64.b64encode(b"\x02" * 32).decode()
+
+
+def test_peers_are_exactly_what_the_cryptovm_releases(
+        guest: tuple[Agent, GuestNetwork, Recorder], cryptovm: CryptoVm) -> None:
+    agent, network, recorder = guest
+    with attested_stream(cryptovm, "server") as call, \
+            pytest.raises(ValueError, match="net_sync before net_init"):
+        network.sync_with(call)
+    answer = _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
+    cryptovm.attested_session("client").net_join(OTHER, "10.78.0.3", "10.77.0.3:51820")
     stale = base64.b64encode(b"\x01" * 32).decode()
-    fresh = base64.b64encode(b"\x02" * 32).decode()
     recorder.peers = [stale]
-    answer = _call(agent, {"op": "net_peers", "peers": [
-        {"node": "client", "public_key": fresh, "endpoint": "10.77.0.3:51820",
-         "allowed_ip": "10.78.0.3/32"}]})
-    assert answer == {"peers": ["client"], "removed": 1, "refused_revoked": []}
+    with attested_stream(cryptovm, "server") as call:
+        synced = network.sync_with(call)
+    assert synced == {"role": "network", "peers": ["client"], "removed": 1,
+                      "refused_revoked": [], "released": [GOOD_PEER]}
     commands = [argv for argv, _ in recorder.calls]
     assert ["wg", "set", "wg0", "peer", stale, "remove"] in commands
-    assert ["wg", "set", "wg0", "peer", fresh, "endpoint", "10.77.0.3:51820", "allowed-ips",
+    assert ["wg", "set", "wg0", "peer", OTHER, "endpoint", "10.77.0.3:51820", "allowed-ips",
             "10.78.0.3/32", "persistent-keepalive", "off"] in commands
+    # The guest registered its own key, address and endpoint, under its channel's name.
+    server = cryptovm.attested_session("client").net_peers()["peers"]
+    assert server == [{"node": "server", "public_key": answer["public_key"],
+                       "endpoint": "10.77.0.2:51820", "allowed_ip": "10.78.0.2/32"}]
+    # The client's account disabled (revoked): the CryptoVM no longer releases it.
+    cryptovm.local_root().account_enable(node_account("client"), False)
+    recorder.peers = [OTHER]
+    with attested_stream(cryptovm, "server") as call:
+        assert network.sync_with(call)["peers"] == []
+    assert recorder.calls[-1][0] == ["wg", "set", "wg0", "peer", OTHER, "remove"]
+
+
+def test_the_host_has_no_op_to_set_peers(guest: tuple[Agent, GuestNetwork, Recorder]) -> None:
+    agent, _, recorder = guest
+    installed = Agent(agent.tpm, None, "vm1", "server")
+    net_install(installed, lambda *_: None)
+    assert "net_peers" not in installed.handlers and "net_sync" in installed.stream_handlers
+    answer = _call(installed, {"op": "net_peers", "peers": [GOOD_PEER]})
+    assert "error" in answer and not recorder.calls
 
 
 def _decide(agent: Agent, key: Ed25519PrivateKey, decision: Decision) -> dict[str, Any]:
@@ -170,9 +236,9 @@ def _decide(agent: Agent, key: Ed25519PrivateKey, decision: Decision) -> dict[st
 
 def test_a_revoked_node_leaves_the_peer_table_and_is_not_added_again(
         guest: tuple[Agent, GuestNetwork, Recorder]) -> None:
-    agent, _, recorder = guest
+    agent, network, recorder = guest
     _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
-    assert not _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})["refused_revoked"]
+    assert not network.apply([GOOD_PEER])["refused_revoked"]
     verifier = Ed25519PrivateKey.generate()
     pem = verifier.public_key().public_bytes(serialization.Encoding.PEM,
                                              serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -181,12 +247,12 @@ def test_a_revoked_node_leaves_the_peer_table_and_is_not_added_again(
     assert applied["applied"] and applied["effects"]["network"] == {"removed_peer": True}
     assert recorder.calls[-1][0] == ["wg", "set", "wg0", "peer", GOOD_PEER["public_key"],
                                      "remove"]
-    before = len(recorder.calls)  # the host sends it again: the guest refuses it
-    again = _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})
+    before = len(recorder.calls)  # a list still naming it (a stale CryptoVM): refused
+    again = network.apply([GOOD_PEER])
     assert again == {"peers": [], "removed": 0, "refused_revoked": ["client"]}
     assert not any("endpoint" in argv for argv, _ in recorder.calls[before:])
     _decide(agent, verifier, Reinstate("client", "operator decision", "t2", 2))
-    assert _call(agent, {"op": "net_peers", "peers": [GOOD_PEER]})["peers"] == ["client"]
+    assert network.apply([GOOD_PEER])["peers"] == ["client"]
 
 
 GOOD_PEER = {"node": "client", "public_key": base64.b64encode(b"\x02" * 32).decode(),
@@ -201,27 +267,52 @@ GOOD_PEER = {"node": "client", "public_key": base64.b64encode(b"\x02" * 32).deco
     ({**INIT, "nonce": "zz" * 32}, "nonce: not hexadecimal"),
     ({**INIT, "nonce": "00"}, "nonce: 16 to 64 bytes"),
     ({**INIT, "nonce": "00" * 32, "extra": 1}, "unknown keys"),
-    ({"op": "net_peers", "peers": "all"}, "peers: a list"),
-    ({"op": "net_peers", "peers": [GOOD_PEER] * 33}, "at most 32"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "allowed_ip": "0.0.0.0/0"}]},
-     "one address"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "public_key": "AAAA"}]}, "32 bytes"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "endpoint": "evil"}]}, "IP:PORT"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "endpoint": "10.0.0.1:99999"}]}, "port"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "node": "../x"}]}, "a node name"),
-    ({"op": "net_peers", "peers": [{**GOOD_PEER, "more": 1}]}, "{node, public_key"),
 ])
 def test_hostile_network_requests_are_one_clear_error(
         guest: tuple[Agent, GuestNetwork, Recorder], request_: dict[str, Any],
         message: str) -> None:
     agent, _, recorder = guest
-    if request_["op"] == "net_peers":
-        _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
-    before = len(recorder.calls)
     answer = _call(agent, request_)
     assert message in answer.get("error", ""), answer
+    assert not recorder.calls
+
+
+@pytest.mark.parametrize(("released", "message"), [
+    ("all", "peers: a list"),
+    ([GOOD_PEER] * 201, "at most 200"),
+    ([{**GOOD_PEER, "allowed_ip": "0.0.0.0/0"}], "one address"),
+    ([{**GOOD_PEER, "public_key": "AAAA"}], "32 bytes"),
+    ([{**GOOD_PEER, "endpoint": "evil"}], "IP:PORT"),
+    ([{**GOOD_PEER, "endpoint": "10.0.0.1:99999"}], "port"),
+    ([{**GOOD_PEER, "node": "../x"}], "a node name"),
+    ([{**GOOD_PEER, "more": 1}], "{node, public_key"),
+])
+def test_a_malformed_peer_list_changes_nothing(
+        guest: tuple[Agent, GuestNetwork, Recorder], released: object,
+        message: str) -> None:
+    """Even the CryptoVM's answer is checked before the kernel's table is touched."""
+    agent, network, recorder = guest
+    _call(agent, {**INIT, "nonce": os.urandom(32).hex()})
+    before = len(recorder.calls)
+
+    def call(op: str, **_args: Any) -> dict[str, Any]:
+        return {"peers": released} if op == "net_peers" else {}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        network.sync_with(call)
     assert not any("remove" in argv or "endpoint" in argv
                    for argv, _ in recorder.calls[before:])
+
+
+def test_net_sync_requests_are_checked(guest: tuple[Agent, GuestNetwork, Recorder]) -> None:
+    _, network, _ = guest
+    for request, message in [({"op": "net_sync"}, "cryptovm:"),
+                             ({"op": "net_sync", "cryptovm": "../x"}, "cryptovm:"),
+                             ({"op": "net_sync", "cryptovm": "c", "peers": []}, "unknown keys")]:
+        near, far = socket.socketpair()
+        sent: list[dict[str, Any]] = []
+        with near, far:
+            network.sync(request, far, lambda _conn, doc, sent=sent: sent.append(doc))
+        assert message in sent[0]["error"], sent
 
 
 # --- the capture and the bridge (real sockets, real links) --------------------------------
@@ -319,6 +410,9 @@ name: netlab
 backend: qemu
 image: {image}
 nodes:
+  - name: cryptovm
+    role: cryptovm
+    boot: {{cmdline: "{cmdline}"}}
   - name: server
     role: server
     boot: {{cmdline: "{cmdline}"}}
@@ -384,13 +478,20 @@ def test_marker_crosses_the_lab_bridge_only_as_wireguard(
     paths, up = cluster
     network = up["network"]
     assert sorted(network["members"]) == ["client", "server"] and not network["refused"]
+    assert network["cryptovm"] == "cryptovm", network  # it releases; it is no member
     members = {m.node: m for m in load_members(paths)}
     backend = QemuBackend(paths)
     bridge = bridge_name(paths)
+    sync = cryptovm_sync(lambda node: backend.agent(node, timeout=120), "cryptovm")
     for node, other in (("server", "client"), ("client", "server")):
+        # What the CryptoVM serves this node now (a sync of our own, relayed as `up` does)
+        released = sync(node)["released"]
+        assert [(p["node"], p["public_key"]) for p in released] == \
+            [(other, members[other].public_key)]
         status = _net(backend, node, {"op": "net_status"})
         assert status["public_key"] == members[node].public_key
-        assert [p["public_key"] for p in status["peers"]] == [members[other].public_key]
+        assert [p["public_key"] for p in status["peers"]] == [released[0]["public_key"]]
+        assert status["peers"][0]["allowed_ips"] == released[0]["allowed_ip"]
 
     marker = "MARKER-" + os.urandom(8).hex()
     first = time.monotonic()
@@ -408,6 +509,7 @@ def test_marker_crosses_the_lab_bridge_only_as_wireguard(
     plain_run, _ = _exchange(backend, bridge, members["server"].lab_ip, 7104, block, 256)
     figures = {"up_seconds": round(up["seconds_up"], 1),
                "network_provision_seconds": network["seconds"],
+               "network_syncs": network["syncs"],
                "first_wg_exchange_seconds": round(first_s, 2),
                "wg_mib_per_s": round(wg_run["bytes"] / wg_run["seconds"] / 2**20, 2),
                "plain_mib_per_s": round(plain_run["bytes"] / plain_run["seconds"] / 2**20, 2),
@@ -420,8 +522,9 @@ def test_marker_crosses_the_lab_bridge_only_as_wireguard(
 @pytest.mark.slow
 def test_revoked_vm_is_dropped_by_its_peers(
         cluster: tuple[ClusterPaths, dict[str, Any]]) -> None:
-    """`testbed revoke client`: the verifier's signed decision reaches the guests, and the
-    server's guest removes the client's WireGuard peer itself."""
+    """`testbed revoke client`: the verifier's signed decision reaches the guests; the
+    server's guest removes the client's WireGuard peer itself, the CryptoVM guest
+    disables node.client, and no sync brings it back."""
     paths, _ = cluster
     backend = QemuBackend(paths)
     members = {m.node: m for m in load_members(paths)}
@@ -431,10 +534,17 @@ def test_revoked_vm_is_dropped_by_its_peers(
             time.monotonic() < deadline:
         time.sleep(1)
     assert _net(backend, "server", {"op": "net_status"})["peers"] == [], delivered
-    # The host's bookkeeping follows: the members without it, pushed again (nothing left).
+    # The members re-sync from the CryptoVM: it no longer releases the client (its
+    # account disabled by the same decision), so the server's list is empty.
     answered = remove_member(paths, event, lambda node: backend.agent(node, timeout=120))
     assert answered == {"server": "0 peers, 0 removed"}
     assert [m.node for m in load_members(paths)] == ["server"]
+    # The client's own sync is refused: its channel by the CryptoVM guest (revoked), and
+    # behind it its VSM account node.client is disabled (test_cryptovm_network.py).
+    sync = cryptovm_sync(lambda node: backend.agent(node, timeout=120), "cryptovm")
+    with pytest.raises(NetworkError, match=r"revoked|disabled") as refused:
+        sync("client")
+    print(f"\nthe revoked client's net_sync: {refused.value}")
     _net(backend, "server", {"op": "net_listen", "address": members["server"].wg_ip,
                              "port": 7105})
     with pytest.raises(AgentError):  # its handshakes go unanswered: no key on the server

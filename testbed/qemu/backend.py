@@ -78,8 +78,9 @@ from testbed.qemu.disks import (
 from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE, Vm, VmSpec, connect
 from testbed.qemu.image.build import GuestImage, build_image, image_cache
 from testbed.qemu.libvirtd import Daemons, LibvirtError, ensure_daemons, load_libvirt
-from testbed.qemu.network import STATE_FILE as NETWORK_FILE
 from testbed.qemu.network import (
+    NO_CRYPTOVM,
+    Provisioned,
     bridge_name,
     ensure_bridge,
     provision,
@@ -87,6 +88,7 @@ from testbed.qemu.network import (
     segment_port,
     segment_prefix,
 )
+from testbed.qemu.network import STATE_FILE as NETWORK_FILE
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.qemu.relay import configure_guest, enroll_guest
@@ -260,7 +262,9 @@ class QemuFacts:
                  ("VMs", f"{self.seconds_define_to_all_attested:.1f} s from the first define")]
         if self.network is not None:
             members = ", ".join(self.network["members"]) or "none"
-            items.append(("network", f"WireGuard between {members}"))
+            source = self.network.get("cryptovm")
+            items.append(("network", f"WireGuard between {members}" + (
+                f" (peers released by {source})" if source else f" ({NO_CRYPTOVM})")))
         return items
 
 
@@ -570,16 +574,34 @@ class QemuBackend:
         between guests is provisioned per channel (:mod:`testbed.qemu.relay`)."""
         self._attach_host_disks(nodes, progress)
         self._guest_disks(nodes, progress)
-        # Placed VMs too: their hosts' bridges are ports of the lab's (docs/hosts.md).
-        with progress.step("VM network (WireGuard keys quoted, peers to attested VMs)"):
-            done = provision(self.paths, {n.name: n.attested is True and n.action != "failed"
-                                          for n in nodes},
-                             self.agent, [n.name for n in nodes])
-        for node in nodes:
-            if node.name in done.refused and node.attested is True:
-                node.note = f"not on the VM network: {done.refused[node.name]}"
-        self._network = done.to_dict()
+        self._vm_network(nodes, progress)
         self._keyless(nodes, progress)
+
+    def _vm_network(self, nodes: list[NodeUp], progress: Progress) -> None:
+        """WireGuard between the attested VMs, their peers released by the CryptoVM VM
+        (:mod:`testbed.qemu.network`); placed VMs too: their hosts' bridges are ports of
+        the lab's (docs/hosts.md). Without an attested CryptoVM VM: no VM network."""
+        attested = {n.name: n.attested is True and n.action != "failed" for n in nodes}
+        cryptovm = next((n for n in nodes if n.role == "cryptovm" and n.service
+                         and attested[n.name]), None)
+        members = [n for n in nodes if attested[n.name] and n is not cryptovm]
+        with progress.step("VM network (WireGuard keys made in the guests, peers released "
+                           "by the CryptoVM VM over Trusted Passages)"):
+            try:
+                if cryptovm is not None and members:
+                    self._configure_guests([cryptovm, *members], nodes)
+                done = provision(self.paths, attested,
+                                 lambda name: self.agent(name, timeout=120),
+                                 [n.name for n in nodes],
+                                 cryptovm=cryptovm.name if cryptovm is not None else None)
+            except TestbedError as exc:  # no channel to the CryptoVM: nobody joins
+                done = Provisioned([], {n.name: f"Trusted Passages to the CryptoVM not set "
+                                        f"up: {exc}" for n in members}, {}, 0.0)
+        for node in nodes:
+            reason = done.refused.get(node.name)
+            if reason is not None and node.attested is True and node is not cryptovm:
+                node.note = f"not on the VM network: {reason}"
+        self._network = done.to_dict()
 
     def _attach_host_disks(self, nodes: list[NodeUp], progress: Progress) -> None:
         """Host-side encrypted disks, once every VM attested and the CryptoVM serves."""

@@ -3,21 +3,30 @@
 Each qemu VM has a second NIC (:mod:`testbed.qemu.domain`) on the cluster's own Linux
 bridge, ``tblab<tag>``, which has no address on the host: an isolated layer-2 segment,
 the "lab network" that VMs reach each other on. What crosses it between guests is
-WireGuard (the guests' kernel module) once the verifier side has done this, per VM,
-*after* the VM was attested (:func:`provision`):
+WireGuard (the guests' kernel module), keyed like this once the VMs attested
+(:func:`provision`):
 
 1. ``net_init``: the guest brings its lab NIC up (its own MAC and address), creates
    ``wg0`` and a private key that never leaves it, and answers its public key with a
-   quote of its vTPM over ``sha256(KEY_BINDING || fresh nonce || public key)``;
-2. that quote is verified like the VM's attestation (its registered AK, its policy,
-   recorded in the evidence log): the key is the key of a VM in an attested state;
-3. ``net_peers``: every member gets exactly the other members (public key, lab
-   endpoint, the one wg address it may speak for). A VM that failed attestation (or
-   whose key quote fails) is not a member: it gets no peers and nobody has it as one.
+   quote of its vTPM over ``sha256(KEY_BINDING || fresh nonce || public key)``, verified
+   like the VM's attestation (defence in depth: a VM whose key quote fails is not asked
+   to join);
+2. ``net_sync`` (round 1, one member after another): the guest opens an attested
+   channel (Trusted Passages) to the **CryptoVM VM**, the host splicing its TLS records
+   (:func:`testbed.qemu.relay.relay_to_cryptovm`); over it the guest registers its own
+   key, WireGuard address and lab endpoint as its account ``node.<name>`` and gets back
+   the members the CryptoVM holds (:mod:`cryptovm.network`), which it makes its peer
+   table;
+3. round 2: every member whose round-1 list lacked a later member syncs again, so each
+   ends with all the others. The host chooses no peer at any point: it has no op to set
+   them.
 
-:func:`remove_member` (a revoked node: :class:`testbed.roles.revocation.RevocationEvent`)
-gives every remaining member the list without it, which removes it from their kernels'
-peer tables. The members are kept in ``clusters/NAME/network.json``.
+A cluster without an attested CryptoVM VM gets no VM network (nobody to release the
+keys). The CryptoVM VM itself is not a member: it serves the membership, and speaks to
+the other VMs only over the channels the host relays. :func:`remove_member` (a revoked
+node: :class:`testbed.roles.revocation.RevocationEvent`; the CryptoVM guest disabled its
+account) has every remaining member sync again: the CryptoVM no longer lists it. The
+members, as the host saw them join, are kept in ``clusters/NAME/network.json``.
 
 :class:`Capture` records the frames crossing the bridge (AF_PACKET, root) to show what
 an observer of the lab network sees (docs/svd.md, "The VM network").
@@ -45,6 +54,7 @@ from attestation.encoding import b64decode
 from attestation.errors import TestbedError
 from attestation.evidence import Evidence
 from attestation.files import atomic_write
+from cryptovm.network import WG_NET  # inside WireGuard: the addresses the CryptoVM admits
 from testbed.cluster.agent import AgentClient
 from testbed.cluster.state import load_node_policy
 from testbed.cluster.verification import verify_evidence
@@ -53,17 +63,21 @@ from testbed.core.files import read_json
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.guest.net_extension import WG_PORT, key_binding_nonce
 from testbed.qemu.predict.events import QUOTED_PCRS
+from testbed.qemu.relay import relay_to_cryptovm
 from testbed.roles.revocation import RevocationEvent
 
 __all__ = [
     "LAB_NET",
+    "NO_CRYPTOVM",
     "WG_NET",
     "Capture",
     "CaptureStats",
     "Member",
     "NetworkError",
+    "Provisioned",
     "SegmentPort",
     "bridge_name",
+    "cryptovm_sync",
     "ensure_bridge",
     "load_members",
     "provision",
@@ -74,7 +88,6 @@ __all__ = [
 ]
 
 LAB_NET = ipaddress.IPv4Network("10.77.0.0/24")  # the lab segment (plain)
-WG_NET = ipaddress.IPv4Network("10.78.0.0/24")  # inside WireGuard
 MAX_MEMBERS = 200
 STATE_FILE = "network.json"
 ETH_P_ALL = 0x0003
@@ -180,19 +193,34 @@ class Member:
                 "endpoint": f"{self.lab_ip}:{WG_PORT}", "allowed_ip": f"{self.wg_ip}/32"}
 
 
-def load_members(paths: ClusterPaths) -> list[Member]:
+NO_CRYPTOVM = "no CryptoVM to release network keys"
+
+Sync = Callable[[str], dict[str, Any]]
+"""``sync(node)``: ``node``'s guest's ``net_sync`` result (its peers, as released)."""
+
+
+def _load_state(paths: ClusterPaths) -> tuple[str | None, list[Member]]:
     doc = read_json(paths.root / STATE_FILE)
     if doc is None:
-        return []
+        return None, []
     try:
-        return [Member(**entry) for entry in doc["members"]]
-    except (KeyError, TypeError):
+        cryptovm = doc.get("cryptovm")
+        if cryptovm is not None and not isinstance(cryptovm, str):
+            raise TypeError("cryptovm")
+        return cryptovm, [Member(**entry) for entry in doc["members"]]
+    except (KeyError, TypeError, AttributeError):
         raise StateError(f"{paths.root / STATE_FILE} is damaged; `testbed down` then "
                          "`testbed up` provisions the network again") from None
 
 
-def _save_members(paths: ClusterPaths, members: Iterable[Member]) -> None:
-    doc = {"members": [asdict(m) for m in sorted(members, key=lambda m: m.index)]}
+def load_members(paths: ClusterPaths) -> list[Member]:
+    return _load_state(paths)[1]
+
+
+def _save_members(paths: ClusterPaths, members: Iterable[Member],
+                  cryptovm: str | None) -> None:
+    doc = {"cryptovm": cryptovm,
+           "members": [asdict(m) for m in sorted(members, key=lambda m: m.index)]}
     atomic_write(paths.root / STATE_FILE, (json.dumps(doc, indent=1) + "\n").encode())
 
 
@@ -224,20 +252,27 @@ def join(paths: ClusterPaths, node: str, index: int, agent: AgentClient) -> Memb
     return Member(node, index, answer["public_key"], time.time())
 
 
-def distribute(members: list[Member], agents: Mapping[str, AgentClient]) -> dict[str, str]:
-    """Give every member exactly the others as peers; what each answered, by node."""
-    def push(member: Member) -> str:
-        peers = [m.peer_entry() for m in members if m.node != member.node]
+def cryptovm_sync(agent: Callable[[str], AgentClient], cryptovm: str) -> Sync:
+    """``sync(node)`` through the CryptoVM VM: ``net_sync`` on ``node``'s guest spliced
+    to the CryptoVM guest's ``cvm_attested``; a NetworkError with the guest's words
+    when the channel or the CryptoVM refused (e.g. a disabled account)."""
+    def sync(node: str) -> dict[str, Any]:
         try:
-            answer = agents[member.node].call({"op": "net_peers", "peers": peers})
+            outcome = relay_to_cryptovm(agent(node), agent(cryptovm),
+                                        {"op": "net_sync", "cryptovm": cryptovm},
+                                        node_name=node, cryptovm_name=cryptovm)
         except TestbedError as exc:
-            return f"error: {exc}"
-        return f"{len(answer.get('peers') or [])} peers, {answer.get('removed', 0)} removed"
+            raise NetworkError(f"node {node!r}: net_sync with {cryptovm}: {exc}") from None
+        view = outcome.client_view
+        if not outcome.established or not isinstance(view.get("peers"), list):
+            why = view.get("error") or outcome.server_view.get("error") or "no answer"
+            raise NetworkError(f"node {node!r}: {cryptovm} released no peers: {why}")
+        return view
+    return sync
 
-    if not members:
-        return {}
-    with ThreadPoolExecutor(min(len(members), 8), thread_name_prefix="wg-peers") as pool:
-        return dict(zip([m.node for m in members], pool.map(push, members), strict=True))
+
+def _summary(view: dict[str, Any]) -> str:
+    return f"{len(view.get('peers') or [])} peers, {view.get('removed', 0)} removed"
 
 
 @dataclass
@@ -246,22 +281,31 @@ class Provisioned:
 
     members: list[Member]
     refused: dict[str, str]  # node -> why it is not on the network
-    peers: dict[str, str]  # node -> what net_peers answered
+    peers: dict[str, str]  # node -> what its last net_sync answered
     seconds: float
+    cryptovm: str | None = None
+    syncs: int = 0  # relayed channels to the CryptoVM
 
     def to_dict(self) -> dict[str, Any]:
         return {"members": [m.node for m in self.members], "refused": self.refused,
-                "peers": self.peers, "seconds": round(self.seconds, 2)}
+                "peers": self.peers, "cryptovm": self.cryptovm, "syncs": self.syncs,
+                "seconds": round(self.seconds, 2)}
 
 
 def provision(paths: ClusterPaths, attested: Mapping[str, bool],
-              agent: Callable[[str], AgentClient], order: list[str]) -> Provisioned:
-    """Join every attested node (``attested``: node -> whether it passed), then give
-    every member its peers. A node not attested is refused and dropped from the peers."""
+              agent: Callable[[str], AgentClient], order: list[str], *,
+              cryptovm: str | None, sync: Sync | None = None) -> Provisioned:
+    """Key every attested node (``attested``: node -> whether it passed) and have it join
+    through ``cryptovm`` (the attested CryptoVM VM, its guest configured for Trusted
+    Passages; None: no VM network). A node not attested is refused."""
     started = time.monotonic()
     refused = {node: "it is not attested (rejected, or not up)" for node, ok in attested.items()
                if not ok}
-    candidates = [node for node, ok in attested.items() if ok]
+    candidates = [node for node, ok in attested.items() if ok and node != cryptovm]
+    if cryptovm is None:
+        refused.update({node: NO_CRYPTOVM for node in candidates})
+        _save_members(paths, [], None)
+        return Provisioned([], refused, {}, time.monotonic() - started)
 
     def attempt(node: str) -> Member | str:
         try:
@@ -269,25 +313,66 @@ def provision(paths: ClusterPaths, attested: Mapping[str, bool],
         except TestbedError as exc:
             return str(exc)
 
-    members = []
+    keyed = []
     if candidates:
         with ThreadPoolExecutor(min(len(candidates), 8), thread_name_prefix="wg-join") as pool:
             for node, outcome in zip(candidates, pool.map(attempt, candidates), strict=True):
                 if isinstance(outcome, Member):
-                    members.append(outcome)
+                    keyed.append(outcome)
                 else:
                     refused[node] = outcome
-    _save_members(paths, members)
-    peers = distribute(members, {m.node: agent(m.node) for m in members})
-    return Provisioned(members, refused, peers, time.monotonic() - started)
+    members, peers, syncs = _sync_rounds(keyed, sync or cryptovm_sync(agent, cryptovm),
+                                         refused)
+    _save_members(paths, members, cryptovm)
+    return Provisioned(members, refused, peers, time.monotonic() - started, cryptovm, syncs)
+
+
+def _sync_rounds(keyed: list[Member], sync: Sync, refused: dict[str, str]
+                 ) -> tuple[list[Member], dict[str, str], int]:
+    """Round 1: each joins (in turn) and takes the list so far; round 2: those whose list
+    lacks a member that joined after them sync again. One at a time: the CryptoVM guest
+    quotes for every channel, and a TCG guest gains nothing from two at once."""
+    views: dict[str, dict[str, Any]] = {}
+    syncs = 0
+    for member in keyed:
+        syncs += 1
+        try:
+            views[member.node] = sync(member.node)
+        except TestbedError as exc:
+            refused[member.node] = str(exc)
+    members = [m for m in keyed if m.node in views]
+    for member in members:
+        others = {m.node for m in members if m.node != member.node}
+        if set(views[member.node]["peers"]) != others:
+            syncs += 1
+            try:
+                views[member.node] = sync(member.node)
+            except TestbedError as exc:
+                views[member.node] = {"error": str(exc)}
+    peers = {node: (f"error: {view['error']}" if "error" in view else _summary(view))
+             for node, view in views.items()}
+    return members, peers, syncs
 
 
 def remove_member(paths: ClusterPaths, event: RevocationEvent,
-                  agent: Callable[[str], AgentClient]) -> dict[str, str]:
-    """The verifier revoked ``event.node``: every other member's peers without it."""
-    members = [m for m in load_members(paths) if m.node != event.node]
-    _save_members(paths, members)
-    return distribute(members, {m.node: agent(m.node) for m in members})
+                  agent: Callable[[str], AgentClient], sync: Sync | None = None
+                  ) -> dict[str, str]:
+    """The verifier revoked ``event.node`` (the CryptoVM guest disabled its account): it
+    leaves the host's list, and every other member syncs again from the CryptoVM, which
+    no longer releases it; what each answered, by node."""
+    cryptovm, members = _load_state(paths)
+    members = [m for m in members if m.node != event.node]
+    _save_members(paths, members, cryptovm)
+    if cryptovm is None:
+        return {}
+    sync = sync or cryptovm_sync(agent, cryptovm)
+    answered = {}
+    for member in members:
+        try:
+            answered[member.node] = _summary(sync(member.node))
+        except TestbedError as exc:
+            answered[member.node] = f"error: {exc}"
+    return answered
 
 
 # --- the capture -----------------------------------------------------------------------

@@ -1,13 +1,20 @@
 """The VM network inside a guest: a WireGuard interface whose key is made here.
 
 Runs in the guest with Debian 12's python3 (python3-cryptography 38 for X25519),
-``ip`` (iproute2) and ``wg`` (wireguard-tools) from the image, and the kernel's
-wireguard module; nothing of ``testbed``. The private key is generated here and
-handed to the kernel through ``wg``'s stdin: it is never written to a file and
-never leaves the guest. The host learns the public key only together with a quote of
-this guest's vTPM over it (``net_init``), so a key it distributes belongs to a VM in an
-attested state; which peers this guest talks to is what the host sets (``net_peers``),
-and a peer missing from that list is removed from the kernel's peer table.
+``ip`` (iproute2) and ``wg`` (wireguard-tools) from the image, the project's
+``cryptovm`` (its CVM1 stream client), and the kernel's wireguard module. The private
+key is generated here and handed to the kernel through ``wg``'s stdin: it is never
+written to a file and never leaves the guest. The host learns the public key together
+with a quote of this guest's vTPM over it (``net_init``: defence in depth, the host
+checks it before it asks the guest to join).
+
+Which peers this guest talks to is what the **CryptoVM** releases, not the host
+(:mod:`cryptovm.network`): on ``net_sync`` the guest opens an attested channel to the
+CryptoVM guest (its ``tp_extension``, cluster-CA identity; the host only splices the
+TLS records to the CryptoVM's ``cvm_attested``), registers its own public key, WireGuard
+address and lab endpoint as its account ``node.<name>`` (``net_join``), asks for the
+other members (``net_peers``: only nodes whose accounts are enabled) and makes the
+kernel's peer table exactly that list; a peer missing from it is removed.
 
 Ops added to the agent::
 
@@ -15,9 +22,11 @@ Ops added to the agent::
      "wg_address": "10.78.0.2/24", "nonce": hex, "pcrs": [int]}
         -> {"public_key": b64, "listen_port": 51820, "evidence": quote dict over
             sha256(KEY_BINDING || nonce || public key)}
-    {"op": "net_peers", "peers": [{"node", "public_key": b64, "endpoint": "IP:PORT",
-                                   "allowed_ip": "10.78.0.3/32"}]}
-        -> {"peers": [node, ...], "removed": N}
+    stream {"op": "net_sync", "cryptovm": NODE} -> {"session": hex}; then the channel;
+        its result (``tp_result``): {"role": "network", "cryptovm", "peers": [node, ...],
+        "removed": N, "refused_revoked": [node, ...], "released": [peer entries as the
+        CryptoVM answered]} or {"error": ...} (e.g. this node was revoked: the CryptoVM
+        guest's Trusted Passages refuses it, and its account ``node.<name>`` is disabled)
     {"op": "net_status"} -> {"public_key", "peers": [{"public_key", "endpoint",
                              "latest_handshake", "rx_bytes", "tx_bytes"}]}
     {"op": "net_listen", "address": IP, "port": N} -> {"listening": true}: answers one
@@ -27,14 +36,15 @@ Ops added to the agent::
 
 Revocation (docs/runtime.md): the extension listens to the agent's ledger of the
 verifier's signed decisions. A revoked node's peer entry is removed from the kernel at
-once, and ``net_peers`` never adds a peer for a node the ledger holds revoked, whatever
-the host sends; a reinstated node comes back with the next ``net_peers``.
+once, and a sync never adds a peer for a node the ledger holds revoked, whatever the
+CryptoVM answers; a reinstated node comes back with the next ``net_sync``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import re
@@ -49,21 +59,25 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from attestation.revocation import Reinstate, RevocationEvent
+from cryptovm.attested import StreamClient
 
 __all__ = ["KEY_BINDING", "GuestNetwork", "install", "key_binding_nonce"]
 
 LAB_DEV = "eth1"  # the second NIC: the cluster's lab segment (testbed/qemu/domain.py)
 WG_DEV = "wg0"
 WG_PORT = 51820
-MAX_PEERS = 32
+MAX_PEERS = 200  # as many as the CryptoVM admits members (cryptovm/network.py)
 MAX_MESSAGE = 4096
 MAX_REPEAT = 1 << 14  # a throughput run: at most 64 MiB of a 4 KiB message
 TIMEOUT_S = 30.0  # TCG guests are slow
 COMMAND_TIMEOUT_S = 20.0
 KEY_BINDING = b"testbed-wg-key-v1\0"
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_NODE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 Runner = Callable[[list[str], bytes | None], str]
+Call = Callable[..., dict[str, Any]]
+"""``call(op, **args)`` to the CryptoVM over the attested channel (a StreamClient)."""
 
 
 class Ledger(Protocol):
@@ -74,6 +88,7 @@ class GuestAgent(Protocol):
     """What this module uses of guest_agent.Agent."""
 
     handlers: dict[str, Any]
+    stream_handlers: dict[str, Any]
     revocation_listeners: dict[str, Any]
     revocations: Ledger
 
@@ -105,6 +120,7 @@ class GuestNetwork:
         self._agent = agent
         self._run = run
         self._key: X25519PrivateKey | None = None
+        self._addresses: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] | None = None
         self._peer_keys: dict[str, str] = {}  # node -> its public key, as net_peers set them
         self._lock = threading.Lock()
 
@@ -128,6 +144,7 @@ class GuestNetwork:
             if self._key is None:  # one key per boot: re-running init keeps it
                 self._key = X25519PrivateKey.generate()
                 self._create(mac, lab, wg, self._key)
+                self._addresses = (lab, wg)
             public = self._key.public_key().public_bytes(serialization.Encoding.Raw,
                                                          serialization.PublicFormat.Raw)
         evidence = self._agent.quote({"nonce": key_binding_nonce(nonce_bytes, public).hex(),
@@ -151,14 +168,50 @@ class GuestNetwork:
         run(["ip", "addr", "replace", str(wg), "dev", WG_DEV], None)
         run(["ip", "link", "set", "dev", WG_DEV, "up"], None)
 
-    def peers(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Make the kernel's peer table exactly ``peers`` (a dropped node is removed)."""
-        _only(request, {"op", "peers"})
-        given = _peer_list(request.get("peers"))
+    def sync(self, request: dict[str, Any], conn: Any, send_frame: Callable[..., None]
+             ) -> None:
+        """``net_sync``: join and fetch the peers over an attested channel to the CryptoVM."""
+        tp = getattr(self._agent, "trusted_passages", None)
+        try:
+            _only(request, {"op", "cryptovm"})
+            cryptovm = request.get("cryptovm")
+            if not isinstance(cryptovm, str) or not _NODE.fullmatch(cryptovm):
+                raise ValueError("cryptovm: the CryptoVM node's name")
+            if tp is None:
+                raise ValueError("net_sync needs the Trusted Passages extension")
+        except ValueError as exc:
+            with contextlib.suppress(OSError):
+                send_frame(conn, {"error": str(exc)})
+            conn.close()
+            return
+        tp.client_channel(conn, cryptovm, lambda channel: {
+            "cryptovm": cryptovm, **self.sync_with(StreamClient(channel.recv, channel.send).call)})
+
+    def sync_with(self, call: Call) -> dict[str, Any]:
+        """Register this guest's key with the CryptoVM, then apply the peers it releases."""
+        with self._lock:
+            if self._key is None or self._addresses is None:
+                raise ValueError("net_sync before net_init: there is no WireGuard interface")
+            lab, wg = self._addresses
+            public = base64.b64encode(self._key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+        call("net_join", public_key=public, wg_address=str(wg.ip),
+             endpoint=f"{lab.ip}:{WG_PORT}")
+        released = call("net_peers").get("peers")
+        try:
+            peers = _peer_list(released)
+        except ValueError as exc:
+            raise ValueError(f"the CryptoVM's peer list: {exc}") from None
+        # "released": what the CryptoVM answered (public keys and addresses only)
+        return {"role": "network", **self.apply(peers), "released": peers}
+
+    def apply(self, given: list[dict[str, str]]) -> dict[str, Any]:
+        """Make the kernel's peer table exactly ``given`` (validated by
+        :func:`_peer_list`), less the nodes the revocation ledger holds revoked."""
         wanted = [p for p in given if not self._agent.revocations.is_revoked(p["node"])]
         with self._lock:
             if self._key is None:
-                raise ValueError("net_peers before net_init: there is no WireGuard interface")
+                raise ValueError("peers before net_init: there is no WireGuard interface")
             current = set(self._run(["wg", "show", WG_DEV, "peers"], None).split())
             keys = {peer["public_key"] for peer in wanted}
             removed = sorted(current - keys)
@@ -181,7 +234,7 @@ class GuestNetwork:
         return {"removed_peer": key is not None}
 
     def reinstated(self, decision: Reinstate) -> dict[str, Any]:
-        return {"peer_again": f"{decision.node} with the next net_peers"}
+        return {"peer_again": f"{decision.node} with the next net_sync"}
 
     def status(self, request: dict[str, Any]) -> dict[str, Any]:
         _only(request, {"op"})
@@ -296,6 +349,7 @@ def _public_key(value: object) -> str:
 
 
 def _peer_list(value: object) -> list[dict[str, str]]:
+    """A peer list, strictly (what the CryptoVM released is checked too)."""
     if not isinstance(value, list) or len(value) > MAX_PEERS:
         raise ValueError(f"peers: a list of at most {MAX_PEERS} peers")
     peers = []
@@ -326,8 +380,10 @@ def _int(text: str) -> int:
 def install(agent: GuestAgent, send_frame: Callable[..., None]) -> GuestNetwork:
     """Add the network ops to the guest agent."""
     service = GuestNetwork(agent)
-    agent.handlers.update({"net_init": service.init, "net_peers": service.peers,
-                           "net_status": service.status, "net_listen": service.listen,
-                           "net_send": service.send})
+    agent.handlers.update({"net_init": service.init, "net_status": service.status,
+                           "net_listen": service.listen, "net_send": service.send})
+    # No op sets the peers from the host: only what the CryptoVM releases (net_sync).
+    agent.stream_handlers["net_sync"] = \
+        lambda request, conn: service.sync(request, conn, send_frame)
     agent.revocation_listeners["network"] = service
     return service
