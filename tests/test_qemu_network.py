@@ -57,12 +57,17 @@ from testbed.qemu.guest.net_extension import WG_PORT, GuestNetwork, key_binding_
 from testbed.qemu.guest.net_extension import install as net_install
 from testbed.qemu.image.build import _resolve_inside
 from testbed.qemu.network import (
+    NO_CRYPTOVM,
     Capture,
+    Member,
     NetworkError,
+    _save_members,
+    _sync_rounds,
     bridge_name,
     cryptovm_sync,
     ensure_bridge,
     load_members,
+    provision,
     remove_bridge,
     remove_member,
 )
@@ -313,6 +318,53 @@ def test_net_sync_requests_are_checked(guest: tuple[Agent, GuestNetwork, Recorde
         with near, far:
             network.sync(request, far, lambda _conn, doc, sent=sent: sent.append(doc))
         assert message in sent[0]["error"], sent
+
+
+# --- the lab side: who joins, and in which rounds ------------------------------------------
+
+
+def test_without_a_cryptovm_there_is_no_vm_network(tmp_path: Path) -> None:
+    paths = ClusterPaths(tmp_path, "netlab")
+    paths.root.mkdir(parents=True)
+
+    def no_agent(node: str) -> Any:
+        raise AssertionError(f"{node}'s guest is not asked for anything")
+    done = provision(paths, {"server": True, "client": True, "bad": False}, no_agent,
+                     ["server", "client", "bad"], cryptovm=None)
+    assert done.members == [] and done.refused == {
+        "server": NO_CRYPTOVM, "client": NO_CRYPTOVM,
+        "bad": "it is not attested (rejected, or not up)"}
+    assert load_members(paths) == []
+
+
+def test_two_rounds_give_every_member_all_the_others(tmp_path: Path) -> None:
+    """A stand-in CryptoVM: each sync joins the node and answers the members so far."""
+    paths = ClusterPaths(tmp_path, "netlab")
+    paths.root.mkdir(parents=True)
+    joined: list[str] = []
+    calls: list[str] = []
+
+    def sync(node: str) -> dict[str, Any]:
+        calls.append(node)
+        if node == "rogue":
+            raise NetworkError("node 'rogue': cryptovm released no peers: AccessDenied")
+        if node not in joined:
+            joined.append(node)
+        return {"peers": [n for n in joined if n != node], "removed": 0}
+    keyed = [Member(n, i, OTHER) for i, n in enumerate(["a", "rogue", "b", "c"], start=2)]
+    refused: dict[str, str] = {}
+    members, peers, syncs = _sync_rounds(keyed, sync, refused)
+    assert [m.node for m in members] == ["a", "b", "c"] and "AccessDenied" in refused["rogue"]
+    assert calls == ["a", "rogue", "b", "c", "a", "b"] and syncs == 6  # c had them all
+    assert peers == {"a": "2 peers, 0 removed", "b": "2 peers, 0 removed",
+                     "c": "2 peers, 0 removed"}
+    # A revocation: the remaining members sync again (the stand-in drops the node).
+    _save_members(paths, members, "cryptovm")
+    joined.remove("c")
+    answered = remove_member(paths, RevocationEvent("c", "runtime", "x", "t", 1),
+                             lambda node: None, sync)  # type: ignore[arg-type,return-value]
+    assert answered == {"a": "1 peers, 0 removed", "b": "1 peers, 0 removed"}
+    assert [m.node for m in load_members(paths)] == ["a", "b"]
 
 
 # --- the capture and the bridge (real sockets, real links) --------------------------------
