@@ -116,6 +116,30 @@ def test_server_times_out_a_client_that_sends_no_evidence(pki: Pki) -> None:
     assert failures[0].check == "timeout"
 
 
+def test_a_handshake_in_its_thread_keeps_its_deadline_and_close_drops_it(pki: Pki) -> None:
+    """The blocking server takes a connection over at its first bytes: a peer that then
+    stalls mid-ClientHello is timed out from accept (not from its bytes), and closing
+    the server drops it at once rather than waiting for that deadline."""
+    failures: list[AttestationRejected] = []
+    with serve(LOCALHOST, 0, config(pki, "server", timeout=SHORT), echo_handler,
+               on_failure=failures.append) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"\x16\x03\x01")  # a record header, then nothing
+            assert sock.recv(1) == b""
+            assert SHORT * 0.8 < time.monotonic() - started < SHORT + 2
+        assert [f.check for f in failures] == ["timeout"]
+    server = serve(LOCALHOST, 0, config(pki, "server", timeout=30), echo_handler)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01")
+        time.sleep(0.2)  # handed to its thread
+        assert server.connections == 1
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 2
+        assert sock.recv(1) == b""
+
+
 def test_connect_times_out_on_a_silent_server(pki: Pki, silent_listener: socket.socket) -> None:
     started = time.monotonic()
     with pytest.raises(AttestationRejected) as caught:
