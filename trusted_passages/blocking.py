@@ -154,9 +154,15 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
-            # After the flush: quote while the server quotes, in a thread, so that the
-            # server's evidence is validated meanwhile.
-            core.prepare_evidence(submit=_QUOTES.submit)
+            # After the flush: quote while the server quotes. With tpv1.2 the evidence
+            # leaves at once (the server validates it while we validate its own), so
+            # quote here; else in a thread, so that the server's evidence is
+            # validated meanwhile.
+            if core.concurrent:
+                core.prepare_evidence()
+                _flush_quietly(sock, core)
+            else:
+                core.prepare_evidence(submit=_QUOTES.submit)
             raise_failure(events)
             arrived = established(events)
             if arrived is not None:
