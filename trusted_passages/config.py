@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL, crypto
 
 from trusted_passages.envelope import PROFILES, Profile, Role
-from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator
+from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator, spki_digest
 from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
 from trusted_passages.protocol import (
@@ -59,6 +59,8 @@ class ChannelConfig:
                                               compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
                                   compare=False)
+    _derived: dict[str, bytes] = field(default_factory=dict, init=False, repr=False,
+                                       compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ca_certificates", tuple(self.ca_certificates))
@@ -90,7 +92,16 @@ class ChannelConfig:
     def connection(self, role: Role) -> TrustedPassagesConnection:
         return TrustedPassagesConnection(role, self.profile, self.ssl_context(role),
                                          self.issuer, self.validator,
-                                         expected_peer=self.expected_peer)
+                                         expected_peer=self.expected_peer,
+                                         own_spki=self._own_spki)
+
+    @property
+    def _own_spki(self) -> bytes:
+        """SHA-256 of this node's certificate's SPKI (what its quotes bind), once."""
+        with self._lock:
+            if "own_spki" not in self._derived:
+                self._derived["own_spki"] = spki_digest(self.certificate)
+            return self._derived["own_spki"]
 
     def _build_context(self, role: Role) -> SSL.Context:
         method = SSL.TLS_SERVER_METHOD if role == "server" else SSL.TLS_CLIENT_METHOD

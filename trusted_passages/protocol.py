@@ -118,7 +118,7 @@ class TrustedPassagesConnection:
 
     def __init__(self, role: Role, profile: Profile, ssl_context: SSL.Context,
                  issuer: Issuer, validator: Validator, *,
-                 expected_peer: str | None = None) -> None:
+                 expected_peer: str | None = None, own_spki: bytes | None = None) -> None:
         if role not in ROLES or profile not in PROFILES:
             raise ValueError(f"role must be one of {ROLES}, profile one of {PROFILES}")
         self.role: Role = role
@@ -135,7 +135,10 @@ class TrustedPassagesConnection:
         self._state = State.HANDSHAKING
         self._decoder = FrameDecoder()
         self._out = bytearray()
-        self._own_binding = self._peer_binding = self._own_spki = self._peer_spki = b""
+        self._own_binding = self._peer_binding = self._peer_spki = b""
+        # The SPKI digest of the context's own certificate, when the caller knows it
+        # (ChannelConfig does): not re-derived from the session per connection.
+        self._own_spki = own_spki or b""
         self._scanner = self._classic_scanner() if profile == "classic" else None
         # The client's evidence, produced early by prepare_evidence() and held back
         # until the server's evidence has passed (fail closed).
@@ -317,13 +320,14 @@ class TrustedPassagesConnection:
         except VerificationError as exc:
             self._fail(exc.check, exc.reason, events)
             return
-        own_cert = own_certificate(self._tls)
-        assert own_cert is not None  # the handshake completed with it
+        if not self._own_spki:
+            own_cert = own_certificate(self._tls)
+            assert own_cert is not None  # the handshake completed with it
+            self._own_spki = certificate_facts(own_cert).spki_digest
         self.peer_certificate = peer_cert
         alpn = self._tls.get_alpn_proto_negotiated()
         self.concurrent = alpn == CONCURRENT_ALPN
         self.pipelined = alpn in (PIPELINING_ALPN, CONCURRENT_ALPN)
-        self._own_spki = certificate_facts(own_cert).spki_digest
         self._peer_spki = certificate_facts(peer_cert).spki_digest
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
@@ -416,6 +420,8 @@ class TrustedPassagesConnection:
                 return
             self._scan(chunk, incoming=False)
             self._out += chunk
+            if len(chunk) < _OUT_CHUNK:  # a memory BIO gives all it has: drained
+                return
 
     def _shutdown_tls(self) -> None:
         with contextlib.suppress(SSL.Error):  # after a fatal alert there is no session left
