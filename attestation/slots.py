@@ -8,6 +8,12 @@ attested, or busy with a request) have no rank and are never evicted; when all s
 hold such connections, the newcomer is refused. So a flood of idle or slow
 connections from anyone can delay a genuine client by one eviction, not lock it out.
 
+A slot may carry a ``reassess`` probe (e.g. "have bytes arrived that the listener has not
+read yet?", a non-blocking peek): it is asked before its slot would be evicted, and a
+new rank it returns is taken instead (the connection moved on unseen: a genuine
+client whose ClientHello arrived after accept, while a busy listener had not yet read
+it, must not be evicted as silent).
+
 Each slot also carries the deadline of its current step (counted from accept for
 the first step, from the end of the previous one after that; never reset by a byte
 arriving): :meth:`ConnectionSlots.expire` drops the slots whose deadline passed.
@@ -33,6 +39,7 @@ __all__ = ["CLOSING", "EVICTED", "EXPIRED", "ConnectionSlots", "Drop", "Slot", "
 
 Clock = Callable[[], float]
 Drop = Callable[[str], None]
+Reassess = Callable[[], int | None]  # a better rank now, or None
 EVICTED = "evicted"  # made room for a newcomer
 EXPIRED = "expired"  # its step deadline passed
 CLOSING = "closing"  # the listener is shutting down
@@ -48,6 +55,7 @@ class Slot:
     rank: int | None
     since: float  # when it entered its current rank: the oldest is evicted first
     active: bool = True  # False once released, evicted or expired
+    reassess: Reassess | None = field(default=None, repr=False)  # asked before eviction
 
 
 class ConnectionSlots:
@@ -71,13 +79,14 @@ class ConnectionSlots:
         with self._lock:
             return len(self._slots)
 
-    def admit(self, drop: Drop, *, timeout: float | None,
-              rank: int | None = 0) -> Slot | None:
+    def admit(self, drop: Drop, *, timeout: float | None, rank: int | None = 0,
+              reassess: Reassess | None = None) -> Slot | None:
         """A slot for a new connection, evicting if full; None: refuse the newcomer."""
         now = self._clock()
-        slot = Slot(drop, now, None if timeout is None else now + timeout, rank, now)
+        slot = Slot(drop, now, None if timeout is None else now + timeout, rank, now,
+                    reassess=reassess)
         with self._lock:
-            victim = self._victim() if len(self._slots) >= self.limit else None
+            victim = self._victim(now) if len(self._slots) >= self.limit else None
             if len(self._slots) >= self.limit and victim is None:
                 self.refused += 1
                 return None
@@ -94,6 +103,7 @@ class ConnectionSlots:
         now = self._clock()
         with self._lock:
             slot.deadline = None if timeout is None else now + timeout
+            slot.reassess = None  # the listener has seen it move on
             if slot.rank != rank:
                 slot.rank, slot.since = rank, now
 
@@ -128,9 +138,15 @@ class ConnectionSlots:
             deadlines = [s.deadline for s in self._slots if s.deadline is not None]
         return min(deadlines, default=None)
 
-    def _victim(self) -> Slot | None:
-        ranked = [s for s in self._slots if s.rank is not None]
-        return min(ranked, key=_eviction_order, default=None)
+    def _victim(self, now: float) -> Slot | None:
+        ranked = sorted((s for s in self._slots if s.rank is not None), key=_eviction_order)
+        for slot in ranked:
+            better = slot.reassess() if slot.reassess is not None else None
+            if better is None or better <= (slot.rank or 0):
+                return slot
+            slot.rank, slot.since, slot.reassess = better, now, None  # asked once
+        return min((s for s in ranked if s.rank is not None), key=_eviction_order,
+                   default=None)
 
     def _remove(self, slot: Slot) -> None:
         if slot in self._slots:

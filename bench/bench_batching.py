@@ -34,11 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_trusted_passages import (
     ServerProcess,
-    measure_attested,
-    measure_parts,
-    measure_plain,
     p50,
     p99,
+    print_latency,
+    side_by_side,
     timed,
 )
 
@@ -261,20 +260,11 @@ def figure_2(lab: Lab, args: argparse.Namespace, unbatched: Mode, window: float,
 
 
 def figure_3(lab: Lab) -> None:
+    """The same figure as bench_trusted_passages.py's first (one run, interleaved)."""
     print("3. plain swtpm (no latency model), one client at a time")
-    quote, verify = measure_parts(lab, 100)
     client_cfg = lab.tp_config("client", peer="server")
     with ServerProcess(lab, 1) as (plain_port, tp_port):
-        plain = measure_plain(plain_port, client_cfg, 200)
-        attested = measure_attested(tp_port, client_cfg, 200)
-    floor = p50(plain) + p50(quote) + 2 * p50(verify)
-    print(f"    plain mutual TLS 1.3         p50 {p50(plain):6.2f} ms   p99 "
-          f"{p99(plain):6.2f} ms")
-    print(f"    Trusted Passages (tp13)      p50 {p50(attested):6.2f} ms   p99 "
-          f"{p99(attested):6.2f} ms   ratio {p50(attested) / p50(plain):.1f}x")
-    print(f"    one quote {p50(quote):.2f} ms, one verification {p50(verify):.2f} ms; floor "
-          f"plain + quote + 2 verifications = {floor:.2f} ms; attested - floor = "
-          f"{p50(attested) - floor:+.2f} ms (goal within 0.5 ms)")
+        print_latency(side_by_side(lab, plain_port, tp_port, client_cfg, 200))
 
 
 if __name__ == "__main__":

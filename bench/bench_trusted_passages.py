@@ -13,11 +13,18 @@
 Both nodes have their own swtpm (ECC P-256 AKs), a simulated measured boot, and
 policies with PCR values and events, exactly as in the attack lab.
 
+``--pin`` runs figure 1 with one CPU per side (the client process and its swtpm on CPU
+0, the server process and its swtpm on CPU 1): two machines, as deployed, on one box.
+Without it both sides share both cores, so the two quotes that overlap in a handshake
+(and everything else the two sides do at once) slow each other, which the floor, made of
+parts measured one at a time, does not see.
+
 ``--profile`` prints instead where one handshake's time goes: each step on one time
 line (both processes stamp the machine's monotonic clock), and a cProfile of both cores
 driven in one thread (the CPU work, without the waits).
 
-Run: .venv/bin/python bench/bench_trusted_passages.py [--n 200] [--seconds 5] [--profile]
+Run: .venv/bin/python bench/bench_trusted_passages.py [--n 200] [--seconds 5] [--pin]
+[--profile]
 (about a minute unattended; report the machine load, ``uptime``, beside the figures).
 """
 
@@ -77,23 +84,30 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="concurrency run length")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--idle", type=int, default=500, help="flood size for figure 3")
+    parser.add_argument("--pin", action="store_true",
+                        help="figure 1 with one core per side (client and its swtpm on CPU 0, "
+                             "server and its swtpm on CPU 1): two machines, as deployed")
     parser.add_argument("--profile", action="store_true",
                         help="where the time of one handshake goes, instead of the figures")
     args = parser.parse_args()
     print(f"machine load (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.profile:
-        profile(args.n)
+        profile(args.n, pin=args.pin)
         return
     with Lab() as lab:
         client_cfg = lab.tp_config("client", peer="server")
-        with ServerProcess(lab, args.clients) as (plain_port, tp_port):
+        if args.pin:
+            pin_sides(lab)
+        with ServerProcess(lab, args.clients, pin=args.pin) as (plain_port, tp_port):
             figures = side_by_side(lab, plain_port, tp_port, client_cfg, args.n)
+            if args.pin:
+                os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the rest: shared
             attested = figures["tp13"]
             rate = measure_concurrent(tp_port, client_cfg, args.clients, args.seconds)
             with SustainedFlood(tp_port, args.idle) as flood:
                 flooded = measure_attested(tp_port, client_cfg, max(20, args.n // 4))
             drops = flood.reopened
-    print_latency(figures)
+    print_latency(figures, pinned=args.pin)
     print(f"attested handshakes with {args.clients} concurrent clients: {rate:.0f} /s "
           f"({args.seconds:.0f} s run, 2 cores, one TPM per side)")
     print("genuine attested handshake, server with 64 slots (blocking adapter, own process)")
@@ -146,12 +160,14 @@ def side_by_side(lab: Lab, plain_port: int, tp_port: int, client_cfg,  # type: i
     return {name: sorted(values) for name, values in samples.items()}
 
 
-def print_latency(figures: dict[str, list[float]]) -> None:
+def print_latency(figures: dict[str, list[float]], *, pinned: bool = False) -> None:
     plain, attested = figures["plain"], figures["tp13"]
     quote, verify = figures["quote"], figures["verify"]
     floor = {f: f(plain) + f(quote) + 2 * f(verify) for f in (p50, p99)}
+    where = ("one CPU per side (--pin)" if pinned
+             else "both sides sharing both CPUs")
     print("tp13 handshake over loopback TCP until the first application reply, same OpenSSL "
-          f"contexts, certificates and keys ({len(plain)} of each, interleaved)")
+          f"contexts, certificates and keys ({len(plain)} of each, interleaved; {where})")
     print(f"  plain mutual TLS 1.3        p50 {p50(plain):6.2f} ms   p99 {p99(plain):6.2f} ms")
     print(f"  Trusted Passages (tp13)     p50 {p50(attested):6.2f} ms   p99 {p99(attested):6.2f} ms"
           f"   ratio {p50(attested) / p50(plain):.1f}x  (request pipelined behind the "
@@ -169,12 +185,25 @@ def print_latency(figures: dict[str, list[float]]) -> None:
     print(f"  goal: tp13 within 0.5 ms of the floor (p50): {verdict}")
 
 
+CLIENT_CPU, SERVER_CPU = 0, 1
+
+
+def pin_sides(lab: Lab) -> None:
+    """The two-machine model on one box: this (client) process and the client's swtpm on
+    one CPU, the server's swtpm (and, once forked, the server process) on the other, so
+    that one side's quote or validation never takes CPU from the other's."""
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    os.sched_setaffinity(lab.nodes["client"].swtpm.pid, {CLIENT_CPU})
+    os.sched_setaffinity(lab.nodes["server"].swtpm.pid, {SERVER_CPU})
+
+
 class ServerProcess:
     """Bob's server in its own process, as on a real node (its own interpreter and GIL):
     a plain mTLS server and a Trusted Passages server on the same contexts and keys."""
 
-    def __init__(self, lab: Lab, clients: int, *, stamps: bool = False) -> None:
-        self._lab, self._clients, self._stamps = lab, clients, stamps
+    def __init__(self, lab: Lab, clients: int, *, stamps: bool = False,
+                 pin: bool = False) -> None:
+        self._lab, self._clients, self._stamps, self._pin = lab, clients, stamps, pin
         self._stop = multiprocessing.get_context("fork").Event()
         self.stamps: list[dict[str, float]] = []  # the server's, with stamps=True
 
@@ -190,6 +219,8 @@ class ServerProcess:
         return ports
 
     def _run(self, pipe) -> None:  # type: ignore[no-untyped-def]
+        if self._pin:
+            os.sched_setaffinity(0, {SERVER_CPU})
         node = self._lab.nodes["server"]
         client = TpmClient(node.swtpm.tcti)
         issuer = TpmIssuer(client, "server", node.selection, event_log=node.event_log)
@@ -312,12 +343,14 @@ def measure_concurrent(port: int, client_cfg, clients: int,  # type: ignore[no-u
         return sum(done) / (time.perf_counter() - start)
 
 
-def profile(n: int) -> None:
+def profile(n: int, *, pin: bool = False) -> None:
     """The step-by-step time line of ``n`` handshakes, then a cProfile of the cores."""
     stamps = Stamps()
     with Lab() as lab:
         client_cfg = lab.tp_config("client", peer="server")
-        server = ServerProcess(lab, 1, stamps=True)
+        if pin:
+            pin_sides(lab)
+        server = ServerProcess(lab, 1, stamps=True, pin=pin)
         with server as (_, tp_port):
             restore = stamps.install()  # after the fork: the server patches its own copy
             for _ in range(n + 5):

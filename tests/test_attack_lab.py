@@ -18,7 +18,7 @@ from testbed.attacks.scenarios import SCENARIOS, genuine
 
 EXPECTED_CHECK = {
     "toctou": ("ak_trust", "client"),
-    "mitm": ("qualifying_data", "client"),
+    "mitm": ("qualifying_data", "server"),
     "impersonation": ("ak_trust", "server"),
     "replay": ("qualifying_data", "server"),
     "cuckoo": ("ak_trust", "client"),

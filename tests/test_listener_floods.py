@@ -343,3 +343,28 @@ def test_slots_evict_the_least_proven_oldest_first_and_refuse_when_all_are_prove
     slots.release(c)
     slots.release(c)  # idempotent
     assert len(slots) == 2 and not c.active
+
+
+def test_a_silent_slot_that_spoke_unseen_is_ranked_up_before_it_would_be_evicted() -> None:
+    """A genuine client's ClientHello may arrive after accept, before a busy listener reads
+    it: asked before eviction, its slot moves up, and the next silent one goes instead."""
+    now = [0.0]
+    slots = ConnectionSlots(2, clock=lambda: now[0])
+    dropped: list[str] = []
+    spoke = {"genuine": False}
+
+    def admit(name: str, reassess=None) -> Slot | None:  # type: ignore[no-untyped-def]
+        now[0] += 1
+        return slots.admit(lambda why: dropped.append(name), timeout=10, rank=0,
+                           reassess=reassess)
+
+    admit("genuine", lambda: 1 if spoke["genuine"] else None)
+    admit("flood-1")
+    spoke["genuine"] = True  # its first bytes wait unread
+    assert admit("flood-2") is not None and dropped == ["flood-1"]
+    assert admit("flood-3") is not None and dropped == ["flood-1", "flood-2"]
+    now[0] += 1
+    silent = admit("flood-4")
+    assert silent is not None and dropped[-1] == "flood-3"
+    slots.step(silent, timeout=None, rank=2)
+    assert admit("flood-5") is not None and dropped[-1] == "genuine"  # ranked 1, oldest left

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -116,6 +117,30 @@ def test_server_times_out_a_client_that_sends_no_evidence(pki: Pki) -> None:
     assert failures[0].check == "timeout"
 
 
+def test_a_handshake_in_its_thread_keeps_its_deadline_and_close_drops_it(pki: Pki) -> None:
+    """The blocking server takes a connection over at its first bytes: a peer that then
+    stalls mid-ClientHello is timed out from accept (not from its bytes), and closing
+    the server drops it at once rather than waiting for that deadline."""
+    failures: list[AttestationRejected] = []
+    with serve(LOCALHOST, 0, config(pki, "server", timeout=SHORT), echo_handler,
+               on_failure=failures.append) as server:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"\x16\x03\x01")  # a record header, then nothing
+            assert sock.recv(1) == b""
+            assert SHORT * 0.8 < time.monotonic() - started < SHORT + 2
+        assert [f.check for f in failures] == ["timeout"]
+    server = serve(LOCALHOST, 0, config(pki, "server", timeout=30), echo_handler)
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01")
+        time.sleep(0.2)  # handed to its thread
+        assert server.connections == 1
+        started = time.monotonic()
+        server.close()
+        assert time.monotonic() - started < 2
+        assert sock.recv(1) == b""
+
+
 def test_connect_times_out_on_a_silent_server(pki: Pki, silent_listener: socket.socket) -> None:
     started = time.monotonic()
     with pytest.raises(AttestationRejected) as caught:
@@ -194,14 +219,16 @@ def test_a_pipelined_first_message_is_served_and_a_refused_ones_never_is(pki: Pk
 
 
 def test_a_forked_child_quotes_in_threads_of_its_own(pki: Pki) -> None:
-    """The client's quote thread pool is per process: a child forked after the parent
-    connected (its pool's threads left behind) still connects."""
+    """The client's quote thread pool (tpv1.1: without concurrent evidence) is per
+    process: a child forked after the parent connected (its pool's threads left behind)
+    still connects."""
+    client = replace(config(pki, "client"), concurrent_evidence=False)
     with serve(LOCALHOST, 0, config(pki, "server"), echo_handler) as server:
-        with connect(*server.address, config(pki, "client"), first_message=b"a") as ch:
-            assert ch.recv() == b"a"
+        with connect(*server.address, client, first_message=b"a") as ch:
+            assert ch.recv() == b"a" and not ch._core.concurrent
 
         def child() -> None:
-            with connect(*server.address, config(pki, "client"), first_message=b"b") as c:
+            with connect(*server.address, client, first_message=b"b") as c:
                 os._exit(0 if c.recv() == b"b" else 1)
 
         process = multiprocessing.get_context("fork").Process(target=child)
@@ -210,6 +237,36 @@ def test_a_forked_child_quotes_in_threads_of_its_own(pki: Pki) -> None:
         if process.exitcode is None:
             process.kill()
         assert process.exitcode == 0
+
+
+@pytest.mark.parametrize(("client_side", "server_side"),
+                         [(True, True), (True, False), (False, True)])
+def test_tpv1_2_and_tpv1_1_peers_interoperate_on_both_adapters(
+        pki: Pki, client_side: bool, server_side: bool) -> None:
+    """Concurrent evidence (tpv1.2) is used only when both sides offer it; a tpv1.1 peer
+    on either side gets the older order, through both adapters."""
+    client = replace(config(pki, "client"), concurrent_evidence=client_side)
+    server_config = replace(config(pki, "server"), concurrent_evidence=server_side)
+    with serve(LOCALHOST, 0, server_config, echo_handler) as server, \
+            connect(*server.address, client, first_message=b"ping") as ch:
+        assert ch.recv() == b"ping"
+        assert ch._core.concurrent is (client_side and server_side)
+
+    async def scenario() -> None:
+        async def handler(channel: AsyncAttestedChannel) -> None:
+            await channel.send(await channel.recv())
+
+        aio_server = await start_server(LOCALHOST, 0, server_config, handler)
+        port = aio_server.sockets[0].getsockname()[1]
+        try:
+            async with await open_channel(LOCALHOST, port, client,
+                                          first_message=b"pong") as ch:
+                assert await ch.recv() == b"pong"
+        finally:
+            aio_server.close()
+            await aio_server.wait_closed()
+
+    asyncio.run(scenario())
 
 
 # --- asyncio ------------------------------------------------------------------------------------

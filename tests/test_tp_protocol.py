@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ from trusted_passages.frames import (
 )
 from trusted_passages.interfaces import PeerEvidence, spki_digest
 from trusted_passages.pki import CertificateAuthority, generate_key, issue_certificate, make_ca
-from trusted_passages.protocol import EXPORTER_LABEL, State
+from trusted_passages.protocol import EXPORTER_LABEL, PIPELINING_ALPN, State
 from trusted_passages.records import (
     HandshakeScanner,
     HandshakeType,
@@ -518,8 +518,8 @@ def test_data_after_client_evidence_is_a_violation_without_tpv1_1(
 
 def test_pipelined_data_reaches_the_application_only_after_the_evidence_passed(
         pki: Pki) -> None:
-    core, raw, _ = handshake_raw_client(pki)  # offers tpv1.1, as ChannelConfig does
-    assert core.pipelined
+    core, raw, _ = handshake_raw_client(pki, alpn=[PIPELINING_ALPN])  # a tpv1.1 client
+    assert core.pipelined and not core.concurrent
     raw.send(encode_frame(FrameType.EVIDENCE, raw.own_evidence("client", "client"))
              + b"piggybacked")
     _, events = pump(raw, core)
@@ -903,3 +903,92 @@ def test_only_the_tpm_module_reaches_the_verifier_side(module: str) -> None:
 def test_the_import_rule_check_sees_the_tpm_module() -> None:
     assert _reachable("trusted_passages.tpm") >= VERIFIER_SIDE - {"trusted_passages.tpm"}
     assert "trusted_passages.tpm" in _reachable("trusted_passages")
+
+
+# --- concurrent evidence (ALPN tpv1.2) -------------------------------------------------------
+
+
+def to_client_finished(server: TrustedPassagesConnection,
+                       client: TrustedPassagesConnection) -> None:
+    """Up to the client's TLS handshake done (its Finished not yet delivered)."""
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert client.state is State.AWAIT_EVIDENCE
+
+
+def test_tpv1_2_server_accepts_then_is_established_only_on_the_clients_finished(pki: Pki) -> None:
+    core, raw, _ = handshake_raw_client(pki)  # offers tpv1.2, as ChannelConfig does
+    assert core.concurrent and core.pipelined
+    raw.send(encode_frame(FrameType.EVIDENCE, raw.own_evidence("client", "client")))
+    _, events = pump(raw, core)
+    assert kinds(events) == ["PeerVerified"] and core.state is State.AWAIT_FINISHED
+    assert raw.plaintext.endswith(encode_frame(FrameType.FINISHED))  # it accepts the client
+    assert core.waiting_for == "the client's FINISHED"
+    with pytest.raises(ProtocolError, match="not established"):
+        core.send(b"too early")
+    raw.send(encode_frame(FrameType.FINISHED) + b"request")
+    _, events = pump(raw, core)
+    assert kinds(events) == ["Established", "ApplicationData"]
+    assert events[1] == ApplicationData(b"request")
+
+
+@pytest.mark.parametrize("after_evidence", [b"data before FINISHED", b""])
+def test_tpv1_2_client_finished_out_of_order_is_a_protocol_failure(
+        pki: Pki, after_evidence: bytes) -> None:
+    core, raw, _ = handshake_raw_client(pki)
+    if after_evidence:  # bytes that are no frame where the client's FINISHED belongs
+        raw.send(encode_frame(FrameType.EVIDENCE, raw.own_evidence("client", "client"))
+                 + after_evidence)
+    else:  # FINISHED before any evidence
+        raw.send(encode_frame(FrameType.FINISHED))
+    _, events = pump(raw, core)
+    assert failure(events).check == "protocol" and not core.established and core.closed
+
+
+def test_tpv1_2_client_sends_its_evidence_as_soon_as_it_is_made(pki: Pki) -> None:
+    issuer = FakeIssuer(KEY, "client")
+    server, client = pair(pki, client={"issuer": issuer})
+    client.send_first(b"GET /")
+    to_client_finished(server, client)
+    assert client.concurrent and client.state is State.AWAIT_EVIDENCE
+    client.prepare_evidence()
+    assert len(issuer.issued) == 1  # its EVIDENCE leaves behind its TLS Finished, before
+    server_events = server.receive_data(client.data_to_send())  # the server's was seen
+    assert kinds(server_events) == ["HandshakeComplete", "PeerVerified"]
+    assert server.state is State.AWAIT_FINISHED  # validated while the client validates
+    client_events, more = pump(client, server)
+    assert kinds(client_events) == ["PeerVerified", "Established"]
+    assert kinds(server_events + more) == ["HandshakeComplete", "PeerVerified", "Established",
+                                           "ApplicationData"]
+    assert more[-1] == ApplicationData(b"GET /")
+
+
+def test_tpv1_2_client_refusing_the_server_leaves_it_unestablished(pki: Pki) -> None:
+    server, client = pair(pki, server={"state": "tampered"})
+    to_client_finished(server, client)
+    client.prepare_evidence()
+    server.receive_data(client.data_to_send())
+    assert server.state is State.AWAIT_FINISHED  # the client's evidence passed
+    assert not server.established
+    client_events, server_events = pump(client, server)
+    assert failure(client_events).check == "policy"
+    assert failure(server_events).by_peer and not server.established and server.closed
+
+
+@pytest.mark.parametrize("concurrent_side", ["client", "server"])
+def test_a_side_without_concurrent_evidence_gets_tpv1_1(pki: Pki, concurrent_side: str) -> None:
+    issuer = FakeIssuer(KEY, "client")
+    configs = {role: replace(pki.config(role, issuer=issuer if role == "client" else None),
+                             concurrent_evidence=role == concurrent_side)
+               for role in ("client", "server")}
+    server, client = configs["server"].connection("server"), configs["client"].connection(
+        "client")
+    to_client_finished(server, client)
+    assert client.pipelined and not client.concurrent and not server.concurrent
+    finished = client.data_to_send()  # its TLS Finished only
+    client.prepare_evidence()
+    assert len(issuer.issued) == 1 and client.data_to_send() == b""  # held back
+    server_events = server.receive_data(finished)
+    client_events, more = pump(client, server)
+    assert kinds(client_events) == ["PeerVerified", "Established"]
+    assert kinds(server_events + more) == ["HandshakeComplete", "PeerVerified", "Established"]

@@ -336,7 +336,9 @@ def test_mitm_relaying_evidence_is_caught_by_qualifying_data(
         connect(*proxy.address, config)
     assert caught.value.check == "qualifying_data" and not caught.value.by_peer
     observed.wait()
-    assert observed.failures[0].check == "qualifying_data" and observed.failures[0].by_peer
+    # The server catches it too: with concurrent evidence (tpv1.2) the client's relayed
+    # evidence reaches it before the client's refusal does, and its own check fails.
+    assert observed.failures[0].check == "qualifying_data"
     assert proxy.relayed > 0 and observed.peers == []
 
 

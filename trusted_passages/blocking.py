@@ -1,11 +1,13 @@
 """Blocking sockets adapter: moves bytes between a socket and the sans-IO core.
 
 ``connect`` returns an :class:`AttestedChannel` once both sides are attested;
-``serve`` accepts connections and establishes them all on one event-loop thread
-(:mod:`trusted_passages.listener`: per-step deadlines, bounded slots, eviction of the
-oldest handshaking connection), then hands each established channel to a handler on
-a bounded pool of worker threads. Every wait has a deadline (``ChannelConfig.timeout``):
-a peer that stays silent during the exchange gets an ERROR "timeout waiting for ...".
+``serve`` accepts connections on one event-loop thread, which holds each one until its
+first bytes arrive (:mod:`trusted_passages.listener`: bounded slots, eviction of the
+oldest handshaking connection, silent connections cost no thread), then hands it to a
+worker thread that runs the whole exchange and then the handler: no thread hand-over
+on the handshake's critical path, as in a thread-per-connection TLS server. Every
+wait has a deadline (``ChannelConfig.timeout``, per protocol step): a peer that stays
+silent during the exchange gets an ERROR "timeout waiting for ...".
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from attestation.slots import Slot
 from trusted_passages.config import ChannelConfig
-from trusted_passages.errors import ProtocolError
+from trusted_passages.errors import AttestationRejected, ProtocolError
 from trusted_passages.events import Inbox, established, raise_failure, rejected
 from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.listener import (
     DEFAULT_MAX_CONNECTIONS,
     READ_SIZE,
+    Accepted,
     FailureHandler,
     Listener,
     no_delay,
+    report_failure,
 )
-from trusted_passages.protocol import TrustedPassagesConnection
+from trusted_passages.protocol import State, TrustedPassagesConnection
 
 __all__ = ["AttestedChannel", "FailureHandler", "Handler", "Server", "connect", "establish",
            "raise_failure", "rejected", "serve"]
@@ -151,15 +154,54 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
-            # After the flush: quote while the server quotes, in a thread, so that the
-            # server's evidence is validated meanwhile.
-            core.prepare_evidence(submit=_QUOTES.submit)
+            # After the flush: quote while the server quotes. With tpv1.2 the evidence
+            # leaves at once (the server validates it while we validate its own), so
+            # quote here; else in a thread, so that the server's evidence is
+            # validated meanwhile.
+            if core.concurrent:
+                core.prepare_evidence()
+                _flush_quietly(sock, core)
+            else:
+                core.prepare_evidence(submit=_QUOTES.submit)
             raise_failure(events)
             arrived = established(events)
             if arrived is not None:
                 return AttestedChannel(sock, core, *arrived, timeout)
             if core.closed:
                 raise ProtocolError("the connection closed during the exchange")
+
+
+def establish_accepted(accepted: Accepted, timeout: float,
+                       on_failure: FailureHandler | None = None) -> AttestedChannel:
+    """The server's side of :func:`establish`, in the thread the listener handed the
+    connection to: its first bytes are in ``accepted``, the TLS step ends at its
+    deadline (from accept), each later step gets ``timeout`` seconds. ``on_failure``
+    hears of a refusal (in this thread) before AttestationRejected is raised."""
+    sock, core = accepted.sock, accepted.core
+    data, deadline = accepted.data, accepted.deadline
+    while True:
+        waiting = core.state
+        events = core.receive_data(data)
+        _flush_quietly(sock, core)
+        report_failure(events, on_failure)
+        raise_failure(events)
+        arrived = established(events)
+        if arrived is not None:
+            return AttestedChannel(sock, core, *arrived, timeout)
+        if core.closed:
+            raise ProtocolError("the connection closed during the exchange")
+        if core.state is not waiting:
+            deadline = time.monotonic() + timeout
+            if waiting is State.HANDSHAKING:
+                accepted.proven()
+        try:
+            data = _recv_until(sock, deadline, core.waiting_for)
+        except ProtocolError:
+            events = core.timeout()
+            _flush_quietly(sock, core)
+            report_failure(events, on_failure)
+            raise_failure(events)
+            raise
 
 
 def _recv_until(sock: socket.socket, deadline: float, what: str) -> bytes:
@@ -197,11 +239,13 @@ Handler = Callable[[AttestedChannel], None]
 
 
 class Server:
-    """Establishes channels on one event-loop thread; handlers run on worker threads.
+    """Accepts on one event-loop thread; each connection that speaks gets a worker
+    thread, which establishes the channel and then runs the handler.
 
-    ``max_connections`` bounds the connections held at once, established or not;
-    ``workers`` the handlers running at once. ``on_failure`` runs for each channel
-    refused, on the worker thread that ran the refusing validation (off the loop).
+    ``max_connections`` bounds the connections held at once, established or not (and
+    so the worker threads); ``workers`` the handlers running at once (more established
+    channels wait their turn). ``on_failure`` runs for each channel refused, on the
+    worker thread that ran the refusing step.
     """
 
     def __init__(self, listener: socket.socket, config: ChannelConfig, handler: Handler, *,
@@ -211,13 +255,14 @@ class Server:
         self._config = config
         self._handler = handler
         self._on_failure = on_failure
-        self._workers = _Workers(workers)
+        if workers < 1:
+            raise ValueError("at least one worker thread is needed")
+        # One thread per connection past its first bytes; slots bound them. A batched
+        # quote holds its thread for the batch window, so every connection in flight
+        # needs its own, or the pool caps the batch.
+        self._workers = _Workers(max_connections)
+        self._handlers = threading.BoundedSemaphore(workers)
         self._loop = asyncio.new_event_loop()
-        # Core calls (a quote, a validation) run off the loop; a batched quote holds its
-        # thread for the batch window, so the pool must fit every connection in flight,
-        # or it caps the batch (asyncio's default is min(32, CPUs + 4) threads).
-        self._loop.set_default_executor(ThreadPoolExecutor(max_connections,
-                                                           thread_name_prefix="tp-core"))
         self._thread = threading.Thread(target=self._loop.run_forever, name="tp-listener",
                                         daemon=True)
         self._thread.start()
@@ -263,8 +308,8 @@ class Server:
         self.close()
 
     async def _listen(self, sock: socket.socket, max_connections: int) -> Listener:
-        return Listener(sock, self._config, self._established, on_failure=self._on_failure,
-                        max_connections=max_connections)
+        return Listener(sock, self._config, hand_off=self._hand_off,
+                        on_failure=self._on_failure, max_connections=max_connections)
 
     async def _stop_listening(self) -> None:
         self._listener.close()
@@ -275,21 +320,35 @@ class Server:
         self._thread.join()
         self._loop.close()
 
-    async def _established(self, sock: socket.socket, core: TrustedPassagesConnection,
-                           peer: PeerEvidence, inbox: Inbox, slot: Slot) -> None:
-        sock.setblocking(True)
-        channel = AttestedChannel(sock, core, peer, inbox, self._config.timeout)
-        self._workers.submit(lambda: self._handle(channel, sock, slot))
+    def _hand_off(self, accepted: Accepted) -> None:  # on the loop
+        self._workers.submit(lambda: self._serve(accepted))
 
-    def _handle(self, channel: AttestedChannel, sock: socket.socket, slot: Slot) -> None:
+    def _serve(self, accepted: Accepted) -> None:
+        """In a worker thread: establish, then handle; always close and release."""
+        try:
+            accepted.sock.setblocking(True)
+            try:
+                channel = establish_accepted(accepted, self._config.timeout, self._on_failure)
+            except AttestationRejected as exc:  # on_failure has heard of it
+                log.info("attested channel refused: %s", exc)
+                return
+            except ProtocolError as exc:
+                log.info("attested channel failed: %s", exc)
+                return
+            finally:
+                accepted.settled()
+            with self._handlers:
+                self._handle(channel)
+        finally:
+            accepted.sock.close()
+            accepted.release()
+
+    def _handle(self, channel: AttestedChannel) -> None:
         try:
             with channel:
                 self._handler(channel)
         except Exception:
             log.exception("Trusted Passages connection handler failed")
-        finally:
-            sock.close()
-            self._listener.slots.release(slot)
 
 
 class _Workers:

@@ -18,11 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL, crypto
 
 from trusted_passages.envelope import PROFILES, Profile, Role
-from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator
+from trusted_passages.interfaces import BatchableIssuer, Issuer, Validator, spki_digest
 from trusted_passages.openssl_compat import add_client_ca, use_certificate, use_private_key
 from trusted_passages.pki import PrivateKey
 from trusted_passages.protocol import (
     CLASSIC_CIPHERS,
+    CONCURRENT_ALPN,
     PIPELINING_ALPN,
     TrustedPassagesConnection,
 )
@@ -50,10 +51,16 @@ class ChannelConfig:
     # Seconds: sessions arriving within it share one quote (docs/protocol.md, "Batched
     # quotes"); None quotes once per session. The issuer must batch (TpmIssuer does).
     batch_window: float | None = None
+    # Offer/accept ALPN tpv1.2: the client's evidence leaves as soon as its quote is done,
+    # before it validated the server's (docs/protocol.md, "Concurrent evidence"): one
+    # validation less on the handshake's critical path. False keeps it until then.
+    concurrent_evidence: bool = True
     _contexts: dict[str, SSL.Context] = field(default_factory=dict, init=False, repr=False,
                                               compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
                                   compare=False)
+    _derived: dict[str, bytes] = field(default_factory=dict, init=False, repr=False,
+                                       compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ca_certificates", tuple(self.ca_certificates))
@@ -85,7 +92,16 @@ class ChannelConfig:
     def connection(self, role: Role) -> TrustedPassagesConnection:
         return TrustedPassagesConnection(role, self.profile, self.ssl_context(role),
                                          self.issuer, self.validator,
-                                         expected_peer=self.expected_peer)
+                                         expected_peer=self.expected_peer,
+                                         own_spki=self._own_spki)
+
+    @property
+    def _own_spki(self) -> bytes:
+        """SHA-256 of this node's certificate's SPKI (what its quotes bind), once."""
+        with self._lock:
+            if "own_spki" not in self._derived:
+                self._derived["own_spki"] = spki_digest(self.certificate)
+            return self._derived["own_spki"]
 
     def _build_context(self, role: Role) -> SSL.Context:
         method = SSL.TLS_SERVER_METHOD if role == "server" else SSL.TLS_CLIENT_METHOD
@@ -108,17 +124,21 @@ class ChannelConfig:
                 add_client_ca(context, ca)
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         context.set_verify_depth(_VERIFY_DEPTH)
-        # Offer / accept the pipelined first message (TrustedPassagesConnection.send_first).
+        # Offer / accept concurrent evidence and the pipelined first message
+        # (TrustedPassagesConnection.send_first), best first.
+        accepted = [CONCURRENT_ALPN, PIPELINING_ALPN] if self.concurrent_evidence \
+            else [PIPELINING_ALPN]
         if role == "client":
-            context.set_alpn_protos([PIPELINING_ALPN])
+            context.set_alpn_protos(accepted)
         else:
-            context.set_alpn_select_callback(_select_pipelining)
+            context.set_alpn_select_callback(
+                lambda _connection, offered: _select(accepted, offered))
         return context
 
 
-def _select_pipelining(_connection: SSL.Connection, offered: list[bytes]) -> Any:
+def _select(accepted: list[bytes], offered: list[bytes]) -> Any:
     # Any: pyOpenSSL types its "no overlap" sentinel with a private class.
-    return PIPELINING_ALPN if PIPELINING_ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    return next((alpn for alpn in accepted if alpn in offered), SSL.NO_OVERLAPPING_PROTOCOLS)
 
 
 def _spki(key: object) -> bytes:

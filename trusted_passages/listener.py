@@ -25,8 +25,15 @@ Rules (docs/security.md, "Listeners"):
   1 MiB) and by one read of :data:`READ_SIZE` bytes.
 
 Once established, the socket and core are handed to ``on_established`` (the asyncio
-adapter wraps them in a stream, the blocking one hands them to a worker thread); the
-slot stays taken, never evicted, until the caller releases it.
+adapter wraps them in a stream); the slot stays taken, never evicted, until the caller
+releases it.
+
+The blocking adapter instead takes each connection over at its first bytes
+(``hand_off``, :class:`Accepted`): one thread of its own then runs the whole exchange
+and the handler, with no hop between the loop and worker threads per step (each hop
+is two thread wake-ups on the handshake's critical path). Silent connections still
+cost no thread; a connection in a thread is dropped (evicted, or the listener closing)
+by shutting its socket down, which wakes the thread's blocked read.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from attestation.slots import ConnectionSlots, Slot, has_data
+from attestation.slots import CLOSING, ConnectionSlots, Slot, has_data, shutdown
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
 from trusted_passages.events import Event, Inbox, established, raise_failure
@@ -58,19 +67,57 @@ Established = Callable[[socket.socket, TrustedPassagesConnection, PeerEvidence, 
 FailureHandler = Callable[[AttestationRejected], None]
 
 
-class Listener:
-    """Accepts on ``sock`` in the running event loop until :meth:`close`."""
+@dataclass(eq=False)
+class Accepted:
+    """A connection whose first bytes arrived, handed to a thread of its own: it feeds
+    ``data`` to ``core`` and drives the exchange; the TLS step ends at ``deadline``
+    (``time.monotonic()``, counted from accept). The thread must call :meth:`proven`
+    once the TLS handshake is done, :meth:`settled` once the channel is established or
+    refused, and :meth:`release` when it is done with the socket (closed)."""
 
-    def __init__(self, sock: socket.socket, config: ChannelConfig, on_established: Established,
-                 *, on_failure: FailureHandler | None = None,
+    sock: socket.socket
+    core: TrustedPassagesConnection
+    data: bytes
+    deadline: float
+    slot: Slot
+    _listener: Listener = field(repr=False)
+
+    def proven(self) -> None:
+        self._listener._proven(self.slot)
+
+    def settled(self) -> None:
+        """Established or refused: closing the listener no longer drops it."""
+        self._listener._settled(self)
+
+    def release(self) -> None:
+        self._listener._settled(self)
+        self._listener.slots.release(self.slot)
+
+
+HandOff = Callable[[Accepted], None]
+
+
+class Listener:
+    """Accepts on ``sock`` in the running event loop until :meth:`close`. Exactly one of
+    ``on_established`` (the loop drives the exchange) and ``hand_off`` (a thread does,
+    from the first bytes on) is given."""
+
+    def __init__(self, sock: socket.socket, config: ChannelConfig,
+                 on_established: Established | None = None, *,
+                 hand_off: HandOff | None = None, on_failure: FailureHandler | None = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        if (on_established is None) == (hand_off is None):
+            raise ValueError("give the Listener on_established or hand_off, not both")
         self.sock = sock
         self.config = config
         self.slots = ConnectionSlots(max_connections)
         self._on_established = on_established
+        self._hand_off = hand_off
         self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()  # not established yet
+        self._in_threads: set[Accepted] = set()  # handed off, not settled yet
+        self._threads_lock = threading.Lock()
         self._closed = asyncio.Event()
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._accept)
@@ -91,6 +138,10 @@ class Listener:
             self.sock.close()
         for task in list(self._pending):
             task.cancel()
+        with self._threads_lock:
+            handed_off = list(self._in_threads)
+        for accepted in handed_off:
+            shutdown(accepted.sock)(CLOSING)
 
     async def wait_closed(self) -> None:
         await asyncio.gather(*self._pending, return_exceptions=True)
@@ -108,8 +159,10 @@ class Listener:
 
     def _admit(self, conn: socket.socket) -> None:
         pending = _Pending(conn)
+        spoke = has_data(conn)
         slot = self.slots.admit(pending.drop, timeout=None,
-                                rank=RANK_HANDSHAKE if has_data(conn) else RANK_SILENT)
+                                rank=RANK_HANDSHAKE if spoke else RANK_SILENT,
+                                reassess=None if spoke else lambda: _spoke_since(conn))
         if slot is None:  # every slot holds a connection past its TLS handshake
             conn.close()
             return
@@ -130,6 +183,9 @@ class Listener:
         conn.setblocking(False)
         no_delay(conn)
         core = self.config.connection("server")
+        if self._hand_off is not None:
+            await self._hand_off_at_first_bytes(pending, slot, core)
+            return
         try:
             peer, inbox = await establish_socket(
                 conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
@@ -142,7 +198,35 @@ class Listener:
             log.info("attested channel failed: %s", exc)
             return
         pending.handed_over = True
+        assert self._on_established is not None
         await self._on_established(conn, core, peer, inbox, slot)
+
+    async def _hand_off_at_first_bytes(self, pending: _Pending, slot: Slot,
+                                       core: TrustedPassagesConnection) -> None:
+        """Wait on the loop (no thread) for the first bytes, then hand the connection
+        to a thread of its own, which closes it and releases its slot."""
+        conn = pending.conn
+        deadline = self._loop.time() + self.config.timeout  # loop.time() is time.monotonic()
+        try:
+            async with asyncio.timeout_at(deadline):
+                data = await self._loop.sock_recv(conn, READ_SIZE)
+        except TimeoutError:
+            await asyncio.to_thread(report_failure, core.timeout(), self._on_failure)
+            return
+        except OSError:
+            data = b""  # a reset: the core decides what that means, in the thread
+        self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE)
+        accepted = Accepted(conn, core, data, deadline, slot, self)
+        with self._threads_lock:
+            self._in_threads.add(accepted)
+        pending.handed_over = True
+        pending.accepted = accepted
+        assert self._hand_off is not None
+        self._hand_off(accepted)
+
+    def _settled(self, accepted: Accepted) -> None:
+        with self._threads_lock:
+            self._in_threads.discard(accepted)
 
     def _proven(self, slot: Slot) -> None:
         """Past the TLS handshake: the peer showed a certificate of the trusted CA."""
@@ -156,10 +240,18 @@ class _Pending:
         self.conn = conn
         self.task: asyncio.Task[None] | None = None
         self.handed_over = False
+        self.accepted: Accepted | None = None  # handed off to a thread of its own
 
-    def drop(self, _reason: str) -> None:  # evicted: cancelling ends in Listener._finish
-        if self.task is not None:
+    def drop(self, reason: str) -> None:
+        if self.accepted is not None:  # its thread wakes up to the end of the stream
+            shutdown(self.conn)(reason)
+        elif self.task is not None:  # cancelling ends in Listener._finish
             self.task.cancel()
+
+
+def _spoke_since(conn: socket.socket) -> int | None:
+    """Before a silent connection is evicted: its first bytes may be waiting unread."""
+    return RANK_HANDSHAKE if has_data(conn) else None
 
 
 def no_delay(sock: socket.socket) -> None:
@@ -190,7 +282,7 @@ async def establish_socket(sock: socket.socket, core: TrustedPassagesConnection,
         except TimeoutError:
             events = core.timeout()
             await _send_quietly(sock, core, loop.time() + SEND_GRACE_S)
-            await asyncio.to_thread(_report, events, on_failure)
+            await asyncio.to_thread(report_failure, events, on_failure)
         raise_failure(events)
         arrived = established(events)
         if arrived is not None:
@@ -253,11 +345,11 @@ def _receive(sock: socket.socket, core: TrustedPassagesConnection, data: bytes,
         sent = sock.send(answer) if answer else 0
     except OSError:  # would block, or broken: the loop sends it all, and meets any error
         sent = 0
-    _report(events, on_failure)
+    report_failure(events, on_failure)
     return events, answer[sent:]
 
 
-def _report(events: list[Event], on_failure: FailureHandler | None) -> None:
+def report_failure(events: list[Event], on_failure: FailureHandler | None) -> None:
     if on_failure is None:
         return
     try:

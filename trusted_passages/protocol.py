@@ -7,6 +7,12 @@ server sends EVIDENCE -> client validates it (fail closed) and sends its EVIDENC
 Established no application data moves in either direction; after it, the TLS
 stream carries the application's bytes unchanged.
 
+With ALPN ``tpv1.2`` (concurrent evidence) the client's EVIDENCE may leave as soon as
+its quote is done, before it has validated the server's, so that both sides validate
+at once. FINISHED then means "I accept your evidence" both ways: each side sends it
+once the peer's evidence passed, and is Established when its own validation passed and
+the peer's FINISHED arrived. ``tpv1.1`` adds only the pipelined first message.
+
 Profiles:
 
 ``tp13``
@@ -80,6 +86,9 @@ EXPORTER_LABEL: Final = b"EXPORTER-trusted-passages-v1"
 # EVIDENCE (docs/protocol.md, "Pipelined first message"); without it, such bytes are a
 # protocol error, as in plain TPv1.
 PIPELINING_ALPN: Final = b"tpv1.1"
+# TPv1 + the pipelined first message + the client's evidence sent as soon as it is made,
+# confirmed by a client FINISHED (docs/protocol.md, "Concurrent evidence").
+CONCURRENT_ALPN: Final = b"tpv1.2"
 BINDING_BYTES: Final = 32
 TLS_VERSIONS: Final[dict[str, str]] = {"tp13": "TLSv1.3", "classic": "TLSv1.2"}
 # RSA key transport only: the classic binding needs an EncryptedPreMasterSecret.
@@ -109,7 +118,7 @@ class TrustedPassagesConnection:
 
     def __init__(self, role: Role, profile: Profile, ssl_context: SSL.Context,
                  issuer: Issuer, validator: Validator, *,
-                 expected_peer: str | None = None) -> None:
+                 expected_peer: str | None = None, own_spki: bytes | None = None) -> None:
         if role not in ROLES or profile not in PROFILES:
             raise ValueError(f"role must be one of {ROLES}, profile one of {PROFILES}")
         self.role: Role = role
@@ -126,16 +135,21 @@ class TrustedPassagesConnection:
         self._state = State.HANDSHAKING
         self._decoder = FrameDecoder()
         self._out = bytearray()
-        self._own_binding = self._peer_binding = self._own_spki = self._peer_spki = b""
+        self._own_binding = self._peer_binding = self._peer_spki = b""
+        # The SPKI digest of the context's own certificate, when the caller knows it
+        # (ChannelConfig does): not re-derived from the session per connection.
+        self._own_spki = own_spki or b""
         self._scanner = self._classic_scanner() if profile == "classic" else None
         # The client's evidence, produced early by prepare_evidence() and held back
         # until the server's evidence has passed (fail closed).
         self._prepared: bytes | None = None
+        self._evidence_sent = False
         self._prepare_error: TestbedError | None = None
         self._preparing: Future[bytes] | None = None  # prepare_evidence(submit=...)
         self._scan_error: str | None = None
         self._first: bytes | None = None  # the client's first message, see send_first()
-        self.pipelined = False  # the peer negotiated PIPELINING_ALPN
+        self.pipelined = False  # the peer negotiated PIPELINING_ALPN or CONCURRENT_ALPN
+        self.concurrent = False  # the peer negotiated CONCURRENT_ALPN
         self._tls = SSL.Connection(ssl_context, None)
         # Mutual verification is not optional, whatever the context says.
         self._tls.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
@@ -171,13 +185,15 @@ class TrustedPassagesConnection:
                 and self._preparing is None)
 
     def prepare_evidence(self, submit: Submit | None = None) -> None:
-        """Produce this client's evidence now, to send once the server's has passed.
+        """Produce this client's evidence now: with ``tpv1.2`` (:attr:`concurrent`) it
+        is sent at once (made here, :meth:`data_to_send` holds it), else once the
+        server's has passed.
 
         The client's quote binds only the session and its own key, both fixed when
         the handshake completes. Adapters call this right after flushing the
         client's TLS Finished, so the client's TPM quotes while the server's does
-        (a round of quote latency saved); nothing is sent before the server is
-        verified. Calling it is optional: without it the evidence is made on demand.
+        (a round of quote latency saved). Calling it is optional: without it the
+        evidence is made on demand, after the server's has passed.
 
         ``submit`` (an executor's ``submit``) runs the issuer in another thread, so that
         the server's evidence can be received and validated while this quote runs; the
@@ -194,6 +210,10 @@ class TrustedPassagesConnection:
             self._prepared = issue()
         except TestbedError as exc:
             self._prepare_error = exc  # reported when the evidence would be sent
+            return
+        if self.concurrent:
+            self._send_frame(FrameType.EVIDENCE, self._prepared)
+            self._evidence_sent = True
 
     @property
     def waiting_for(self) -> str:
@@ -300,11 +320,14 @@ class TrustedPassagesConnection:
         except VerificationError as exc:
             self._fail(exc.check, exc.reason, events)
             return
-        own_cert = own_certificate(self._tls)
-        assert own_cert is not None  # the handshake completed with it
+        if not self._own_spki:
+            own_cert = own_certificate(self._tls)
+            assert own_cert is not None  # the handshake completed with it
+            self._own_spki = certificate_facts(own_cert).spki_digest
         self.peer_certificate = peer_cert
-        self.pipelined = self._tls.get_alpn_proto_negotiated() == PIPELINING_ALPN
-        self._own_spki = certificate_facts(own_cert).spki_digest
+        alpn = self._tls.get_alpn_proto_negotiated()
+        self.concurrent = alpn == CONCURRENT_ALPN
+        self.pipelined = alpn in (PIPELINING_ALPN, CONCURRENT_ALPN)
         self._peer_spki = certificate_facts(peer_cert).spki_digest
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
@@ -397,6 +420,8 @@ class TrustedPassagesConnection:
                 return
             self._scan(chunk, incoming=False)
             self._out += chunk
+            if len(chunk) < _OUT_CHUNK:  # a memory BIO gives all it has: drained
+                return
 
     def _shutdown_tls(self) -> None:
         with contextlib.suppress(SSL.Error):  # after a fatal alert there is no session left
@@ -453,14 +478,24 @@ class TrustedPassagesConnection:
         self.peer = peer
         events.append(PeerVerified(peer))
         if self.role == "client":
-            # Only now, with the server verified, does the client reveal its evidence.
-            if self._send_evidence(events):
+            # With the server verified: the client's evidence (unless tpv1.2 sent it
+            # already), its confirmation (tpv1.2), then a pipelined first message.
+            if self._evidence_sent or self._send_evidence(events):
+                if self.concurrent:
+                    self._send_frame(FrameType.FINISHED)
                 self._state = State.AWAIT_FINISHED
-                self._release_first()  # pipelined: right behind the evidence
+                self._release_first()
+            return
+        if self.concurrent:  # accepted; established once the client accepts us too
+            self._send_frame(FrameType.FINISHED)
+            self._state = State.AWAIT_FINISHED
             return
         if self._decoder.buffered and not self.pipelined:
             raise ProtocolError("the client sent data after its evidence, before FINISHED "
                                 f"(allowed only with ALPN {PIPELINING_ALPN.decode()})")
+        self._establish_server(peer, events)
+
+    def _establish_server(self, peer: PeerEvidence, events: list[Event]) -> None:
         # Pipelined bytes stay in the decoder until now, and go to the application only
         # as the ApplicationData after Established (_on_plaintext).
         self._send_frame(FrameType.FINISHED)
