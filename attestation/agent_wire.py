@@ -20,10 +20,11 @@ Standard library only: the guest agent runs this with Debian's python3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attestation.encoding import b64decode, b64encode, require_int
@@ -40,6 +41,7 @@ __all__ = [
     "parse_quote_request",
     "quote_request",
     "recv_frame",
+    "refuse_request",
     "send_frame",
 ]
 
@@ -60,6 +62,17 @@ def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
     if len(body) > MAX_FRAME:
         raise FrameError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")
     sock.sendall(_HEADER.pack(len(body)) + body)
+
+
+def refuse_request(sock: socket.socket, reason: str,
+                   send: Callable[[socket.socket, Mapping[str, Any]], None] = send_frame
+                   ) -> None:
+    """A request that cannot be served (e.g. a stream op whose arguments are wrong): one
+    ``{"error": reason}`` frame (``send``: how this agent sends one), if the peer still
+    reads, then the connection closed."""
+    with contextlib.suppress(OSError):
+        send(sock, {"error": reason})
+    sock.close()
 
 
 def recv_frame(sock: socket.socket) -> bytes | None:

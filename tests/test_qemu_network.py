@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +44,6 @@ from attestation.revocation import (
 from attestation.tpm_raw import Tpm, UnixSocketTransport
 from attestation.tpm_types import parse_public
 from attestation.verifier import QuoteVerifier
-from cryptovm.attested import StreamClient, serve_stream
 from cryptovm.vsm import CryptoVm, node_account
 from testbed.cluster.agent import AgentError
 from testbed.core.paths import ClusterPaths
@@ -72,6 +70,7 @@ from testbed.qemu.network import (
     remove_member,
 )
 from testbed.verifier.revocation import revoke
+from tests.test_cryptovm_network import stream
 
 CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 REPO = Path(__file__).resolve().parent.parent
@@ -174,21 +173,8 @@ def cryptovm(swtpm_factory: Any, tmp_path: Path) -> Iterator[CryptoVm]:
 def attested_stream(vm: CryptoVm, node: str) -> Iterator[Any]:
     """What the CryptoVM guest serves to ``node`` on its attested channel (CVM1 frames
     as node.<name>), over a socket pair: the guest's ``call``."""
-    near, far = socket.socketpair()
-    near.settimeout(10)
-    session = vm.attested_session(node)
-
-    def serve() -> None:
-        with far:
-            serve_stream(vm, session, lambda: far.recv(65536), far.sendall)
-
-    worker = threading.Thread(target=serve)
-    worker.start()
-    try:
-        yield StreamClient(lambda: near.recv(65536), near.sendall).call
-    finally:
-        near.close()
-        worker.join(5)
+    with stream(vm, vm.attested_session(node)) as client:
+        yield client.call
 
 
 OTHER = base64.b64encode(b"\x02" * 32).decode()

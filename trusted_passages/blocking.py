@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from trusted_passages.config import ChannelConfig
 from trusted_passages.errors import AttestationRejected, ProtocolError
-from trusted_passages.events import Inbox, established, raise_failure, rejected
+from trusted_passages.events import Event, Inbox, established, raise_failure, rejected
 from trusted_passages.interfaces import PeerEvidence
 from trusted_passages.listener import (
     DEFAULT_MAX_CONNECTIONS,
@@ -34,6 +34,7 @@ from trusted_passages.listener import (
     FailureHandler,
     Listener,
     no_delay,
+    note_not_established,
     report_failure,
 )
 from trusted_passages.protocol import State, TrustedPassagesConnection
@@ -163,12 +164,9 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 _flush_quietly(sock, core)
             else:
                 core.prepare_evidence(submit=_QUOTES.submit)
-            raise_failure(events)
-            arrived = established(events)
-            if arrived is not None:
-                return AttestedChannel(sock, core, *arrived, timeout)
-            if core.closed:
-                raise ProtocolError("the connection closed during the exchange")
+            channel = _outcome(sock, core, events, timeout)
+            if channel is not None:
+                return channel
 
 
 def establish_accepted(accepted: Accepted, timeout: float,
@@ -184,12 +182,9 @@ def establish_accepted(accepted: Accepted, timeout: float,
         events = core.receive_data(data)
         _flush_quietly(sock, core)
         report_failure(events, on_failure)
-        raise_failure(events)
-        arrived = established(events)
-        if arrived is not None:
-            return AttestedChannel(sock, core, *arrived, timeout)
-        if core.closed:
-            raise ProtocolError("the connection closed during the exchange")
+        channel = _outcome(sock, core, events, timeout)
+        if channel is not None:
+            return channel
         if core.state is not waiting:
             deadline = time.monotonic() + timeout
             if waiting is State.HANDSHAKING:
@@ -202,6 +197,19 @@ def establish_accepted(accepted: Accepted, timeout: float,
             report_failure(events, on_failure)
             raise_failure(events)
             raise
+
+
+def _outcome(sock: socket.socket, core: TrustedPassagesConnection, events: list[Event],
+             timeout: float) -> AttestedChannel | None:
+    """What the core's latest events decide: refused (raises), established (the
+    channel), or not yet (None)."""
+    raise_failure(events)
+    arrived = established(events)
+    if arrived is not None:
+        return AttestedChannel(sock, core, *arrived, timeout)
+    if core.closed:
+        raise ProtocolError("the connection closed during the exchange")
+    return None
 
 
 def _recv_until(sock: socket.socket, deadline: float, what: str) -> bytes:
@@ -329,11 +337,8 @@ class Server:
             accepted.sock.setblocking(True)
             try:
                 channel = establish_accepted(accepted, self._config.timeout, self._on_failure)
-            except AttestationRejected as exc:  # on_failure has heard of it
-                log.info("attested channel refused: %s", exc)
-                return
-            except ProtocolError as exc:
-                log.info("attested channel failed: %s", exc)
+            except (AttestationRejected, ProtocolError) as exc:  # on_failure has heard
+                note_not_established(exc)
                 return
             finally:
                 accepted.settled()

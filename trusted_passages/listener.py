@@ -191,11 +191,8 @@ class Listener:
                 conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
                 on_data=lambda: self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE),
                 on_failure=self._on_failure)
-        except AttestationRejected as exc:  # on_failure has heard of it
-            log.info("attested channel refused: %s", exc)
-            return
-        except ProtocolError as exc:
-            log.info("attested channel failed: %s", exc)
+        except (AttestationRejected, ProtocolError) as exc:  # on_failure has heard of it
+            note_not_established(exc)
             return
         pending.handed_over = True
         assert self._on_established is not None
@@ -347,6 +344,12 @@ def _receive(sock: socket.socket, core: TrustedPassagesConnection, data: bytes,
         sent = 0
     report_failure(events, on_failure)
     return events, answer[sent:]
+
+
+def note_not_established(exc: AttestationRejected | ProtocolError) -> None:
+    """The listener's log line for a channel it did not establish (info: peers' doing)."""
+    kind = "refused" if isinstance(exc, AttestationRejected) else "failed"
+    log.info("attested channel %s: %s", kind, exc)
 
 
 def report_failure(events: list[Event], on_failure: FailureHandler | None) -> None:

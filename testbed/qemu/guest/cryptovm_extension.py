@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attestation.agent_wire import refuse_request
 from attestation.revocation import DecisionLedger, Reinstate, RevocationEvent
 from attestation.tpm_raw import Tpm
 from cryptovm.attested import refuse_stream, serve_stream
@@ -138,9 +139,8 @@ class GuestCryptoVm:
         with self._lock:
             vm = self._vm
         if vm is None or tp is None:
-            send_frame(conn, {"error": "cvm_attested: the CryptoVM is not started "
-                                       "(cvm_start) or Trusted Passages is missing"})
-            conn.close()
+            refuse_request(conn, "cvm_attested: the CryptoVM is not started (cvm_start) or "
+                                 "Trusted Passages is missing", send_frame)
             return
         tp.serve_channel(conn, lambda channel: _serve_node(vm, channel))
     def revoked(self, event: RevocationEvent) -> dict[str, Any]:

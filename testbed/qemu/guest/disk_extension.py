@@ -40,7 +40,6 @@ never in a file, on a command line, in a log or in an answer.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import re
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attestation.agent_wire import refuse_request
 from attestation.encoding import b64decode, b64encode, require_int
 from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.evidence import Evidence
@@ -355,9 +355,7 @@ class GuestSideDisks:
             if tp is None:
                 raise ValueError("svd_unlock needs the Trusted Passages extension")
         except ValueError as exc:
-            with contextlib.suppress(OSError):
-                send_frame(conn, {"error": str(exc)})
-            conn.close()
+            refuse_request(conn, str(exc), send_frame)
             return
         tp.client_channel(conn, order.cryptovm, lambda channel: self.unlock_with(
             StreamClient(channel.recv, channel.send).call, order))

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import ipaddress
 import re
@@ -58,6 +57,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from attestation.agent_wire import refuse_request
 from attestation.revocation import Reinstate, RevocationEvent
 from cryptovm.attested import StreamClient
 
@@ -180,9 +180,7 @@ class GuestNetwork:
             if tp is None:
                 raise ValueError("net_sync needs the Trusted Passages extension")
         except ValueError as exc:
-            with contextlib.suppress(OSError):
-                send_frame(conn, {"error": str(exc)})
-            conn.close()
+            refuse_request(conn, str(exc), send_frame)
             return
         tp.client_channel(conn, cryptovm, lambda channel: {
             "cryptovm": cryptovm, **self.sync_with(StreamClient(channel.recv, channel.send).call)})
