@@ -992,3 +992,32 @@ def test_a_side_without_concurrent_evidence_gets_tpv1_1(pki: Pki, concurrent_sid
     client_events, more = pump(client, server)
     assert kinds(client_events) == ["PeerVerified", "Established"]
     assert kinds(server_events + more) == ["HandshakeComplete", "PeerVerified", "Established"]
+
+
+# --- the client's Finished before its own checks (checks_after_finished) ------------------
+
+
+def test_a_client_may_send_its_finished_before_its_own_checks(pki: Pki) -> None:
+    """The blocking adapter's order: the TLS Finished leaves, then the client checks the
+    session (so the server works on the Finished meanwhile); nothing else leaves first."""
+    issuer = FakeIssuer(KEY, "client")
+    server, client = pair(pki, client={"issuer": issuer})
+    client.checks_after_finished = True
+    server.receive_data(client.data_to_send())
+    assert client.receive_data(server.data_to_send()) == []
+    assert client.state is State.HANDSHAKING and client.data_to_send()  # the Finished
+    client.prepare_evidence()
+    assert issuer.issued == [] and client.data_to_send() == b""  # nothing before the checks
+    events = client.finish_handshake()
+    assert kinds(events) == ["HandshakeComplete"] and client.state is State.AWAIT_EVIDENCE
+    assert client.finish_handshake() == []  # once
+
+
+def test_checks_left_pending_run_first_on_the_next_bytes(pki: Pki) -> None:
+    server, client = pair(pki)
+    client.checks_after_finished = True
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client_events, server_events = pump(client, server)  # never calls finish_handshake
+    assert kinds(client_events) == ["HandshakeComplete", "PeerVerified", "Established"]
+    assert kinds(server_events)[-1] == "Established"

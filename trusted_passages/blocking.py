@@ -141,6 +141,7 @@ def connect(host: str, port: int, config: ChannelConfig, *,
 def establish(sock: socket.socket, core: TrustedPassagesConnection,
               timeout: float) -> AttestedChannel:
     """Drive the handshake and exchange on ``sock``; each wait gets ``timeout`` seconds."""
+    core.checks_after_finished = core.role == "client"
     _flush(sock, core)
     while True:
         waiting = core.state
@@ -155,6 +156,9 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
+            if core.checks_after_finished:  # our Finished is out: the server works on it
+                events += core.finish_handshake()
+                _flush_quietly(sock, core)
             # After the flush: quote while the server quotes. With tpv1.2 the evidence
             # leaves at once (the server validates it while we validate its own), so
             # quote here; else in a thread, so that the server's evidence is

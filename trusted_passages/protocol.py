@@ -148,6 +148,10 @@ class TrustedPassagesConnection:
         self._preparing: Future[bytes] | None = None  # prepare_evidence(submit=...)
         self._scan_error: str | None = None
         self._first: bytes | None = None  # the client's first message, see send_first()
+        # A client's TLS Finished may leave before this side's own checks of the session
+        # (finish_handshake): the server's work on it then overlaps them.
+        self.checks_after_finished = False
+        self._checks_pending = False
         self.pipelined = False  # the peer negotiated PIPELINING_ALPN or CONCURRENT_ALPN
         self.concurrent = False  # the peer negotiated CONCURRENT_ALPN
         self._tls = SSL.Connection(ssl_context, None)
@@ -232,6 +236,8 @@ class TrustedPassagesConnection:
         events: list[Event] = []
         if self._state is State.CLOSED:
             return events
+        if self._checks_pending:
+            events += self.finish_handshake()
         if not data:
             self._on_eof(events)
         else:
@@ -310,7 +316,24 @@ class TrustedPassagesConnection:
             self._fail("tls", f"TLS handshake failed: {_ssl_reason(exc)}", events,
                        by_peer=_is_alert(exc), notify=False)
             return
+        if self.checks_after_finished and self.role == "client":
+            self._checks_pending = True  # data_to_send() holds the Finished now
+            return
         self._on_handshake_complete(events)
+
+    def finish_handshake(self) -> list[Event]:
+        """With :attr:`checks_after_finished`: this client's checks of the completed TLS
+        session (profile, certificates, bindings), after its Finished was sent. Nothing
+        of this side's evidence or data goes out before them; receive_data runs them
+        first if the adapter did not."""
+        events: list[Event] = []
+        if self._checks_pending:
+            self._checks_pending = False
+            self._on_handshake_complete(events)
+            if self._state is not State.CLOSED:
+                self._read_plaintext(events)
+            self._pump_out()
+        return events
 
     def _on_handshake_complete(self, events: list[Event]) -> None:
         self._state = State.AWAIT_EVIDENCE  # the TLS channel is up: failures can be told
