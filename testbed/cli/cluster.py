@@ -31,7 +31,13 @@ from testbed.cluster.results import (
 )
 from testbed.cluster.state import load_spec
 from testbed.core.errors import ArgumentError, UsageError
-from testbed.core.paths import NAME_PATTERN, ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.paths import (
+    NAME_PATTERN,
+    ClusterPaths,
+    existing_cluster,
+    resolve_workdir,
+    select_cluster,
+)
 from testbed.core.progress import Progress
 from testbed.qemu.backend import QemuBackend
 from testbed.spec.cluster_spec import (
@@ -241,12 +247,9 @@ def _last(last: AttestationRecord | None) -> str:
 def cmd_attest(args: argparse.Namespace) -> int:
     if args.output is not None:  # before the node is quoted: a bad path costs no quote
         check_quote_directory(args.output, force=args.force)
-    workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
-    if cluster is None:
-        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
-                            "up with `testbed up`")
-    with _closing(open_backend(ClusterPaths(workdir, cluster))) as backend:
+    paths = existing_cluster(args.workdir, args.cluster, node=args.node)
+    cluster = paths.name
+    with _closing(open_backend(paths)) as backend:
         result = lifecycle.attest(backend, args.node, args.policy)
     written = _write_evidence(args.output, result) if args.output else []
     title = f"node {args.node} (cluster {cluster}, policy {result.policy!r})"
@@ -256,12 +259,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_reboot(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
-    if cluster is None:
-        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
-                            "up with `testbed up`")
-    paths = ClusterPaths(workdir, cluster)
+    paths = existing_cluster(args.workdir, args.cluster, node=args.node)
     spec = load_spec(paths)
     spec.node(args.node)  # a clear error for a node the cluster does not have
     progress = Progress(quiet=args.json)

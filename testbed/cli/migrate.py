@@ -7,8 +7,7 @@ import argparse
 
 from testbed.cli.exitcodes import EXIT_OK
 from testbed.cli.render import emit
-from testbed.core.errors import ArgumentError
-from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.paths import existing_cluster
 from testbed.core.progress import Progress
 from testbed.qemu.migration import MigrationResult, migrate, random_marker
 
@@ -33,12 +32,8 @@ def register_migrate_commands(sub: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
-    if cluster is None:
-        raise ArgumentError(f"no cluster in {workdir}, so no node {args.node!r}; bring one "
-                            "up with `testbed up SPEC --backend qemu`")
-    paths = ClusterPaths(workdir, cluster)
+    paths = existing_cluster(args.workdir, args.cluster, node=args.node,
+                             up="testbed up SPEC --backend qemu")
     marker = random_marker() if args.prove_encryption else None
     result = migrate(paths, args.node, args.to, tls=not args.no_tls, marker=marker,
                      progress=Progress(quiet=args.json))

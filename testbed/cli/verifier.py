@@ -11,8 +11,7 @@ from pathlib import Path
 from testbed.cli.exitcodes import EXIT_OK
 from testbed.cli.render import emit
 from testbed.core.clock import iso_utc
-from testbed.core.errors import ArgumentError
-from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.paths import ClusterPaths, existing_cluster
 from testbed.verifier.events import describe, follow
 from testbed.verifier.service import (
     DEFAULT_INTERVAL_S,
@@ -75,11 +74,7 @@ def register_verifier_commands(sub: argparse._SubParsersAction[argparse.Argument
 
 
 def _cluster(args: argparse.Namespace) -> ClusterPaths:
-    workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
-    if cluster is None:
-        raise ArgumentError(f"no cluster in {workdir}; bring one up with `testbed up`")
-    return ClusterPaths(workdir, cluster)
+    return existing_cluster(args.workdir, args.cluster)
 
 
 def cmd_verifier_start(args: argparse.Namespace) -> int:

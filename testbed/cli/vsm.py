@@ -37,7 +37,7 @@ from testbed.cli.options import walk_parsers
 from testbed.cli.tpm import parse_hex, tcti_for
 from testbed.cluster.state import load_spec
 from testbed.core.errors import ArgumentError, StateError, UsageError
-from testbed.core.paths import ClusterPaths, resolve_workdir, select_cluster
+from testbed.core.paths import ClusterPaths, existing_cluster, resolve_workdir
 from testbed.roles.cryptovm import cryptovm_endpoint, published_service
 
 __all__ = ["register_vsm_commands"]
@@ -223,12 +223,8 @@ def _remote(args: argparse.Namespace) -> Iterator[Connected]:
 def _cluster_node(args: argparse.Namespace) -> tuple[ClusterPaths, str]:
     """The cluster's node ``--node``, which must be a cryptovm node (else exit 3)."""
     node: str = args.node
-    workdir = resolve_workdir(args.workdir, create=False)
-    cluster = select_cluster(workdir, args.cluster)
-    if cluster is None:
-        raise ArgumentError(f"no cluster in {workdir}, so no node {node!r}; bring one up "
-                            "with `testbed up`")
-    paths = ClusterPaths(workdir, cluster)
+    paths = existing_cluster(args.workdir, args.cluster, node=node)
+    cluster = paths.name
     spec = load_spec(paths)
     role = spec.node(node).role  # ClusterSpecError (3) naming the nodes it has
     if role != "cryptovm":

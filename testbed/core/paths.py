@@ -53,6 +53,7 @@ __all__ = [
     "NodePaths",
     "cluster_names",
     "ensure_socket_dir",
+    "existing_cluster",
     "find_workdir",
     "private_tree",
     "resolve_workdir",
@@ -353,3 +354,16 @@ def select_cluster(workdir: Path, explicit: str | None, *,
         raise UsageError(f"several clusters in {workdir} ({', '.join(names)}); "
                          "choose one with --cluster NAME")
     return names[0] if names else None
+
+
+
+def existing_cluster(workdir: str | os.PathLike[str] | None, cluster: str | None, *,
+                     node: str | None = None, up: str = "testbed up") -> ClusterPaths:
+    """The cluster a command about an existing cluster (or one of its nodes) means; with
+    none there, an ArgumentError that says how to make one (``up``: the command)."""
+    root = resolve_workdir(workdir, create=False)
+    name = select_cluster(root, cluster)
+    if name is None:
+        what = f", so no node {node!r}" if node is not None else ""
+        raise ArgumentError(f"no cluster in {root}{what}; bring one up with `{up}`")
+    return ClusterPaths(root, name)
