@@ -889,6 +889,7 @@ class EventLogBuilder:
             raise ValueError("startup_locality must be None or 0..4")
         self._banks = banks
         self._events: list[Event] = []
+        self._encoded: tuple[int, bytes] = (-1, b"")  # to_bytes() for how many events
         if startup_locality is not None:
             self.add_no_action(STARTUP_LOCALITY_SIGNATURE + bytes([startup_locality]))
 
@@ -940,11 +941,18 @@ class EventLogBuilder:
         return SPEC_ID_SIGNATURE + header + algorithms + b"\x00"  # vendorInfoSize 0
 
     def to_bytes(self) -> bytes:
+        """The log's bytes; encoded again only once events were added (an issuer reads
+        the log at every quote, and events are only ever appended)."""
+        events = self._events[:]
+        count, encoded = self._encoded
+        if count == len(events):
+            return encoded
         spec_id = self.spec_id_bytes()
         legacy = struct.pack("<II", 0, EV_NO_ACTION) + bytes(_LEGACY_DIGEST_BYTES)
         parts = [legacy, struct.pack("<I", len(spec_id)), spec_id]
-        parts.extend(_encode_event2(event) for event in self._events)
-        return b"".join(parts)
+        parts.extend(_encode_event2(event) for event in events)
+        self._encoded = (len(events), b"".join(parts))
+        return self._encoded[1]
 
     def build(self) -> EventLog:
         """The log as :func:`parse_event_log` sees it."""

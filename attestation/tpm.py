@@ -321,10 +321,10 @@ class TpmClient:
             pcrs = self._last_pcrs.get(selection)
             if pcrs is None or not _pcr_digest_matches(attest_bytes, selection, pcrs):
                 pcrs = self.read_pcrs(selection.bank, selection.indices)
-            if _pcr_digest_matches(attest_bytes, selection, pcrs):
+                if not _pcr_digest_matches(attest_bytes, selection, pcrs):
+                    continue  # a PCR changed between the quote and the read
                 self._last_pcrs[selection] = pcrs
-                return QuoteResult(attest_bytes, bytes(signature.marshal()), selection,
-                                   dict(pcrs))
+            return QuoteResult(attest_bytes, bytes(signature.marshal()), selection, dict(pcrs))
         raise TpmError(f"PCRs kept changing during {attempts} quote attempts")
 
     # --- TPM-resident keys -----------------------------------------------------------

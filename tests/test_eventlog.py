@@ -698,3 +698,14 @@ def test_huge_declared_sizes_and_counts(built: Built, data: st.DataObject, huge:
     offset = data.draw(st.integers(0, len(raw) - 4))
     raw[offset : offset + 4] = struct.pack("<I", huge)
     parse_or_error(bytes(raw))
+
+
+def test_builder_encodes_once_and_again_after_each_new_event() -> None:
+    builder = EventLogBuilder()
+    builder.add(0, EV_POST_CODE, b"firmware")
+    first = builder.to_bytes()
+    assert builder.to_bytes() is first  # an issuer reads it at every quote
+    builder.add(10, EV_POST_CODE, b"runtime")
+    second = builder.to_bytes()
+    assert second != first and second.startswith(first)
+    assert [e.data for e in parse_event_log(second).events][-2:] == [b"firmware", b"runtime"]
