@@ -1021,3 +1021,25 @@ def test_checks_left_pending_run_first_on_the_next_bytes(pki: Pki) -> None:
     client_events, server_events = pump(client, server)  # never calls finish_handshake
     assert kinds(client_events) == ["HandshakeComplete", "PeerVerified", "Established"]
     assert kinds(server_events)[-1] == "Established"
+
+
+def test_a_server_sends_its_session_tickets_before_its_checks_and_quote(pki: Pki) -> None:
+    """The adapters' order on the server: the TLS bytes that end the handshake (session
+    tickets) leave first, so the client reads them while the server quotes; nothing of
+    the server's evidence leaves before its own checks of the session."""
+    issuer = FakeIssuer(KEY, "server")
+    server, client = pair(pki, server={"issuer": issuer})
+    server.checks_after_finished = True
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert server.receive_data(client.data_to_send()) == []
+    tickets = server.data_to_send()
+    assert server.state is State.HANDSHAKING and tickets and issuer.issued == []
+    assert client.receive_data(tickets) == []  # TLS only: no frame yet
+    events = server.finish_handshake()
+    assert kinds(events) == ["HandshakeComplete"] and len(issuer.issued) == 1
+    assert server.state is State.AWAIT_EVIDENCE and server.finish_handshake() == []
+    client_events, server_events = pump(client, server)
+    assert kinds(client_events)[-1] == "Established"
+    assert kinds(server_events)[-1] == "Established"
+

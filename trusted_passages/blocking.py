@@ -141,7 +141,7 @@ def connect(host: str, port: int, config: ChannelConfig, *,
 def establish(sock: socket.socket, core: TrustedPassagesConnection,
               timeout: float) -> AttestedChannel:
     """Drive the handshake and exchange on ``sock``; each wait gets ``timeout`` seconds."""
-    core.checks_after_finished = core.role == "client"
+    core.checks_after_finished = True
     _flush(sock, core)
     while True:
         waiting = core.state
@@ -156,9 +156,7 @@ def establish(sock: socket.socket, core: TrustedPassagesConnection,
                 raise
             events = core.receive_data(data)
             _flush_quietly(sock, core)
-            if core.checks_after_finished:  # our Finished is out: the server works on it
-                events += core.finish_handshake()
-                _flush_quietly(sock, core)
+            events += _finish_handshake(sock, core)
             # After the flush: quote while the server quotes. With tpv1.2 the evidence
             # leaves at once (the server validates it while we validate its own), so
             # quote here; else in a thread, so that the server's evidence is
@@ -185,6 +183,7 @@ def establish_accepted(accepted: Accepted, timeout: float,
         waiting = core.state
         events = core.receive_data(data)
         _flush_quietly(sock, core)
+        events += _finish_handshake(sock, core)
         report_failure(events, on_failure)
         channel = _outcome(sock, core, events, timeout)
         if channel is not None:
@@ -201,6 +200,16 @@ def establish_accepted(accepted: Accepted, timeout: float,
             report_failure(events, on_failure)
             raise_failure(events)
             raise
+
+
+def _finish_handshake(sock: socket.socket, core: TrustedPassagesConnection) -> list[Event]:
+    """Once the handshake's last TLS bytes are out (a client's Finished, which the server
+    verifies meanwhile; a server's session tickets, which the client reads while the
+    server quotes): this side's own checks, then the server's evidence."""
+    events = core.finish_handshake()
+    if events:
+        _flush_quietly(sock, core)
+    return events
 
 
 def _outcome(sock: socket.socket, core: TrustedPassagesConnection, events: list[Event],

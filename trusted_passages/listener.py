@@ -31,9 +31,10 @@ releases it.
 The blocking adapter instead takes each connection over at its first bytes
 (``hand_off``, :class:`Accepted`): one thread of its own then runs the whole exchange
 and the handler, with no hop between the loop and worker threads per step (each hop
-is two thread wake-ups on the handshake's critical path). Silent connections still
-cost no thread; a connection in a thread is dropped (evicted, or the listener closing)
-by shutting its socket down, which wakes the thread's blocked read.
+is two thread wake-ups on the handshake's critical path). Until its first bytes a
+connection costs no thread, nor a task: a reader callback and a timer on the loop. A
+connection in a thread is dropped (evicted, or the listener closing) by shutting its
+socket down, which wakes the thread's blocked read.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Listener:
         self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()  # not established yet
+        self._watching: set[_Pending] = set()  # hand-off: waiting for their first bytes
         self._in_threads: set[Accepted] = set()  # handed off, not settled yet
         self._threads_lock = threading.Lock()
         self._closed = asyncio.Event()
@@ -138,6 +140,8 @@ class Listener:
             self.sock.close()
         for task in list(self._pending):
             task.cancel()
+        for pending in list(self._watching):
+            pending.drop(CLOSING)
         with self._threads_lock:
             handed_off = list(self._in_threads)
         for accepted in handed_off:
@@ -166,6 +170,9 @@ class Listener:
         if slot is None:  # every slot holds a connection past its TLS handshake
             conn.close()
             return
+        if self._hand_off is not None:
+            self._watch_first_bytes(pending, slot)
+            return
         pending.task = self._loop.create_task(self._serve(pending, slot))
         self._pending.add(pending.task)
         # Runs even for a task cancelled before it started (evicted at once).
@@ -178,14 +185,16 @@ class Listener:
             pending.conn.close()
             self.slots.release(slot)
 
-    async def _serve(self, pending: _Pending, slot: Slot) -> None:
-        conn = pending.conn
+    def _server_core(self, conn: socket.socket) -> TrustedPassagesConnection:
         conn.setblocking(False)
         no_delay(conn)
         core = self.config.connection("server")
-        if self._hand_off is not None:
-            await self._hand_off_at_first_bytes(pending, slot, core)
-            return
+        core.checks_after_finished = True  # see _receive and blocking.establish_accepted
+        return core
+
+    async def _serve(self, pending: _Pending, slot: Slot) -> None:
+        conn = pending.conn
+        core = self._server_core(conn)
         try:
             peer, inbox = await establish_socket(
                 conn, core, self.config.timeout, on_step=lambda: self._proven(slot),
@@ -198,28 +207,55 @@ class Listener:
         assert self._on_established is not None
         await self._on_established(conn, core, peer, inbox, slot)
 
-    async def _hand_off_at_first_bytes(self, pending: _Pending, slot: Slot,
-                                       core: TrustedPassagesConnection) -> None:
-        """Wait on the loop (no thread) for the first bytes, then hand the connection
-        to a thread of its own, which closes it and releases its slot."""
+    def _watch_first_bytes(self, pending: _Pending, slot: Slot) -> None:
+        """Wait on the loop (no thread, no task: a callback, the fewest wake-ups on a
+        genuine client's path) for the first bytes, then hand the connection to a thread
+        of its own, which closes it and releases its slot."""
         conn = pending.conn
+        core = self._server_core(conn)
         deadline = self._loop.time() + self.config.timeout  # loop.time() is time.monotonic()
-        try:
-            async with asyncio.timeout_at(deadline):
-                data = await self._loop.sock_recv(conn, READ_SIZE)
-        except TimeoutError:
-            await asyncio.to_thread(report_failure, core.timeout(), self._on_failure)
-            return
-        except OSError:
-            data = b""  # a reset: the core decides what that means, in the thread
-        self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE)
-        accepted = Accepted(conn, core, data, deadline, slot, self)
-        with self._threads_lock:
-            self._in_threads.add(accepted)
-        pending.handed_over = True
-        pending.accepted = accepted
-        assert self._hand_off is not None
-        self._hand_off(accepted)
+        fd = conn.fileno()
+
+        def unwatch() -> None:
+            self._watching.discard(pending)
+            self._loop.remove_reader(fd)
+            timer.cancel()
+
+        def readable() -> None:
+            try:
+                data = conn.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return  # woken for nothing: keep waiting
+            except OSError:
+                data = b""  # a reset: the core decides what that means, in the thread
+            unwatch()
+            self.slots.step(slot, timeout=None, rank=RANK_HANDSHAKE)
+            accepted = Accepted(conn, core, data, deadline, slot, self)
+            with self._threads_lock:
+                self._in_threads.add(accepted)
+            pending.accepted = accepted
+            assert self._hand_off is not None
+            self._hand_off(accepted)
+
+        def expired() -> None:
+            unwatch()
+            self._end_unserved(pending, slot)
+            events = core.timeout()
+            if self._on_failure is not None:  # it may block: not on the loop
+                self._loop.run_in_executor(None, report_failure, events, self._on_failure)
+
+        def drop(_reason: str) -> None:  # evicted, or the listener closing
+            unwatch()
+            self._end_unserved(pending, slot)
+
+        timer = self._loop.call_at(deadline, expired)
+        pending.dropper = drop
+        self._watching.add(pending)
+        self._loop.add_reader(fd, readable)
+
+    def _end_unserved(self, pending: _Pending, slot: Slot) -> None:
+        pending.conn.close()
+        self.slots.release(slot)
 
     def _settled(self, accepted: Accepted) -> None:
         with self._threads_lock:
@@ -231,17 +267,21 @@ class Listener:
 
 
 class _Pending:
-    """A connection being established: its socket, its task, whether it was handed over."""
+    """A connection being established: its socket, and its task (on the loop) or its
+    first-bytes watch (hand-off) or its thread (handed off)."""
 
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.task: asyncio.Task[None] | None = None
         self.handed_over = False
+        self.dropper: Callable[[str], None] | None = None  # ends the first-bytes watch
         self.accepted: Accepted | None = None  # handed off to a thread of its own
 
     def drop(self, reason: str) -> None:
         if self.accepted is not None:  # its thread wakes up to the end of the stream
             shutdown(self.conn)(reason)
+        elif self.dropper is not None:
+            self.dropper(reason)
         elif self.task is not None:  # cancelling ends in Listener._finish
             self.task.cancel()
 
@@ -337,13 +377,23 @@ def _receive(sock: socket.socket, core: TrustedPassagesConnection, data: bytes,
     the answer leaves without waiting for the loop to wake up. What the kernel does not
     take at once is returned, for the loop to send."""
     events = core.receive_data(data)
-    answer = core.data_to_send()
+    unsent = _send_now(sock, core.data_to_send())
+    # The handshake's last bytes are out (or queued for the loop, in order): this side's
+    # checks and quote (TrustedPassagesConnection.finish_handshake).
+    events += core.finish_handshake()
+    later = core.data_to_send()
+    unsent = unsent + later if unsent else _send_now(sock, later)
+    report_failure(events, on_failure)
+    return events, unsent
+
+
+def _send_now(sock: socket.socket, data: bytes) -> bytes:
+    """What of ``data`` the kernel did not take at once (the loop sends that)."""
     try:
-        sent = sock.send(answer) if answer else 0
+        sent = sock.send(data) if data else 0
     except OSError:  # would block, or broken: the loop sends it all, and meets any error
         sent = 0
-    report_failure(events, on_failure)
-    return events, answer[sent:]
+    return data[sent:]
 
 
 def note_not_established(exc: AttestationRejected | ProtocolError) -> None:

@@ -135,7 +135,8 @@ class TrustedPassagesConnection:
         self._state = State.HANDSHAKING
         self._decoder = FrameDecoder()
         self._out = bytearray()
-        self._own_binding = self._peer_binding = self._peer_spki = b""
+        self._own_binding = self._peer_binding = b""
+        self._peer_facts = CertificateFacts(b"", frozenset())  # the peer's, once known
         # The SPKI digest of the context's own certificate, when the caller knows it
         # (ChannelConfig does): not re-derived from the session per connection.
         self._own_spki = own_spki or b""
@@ -148,8 +149,10 @@ class TrustedPassagesConnection:
         self._preparing: Future[bytes] | None = None  # prepare_evidence(submit=...)
         self._scan_error: str | None = None
         self._first: bytes | None = None  # the client's first message, see send_first()
-        # A client's TLS Finished may leave before this side's own checks of the session
-        # (finish_handshake): the server's work on it then overlaps them.
+        # This side's checks of the completed session (and the server's quote) may wait
+        # until the adapter sent the handshake's last TLS bytes (finish_handshake): a
+        # client's Finished, which the server then verifies meanwhile; a server's
+        # session tickets, which the client then reads while the server quotes.
         self.checks_after_finished = False
         self._checks_pending = False
         self.pipelined = False  # the peer negotiated PIPELINING_ALPN or CONCURRENT_ALPN
@@ -316,16 +319,19 @@ class TrustedPassagesConnection:
             self._fail("tls", f"TLS handshake failed: {_ssl_reason(exc)}", events,
                        by_peer=_is_alert(exc), notify=False)
             return
-        if self.checks_after_finished and self.role == "client":
-            self._checks_pending = True  # data_to_send() holds the Finished now
+        if self.checks_after_finished:
+            self._checks_pending = True  # data_to_send() holds the last TLS bytes now
             return
         self._on_handshake_complete(events)
 
     def finish_handshake(self) -> list[Event]:
-        """With :attr:`checks_after_finished`: this client's checks of the completed TLS
-        session (profile, certificates, bindings), after its Finished was sent. Nothing
-        of this side's evidence or data goes out before them; receive_data runs them
-        first if the adapter did not."""
+        """With :attr:`checks_after_finished`: this side's checks of the completed TLS
+        session (profile, certificates, bindings), and then the server's evidence, once
+        the adapter sent the handshake's last TLS bytes. Nothing of this side's evidence
+        or data goes out before them. An adapter that sets the flag calls this once it
+        sent :meth:`data_to_send`'s bytes (a server's peer may send nothing until it has
+        the server's evidence); a client's pending checks also run first on its next
+        :meth:`receive_data`."""
         events: list[Event] = []
         if self._checks_pending:
             self._checks_pending = False
@@ -351,7 +357,7 @@ class TrustedPassagesConnection:
         alpn = self._tls.get_alpn_proto_negotiated()
         self.concurrent = alpn == CONCURRENT_ALPN
         self.pipelined = alpn in (PIPELINING_ALPN, CONCURRENT_ALPN)
-        self._peer_spki = certificate_facts(peer_cert).spki_digest
+        self._peer_facts = certificate_facts(peer_cert)
         events.append(HandshakeComplete(self._tls.get_protocol_version_name(),
                                         self._tls.get_cipher_name() or "", peer_cert))
         if self.role == "server":
@@ -504,9 +510,9 @@ class TrustedPassagesConnection:
             # With the server verified: the client's evidence (unless tpv1.2 sent it
             # already), its confirmation (tpv1.2), then a pipelined first message.
             if self._evidence_sent or self._send_evidence(events):
-                if self.concurrent:
-                    self._send_frame(FrameType.FINISHED)
                 self._state = State.AWAIT_FINISHED
+                if self.concurrent:  # a pipelined first message rides in the same record
+                    self._send_frame(FrameType.FINISHED, trailer=self._take_first())
                 self._release_first()
             return
         if self.concurrent:  # accepted; established once the client accepts us too
@@ -533,6 +539,10 @@ class TrustedPassagesConnection:
         self._release_first()
         events.append(Established(self.peer))
 
+    def _take_first(self) -> bytes:
+        first, self._first = self._first or b"", None
+        return first
+
     def _release_first(self) -> None:
         """Send the client's first message once it may go (see send_first)."""
         ready = self._state is State.ESTABLISHED or (
@@ -549,7 +559,7 @@ class TrustedPassagesConnection:
         if peer.profile != self.profile:
             raise VerificationError("profile", f"the evidence is for profile {peer.profile}, "
                                     f"this session is {self.profile}")
-        if not hmac.compare_digest(peer.user_data, self._peer_spki):
+        if not hmac.compare_digest(peer.user_data, self._peer_facts.spki_digest):
             raise VerificationError("key_binding", "the evidence binds another TLS key than "
                                     "the certificate the peer presented")
         if self.expected_peer is not None:
@@ -557,11 +567,10 @@ class TrustedPassagesConnection:
         return peer
 
     def _check_expected_peer(self, peer: PeerEvidence) -> None:
-        assert self.peer_certificate is not None
         if peer.node != self.expected_peer:
             raise VerificationError("expected_peer", f"the attested node is {peer.node!r}, "
                                     f"expected {self.expected_peer!r}")
-        names = certificate_facts(self.peer_certificate).names
+        names = self._peer_facts.names
         if self.expected_peer not in names:
             raise VerificationError("expected_peer", f"the TLS certificate names "
                                     f"{sorted(names)}, not {self.expected_peer!r}")
@@ -587,8 +596,10 @@ class TrustedPassagesConnection:
             return False
         return True
 
-    def _send_frame(self, frame_type: FrameType, payload: bytes = b"") -> None:
-        self._tls.sendall(encode_frame(frame_type, payload))
+    def _send_frame(self, frame_type: FrameType, payload: bytes = b"", *,
+                    trailer: bytes = b"") -> None:
+        """One frame (and ``trailer``, application bytes behind it) in one TLS write."""
+        self._tls.sendall(encode_frame(frame_type, payload) + trailer)
 
     # --- endings ----------------------------------------------------------------------
 
