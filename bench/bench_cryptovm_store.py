@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.backend import QemuBackend
 from testbed.roles.cryptovm import cryptovm_endpoint
+from tests.vm_lab import CliRunner, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
-REPO = Path(__file__).resolve().parent.parent
 SPEC = """version: 1
 name: cvmbench
 backend: qemu
@@ -45,11 +41,7 @@ nodes:
 """
 
 
-def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=1800, env=env,
-                          cwd=REPO, check=False)
+_cli = CliRunner(timeout=1800)
 
 
 def _up(workdir: Path, spec: Path) -> None:
@@ -70,14 +62,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     rounds = parser.parse_args().rounds
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="cvmbench-"))
-    spec = workdir / "cvmbench.yaml"
-    spec.write_text(SPEC)
-    paths = ClusterPaths(workdir, "cvmbench")
     plain: list[float] = []
     keys: list[float] = []
-    try:
+    with vm_workdir("cvmbench-", _cli.purge) as workdir:
+        spec = workdir / "cvmbench.yaml"
+        spec.write_text(SPEC)
+        paths = ClusterPaths(workdir, "cvmbench")
         _up(workdir, spec)
         client = cryptovm_endpoint(paths, "cryptovm").client()
         try:
@@ -90,9 +80,6 @@ def main() -> None:
             _up(workdir, spec)
             _sign(paths)
             keys.append(time.monotonic() - started)
-    finally:
-        _cli(workdir, "down", "--purge")
-        shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps({"rounds": rounds, "load": os.getloadavg(),
                       "plain_reboot_s": [round(s, 1) for s in plain],
                       "reboot_to_keys_s": [round(s, 1) for s in keys],

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from testbed.hosts.network import scratch_network
 from testbed.qemu.backend import QemuBackend
 from testbed.qemu.migration import MigrationResult, migrate
 from testbed.spec.cluster_spec import parse_cluster_spec
+from tests.vm_lab import CACHE, vm_workdir
 
 SPEC = """\
 version: 1
@@ -54,17 +53,20 @@ def figures(result: MigrationResult) -> dict[str, object]:
             "command_s": result.seconds}
 
 
+def _teardown(root: Path) -> None:
+    """The VM and the lab, whatever the run got to."""
+    QemuBackend(ClusterPaths(root, "benchmig")).down(purge=True)
+    hosts.down(root)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    os.environ.setdefault("TESTBED_IMAGE_CACHE", "/var/cache/trusted-testbed")
-    cache = Path(os.environ["TESTBED_IMAGE_CACHE"])
-    (cache / "vm-tests").mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-migration-", dir=cache / "vm-tests"))
+    os.environ["TESTBED_IMAGE_CACHE"] = str(CACHE)  # for the lab and the cluster, in-process
     bridge, subnet = scratch_network("tbbm")
     out: dict[str, object] = {"load_before": os.getloadavg()}
-    try:
+    with vm_workdir("bench-migration-", _teardown) as root:
         started = time.monotonic()
         hosts.up(root, 2, bridge=bridge, subnet=subnet)
         spec = parse_cluster_spec(SPEC, root)
@@ -84,10 +86,6 @@ def main() -> int:
         out["rounds"] = rounds
         out["load_after"] = os.getloadavg()
         print(json.dumps(out, indent=1))
-    finally:
-        QemuBackend(ClusterPaths(root, "benchmig")).down(purge=True)
-        hosts.down(root)
-        shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

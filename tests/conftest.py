@@ -8,6 +8,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The real-VM tests' shared set-up asserts too: pytest explains its failed asserts as it
+# does a test's (registered before any test module imports it).
+pytest.register_assert_rewrite("tests.vm_lab")
+
 # Property tests take their number of cases from one profile, picked by HYPOTHESIS_PROFILE:
 # "ci" (the default) keeps every property test of the suite at about a minute in total;
 # "dev" is quicker still; "long" is what bench/fuzz_long.py uses (>= 10,000 per property).

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,12 +31,12 @@ import yaml
 from attestation.files import private_dir
 from testbed.hosts import lifecycle
 from testbed.hosts.layout import HostRecord, LabPaths, LabState
+from tests.vm_lab import CACHE, require_root_and_libvirt, vm_workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE_DIR = ROOT / "ansible"
 INVENTORY = ANSIBLE_DIR / "inventories" / "hosts-lab"
 VENV_BIN = Path(sys.executable).parent
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 BRIDGE, SUBNET = "tbm3", "10.213.13.0/24"
 PLAYBOOK_TIMEOUT_S = 600
 SPEC = """\
@@ -137,20 +136,19 @@ def _exit_ssh_masters(control_dir: Path) -> None:
                        capture_output=True, timeout=10, check=False)
 
 
+def _down_all(path: Path) -> None:
+    """Whatever the playbooks left: by the CLI's own down, which stops by PID (the installed
+    `testbed`, as the playbooks run it), then the lab."""
+    subprocess.run([_tool("testbed"), "--workdir", str(path), "down", "--cluster",
+                    "ansible-hosts", "--purge"], capture_output=True, timeout=300, check=False)
+    lifecycle.down(path)
+
+
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the hosts lab needs root and libvirt (docs/qemu.md)", pytrace=False)
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="ansible-hosts-"))
-    try:
+    require_root_and_libvirt("the hosts lab needs root and libvirt (docs/qemu.md)")
+    with vm_workdir("ansible-hosts-", _down_all) as path:
         yield path
-    finally:  # whatever the playbooks left: by the CLI's own down, which stops by PID
-        subprocess.run([_tool("testbed"), "--workdir", str(path), "down", "--cluster",
-                        "ansible-hosts", "--purge"], capture_output=True, timeout=300,
-                       check=False)
-        lifecycle.down(path)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_inventory_of_no_lab_is_empty(tmp_path: Path) -> None:

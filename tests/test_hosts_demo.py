@@ -18,11 +18,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,46 +31,25 @@ from hypothesis import strategies as st
 
 from testbed.core.errors import StateError
 from testbed.core.paths import ClusterPaths
-from testbed.hosts import lifecycle
 from testbed.hosts.layout import HostsError
 from testbed.hosts.placement import forward_to_host
 from testbed.qemu.backend import QemuBackend
 from testbed.qemu.network import Capture, bridge_name, load_members, segment_port
 from testbed.roles.cryptovm import PublishedCryptoVm, cryptovm_endpoint
+from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 BRIDGE, SUBNET = "tbm2", "10.213.12.0/24"
 EXAMPLE = Path(__file__).resolve().parent.parent / "testbed" / "examples" / "two-hosts.yaml"
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
-
-
-def _json(r: subprocess.CompletedProcess[str]) -> Any:
-    assert r.stdout, r.stderr
-    return json.loads(r.stdout)
+_cli = CliRunner(timeout=400)
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the demo across hosts needs root and libvirt (docs/qemu.md)",
-                    pytrace=False)
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="hosts-demo-"))
-    try:
-        r = _cli(workdir, "hosts", "up", "2", "--bridge", BRIDGE, "--subnet", SUBNET,
-                 "--json", timeout=120)
-        assert r.returncode == 0, r.stderr
+    require_root_and_libvirt("the demo across hosts needs root and libvirt (docs/qemu.md)")
+    with hosts_lab(_cli, "hosts-demo-", 2, BRIDGE, SUBNET) as workdir:
         yield workdir
-    finally:
-        _cli(workdir, "down", "--purge")
-        lifecycle.down(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _check_demo(demo: dict[str, Any]) -> None:
@@ -96,7 +72,7 @@ def kept(lab: Path) -> Iterator[tuple[dict[str, Any], float]]:
     seconds = time.monotonic() - started
     try:
         assert r.returncode == 0, (r.stderr or r.stdout)[-3000:]
-        yield _json(r), seconds
+        yield cli_json(r, stderr_tail=None), seconds
     finally:
         r = _cli(lab, "down", "--json")
         assert r.returncode == 0, r.stderr
@@ -178,11 +154,11 @@ def test_demo_uses_the_running_cluster_and_leaves_it_up(
     started = time.monotonic()
     r = _cli(lab, "demo", "--backend", "qemu", "--spec", str(EXAMPLE), "--json")
     assert r.returncode == 0, (r.stderr or r.stdout)[-3000:]
-    again = _json(r)
+    again = cli_json(r, stderr_tail=None)
     seconds = time.monotonic() - started
     _check_demo(again)
     assert again["reused"] is True and "teardown_clean" not in again
-    status = _json(_cli(lab, "status", "--json"))
+    status = cli_json(_cli(lab, "status", "--json"), stderr_tail=None)
     assert {row["name"]: (row["state"], row["host"]) for row in status["nodes"]} == {
         "server": ("running", "host1"), "client": ("running", "host2"),
         "cryptovm": ("running", "host2")}, status

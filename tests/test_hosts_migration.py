@@ -16,11 +16,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +31,6 @@ from testbed.attacks.migration import migrate_to_tampered_host_on
 from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.demo.qemu import configure_cluster_guests, guest_channel
-from testbed.hosts import lifecycle
 from testbed.hosts.deep import host_attestation_check, move_vtpm, vtpm_hosts
 from testbed.hosts.layout import HostsError, LabPaths, LabState
 from testbed.hosts.placement import HostNotTrusted
@@ -45,8 +39,8 @@ from testbed.qemu.backend import QemuBackend
 from testbed.qemu.domain import connect
 from testbed.qemu.guest.agent import Agent
 from testbed.qemu.migration import migrate
+from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 BRIDGE, SUBNET = "tbm1", "10.213.11.0/24"
 SPEC = """\
 version: 1
@@ -63,16 +57,7 @@ nodes:
 """
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
-
-
-def _json(r: subprocess.CompletedProcess[str]) -> Any:
-    assert r.stdout, r.stderr
-    return json.loads(r.stdout)
+_cli = CliRunner(timeout=400)
 
 
 def _host_fs(workdir: Path, host: str) -> Path:
@@ -96,28 +81,18 @@ def _record(workdir: Path, node: str) -> Any:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the migration tests need root and libvirt (docs/qemu.md)", pytrace=False)
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="migration-"))
+    require_root_and_libvirt("the migration tests need root and libvirt (docs/qemu.md)")
     started = time.monotonic()
-    try:
-        r = _cli(workdir, "hosts", "up", "3", "--bridge", BRIDGE, "--subnet", SUBNET,
-                 "--tamper-qemu", "host3", "--json", timeout=120)
-        assert r.returncode == 1, r.stderr  # host3 is untrusted, as meant
+    with hosts_lab(_cli, "migration-", 3, BRIDGE, SUBNET, tamper_qemu="host3") as workdir:
         spec = workdir / "spec.yaml"
         spec.write_text(SPEC)
         r = _cli(workdir, "up", str(spec), "--json", timeout=600)
         assert r.returncode == 0, r.stderr
-        assert {n["name"]: n["host"] for n in _json(r)["nodes"]} == {"vm1": "host1",
-                                                                    "vm2": "host2"}
+        nodes = cli_json(r, stderr_tail=None)["nodes"]
+        assert {n["name"]: n["host"] for n in nodes} == {"vm1": "host1", "vm2": "host2"}
         print(f"\nthree hosts and a VM on host1 and host2 up in "
               f"{time.monotonic() - started:.1f} s")
         yield workdir
-    finally:
-        _cli(workdir, "down", "--purge")
-        lifecycle.down(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -> None:
@@ -125,7 +100,7 @@ def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -
     registry = (lab / "clusters" / "mig" / "registry.json").read_bytes()
     r = _cli(lab, "migrate", "vm1", "--to", "host2", "--prove-encryption", "--json")
     assert r.returncode == 0, r.stderr
-    result = _json(r)
+    result = cli_json(r, stderr_tail=None)
     assert (result["source"], result["destination"], result["tls"]) == ("host1", "host2", True)
     assert result["destination_attestation"]["trusted"] is True
     capture = result["capture"]
@@ -152,7 +127,7 @@ def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -
 
     r = _cli(lab, "attest", "vm1", "--json")
     assert r.returncode == 0, r.stderr
-    checks = {c["check"]: c for c in _json(r)["checks"]}
+    checks = {c["check"]: c for c in cli_json(r, stderr_tail=None)["checks"]}
     assert checks["host_attestation"]["host"] == "host2", checks["host_attestation"]
     assert checks["ak_trust"]["state"] == "passed"
     assert (lab / "clusters" / "mig" / "registry.json").read_bytes() == registry  # same AK
@@ -177,7 +152,7 @@ def test_control_without_tls_shows_the_marker(lab: Path) -> None:
     r = _cli(lab, "migrate", "vm1", "--to", "host1", "--no-tls", "--prove-encryption",
              "--json")
     assert r.returncode == 0, r.stderr
-    result = _json(r)
+    result = cli_json(r, stderr_tail=None)
     assert result["tls"] is False and result["capture"]["marker_frames"] > 0, result
     assert _record(lab, "vm1")["host"] == "host1"
 

@@ -12,19 +12,12 @@ match the lab's digest is refused by name. The guest image is the machine-wide c
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from testbed.hosts import lifecycle
 from testbed.hosts.deep import vtpm_hosts
 from testbed.hosts.ekcert import EkRequestError, parse_ek_request
 from testbed.hosts.layout import LabPaths, LabState
@@ -32,8 +25,8 @@ from testbed.hosts.placement import HostNotTrusted, require_trusted
 from testbed.hosts.remote import libvirt_uri
 from testbed.qemu.domain import connect
 from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
+from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 BRIDGE, SUBNET = "tbk2", "10.213.2.0/24"
 SPEC = """\
 version: 1
@@ -47,16 +40,7 @@ nodes:
 """
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)
-
-
-def _json(r: subprocess.CompletedProcess[str]) -> Any:
-    assert r.stdout, r.stderr
-    return json.loads(r.stdout)
+_cli = CliRunner(timeout=400)
 
 
 def _spec(workdir: Path, host: str) -> Path:
@@ -86,19 +70,9 @@ def _domains(workdir: Path, host: str | None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the placement tests need root and libvirt (docs/qemu.md)", pytrace=False)
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="placement-"))
-    try:
-        r = _cli(workdir, "hosts", "up", "2", "--bridge", BRIDGE, "--subnet", SUBNET,
-                 "--tamper-qemu", "host1", "--json", timeout=120)
-        assert r.returncode == 1, r.stderr  # host1 is untrusted, as meant
+    require_root_and_libvirt("the placement tests need root and libvirt (docs/qemu.md)")
+    with hosts_lab(_cli, "placement-", 2, BRIDGE, SUBNET, tamper_qemu="host1") as workdir:
         yield workdir
-    finally:
-        _cli(workdir, "down", "--purge")
-        lifecycle.down(workdir)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_untrusted_host_gets_nothing_and_is_named(lab: Path) -> None:
@@ -115,7 +89,7 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
     started = time.monotonic()
     r = _cli(lab, "up", str(_spec(lab, "host2")), "--json")
     assert r.returncode == 0, r.stderr
-    up = _json(r)
+    up = cli_json(r, stderr_tail=None)
     node = up["nodes"][0]
     assert node["host"] == "host2", node
     assert node["attested"] is True, node
@@ -131,7 +105,7 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
     assert vtpm_hosts(LabPaths(lab)).get("vm1") == "host2"  # EK cert from host2's intermediate
     assert len(list((fs / "testbed" / "artifacts").iterdir())) == 2  # kernel, initrd
 
-    status = _json(_cli(lab, "status", "--json"))
+    status = cli_json(_cli(lab, "status", "--json"), stderr_tail=None)
     row = status["nodes"][0]
     assert row["state"] == "running" and row["host"] == "host2", row
     assert row["agent"] == "answering", row

@@ -10,17 +10,12 @@ agent or recipe rebuilds the image once (30-90 s).
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -40,9 +35,8 @@ from testbed.spec.cluster_spec import (
     parse_cluster_spec,
     parse_tamper,
 )
+from tests.vm_lab import REPO, CliRunner, cli_json, require_root_and_libvirt, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
-REPO = Path(__file__).resolve().parent.parent
 NODES = ["cryptovm", "server", "client"]
 
 
@@ -176,16 +170,7 @@ def test_cluster_domains_and_removal_on_the_test_driver(tmp_path: Path) -> None:
 # --- real VMs through the CLI ----------------------------------------------------------------
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
-
-
-def _json(r: subprocess.CompletedProcess[str]) -> Any:
-    assert r.stdout, r.stderr[-3000:]
-    return json.loads(r.stdout)
+_cli = CliRunner(timeout=600)
 
 
 def _virsh_domains() -> list[str]:
@@ -205,24 +190,17 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def workdir() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the qemu cluster tests need root and libvirt-clients (see docs/qemu.md)",
-                    pytrace=False)
-    # Not pytest's tmp_path: QEMU's user (libvirt-qemu) cannot traverse its 0700 parents.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="cluster-"))
-    try:
+    require_root_and_libvirt(
+        "the qemu cluster tests need root and libvirt-clients (see docs/qemu.md)")
+    with vm_workdir("cluster-", _cli.purge) as path:
         yield path
-    finally:
-        _cli(path, "down", "--purge")  # whatever a failed test left
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow
 def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     started = time.monotonic()
     r = _cli(workdir, "up", "--backend", "qemu", "--json")
-    up = _json(r)
+    up = cli_json(r)
     print(f"\nup: {time.monotonic() - started:.1f} s ({up['accel']}); define -> all attested "
           f"{up['seconds_define_to_all_attested']} s; boots "
           f"{[n['boot_seconds'] for n in up['nodes']]}")
@@ -245,7 +223,7 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     domains = [qc.domain_name(paths, n) for n in NODES]
     assert set(domains) <= set(_virsh_domains())
 
-    status = _json(_cli(workdir, "status", "--json"))
+    status = cli_json(_cli(workdir, "status", "--json"))
     assert status["backend"] == "qemu"
     rows = {row["name"]: row for row in status["nodes"]}
     for name in NODES:
@@ -260,10 +238,10 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
         "console=ttyS0 panic=-1 quiet")
 
     again = _cli(workdir, "up", "--backend", "qemu", "--json")  # idempotent: VMs kept
-    assert again.returncode == 0 and [n["action"] for n in _json(again)["nodes"]] == ["kept"] * 3
+    assert again.returncode == 0 and [n["action"] for n in cli_json(again)["nodes"]] == ["kept"] * 3
 
     r = _cli(workdir, "attest", "client", "--json")
-    assert r.returncode == 0 and _json(r)["ok"], r.stdout[-2000:]
+    assert r.returncode == 0 and cli_json(r)["ok"], r.stdout[-2000:]
     history = read_attestations(paths)
     assert history["client"].ok and history["client"].policy == "client-predicted"
 
@@ -272,7 +250,7 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     pids = [rows[n][k] for n in NODES for k in ("qemu_pid", "swtpm_pid")]
     paths.node("client").vm.unlink()
     r = _cli(workdir, "down", "--json")
-    down = _json(r)
+    down = cli_json(r)
     assert r.returncode == 0 and down["ok"], r.stderr[-3000:]
     assert sorted(n["name"] for n in down["nodes"] if n["stopped_by"] == "libvirt") == sorted(
         NODES)
@@ -281,7 +259,7 @@ def test_up_status_attest_down_with_three_vms(workdir: Path) -> None:
     assert not [p for p in pids if _alive(p)] and qc.vm_processes(paths) == []
     assert not [u for u in uuids if (SWTPM_STORAGE / u).exists()]
     assert not (workdir / "vms" / paths.name).exists()
-    again_down = _json(_cli(workdir, "down", "--json"))
+    again_down = cli_json(_cli(workdir, "down", "--json"))
     assert again_down["ok"] and again_down["nodes"] == []
 
 
@@ -294,7 +272,7 @@ def _libvirt_up() -> bool:
 def test_attack_tampered_boot_and_runtime_tamper_with_real_vms(workdir: Path) -> None:
     r = _cli(workdir, "attack", "tampered-boot", "runtime-tamper", "--backend", "qemu",
              "--json")
-    out = _json(r)
+    out = cli_json(r)
     assert r.returncode == 0 and out["ok"], r.stderr[-3000:]
     assert out["genuine_channel"].startswith("ACCEPTED")
     tampered, runtime = out["results"]

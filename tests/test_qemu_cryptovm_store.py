@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,9 +40,8 @@ from testbed.qemu.backend import QemuBackend
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.qemu.store_disk import store_image
 from testbed.roles.cryptovm import cryptovm_endpoint
-from testbed.spec.recipe import REPO_ROOT
+from tests.vm_lab import CliRunner, cli_json, require_root_and_libvirt, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 CLUSTER = "cvmstore"
 TENANT_KEY = "tenant-" + os.urandom(5).hex()  # the marker: its name is in the store's files
 SPEC = f"""version: 1
@@ -60,11 +56,7 @@ nodes:
 """
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO_ROOT)
+_cli = CliRunner(timeout=900)
 
 
 def _up(workdir: Path, spec: Path) -> dict[str, Any]:
@@ -73,8 +65,7 @@ def _up(workdir: Path, spec: Path) -> dict[str, Any]:
         # Under heavy load a TCG guest's agent may outlast up's waits (boot, registration);
         # up is idempotent: it keeps the running VM and carries on with it.
         up = _cli(workdir, "up", str(spec), "--json")
-    assert up.stdout, up.stderr[-3000:]
-    doc: dict[str, Any] = json.loads(up.stdout)
+    doc: dict[str, Any] = cli_json(up)
     return doc
 
 
@@ -93,19 +84,12 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the CryptoVM store test needs root and libvirt-clients (docs/qemu.md)",
-                    pytrace=False)
-    # Not pytest's tmp_path: QEMU's user (libvirt-qemu) cannot traverse its 0700 parents.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="cvmstore-"))
-    try:
+    require_root_and_libvirt(
+        "the CryptoVM store test needs root and libvirt-clients (docs/qemu.md)")
+    with vm_workdir("cvmstore-", _cli.purge) as workdir:
         spec = workdir / "cvmstore.yaml"
         spec.write_text(SPEC)
         yield Lab(workdir, spec, ClusterPaths(workdir, CLUSTER), _up(workdir, spec))
-    finally:
-        _cli(workdir, "down", "--purge")
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _probe_binding(lab: Lab, call: Any) -> DiskBinding:

@@ -13,37 +13,29 @@ cached machine-wide, see tests/test_qemu_vm.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from testbed.qemu.domain import DOMAIN_PREFIX
+from tests.vm_lab import CliRunner, vm_workdir
 
 pytestmark = pytest.mark.slow
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
+_cli = CliRunner(timeout=900)
+
+
+def _down_demo(workdir: Path) -> None:
+    """The demo's cluster, in the work directory the demo makes inside ours."""
+    _cli(workdir / "demo-qemu", "down", "--cluster", "qemu-lab", "--purge", timeout=300)
 
 
 def test_demo_on_real_vms() -> None:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # Not under /root or pytest's tmp: QEMU (libvirt-qemu) must traverse the work dir.
-    workdir = Path(tempfile.mkdtemp(prefix="qemu-demo-", dir=CACHE))
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    try:
-        r = subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                            "demo", "--backend", "qemu", "--json"],
-                           capture_output=True, text=True, timeout=900, env=env, check=False)
+    with vm_workdir("qemu-demo-", _down_demo) as workdir:
+        r = _cli(workdir, "demo", "--backend", "qemu", "--json")
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
         report = json.loads(r.stdout)
-    finally:
-        subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir",
-                        str(workdir / "demo-qemu"), "down", "--cluster", "qemu-lab", "--purge"],
-                       capture_output=True, timeout=300, env=env, check=False)
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
     assert report["ok"] and report["up_ok"] and report["teardown_clean"]
     assert report["up"]["all_attested"] and len(report["up"]["nodes"]) == 3
     assert {c["from"] + ">" + c["to"] for c in report["channels"]} == {"client>server",

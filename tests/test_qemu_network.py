@@ -21,7 +21,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,9 +70,8 @@ from testbed.qemu.network import (
 )
 from testbed.verifier.revocation import revoke
 from tests.test_cryptovm_network import stream
+from tests.vm_lab import REPO, CliRunner, cli_json, new_workdir, require_root_and_libvirt
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
-REPO = Path(__file__).resolve().parent.parent
 FIGURES_ENV = os.environ.get("TESTBED_FIGURES")  # a file to write the figures to, if set
 
 
@@ -463,20 +461,13 @@ nodes:
 CMDLINE = "console=ttyS0 panic=-1 quiet no_timer_check"
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+_cli = CliRunner(timeout=900)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[ClusterPaths, dict[str, Any]]]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the VM network test needs root and libvirt (see docs/qemu.md)",
-                    pytrace=False)
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="network-"))
+    require_root_and_libvirt("the VM network test needs root and libvirt (see docs/qemu.md)")
+    workdir = new_workdir("network-")
     spec = workdir / "netlab.yaml"
     spec.write_text(SPEC.format(image=REPO / "images" / "guest.yaml", cmdline=CMDLINE))
     try:
@@ -484,13 +475,12 @@ def cluster() -> Iterator[tuple[ClusterPaths, dict[str, Any]]]:
         r = _cli(workdir, "up", "--backend", "qemu", str(spec), "--json")
         if r.returncode == 4:  # a VM did not come up (TCG on a loaded machine): `up` again
             r = _cli(workdir, "up", "--backend", "qemu", str(spec), "--json")  # boots it anew
-        assert r.stdout, r.stderr[-3000:]
-        up = json.loads(r.stdout)
+        up = cli_json(r)
         up["seconds_up"] = time.monotonic() - started
         assert r.returncode == 0 and up["all_attested"], r.stdout[-3000:]
         yield ClusterPaths(workdir, "netlab"), up
     finally:
-        down = _cli(workdir, "down", "--purge")
+        down = _cli.purge(workdir)  # asserted, unlike vm_workdir's: no bridge may be left
         shutil.rmtree(workdir, ignore_errors=True)
         assert down.returncode == 0, down.stderr[-2000:]
         assert not Path(f"/sys/class/net/{bridge_name(ClusterPaths(workdir, 'netlab'))}").exists()

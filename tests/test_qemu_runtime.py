@@ -10,16 +10,9 @@ binary with `testbed tamper`, after which `testbed attest` fails the `runtime` c
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,8 +22,8 @@ from testbed.cluster.runtime import ensure_runtime_policy, node_runtime_policy
 from testbed.core.paths import ClusterPaths
 from testbed.qemu.predict.runtime import vm_runtime_policy
 from testbed.spec.recipe import REPO_ROOT, load_recipe
+from tests.vm_lab import CliRunner, cli_json, require_root_and_libvirt, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 AGENT = "/opt/testbed/guest_agent.py"
 SPEC = """version: 1
 name: rt
@@ -83,31 +76,15 @@ def test_up_repredicts_its_own_runtime_policy_and_keeps_an_edited_one(tmp_path: 
 # --- one real VM ------------------------------------------------------------------------------
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO_ROOT)
-
-
-def _json(r: subprocess.CompletedProcess[str]) -> Any:
-    assert r.stdout, r.stderr[-3000:]
-    return json.loads(r.stdout)
+_cli = CliRunner(timeout=600)
 
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the qemu runtime test needs root and libvirt-clients (see docs/qemu.md)",
-                    pytrace=False)
-    # Not pytest's tmp_path: QEMU's user (libvirt-qemu) cannot traverse its 0700 parents.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="runtime-"))
-    try:
+    require_root_and_libvirt(
+        "the qemu runtime test needs root and libvirt-clients (see docs/qemu.md)")
+    with vm_workdir("runtime-", _cli.purge) as path:
         yield path
-    finally:
-        _cli(path, "down", "--purge")
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -115,10 +92,10 @@ def test_vm_tampered_at_runtime_fails_the_runtime_check(workdir: Path) -> None:
     spec = workdir / "rt.yaml"
     spec.write_text(SPEC)
     up = _cli(workdir, "up", str(spec), "--json")
-    assert up.returncode == 0 and _json(up)["all_attested"], up.stderr[-3000:]
+    assert up.returncode == 0 and cli_json(up)["all_attested"], up.stderr[-3000:]
 
     honest = _cli(workdir, "attest", "vm0", "--json")
-    report = _json(honest)
+    report = cli_json(honest)
     assert honest.returncode == 0 and report["ok"], honest.stdout[-3000:]
     runtime = report["checks"][-1]
     assert runtime["check"] == "runtime" and runtime["state"] == "passed", runtime
@@ -126,10 +103,10 @@ def test_vm_tampered_at_runtime_fails_the_runtime_check(workdir: Path) -> None:
     started = time.monotonic()
     tamper = _cli(workdir, "tamper", "vm0", "--runtime", "/usr/local/bin/cryptominer", "--json")
     assert tamper.returncode == 0, tamper.stderr[-3000:]
-    assert _json(tamper)["executed"]["path"] == "/usr/local/bin/cryptominer"
+    assert cli_json(tamper)["executed"]["path"] == "/usr/local/bin/cryptominer"
     caught = _cli(workdir, "attest", "vm0", "--json")
     detected = time.monotonic() - started
-    result = _json(caught)
+    result = cli_json(caught)
     assert caught.returncode == 1 and result["failed_check"] == "runtime", caught.stdout[-3000:]
     failed = result["checks"][-1]
     assert "cryptominer" in failed["detail"] and failed["entry"]["path"] == \
@@ -142,4 +119,4 @@ def test_vm_tampered_at_runtime_fails_the_runtime_check(workdir: Path) -> None:
     for command in ("revoke", "reinstate"):
         decided = _cli(workdir, command, "vm0", "--json")
         assert decided.returncode == 0, decided.stderr[-3000:]
-        assert _json(decided)["delivered"] == {"vm0": "applied"}, decided.stdout
+        assert cli_json(decided)["delivered"] == {"vm0": "applied"}, decided.stdout

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +38,9 @@ from testbed.qemu.libvirtd import load_libvirt
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
-from testbed.spec.recipe import REPO_ROOT
 from testbed.svd.qcow2 import _json, _luks_uuid, format_qcow2_luks, qcow2_luks_uuid
+from tests.vm_lab import CliRunner, cli_json, require_root_and_libvirt, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 CLUSTER = "svdvm"
 MARKER = b"qemu-host-side-disk-marker-5c1e"
 SPEC = f"""version: 1
@@ -144,11 +140,7 @@ def test_guest_disk_ops_refuse_bad_requests(tmp_path: Path) -> None:
 # --- one real cluster -----------------------------------------------------------------------
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO_ROOT)
+_cli = CliRunner(timeout=900)
 
 
 @dataclass
@@ -163,13 +155,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the qemu disk test needs root and libvirt-clients (docs/qemu.md)",
-                    pytrace=False)
-    # Not pytest's tmp_path: QEMU's user (libvirt-qemu) cannot traverse its 0700 parents.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="svd-"))
-    try:
+    require_root_and_libvirt("the qemu disk test needs root and libvirt-clients (docs/qemu.md)")
+    with vm_workdir("svd-", _cli.purge) as workdir:
         spec = workdir / "svd.yaml"
         spec.write_text(SPEC)
         up = _cli(workdir, "up", str(spec), "--json")
@@ -177,11 +164,7 @@ def lab() -> Iterator[Lab]:
             # Under heavy load a TCG guest may outlast up's 240 s boot wait; up is
             # idempotent: it keeps the running VMs and carries on with them.
             up = _cli(workdir, "up", str(spec), "--json")
-        assert up.stdout, up.stderr[-3000:]
-        yield Lab(workdir, ClusterPaths(workdir, CLUSTER), json.loads(up.stdout))
-    finally:
-        _cli(workdir, "down", "--purge")
-        shutil.rmtree(workdir, ignore_errors=True)
+        yield Lab(workdir, ClusterPaths(workdir, CLUSTER), cli_json(up))
 
 
 def _secrets() -> str:

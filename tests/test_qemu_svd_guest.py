@@ -17,12 +17,9 @@ after a fresh attestation, a quote that does not satisfy the policy is refused
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +52,8 @@ from testbed.qemu.guest.disk_extension import (
 from testbed.qemu.predict.events import QUOTED_PCRS
 from testbed.roles.cryptovm import cryptovm_endpoint
 from testbed.spec.cluster_spec import DiskSpec, parse_cluster_spec
-from testbed.spec.recipe import REPO_ROOT
+from tests.vm_lab import CliRunner, cli_json, require_root_and_libvirt, vm_workdir
 
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 CLUSTER = "svdguest"
 MARKER = b"qemu-guest-side-disk-marker-7a2d"
 SPEC = f"""version: 1
@@ -263,11 +259,7 @@ def test_thief_guest_answer_is_read_per_disk() -> None:
 # --- one real cluster -----------------------------------------------------------------------
 
 
-def _cli(workdir: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TESTBED_IMAGE_CACHE": str(CACHE)}
-    return subprocess.run([sys.executable, "-m", "testbed.cli.main", "--workdir", str(workdir),
-                           *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO_ROOT)
+_cli = CliRunner(timeout=900)
 
 
 # Under heavy load a TCG guest may outlast up's boot wait, or its agent may drop the first
@@ -287,23 +279,14 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0 or shutil.which("virsh") is None:
-        pytest.fail("the qemu disk test needs root and libvirt-clients (docs/qemu.md)",
-                    pytrace=False)
-    # Not pytest's tmp_path: QEMU's user (libvirt-qemu) cannot traverse its 0700 parents.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests", prefix="svdg-"))
-    try:
+    require_root_and_libvirt("the qemu disk test needs root and libvirt-clients (docs/qemu.md)")
+    with vm_workdir("svdg-", _cli.purge) as workdir:
         spec = workdir / "svd.yaml"
         spec.write_text(SPEC)
         up = _cli(workdir, "up", str(spec), "--json")
         if up.returncode != 0 and any(m in up.stderr + up.stdout for m in _TRANSIENT):
             up = _cli(workdir, "up", str(spec), "--json")  # a slow TCG boot: up again
-        assert up.stdout, up.stderr[-3000:]
-        yield Lab(workdir, ClusterPaths(workdir, CLUSTER), json.loads(up.stdout))
-    finally:
-        _cli(workdir, "down", "--purge")
-        shutil.rmtree(workdir, ignore_errors=True)
+        yield Lab(workdir, ClusterPaths(workdir, CLUSTER), cli_json(up))
 
 
 def _read_marker(agent: AgentClient) -> bytes:

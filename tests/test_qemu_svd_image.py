@@ -11,7 +11,6 @@ beside the in-RAM image ($TESTBED_IMAGE_CACHE or /var/cache/trusted-testbed).
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from testbed.qemu.svd_root import (
 )
 from testbed.qemu.vms import QemuNode, VmDriver
 from testbed.spec.recipe import load_recipe
-from tests.test_qemu_vm import CACHE, _require_prerequisites
+from tests.vm_lab import CACHE, new_workdir, require_vm_prerequisites
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +85,7 @@ def test_cli_builds_the_encrypted_image(capsys: pytest.CaptureFixture[str],
 
     from testbed.cli.qemu import cmd_image_build
 
-    _require_prerequisites()  # before any VM: the CLI opens the tenant's CryptoVM itself
+    require_vm_prerequisites()  # before any VM: the CLI opens the tenant's CryptoVM itself
     monkeypatch.setenv("TESTBED_IMAGE_CACHE", str(CACHE))
     args = argparse.Namespace(workdir=str(CACHE), recipe=None, force=False, json=True,
                               encrypted=True)
@@ -101,7 +100,7 @@ def test_cli_builds_the_encrypted_image(capsys: pytest.CaptureFixture[str],
 def test_swapped_or_damaged_root_disk_is_refused_before_any_request(tmp_path: Path) -> None:
     from cryptovm.disks import DiskBindingError
 
-    _require_prerequisites()
+    require_vm_prerequisites()
     with TenantCryptoVm(tenant_directory(CACHE)) as tenant:  # built once, then cached
         built = build_encrypted_image(CACHE, load_recipe(), tenant)
     image = EncryptedImage.load(CACHE / "images" / f"encrypted-{encrypted_digest(load_recipe())}")
@@ -130,15 +129,14 @@ class World:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    _require_prerequisites()
+    require_vm_prerequisites()
     started = time.monotonic()
     with TenantCryptoVm(tenant_directory(CACHE)) as tenant:
         image = build_encrypted_image(CACHE, load_recipe(), tenant)
         print(f"\nencrypted image {image.boot.digest[:12]}: root disk "
               f"{image.root.stat().st_size >> 20} MiB, ready in "
               f"{time.monotonic() - started:.1f} s")
-        (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests"))
+        workdir = new_workdir()
         driver = VmDriver(workdir, reference_dir=CACHE / "firmware")
         try:
             policy = driver.predicted_policy(image.boot)

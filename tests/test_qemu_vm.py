@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,39 +27,15 @@ from attestation.eventlog import parse_event_log
 from attestation.evidence import Evidence
 from attestation.policy import ReferencePolicy
 from attestation.report import VerificationReport
-from testbed.qemu.domain import DOMAIN_PREFIX, OVMF_CODE, OVMF_VARS, SWTPM_STORAGE
+from testbed.qemu.domain import DOMAIN_PREFIX, SWTPM_STORAGE
 from testbed.qemu.image.build import GuestImage, build_image
-from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 from testbed.qemu.predict.events import EV_EFI_BOOT_SERVICES_APPLICATION
 from testbed.qemu.vms import QemuNode, VmDriver
+from tests.vm_lab import CACHE, new_workdir, require_vm_prerequisites
 
 pytestmark = pytest.mark.slow
 
-# Machine-wide, outside the checkout so every CI clone reuses it; not under /root, which
-# libvirt-qemu (who runs QEMU) cannot traverse.
-CACHE = Path(os.environ.get("TESTBED_IMAGE_CACHE") or "/var/cache/trusted-testbed").absolute()
 TAMPER = " init=/bin/sh"
-APT = ("apt-get install mmdebstrap qemu-system-x86 ovmf swtpm swtpm-tools "
-       "libvirt-daemon-system libvirt-clients")
-
-
-def _require_prerequisites() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("the VM tests need root (qemu:///system, mmdebstrap)")
-    for tool in ("mmdebstrap", "qemu-system-x86_64", "swtpm", "swtpm_setup", "libvirtd",
-                 "virtlogd"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            problems.append(f"{tool} is missing ({APT})")
-    for firmware in (OVMF_CODE, OVMF_VARS):
-        if not firmware.is_file():
-            problems.append(f"{firmware} is missing (apt-get install ovmf)")
-    try:
-        load_libvirt()
-    except LibvirtError as exc:
-        problems.append(str(exc))
-    if problems:
-        pytest.fail("QEMU VM tests cannot run: " + "; ".join(problems), pytrace=False)
 
 
 @dataclass
@@ -113,15 +88,13 @@ def _assert_nothing_left(driver: VmDriver, qemu: dict[str, int], daemons: dict[s
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    _require_prerequisites()
+    require_vm_prerequisites()
     started = time.monotonic()
     image = build_image(CACHE)
     print(f"\nimage {image.digest[:12]}: {image.manifest['initrd']['size'] >> 20} MiB initrd, "
           f"built in {image.manifest['build_seconds']} s (this run: "
           f"{time.monotonic() - started:.1f} s)")
-    # Not pytest's tmp_path: its 0700 parents are not searchable by QEMU's user.
-    (CACHE / "vm-tests").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(dir=CACHE / "vm-tests"))
+    workdir = new_workdir()
     driver = VmDriver(workdir, reference_dir=CACHE / "firmware")
     print(f"accelerator: {driver.accel.accel} ({driver.accel.reason})")
     daemons, qemu, uuids = dict(driver.daemons.started), {}, []
