@@ -36,7 +36,7 @@ from testbed.hosts.placement import forward_to_host
 from testbed.qemu.backend import QemuBackend
 from testbed.qemu.network import Capture, bridge_name, load_members, segment_port
 from testbed.roles.cryptovm import PublishedCryptoVm, cryptovm_endpoint
-from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
+from tests.vm_lab import CliRunner, cli_json, hosts_lab
 
 BRIDGE, SUBNET = "tbm2", "10.213.12.0/24"
 EXAMPLE = Path(__file__).resolve().parent.parent / "testbed" / "examples" / "two-hosts.yaml"
@@ -47,8 +47,8 @@ _cli = CliRunner(timeout=400)
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    require_root_and_libvirt("the demo across hosts needs root and libvirt (docs/qemu.md)")
-    with hosts_lab(_cli, "hosts-demo-", 2, BRIDGE, SUBNET) as workdir:
+    with hosts_lab(_cli, "hosts-demo-", 2, BRIDGE, SUBNET,
+                   need="the demo across hosts needs root and libvirt (docs/qemu.md)") as workdir:
         yield workdir
 
 

@@ -32,14 +32,12 @@ from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.demo.qemu import configure_cluster_guests, guest_channel
 from testbed.hosts.deep import host_attestation_check, move_vtpm, vtpm_hosts
-from testbed.hosts.layout import HostsError, LabPaths, LabState
+from testbed.hosts.layout import HostsError, LabPaths
 from testbed.hosts.placement import HostNotTrusted
-from testbed.hosts.remote import libvirt_uri
 from testbed.qemu.backend import QemuBackend
-from testbed.qemu.domain import connect
 from testbed.qemu.guest.agent import Agent
 from testbed.qemu.migration import migrate
-from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
+from tests.vm_lab import CliRunner, cli_json, host_domains, host_libvirt_dir, hosts_lab
 
 BRIDGE, SUBNET = "tbm1", "10.213.11.0/24"
 SPEC = """\
@@ -60,30 +58,15 @@ nodes:
 _cli = CliRunner(timeout=400)
 
 
-def _host_fs(workdir: Path, host: str) -> Path:
-    return LabPaths(workdir).host(host).fs / "var-lib-libvirt"
-
-
-def _domains(workdir: Path, host: str) -> list[str]:
-    lab = LabPaths(workdir)
-    state = LabState.load(lab)
-    assert state is not None
-    conn = connect(libvirt_uri(lab, state.hosts[host].address))
-    try:
-        return [d.name() for d in conn.listAllDomains(0)]
-    finally:
-        conn.close()
-
-
 def _record(workdir: Path, node: str) -> Any:
     return json.loads((workdir / "clusters" / "mig" / "nodes" / node / "vm.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    require_root_and_libvirt("the migration tests need root and libvirt (docs/qemu.md)")
     started = time.monotonic()
-    with hosts_lab(_cli, "migration-", 3, BRIDGE, SUBNET, tamper_qemu="host3") as workdir:
+    with hosts_lab(_cli, "migration-", 3, BRIDGE, SUBNET, tamper_qemu="host3",
+                   need="the migration tests need root and libvirt (docs/qemu.md)") as workdir:
         spec = workdir / "spec.yaml"
         spec.write_text(SPEC)
         r = _cli(workdir, "up", str(spec), "--json", timeout=600)
@@ -116,12 +99,12 @@ def test_tls_migration_hides_the_marker_and_the_vm_attests_on_host2(lab: Path) -
           f"{capture['bytes']} bytes of frames for {result['page_bytes']} bytes of pages")
 
     domain, uuid = before["domain"], before["uuid"]
-    assert domain in _domains(lab, "host2") and domain not in _domains(lab, "host1")
+    assert domain in host_domains(lab, "host2") and domain not in host_domains(lab, "host1")
     assert _record(lab, "vm1")["host"] == "host2"
     assert vtpm_hosts(LabPaths(lab))["vm1"] == "host2"
-    assert (_host_fs(lab, "host2") / "swtpm" / uuid / "tpm2" / "tpm2-00.permall").is_file()
-    assert not (_host_fs(lab, "host1") / "swtpm" / uuid).exists()
-    assert not (_host_fs(lab, "host1") / "testbed" / "vms" / domain).exists()
+    assert (host_libvirt_dir(lab, "host2") / "swtpm" / uuid / "tpm2" / "tpm2-00.permall").is_file()
+    assert not (host_libvirt_dir(lab, "host1") / "swtpm" / uuid).exists()
+    assert not (host_libvirt_dir(lab, "host1") / "testbed" / "vms" / domain).exists()
     key = LabPaths(lab).host("host2").fs / "etc-libvirt" / "migrate-tls" / "server-key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
 
@@ -161,8 +144,8 @@ def test_migration_to_the_tampered_host_is_refused(lab: Path) -> None:
     r = _cli(lab, "migrate", "vm2", "--to", "host3")
     assert r.returncode == 1, r.stderr
     assert "host3: policy (" in r.stderr and "PCR 14" in r.stderr, r.stderr
-    assert not any(".vm2." in d for d in _domains(lab, "host3"))
-    assert not (_host_fs(lab, "host3") / "testbed").exists()  # nothing prepared there
+    assert not any(".vm2." in d for d in host_domains(lab, "host3"))
+    assert not (host_libvirt_dir(lab, "host3") / "testbed").exists()  # nothing prepared there
 
     result = migrate_to_tampered_host_on(ClusterPaths(lab, "mig"), "vm2", "host3")
     assert result.as_expected, result

@@ -20,12 +20,10 @@ import pytest
 
 from testbed.hosts.deep import vtpm_hosts
 from testbed.hosts.ekcert import EkRequestError, parse_ek_request
-from testbed.hosts.layout import LabPaths, LabState
+from testbed.hosts.layout import LabPaths
 from testbed.hosts.placement import HostNotTrusted, require_trusted
-from testbed.hosts.remote import libvirt_uri
-from testbed.qemu.domain import connect
 from testbed.spec.cluster_spec import ClusterSpecError, parse_cluster_spec
-from tests.vm_lab import CliRunner, cli_json, hosts_lab, require_root_and_libvirt
+from tests.vm_lab import CliRunner, cli_json, host_domains, host_libvirt_dir, hosts_lab
 
 BRIDGE, SUBNET = "tbk2", "10.213.2.0/24"
 SPEC = """\
@@ -49,29 +47,10 @@ def _spec(workdir: Path, host: str) -> Path:
     return path
 
 
-def _host_fs(workdir: Path, host: str) -> Path:
-    """The host's own /var/lib/libvirt, as the lab machine stores it (for inspection)."""
-    return LabPaths(workdir).host(host).fs / "var-lib-libvirt"
-
-
-def _domains(workdir: Path, host: str | None) -> list[str]:
-    if host is None:
-        conn = connect()
-    else:
-        lab = LabPaths(workdir)
-        state = LabState.load(lab)
-        assert state is not None
-        conn = connect(libvirt_uri(lab, state.hosts[host].address))
-    try:
-        return [d.name() for d in conn.listAllDomains(0)]
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Path]:
-    require_root_and_libvirt("the placement tests need root and libvirt (docs/qemu.md)")
-    with hosts_lab(_cli, "placement-", 2, BRIDGE, SUBNET, tamper_qemu="host1") as workdir:
+    with hosts_lab(_cli, "placement-", 2, BRIDGE, SUBNET, tamper_qemu="host1",
+                   need="the placement tests need root and libvirt (docs/qemu.md)") as workdir:
         yield workdir
 
 
@@ -79,8 +58,8 @@ def test_untrusted_host_gets_nothing_and_is_named(lab: Path) -> None:
     r = _cli(lab, "up", str(_spec(lab, "host1")), "--json")
     assert r.returncode == 1, r.stderr
     assert "host1: policy (" in r.stderr and "PCR 14" in r.stderr, r.stderr
-    assert not (_host_fs(lab, "host1") / "testbed").exists()  # nothing copied, no vTPM
-    assert not any(".vm1." in d for d in _domains(lab, "host1"))
+    assert not (host_libvirt_dir(lab, "host1") / "testbed").exists()  # nothing copied, no vTPM
+    assert not any(".vm1." in d for d in host_domains(lab, "host1"))
     r = _cli(lab, "up", str(_spec(lab, "host7")), "--json")
     assert r.returncode == 1 and "host7: host_up" in r.stderr, r.stderr
 
@@ -95,11 +74,11 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
     assert node["attested"] is True, node
     up_seconds = time.monotonic() - started
     domain = node["domain"]
-    assert domain in _domains(lab, "host2")
-    assert domain not in _domains(lab, "host1") and domain not in _domains(lab, None)
+    assert domain in host_domains(lab, "host2")
+    assert domain not in host_domains(lab, "host1") and domain not in host_domains(lab, None)
     record = json.loads((lab / "clusters" / "placed" / "nodes" / "vm1" / "vm.json").read_text())
     assert record["host"] == "host2"
-    fs = _host_fs(lab, "host2")
+    fs = host_libvirt_dir(lab, "host2")
     assert (fs / "swtpm" / record["uuid"] / "tpm2" / "tpm2-00.permall").is_file()
     assert not Path("/var/lib/libvirt/swtpm", record["uuid"]).exists()
     assert vtpm_hosts(LabPaths(lab)).get("vm1") == "host2"  # EK cert from host2's intermediate
@@ -114,7 +93,7 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
 
     r = _cli(lab, "down", "--json")
     assert r.returncode == 0, r.stderr
-    assert domain not in _domains(lab, "host2")
+    assert domain not in host_domains(lab, "host2")
     assert not (fs / "swtpm" / record["uuid"]).exists()
     assert not (fs / "testbed" / "vms" / domain).exists()
     assert not list((fs / "testbed" / "vtpm-setup").iterdir())
@@ -123,7 +102,7 @@ def test_vm_on_host2_defined_there_attested_and_removed(lab: Path) -> None:
 
 def test_artifact_whose_copy_mismatches_is_refused_by_name(lab: Path) -> None:
     """host2 keeps the artifacts of the test before (by digest): spoil one of them."""
-    artifacts = sorted((_host_fs(lab, "host2") / "testbed" / "artifacts").iterdir(),
+    artifacts = sorted((host_libvirt_dir(lab, "host2") / "testbed" / "artifacts").iterdir(),
                        key=lambda p: p.stat().st_size)
     assert artifacts, "the test before leaves the artifacts on host2"
     with artifacts[0].open("r+b") as handle:  # the smaller one: the kernel
@@ -131,7 +110,7 @@ def test_artifact_whose_copy_mismatches_is_refused_by_name(lab: Path) -> None:
     r = _cli(lab, "up", str(_spec(lab, "host2")), "--json")
     assert r.returncode == 1, r.stderr
     assert "host2: artifact_digest" in r.stderr and "guest kernel" in r.stderr, r.stderr
-    assert not any(".vm1." in d for d in _domains(lab, "host2"))
+    assert not any(".vm1." in d for d in host_domains(lab, "host2"))
     artifacts[0].unlink()
 
 

@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from testbed.hosts import lifecycle
-from testbed.qemu.domain import OVMF_CODE, OVMF_VARS
+from testbed.hosts.layout import LabPaths, LabState
+from testbed.hosts.remote import libvirt_uri
+from testbed.qemu.domain import OVMF_CODE, OVMF_VARS, connect
 from testbed.qemu.libvirtd import LibvirtError, load_libvirt
 
 # Machine-wide, outside the checkout so every CI clone reuses it; not under /root, which
@@ -109,11 +111,14 @@ def vm_workdir(prefix: str | None, down: Callable[[Path], object]) -> Iterator[P
 
 
 @contextmanager
-def hosts_lab(cli: CliRunner, prefix: str, hosts: int, bridge: str, subnet: str,
-              tamper_qemu: str | None = None) -> Iterator[Path]:
+def hosts_lab(cli: CliRunner, prefix: str, hosts: int, bridge: str, subnet: str, *,
+              tamper_qemu: str | None = None, need: str) -> Iterator[Path]:
     """A work directory with ``hosts up HOSTS`` on its own ``bridge`` and ``subnet`` (so
     that modules do not meet), ``tamper_qemu`` untrusted as meant (``hosts up`` exits 1
-    then, else 0); on the way out its clusters purged, the lab taken down."""
+    then, else 0); on the way out its clusters purged, the lab taken down. Without root
+    and libvirt it fails first, saying ``need``."""
+    require_root_and_libvirt(need)
+
     def down(workdir: Path) -> None:
         cli.purge(workdir)
         lifecycle.down(workdir)
@@ -124,3 +129,24 @@ def hosts_lab(cli: CliRunner, prefix: str, hosts: int, bridge: str, subnet: str,
                 *tamper, "--json", timeout=120)
         assert r.returncode == (0 if tamper_qemu is None else 1), r.stderr
         yield workdir
+
+
+def host_libvirt_dir(workdir: Path, host: str) -> Path:
+    """The lab host's own /var/lib/libvirt, as the lab machine stores it (for inspection)."""
+    return LabPaths(workdir).host(host).fs / "var-lib-libvirt"
+
+
+def host_domains(workdir: Path, host: str | None) -> list[str]:
+    """The libvirt domains on a host of the lab, over its qemu+ssh URI; None: this
+    machine's own qemu:///system."""
+    if host is None:
+        conn = connect()
+    else:
+        lab = LabPaths(workdir)
+        state = LabState.load(lab)
+        assert state is not None
+        conn = connect(libvirt_uri(lab, state.hosts[host].address))
+    try:
+        return [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        conn.close()
