@@ -943,10 +943,10 @@ class EventLogBuilder:
     def to_bytes(self) -> bytes:
         """The log's bytes; encoded again only once events were added (an issuer reads
         the log at every quote, and events are only ever appended)."""
-        events = self._events[:]
         count, encoded = self._encoded
-        if count == len(events):
+        if count == len(self._events):
             return encoded
+        events = self._events[:]  # a snapshot: an event appended meanwhile is encoded next time
         spec_id = self.spec_id_bytes()
         legacy = struct.pack("<II", 0, EV_NO_ACTION) + bytes(_LEGACY_DIGEST_BYTES)
         parts = [legacy, struct.pack("<I", len(spec_id)), spec_id]

@@ -513,7 +513,8 @@ class TrustedPassagesConnection:
                 self._state = State.AWAIT_FINISHED
                 if self.concurrent:  # a pipelined first message rides in the same record
                     self._send_frame(FrameType.FINISHED, trailer=self._take_first())
-                self._release_first()
+                else:
+                    self._release_first()
             return
         if self.concurrent:  # accepted; established once the client accepts us too
             self._send_frame(FrameType.FINISHED)
