@@ -124,6 +124,10 @@ class TpmClient:
             self._tcti = TCTILdr(name, conf)
             self._esapi = ESAPI(self._tcti)
         self._last_pcrs: dict[PcrSelection, dict[int, bytes]] = {}
+        # A quote's fixed arguments, built once per selection: building them is most
+        # of a quote's Python time, and the quote is on every attested handshake's path.
+        self._quote_selections: dict[PcrSelection, Any] = {}
+        self._null_scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
 
     def close(self) -> None:
         self._esapi.close()
@@ -310,13 +314,14 @@ class TpmClient:
         """
         if len(qualifying_data) > 64:
             raise TpmError("qualifying data is limited to 64 bytes by the TPM")
-        spec = f"{selection.bank}:{','.join(map(str, selection.indices))}"
+        pcr_selection = self._quote_selections.get(selection)
+        if pcr_selection is None:
+            spec = f"{selection.bank}:{','.join(map(str, selection.indices))}"
+            pcr_selection = self._quote_selections[selection] = TPML_PCR_SELECTION.parse(spec)
         for _ in range(attempts):
             with _tpm_errors("TPM2_Quote"):
                 attest, signature = self._esapi.quote(
-                    ak.handle, TPML_PCR_SELECTION.parse(spec), TPM2B_DATA(qualifying_data),
-                    TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
-                )
+                    ak.handle, pcr_selection, TPM2B_DATA(qualifying_data), self._null_scheme)
             attest_bytes = bytes(attest.marshal())[2:]
             pcrs = self._last_pcrs.get(selection)
             if pcrs is None or not _pcr_digest_matches(attest_bytes, selection, pcrs):
