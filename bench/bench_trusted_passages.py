@@ -13,18 +13,20 @@
 Both nodes have their own swtpm (ECC P-256 AKs), a simulated measured boot, and
 policies with PCR values and events, exactly as in the attack lab.
 
-``--pin`` runs figure 1 with one CPU per side (the client process and its swtpm on CPU
-0, the server process and its swtpm on CPU 1): two machines, as deployed, on one box.
-Without it both sides share both cores, so the two quotes that overlap in a handshake
-(and everything else the two sides do at once) slow each other, which the floor, made of
-parts measured one at a time, does not see.
+Figure 1 runs twice. First with one CPU per side (the client process and its swtpm on CPU
+0, the server process and all its threads and its swtpm on CPU 1): two machines, as
+deployed, on one box; the goal is judged here, because the floor assumes what two
+machines give, that the two sides' quotes overlap without taking CPU from each other.
+Then with both sides sharing both CPUs, where the two overlapping quotes (and everything
+else the two sides do at once) slow each other, which the floor, made of parts measured
+one at a time, does not see. ``--pin`` runs only the first, ``--shared`` only the second.
 
 ``--profile`` prints instead where one handshake's time goes: each step on one time
 line (both processes stamp the machine's monotonic clock), and a cProfile of both cores
 driven in one thread (the CPU work, without the waits).
 
-Run: .venv/bin/python bench/bench_trusted_passages.py [--n 200] [--seconds 5] [--pin]
-[--profile]
+Run: .venv/bin/python bench/bench_trusted_passages.py [--n 1000] [--seconds 5]
+[--pin | --shared] [--profile]
 (about a minute unattended; report the machine load, ``uptime``, beside the figures).
 """
 
@@ -80,13 +82,17 @@ def p99(samples: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=200, help="handshakes per latency figure")
+    parser.add_argument("--n", type=int, default=1000,
+                        help="handshakes per latency figure (fewer: a noisier median)")
     parser.add_argument("--seconds", type=float, default=5.0, help="concurrency run length")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--idle", type=int, default=500, help="flood size for figure 3")
-    parser.add_argument("--pin", action="store_true",
-                        help="figure 1 with one core per side (client and its swtpm on CPU 0, "
-                             "server and its swtpm on CPU 1): two machines, as deployed")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--pin", action="store_true",
+                        help="figure 1 only with one CPU per side (client and its swtpm on CPU "
+                             "0, server and its swtpm on CPU 1): two machines, as deployed")
+    layout.add_argument("--shared", action="store_true",
+                        help="figure 1 only with both sides sharing both CPUs")
     parser.add_argument("--profile", action="store_true",
                         help="where the time of one handshake goes, instead of the figures")
     args = parser.parse_args()
@@ -94,20 +100,26 @@ def main() -> None:
     if args.profile:
         profile(args.n, pin=args.pin)
         return
+    layouts = [pinned for pinned in (True, False)
+               if not (pinned and args.shared) and not (not pinned and args.pin)]
+    if True in layouts and len(os.sched_getaffinity(0)) < 2:
+        sys.exit("one CPU per side needs two CPUs; run with --shared")
+    figures = {}
     with Lab() as lab:
         client_cfg = lab.tp_config("client", peer="server")
-        if args.pin:
-            pin_sides(lab)
-        with ServerProcess(lab, args.clients, pin=args.pin) as (plain_port, tp_port):
-            figures = side_by_side(lab, plain_port, tp_port, client_cfg, args.n)
-            if args.pin:
-                os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the rest: shared
-            attested = figures["tp13"]
+        server = ServerProcess(lab, args.clients)
+        with server as (plain_port, tp_port):
+            for pinned in layouts:
+                (pin_sides if pinned else share_cpus)(lab, server.pid)
+                figures[pinned] = side_by_side(lab, plain_port, tp_port, client_cfg, args.n)
+            share_cpus(lab, server.pid)  # the rest: shared
+            attested = figures[layouts[-1]]["tp13"]
             rate = measure_concurrent(tp_port, client_cfg, args.clients, args.seconds)
             with SustainedFlood(tp_port, args.idle) as flood:
                 flooded = measure_attested(tp_port, client_cfg, max(20, args.n // 4))
             drops = flood.reopened
-    print_latency(figures, pinned=args.pin)
+    for pinned in layouts:
+        print_latency(figures[pinned], pinned=pinned)
     print(f"attested handshakes with {args.clients} concurrent clients: {rate:.0f} /s "
           f"({args.seconds:.0f} s run, 2 cores, one TPM per side)")
     print("genuine attested handshake, server with 64 slots (blocking adapter, own process)")
@@ -164,7 +176,7 @@ def print_latency(figures: dict[str, list[float]], *, pinned: bool = False) -> N
     plain, attested = figures["plain"], figures["tp13"]
     quote, verify = figures["quote"], figures["verify"]
     floor = {f: f(plain) + f(quote) + 2 * f(verify) for f in (p50, p99)}
-    where = ("one CPU per side (--pin)" if pinned
+    where = ("one CPU per side: two machines, as deployed" if pinned
              else "both sides sharing both CPUs")
     print("tp13 handshake over loopback TCP until the first application reply, same OpenSSL "
           f"contexts, certificates and keys ({len(plain)} of each, interleaved; {where})")
@@ -182,19 +194,41 @@ def print_latency(figures: dict[str, list[float]], *, pinned: bool = False) -> N
     gap = {f: f(attested) - floor[f] for f in (p50, p99)}
     print(f"  gap: tp13 - floor           p50 {gap[p50]:+6.2f} ms   p99 {gap[p99]:+6.2f} ms")
     verdict = "met" if gap[p50] <= 0.5 else "NOT met"
-    print(f"  goal: tp13 within 0.5 ms of the floor (p50): {verdict}")
+    if pinned:
+        print(f"  goal: tp13 within 0.5 ms of the floor (p50): {verdict}")
+    else:
+        print(f"  (sharing CPUs the two overlapping quotes compete, which the floor does not "
+              f"model; the goal is judged with one CPU per side: {verdict} here)")
 
 
 CLIENT_CPU, SERVER_CPU = 0, 1
 
 
-def pin_sides(lab: Lab) -> None:
+def pin_sides(lab: Lab, server_pid: int | None = None) -> None:
     """The two-machine model on one box: this (client) process and the client's swtpm on
-    one CPU, the server's swtpm (and, once forked, the server process) on the other, so
-    that one side's quote or validation never takes CPU from the other's."""
-    os.sched_setaffinity(0, {CLIENT_CPU})
-    os.sched_setaffinity(lab.nodes["client"].swtpm.pid, {CLIENT_CPU})
-    os.sched_setaffinity(lab.nodes["server"].swtpm.pid, {SERVER_CPU})
+    one CPU, the server's swtpm and the server process on the other (one forked later
+    pins itself), so that one side's quote or validation never takes CPU from the
+    other's."""
+    _set_cpus(os.getpid(), {CLIENT_CPU})
+    _set_cpus(lab.nodes["client"].swtpm.pid, {CLIENT_CPU})
+    _set_cpus(lab.nodes["server"].swtpm.pid, {SERVER_CPU})
+    if server_pid is not None:
+        _set_cpus(server_pid, {SERVER_CPU})
+
+
+def share_cpus(lab: Lab, server_pid: int) -> None:
+    """Both sides, their swtpm processes included, on every CPU."""
+    every = set(range(os.cpu_count() or 1))
+    for pid in (os.getpid(), server_pid, lab.nodes["client"].swtpm.pid,
+                lab.nodes["server"].swtpm.pid):
+        _set_cpus(pid, every)
+
+
+def _set_cpus(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` (sched_setaffinity moves one thread only)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task), cpus)
 
 
 class ServerProcess:
@@ -217,6 +251,11 @@ class ServerProcess:
         self._proc.start()
         ports: tuple[int, int] = self._pipe.recv()
         return ports
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None  # started in __enter__
+        return self._proc.pid
 
     def _run(self, pipe) -> None:  # type: ignore[no-untyped-def]
         if self._pin:
