@@ -114,7 +114,7 @@ def main() -> None:
                 figures[pinned] = side_by_side(lab, server, plain_port, tp_port, client_cfg,
                                                args.n)
             share_cpus(lab, server.pid)  # the rest: shared
-            attested = figures[layouts[-1]]["tp13"]
+            attested = measure_attested(tp_port, client_cfg, max(20, args.n // 4))
             rate = measure_concurrent(tp_port, client_cfg, args.clients, args.seconds)
             with SustainedFlood(tp_port, args.idle) as flood:
                 flooded = measure_attested(tp_port, client_cfg, max(20, args.n // 4))
