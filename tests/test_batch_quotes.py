@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,6 @@ from attestation.registrar import AkRegistry, Registrar
 from attestation.tpm import TpmClient
 from attestation.tpm_types import PcrSelection, parse_public
 from attestation.verifier import ClockHistory
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.cluster.results import AttestResult
 from testbed.cluster.runtime import quoting_pcr10
@@ -51,6 +48,7 @@ from testbed.tpm.latency import LatencyModel, TpmLatencyProxy
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.pytest_plugin import SwtpmFactory
 from tests.attestation_helpers import activate
+from tests.sim_lab import run_cli
 from trusted_passages import (
     BindingContext,
     ChannelConfig,
@@ -412,13 +410,6 @@ def test_channel_config_batch_window_opts_in(lab: Lab) -> None:
 CLUSTER = "blab"
 NODE_LATENCY_MS = 100
 HANDSHAKES = 6
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @dataclass

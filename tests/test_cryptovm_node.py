@@ -11,7 +11,6 @@ under the work dir holds the CA key's bytes, and a tampered cryptovm cannot open
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import socket
@@ -19,7 +18,6 @@ import ssl
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,6 @@ from cryptovm.audit import read_entries, verify_audit_log
 from cryptovm.client import CryptoVmClient
 from cryptovm.errors import AccessDenied, AuthenticationFailed, KeyUsageError
 from cryptovm.vsm import CryptoVm
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
 from testbed.cluster.state import load_spec
 from testbed.core.errors import StateError
@@ -49,17 +46,11 @@ from testbed.sim.processes import cluster_processes
 from testbed.spec.cluster_spec import default_spec_path
 from testbed.tpm.boot import measure_boot
 from testbed.tpm.swtpm import Swtpm
+from tests.sim_lab import run_cli
 
 CLUSTER = "cvm-lab"
 TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"
 HOST = "127.0.0.1"
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @dataclass

@@ -13,14 +13,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
 import os
 import stat
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,6 @@ from attestation.registrar import AkRegistry, Registrar, register
 from attestation.report import CheckResult, VerificationReport
 from attestation.tpm import LocalAttester, TpmClient
 from attestation.tpm_types import PcrSelection, marshal_public_key, parse_public
-from testbed.cli import main as cli
 from testbed.cluster import verification
 from testbed.cluster.agent import AgentError
 from testbed.cluster.state import save_registry
@@ -53,6 +50,7 @@ from testbed.hosts.layout import LabPaths
 from testbed.hosts.measured import HOST_BOOT, predicted_host_policy, resolve_stack
 from testbed.tpm.localca import LocalCA
 from testbed.tpm.swtpm import Swtpm
+from tests.sim_lab import run_cli
 
 BRIDGE, SUBNET = "tbk3", "10.213.3.0/24"
 SELECTION = PcrSelection("sha256", (0, 1, 2, 3))
@@ -270,7 +268,6 @@ def test_testbed_attest_shows_the_host_layer(lab: LabPaths,
         assert run_cli(workdir, "down", "--cluster", SIM_CLUSTER)[0] == 0
 
 
-
 def test_issuance_certifies_a_missing_intermediate_and_rotation_changes_the_key(
         lab: LabPaths, intermediate: deep.HostIntermediate) -> None:
     """Last in the module: it replaces host1's intermediate."""
@@ -285,12 +282,6 @@ def test_issuance_certifies_a_missing_intermediate_and_rotation_changes_the_key(
     assert rotated.certificate.public_key() != current.certificate.public_key()
     with pytest.raises(EndorsementError, match="does not chain"):
         validate_ek(der, parse_public(marshal_public_key(ek)), deep.ek_ca_bundle(lab))
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @settings(max_examples=40, deadline=None)

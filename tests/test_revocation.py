@@ -9,11 +9,9 @@ an explicit reinstatement restores service.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from attestation.errors import EvidenceFormatError, TestbedError
 from attestation.ima import make_entry
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.clock import utc_now
 from testbed.core.paths import ClusterPaths
@@ -41,15 +38,9 @@ from testbed.verifier.revocation import (
     reinstate,
     signing_key,
 )
+from tests.sim_lab import run_cli
 
 CLUSTER = "trusted-passages-lab"
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,6 @@ from attestation.eventlog import parse_event_log
 from attestation.evidence import Evidence
 from attestation.policy import policy_from_evidence
 from attestation.report import VerificationReport
-from testbed.cli import main as cli
 from testbed.cluster.agent import (
     AgentClient,
     AgentError,
@@ -53,6 +50,7 @@ from testbed.sim.backend import SimBackend
 from testbed.sim.processes import cluster_processes
 from testbed.spec.cluster_spec import default_spec_path, load_cluster_spec
 from testbed.tpm.boot import SIM_PCRS, predicted_policy
+from tests.sim_lab import run_cli
 
 CLUSTER = "trusted-passages-lab"
 TAMPERED_CMDLINE = "console=ttyS0 ro quiet init=/bin/sh"
@@ -60,14 +58,6 @@ TAMPER = f"client=cmdline:{TAMPERED_CMDLINE}"
 CHECKS = ["structure", "ak_attributes", "ak_trust", "signature_algorithm", "signature", "magic",
           "attestation_type", "qualifying_data", "pcr_selection", "pcr_digest", "clock",
           "event_log", "policy", "runtime"]
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    """Run a cluster command in-process (the handlers testbed.cli.main dispatches to)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def alive(pid: int) -> bool:

@@ -10,12 +10,10 @@ and a tampered CryptoVM cannot unseal the key of its own store disk.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,24 +22,17 @@ import pytest
 import yaml
 
 from cryptovm.audit import read_entries
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv, scan_processes, wait_gone
 from testbed.roles.cryptovm import state_dir
 from testbed.sim.processes import cluster_processes
+from tests.sim_lab import run_cli
 
 CLUSTER = "svd-lab"
 BOOT = {"firmware": {"content": "OVMF (svd lab)"}, "kernel": {"content": "vmlinuz-svd"},
         "initrd": {"content": "initrd-svd"}, "cmdline": "console=ttyS0 ro"}
 MARKERS = {"data": b"host-side-disk-marker-7f3a", "secrets": b"guest-side-disk-marker-91c2"}
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @dataclass

@@ -10,12 +10,10 @@ events, and a host whose next attestation fails (its policy changed) goes
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ from hypothesis import strategies as st
 
 from attestation.files import atomic_write
 from attestation.policy import dump_policy, load_policy
-from testbed.cli import main as cli
 from testbed.core.errors import ArgumentError
 from testbed.core.paths import ClusterPaths
 from testbed.hosts import lifecycle
@@ -45,6 +42,7 @@ from testbed.verifier import revocation
 from testbed.verifier.hosts import host_marks, host_row, on_failed_host, validate_host_row
 from testbed.verifier.service import VerifierConfig, VerifierService
 from testbed.verifier.store import HOST_CHECK, Outcome, open_store
+from tests.sim_lab import run_cli
 
 BRIDGE, SUBNET = "tbk4", "10.213.4.0/24"
 CLUSTER = "hlab"
@@ -133,13 +131,6 @@ def test_only_a_qemu_node_names_a_host_and_only_a_host_name() -> None:
 
 
 # --- end to end: real hosts, the real service ---------------------------------------------
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float) -> Any:

@@ -10,7 +10,6 @@ stops it by PID.
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -20,20 +19,19 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from testbed.cli import main as cli
 from testbed.core.paths import ClusterPaths
 from testbed.core.processes import process_argv
 from testbed.sim.backend import SimBackend
 from testbed.spec.cluster_spec import default_spec_path
 from testbed.verifier.service import VerifierConfig, start_verifier, stop_verifiers
 from testbed.verifier.store import open_store
+from tests.sim_lab import run_cli
 
 CLUSTER = "pglab"
 NODES = ("p0", "p1", "p2")
@@ -44,13 +42,6 @@ SLACK = 0.35  # one tick, one quote and its verification on a shared 2-core mach
 def _postgres_bin() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
     return found[-1].parent if found else None
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

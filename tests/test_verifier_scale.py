@@ -15,7 +15,6 @@ agent
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,6 @@ from hypothesis import strategies as st
 
 from attestation.agent_wire import recv_frame
 from attestation.tpm_types import parse_public
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, UnixTransport, connect_unix
 from testbed.cluster.state import load_node_policy, read_attestations
 from testbed.cluster.verification import verify_evidence
@@ -66,18 +63,12 @@ from testbed.verifier.service import (
     stop_verifiers,
 )
 from testbed.verifier.store import SQLITE, Event, Outcome, Store, StoreError, open_store
+from tests.sim_lab import run_cli
 
 CLUSTER = "swarm-lab"
 SWARM = 34  # more than a spec's 32 node entries; each TPM is provisioned (~0.7 s)
 NODES = [f"w-{i:03d}" for i in range(SWARM)]
 INTERVAL = 1.0
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
@@ -151,7 +142,6 @@ def test_swarm_hosts_34_nodes_in_one_process_each_with_its_own_tpm(lab: Lab) -> 
     assert len({i.ak_public for i in identities}) == SWARM  # own AKs
     assert set(read_attestations(lab.paths)) == set(NODES)
     assert {p.kind for p in cluster_processes(lab.paths)} == {"swarm", "swtpm"}
-
 
 
 def test_concurrently_provisioned_tpms_each_have_their_own_ek_certificate(lab: Lab) -> None:
@@ -314,7 +304,6 @@ def test_verifier_killed_mid_tick_keeps_its_committed_clock_history(lab: Lab) ->
     finally:
         assert stop_verifiers(lab.paths)["verifier"] is not None
     wait_until(lambda: process_argv(restarted) is None)
-
 
 
 def test_an_ak_the_store_does_not_know_is_read_from_its_file_once(lab: Lab) -> None:

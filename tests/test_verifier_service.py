@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import io
 import itertools
 import json
 import socket
@@ -23,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,7 +36,6 @@ from hypothesis import strategies as st
 from attestation.encoding import b64decode, b64encode
 from attestation.errors import EvidenceFormatError, VerificationError
 from attestation.ima import IMA_PCR, make_entry
-from testbed.cli import main as cli
 from testbed.cluster.agent import AgentClient, AgentError, UnixTransport
 from testbed.core.errors import ArgumentError, StateError
 from testbed.core.paths import ClusterPaths
@@ -57,18 +54,12 @@ from testbed.verifier.service import (
 )
 from testbed.verifier.store import Event, Outcome, open_store
 from testbed.verifier.webhooks import QUEUE_LIMIT, SIGNATURE_HEADER, WebhookSender
+from tests.sim_lab import run_cli
 
 CLUSTER = "vlab"
 NODES = ("n0", "n1", "n2")
 INTERVAL = 0.5
 SECRET = b"0123456789abcdef-webhook-secret"
-
-
-def run_cli(workdir: Path, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(["--workdir", str(workdir), *argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
