@@ -231,24 +231,21 @@ class StorageDaemon:
 
     def create_luks(self, image: Path, size: int, key: bytes) -> None:
         """Format ``image`` (created, ``size`` bytes of payload) as a LUKS1 volume."""
-        fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
-        qmp = self.qmp()
-        try:
-            qmp.execute("blockdev-add", driver="file", filename=str(image),
-                        **{"node-name": "svd-create-file"})
-            _add_secret(qmp, key)
-            _format(qmp, {"driver": "luks", "file": "svd-create-file", "size": size,
-                          "key-secret": SECRET_ID, "iter-time": 10})
-            qmp.execute("object-del", id=SECRET_ID)
-            qmp.execute("blockdev-del", **{"node-name": "svd-create-file"})
-        finally:
-            qmp.close()
+        self._create(image, key, {"driver": "luks", "size": size, "key-secret": SECRET_ID,
+                                  "iter-time": 10})
 
     def create_qcow2_luks(self, image: Path, size: int, key: bytes) -> None:
         """Format ``image`` (created) as a qcow2 of ``size`` bytes with QEMU's built-in
         LUKS encryption (``encrypt.format=luks``): what a VM's host-side disk is
         (docs/svd.md, "VMs"); QEMU itself opens it with the key libvirt hands over."""
+        self._create(image, key, {"driver": "qcow2", "size": size,
+                                  "encrypt": {"format": "luks", "key-secret": SECRET_ID,
+                                              "iter-time": 10}})
+
+    def _create(self, image: Path, key: bytes, options: dict[str, Any]) -> None:
+        """Create ``image`` (never an existing file, never through a link) and have QEMU
+        format it with ``options`` (blockdev-create), the key in a secret object that
+        is deleted again before this returns."""
         fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         qmp = self.qmp()
@@ -256,9 +253,7 @@ class StorageDaemon:
             qmp.execute("blockdev-add", driver="file", filename=str(image),
                         **{"node-name": "svd-create-file"})
             _add_secret(qmp, key)
-            _format(qmp, {"driver": "qcow2", "file": "svd-create-file", "size": size,
-                          "encrypt": {"format": "luks", "key-secret": SECRET_ID,
-                                      "iter-time": 10}})
+            _format(qmp, {**options, "file": "svd-create-file"})
             qmp.execute("object-del", id=SECRET_ID)
             qmp.execute("blockdev-del", **{"node-name": "svd-create-file"})
         finally:
