@@ -10,7 +10,7 @@
    window. Goal: added <= one window.
 3. With plain swtpm (no latency model): tp13 against plain mutual TLS 1.3 with the same
    contexts, and the floor plain + one quote + two verifications (the two sides' quotes
-   overlap).
+   overlap), one CPU per side: bench_trusted_passages.py's first figure.
 
 The server runs in its own process (its own interpreter, GIL and TPM proxy); the clients
 are threads of this one. Nodes, boots and policies are the attack lab's.
@@ -36,7 +36,9 @@ from bench_trusted_passages import (
     ServerProcess,
     p50,
     p99,
+    pin_sides,
     print_latency,
+    share_cpus,
     side_by_side,
     timed,
 )
@@ -212,6 +214,8 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=200.0)
     parser.add_argument("--n", type=int, default=20, help="handshakes per latency figure")
     parser.add_argument("--figures", default="123", help="which figures to run (default 123)")
+    parser.add_argument("--handshakes", type=int, default=1000,
+                        help="handshakes per latency figure of figure 3")
     args = parser.parse_args()
     window = args.window_ms / 1000
     unbatched, batched = Mode(False, 0), Mode(True, window)
@@ -224,7 +228,7 @@ def main() -> None:
             figure_2(lab, args, unbatched, window, tmp)
         reattach_lab_tpms(lab)
         if "3" in args.figures:
-            figure_3(lab)
+            figure_3(lab, args.handshakes)
 
 
 def figure_1(lab: Lab, args: argparse.Namespace, unbatched: Mode, batched: Mode,
@@ -259,12 +263,19 @@ def figure_2(lab: Lab, args: argparse.Namespace, unbatched: Mode, window: float,
               f"{'met' if added <= window * 1000 else 'NOT met'})")
 
 
-def figure_3(lab: Lab) -> None:
-    """The same figure as bench_trusted_passages.py's first (one run, interleaved)."""
+def figure_3(lab: Lab, n: int) -> None:
+    """bench_trusted_passages.py's first figure, with one CPU per side (where its goal is
+    judged; one run, interleaved)."""
     print("3. plain swtpm (no latency model), one client at a time")
     client_cfg = lab.tp_config("client", peer="server")
-    with ServerProcess(lab, 1) as (plain_port, tp_port):
-        print_latency(side_by_side(lab, plain_port, tp_port, client_cfg, 200))
+    server = ServerProcess(lab, 1)
+    with server as (plain_port, tp_port):
+        pin_sides(lab, server.pid)
+        try:
+            figures = side_by_side(lab, server, plain_port, tp_port, client_cfg, n)
+        finally:
+            share_cpus(lab, server.pid)
+    print_latency(figures, pinned=True)
 
 
 if __name__ == "__main__":
