@@ -16,7 +16,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
 from tpm2_pytss.constants import (
@@ -123,9 +123,10 @@ class TpmClient:
         with _tpm_errors(f"connecting to TPM via {tcti}"):
             self._tcti = TCTILdr(name, conf)
             self._esapi = ESAPI(self._tcti)
+        # Per selection, at most SELECTIONS_KEPT each (a requester chooses the selection):
+        # the PCR values last read, and a quote's fixed arguments, built once because
+        # building them is most of a quote's Python time, on every handshake's path.
         self._last_pcrs: dict[PcrSelection, dict[int, bytes]] = {}
-        # A quote's fixed arguments, built once per selection: building them is most
-        # of a quote's Python time, and the quote is on every attested handshake's path.
         self._quote_selections: dict[PcrSelection, Any] = {}
         self._null_scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
 
@@ -317,7 +318,8 @@ class TpmClient:
         pcr_selection = self._quote_selections.get(selection)
         if pcr_selection is None:
             spec = f"{selection.bank}:{','.join(map(str, selection.indices))}"
-            pcr_selection = self._quote_selections[selection] = TPML_PCR_SELECTION.parse(spec)
+            pcr_selection = TPML_PCR_SELECTION.parse(spec)
+            _keep(self._quote_selections, selection, pcr_selection)
         for _ in range(attempts):
             with _tpm_errors("TPM2_Quote"):
                 attest, signature = self._esapi.quote(
@@ -328,7 +330,7 @@ class TpmClient:
                 pcrs = self.read_pcrs(selection.bank, selection.indices)
                 if not _pcr_digest_matches(attest_bytes, selection, pcrs):
                     continue  # a PCR changed between the quote and the read
-                self._last_pcrs[selection] = pcrs
+                _keep(self._last_pcrs, selection, pcrs)
             return QuoteResult(attest_bytes, bytes(signature.marshal()), selection, dict(pcrs))
         raise TpmError(f"PCRs kept changing during {attempts} quote attempts")
 
@@ -440,6 +442,19 @@ def _selected(selection: TPML_PCR_SELECTION) -> list[int]:
         bitmap = bytes(sel.pcrSelect)[: sel.sizeofSelect]
         indices += [i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1]
     return indices
+
+
+SELECTIONS_KEPT = 16  # a node quotes one or two selections; a hostile requester, many
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _keep(kept: dict[K, V], key: K, value: V) -> None:
+    """``kept[key] = value``, the oldest entry dropped past SELECTIONS_KEPT."""
+    kept.pop(key, None)
+    if len(kept) >= SELECTIONS_KEPT:
+        del kept[next(iter(kept))]
+    kept[key] = value
 
 
 def _pcr_digest_matches(attest: bytes, selection: PcrSelection, pcrs: dict[int, bytes]) -> bool:

@@ -14,7 +14,7 @@ from attestation.endorsement import validate_ek
 from attestation.errors import EndorsementError, VerificationError
 from attestation.evidence import Evidence
 from attestation.registrar import PinnedAk, Registrar
-from attestation.tpm import KeyAlgorithm, TpmClient
+from attestation.tpm import SELECTIONS_KEPT, KeyAlgorithm, TpmClient
 from attestation.tpm_types import PcrSelection, parse_attest, parse_public, parse_signature
 from attestation.verifier import ClockHistory, QuoteVerifier
 from tests.attestation_helpers import PCRS, activate, certification, quote_evidence
@@ -249,6 +249,19 @@ def test_quote_counters_are_not_obfuscated(client, trusted, nonce) -> None:
     """The AK is in the endorsement hierarchy, so resetCount is the real one (small)."""
     attest = parse_attest(quote_evidence(client, trusted, nonce).attest)
     assert attest.clock_info.reset_count < 1000
+
+
+def test_a_requester_choosing_many_selections_cannot_grow_the_client(client, registrar,
+                                                                     trusted, nonce) -> None:
+    """A verifier chooses the PCR selection of each quote: what the client keeps per
+    selection (the last values read, the quote's prebuilt arguments) stays bounded, and
+    every quote still verifies, an evicted selection's included."""
+    selections = [PcrSelection("sha256", (0, index)) for index in range(1, 24)]
+    for selection in [*selections, selections[0]]:
+        evidence = quote_evidence(client, trusted, nonce, selection)
+        assert QuoteVerifier(ak_trust=registrar).verify(evidence, nonce).ok
+    assert len(client._last_pcrs) <= SELECTIONS_KEPT
+    assert len(client._quote_selections) <= SELECTIONS_KEPT
 
 
 # --- key certification --------------------------------------------------------------------
