@@ -100,8 +100,7 @@ def main() -> None:
     if args.profile:
         profile(args.n, pin=args.pin)
         return
-    layouts = [pinned for pinned in (True, False)
-               if not (pinned and args.shared) and not (not pinned and args.pin)]
+    layouts = [True] if args.pin else [False] if args.shared else [True, False]  # pinned?
     if True in layouts and len(os.sched_getaffinity(0)) < 2:
         sys.exit("one CPU per side needs two CPUs; run with --shared")
     figures = {}
